@@ -1,0 +1,339 @@
+//! The `concord` command line.
+//!
+//! A contract that the README and the tests rely on. Exit codes: 0 on success, 1 for a usage
+//! or data error (one line on stderr), 2 when the record asked for is not found. Logs go to
+//! stderr through `tracing`, filtered by `RUST_LOG` (default `warn`).
+
+mod demo;
+
+use std::ffi::OsString;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use concord::node::{Node, NodeError};
+use concord::record::{Collection, Key, RecordId, RecordWrite};
+use serde_json::{Map, Value as Json};
+
+/// Records written per flush by `load`.
+pub const LOAD_BATCH_RECORDS_DEFAULT: usize = 1000;
+/// Most records `load` may write per flush.
+pub const LOAD_BATCH_RECORDS_MAX: usize = 100_000;
+/// Longest line `load` accepts, in bytes.
+pub const LOAD_LINE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Records `list` reads from the store per page.
+const LIST_PAGE_RECORDS: usize = 256;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "concord",
+    version,
+    about = "Masterless replication of business records"
+)]
+pub struct Cli {
+    /// The node's data dir (made by `concord init`).
+    #[arg(long, global = true, env = "CONCORD_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a node's data dir: config, identity and an empty store.
+    Init {
+        dir: PathBuf,
+        /// A readable name for the node (default: node-<id prefix>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Set fields of a record (FIELD=VALUE; VALUE is JSON if it parses, else a string;
+    /// FIELD= removes the field).
+    Put {
+        id: String,
+        #[arg(value_name = "FIELD=VALUE", required = true)]
+        fields: Vec<String>,
+        /// Replace the record: remove every field not given.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Print a record as one JSON object (exit code 2 if not found).
+    Get { id: String },
+    /// Delete a record (exit code 2 if not found).
+    Delete { id: String },
+    /// Print a collection's records, one JSON object per line: {"key": ..., "fields": ...}.
+    List { collection: String },
+    /// Print a record's changes, one JSON object per line: actor, origin, time, effect.
+    History { id: String },
+    /// Write a record's Automerge document (saved bytes) to a file ("-" for stdout).
+    Export {
+        id: String,
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Merge a saved Automerge document into a record.
+    Import { id: String, file: PathBuf },
+    /// Write many records from JSON lines (one object per line), durably, in batches.
+    Load {
+        collection: String,
+        /// The file to read ("-" or nothing for stdin).
+        file: Option<PathBuf>,
+        /// The field of each object that holds the record key.
+        #[arg(long, default_value = "id")]
+        key_field: String,
+        /// Records per batch; a batch is acknowledged by one flush.
+        #[arg(long, default_value_t = LOAD_BATCH_RECORDS_DEFAULT)]
+        batch: usize,
+        /// Print `COLLECTION/KEY` for every record once it is durable.
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Run a short scripted session on a fresh embedded node, printing each step.
+    Demo {
+        /// Where to put the demo node's data dir (default: a fresh temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Parses `args`, runs the command, and turns the outcome into the exit code.
+pub fn run<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    init_logging();
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    match execute(cli, &mut stdout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let not_found = matches!(
+                error.downcast_ref::<NodeError>(),
+                Some(NodeError::NotFound(_))
+            );
+            eprintln!("error: {error:#}");
+            if not_found {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second call (the demo runs commands in-process) finds a subscriber already set.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn data_dir(cli_data: Option<PathBuf>) -> Result<PathBuf> {
+    cli_data.context("no data dir: pass --data DIR or set CONCORD_DATA")
+}
+
+fn open(data: Option<PathBuf>) -> Result<Node> {
+    let dir = data_dir(data)?;
+    Ok(Node::open(&dir)?)
+}
+
+/// Runs one parsed command, writing its output to `out`.
+pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
+    match cli.command {
+        Command::Init { dir, name } => {
+            let id = Node::init(&dir, name.as_deref())?;
+            writeln!(out, "initialized node {id} in {}", dir.display())?;
+        }
+        Command::Put {
+            id,
+            fields,
+            replace,
+        } => {
+            let id = RecordId::parse_user(&id)?;
+            let mut write = parse_assignments(&fields)?;
+            write.replace = replace;
+            open(cli.data)?.put(&id, &write)?;
+        }
+        Command::Get { id } => {
+            let id = RecordId::parse_user(&id)?;
+            let fields = open(cli.data)?.get(&id)?.ok_or(NodeError::NotFound(id))?;
+            writeln!(out, "{}", Json::Object(fields))?;
+        }
+        Command::Delete { id } => {
+            let id = RecordId::parse_user(&id)?;
+            open(cli.data)?.delete(&id)?;
+        }
+        Command::List { collection } => {
+            let collection = Collection::new(&collection)?;
+            let node = open(cli.data)?;
+            let mut after: Option<Key> = None;
+            loop {
+                let page = node.list(&collection, after.as_ref(), LIST_PAGE_RECORDS)?;
+                for (key, fields) in page.records {
+                    let line = serde_json::json!({"key": key.as_str(), "fields": fields});
+                    writeln!(out, "{line}")?;
+                }
+                match page.last_seen {
+                    Some(last) => after = Some(last),
+                    None => break,
+                }
+            }
+        }
+        Command::History { id } => {
+            let id = RecordId::parse(&id)?;
+            for entry in open(cli.data)?.history(&id)? {
+                writeln!(out, "{}", serde_json::to_string(&entry)?)?;
+            }
+        }
+        Command::Export { id, output } => {
+            let id = RecordId::parse(&id)?;
+            let bytes = open(cli.data)?.export(&id)?;
+            if output == Path::new("-") {
+                out.write_all(&bytes)?;
+            } else {
+                std::fs::write(&output, &bytes)
+                    .with_context(|| format!("cannot write {}", output.display()))?;
+            }
+        }
+        Command::Import { id, file } => {
+            let id = RecordId::parse_user(&id)?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let outcome = open(cli.data)?
+                .import(&id, &bytes)
+                .with_context(|| format!("cannot import {}", file.display()))?;
+            writeln!(out, "merged {} new changes into {id}", outcome.new_changes)?;
+        }
+        Command::Load {
+            collection,
+            file,
+            key_field,
+            batch,
+            ack,
+        } => {
+            let collection = Collection::new_user(&collection)?;
+            if batch == 0 || batch > LOAD_BATCH_RECORDS_MAX {
+                bail!("--batch must be between 1 and {LOAD_BATCH_RECORDS_MAX}");
+            }
+            let node = open(cli.data)?;
+            let input: Box<dyn BufRead> = match file {
+                Some(path) if path != Path::new("-") => Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )),
+                _ => Box::new(std::io::stdin().lock()),
+            };
+            load(&node, &collection, input, &key_field, batch, ack, out)?;
+        }
+        Command::Demo { dir } => demo::run(dir, out)?,
+    }
+    Ok(())
+}
+
+/// Turns `FIELD=VALUE` arguments into a write.
+fn parse_assignments(assignments: &[String]) -> Result<RecordWrite> {
+    let mut write = RecordWrite::default();
+    for assignment in assignments {
+        let Some((field, value)) = assignment.split_once('=') else {
+            bail!("{assignment:?} is not FIELD=VALUE");
+        };
+        if value.is_empty() {
+            write.remove.push(field.to_owned());
+        } else {
+            let value =
+                serde_json::from_str(value).unwrap_or_else(|_| Json::String(value.to_owned()));
+            write.set.push((field.to_owned(), value));
+        }
+    }
+    write.check()?;
+    Ok(write)
+}
+
+fn load(
+    node: &Node,
+    collection: &Collection,
+    input: Box<dyn BufRead>,
+    key_field: &str,
+    batch_records: usize,
+    ack: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let progress = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos} records loaded ({per_sec})")
+            .expect("the progress template is valid"),
+    );
+    let mut batch: Vec<(RecordId, RecordWrite)> = Vec::with_capacity(batch_records);
+    let mut lines = input.lines();
+    let mut line_number = 0usize;
+    let mut loaded = 0u64;
+    loop {
+        let line = lines.next().transpose().context("cannot read input")?;
+        if let Some(line) = &line {
+            line_number += 1;
+            if line.len() > LOAD_LINE_BYTES_MAX {
+                bail!("line {line_number}: longer than {LOAD_LINE_BYTES_MAX} bytes");
+            }
+            if !line.trim().is_empty() {
+                let record = parse_load_line(collection, line, key_field)
+                    .with_context(|| format!("line {line_number}"))?;
+                batch.push(record);
+            }
+        }
+        if batch.len() >= batch_records || (line.is_none() && !batch.is_empty()) {
+            node.put_many(batch.iter().map(|(id, write)| (id, write)))?;
+            loaded += batch.len() as u64;
+            progress.set_position(loaded);
+            if ack {
+                for (id, _) in &batch {
+                    writeln!(out, "{id}")?;
+                }
+                out.flush()?;
+            }
+            batch.clear();
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    tracing::info!(records = loaded, "load finished");
+    Ok(())
+}
+
+fn parse_load_line(
+    collection: &Collection,
+    line: &str,
+    key_field: &str,
+) -> Result<(RecordId, RecordWrite)> {
+    let value: Json = serde_json::from_str(line).context("not valid JSON")?;
+    let Json::Object(fields) = value else {
+        bail!("not a JSON object");
+    };
+    let key = match fields.get(key_field) {
+        Some(Json::String(key)) => key.clone(),
+        Some(Json::Number(key)) => key.to_string(),
+        Some(_) => bail!("field {key_field:?} must be a string or a number"),
+        None => bail!("no field {key_field:?} to take the key from"),
+    };
+    let id = RecordId::new(collection.clone(), Key::new(&key)?);
+    let write = RecordWrite::replace_with(fields.into_iter().collect::<Map<_, _>>());
+    write.check()?;
+    Ok((id, write))
+}

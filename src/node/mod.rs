@@ -1,0 +1,400 @@
+//! Node: a data dir, its identity and config, and the record operations on it.
+//!
+//! Owns the data dir layout (`concord.toml`, `node.id`, `store/`) and the record operations
+//! that the CLI (and later the HTTP API) offer: put, get, delete, list, history, export,
+//! import. Every write goes through the document store and is durable when the call returns.
+//! The node's own API writes as the source `api`; the first time a source writes on a node,
+//! its actor is entered in the actor registry (`_actors`), which replicates like any record.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::ActorId;
+use serde::Serialize;
+use serde_json::{json, Map, Value as Json};
+
+use crate::config::{Config, ConfigError, CONFIG_FILE};
+use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
+use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId, RecordWrite};
+use crate::store::{DocStore, DocStoreConfig, Durability, ImportOutcome, SledStore, StoreError};
+
+/// The node id file inside a data dir.
+pub const NODE_ID_FILE: &str = "node.id";
+/// The store's folder inside a data dir.
+pub const STORE_DIR: &str = "store";
+/// Largest document `import` accepts, in bytes.
+pub const IMPORT_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most changes `history` lists for one record.
+pub const HISTORY_CHANGES_MAX: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is already a Concord data dir")]
+    AlreadyInitialized(PathBuf),
+    #[error("{0} is not a Concord data dir (run `concord init {0}` first)")]
+    NotInitialized(PathBuf),
+    #[error("{path}: {message}")]
+    BadIdentity { path: PathBuf, message: String },
+    #[error("cannot create a node id: {0}")]
+    Random(getrandom::Error),
+    #[error("the store in {path} is in use by another process (is `concord run` serving it?)")]
+    Locked { path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("{0} not found")]
+    NotFound(RecordId),
+    #[error("{what} is {size} bytes; the most is {size_max}")]
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        size_max: usize,
+    },
+}
+
+impl From<crate::record::RecordIdError> for NodeError {
+    fn from(error: crate::record::RecordIdError) -> Self {
+        Self::Record(error.into())
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One change in a record's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// The change hash: the version this change produced.
+    pub hash: String,
+    pub actor: String,
+    /// The node the actor belongs to, when it is a Concord actor.
+    pub node: Option<String>,
+    pub node_name: Option<String>,
+    pub source: Option<String>,
+    /// When it was written (RFC 3339), by the writer's clock.
+    pub time: String,
+    #[serde(flatten)]
+    pub effect: document::ChangeEffect,
+}
+
+/// One page of a collection listing.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    /// Live records, in key order.
+    pub records: Vec<(Key, Map<String, Json>)>,
+    /// The last key looked at (live or not): where the next page starts. `None` at the end.
+    pub last_seen: Option<Key>,
+}
+
+/// A node opened on its data dir.
+pub struct Node {
+    dir: PathBuf,
+    config: Config,
+    id: NodeId,
+    docs: DocStore<SledStore>,
+    api_actor: ActorId,
+}
+
+impl Node {
+    /// Creates a data dir with its config and identity. Fails if `dir` already holds one.
+    pub fn init(dir: &Path, name: Option<&str>) -> Result<NodeId, NodeError> {
+        let config_path = dir.join(CONFIG_FILE);
+        if config_path.exists() {
+            return Err(NodeError::AlreadyInitialized(dir.to_owned()));
+        }
+        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let id = NodeId::random().map_err(NodeError::Random)?;
+        let default_name = format!("node-{}", &id.to_string()[..8]);
+        let config = Config::new(name.unwrap_or(&default_name));
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: config_path.clone(),
+            message,
+        })?;
+        let id_path = dir.join(NODE_ID_FILE);
+        std::fs::write(&id_path, format!("{id}\n")).map_err(io_error(&id_path))?;
+        // The config is written last: its presence marks a complete data dir.
+        std::fs::write(&config_path, config.to_toml()).map_err(io_error(&config_path))?;
+        let node = Self::open(dir)?;
+        node.docs.sync()?;
+        Ok(id)
+    }
+
+    /// Opens the node in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        let config_path = dir.join(CONFIG_FILE);
+        if !config_path.exists() {
+            return Err(NodeError::NotInitialized(dir.to_owned()));
+        }
+        let config = Config::load(&config_path)?;
+        let id_path = dir.join(NODE_ID_FILE);
+        let id_text = std::fs::read_to_string(&id_path).map_err(io_error(&id_path))?;
+        let id = id_text
+            .parse::<NodeId>()
+            .map_err(|error| NodeError::BadIdentity {
+                path: id_path.clone(),
+                message: error.to_string(),
+            })?;
+        let store_path = dir.join(STORE_DIR);
+        let backend = SledStore::open(&store_path, config.store.page_cache_mib * 1024 * 1024)
+            .map_err(|error| match error {
+                StoreError::Backend(sled::Error::Io(io))
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    NodeError::Locked {
+                        path: store_path.clone(),
+                    }
+                }
+                other => other.into(),
+            })?;
+        let store_config = DocStoreConfig {
+            cache_documents: NonZeroUsize::new(config.store.cache_documents)
+                .expect("Config::check refuses a zero cache"),
+            compact_after_changes: config.store.compact_after_changes,
+        };
+        let docs = DocStore::open(backend, id, store_config)?;
+        let api_actor = Self::register_source(&docs, &config, API_SOURCE)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            config,
+            id,
+            docs,
+            api_actor,
+        })
+    }
+
+    /// The actor of `source` on this node, entered in the actor registry the first time.
+    fn register_source(
+        docs: &DocStore<SledStore>,
+        config: &Config,
+        source: &str,
+    ) -> Result<ActorId, NodeError> {
+        let node = docs.node();
+        let (index, new) = docs.source_index(source)?;
+        let actor = node.actor(index);
+        if new {
+            let entry = RecordId::new(
+                Collection::new(ACTOR_REGISTRY_COLLECTION)?,
+                Key::new(&actor.to_hex_string())?,
+            );
+            let mut fields = Map::new();
+            fields.insert("node".into(), json!(node.to_string()));
+            fields.insert("node_name".into(), json!(config.node.name));
+            fields.insert("source".into(), json!(source));
+            let write = RecordWrite::replace_with(fields);
+            docs.write(&entry, &actor, now_seconds(), Durability::Durable, |tx| {
+                document::apply_write(tx, &write)
+            })?;
+        }
+        Ok(actor)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn documents(&self) -> &DocStore<SledStore> {
+        &self.docs
+    }
+
+    /// Sets and removes fields (or replaces the record); creates or re-creates it as needed.
+    /// Returns whether anything changed. Durable when it returns.
+    pub fn put(&self, id: &RecordId, write: &RecordWrite) -> Result<bool, NodeError> {
+        write.check()?;
+        let (_, outcome) = self.docs.write(
+            id,
+            &self.api_actor,
+            now_seconds(),
+            Durability::Durable,
+            |tx| document::apply_write(tx, write),
+        )?;
+        Ok(outcome.change.is_some())
+    }
+
+    /// Like [`Node::put`] for many records, acknowledged together by one flush.
+    pub fn put_many<'a>(
+        &self,
+        writes: impl IntoIterator<Item = (&'a RecordId, &'a RecordWrite)>,
+    ) -> Result<usize, NodeError> {
+        let mut changed = 0;
+        for (id, write) in writes {
+            write.check()?;
+            let (_, outcome) = self.docs.write(
+                id,
+                &self.api_actor,
+                now_seconds(),
+                Durability::Deferred,
+                |tx| document::apply_write(tx, write),
+            )?;
+            changed += usize::from(outcome.change.is_some());
+        }
+        self.docs.sync()?;
+        Ok(changed)
+    }
+
+    /// The record's fields, or `None` when it is deleted or was never written.
+    pub fn get(&self, id: &RecordId) -> Result<Option<Map<String, Json>>, NodeError> {
+        Ok(self.docs.read(id, document::read)?)
+    }
+
+    /// Deletes a live record; `NotFound` otherwise.
+    pub fn delete(&self, id: &RecordId) -> Result<(), NodeError> {
+        let (was_live, _) = self.docs.write(
+            id,
+            &self.api_actor,
+            now_seconds(),
+            Durability::Durable,
+            |tx| document::apply_delete(tx),
+        )?;
+        if was_live {
+            Ok(())
+        } else {
+            Err(NodeError::NotFound(id.clone()))
+        }
+    }
+
+    /// Live records of a collection after key `after`, looking at `limit` records at most,
+    /// in key order.
+    pub fn list(
+        &self,
+        collection: &Collection,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<ListPage, NodeError> {
+        let stored = self.docs.scan_collection(collection, after, limit)?;
+        let last = stored.last().map(|record| record.id.key.clone());
+        let mut records = Vec::with_capacity(stored.len());
+        for record in stored {
+            if record.meta.record_state() != document::RecordState::Live {
+                continue;
+            }
+            if let Some(fields) = self.get(&record.id)? {
+                records.push((record.id.key, fields));
+            }
+        }
+        Ok(ListPage {
+            records,
+            last_seen: last,
+        })
+    }
+
+    /// Every change of the record, in causal order, with who wrote it and what it did.
+    pub fn history(&self, id: &RecordId) -> Result<Vec<HistoryEntry>, NodeError> {
+        let raw = self.docs.read(id, |doc| {
+            doc.get_changes(&[])
+                .iter()
+                .take(HISTORY_CHANGES_MAX)
+                .map(|change| {
+                    let effect = document::describe_change(doc, change.deps(), change.hash());
+                    (
+                        change.hash(),
+                        change.actor_id().clone(),
+                        change.timestamp(),
+                        effect,
+                    )
+                })
+                .collect::<Vec<_>>()
+        })?;
+        if raw.is_empty() {
+            return Err(NodeError::NotFound(id.clone()));
+        }
+        let mut origins: HashMap<ActorId, Option<Map<String, Json>>> = HashMap::new();
+        let mut entries = Vec::with_capacity(raw.len());
+        for (hash, actor, time, effect) in raw {
+            if !origins.contains_key(&actor) {
+                let origin = self.actor_origin(&actor)?;
+                origins.insert(actor.clone(), origin);
+            }
+            let origin = origins.get(&actor).cloned().flatten();
+            let text = |field: &str| {
+                origin
+                    .as_ref()
+                    .and_then(|fields| fields.get(field))
+                    .and_then(Json::as_str)
+                    .map(str::to_owned)
+            };
+            let node = text("node")
+                .or_else(|| NodeId::split_actor(&actor).map(|(node, _)| node.to_string()));
+            let time = u64::try_from(time)
+                .map(|seconds| {
+                    humantime::format_rfc3339_seconds(
+                        UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+                    )
+                    .to_string()
+                })
+                .unwrap_or_default();
+            entries.push(HistoryEntry {
+                hash: hash.to_string(),
+                actor: actor.to_hex_string(),
+                node,
+                node_name: text("node_name"),
+                source: text("source"),
+                time,
+                effect,
+            });
+        }
+        Ok(entries)
+    }
+
+    fn actor_origin(&self, actor: &ActorId) -> Result<Option<Map<String, Json>>, NodeError> {
+        let Ok(key) = Key::new(&actor.to_hex_string()) else {
+            return Ok(None);
+        };
+        let entry = RecordId::new(Collection::new(ACTOR_REGISTRY_COLLECTION)?, key);
+        self.get(&entry)
+    }
+
+    /// The record's Automerge document, saved whole; `NotFound` if it was never written.
+    pub fn export(&self, id: &RecordId) -> Result<Vec<u8>, NodeError> {
+        let bytes = self.docs.read(id, |doc| {
+            if doc.get_heads().is_empty() {
+                None
+            } else {
+                Some(doc.save())
+            }
+        })?;
+        bytes.ok_or_else(|| NodeError::NotFound(id.clone()))
+    }
+
+    /// Merges a saved Automerge document into the record.
+    pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<ImportOutcome, NodeError> {
+        if bytes.len() > IMPORT_BYTES_MAX {
+            return Err(NodeError::TooLarge {
+                what: "the document",
+                size: bytes.len(),
+                size_max: IMPORT_BYTES_MAX,
+            });
+        }
+        Ok(self.docs.import(id, bytes)?)
+    }
+}
+
+/// The wall clock in whole seconds since the Unix epoch (Automerge's change time unit).
+pub fn now_seconds() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,407 @@
+//! Record semantics inside one Automerge document.
+//!
+//! A record's fields are the keys of the document's root map. Keys starting with `@` are
+//! Concord's own; the one used now is `@deleted`, the tombstone:
+//!
+//! - creating a record writes `@deleted = false`, so an empty record still exists;
+//! - a delete writes `@deleted = true` and removes every field;
+//! - a write to a deleted record (a re-creation, causally after the delete) writes
+//!   `@deleted = false` and first removes whatever fields are left.
+//!
+//! Consequences that hold on every node, because Automerge merges deterministically: an edit
+//! concurrent with a delete stays deleted (the edit never touches the tombstone), a record can
+//! be created again after a delete, and two sites creating the same record at once merge field
+//! by field (the root map exists in every document, so no object replaces another).
+
+use std::collections::BTreeSet;
+
+use automerge::{transaction::Transactable, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
+use serde_json::{Map, Value as Json};
+
+use super::value::{check_value, put_value, scalar_to_json, to_json};
+use super::RecordError;
+
+/// The tombstone key.
+pub const DELETED_KEY: &str = "@deleted";
+/// Field names starting with this are reserved for Concord.
+pub const RESERVED_FIELD_PREFIX: char = '@';
+/// Longest field name, in bytes.
+pub const FIELD_NAME_BYTES_MAX: usize = 256;
+/// Most fields one write may set or remove.
+pub const FIELDS_PER_WRITE_MAX: usize = 1024;
+
+/// What a write does to a record's fields.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordWrite {
+    /// Fields to set, with their new values.
+    pub set: Vec<(String, Json)>,
+    /// Fields to remove.
+    pub remove: Vec<String>,
+    /// Remove every field not named in `set`.
+    pub replace: bool,
+}
+
+impl RecordWrite {
+    /// A write that replaces the record with exactly `fields`.
+    pub fn replace_with(fields: Map<String, Json>) -> Self {
+        Self {
+            set: fields.into_iter().collect(),
+            remove: Vec::new(),
+            replace: true,
+        }
+    }
+
+    /// Checks field names and values against the rules and limits.
+    pub fn check(&self) -> Result<(), RecordError> {
+        let count = self.set.len() + self.remove.len();
+        if count > FIELDS_PER_WRITE_MAX {
+            return Err(RecordError::TooManyFields {
+                count,
+                fields_max: FIELDS_PER_WRITE_MAX,
+            });
+        }
+        for (field, value) in &self.set {
+            check_field_name(field)?;
+            check_value(field, value)?;
+        }
+        for field in &self.remove {
+            check_field_name(field)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks one field name.
+pub fn check_field_name(field: &str) -> Result<(), RecordError> {
+    let reason = if field.is_empty() {
+        "it must not be empty"
+    } else if field.len() > FIELD_NAME_BYTES_MAX {
+        "it must be at most 256 bytes"
+    } else if field.starts_with(RESERVED_FIELD_PREFIX) {
+        "names starting with '@' are reserved for Concord"
+    } else if field.chars().any(char::is_control) {
+        "it must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(RecordError::InvalidFieldName {
+        field: field.to_owned(),
+        reason,
+    })
+}
+
+/// Whether a document holds a live record, a deleted one, or nothing at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    Missing,
+    Deleted,
+    Live,
+}
+
+fn state_of<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> RecordState {
+    let tombstone = match heads {
+        Some(heads) => doc.get_at(ROOT, DELETED_KEY, heads),
+        None => doc.get(ROOT, DELETED_KEY),
+    };
+    match tombstone {
+        Ok(Some((Value::Scalar(value), _))) => {
+            if matches!(value.as_ref(), ScalarValue::Boolean(true)) {
+                RecordState::Deleted
+            } else {
+                RecordState::Live
+            }
+        }
+        // A document written by another Automerge program, with no tombstone: live if it
+        // holds anything at all.
+        _ => {
+            let length = match heads {
+                Some(heads) => doc.length_at(ROOT, heads),
+                None => doc.length(ROOT),
+            };
+            if length == 0 {
+                RecordState::Missing
+            } else {
+                RecordState::Live
+            }
+        }
+    }
+}
+
+/// The record's state now.
+pub fn state<D: ReadDoc>(doc: &D) -> RecordState {
+    state_of(doc, None)
+}
+
+/// The record as a JSON object, or `None` when it is deleted or was never written.
+pub fn read<D: ReadDoc>(doc: &D) -> Option<Map<String, Json>> {
+    read_at(doc, None)
+}
+
+/// The record as it was at `heads` (or now, for `None`).
+pub fn read_at<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> Option<Map<String, Json>> {
+    if state_of(doc, heads) != RecordState::Live {
+        return None;
+    }
+    let mut fields = Map::new();
+    let keys: Vec<String> = match heads {
+        Some(heads) => doc.keys_at(ROOT, heads).collect(),
+        None => doc.keys(ROOT).collect(),
+    };
+    for key in keys {
+        if key.starts_with(RESERVED_FIELD_PREFIX) {
+            continue;
+        }
+        if let Some(value) = field_json(doc, &key, heads) {
+            fields.insert(key, value);
+        }
+    }
+    Some(fields)
+}
+
+fn field_json<D: ReadDoc>(doc: &D, field: &str, heads: Option<&[ChangeHash]>) -> Option<Json> {
+    let found = match heads {
+        Some(heads) => doc.get_at(ROOT, field, heads),
+        None => doc.get(ROOT, field),
+    };
+    let (value, obj) = found.ok()??;
+    Some(match value {
+        Value::Scalar(scalar) => scalar_to_json(&scalar),
+        Value::Object(_) => to_json(&doc.hydrate(&obj, heads).ok()?),
+    })
+}
+
+/// Applies a write inside a transaction. The write must have passed [`RecordWrite::check`].
+/// Fields whose value is already the one asked for are not written again, so an unchanged
+/// write produces no change at all.
+pub fn apply_write<T: Transactable + ReadDoc>(
+    tx: &mut T,
+    write: &RecordWrite,
+) -> Result<(), RecordError> {
+    let current = state(tx);
+    let named: BTreeSet<&str> = write.set.iter().map(|(field, _)| field.as_str()).collect();
+    match current {
+        RecordState::Missing => tx.put(ROOT, DELETED_KEY, false)?,
+        RecordState::Deleted => {
+            tx.put(ROOT, DELETED_KEY, false)?;
+            remove_fields_except(tx, &BTreeSet::new())?;
+        }
+        RecordState::Live if write.replace => remove_fields_except(tx, &named)?,
+        RecordState::Live => {}
+    }
+    for (field, value) in &write.set {
+        if field_json(tx, field, None).as_ref() != Some(value) {
+            put_value(tx, &ROOT, field, value)?;
+        }
+    }
+    for field in &write.remove {
+        if !named.contains(field.as_str()) && tx.get(ROOT, field.as_str())?.is_some() {
+            tx.delete(ROOT, field.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the record: tombstone plus removal of every field. Returns whether it was live.
+pub fn apply_delete<T: Transactable + ReadDoc>(tx: &mut T) -> Result<bool, RecordError> {
+    if state(tx) != RecordState::Live {
+        return Ok(false);
+    }
+    tx.put(ROOT, DELETED_KEY, true)?;
+    remove_fields_except(tx, &BTreeSet::new())?;
+    Ok(true)
+}
+
+fn remove_fields_except<T: Transactable + ReadDoc>(
+    tx: &mut T,
+    keep: &BTreeSet<&str>,
+) -> Result<(), RecordError> {
+    let doomed: Vec<String> = tx
+        .keys(ROOT)
+        .filter(|key| !key.starts_with(RESERVED_FIELD_PREFIX) && !keep.contains(key.as_str()))
+        .collect();
+    for key in doomed {
+        tx.delete(ROOT, key.as_str())?;
+    }
+    Ok(())
+}
+
+/// What one change did to a record, for history and audit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChangeEffect {
+    /// `create`, `update`, `delete` or `recreate`.
+    pub action: &'static str,
+    /// Fields written, with their values just after the change.
+    pub set: Map<String, Json>,
+    /// Fields removed (not listed for a delete, which removes them all).
+    pub removed: Vec<String>,
+}
+
+/// Describes the effect of the change `hash`, whose dependencies are `deps`.
+pub fn describe_change(
+    doc: &automerge::Automerge,
+    deps: &[ChangeHash],
+    hash: ChangeHash,
+) -> ChangeEffect {
+    let after = [hash];
+    let before_state = state_of(doc, Some(deps));
+    let after_state = state_of(doc, Some(&after));
+    let action = match (before_state, after_state) {
+        (RecordState::Live, RecordState::Deleted) => "delete",
+        (RecordState::Missing, RecordState::Live) => "create",
+        (RecordState::Deleted, RecordState::Live) => "recreate",
+        _ => "update",
+    };
+    let mut touched = BTreeSet::new();
+    let mut removed = BTreeSet::new();
+    for patch in doc.diff(deps, &after) {
+        let root_key = match (patch.path.first(), &patch.action) {
+            (Some((_, automerge::Prop::Map(key))), _) => key.clone(),
+            (None, automerge::PatchAction::PutMap { key, .. }) => key.clone(),
+            (None, automerge::PatchAction::DeleteMap { key }) => {
+                if !key.starts_with(RESERVED_FIELD_PREFIX) {
+                    removed.insert(key.clone());
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        if !root_key.starts_with(RESERVED_FIELD_PREFIX) {
+            touched.insert(root_key);
+        }
+    }
+    let mut set = Map::new();
+    for field in touched {
+        if let Some(value) = field_json(doc, &field, Some(&after)) {
+            removed.remove(&field);
+            set.insert(field, value);
+        }
+    }
+    ChangeEffect {
+        action,
+        set,
+        removed: if action == "delete" {
+            Vec::new()
+        } else {
+            removed.into_iter().collect()
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{ActorId, Automerge};
+    use serde_json::json;
+
+    fn write(doc: &mut Automerge, fields: Json) {
+        let write = RecordWrite {
+            set: fields.as_object().unwrap().clone().into_iter().collect(),
+            ..Default::default()
+        };
+        write.check().unwrap();
+        let mut tx = doc.transaction();
+        apply_write(&mut tx, &write).unwrap();
+        tx.commit();
+    }
+
+    fn delete(doc: &mut Automerge) {
+        let mut tx = doc.transaction();
+        assert!(apply_delete(&mut tx).unwrap());
+        tx.commit();
+    }
+
+    #[test]
+    fn write_read_delete_recreate() {
+        let mut doc = Automerge::new();
+        assert_eq!(read(&doc), None);
+        write(&mut doc, json!({"name": "Ada", "age": 36}));
+        assert_eq!(
+            read(&doc),
+            Some(
+                json!({"name": "Ada", "age": 36})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            )
+        );
+        delete(&mut doc);
+        assert_eq!(read(&doc), None);
+        assert_eq!(state(&doc), RecordState::Deleted);
+        write(&mut doc, json!({"name": "Grace"}));
+        assert_eq!(
+            read(&doc),
+            Some(json!({"name": "Grace"}).as_object().unwrap().clone())
+        );
+    }
+
+    #[test]
+    fn unchanged_write_makes_no_change() {
+        let mut doc = Automerge::new();
+        write(&mut doc, json!({"name": "Ada", "tags": ["a", "b"]}));
+        let heads = doc.get_heads();
+        write(&mut doc, json!({"name": "Ada", "tags": ["a", "b"]}));
+        assert_eq!(doc.get_heads(), heads);
+    }
+
+    #[test]
+    fn concurrent_edit_and_delete_merge_to_deleted_in_both_orders() {
+        let mut base = Automerge::new().with_actor(ActorId::from(&[1u8; 18][..]));
+        write(&mut base, json!({"name": "Ada", "city": "London"}));
+        let mut editor = base.fork().with_actor(ActorId::from(&[2u8; 18][..]));
+        let mut deleter = base.fork().with_actor(ActorId::from(&[3u8; 18][..]));
+        write(&mut editor, json!({"city": "Paris"}));
+        delete(&mut deleter);
+
+        let mut one = editor.clone();
+        one.merge(&mut deleter.clone()).unwrap();
+        let mut two = deleter.clone();
+        two.merge(&mut editor.clone()).unwrap();
+        assert_eq!(one.get_heads(), two.get_heads());
+        assert_eq!(read(&one), None);
+        assert_eq!(read(&two), None);
+        assert_eq!(one.hydrate(None), two.hydrate(None));
+    }
+
+    #[test]
+    fn concurrent_creates_merge_field_by_field() {
+        let mut a = Automerge::new().with_actor(ActorId::from(&[1u8; 18][..]));
+        let mut b = Automerge::new().with_actor(ActorId::from(&[2u8; 18][..]));
+        write(&mut a, json!({"name": "Ada"}));
+        write(&mut b, json!({"email": "ada@example.com"}));
+        a.merge(&mut b).unwrap();
+        assert_eq!(
+            read(&a),
+            Some(
+                json!({"name": "Ada", "email": "ada@example.com"})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            )
+        );
+    }
+
+    #[test]
+    fn describes_changes() {
+        let mut doc = Automerge::new();
+        write(&mut doc, json!({"name": "Ada"}));
+        write(&mut doc, json!({"name": "Grace"}));
+        delete(&mut doc);
+        let changes = doc.get_changes(&[]);
+        let effects: Vec<_> = changes
+            .iter()
+            .map(|c| describe_change(&doc, c.deps(), c.hash()))
+            .collect();
+        assert_eq!(effects[0].action, "create");
+        assert_eq!(effects[1].action, "update");
+        assert_eq!(effects[1].set.get("name"), Some(&json!("Grace")));
+        assert_eq!(effects[2].action, "delete");
+    }
+
+    #[test]
+    fn refuses_bad_field_names() {
+        for bad in ["", "@deleted", "a\u{0}b"] {
+            assert!(check_field_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_field_name(&"x".repeat(FIELD_NAME_BYTES_MAX + 1)).is_err());
+    }
+}

@@ -1,0 +1,30 @@
+//! Record model: a record is one Automerge document, addressed `collection/key`.
+//!
+//! Owns record ids ([`id`]), the JSON mapping ([`value`]), the record semantics inside a
+//! document — fields, tombstone, re-creation, history effects ([`document`]) — and the
+//! identity of writers ([`origin`]). Nothing here touches storage or the network; the store
+//! hands documents in and persists what comes out.
+
+pub mod document;
+pub mod id;
+pub mod origin;
+pub mod value;
+
+pub use document::{RecordState, RecordWrite};
+pub use id::{Collection, Key, RecordId, RecordIdError};
+pub use origin::NodeId;
+
+/// Why a record operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    InvalidId(#[from] RecordIdError),
+    #[error("field name {field:?} is invalid: {reason}")]
+    InvalidFieldName { field: String, reason: &'static str },
+    #[error("value of field {field:?} is nested deeper than {depth_max} levels")]
+    ValueTooDeep { field: String, depth_max: usize },
+    #[error("a write may touch at most {fields_max} fields; this one touches {count}")]
+    TooManyFields { count: usize, fields_max: usize },
+    #[error("automerge: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+}

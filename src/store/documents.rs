@@ -1,0 +1,621 @@
+//! Documents on top of a [`Store`]: load, write, merge, list, with a bounded cache.
+
+use std::num::NonZeroUsize;
+use std::sync::{Mutex, MutexGuard};
+
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use lru::LruCache;
+
+use super::group_commit::GroupCommit;
+use super::layout::{self, DocMeta, LogEntry};
+use super::{Batch, Store, StoreError};
+use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
+use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
+
+/// Documents kept loaded unless the config says otherwise (~20 KB each when loaded).
+pub const CACHE_DOCUMENTS_DEFAULT: usize = 4096;
+/// Most documents the cache may be configured to hold.
+pub const CACHE_DOCUMENTS_MAX: usize = 1_000_000;
+/// Appended changes of one document before they are compacted into its snapshot.
+pub const COMPACT_AFTER_CHANGES_DEFAULT: u32 = 32;
+/// Most appended changes one may configure before compaction.
+pub const COMPACT_AFTER_CHANGES_MAX: u32 = 10_000;
+/// Entries read from the store per page when scanning.
+pub const SCAN_PAGE_ENTRIES: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct DocStoreConfig {
+    pub cache_documents: NonZeroUsize,
+    pub compact_after_changes: u32,
+}
+
+impl Default for DocStoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_documents: NonZeroUsize::new(CACHE_DOCUMENTS_DEFAULT).expect("nonzero constant"),
+            compact_after_changes: COMPACT_AFTER_CHANGES_DEFAULT,
+        }
+    }
+}
+
+/// When a write returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the write is durable (group commit with concurrent writers).
+    Durable,
+    /// At once; durable after the next [`DocStore::sync`]. For bulk loads that acknowledge a
+    /// whole batch with one flush.
+    Deferred,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOutcome {
+    /// The change it made, or `None` when the write changed nothing.
+    pub change: Option<ChangeHash>,
+    /// The document's heads after the write.
+    pub heads: Vec<ChangeHash>,
+}
+
+/// What an import merged in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportOutcome {
+    pub new_changes: usize,
+    pub heads: Vec<ChangeHash>,
+}
+
+/// A record as listed from the store, without loading its document.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub id: RecordId,
+    pub meta: DocMeta,
+}
+
+struct Loaded {
+    doc: Automerge,
+    meta: DocMeta,
+}
+
+struct Inner {
+    cache: LruCache<Vec<u8>, Loaded>,
+    next_log_sequence: u64,
+}
+
+pub struct DocStore<S: Store> {
+    store: S,
+    node: NodeId,
+    config: DocStoreConfig,
+    inner: Mutex<Inner>,
+    group_commit: GroupCommit,
+}
+
+impl<S: Store> DocStore<S> {
+    /// Opens the documents of `node` in `store`. A fresh store is claimed for `node`; a store
+    /// that belongs to another node is refused.
+    pub fn open(store: S, node: NodeId, config: DocStoreConfig) -> Result<Self, StoreError> {
+        match store.get(&layout::meta_key(layout::META_NODE_ID))? {
+            Some(stored) if stored != node.0 => {
+                return Err(StoreError::WrongNode {
+                    stored: hex::encode(stored),
+                    expected: node.to_string(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                let mut batch = Batch::default();
+                batch.put(layout::meta_key(layout::META_NODE_ID), node.0.to_vec());
+                store.apply(batch)?;
+                store.flush()?;
+            }
+        }
+        let next_log_sequence =
+            match store.get(&layout::meta_key(layout::META_NEXT_LOG_SEQUENCE))? {
+                Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                    StoreError::Corrupt("next log sequence is not 8 bytes".to_owned())
+                })?),
+                None => 1,
+            };
+        Ok(Self {
+            store,
+            node,
+            inner: Mutex::new(Inner {
+                cache: LruCache::new(config.cache_documents),
+                next_log_sequence,
+            }),
+            config,
+            group_commit: GroupCommit::default(),
+        })
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn backend(&self) -> &S {
+        &self.store
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Every mutation of `Inner` completes or is undone before anything can panic, so a
+        // poisoned lock still guards consistent state.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns the index of source `name` on this node, registering it (durably) if new.
+    pub fn source_index(&self, name: &str) -> Result<(u16, bool), StoreError> {
+        if !check_source_name(name) {
+            return Err(StoreError::InvalidSourceName(name.to_owned()));
+        }
+        let _inner = self.inner();
+        let mut key = layout::META_SOURCE_PREFIX.to_vec();
+        key.extend_from_slice(name.as_bytes());
+        let key = layout::meta_key(&key);
+        if let Some(bytes) = self.store.get(&key)? {
+            let index: [u8; 2] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("source {name:?} index")))?;
+            return Ok((u16::from_be_bytes(index), false));
+        }
+        let prefix = layout::meta_key(layout::META_SOURCE_PREFIX);
+        let existing = self
+            .store
+            .scan_prefix(&prefix, None, SOURCES_PER_NODE_MAX + 1)?
+            .len();
+        if existing >= SOURCES_PER_NODE_MAX {
+            return Err(StoreError::TooManySources(existing));
+        }
+        let index = u16::try_from(existing).expect("SOURCES_PER_NODE_MAX fits in u16");
+        let mut batch = Batch::default();
+        batch.put(key, index.to_be_bytes().to_vec());
+        self.store.apply(batch)?;
+        self.store.flush()?;
+        Ok((index, true))
+    }
+
+    /// Writes to one document with `actor`: `edit` runs inside an Automerge transaction and
+    /// may fail, in which case nothing is written. The change, the document's new heads and
+    /// its log entry are applied in one batch.
+    pub fn write<T>(
+        &self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_seconds: i64,
+        durability: Durability,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
+    ) -> Result<(T, WriteOutcome), StoreError> {
+        let doc_key = id.to_doc_key();
+        let (value, outcome, ticket) = {
+            let mut inner = self.inner();
+            let loaded = self.loaded(&mut inner, &doc_key)?;
+            loaded.doc.set_actor(actor.clone());
+            let mut transaction = loaded.doc.transaction();
+            let value = match edit(&mut transaction) {
+                Ok(value) => value,
+                Err(error) => {
+                    transaction.rollback();
+                    return Err(error.into());
+                }
+            };
+            let (hash, _) =
+                transaction.commit_with(CommitOptions::default().with_time(time_seconds));
+            let Some(hash) = hash else {
+                let heads = loaded.doc.get_heads();
+                return Ok((
+                    value,
+                    WriteOutcome {
+                        change: None,
+                        heads,
+                    },
+                ));
+            };
+            let result = self.persist_new_changes(&mut inner, &doc_key, &[hash]);
+            let heads = match result {
+                Ok(heads) => heads,
+                Err(error) => {
+                    // The cached document is ahead of the disk: forget it.
+                    inner.cache.pop(&doc_key);
+                    return Err(error);
+                }
+            };
+            let ticket = self.group_commit.ticket();
+            (
+                value,
+                WriteOutcome {
+                    change: Some(hash),
+                    heads,
+                },
+                ticket,
+            )
+        };
+        if durability == Durability::Durable {
+            self.group_commit
+                .wait_durable(ticket, || self.store.flush())?;
+        }
+        Ok((value, outcome))
+    }
+
+    /// Merges a saved Automerge document (from any implementation) into the record.
+    pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<ImportOutcome, StoreError> {
+        let incoming = Automerge::load(bytes)
+            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+        let doc_key = id.to_doc_key();
+        let (outcome, ticket) = {
+            let mut inner = self.inner();
+            let loaded = self.loaded(&mut inner, &doc_key)?;
+            let before = loaded.doc.get_heads();
+            let incoming_changes = loaded.doc.get_changes_added(&incoming);
+            loaded
+                .doc
+                .apply_changes(incoming_changes)
+                .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+            // Only changes that were applied count: the ones now above the old heads.
+            let new_hashes: Vec<ChangeHash> = loaded
+                .doc
+                .get_changes(&before)
+                .iter()
+                .map(Change::hash)
+                .collect();
+            if new_hashes.is_empty() {
+                let heads = loaded.doc.get_heads();
+                return Ok(ImportOutcome {
+                    new_changes: 0,
+                    heads,
+                });
+            }
+            let heads = match self.persist_new_changes(&mut inner, &doc_key, &new_hashes) {
+                Ok(heads) => heads,
+                Err(error) => {
+                    inner.cache.pop(&doc_key);
+                    return Err(error);
+                }
+            };
+            let outcome = ImportOutcome {
+                new_changes: new_hashes.len(),
+                heads,
+            };
+            (outcome, self.group_commit.ticket())
+        };
+        self.group_commit
+            .wait_durable(ticket, || self.store.flush())?;
+        Ok(outcome)
+    }
+
+    /// Reads a document through the cache. A record never written reads as an empty document.
+    pub fn read<T>(
+        &self,
+        id: &RecordId,
+        read: impl FnOnce(&Automerge) -> T,
+    ) -> Result<T, StoreError> {
+        let mut inner = self.inner();
+        let loaded = self.loaded(&mut inner, &id.to_doc_key())?;
+        Ok(read(&loaded.doc))
+    }
+
+    /// What the store holds about a document, without loading it.
+    pub fn meta(&self, id: &RecordId) -> Result<Option<DocMeta>, StoreError> {
+        self.store
+            .get(&layout::heads_key(&id.to_doc_key()))?
+            .map(|bytes| layout::decode("document meta", &bytes))
+            .transpose()
+    }
+
+    /// Up to `limit` records of a collection (live and deleted) after key `after`, in key order.
+    pub fn scan_collection(
+        &self,
+        collection: &Collection,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let mut prefix = vec![layout::TAG_HEADS];
+        prefix.extend_from_slice(collection.as_str().as_bytes());
+        prefix.push(b'/');
+        let after_key = after.map(|key| {
+            layout::heads_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key())
+        });
+        let entries = self
+            .store
+            .scan_prefix(&prefix, after_key.as_deref(), limit)?;
+        entries
+            .into_iter()
+            .map(|(key, value)| {
+                let id = RecordId::from_doc_key(&key[1..])
+                    .map_err(|error| StoreError::Corrupt(format!("stored record id: {error}")))?;
+                let meta = layout::decode("document meta", &value)?;
+                Ok(StoredRecord { id, meta })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` log entries of `origin` with sequence numbers above `after`.
+    pub fn log_entries(
+        &self,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, LogEntry)>, StoreError> {
+        let prefix = layout::log_prefix(origin);
+        let after_key = layout::log_key(origin, after);
+        self.store
+            .scan_prefix(&prefix, Some(&after_key), limit)?
+            .into_iter()
+            .map(|(key, value)| {
+                Ok((
+                    layout::log_sequence(&key)?,
+                    layout::decode("log entry", &value)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let ticket = self.group_commit.ticket();
+        self.group_commit
+            .wait_durable(ticket, || self.store.flush())
+    }
+
+    /// Writes the changes `new_hashes` of the cached document `doc_key` (all already applied
+    /// to it), its heads and their log entries, compacting when due. Returns the new heads.
+    fn persist_new_changes(
+        &self,
+        inner: &mut Inner,
+        doc_key: &[u8],
+        new_hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        let mut next_log_sequence = inner.next_log_sequence;
+        let loaded = inner
+            .cache
+            .get_mut(doc_key)
+            .expect("the document was loaded into the cache by the caller, under the same lock");
+        let mut batch = Batch::default();
+        let heads = loaded.doc.get_heads();
+        loaded.meta.set_heads(&heads);
+        loaded.meta.state = DocMeta::encode_state(document::state(&loaded.doc));
+        let appended = loaded.meta.appended as usize + new_hashes.len();
+        let compact = appended >= self.config.compact_after_changes as usize;
+        if compact {
+            batch.put(layout::snapshot_key(doc_key), loaded.doc.save());
+            let prefix = layout::change_prefix(doc_key);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = self
+                    .store
+                    .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+                let full = page.len() == SCAN_PAGE_ENTRIES;
+                after = page.last().map(|(key, _)| key.clone());
+                for (key, _) in page {
+                    batch.remove(key);
+                }
+                if !full {
+                    break;
+                }
+            }
+            loaded.meta.appended = 0;
+        } else {
+            for hash in new_hashes {
+                let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
+                    StoreError::Corrupt(format!("change {hash} vanished from its document"))
+                })?;
+                batch.put(
+                    layout::change_key(doc_key, hash),
+                    change.raw_bytes().to_vec(),
+                );
+            }
+            loaded.meta.appended = u32::try_from(appended).unwrap_or(u32::MAX);
+        }
+        for hash in new_hashes {
+            let entry = LogEntry {
+                doc_key: doc_key.to_vec(),
+                hash: hash.0,
+            };
+            batch.put(
+                layout::log_key(&self.node, next_log_sequence),
+                layout::encode(&entry),
+            );
+            next_log_sequence += 1;
+        }
+        batch.put(
+            layout::meta_key(layout::META_NEXT_LOG_SEQUENCE),
+            next_log_sequence.to_be_bytes().to_vec(),
+        );
+        batch.put(layout::heads_key(doc_key), layout::encode(&loaded.meta));
+        self.store.apply(batch)?;
+        inner.next_log_sequence = next_log_sequence;
+        Ok(heads)
+    }
+
+    /// The cached document for `doc_key`, loading it from the store on a miss.
+    fn loaded<'a>(
+        &self,
+        inner: &'a mut Inner,
+        doc_key: &[u8],
+    ) -> Result<&'a mut Loaded, StoreError> {
+        if !inner.cache.contains(doc_key) {
+            let loaded = self.load(doc_key)?;
+            inner.cache.put(doc_key.to_vec(), loaded);
+        }
+        Ok(inner
+            .cache
+            .get_mut(doc_key)
+            .expect("present: found or inserted just above under the same lock"))
+    }
+
+    fn load(&self, doc_key: &[u8]) -> Result<Loaded, StoreError> {
+        let Some(meta_bytes) = self.store.get(&layout::heads_key(doc_key))? else {
+            return Ok(Loaded {
+                doc: Automerge::new(),
+                meta: DocMeta::default(),
+            });
+        };
+        let meta: DocMeta = layout::decode("document meta", &meta_bytes)?;
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)))
+        };
+        let mut doc = match self.store.get(&layout::snapshot_key(doc_key))? {
+            Some(snapshot) => {
+                Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            }
+            None => Automerge::new(),
+        };
+        let prefix = layout::change_prefix(doc_key);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+            let full = page.len() == SCAN_PAGE_ENTRIES;
+            after = page.last().map(|(key, _)| key.clone());
+            let changes = page
+                .into_iter()
+                .map(|(_, bytes)| {
+                    Change::from_bytes(bytes).map_err(|e| corrupt(format!("change: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            doc.apply_changes(changes)
+                .map_err(|e| corrupt(format!("applying changes: {e}")))?;
+            if !full {
+                break;
+            }
+        }
+        // Check after reading back: the document must be exactly what was recorded.
+        let mut heads = doc.get_heads();
+        heads.sort_unstable();
+        if heads != meta.change_hashes() {
+            return Err(corrupt("heads on disk do not match its changes".to_owned()));
+        }
+        Ok(Loaded { doc, meta })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::document::{apply_delete, apply_write, RecordWrite};
+    use crate::store::MemoryStore;
+    use serde_json::json;
+
+    fn open(store: MemoryStore, node: NodeId, compact: u32) -> DocStore<MemoryStore> {
+        let config = DocStoreConfig {
+            cache_documents: NonZeroUsize::new(2).unwrap(),
+            compact_after_changes: compact,
+        };
+        DocStore::open(store, node, config).unwrap()
+    }
+
+    fn set(docs: &DocStore<MemoryStore>, id: &RecordId, actor: &ActorId, field: &str, value: i64) {
+        let write = RecordWrite {
+            set: vec![(field.to_owned(), json!(value))],
+            ..Default::default()
+        };
+        docs.write(id, actor, 0, Durability::Durable, |tx| {
+            apply_write(tx, &write)
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn writes_survive_reopen_and_compaction() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 4);
+        let actor = node.actor(0);
+        let ids: Vec<_> = (0..5)
+            .map(|i| RecordId::parse(&format!("c/{i}")).unwrap())
+            .collect();
+        for round in 0..10 {
+            for id in &ids {
+                set(&docs, id, &actor, "n", round);
+            }
+        }
+        docs.write(&ids[0], &actor, 0, Durability::Durable, |tx| {
+            apply_delete(tx)
+        })
+        .unwrap();
+        store.crash(0);
+        let reopened = open(store, node, 4);
+        assert_eq!(
+            reopened.read(&ids[0], document::read).unwrap(),
+            None
+        );
+        for id in &ids[1..] {
+            let fields = reopened
+                .read(id, document::read)
+                .unwrap()
+                .unwrap();
+            assert_eq!(fields.get("n"), Some(&json!(9)));
+        }
+        let listed = reopened
+            .scan_collection(&Collection::new("c").unwrap(), None, 100)
+            .unwrap();
+        assert_eq!(listed.len(), 5);
+        assert_eq!(
+            listed[0].meta.record_state(),
+            document::RecordState::Deleted
+        );
+        // 10 rounds of 5 records plus a delete, all logged in order under this node.
+        let log = reopened.log_entries(&node, 0, 1000).unwrap();
+        assert_eq!(log.len(), 51);
+        assert!(log.windows(2).all(|pair| pair[0].0 + 1 == pair[1].0));
+    }
+
+    #[test]
+    fn deferred_writes_are_lost_only_until_synced() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 32);
+        let id = RecordId::parse("c/x").unwrap();
+        let write = RecordWrite {
+            set: vec![("a".to_owned(), json!(1))],
+            ..Default::default()
+        };
+        docs.write(&id, &node.actor(0), 0, Durability::Deferred, |tx| {
+            apply_write(tx, &write)
+        })
+        .unwrap();
+        store.crash(0);
+        let reopened = open(store.clone(), node, 32);
+        assert_eq!(reopened.read(&id, document::read).unwrap(), None);
+        reopened
+            .write(&id, &node.actor(0), 0, Durability::Deferred, |tx| {
+                apply_write(tx, &write)
+            })
+            .unwrap();
+        reopened.sync().unwrap();
+        store.crash(0);
+        let again = open(store, node, 32);
+        assert!(again
+            .read(&id, document::read)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn refuses_another_nodes_store() {
+        let store = MemoryStore::new();
+        open(store.clone(), NodeId::random().unwrap(), 32);
+        let other = DocStore::open(store, NodeId::random().unwrap(), DocStoreConfig::default());
+        assert!(matches!(other, Err(StoreError::WrongNode { .. })));
+    }
+
+    #[test]
+    fn failed_edit_writes_nothing() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 32);
+        let id = RecordId::parse("c/x").unwrap();
+        let result = docs.write(&id, &node.actor(0), 0, Durability::Durable, |tx| {
+            apply_write(tx, &RecordWrite::default())?;
+            Err::<(), _>(RecordError::InvalidFieldName {
+                field: String::new(),
+                reason: "test",
+            })
+        });
+        assert!(result.is_err());
+        assert_eq!(store.unflushed_batches(), 0);
+        assert_eq!(docs.read(&id, |doc| doc.get_heads()).unwrap(), vec![]);
+    }
+}

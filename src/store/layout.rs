@@ -1,0 +1,134 @@
+//! Key layout of the document store, the one place that knows it.
+//!
+//! Every key starts with one tag byte:
+//!
+//! | tag | key after the tag | value |
+//! |---|---|---|
+//! | `M` | metadata name | metadata value (node id, next log sequence, sources) |
+//! | `H` | document key | [`DocMeta`]: heads, appended change count, record state |
+//! | `S` | document key | snapshot: the document saved whole |
+//! | `C` | document key, `0x00`, change hash (32 bytes) | one appended change |
+//! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
+//!
+//! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]); it holds no
+//! NUL byte, so `C` keys of one document never interleave with another's.
+
+use automerge::ChangeHash;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use crate::record::{NodeId, RecordState};
+
+pub const TAG_META: u8 = b'M';
+pub const TAG_HEADS: u8 = b'H';
+pub const TAG_SNAPSHOT: u8 = b'S';
+pub const TAG_CHANGE: u8 = b'C';
+pub const TAG_LOG: u8 = b'L';
+
+pub const META_NODE_ID: &[u8] = b"node_id";
+pub const META_NEXT_LOG_SEQUENCE: &[u8] = b"next_log_sequence";
+pub const META_SOURCE_PREFIX: &[u8] = b"source/";
+
+pub fn meta_key(name: &[u8]) -> Vec<u8> {
+    tagged(TAG_META, name)
+}
+
+pub fn heads_key(doc_key: &[u8]) -> Vec<u8> {
+    tagged(TAG_HEADS, doc_key)
+}
+
+pub fn snapshot_key(doc_key: &[u8]) -> Vec<u8> {
+    tagged(TAG_SNAPSHOT, doc_key)
+}
+
+/// Prefix of every appended change of one document.
+pub fn change_prefix(doc_key: &[u8]) -> Vec<u8> {
+    let mut key = tagged(TAG_CHANGE, doc_key);
+    key.push(0);
+    key
+}
+
+pub fn change_key(doc_key: &[u8], hash: &ChangeHash) -> Vec<u8> {
+    let mut key = change_prefix(doc_key);
+    key.extend_from_slice(&hash.0);
+    key
+}
+
+pub fn log_prefix(origin: &NodeId) -> Vec<u8> {
+    tagged(TAG_LOG, &origin.0)
+}
+
+pub fn log_key(origin: &NodeId, sequence: u64) -> Vec<u8> {
+    let mut key = log_prefix(origin);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+/// The sequence number at the end of a log key.
+pub fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
+    let tail: [u8; 8] = key
+        .get(key.len().saturating_sub(8)..)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("log key {key:?} is too short")))?;
+    Ok(u64::from_be_bytes(tail))
+}
+
+fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + rest.len() + 33);
+    key.push(tag);
+    key.extend_from_slice(rest);
+    key
+}
+
+/// What the store keeps about a document besides its changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// The document's heads, sorted.
+    pub heads: Vec<[u8; 32]>,
+    /// Changes appended since the last snapshot.
+    pub appended: u32,
+    /// 0: missing, 1: deleted, 2: live.
+    pub state: u8,
+}
+
+impl DocMeta {
+    pub fn record_state(&self) -> RecordState {
+        match self.state {
+            1 => RecordState::Deleted,
+            2 => RecordState::Live,
+            _ => RecordState::Missing,
+        }
+    }
+
+    pub fn encode_state(state: RecordState) -> u8 {
+        match state {
+            RecordState::Missing => 0,
+            RecordState::Deleted => 1,
+            RecordState::Live => 2,
+        }
+    }
+
+    pub fn change_hashes(&self) -> Vec<ChangeHash> {
+        self.heads.iter().map(|bytes| ChangeHash(*bytes)).collect()
+    }
+
+    pub fn set_heads(&mut self, heads: &[ChangeHash]) {
+        self.heads = heads.iter().map(|hash| hash.0).collect();
+        self.heads.sort_unstable();
+    }
+}
+
+/// One entry of the replication log: which change of which document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub doc_key: Vec<u8>,
+    pub hash: [u8; 32],
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding plain structs into a Vec cannot fail")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
+}

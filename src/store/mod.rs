@@ -1,0 +1,106 @@
+//! Store: the only part that touches the disk.
+//!
+//! [`Store`] is the storage seam: an ordered key-value space with atomic batches and an
+//! explicit durability point. [`SledStore`] is the production store; [`MemoryStore`] serves
+//! simulations and tests and separates written bytes from durable ones, so a simulated crash
+//! loses exactly what the contract allows.
+//!
+//! [`DocStore`] lays documents out on top of any `Store` (see [`layout`]): per document its
+//! appended changes, a snapshot compacted from them, its heads and record state; a replication
+//! log ordered by (origin node, sequence); the node's metadata. Loaded documents sit in a
+//! bounded cache. Guarantees:
+//!
+//! - a write and every index entry it touches are applied in one atomic batch;
+//! - a write is acknowledged only once durable: if [`Store::flush`] succeeds, every batch
+//!   applied before it survives a crash (sled's contract, kept by `MemoryStore` too);
+//! - a document read back from disk is checked against its recorded heads.
+
+mod documents;
+mod group_commit;
+pub mod layout;
+mod memory;
+mod sled_store;
+
+pub use documents::{
+    DocStore, DocStoreConfig, Durability, ImportOutcome, StoredRecord, WriteOutcome,
+    CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
+    COMPACT_AFTER_CHANGES_MAX,
+};
+pub use layout::{DocMeta, LogEntry};
+pub use memory::MemoryStore;
+pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
+
+use crate::record::RecordError;
+
+/// One key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Writes that are applied together or not at all.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    operations: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.operations.push((key, Some(value)));
+    }
+
+    pub fn remove(&mut self, key: Vec<u8>) {
+        self.operations.push((key, None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.operations.len()
+    }
+
+    pub fn into_operations(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.operations
+    }
+}
+
+/// An ordered key-value space with atomic batches and a durability point.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Up to `limit` entries whose keys start with `prefix`, in key order, starting after the
+    /// key `after` when given. Pages keep memory bounded however large the prefix is.
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// Applies every operation of the batch atomically. Not yet durable.
+    fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+
+    /// Makes every batch applied before this call durable.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Bytes the store occupies on disk (0 for memory).
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Backend(#[from] sled::Error),
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("not an Automerge document: {0}")]
+    InvalidDocument(String),
+    #[error("this store belongs to node {stored}, not to node {expected}")]
+    WrongNode { stored: String, expected: String },
+    #[error("the node already has {0} sources, the most it may have")]
+    TooManySources(usize),
+    #[error("source name {0:?} is invalid: it must be 1-64 characters of a-z, 0-9, '_', '-', ':' or '.'")]
+    InvalidSourceName(String),
+}

@@ -1,0 +1,402 @@
+//! The CLI contract, driven through the real binary on real sled data dirs. Every command is
+//! a new process, so every read also checks that the data survived a restart.
+
+mod common;
+
+use common::{concord, concord_bare, init_node, ok, stderr, stdout};
+use serde_json::{json, Value};
+
+fn get_json(data: &std::path::Path, id: &str) -> Value {
+    serde_json::from_str(&ok(concord(data, &["get", id]))).unwrap()
+}
+
+#[test]
+fn put_get_list_delete_round_trip() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    ok(concord(
+        &node,
+        &[
+            "put",
+            "customers/1",
+            "name=Ada",
+            "age=36",
+            "vip=true",
+            r#"tags=["x","y"]"#,
+            "note=null",
+        ],
+    ));
+    ok(concord(
+        &node,
+        &[
+            "put",
+            "customers/2",
+            "name=Grace",
+            r#"address={"city":"Arlington"}"#,
+        ],
+    ));
+    assert_eq!(
+        get_json(&node, "customers/1"),
+        json!({"name": "Ada", "age": 36, "vip": true, "tags": ["x", "y"], "note": null})
+    );
+    // A value that is not valid JSON is a string; FIELD= removes the field.
+    ok(concord(
+        &node,
+        &["put", "customers/1", "age=", "name={not json"],
+    ));
+    assert_eq!(
+        get_json(&node, "customers/1"),
+        json!({"name": "{not json", "vip": true, "tags": ["x", "y"], "note": null})
+    );
+    ok(concord(
+        &node,
+        &["put", "customers/1", "--replace", "name=Ada"],
+    ));
+    assert_eq!(get_json(&node, "customers/1"), json!({"name": "Ada"}));
+
+    let listed: Vec<Value> = ok(concord(&node, &["list", "customers"]))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            json!({"key": "1", "fields": {"name": "Ada"}}),
+            json!({"key": "2", "fields": {"name": "Grace", "address": {"city": "Arlington"}}}),
+        ]
+    );
+
+    ok(concord(&node, &["delete", "customers/2"]));
+    let missing = concord(&node, &["get", "customers/2"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("customers/2 not found"));
+    assert_eq!(
+        ok(concord(&node, &["list", "customers"])).lines().count(),
+        1
+    );
+    assert_eq!(
+        concord(&node, &["delete", "customers/2"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        concord(&node, &["get", "customers/nope"]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn record_is_created_again_after_delete() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    ok(concord(&node, &["put", "items/x", "a=1", "b=2"]));
+    ok(concord(&node, &["delete", "items/x"]));
+    ok(concord(&node, &["put", "items/x", "c=3"]));
+    // The re-created record starts fresh: nothing of the old one leaks back.
+    assert_eq!(get_json(&node, "items/x"), json!({"c": 3}));
+    let actions: Vec<String> = ok(concord(&node, &["history", "items/x"]))
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["action"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(actions, vec!["create", "delete", "recreate"]);
+}
+
+#[test]
+fn history_names_origin_time_and_effect() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "site-a");
+    ok(concord(&node, &["put", "c/1", "name=Ada"]));
+    ok(concord(&node, &["put", "c/1", "name=Grace", "city=Paris"]));
+    let history: Vec<Value> = ok(concord(&node, &["history", "c/1"]))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(history.len(), 2);
+    let node_id = std::fs::read_to_string(node.join("node.id")).unwrap();
+    for entry in &history {
+        assert_eq!(entry["node"], json!(node_id.trim()));
+        assert_eq!(entry["node_name"], json!("site-a"));
+        assert_eq!(entry["source"], json!("api"));
+        assert!(entry["actor"].as_str().unwrap().starts_with(node_id.trim()));
+        assert!(entry["time"].as_str().unwrap().starts_with("20"));
+        assert_eq!(entry["hash"].as_str().unwrap().len(), 64);
+    }
+    assert_eq!(history[0]["action"], json!("create"));
+    assert_eq!(history[1]["set"], json!({"name": "Grace", "city": "Paris"}));
+}
+
+#[test]
+fn export_loads_in_automerge_and_import_merges() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    ok(concord(
+        &node,
+        &[
+            "put",
+            "c/1",
+            "name=Ada",
+            r#"address={"city":"London","lines":["1 Main St"]}"#,
+            "n=1.5",
+        ],
+    ));
+    let file = temp.path().join("c1.automerge");
+    ok(concord(
+        &node,
+        &["export", "c/1", "-o", file.to_str().unwrap()],
+    ));
+
+    // Another Automerge program (the automerge crate itself) reads the same JSON.
+    let bytes = std::fs::read(&file).unwrap();
+    let doc = automerge::Automerge::load(&bytes).unwrap();
+    let mut loaded = serde_json::to_value(automerge::AutoSerde::from(&doc)).unwrap();
+    loaded.as_object_mut().unwrap().remove("@deleted");
+    assert_eq!(loaded, get_json(&node, "c/1"));
+
+    // Import into a record elsewhere, then merge edits both ways.
+    let other = init_node(temp.path(), "b");
+    assert!(
+        ok(concord(&other, &["import", "c/1", file.to_str().unwrap()]))
+            .contains("merged 1 new changes")
+    );
+    assert_eq!(get_json(&other, "c/1"), get_json(&node, "c/1"));
+    ok(concord(&other, &["put", "c/1", "email=ada@example.com"]));
+    ok(concord(&node, &["put", "c/1", "name=Ada Lovelace"]));
+    exchange(&node, &other, "c/1", temp.path());
+    assert_eq!(
+        get_json(&node, "c/1"),
+        json!({"name": "Ada Lovelace", "email": "ada@example.com", "address": {"city": "London", "lines": ["1 Main St"]}, "n": 1.5})
+    );
+    assert_eq!(get_json(&node, "c/1"), get_json(&other, "c/1"));
+
+    // Importing the same bytes again changes nothing.
+    assert!(
+        ok(concord(&node, &["import", "c/1", file.to_str().unwrap()]))
+            .contains("merged 0 new changes")
+    );
+}
+
+/// Exports `id` from each node and imports it into the other.
+fn exchange(a: &std::path::Path, b: &std::path::Path, id: &str, scratch: &std::path::Path) {
+    let from_a = scratch.join("from-a.automerge");
+    let from_b = scratch.join("from-b.automerge");
+    ok(concord(a, &["export", id, "-o", from_a.to_str().unwrap()]));
+    ok(concord(b, &["export", id, "-o", from_b.to_str().unwrap()]));
+    ok(concord(a, &["import", id, from_b.to_str().unwrap()]));
+    ok(concord(b, &["import", id, from_a.to_str().unwrap()]));
+}
+
+fn saved_state(
+    node: &std::path::Path,
+    id: &str,
+    scratch: &std::path::Path,
+) -> (Vec<automerge::ChangeHash>, Value) {
+    let file = scratch.join("state.automerge");
+    ok(concord(node, &["export", id, "-o", file.to_str().unwrap()]));
+    let doc = automerge::Automerge::load(&std::fs::read(file).unwrap()).unwrap();
+    let mut heads = doc.get_heads();
+    heads.sort();
+    (
+        heads,
+        serde_json::to_value(automerge::AutoSerde::from(&doc)).unwrap(),
+    )
+}
+
+#[test]
+fn concurrent_edit_and_delete_merge_the_same_in_both_orders() {
+    let temp = tempfile::tempdir().unwrap();
+    let a = init_node(temp.path(), "a");
+    let b = init_node(temp.path(), "b");
+    ok(concord(&a, &["put", "c/1", "name=Ada", "city=London"]));
+    let base = temp.path().join("base.automerge");
+    ok(concord(
+        &a,
+        &["export", "c/1", "-o", base.to_str().unwrap()],
+    ));
+    ok(concord(&b, &["import", "c/1", base.to_str().unwrap()]));
+
+    // Concurrently: a edits, b deletes.
+    ok(concord(&a, &["put", "c/1", "city=Paris", "phone=123"]));
+    ok(concord(&b, &["delete", "c/1"]));
+
+    // a merges b's delete; b merges a's edit: opposite orders.
+    exchange(&a, &b, "c/1", temp.path());
+    let state_a = saved_state(&a, "c/1", temp.path());
+    let state_b = saved_state(&b, "c/1", temp.path());
+    assert_eq!(state_a, state_b);
+    // The delete wins over the concurrent edit, on both nodes.
+    assert_eq!(concord(&a, &["get", "c/1"]).status.code(), Some(2));
+    assert_eq!(concord(&b, &["get", "c/1"]).status.code(), Some(2));
+
+    // A later write re-creates the record, and that too converges.
+    ok(concord(&b, &["put", "c/1", "name=Grace"]));
+    exchange(&a, &b, "c/1", temp.path());
+    assert_eq!(get_json(&a, "c/1"), json!({"name": "Grace"}));
+    assert_eq!(get_json(&b, "c/1"), json!({"name": "Grace"}));
+}
+
+#[test]
+fn malformed_ids_are_refused_with_the_rule() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    let long_collection = format!("{}/1", "c".repeat(65));
+    let long_key = format!("c/{}", "k".repeat(257));
+    let cases: Vec<(&str, &str)> = vec![
+        ("nokey", "must have the form COLLECTION/KEY"),
+        ("Customers/1", "a-z, 0-9"),
+        ("/1", "a-z, 0-9"),
+        (long_collection.as_str(), "1-64 characters"),
+        ("c/", "1-256 bytes"),
+        (long_key.as_str(), "1-256 bytes"),
+        ("c/a\tb", "printable"),
+        ("c//a", "must not start or end with '/'"),
+        ("c/a/", "must not start or end with '/'"),
+        ("_actors/x", "reserved"),
+    ];
+    for (id, rule) in cases {
+        for args in [vec!["put", id, "a=1"], vec!["get", id], vec!["delete", id]] {
+            let output = concord(&node, &args);
+            assert_eq!(output.status.code(), Some(1), "{args:?}");
+            let message = stderr(&output);
+            assert!(message.contains(rule), "{args:?}: {message}");
+            assert_eq!(message.lines().count(), 1, "one line: {message}");
+        }
+    }
+}
+
+#[test]
+fn malformed_values_are_refused_with_the_rule() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    let deep = format!("x={}1{}", "[".repeat(40), "]".repeat(40));
+    let long_field = format!("{}=1", "f".repeat(257));
+    let cases: Vec<(&str, &str)> = vec![
+        ("noequals", "is not FIELD=VALUE"),
+        ("=1", "must not be empty"),
+        ("@deleted=true", "reserved"),
+        (deep.as_str(), "nested deeper"),
+        (long_field.as_str(), "at most 256 bytes"),
+    ];
+    for (assignment, rule) in cases {
+        let output = concord(&node, &["put", "c/1", assignment]);
+        assert_eq!(output.status.code(), Some(1), "{assignment}");
+        assert!(
+            stderr(&output).contains(rule),
+            "{assignment}: {}",
+            stderr(&output)
+        );
+    }
+    // Nothing was written by any refused command.
+    assert_eq!(concord(&node, &["get", "c/1"]).status.code(), Some(2));
+    // A broken import file is refused too.
+    let junk = temp.path().join("junk");
+    std::fs::write(&junk, b"not an automerge document").unwrap();
+    let output = concord(&node, &["import", "c/1", junk.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("not an Automerge document"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn usage_errors_and_conventions() {
+    let temp = tempfile::tempdir().unwrap();
+    // No data dir anywhere.
+    let output = concord_bare(&["get", "c/1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("CONCORD_DATA"));
+    // A data dir that was never initialized.
+    let output = concord(&temp.path().join("nothing"), &["get", "c/1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("concord init"));
+    // Unknown subcommand or flag: usage error, exit 1, message on stderr.
+    let output = concord_bare(&["frobnicate"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stdout(&output).is_empty());
+    // --help succeeds on stdout.
+    let output = concord_bare(&["--help"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(stdout(&output).contains("Usage"));
+    // init refuses to overwrite a data dir.
+    let node = init_node(temp.path(), "a");
+    let output = concord_bare(&["init", node.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("already a Concord data dir"));
+    // CONCORD_DATA stands for --data.
+    let output = std::process::Command::new(common::concord_binary())
+        .args(["put", "c/1", "a=1"])
+        .env("CONCORD_DATA", &node)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(get_json(&node, "c/1"), json!({"a": 1}));
+}
+
+#[test]
+fn bad_config_fails_with_one_clear_line() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    let config = node.join("concord.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    for (text, expected) in [
+        (format!("{original}\nunknown_key = 1\n"), "unknown_key"),
+        (
+            original.replace("cache_documents = 4096", "cache_documents = 0"),
+            "store.cache_documents",
+        ),
+        ("[node\n".to_owned(), "concord.toml"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let output = concord(&node, &["get", "c/1"]);
+        assert_eq!(output.status.code(), Some(1));
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{message}");
+        assert!(message.contains("concord.toml"), "{message}");
+    }
+    std::fs::write(&config, original).unwrap();
+    std::fs::write(node.join("node.id"), "zz\n").unwrap();
+    let output = concord(&node, &["get", "c/1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("node.id"), "{}", stderr(&output));
+}
+
+#[test]
+fn load_writes_json_lines_and_refuses_bad_lines() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    let input = temp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"id\": 1, \"name\": \"Ada\"}\n\n{\"id\": \"two\", \"name\": \"Grace\"}\n",
+    )
+    .unwrap();
+    let acked = ok(concord(
+        &node,
+        &["load", "people", input.to_str().unwrap(), "--ack"],
+    ));
+    assert_eq!(
+        acked.lines().collect::<Vec<_>>(),
+        vec!["people/1", "people/two"]
+    );
+    assert_eq!(
+        get_json(&node, "people/two"),
+        json!({"id": "two", "name": "Grace"})
+    );
+    std::fs::write(&input, "{\"id\": 3}\n{\"name\": \"no key\"}\n").unwrap();
+    let output = concord(&node, &["load", "people", input.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("line 2"), "{}", stderr(&output));
+}
+
+#[test]
+fn demo_runs() {
+    let output = concord_bare(&["demo"]);
+    let text = ok(output);
+    assert!(text.contains("$ concord get customers/44"));
+    assert!(text.contains("\"name\":\"Grace Hopper\""));
+}

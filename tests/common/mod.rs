@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: run the real `concord` binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn concord_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_concord"))
+}
+
+/// Runs `concord --data DIR ARGS...`.
+pub fn concord(data: &Path, args: &[&str]) -> Output {
+    Command::new(concord_binary())
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .env_remove("CONCORD_DATA")
+        .output()
+        .expect("the concord binary runs")
+}
+
+/// Runs `concord ARGS...` without a data dir.
+pub fn concord_bare(args: &[&str]) -> Output {
+    Command::new(concord_binary())
+        .args(args)
+        .env_remove("CONCORD_DATA")
+        .output()
+        .expect("the concord binary runs")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "concord failed with {:?}: {}",
+        output.status.code(),
+        stderr(&output)
+    );
+    stdout(&output)
+}
+
+/// Makes a fresh data dir named `name` inside `parent`.
+pub fn init_node(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    ok(concord_bare(&[
+        "init",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+    ]));
+    dir
+}
