@@ -238,19 +238,17 @@ impl Node {
         &self,
         writes: impl IntoIterator<Item = (&'a RecordId, &'a RecordWrite)>,
     ) -> Result<usize, NodeError> {
+        let now = now_seconds();
+        let mut session = self.docs.session();
         let mut changed = 0;
         for (id, write) in writes {
             write.check()?;
-            let (_, outcome) = self.docs.write(
-                id,
-                &self.api_actor,
-                now_seconds(),
-                Durability::Deferred,
-                |tx| document::apply_write(tx, write),
-            )?;
+            let (_, outcome) = session.write(id, &self.api_actor, now, |tx| {
+                document::apply_write(tx, write)
+            })?;
             changed += usize::from(outcome.change.is_some());
         }
-        self.docs.sync()?;
+        session.commit(Durability::Durable)?;
         Ok(changed)
     }
 
@@ -287,7 +285,7 @@ impl Node {
         let last = stored.last().map(|record| record.id.key.clone());
         let mut records = Vec::with_capacity(stored.len());
         for record in stored {
-            if record.meta.record_state() != document::RecordState::Live {
+            if record.stored.record_state() != document::RecordState::Live {
                 continue;
             }
             if let Some(fields) = self.get(&record.id)? {

@@ -1,4 +1,9 @@
 //! Documents on top of a [`Store`]: load, write, merge, list, with a bounded cache.
+//!
+//! Writes go through a [`WriteSession`], which holds the store's lock, applies any number of
+//! document edits to the cached documents, and commits them as one atomic batch: one write
+//! is a session of one, a bulk load is a session of a thousand. A session dropped without
+//! committing forgets the documents it touched, so the cache never runs ahead of the disk.
 
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
@@ -8,7 +13,7 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use lru::LruCache;
 
 use super::group_commit::GroupCommit;
-use super::layout::{self, DocMeta, LogEntry};
+use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
@@ -21,8 +26,10 @@ pub const CACHE_DOCUMENTS_MAX: usize = 1_000_000;
 pub const COMPACT_AFTER_CHANGES_DEFAULT: u32 = 32;
 /// Most appended changes one may configure before compaction.
 pub const COMPACT_AFTER_CHANGES_MAX: u32 = 10_000;
-/// Entries read from the store per page when scanning.
-pub const SCAN_PAGE_ENTRIES: usize = 512;
+/// Bytes of appended changes of one document that force a compaction, whatever their count.
+pub const COMPACT_AFTER_BYTES: usize = 16 * 1024;
+/// Most documents one write session may touch.
+pub const SESSION_DOCUMENTS_MAX: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct DocStoreConfig {
@@ -39,13 +46,12 @@ impl Default for DocStoreConfig {
     }
 }
 
-/// When a write returns.
+/// When a commit returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Once the write is durable (group commit with concurrent writers).
+    /// Once the writes are durable (group commit with concurrent writers).
     Durable,
-    /// At once; durable after the next [`DocStore::sync`]. For bulk loads that acknowledge a
-    /// whole batch with one flush.
+    /// At once; durable after the next [`DocStore::sync`] or durable commit.
     Deferred,
 }
 
@@ -69,12 +75,12 @@ pub struct ImportOutcome {
 #[derive(Debug, Clone)]
 pub struct StoredRecord {
     pub id: RecordId,
-    pub meta: DocMeta,
+    pub stored: StoredDoc,
 }
 
 struct Loaded {
     doc: Automerge,
-    meta: DocMeta,
+    stored: StoredDoc,
 }
 
 struct Inner {
@@ -88,6 +94,15 @@ pub struct DocStore<S: Store> {
     config: DocStoreConfig,
     inner: Mutex<Inner>,
     group_commit: GroupCommit,
+}
+
+/// Edits to many documents, committed as one atomic batch. Holds the store's lock.
+pub struct WriteSession<'a, S: Store> {
+    docs: &'a DocStore<S>,
+    inner: MutexGuard<'a, Inner>,
+    batch: Batch,
+    touched: Vec<Vec<u8>>,
+    next_log_sequence: u64,
 }
 
 impl<S: Store> DocStore<S> {
@@ -109,13 +124,12 @@ impl<S: Store> DocStore<S> {
                 store.flush()?;
             }
         }
-        let next_log_sequence =
-            match store.get(&layout::meta_key(layout::META_NEXT_LOG_SEQUENCE))? {
-                Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                    StoreError::Corrupt("next log sequence is not 8 bytes".to_owned())
-                })?),
-                None => 1,
-            };
+        // The log's last entry of this node says where its sequence continues; no counter is
+        // rewritten on every write.
+        let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&node))? {
+            Some((key, _)) => layout::log_sequence(&key)? + 1,
+            None => 1,
+        };
         Ok(Self {
             store,
             node,
@@ -137,11 +151,9 @@ impl<S: Store> DocStore<S> {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        // Every mutation of `Inner` completes or is undone before anything can panic, so a
+        // A session that fails forgets what it touched before the guard is released, so a
         // poisoned lock still guards consistent state.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Returns the index of source `name` on this node, registering it (durably) if new.
@@ -176,9 +188,20 @@ impl<S: Store> DocStore<S> {
         Ok((index, true))
     }
 
-    /// Writes to one document with `actor`: `edit` runs inside an Automerge transaction and
-    /// may fail, in which case nothing is written. The change, the document's new heads and
-    /// its log entry are applied in one batch.
+    /// Starts a write session.
+    pub fn session(&self) -> WriteSession<'_, S> {
+        let inner = self.inner();
+        let next_log_sequence = inner.next_log_sequence;
+        WriteSession {
+            docs: self,
+            inner,
+            batch: Batch::default(),
+            touched: Vec::new(),
+            next_log_sequence,
+        }
+    }
+
+    /// Writes to one document with `actor` and commits: a session of one write.
     pub fn write<T>(
         &self,
         id: &RecordId,
@@ -187,119 +210,34 @@ impl<S: Store> DocStore<S> {
         durability: Durability,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
-        let doc_key = id.to_doc_key();
-        let (value, outcome, ticket) = {
-            let mut inner = self.inner();
-            let loaded = self.loaded(&mut inner, &doc_key)?;
-            loaded.doc.set_actor(actor.clone());
-            let mut transaction = loaded.doc.transaction();
-            let value = match edit(&mut transaction) {
-                Ok(value) => value,
-                Err(error) => {
-                    transaction.rollback();
-                    return Err(error.into());
-                }
-            };
-            let (hash, _) =
-                transaction.commit_with(CommitOptions::default().with_time(time_seconds));
-            let Some(hash) = hash else {
-                let heads = loaded.doc.get_heads();
-                return Ok((
-                    value,
-                    WriteOutcome {
-                        change: None,
-                        heads,
-                    },
-                ));
-            };
-            let result = self.persist_new_changes(&mut inner, &doc_key, &[hash]);
-            let heads = match result {
-                Ok(heads) => heads,
-                Err(error) => {
-                    // The cached document is ahead of the disk: forget it.
-                    inner.cache.pop(&doc_key);
-                    return Err(error);
-                }
-            };
-            let ticket = self.group_commit.ticket();
-            (
-                value,
-                WriteOutcome {
-                    change: Some(hash),
-                    heads,
-                },
-                ticket,
-            )
-        };
-        if durability == Durability::Durable {
-            self.group_commit
-                .wait_durable(ticket, || self.store.flush())?;
-        }
-        Ok((value, outcome))
+        let mut session = self.session();
+        let result = session.write(id, actor, time_seconds, edit)?;
+        session.commit(durability)?;
+        Ok(result)
     }
 
     /// Merges a saved Automerge document (from any implementation) into the record.
     pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<ImportOutcome, StoreError> {
-        let incoming = Automerge::load(bytes)
-            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
-        let doc_key = id.to_doc_key();
-        let (outcome, ticket) = {
-            let mut inner = self.inner();
-            let loaded = self.loaded(&mut inner, &doc_key)?;
-            let before = loaded.doc.get_heads();
-            let incoming_changes = loaded.doc.get_changes_added(&incoming);
-            loaded
-                .doc
-                .apply_changes(incoming_changes)
-                .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
-            // Only changes that were applied count: the ones now above the old heads.
-            let new_hashes: Vec<ChangeHash> = loaded
-                .doc
-                .get_changes(&before)
-                .iter()
-                .map(Change::hash)
-                .collect();
-            if new_hashes.is_empty() {
-                let heads = loaded.doc.get_heads();
-                return Ok(ImportOutcome {
-                    new_changes: 0,
-                    heads,
-                });
-            }
-            let heads = match self.persist_new_changes(&mut inner, &doc_key, &new_hashes) {
-                Ok(heads) => heads,
-                Err(error) => {
-                    inner.cache.pop(&doc_key);
-                    return Err(error);
-                }
-            };
-            let outcome = ImportOutcome {
-                new_changes: new_hashes.len(),
-                heads,
-            };
-            (outcome, self.group_commit.ticket())
-        };
-        self.group_commit
-            .wait_durable(ticket, || self.store.flush())?;
+        let incoming =
+            Automerge::load(bytes).map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+        let mut session = self.session();
+        let outcome = session.merge(id, &incoming)?;
+        session.commit(Durability::Durable)?;
         Ok(outcome)
     }
 
     /// Reads a document through the cache. A record never written reads as an empty document.
-    pub fn read<T>(
-        &self,
-        id: &RecordId,
-        read: impl FnOnce(&Automerge) -> T,
-    ) -> Result<T, StoreError> {
+    pub fn read<T>(&self, id: &RecordId, read: impl FnOnce(&Automerge) -> T) -> Result<T, StoreError> {
         let mut inner = self.inner();
         let loaded = self.loaded(&mut inner, &id.to_doc_key())?;
         Ok(read(&loaded.doc))
     }
 
-    /// What the store holds about a document, without loading it.
-    pub fn meta(&self, id: &RecordId) -> Result<Option<DocMeta>, StoreError> {
+    /// What the store holds about a document, without loading it into Automerge.
+    pub fn stored(&self, id: &RecordId) -> Result<Option<StoredDoc>, StoreError> {
         self.store
-            .get(&layout::heads_key(&id.to_doc_key()))?
-            .map(|bytes| layout::decode("document meta", &bytes))
+            .get(&layout::doc_key(&id.to_doc_key()))?
+            .map(|bytes| layout::decode("document", &bytes))
             .transpose()
     }
 
@@ -310,12 +248,11 @@ impl<S: Store> DocStore<S> {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
-        let mut prefix = vec![layout::TAG_HEADS];
+        let mut prefix = vec![layout::TAG_DOC];
         prefix.extend_from_slice(collection.as_str().as_bytes());
         prefix.push(b'/');
-        let after_key = after.map(|key| {
-            layout::heads_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key())
-        });
+        let after_key = after
+            .map(|key| layout::doc_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key()));
         let entries = self
             .store
             .scan_prefix(&prefix, after_key.as_deref(), limit)?;
@@ -324,8 +261,8 @@ impl<S: Store> DocStore<S> {
             .map(|(key, value)| {
                 let id = RecordId::from_doc_key(&key[1..])
                     .map_err(|error| StoreError::Corrupt(format!("stored record id: {error}")))?;
-                let meta = layout::decode("document meta", &value)?;
-                Ok(StoredRecord { id, meta })
+                let stored = layout::decode("document", &value)?;
+                Ok(StoredRecord { id, stored })
             })
             .collect()
     }
@@ -342,98 +279,18 @@ impl<S: Store> DocStore<S> {
         self.store
             .scan_prefix(&prefix, Some(&after_key), limit)?
             .into_iter()
-            .map(|(key, value)| {
-                Ok((
-                    layout::log_sequence(&key)?,
-                    layout::decode("log entry", &value)?,
-                ))
-            })
+            .map(|(key, value)| Ok((layout::log_sequence(&key)?, layout::decode("log entry", &value)?)))
             .collect()
     }
 
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<(), StoreError> {
         let ticket = self.group_commit.ticket();
-        self.group_commit
-            .wait_durable(ticket, || self.store.flush())
-    }
-
-    /// Writes the changes `new_hashes` of the cached document `doc_key` (all already applied
-    /// to it), its heads and their log entries, compacting when due. Returns the new heads.
-    fn persist_new_changes(
-        &self,
-        inner: &mut Inner,
-        doc_key: &[u8],
-        new_hashes: &[ChangeHash],
-    ) -> Result<Vec<ChangeHash>, StoreError> {
-        let mut next_log_sequence = inner.next_log_sequence;
-        let loaded = inner
-            .cache
-            .get_mut(doc_key)
-            .expect("the document was loaded into the cache by the caller, under the same lock");
-        let mut batch = Batch::default();
-        let heads = loaded.doc.get_heads();
-        loaded.meta.set_heads(&heads);
-        loaded.meta.state = DocMeta::encode_state(document::state(&loaded.doc));
-        let appended = loaded.meta.appended as usize + new_hashes.len();
-        let compact = appended >= self.config.compact_after_changes as usize;
-        if compact {
-            batch.put(layout::snapshot_key(doc_key), loaded.doc.save());
-            let prefix = layout::change_prefix(doc_key);
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let page = self
-                    .store
-                    .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
-                let full = page.len() == SCAN_PAGE_ENTRIES;
-                after = page.last().map(|(key, _)| key.clone());
-                for (key, _) in page {
-                    batch.remove(key);
-                }
-                if !full {
-                    break;
-                }
-            }
-            loaded.meta.appended = 0;
-        } else {
-            for hash in new_hashes {
-                let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
-                    StoreError::Corrupt(format!("change {hash} vanished from its document"))
-                })?;
-                batch.put(
-                    layout::change_key(doc_key, hash),
-                    change.raw_bytes().to_vec(),
-                );
-            }
-            loaded.meta.appended = u32::try_from(appended).unwrap_or(u32::MAX);
-        }
-        for hash in new_hashes {
-            let entry = LogEntry {
-                doc_key: doc_key.to_vec(),
-                hash: hash.0,
-            };
-            batch.put(
-                layout::log_key(&self.node, next_log_sequence),
-                layout::encode(&entry),
-            );
-            next_log_sequence += 1;
-        }
-        batch.put(
-            layout::meta_key(layout::META_NEXT_LOG_SEQUENCE),
-            next_log_sequence.to_be_bytes().to_vec(),
-        );
-        batch.put(layout::heads_key(doc_key), layout::encode(&loaded.meta));
-        self.store.apply(batch)?;
-        inner.next_log_sequence = next_log_sequence;
-        Ok(heads)
+        self.group_commit.wait_durable(ticket, || self.store.flush())
     }
 
     /// The cached document for `doc_key`, loading it from the store on a miss.
-    fn loaded<'a>(
-        &self,
-        inner: &'a mut Inner,
-        doc_key: &[u8],
-    ) -> Result<&'a mut Loaded, StoreError> {
+    fn loaded<'a>(&self, inner: &'a mut Inner, doc_key: &[u8]) -> Result<&'a mut Loaded, StoreError> {
         if !inner.cache.contains(doc_key) {
             let loaded = self.load(doc_key)?;
             inner.cache.put(doc_key.to_vec(), loaded);
@@ -445,49 +302,190 @@ impl<S: Store> DocStore<S> {
     }
 
     fn load(&self, doc_key: &[u8]) -> Result<Loaded, StoreError> {
-        let Some(meta_bytes) = self.store.get(&layout::heads_key(doc_key))? else {
+        let Some(bytes) = self.store.get(&layout::doc_key(doc_key))? else {
             return Ok(Loaded {
                 doc: Automerge::new(),
-                meta: DocMeta::default(),
+                stored: StoredDoc::default(),
             });
         };
-        let meta: DocMeta = layout::decode("document meta", &meta_bytes)?;
+        let stored: StoredDoc = layout::decode("document", &bytes)?;
         let corrupt = |what: String| {
             StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)))
         };
-        let mut doc = match self.store.get(&layout::snapshot_key(doc_key))? {
-            Some(snapshot) => {
+        let mut doc = match &stored.snapshot {
+            Snapshot::None => Automerge::new(),
+            Snapshot::Inline(snapshot) => {
+                Automerge::load(snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            }
+            Snapshot::External => {
+                let snapshot = self
+                    .store
+                    .get(&layout::snapshot_key(doc_key))?
+                    .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
                 Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
             }
-            None => Automerge::new(),
         };
-        let prefix = layout::change_prefix(doc_key);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self
-                .store
-                .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
-            let full = page.len() == SCAN_PAGE_ENTRIES;
-            after = page.last().map(|(key, _)| key.clone());
-            let changes = page
-                .into_iter()
-                .map(|(_, bytes)| {
-                    Change::from_bytes(bytes).map_err(|e| corrupt(format!("change: {e}")))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            doc.apply_changes(changes)
-                .map_err(|e| corrupt(format!("applying changes: {e}")))?;
-            if !full {
-                break;
-            }
-        }
+        let changes = stored
+            .changes
+            .iter()
+            .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        doc.apply_changes(changes)
+            .map_err(|e| corrupt(format!("applying changes: {e}")))?;
         // Check after reading back: the document must be exactly what was recorded.
         let mut heads = doc.get_heads();
         heads.sort_unstable();
-        if heads != meta.change_hashes() {
-            return Err(corrupt("heads on disk do not match its changes".to_owned()));
+        if heads != stored.change_hashes() {
+            return Err(corrupt("its heads do not match its changes".to_owned()));
         }
-        Ok(Loaded { doc, meta })
+        Ok(Loaded { doc, stored })
+    }
+}
+
+impl<S: Store> WriteSession<'_, S> {
+    /// Runs `edit` inside an Automerge transaction on the document, as `actor`. If `edit`
+    /// fails, the document is left as it was and nothing is queued.
+    pub fn write<T>(
+        &mut self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_seconds: i64,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
+    ) -> Result<(T, WriteOutcome), StoreError> {
+        let doc_key = id.to_doc_key();
+        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
+        loaded.doc.set_actor(actor.clone());
+        let mut transaction = loaded.doc.transaction();
+        let value = match edit(&mut transaction) {
+            Ok(value) => value,
+            Err(error) => {
+                transaction.rollback();
+                return Err(error.into());
+            }
+        };
+        let (hash, _) = transaction.commit_with(CommitOptions::default().with_time(time_seconds));
+        let Some(hash) = hash else {
+            let heads = loaded.doc.get_heads();
+            return Ok((value, WriteOutcome { change: None, heads }));
+        };
+        let heads = self.queue_new_changes(&doc_key, &[hash])?;
+        Ok((value, WriteOutcome { change: Some(hash), heads }))
+    }
+
+    /// Merges every change of `incoming` that the document lacks.
+    pub fn merge(&mut self, id: &RecordId, incoming: &Automerge) -> Result<ImportOutcome, StoreError> {
+        let doc_key = id.to_doc_key();
+        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
+        let before = loaded.doc.get_heads();
+        let incoming_changes = loaded.doc.get_changes_added(incoming);
+        self.touched.push(doc_key.clone());
+        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
+        loaded
+            .doc
+            .apply_changes(incoming_changes)
+            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+        // Only changes that were applied count: the ones now above the old heads.
+        let new_hashes: Vec<ChangeHash> = loaded
+            .doc
+            .get_changes(&before)
+            .iter()
+            .map(Change::hash)
+            .collect();
+        if new_hashes.is_empty() {
+            let heads = loaded.doc.get_heads();
+            return Ok(ImportOutcome { new_changes: 0, heads });
+        }
+        let heads = self.queue_new_changes(&doc_key, &new_hashes)?;
+        Ok(ImportOutcome {
+            new_changes: new_hashes.len(),
+            heads,
+        })
+    }
+
+    /// Queues the changes `new_hashes`, already applied to the cached document, with the
+    /// document's new stored form and their log entries, compacting when due.
+    fn queue_new_changes(
+        &mut self,
+        doc_key: &[u8],
+        new_hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        if self.touched.last().map(Vec::as_slice) != Some(doc_key) {
+            self.touched.push(doc_key.to_vec());
+        }
+        if self.touched.len() > SESSION_DOCUMENTS_MAX {
+            return Err(StoreError::SessionTooLarge(SESSION_DOCUMENTS_MAX));
+        }
+        let compact_after_changes = self.docs.config.compact_after_changes as usize;
+        let loaded = self
+            .inner
+            .cache
+            .get_mut(doc_key)
+            .expect("the document was loaded into the cache by the caller, under the same lock");
+        let heads = loaded.doc.get_heads();
+        let stored = &mut loaded.stored;
+        stored.set_heads(&heads);
+        stored.set_record_state(document::state(&loaded.doc));
+        for hash in new_hashes {
+            let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
+                StoreError::Corrupt(format!("change {hash} vanished from its document"))
+            })?;
+            stored.changes.push(change.raw_bytes().to_vec());
+        }
+        if stored.changes.len() >= compact_after_changes || stored.appended_bytes() >= COMPACT_AFTER_BYTES {
+            let snapshot = loaded.doc.save();
+            stored.changes.clear();
+            if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
+                if stored.snapshot == Snapshot::External {
+                    self.batch.remove(layout::snapshot_key(doc_key));
+                }
+                stored.snapshot = Snapshot::Inline(snapshot);
+            } else {
+                self.batch.put(layout::snapshot_key(doc_key), snapshot);
+                stored.snapshot = Snapshot::External;
+            }
+        }
+        self.batch.put(layout::doc_key(doc_key), layout::encode(&*stored));
+        for hash in new_hashes {
+            let entry = LogEntry {
+                doc_key: doc_key.to_vec(),
+                hash: hash.0,
+            };
+            self.batch.put(
+                layout::log_key(&self.docs.node, self.next_log_sequence),
+                layout::encode(&entry),
+            );
+            self.next_log_sequence += 1;
+        }
+        Ok(heads)
+    }
+
+    /// Applies everything queued as one atomic batch, then waits as `durability` says.
+    pub fn commit(mut self, durability: Durability) -> Result<(), StoreError> {
+        let batch = std::mem::take(&mut self.batch);
+        let ticket = if batch.is_empty() {
+            None
+        } else {
+            self.docs.store.apply(batch)?;
+            self.inner.next_log_sequence = self.next_log_sequence;
+            Some(self.docs.group_commit.ticket())
+        };
+        self.touched.clear();
+        let docs = self.docs;
+        drop(self);
+        if let (Some(ticket), Durability::Durable) = (ticket, durability) {
+            docs.group_commit.wait_durable(ticket, || docs.store.flush())?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: Store> Drop for WriteSession<'_, S> {
+    fn drop(&mut self) {
+        // Not committed (an error, or the caller gave up): the cached documents touched are
+        // ahead of the disk, so forget them; they reload from the store when next needed.
+        for doc_key in self.touched.drain(..) {
+            self.inner.cache.pop(&doc_key);
+        }
     }
 }
 
@@ -553,7 +551,7 @@ mod tests {
             .unwrap();
         assert_eq!(listed.len(), 5);
         assert_eq!(
-            listed[0].meta.record_state(),
+            listed[0].stored.record_state(),
             document::RecordState::Deleted
         );
         // 10 rounds of 5 records plus a delete, all logged in order under this node.
@@ -617,5 +615,65 @@ mod tests {
         assert!(result.is_err());
         assert_eq!(store.unflushed_batches(), 0);
         assert_eq!(docs.read(&id, |doc| doc.get_heads()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn large_documents_keep_their_snapshot_apart() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 32);
+        let id = RecordId::parse("c/big").unwrap();
+        // Incompressible text, since snapshots are compressed.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let text: String = (0..3 * SNAPSHOT_INLINE_BYTES_MAX)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                char::from(b'a' + (state % 26) as u8)
+            })
+            .collect();
+        let write = RecordWrite {
+            set: vec![("text".to_owned(), json!(text))],
+            ..Default::default()
+        };
+        docs.write(&id, &node.actor(0), 0, Durability::Durable, |tx| apply_write(tx, &write))
+            .unwrap();
+        assert_eq!(docs.stored(&id).unwrap().unwrap().snapshot, Snapshot::External);
+        set(&docs, &id, &node.actor(0), "small", 1);
+        store.crash(0);
+        let reopened = open(store, node, 32);
+        let fields = reopened.read(&id, document::read).unwrap().unwrap();
+        assert_eq!(fields["text"], json!(text));
+        assert_eq!(fields["small"], json!(1));
+    }
+
+    #[test]
+    fn uncommitted_session_leaves_nothing_behind() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 32);
+        let first = RecordId::parse("c/1").unwrap();
+        let second = RecordId::parse("c/2").unwrap();
+        let write = RecordWrite {
+            set: vec![("a".to_owned(), json!(1))],
+            ..Default::default()
+        };
+        {
+            let mut session = docs.session();
+            session.write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+            session.write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+            // Dropped without commit, as after an error in a bulk load.
+        }
+        assert_eq!(docs.read(&first, document::read).unwrap(), None);
+        assert_eq!(docs.read(&second, document::read).unwrap(), None);
+        let mut session = docs.session();
+        session.write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+        session.write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+        session.commit(Durability::Durable).unwrap();
+        // One session, one atomic batch, then one flush.
+        assert_eq!(store.unflushed_batches(), 0);
+        assert!(docs.read(&second, document::read).unwrap().is_some());
+        assert_eq!(docs.log_entries(&node, 0, 10).unwrap().len(), 2);
     }
 }

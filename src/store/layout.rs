@@ -4,14 +4,14 @@
 //!
 //! | tag | key after the tag | value |
 //! |---|---|---|
-//! | `M` | metadata name | metadata value (node id, next log sequence, sources) |
-//! | `H` | document key | [`DocMeta`]: heads, appended change count, record state |
-//! | `S` | document key | snapshot: the document saved whole |
-//! | `C` | document key, `0x00`, change hash (32 bytes) | one appended change |
+//! | `M` | metadata name | metadata value (node id, sources) |
+//! | `D` | document key | [`StoredDoc`]: heads, record state, snapshot, appended changes |
+//! | `S` | document key | a snapshot too large to keep inside its `D` value |
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
 //!
-//! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]); it holds no
-//! NUL byte, so `C` keys of one document never interleave with another's.
+//! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]). A small
+//! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
+//! per key, so fewer keys is what keeps a record small on disk.
 
 use automerge::ChangeHash;
 use serde::{Deserialize, Serialize};
@@ -20,38 +20,23 @@ use super::StoreError;
 use crate::record::{NodeId, RecordState};
 
 pub const TAG_META: u8 = b'M';
-pub const TAG_HEADS: u8 = b'H';
+pub const TAG_DOC: u8 = b'D';
 pub const TAG_SNAPSHOT: u8 = b'S';
-pub const TAG_CHANGE: u8 = b'C';
 pub const TAG_LOG: u8 = b'L';
 
 pub const META_NODE_ID: &[u8] = b"node_id";
-pub const META_NEXT_LOG_SEQUENCE: &[u8] = b"next_log_sequence";
 pub const META_SOURCE_PREFIX: &[u8] = b"source/";
 
 pub fn meta_key(name: &[u8]) -> Vec<u8> {
     tagged(TAG_META, name)
 }
 
-pub fn heads_key(doc_key: &[u8]) -> Vec<u8> {
-    tagged(TAG_HEADS, doc_key)
+pub fn doc_key(doc: &[u8]) -> Vec<u8> {
+    tagged(TAG_DOC, doc)
 }
 
-pub fn snapshot_key(doc_key: &[u8]) -> Vec<u8> {
-    tagged(TAG_SNAPSHOT, doc_key)
-}
-
-/// Prefix of every appended change of one document.
-pub fn change_prefix(doc_key: &[u8]) -> Vec<u8> {
-    let mut key = tagged(TAG_CHANGE, doc_key);
-    key.push(0);
-    key
-}
-
-pub fn change_key(doc_key: &[u8], hash: &ChangeHash) -> Vec<u8> {
-    let mut key = change_prefix(doc_key);
-    key.extend_from_slice(&hash.0);
-    key
+pub fn snapshot_key(doc: &[u8]) -> Vec<u8> {
+    tagged(TAG_SNAPSHOT, doc)
 }
 
 pub fn log_prefix(origin: &NodeId) -> Vec<u8> {
@@ -80,18 +65,34 @@ fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     key
 }
 
-/// What the store keeps about a document besides its changes.
+/// Where a document's snapshot lives.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DocMeta {
-    /// The document's heads, sorted.
-    pub heads: Vec<[u8; 32]>,
-    /// Changes appended since the last snapshot.
-    pub appended: u32,
-    /// 0: missing, 1: deleted, 2: live.
-    pub state: u8,
+pub enum Snapshot {
+    /// No snapshot yet: the appended changes are the whole document.
+    #[default]
+    None,
+    /// Inside the `D` value.
+    Inline(Vec<u8>),
+    /// Under the `S` key, being larger than [`SNAPSHOT_INLINE_BYTES_MAX`].
+    External,
 }
 
-impl DocMeta {
+/// Largest snapshot kept inside its document's `D` value.
+pub const SNAPSHOT_INLINE_BYTES_MAX: usize = 8 * 1024;
+
+/// Everything the store keeps about one document, in one value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredDoc {
+    /// The document's heads, sorted.
+    pub heads: Vec<[u8; 32]>,
+    /// 0: missing, 1: deleted, 2: live.
+    pub state: u8,
+    pub snapshot: Snapshot,
+    /// Changes appended since the snapshot, each as Automerge encodes a change.
+    pub changes: Vec<Vec<u8>>,
+}
+
+impl StoredDoc {
     pub fn record_state(&self) -> RecordState {
         match self.state {
             1 => RecordState::Deleted,
@@ -100,12 +101,12 @@ impl DocMeta {
         }
     }
 
-    pub fn encode_state(state: RecordState) -> u8 {
-        match state {
+    pub fn set_record_state(&mut self, state: RecordState) {
+        self.state = match state {
             RecordState::Missing => 0,
             RecordState::Deleted => 1,
             RecordState::Live => 2,
-        }
+        };
     }
 
     pub fn change_hashes(&self) -> Vec<ChangeHash> {
@@ -115,6 +116,10 @@ impl DocMeta {
     pub fn set_heads(&mut self, heads: &[ChangeHash]) {
         self.heads = heads.iter().map(|hash| hash.0).collect();
         self.heads.sort_unstable();
+    }
+
+    pub fn appended_bytes(&self) -> usize {
+        self.changes.iter().map(Vec::len).sum()
     }
 }
 

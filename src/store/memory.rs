@@ -88,6 +88,16 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .visible
+            .range(prefix.to_vec()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .last()
+            .map(|(key, value)| (key.clone(), value.clone())))
+    }
+
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let mut state = self.state();
         apply_to(&mut state.visible, batch.clone());

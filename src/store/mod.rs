@@ -22,11 +22,11 @@ mod memory;
 mod sled_store;
 
 pub use documents::{
-    DocStore, DocStoreConfig, Durability, ImportOutcome, StoredRecord, WriteOutcome,
+    DocStore, DocStoreConfig, Durability, ImportOutcome, StoredRecord, WriteOutcome, WriteSession,
     CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
     COMPACT_AFTER_CHANGES_MAX,
 };
-pub use layout::{DocMeta, LogEntry};
+pub use layout::{LogEntry, Snapshot, StoredDoc};
 pub use memory::MemoryStore;
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
@@ -76,6 +76,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError>;
 
+    /// The entry with the greatest key that starts with `prefix`.
+    fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError>;
+
     /// Applies every operation of the batch atomically. Not yet durable.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
 
@@ -99,6 +102,8 @@ pub enum StoreError {
     InvalidDocument(String),
     #[error("this store belongs to node {stored}, not to node {expected}")]
     WrongNode { stored: String, expected: String },
+    #[error("a write session may touch at most {0} documents")]
+    SessionTooLarge(usize),
     #[error("the node already has {0} sources, the most it may have")]
     TooManySources(usize),
     #[error("source name {0:?} is invalid: it must be 1-64 characters of a-z, 0-9, '_', '-', ':' or '.'")]

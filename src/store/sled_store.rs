@@ -55,6 +55,16 @@ impl Store for SledStore {
         Ok(entries)
     }
 
+    fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        match self.db.scan_prefix(prefix).next_back() {
+            Some(entry) => {
+                let (key, value) = entry?;
+                Ok(Some((key.to_vec(), value.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let mut sled_batch = sled::Batch::default();
         for (key, value) in batch.into_operations() {
