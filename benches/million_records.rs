@@ -25,8 +25,10 @@ fn main() {
             .and_then(|index| args.get(index + 1))
             .cloned()
     };
-    let records: usize = flag("--records").map_or(1_000_000, |text| text.parse().expect("--records N"));
-    let updates: usize = flag("--updates").map_or(100_000, |text| text.parse().expect("--updates N"));
+    let records: usize =
+        flag("--records").map_or(1_000_000, |text| text.parse().expect("--records N"));
+    let updates: usize =
+        flag("--updates").map_or(100_000, |text| text.parse().expect("--updates N"));
     match flag("--phase").as_deref() {
         Some("sled") => sled_phase(records),
         Some("concord") => concord_phase(records, updates),
@@ -40,15 +42,32 @@ fn parent(records: usize, updates: usize) {
     let mut results = Vec::new();
     for phase in ["sled", "concord"] {
         let output = Command::new(&exe)
-            .args(["--phase", phase, "--records", &records.to_string(), "--updates", &updates.to_string()])
+            .args([
+                "--phase",
+                phase,
+                "--records",
+                &records.to_string(),
+                "--updates",
+                &updates.to_string(),
+            ])
             .output()
             .expect("child runs");
-        assert!(output.status.success(), "{phase} phase failed: {}", String::from_utf8_lossy(&output.stderr));
-        let line = String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or_default().to_owned();
+        assert!(
+            output.status.success(),
+            "{phase} phase failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let line = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_owned();
         let result: Value = serde_json::from_str(&line).expect("child prints one JSON line");
         results.push(result);
     }
-    println!("| store | records/s | bytes on disk per record | peak RSS (MiB) | one-field updates/s |");
+    println!(
+        "| store | records/s | bytes on disk per record | peak RSS (MiB) | one-field updates/s |"
+    );
     println!("|---|---|---|---|---|");
     for result in &results {
         println!(
@@ -57,7 +76,9 @@ fn parent(records: usize, updates: usize) {
             result["records_per_second"].as_f64().unwrap_or(0.0),
             result["disk_bytes_per_record"].as_f64().unwrap_or(0.0),
             result["peak_rss_mib"].as_f64().unwrap_or(0.0),
-            result["updates_per_second"].as_f64().map_or("-".to_owned(), |v| format!("{v:.0}")),
+            result["updates_per_second"]
+                .as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.0}")),
         );
     }
     let concord_rss = results[1]["peak_rss_mib"].as_f64().unwrap_or(f64::MAX);
@@ -73,7 +94,7 @@ fn record(n: usize) -> Map<String, Value> {
         "name": format!("Customer {n}"),
         "email": format!("customer{n}@example.com"),
         "balance": n % 100_000,
-        "active": n % 3 != 0,
+        "active": !n.is_multiple_of(3),
     });
     value.as_object().expect("object literal").clone()
 }
@@ -92,7 +113,7 @@ fn sled_phase(records: usize) {
         let key = format!("customers/{n}");
         let value = serde_json::to_vec(&record(n)).expect("json");
         batch.insert(key.as_bytes(), value);
-        if (n + 1) % BATCH_RECORDS == 0 || n + 1 == records {
+        if (n + 1).is_multiple_of(BATCH_RECORDS) || n + 1 == records {
             db.apply_batch(std::mem::take(&mut batch)).expect("batch");
             db.flush().expect("flush");
         }
@@ -124,8 +145,9 @@ fn concord_phase(records: usize, updates: usize) {
         let writes: Vec<RecordWrite> = (0..chunk.len())
             .map(|offset| RecordWrite::replace_with(record(chunk_index * BATCH_RECORDS + offset)))
             .collect();
-        node.put_many(chunk.iter().zip(writes.iter())).expect("load");
-        if chunk_index % 100 == 0 {
+        node.put_many(chunk.iter().zip(writes.iter()))
+            .expect("load");
+        if chunk_index.is_multiple_of(100) {
             eprintln!("{} records", chunk_index * BATCH_RECORDS);
         }
     }
@@ -146,7 +168,8 @@ fn concord_phase(records: usize, updates: usize) {
                 (ids[n].clone(), write)
             })
             .collect();
-        node.put_many(writes.iter().map(|(id, write)| (id, write))).expect("update");
+        node.put_many(writes.iter().map(|(id, write)| (id, write)))
+            .expect("update");
         done += count;
     }
     let update_seconds = start.elapsed().as_secs_f64();
@@ -169,7 +192,11 @@ fn dir_bytes(path: &Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(path).expect("read dir").flatten() {
         let meta = entry.metadata().expect("metadata");
-        total += if meta.is_dir() { dir_bytes(&entry.path()) } else { meta.len() };
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())
+        } else {
+            meta.len()
+        };
     }
     total
 }
@@ -179,6 +206,12 @@ fn peak_rss_mib() -> f64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }

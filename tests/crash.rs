@@ -68,7 +68,14 @@ fn acknowledged_writes_survive_sigkill() {
         let batch = 1 + random.below(64);
         let delay = Duration::from_millis(20 + random.below(400));
         let mut child = Command::new(concord_binary())
-            .args(["--data", data.to_str().unwrap(), "load", "items", "--ack", "--batch"])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "load",
+                "items",
+                "--ack",
+                "--batch",
+            ])
             .arg(batch.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -114,24 +121,32 @@ fn acknowledged_writes_survive_sigkill() {
         let acks = acks.lock().unwrap();
         for (offset, line) in acks.iter().enumerate() {
             let n = start + offset as u64;
-            assert_eq!(line, &format!("items/k{}", n % KEYS), "acks arrive in write order");
+            assert_eq!(
+                line,
+                &format!("items/k{}", n % KEYS),
+                "acks arrive in write order"
+            );
             acknowledged.insert(n % KEYS, n);
         }
         total_acknowledged += acks.len();
 
         // The store opens, and every acknowledged write is there (or a later write of the key).
-        let node = Node::open(&data).unwrap_or_else(|error| panic!("seed {seed} round {round}: store does not open: {error}"));
+        let node = Node::open(&data).unwrap_or_else(|error| {
+            panic!("seed {seed} round {round}: store does not open: {error}")
+        });
         for (key, n) in &acknowledged {
             let id = RecordId::parse(&format!("items/k{key}")).unwrap();
-            let fields = node
-                .get(&id)
-                .unwrap()
-                .unwrap_or_else(|| panic!("seed {seed} round {round}: acknowledged items/k{key} (write {n}) is lost"));
+            let fields = node.get(&id).unwrap().unwrap_or_else(|| {
+                panic!("seed {seed} round {round}: acknowledged items/k{key} (write {n}) is lost")
+            });
             let stored = fields["n"].as_u64().unwrap();
             assert!(stored >= *n, "seed {seed} round {round}: items/k{key} holds write {stored}, older than acknowledged {n}");
             assert_eq!(stored % KEYS, *key, "a value written for another key");
         }
     }
     eprintln!("crash test: {rounds} kills, {total_acknowledged} acknowledged writes, all present");
-    assert!(total_acknowledged > 0, "the child acknowledged nothing in {rounds} rounds");
+    assert!(
+        total_acknowledged > 0,
+        "the child acknowledged nothing in {rounds} rounds"
+    );
 }

@@ -153,7 +153,9 @@ impl<S: Store> DocStore<S> {
     fn inner(&self) -> MutexGuard<'_, Inner> {
         // A session that fails forgets what it touched before the guard is released, so a
         // poisoned lock still guards consistent state.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Returns the index of source `name` on this node, registering it (durably) if new.
@@ -218,8 +220,8 @@ impl<S: Store> DocStore<S> {
 
     /// Merges a saved Automerge document (from any implementation) into the record.
     pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<ImportOutcome, StoreError> {
-        let incoming =
-            Automerge::load(bytes).map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+        let incoming = Automerge::load(bytes)
+            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
         let mut session = self.session();
         let outcome = session.merge(id, &incoming)?;
         session.commit(Durability::Durable)?;
@@ -227,7 +229,11 @@ impl<S: Store> DocStore<S> {
     }
 
     /// Reads a document through the cache. A record never written reads as an empty document.
-    pub fn read<T>(&self, id: &RecordId, read: impl FnOnce(&Automerge) -> T) -> Result<T, StoreError> {
+    pub fn read<T>(
+        &self,
+        id: &RecordId,
+        read: impl FnOnce(&Automerge) -> T,
+    ) -> Result<T, StoreError> {
         let mut inner = self.inner();
         let loaded = self.loaded(&mut inner, &id.to_doc_key())?;
         Ok(read(&loaded.doc))
@@ -251,8 +257,9 @@ impl<S: Store> DocStore<S> {
         let mut prefix = vec![layout::TAG_DOC];
         prefix.extend_from_slice(collection.as_str().as_bytes());
         prefix.push(b'/');
-        let after_key = after
-            .map(|key| layout::doc_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key()));
+        let after_key = after.map(|key| {
+            layout::doc_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key())
+        });
         let entries = self
             .store
             .scan_prefix(&prefix, after_key.as_deref(), limit)?;
@@ -279,18 +286,28 @@ impl<S: Store> DocStore<S> {
         self.store
             .scan_prefix(&prefix, Some(&after_key), limit)?
             .into_iter()
-            .map(|(key, value)| Ok((layout::log_sequence(&key)?, layout::decode("log entry", &value)?)))
+            .map(|(key, value)| {
+                Ok((
+                    layout::log_sequence(&key)?,
+                    layout::decode("log entry", &value)?,
+                ))
+            })
             .collect()
     }
 
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<(), StoreError> {
         let ticket = self.group_commit.ticket();
-        self.group_commit.wait_durable(ticket, || self.store.flush())
+        self.group_commit
+            .wait_durable(ticket, || self.store.flush())
     }
 
     /// The cached document for `doc_key`, loading it from the store on a miss.
-    fn loaded<'a>(&self, inner: &'a mut Inner, doc_key: &[u8]) -> Result<&'a mut Loaded, StoreError> {
+    fn loaded<'a>(
+        &self,
+        inner: &'a mut Inner,
+        doc_key: &[u8],
+    ) -> Result<&'a mut Loaded, StoreError> {
         if !inner.cache.contains(doc_key) {
             let loaded = self.load(doc_key)?;
             inner.cache.put(doc_key.to_vec(), loaded);
@@ -328,7 +345,9 @@ impl<S: Store> DocStore<S> {
         let changes = stored
             .changes
             .iter()
-            .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}"))))
+            .map(|bytes| {
+                Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         doc.apply_changes(changes)
             .map_err(|e| corrupt(format!("applying changes: {e}")))?;
@@ -366,14 +385,30 @@ impl<S: Store> WriteSession<'_, S> {
         let (hash, _) = transaction.commit_with(CommitOptions::default().with_time(time_seconds));
         let Some(hash) = hash else {
             let heads = loaded.doc.get_heads();
-            return Ok((value, WriteOutcome { change: None, heads }));
+            return Ok((
+                value,
+                WriteOutcome {
+                    change: None,
+                    heads,
+                },
+            ));
         };
         let heads = self.queue_new_changes(&doc_key, &[hash])?;
-        Ok((value, WriteOutcome { change: Some(hash), heads }))
+        Ok((
+            value,
+            WriteOutcome {
+                change: Some(hash),
+                heads,
+            },
+        ))
     }
 
     /// Merges every change of `incoming` that the document lacks.
-    pub fn merge(&mut self, id: &RecordId, incoming: &Automerge) -> Result<ImportOutcome, StoreError> {
+    pub fn merge(
+        &mut self,
+        id: &RecordId,
+        incoming: &Automerge,
+    ) -> Result<ImportOutcome, StoreError> {
         let doc_key = id.to_doc_key();
         let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
         let before = loaded.doc.get_heads();
@@ -393,7 +428,10 @@ impl<S: Store> WriteSession<'_, S> {
             .collect();
         if new_hashes.is_empty() {
             let heads = loaded.doc.get_heads();
-            return Ok(ImportOutcome { new_changes: 0, heads });
+            return Ok(ImportOutcome {
+                new_changes: 0,
+                heads,
+            });
         }
         let heads = self.queue_new_changes(&doc_key, &new_hashes)?;
         Ok(ImportOutcome {
@@ -416,11 +454,10 @@ impl<S: Store> WriteSession<'_, S> {
             return Err(StoreError::SessionTooLarge(SESSION_DOCUMENTS_MAX));
         }
         let compact_after_changes = self.docs.config.compact_after_changes as usize;
-        let loaded = self
-            .inner
-            .cache
-            .get_mut(doc_key)
-            .expect("the document was loaded into the cache by the caller, under the same lock");
+        let loaded =
+            self.inner.cache.get_mut(doc_key).expect(
+                "the document was loaded into the cache by the caller, under the same lock",
+            );
         let heads = loaded.doc.get_heads();
         let stored = &mut loaded.stored;
         stored.set_heads(&heads);
@@ -431,7 +468,9 @@ impl<S: Store> WriteSession<'_, S> {
             })?;
             stored.changes.push(change.raw_bytes().to_vec());
         }
-        if stored.changes.len() >= compact_after_changes || stored.appended_bytes() >= COMPACT_AFTER_BYTES {
+        if stored.changes.len() >= compact_after_changes
+            || stored.appended_bytes() >= COMPACT_AFTER_BYTES
+        {
             let snapshot = loaded.doc.save();
             stored.changes.clear();
             if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
@@ -444,7 +483,8 @@ impl<S: Store> WriteSession<'_, S> {
                 stored.snapshot = Snapshot::External;
             }
         }
-        self.batch.put(layout::doc_key(doc_key), layout::encode(&*stored));
+        self.batch
+            .put(layout::doc_key(doc_key), layout::encode(&*stored));
         for hash in new_hashes {
             let entry = LogEntry {
                 doc_key: doc_key.to_vec(),
@@ -473,7 +513,8 @@ impl<S: Store> WriteSession<'_, S> {
         let docs = self.docs;
         drop(self);
         if let (Some(ticket), Durability::Durable) = (ticket, durability) {
-            docs.group_commit.wait_durable(ticket, || docs.store.flush())?;
+            docs.group_commit
+                .wait_durable(ticket, || docs.store.flush())?;
         }
         Ok(())
     }
@@ -535,15 +576,9 @@ mod tests {
         .unwrap();
         store.crash(0);
         let reopened = open(store, node, 4);
-        assert_eq!(
-            reopened.read(&ids[0], document::read).unwrap(),
-            None
-        );
+        assert_eq!(reopened.read(&ids[0], document::read).unwrap(), None);
         for id in &ids[1..] {
-            let fields = reopened
-                .read(id, document::read)
-                .unwrap()
-                .unwrap();
+            let fields = reopened.read(id, document::read).unwrap().unwrap();
             assert_eq!(fields.get("n"), Some(&json!(9)));
         }
         let listed = reopened
@@ -585,10 +620,7 @@ mod tests {
         reopened.sync().unwrap();
         store.crash(0);
         let again = open(store, node, 32);
-        assert!(again
-            .read(&id, document::read)
-            .unwrap()
-            .is_some());
+        assert!(again.read(&id, document::read).unwrap().is_some());
     }
 
     #[test]
@@ -637,9 +669,14 @@ mod tests {
             set: vec![("text".to_owned(), json!(text))],
             ..Default::default()
         };
-        docs.write(&id, &node.actor(0), 0, Durability::Durable, |tx| apply_write(tx, &write))
-            .unwrap();
-        assert_eq!(docs.stored(&id).unwrap().unwrap().snapshot, Snapshot::External);
+        docs.write(&id, &node.actor(0), 0, Durability::Durable, |tx| {
+            apply_write(tx, &write)
+        })
+        .unwrap();
+        assert_eq!(
+            docs.stored(&id).unwrap().unwrap().snapshot,
+            Snapshot::External
+        );
         set(&docs, &id, &node.actor(0), "small", 1);
         store.crash(0);
         let reopened = open(store, node, 32);
@@ -661,15 +698,23 @@ mod tests {
         };
         {
             let mut session = docs.session();
-            session.write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
-            session.write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+            session
+                .write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write))
+                .unwrap();
+            session
+                .write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write))
+                .unwrap();
             // Dropped without commit, as after an error in a bulk load.
         }
         assert_eq!(docs.read(&first, document::read).unwrap(), None);
         assert_eq!(docs.read(&second, document::read).unwrap(), None);
         let mut session = docs.session();
-        session.write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
-        session.write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write)).unwrap();
+        session
+            .write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write))
+            .unwrap();
+        session
+            .write(&second, &node.actor(0), 0, |tx| apply_write(tx, &write))
+            .unwrap();
         session.commit(Durability::Durable).unwrap();
         // One session, one atomic batch, then one flush.
         assert_eq!(store.unflushed_batches(), 0);
