@@ -366,13 +366,7 @@ impl Node {
 
     /// The record's Automerge document, saved whole; `NotFound` if it was never written.
     pub fn export(&self, id: &RecordId) -> Result<Vec<u8>, NodeError> {
-        let bytes = self.docs.read(id, |doc| {
-            if doc.get_heads().is_empty() {
-                None
-            } else {
-                Some(doc.save())
-            }
-        })?;
+        let bytes = self.docs.export(id)?;
         bytes.ok_or_else(|| NodeError::NotFound(id.clone()))
     }
 

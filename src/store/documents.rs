@@ -295,11 +295,27 @@ impl<S: Store> DocStore<S> {
             .collect()
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable; returns at once when it already is.
     pub fn sync(&self) -> Result<(), StoreError> {
-        let ticket = self.group_commit.ticket();
+        let ticket = self.group_commit.last_ticket();
         self.group_commit
             .wait_durable(ticket, || self.store.flush())
+    }
+
+    /// The document saved whole, for sending elsewhere; `None` if it was never written.
+    ///
+    /// Only durable changes may leave a node: a change that escaped and was then lost in a
+    /// crash would see its actor's sequence number reused by a different change, which no
+    /// Automerge document can merge. So this makes every write durable first.
+    pub fn export(&self, id: &RecordId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.sync()?;
+        self.read(id, |doc| {
+            if doc.get_heads().is_empty() {
+                None
+            } else {
+                Some(doc.save())
+            }
+        })
     }
 
     /// The cached document for `doc_key`, loading it from the store on a miss.

@@ -38,6 +38,11 @@ impl GroupCommit {
         state.written
     }
 
+    /// The ticket of the last batch applied: waiting for it makes everything so far durable.
+    pub fn last_ticket(&self) -> u64 {
+        self.state().written
+    }
+
     /// Returns once `ticket` is durable, running `flush` if nobody else is.
     pub fn wait_durable(
         &self,
