@@ -404,4 +404,86 @@ mod tests {
         }
         assert!(check_field_name(&"x".repeat(FIELD_NAME_BYTES_MAX + 1)).is_err());
     }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Set(u8, i64),
+        Remove(u8),
+        Delete,
+        Replace(u8, i64),
+    }
+
+    fn op_strategy() -> impl proptest::strategy::Strategy<Value = (usize, Op)> {
+        use proptest::prelude::*;
+        let op = prop_oneof![
+            4 => (0u8..4, any::<i64>()).prop_map(|(f, v)| Op::Set(f, v)),
+            1 => (0u8..4).prop_map(Op::Remove),
+            1 => Just(Op::Delete),
+            1 => (0u8..4, any::<i64>()).prop_map(|(f, v)| Op::Replace(f, v)),
+        ];
+        (0usize..3, op)
+    }
+
+    fn apply(doc: &mut Automerge, op: &Op) {
+        let mut tx = doc.transaction();
+        match op {
+            Op::Set(field, value) | Op::Replace(field, value) => {
+                let write = RecordWrite {
+                    set: vec![(format!("f{field}"), json!(value))],
+                    remove: Vec::new(),
+                    replace: matches!(op, Op::Replace(..)),
+                };
+                apply_write(&mut tx, &write).unwrap();
+            }
+            Op::Remove(field) => {
+                let write = RecordWrite {
+                    remove: vec![format!("f{field}")],
+                    ..Default::default()
+                };
+                apply_write(&mut tx, &write).unwrap();
+            }
+            Op::Delete => {
+                apply_delete(&mut tx).unwrap();
+            }
+        }
+        tx.commit();
+    }
+
+    proptest::proptest! {
+        /// Three sites edit, delete and re-create one record concurrently (with merges along
+        /// the way); every order of merging gives every site the same heads and the same JSON.
+        #[test]
+        fn every_merge_order_converges(
+            ops in proptest::collection::vec(op_strategy(), 1..40),
+            syncs in proptest::collection::vec((0usize..3, 0usize..3, 0usize..40), 0..6),
+        ) {
+            let mut sites: Vec<Automerge> = (0..3u8)
+                .map(|i| Automerge::new().with_actor(ActorId::from(&[i + 1; 18][..])))
+                .collect();
+            for (index, (site, op)) in ops.iter().enumerate() {
+                apply(&mut sites[*site], op);
+                for (from, to, at) in &syncs {
+                    if *at == index && from != to {
+                        let mut source = sites[*from].clone();
+                        sites[*to].merge(&mut source).unwrap();
+                    }
+                }
+            }
+            let orders = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+            let mut outcomes = Vec::new();
+            for order in orders {
+                let mut merged = sites[order[0]].clone();
+                for &next in &order[1..] {
+                    let mut other = sites[next].clone();
+                    merged.merge(&mut other).unwrap();
+                }
+                let mut heads = merged.get_heads();
+                heads.sort();
+                outcomes.push((heads, read(&merged), state(&merged)));
+            }
+            for outcome in &outcomes[1..] {
+                proptest::prop_assert_eq!(outcome, &outcomes[0]);
+            }
+        }
+    }
 }
