@@ -1,0 +1,212 @@
+//! The messages nodes exchange. Field order is the wire order (postcard encodes fields in
+//! declaration order and enum variants by index): never reorder, only append new variants.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ProtoError;
+
+/// A node id: 16 bytes, carried in the node's certificate too.
+pub type NodeIdBytes = [u8; 16];
+/// A cluster id: 16 bytes, the same on every node of one cluster.
+pub type ClusterIdBytes = [u8; 16];
+/// An Automerge change hash.
+pub type HashBytes = [u8; 32];
+
+/// Longest document key (`collection/key`): 64 + 1 + 256 bytes.
+pub const DOC_KEY_BYTES_MAX: usize = 321;
+/// Longest node name.
+pub const NODE_NAME_BYTES_MAX: usize = 64;
+/// Longest free-text detail in a goodbye.
+pub const DETAIL_BYTES_MAX: usize = 1024;
+/// Most origins one summary lists.
+pub const ORIGINS_PER_SUMMARY_MAX: usize = 4096;
+/// Most changes one message carries.
+pub const CHANGES_PER_MESSAGE_MAX: usize = 4096;
+/// Most heads listed for one document.
+pub const HEADS_PER_DOCUMENT_MAX: usize = 1024;
+/// Most ranges one digest message carries.
+pub const RANGES_PER_DIGEST_MAX: usize = 256;
+/// Most documents one heads listing carries.
+pub const DOCUMENTS_PER_HEADS_MAX: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message each way: who I am and which versions I speak.
+    Hello(Hello),
+    /// What I hold of each origin's replication log.
+    Summary(Summary),
+    /// Changes, each with its place in its origin's log.
+    Changes(Changes),
+    /// Send me every change of this document that is not an ancestor of `have`.
+    NeedDocument(NeedDocument),
+    /// The answer to [`Message::NeedDocument`].
+    DocumentChanges(DocumentChanges),
+    /// Fingerprints of (document, heads) over key ranges, for repair.
+    RangeDigest(RangeDigest),
+    /// The heads of each document in a range whose fingerprints differed.
+    DocumentHeads(DocumentHeads),
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    /// The sender is closing the connection, and why.
+    Goodbye(Goodbye),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub cluster: ClusterIdBytes,
+    pub node: NodeIdBytes,
+    pub node_name: String,
+    pub version_min: u16,
+    pub version_max: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginMark {
+    pub origin: NodeIdBytes,
+    /// Every entry of this origin's log up to and including this sequence number is held.
+    pub contiguous: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub origins: Vec<OriginMark>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShippedChange {
+    /// The node that first wrote this change into the cluster, and its place in that node's log.
+    pub origin: NodeIdBytes,
+    pub sequence: u64,
+    pub doc: String,
+    /// The change as Automerge encodes it.
+    pub change: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    pub changes: Vec<ShippedChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeedDocument {
+    pub doc: String,
+    pub have: Vec<HashBytes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentChanges {
+    pub doc: String,
+    pub changes: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestRange {
+    /// First document key of the range (included).
+    pub start: String,
+    /// Document key where the range ends (excluded); empty for the end of the key space.
+    pub end: String,
+    pub count: u64,
+    /// XOR of a hash of (document key, sorted heads) over the range's documents.
+    pub fingerprint: HashBytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDigest {
+    pub ranges: Vec<DigestRange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentHeads {
+    pub documents: Vec<(String, Vec<HashBytes>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GoodbyeReason {
+    Shutdown,
+    WrongCluster,
+    UnsupportedVersion,
+    Malformed,
+    Overloaded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    pub reason: GoodbyeReason,
+    pub detail: String,
+}
+
+fn check_len(what: &str, len: usize, max: usize) -> Result<(), ProtoError> {
+    if len > max {
+        return Err(ProtoError::Malformed(format!(
+            "{what}: {len} is over the limit of {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_doc(doc: &str) -> Result<(), ProtoError> {
+    if doc.is_empty() {
+        return Err(ProtoError::Malformed("empty document key".to_owned()));
+    }
+    check_len("document key bytes", doc.len(), DOC_KEY_BYTES_MAX)
+}
+
+impl Message {
+    /// Checks the limits that the types alone do not say. Decoding calls it.
+    pub fn check(&self) -> Result<(), ProtoError> {
+        match self {
+            Message::Hello(hello) => {
+                check_len(
+                    "node name bytes",
+                    hello.node_name.len(),
+                    NODE_NAME_BYTES_MAX,
+                )?;
+                if hello.version_min > hello.version_max {
+                    return Err(ProtoError::Malformed(
+                        "version_min above version_max".to_owned(),
+                    ));
+                }
+            }
+            Message::Summary(summary) => {
+                check_len("origins", summary.origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
+            }
+            Message::Changes(changes) => {
+                check_len("changes", changes.changes.len(), CHANGES_PER_MESSAGE_MAX)?;
+                for change in &changes.changes {
+                    check_doc(&change.doc)?;
+                }
+            }
+            Message::NeedDocument(need) => {
+                check_doc(&need.doc)?;
+                check_len("heads", need.have.len(), HEADS_PER_DOCUMENT_MAX)?;
+            }
+            Message::DocumentChanges(answer) => {
+                check_doc(&answer.doc)?;
+                check_len("changes", answer.changes.len(), CHANGES_PER_MESSAGE_MAX)?;
+            }
+            Message::RangeDigest(digest) => {
+                check_len("ranges", digest.ranges.len(), RANGES_PER_DIGEST_MAX)?;
+                for range in &digest.ranges {
+                    check_len("range key bytes", range.start.len(), DOC_KEY_BYTES_MAX)?;
+                    check_len("range key bytes", range.end.len(), DOC_KEY_BYTES_MAX)?;
+                }
+            }
+            Message::DocumentHeads(heads) => {
+                check_len("documents", heads.documents.len(), DOCUMENTS_PER_HEADS_MAX)?;
+                for (doc, hashes) in &heads.documents {
+                    check_doc(doc)?;
+                    check_len("heads", hashes.len(), HEADS_PER_DOCUMENT_MAX)?;
+                }
+            }
+            Message::Goodbye(goodbye) => {
+                check_len("detail bytes", goodbye.detail.len(), DETAIL_BYTES_MAX)?;
+            }
+            Message::Ping { .. } | Message::Pong { .. } => {}
+        }
+        Ok(())
+    }
+}
