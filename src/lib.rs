@@ -9,3 +9,4 @@ pub mod config;
 pub mod node;
 pub mod record;
 pub mod store;
+pub mod sync;

@@ -5,6 +5,7 @@
 //! is a session of one, a bulk load is a session of a thousand. A session dropped without
 //! committing forgets the documents it touched, so the cache never runs ahead of the disk.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
 
@@ -28,6 +29,8 @@ pub const COMPACT_AFTER_CHANGES_DEFAULT: u32 = 32;
 pub const COMPACT_AFTER_CHANGES_MAX: u32 = 10_000;
 /// Bytes of appended changes of one document that force a compaction, whatever their count.
 pub const COMPACT_AFTER_BYTES: usize = 16 * 1024;
+/// Entries read from the store per page when scanning.
+pub const SCAN_PAGE_ENTRIES: usize = 512;
 /// Most documents one write session may touch.
 pub const SESSION_DOCUMENTS_MAX: usize = 100_000;
 
@@ -78,18 +81,65 @@ pub struct StoredRecord {
     pub stored: StoredDoc,
 }
 
-struct Loaded {
-    doc: Automerge,
-    stored: StoredDoc,
+pub(super) struct Loaded {
+    pub(super) doc: Automerge,
+    pub(super) stored: StoredDoc,
 }
 
-struct Inner {
-    cache: LruCache<Vec<u8>, Loaded>,
-    next_log_sequence: u64,
+pub(super) struct Inner {
+    pub(super) cache: LruCache<Vec<u8>, Loaded>,
+    pub(super) next_log_sequence: u64,
+    /// How much of each origin's log this store holds.
+    pub(super) origins: BTreeMap<NodeId, OriginProgress>,
+}
+
+/// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginProgress {
+    pub contiguous: u64,
+    pub above: BTreeSet<u64>,
+}
+
+/// Most sequence numbers tracked above a gap, per origin. Past it the highest are forgotten:
+/// they stay in the log, only the contiguous mark may lag, so peers send them again.
+pub const GAP_SEQUENCES_TRACKED_MAX: usize = 100_000;
+
+impl OriginProgress {
+    pub fn holds(&self, sequence: u64) -> bool {
+        sequence <= self.contiguous || self.above.contains(&sequence)
+    }
+
+    pub fn insert(&mut self, sequence: u64) {
+        if sequence <= self.contiguous {
+            return;
+        }
+        if sequence == self.contiguous + 1 {
+            self.contiguous = sequence;
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        } else {
+            self.above.insert(sequence);
+            if self.above.len() > GAP_SEQUENCES_TRACKED_MAX {
+                self.above.pop_last();
+            }
+        }
+    }
+}
+
+/// Where a change goes in the replication log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LogPlace {
+    /// Written here: the next sequence number of this node's own log.
+    Local,
+    /// Received with its place in its origin's log.
+    Remote { origin: NodeId, sequence: u64 },
+    /// Received without a place (a dependency fetched directly); its place arrives later.
+    Unlogged,
 }
 
 pub struct DocStore<S: Store> {
-    store: S,
+    pub(super) store: S,
     node: NodeId,
     config: DocStoreConfig,
     inner: Mutex<Inner>,
@@ -98,11 +148,13 @@ pub struct DocStore<S: Store> {
 
 /// Edits to many documents, committed as one atomic batch. Holds the store's lock.
 pub struct WriteSession<'a, S: Store> {
-    docs: &'a DocStore<S>,
-    inner: MutexGuard<'a, Inner>,
+    pub(super) docs: &'a DocStore<S>,
+    pub(super) inner: MutexGuard<'a, Inner>,
     batch: Batch,
     touched: Vec<Vec<u8>>,
     next_log_sequence: u64,
+    /// Log places queued in this session, applied to `Inner::origins` on commit.
+    pub(super) places: Vec<(NodeId, u64)>,
 }
 
 impl<S: Store> DocStore<S> {
@@ -124,8 +176,9 @@ impl<S: Store> DocStore<S> {
                 store.flush()?;
             }
         }
-        // The log's last entry of this node says where its sequence continues; no counter is
-        // rewritten on every write.
+        // The log says where this node's sequence continues and how much of every origin is
+        // held; no counter is rewritten on every write.
+        let origins = scan_origins(&store)?;
         let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&node))? {
             Some((key, _)) => layout::log_sequence(&key)? + 1,
             None => 1,
@@ -136,6 +189,7 @@ impl<S: Store> DocStore<S> {
             inner: Mutex::new(Inner {
                 cache: LruCache::new(config.cache_documents),
                 next_log_sequence,
+                origins,
             }),
             config,
             group_commit: GroupCommit::default(),
@@ -150,7 +204,7 @@ impl<S: Store> DocStore<S> {
         &self.store
     }
 
-    fn inner(&self) -> MutexGuard<'_, Inner> {
+    pub(super) fn inner(&self) -> MutexGuard<'_, Inner> {
         // A session that fails forgets what it touched before the guard is released, so a
         // poisoned lock still guards consistent state.
         self.inner
@@ -200,6 +254,7 @@ impl<S: Store> DocStore<S> {
             batch: Batch::default(),
             touched: Vec::new(),
             next_log_sequence,
+            places: Vec::new(),
         }
     }
 
@@ -319,7 +374,7 @@ impl<S: Store> DocStore<S> {
     }
 
     /// The cached document for `doc_key`, loading it from the store on a miss.
-    fn loaded<'a>(
+    pub(super) fn loaded<'a>(
         &self,
         inner: &'a mut Inner,
         doc_key: &[u8],
@@ -377,6 +432,26 @@ impl<S: Store> DocStore<S> {
     }
 }
 
+/// Reads the whole log once, paged, to learn how much of each origin is held.
+fn scan_origins<S: Store>(store: &S) -> Result<BTreeMap<NodeId, OriginProgress>, StoreError> {
+    let mut origins: BTreeMap<NodeId, OriginProgress> = BTreeMap::new();
+    let prefix = [layout::TAG_LOG];
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+        let full = page.len() == SCAN_PAGE_ENTRIES;
+        after = page.last().map(|(key, _)| key.clone());
+        for (key, _) in page {
+            let origin = layout::log_origin(&key)?;
+            let sequence = layout::log_sequence(&key)?;
+            origins.entry(origin).or_default().insert(sequence);
+        }
+        if !full {
+            return Ok(origins);
+        }
+    }
+}
+
 impl<S: Store> WriteSession<'_, S> {
     /// Runs `edit` inside an Automerge transaction on the document, as `actor`. If `edit`
     /// fails, the document is left as it was and nothing is queued.
@@ -409,7 +484,7 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
-        let heads = self.queue_new_changes(&doc_key, &[hash])?;
+        let heads = self.queue_new_changes(&doc_key, &[hash], LogPlace::Local)?;
         Ok((
             value,
             WriteOutcome {
@@ -449,7 +524,7 @@ impl<S: Store> WriteSession<'_, S> {
                 heads,
             });
         }
-        let heads = self.queue_new_changes(&doc_key, &new_hashes)?;
+        let heads = self.queue_new_changes(&doc_key, &new_hashes, LogPlace::Local)?;
         Ok(ImportOutcome {
             new_changes: new_hashes.len(),
             heads,
@@ -458,14 +533,13 @@ impl<S: Store> WriteSession<'_, S> {
 
     /// Queues the changes `new_hashes`, already applied to the cached document, with the
     /// document's new stored form and their log entries, compacting when due.
-    fn queue_new_changes(
+    pub(super) fn queue_new_changes(
         &mut self,
         doc_key: &[u8],
         new_hashes: &[ChangeHash],
+        place: LogPlace,
     ) -> Result<Vec<ChangeHash>, StoreError> {
-        if self.touched.last().map(Vec::as_slice) != Some(doc_key) {
-            self.touched.push(doc_key.to_vec());
-        }
+        self.mark_touched(doc_key);
         if self.touched.len() > SESSION_DOCUMENTS_MAX {
             return Err(StoreError::SessionTooLarge(SESSION_DOCUMENTS_MAX));
         }
@@ -502,17 +576,45 @@ impl<S: Store> WriteSession<'_, S> {
         self.batch
             .put(layout::doc_key(doc_key), layout::encode(&*stored));
         for hash in new_hashes {
-            let entry = LogEntry {
-                doc_key: doc_key.to_vec(),
-                hash: hash.0,
-            };
-            self.batch.put(
-                layout::log_key(&self.docs.node, self.next_log_sequence),
-                layout::encode(&entry),
-            );
-            self.next_log_sequence += 1;
+            self.queue_log_entry(doc_key, hash, place);
         }
         Ok(heads)
+    }
+
+    /// Notes that the cached document `doc_key` is (about to be) changed by this session.
+    pub(super) fn mark_touched(&mut self, doc_key: &[u8]) {
+        if self.touched.last().map(Vec::as_slice) != Some(doc_key) {
+            self.touched.push(doc_key.to_vec());
+        }
+    }
+
+    /// Queues one log entry for `hash` of `doc_key` at `place`.
+    pub(super) fn queue_log_entry(&mut self, doc_key: &[u8], hash: &ChangeHash, place: LogPlace) {
+        let (origin, sequence) = match place {
+            LogPlace::Unlogged => return,
+            LogPlace::Local => {
+                let sequence = self.next_log_sequence;
+                self.next_log_sequence += 1;
+                (self.docs.node, sequence)
+            }
+            LogPlace::Remote { origin, sequence } => (origin, sequence),
+        };
+        let entry = LogEntry {
+            doc_key: doc_key.to_vec(),
+            hash: hash.0,
+        };
+        self.batch
+            .put(layout::log_key(&origin, sequence), layout::encode(&entry));
+        self.places.push((origin, sequence));
+    }
+
+    /// Whether the log holds `(origin, sequence)`, counting this session's queued entries.
+    pub(super) fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
+        self.inner
+            .origins
+            .get(origin)
+            .is_some_and(|progress| progress.holds(sequence))
+            || self.places.contains(&(*origin, sequence))
     }
 
     /// Applies everything queued as one atomic batch, then waits as `durability` says.
@@ -523,6 +625,13 @@ impl<S: Store> WriteSession<'_, S> {
         } else {
             self.docs.store.apply(batch)?;
             self.inner.next_log_sequence = self.next_log_sequence;
+            for (origin, sequence) in std::mem::take(&mut self.places) {
+                self.inner
+                    .origins
+                    .entry(origin)
+                    .or_default()
+                    .insert(sequence);
+            }
             Some(self.docs.group_commit.ticket())
         };
         self.touched.clear();

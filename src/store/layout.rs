@@ -49,6 +49,15 @@ pub fn log_key(origin: &NodeId, sequence: u64) -> Vec<u8> {
     key
 }
 
+/// The origin node of a log key.
+pub fn log_origin(key: &[u8]) -> Result<NodeId, StoreError> {
+    let bytes: [u8; 16] = key
+        .get(1..17)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("log key {key:?} is too short")))?;
+    Ok(NodeId(bytes))
+}
+
 /// The sequence number at the end of a log key.
 pub fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
     let tail: [u8; 8] = key

@@ -19,15 +19,17 @@ mod documents;
 mod group_commit;
 pub mod layout;
 mod memory;
+mod replication;
 mod sled_store;
 
 pub use documents::{
-    DocStore, DocStoreConfig, Durability, ImportOutcome, StoredRecord, WriteOutcome, WriteSession,
-    CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
-    COMPACT_AFTER_CHANGES_MAX,
+    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord,
+    WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX,
+    COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX,
 };
 pub use layout::{LogEntry, Snapshot, StoredDoc};
 pub use memory::MemoryStore;
+pub use replication::{ApplyReport, LoggedChange};
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
 use crate::record::RecordError;

@@ -1,0 +1,240 @@
+//! What replication asks of the document store: the log by origin, and applying changes that
+//! arrive from peers.
+//!
+//! Guarantees: a remote change is logged at the place its origin gave it; a change already held
+//! (same hash) is not applied twice, only its log place is recorded, so the origin's mark can
+//! advance; a change whose dependencies are missing is handed back, never applied and never
+//! logged, so it is asked for again rather than lost; everything applied is durable before
+//! [`DocStore::apply_remote`] returns, so it can be relayed at once.
+
+use automerge::{Change, ChangeHash, ReadDoc};
+
+use super::documents::LogPlace;
+use super::layout;
+use super::{DocStore, Durability, Store, StoreError};
+use crate::record::{NodeId, RecordId};
+
+/// One change with its place in its origin's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedChange {
+    pub origin: NodeId,
+    pub sequence: u64,
+    pub doc_key: Vec<u8>,
+    /// The change in Automerge's binary change format.
+    pub change: Vec<u8>,
+}
+
+/// What became of a batch of remote changes.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// New here: applied and logged (relay these).
+    pub applied: Vec<LoggedChange>,
+    /// Already held: by log place, or by hash (then only the log place was recorded).
+    pub duplicates: usize,
+    /// Dependencies not here yet: nothing was written for these.
+    pub missing_dependencies: Vec<LoggedChange>,
+    /// Not a valid change or document key, with the reason.
+    pub invalid: Vec<(LoggedChange, String)>,
+}
+
+impl<S: Store> DocStore<S> {
+    /// For every origin held, the sequence up to which its whole log is held.
+    pub fn origin_marks(&self) -> Vec<(NodeId, u64)> {
+        self.inner()
+            .origins
+            .iter()
+            .map(|(origin, progress)| (*origin, progress.contiguous))
+            .collect()
+    }
+
+    /// Up to `limit` entries of `origin`'s log after `after`, with their change bytes.
+    pub fn log_after(
+        &self,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError> {
+        let entries = self.log_entries(origin, after, limit)?;
+        let mut inner = self.inner();
+        let mut changes = Vec::with_capacity(entries.len());
+        for (sequence, entry) in entries {
+            let loaded = self.loaded(&mut inner, &entry.doc_key)?;
+            let change = loaded
+                .doc
+                .get_change_by_hash(&ChangeHash(entry.hash))
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "log entry {origin}:{sequence} names a change its document lacks"
+                    ))
+                })?;
+            changes.push(LoggedChange {
+                origin: *origin,
+                sequence,
+                doc_key: entry.doc_key,
+                change: change.raw_bytes().to_vec(),
+            });
+        }
+        Ok(changes)
+    }
+
+    /// Applies changes received from a peer, durably, and says what became of each.
+    pub fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError> {
+        let mut report = ApplyReport::default();
+        let mut session = self.session();
+        for logged in changes {
+            if session.log_holds(&logged.origin, logged.sequence) {
+                report.duplicates += 1;
+                continue;
+            }
+            if let Err(error) = RecordId::from_doc_key(&logged.doc_key) {
+                report.invalid.push((logged, error.to_string()));
+                continue;
+            }
+            let change = match Change::from_bytes(logged.change.clone()) {
+                Ok(change) => change,
+                Err(error) => {
+                    report.invalid.push((logged, error.to_string()));
+                    continue;
+                }
+            };
+            let hash = change.hash();
+            let place = LogPlace::Remote {
+                origin: logged.origin,
+                sequence: logged.sequence,
+            };
+            let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
+            if loaded.doc.get_change_by_hash(&hash).is_some() {
+                session.queue_log_entry(&logged.doc_key, &hash, place);
+                report.duplicates += 1;
+                continue;
+            }
+            let missing = change
+                .deps()
+                .iter()
+                .any(|dependency| loaded.doc.get_change_by_hash(dependency).is_none());
+            if missing {
+                report.missing_dependencies.push(logged);
+                continue;
+            }
+            session.mark_touched(&logged.doc_key);
+            let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
+            if let Err(error) = loaded.doc.apply_changes([change]) {
+                report.invalid.push((logged, error.to_string()));
+                continue;
+            }
+            session.queue_new_changes(&logged.doc_key, &[hash], place)?;
+            report.applied.push(logged);
+        }
+        session.commit(Durability::Durable)?;
+        Ok(report)
+    }
+
+    /// Changes of a document that are not ancestors of `have` (hashes it does not know are
+    /// ignored), at most `limit`.
+    pub fn document_changes(
+        &self,
+        doc_key: &[u8],
+        have: &[ChangeHash],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut inner = self.inner();
+        let loaded = self.loaded(&mut inner, doc_key)?;
+        let known: Vec<ChangeHash> = have
+            .iter()
+            .filter(|hash| loaded.doc.get_change_by_hash(hash).is_some())
+            .copied()
+            .collect();
+        Ok(loaded
+            .doc
+            .get_changes(&known)
+            .iter()
+            .take(limit)
+            .map(|change| change.raw_bytes().to_vec())
+            .collect())
+    }
+
+    /// Applies changes fetched for a document outside the log (dependencies asked for), in
+    /// any order: each is applied once its dependencies are. Returns how many were new.
+    pub fn apply_unlogged(
+        &self,
+        doc_key: &[u8],
+        changes: Vec<Vec<u8>>,
+    ) -> Result<usize, StoreError> {
+        if RecordId::from_doc_key(doc_key).is_err() {
+            return Err(StoreError::InvalidDocument(format!(
+                "{:?} is not a record id",
+                String::from_utf8_lossy(doc_key)
+            )));
+        }
+        let mut parsed = Vec::with_capacity(changes.len());
+        for bytes in changes {
+            parsed.push(
+                Change::from_bytes(bytes)
+                    .map_err(|error| StoreError::InvalidDocument(error.to_string()))?,
+            );
+        }
+        let mut session = self.session();
+        session.mark_touched(doc_key);
+        let loaded = self.loaded(&mut session.inner, doc_key)?;
+        let before = loaded.doc.get_heads();
+        let new: Vec<Change> = parsed
+            .into_iter()
+            .filter(|change| loaded.doc.get_change_by_hash(&change.hash()).is_none())
+            .collect();
+        // Only changes whose dependencies are all present (or among these) are applied;
+        // Automerge would queue the rest in memory, where a crash or an eviction loses them.
+        let mut ready = Vec::new();
+        let mut pending = new;
+        loop {
+            let (now_ready, still): (Vec<Change>, Vec<Change>) =
+                pending.into_iter().partition(|change| {
+                    change.deps().iter().all(|dependency| {
+                        loaded.doc.get_change_by_hash(dependency).is_some()
+                            || ready.iter().any(|done: &Change| done.hash() == *dependency)
+                    })
+                });
+            pending = still;
+            if now_ready.is_empty() {
+                break;
+            }
+            ready.extend(now_ready);
+        }
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        loaded
+            .doc
+            .apply_changes(ready)
+            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
+        let new_hashes: Vec<ChangeHash> = loaded
+            .doc
+            .get_changes(&before)
+            .iter()
+            .map(Change::hash)
+            .collect();
+        let count = new_hashes.len();
+        session.queue_new_changes(doc_key, &new_hashes, LogPlace::Unlogged)?;
+        session.commit(Durability::Durable)?;
+        Ok(count)
+    }
+
+    /// A document's heads (empty if never written).
+    pub fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
+        let mut inner = self.inner();
+        Ok(self.loaded(&mut inner, doc_key)?.doc.get_heads())
+    }
+
+    /// The document key stored under a log entry, for checks and tests.
+    pub fn log_document(
+        &self,
+        origin: &NodeId,
+        sequence: u64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .backend()
+            .get(&layout::log_key(origin, sequence))?
+            .map(|bytes| layout::decode::<layout::LogEntry>("log entry", &bytes))
+            .transpose()?
+            .map(|entry| entry.doc_key))
+    }
+}

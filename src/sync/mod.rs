@@ -1,0 +1,625 @@
+//! Replication engine: a sans-IO state machine.
+//!
+//! It takes events — a peer connected or went away, a message arrived, local changes were
+//! written, a timer fired — and returns actions: messages to send, connections to close,
+//! changes applied. It owns no socket, no clock and no random source: time is an argument
+//! (`now`, a duration since any fixed epoch), the network is the caller's, and the store is
+//! reached through [`Replica`]. The same code runs under QUIC in production and under the
+//! simulator.
+//!
+//! How peers catch up (`proto/PROTOCOL.md` has the wire side): every change has a place
+//! (origin node, sequence) in its origin's log. After the handshake, and every
+//! `summary_interval`, each side sends a `Summary` of how much of each origin's log it holds;
+//! the other streams what is missing, a bounded number of messages per event. New changes,
+//! local or received, are pushed at once to every peer that is up to date for their origin;
+//! a peer that is behind gets them through catch-up. Guarantees:
+//!
+//! - nothing is sent that is not durable (the store applies remote changes durably, and local
+//!   changes reach the engine only after their write was acknowledged);
+//! - a change whose dependencies are missing is never applied nor logged: it is held (bounded)
+//!   while its document is fetched; if it cannot be held, it is sent again, because the log mark
+//!   that the peer sees in the next summary did not move;
+//! - duplicates, by log place or by hash, change nothing;
+//! - a peer that sends a malformed message is disconnected; others are unaffected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use automerge::ChangeHash;
+use concord_proto::{
+    Changes, DocumentChanges, Goodbye, GoodbyeReason, Hello, Message, NeedDocument, OriginMark,
+    ShippedChange, Summary, CHANGES_PER_MESSAGE_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+};
+
+use crate::record::NodeId;
+use crate::store::{ApplyReport, DocStore, LoggedChange, Store, StoreError};
+
+/// Where the engine defaults come from: a summary a second keeps repair latency low while
+/// costing a few dozen bytes per origin per peer.
+pub const SUMMARY_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+/// Changes per `Changes` message: large enough to amortise framing, small enough that one
+/// message of small records stays far below the frame limit.
+pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
+/// Catch-up messages produced per peer per event, so one event never builds an unbounded
+/// backlog; the shell asks for more when the peer's queue drains.
+pub const CATCH_UP_MESSAGES_PER_EVENT: usize = 8;
+/// Changes held waiting for their dependencies, over all documents.
+pub const HELD_CHANGES_MAX: usize = 10_000;
+
+/// The store side of replication. [`DocStore`] is the implementation; tests and the simulator
+/// use it over a memory store.
+pub trait Replica {
+    fn origin_marks(&self) -> Vec<(NodeId, u64)>;
+    fn log_after(
+        &self,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError>;
+    fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError>;
+    fn document_changes(
+        &self,
+        doc_key: &[u8],
+        have: &[ChangeHash],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError>;
+    fn apply_unlogged(&self, doc_key: &[u8], changes: Vec<Vec<u8>>) -> Result<usize, StoreError>;
+    fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
+}
+
+impl<S: Store> Replica for DocStore<S> {
+    fn origin_marks(&self) -> Vec<(NodeId, u64)> {
+        DocStore::origin_marks(self)
+    }
+    fn log_after(
+        &self,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError> {
+        DocStore::log_after(self, origin, after, limit)
+    }
+    fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError> {
+        DocStore::apply_remote(self, changes)
+    }
+    fn document_changes(
+        &self,
+        doc_key: &[u8],
+        have: &[ChangeHash],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        DocStore::document_changes(self, doc_key, have, limit)
+    }
+    fn apply_unlogged(&self, doc_key: &[u8], changes: Vec<Vec<u8>>) -> Result<usize, StoreError> {
+        DocStore::apply_unlogged(self, doc_key, changes)
+    }
+    fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
+        DocStore::heads(self, doc_key)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster: [u8; 16],
+    pub node: NodeId,
+    pub node_name: String,
+    pub summary_interval: Duration,
+    pub changes_per_message: usize,
+}
+
+impl Config {
+    pub fn new(cluster: [u8; 16], node: NodeId, node_name: &str) -> Self {
+        Self {
+            cluster,
+            node,
+            node_name: node_name.to_owned(),
+            summary_interval: SUMMARY_INTERVAL_DEFAULT,
+            changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// A connection to `peer` is up (its node id was authenticated by the transport).
+    PeerConnected(NodeId),
+    PeerDisconnected(NodeId),
+    Received(NodeId, Message),
+    /// Changes written on this node, durable, with their log places.
+    LocalChanges(Vec<LoggedChange>),
+    /// The peer's outgoing queue has room again: continue its catch-up.
+    PeerWritable(NodeId),
+    /// The time asked for by [`Engine::poll_timeout`] has come.
+    Timeout,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send(NodeId, Message),
+    /// Send the goodbye, then close the connection.
+    Disconnect(NodeId, Goodbye),
+    /// Changes that arrived from `from` and were applied here.
+    Applied {
+        from: NodeId,
+        changes: Vec<LoggedChange>,
+    },
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub changes_applied: u64,
+    pub duplicates: u64,
+    pub held: u64,
+    pub held_dropped: u64,
+    pub messages_sent: u64,
+    pub malformed: u64,
+}
+
+#[derive(Debug, Default)]
+struct Peer {
+    ready: bool,
+    /// Per origin: the peer holds, or was sent, every entry up to this sequence.
+    sent: BTreeMap<NodeId, u64>,
+    /// `sent` as it was at the previous summary from the peer.
+    sent_at_last_summary: BTreeMap<NodeId, u64>,
+    /// Origins whose log this peer is being streamed from the store.
+    catching_up: BTreeSet<NodeId>,
+    /// The peer's last reported marks, for lag.
+    reported: BTreeMap<NodeId, u64>,
+}
+
+pub struct Engine {
+    config: Config,
+    peers: BTreeMap<NodeId, Peer>,
+    held: BTreeMap<Vec<u8>, Vec<(NodeId, LoggedChange)>>,
+    held_count: usize,
+    next_summary: Option<Duration>,
+    stats: Stats,
+}
+
+fn shipped(change: &LoggedChange) -> ShippedChange {
+    ShippedChange {
+        origin: change.origin.0,
+        sequence: change.sequence,
+        doc: String::from_utf8_lossy(&change.doc_key).into_owned(),
+        change: change.change.clone(),
+    }
+}
+
+fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
+    let mut detail = detail.into();
+    detail.truncate(concord_proto::DETAIL_BYTES_MAX);
+    Goodbye { reason, detail }
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Self {
+        assert!(
+            config.changes_per_message > 0 && config.changes_per_message <= CHANGES_PER_MESSAGE_MAX
+        );
+        Self {
+            config,
+            peers: BTreeMap::new(),
+            held: BTreeMap::new(),
+            held_count: 0,
+            next_summary: None,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Peers whose handshake completed.
+    pub fn ready_peers(&self) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, peer)| peer.ready)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// How many log entries `peer` lacks by its last summary, over all origins held here.
+    pub fn lag(&self, peer: &NodeId, marks: &[(NodeId, u64)]) -> Option<u64> {
+        let peer = self.peers.get(peer)?;
+        Some(
+            marks
+                .iter()
+                .map(|(origin, mark)| {
+                    mark.saturating_sub(peer.reported.get(origin).copied().unwrap_or(0))
+                })
+                .sum(),
+        )
+    }
+
+    /// When the engine next wants [`Event::Timeout`].
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.next_summary
+    }
+
+    /// Handles one event at time `now`.
+    pub fn handle(
+        &mut self,
+        now: Duration,
+        event: Event,
+        replica: &impl Replica,
+    ) -> Result<Vec<Action>, StoreError> {
+        let mut actions = Vec::new();
+        if self.next_summary.is_none() {
+            self.next_summary = Some(now + self.config.summary_interval);
+        }
+        match event {
+            Event::PeerConnected(peer) => {
+                self.peers.insert(peer, Peer::default());
+                let hello = Message::Hello(Hello {
+                    cluster: self.config.cluster,
+                    node: self.config.node.0,
+                    node_name: self.config.node_name.clone(),
+                    version_min: PROTOCOL_VERSION_MIN,
+                    version_max: PROTOCOL_VERSION,
+                });
+                self.send(&mut actions, peer, hello);
+            }
+            Event::PeerDisconnected(peer) => {
+                self.peers.remove(&peer);
+            }
+            Event::Received(peer, message) => self.receive(peer, message, replica, &mut actions)?,
+            Event::LocalChanges(changes) => self.push(&changes, None, replica, &mut actions)?,
+            Event::PeerWritable(peer) => self.drive_catch_up(peer, replica, &mut actions)?,
+            Event::Timeout => {
+                if self.next_summary.is_some_and(|due| now >= due) {
+                    self.next_summary = Some(now + self.config.summary_interval);
+                    let summary = self.summary(replica);
+                    for peer in self.ready_peers() {
+                        self.send(&mut actions, peer, summary.clone());
+                    }
+                }
+                for peer in self.ready_peers() {
+                    self.drive_catch_up(peer, replica, &mut actions)?;
+                }
+            }
+        }
+        Ok(actions)
+    }
+
+    fn send(&mut self, actions: &mut Vec<Action>, peer: NodeId, message: Message) {
+        self.stats.messages_sent += 1;
+        if let Message::Changes(changes) = &message {
+            self.stats.changes_sent += changes.changes.len() as u64;
+        }
+        actions.push(Action::Send(peer, message));
+    }
+
+    fn disconnect(
+        &mut self,
+        actions: &mut Vec<Action>,
+        peer: NodeId,
+        reason: GoodbyeReason,
+        detail: String,
+    ) {
+        if reason == GoodbyeReason::Malformed {
+            self.stats.malformed += 1;
+        }
+        self.peers.remove(&peer);
+        actions.push(Action::Disconnect(peer, goodbye(reason, detail)));
+    }
+
+    fn summary(&self, replica: &impl Replica) -> Message {
+        Message::Summary(Summary {
+            origins: replica
+                .origin_marks()
+                .into_iter()
+                .map(|(origin, contiguous)| OriginMark {
+                    origin: origin.0,
+                    contiguous,
+                })
+                .collect(),
+        })
+    }
+
+    fn receive(
+        &mut self,
+        peer: NodeId,
+        message: Message,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let Some(state) = self.peers.get(&peer) else {
+            return Ok(());
+        };
+        if let Err(error) = message.check() {
+            self.disconnect(actions, peer, GoodbyeReason::Malformed, error.to_string());
+            return Ok(());
+        }
+        let ready = state.ready;
+        match message {
+            Message::Hello(hello) => {
+                if ready {
+                    self.disconnect(
+                        actions,
+                        peer,
+                        GoodbyeReason::Malformed,
+                        "a second hello".to_owned(),
+                    );
+                } else if hello.cluster != self.config.cluster {
+                    self.disconnect(
+                        actions,
+                        peer,
+                        GoodbyeReason::WrongCluster,
+                        "cluster id differs".to_owned(),
+                    );
+                } else if hello.version_min > PROTOCOL_VERSION
+                    || hello.version_max < PROTOCOL_VERSION_MIN
+                {
+                    self.disconnect(
+                        actions,
+                        peer,
+                        GoodbyeReason::UnsupportedVersion,
+                        format!("this node speaks {PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION}"),
+                    );
+                } else if hello.node != peer.0 {
+                    self.disconnect(
+                        actions,
+                        peer,
+                        GoodbyeReason::Malformed,
+                        "node id differs from the certificate".to_owned(),
+                    );
+                } else {
+                    if let Some(state) = self.peers.get_mut(&peer) {
+                        state.ready = true;
+                    }
+                    let summary = self.summary(replica);
+                    self.send(actions, peer, summary);
+                }
+            }
+            _ if !ready => {
+                self.disconnect(
+                    actions,
+                    peer,
+                    GoodbyeReason::Malformed,
+                    "message before hello".to_owned(),
+                );
+            }
+            Message::Summary(summary) => self.receive_summary(peer, summary, replica, actions)?,
+            Message::Changes(changes) => self.receive_changes(peer, changes, replica, actions)?,
+            Message::NeedDocument(need) => {
+                let have: Vec<ChangeHash> =
+                    need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+                let changes = replica.document_changes(
+                    need.doc.as_bytes(),
+                    &have,
+                    CHANGES_PER_MESSAGE_MAX,
+                )?;
+                self.send(
+                    actions,
+                    peer,
+                    Message::DocumentChanges(DocumentChanges {
+                        doc: need.doc,
+                        changes,
+                    }),
+                );
+            }
+            Message::DocumentChanges(answer) => {
+                match replica.apply_unlogged(answer.doc.as_bytes(), answer.changes) {
+                    Ok(_) => {}
+                    Err(StoreError::InvalidDocument(detail)) => {
+                        self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
+                        return Ok(());
+                    }
+                    Err(error) => return Err(error),
+                }
+                if let Some(held) = self.held.remove(answer.doc.as_bytes()) {
+                    self.held_count -= held.len();
+                    for (from, change) in held {
+                        self.apply_and_relay(from, vec![change], replica, actions)?;
+                    }
+                }
+            }
+            Message::Ping { nonce } => self.send(actions, peer, Message::Pong { nonce }),
+            Message::Pong { .. } => {}
+            Message::Goodbye(_) => {
+                self.peers.remove(&peer);
+            }
+            // Range repair is answered once the digest lands; until then it changes nothing.
+            Message::RangeDigest(_) | Message::DocumentHeads(_) => {}
+        }
+        Ok(())
+    }
+
+    fn receive_summary(
+        &mut self,
+        peer: NodeId,
+        summary: Summary,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let marks = replica.origin_marks();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(());
+        };
+        let reported: BTreeMap<NodeId, u64> = summary
+            .origins
+            .iter()
+            .map(|mark| (NodeId(mark.origin), mark.contiguous))
+            .collect();
+        for (origin, theirs) in &reported {
+            let sent = state.sent.entry(*origin).or_insert(0);
+            let sent_before = state.sent_at_last_summary.get(origin).copied().unwrap_or(0);
+            // Anything sent a whole summary ago that the peer still does not hold was not
+            // taken (held for dependencies and dropped, or lost): send again from its mark.
+            if *theirs < sent_before || *theirs > *sent {
+                *sent = *theirs;
+            }
+        }
+        for (origin, mine) in &marks {
+            let sent = state.sent.entry(*origin).or_insert(0);
+            if *sent < *mine {
+                state.catching_up.insert(*origin);
+            }
+        }
+        state.sent_at_last_summary = state.sent.clone();
+        state.reported = reported;
+        self.drive_catch_up(peer, replica, actions)
+    }
+
+    fn receive_changes(
+        &mut self,
+        peer: NodeId,
+        changes: Changes,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        self.stats.changes_received += changes.changes.len() as u64;
+        let mut logged = Vec::with_capacity(changes.changes.len());
+        if let Some(state) = self.peers.get_mut(&peer) {
+            for change in changes.changes {
+                let origin = NodeId(change.origin);
+                // The sender holds it: never echo it back.
+                let sent = state.sent.entry(origin).or_insert(0);
+                if change.sequence == *sent + 1 {
+                    *sent = change.sequence;
+                }
+                logged.push(LoggedChange {
+                    origin,
+                    sequence: change.sequence,
+                    doc_key: change.doc.into_bytes(),
+                    change: change.change,
+                });
+            }
+        }
+        self.apply_and_relay(peer, logged, replica, actions)
+    }
+
+    fn apply_and_relay(
+        &mut self,
+        from: NodeId,
+        changes: Vec<LoggedChange>,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let report = replica.apply_remote(changes)?;
+        self.stats.duplicates += report.duplicates as u64;
+        if let Some((_, reason)) = report.invalid.first() {
+            let detail = format!("invalid change: {reason}");
+            self.disconnect(actions, from, GoodbyeReason::Malformed, detail);
+        }
+        let mut asked = BTreeSet::new();
+        for change in report.missing_dependencies {
+            if self.held_count >= HELD_CHANGES_MAX {
+                // Not logged, so the sender's next summary comparison sends it again.
+                self.stats.held_dropped += 1;
+                continue;
+            }
+            self.stats.held += 1;
+            if asked.insert(change.doc_key.clone()) && self.peers.contains_key(&from) {
+                let have = replica.heads(&change.doc_key)?;
+                let need = NeedDocument {
+                    doc: String::from_utf8_lossy(&change.doc_key).into_owned(),
+                    have: have.iter().map(|hash| hash.0).collect(),
+                };
+                self.send(actions, from, Message::NeedDocument(need));
+            }
+            self.held_count += 1;
+            self.held
+                .entry(change.doc_key.clone())
+                .or_default()
+                .push((from, change));
+        }
+        if !report.applied.is_empty() {
+            self.stats.changes_applied += report.applied.len() as u64;
+            self.push(&report.applied, Some(from), replica, actions)?;
+            actions.push(Action::Applied {
+                from,
+                changes: report.applied,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends new changes at once to every ready peer that is up to date for their origins;
+    /// peers that are behind get them through catch-up.
+    fn push(
+        &mut self,
+        changes: &[LoggedChange],
+        except: Option<NodeId>,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let per_message = self.config.changes_per_message;
+        let mut outgoing: Vec<(NodeId, Vec<ShippedChange>)> = Vec::new();
+        let mut behind = Vec::new();
+        for (peer_id, peer) in self.peers.iter_mut() {
+            if !peer.ready || Some(*peer_id) == except {
+                continue;
+            }
+            let mut batch = Vec::new();
+            for change in changes {
+                let sent = peer.sent.entry(change.origin).or_insert(0);
+                if change.sequence <= *sent {
+                    continue;
+                }
+                if change.sequence == *sent + 1 && !peer.catching_up.contains(&change.origin) {
+                    *sent = change.sequence;
+                    batch.push(shipped(change));
+                } else {
+                    peer.catching_up.insert(change.origin);
+                    behind.push(*peer_id);
+                }
+            }
+            if !batch.is_empty() {
+                outgoing.push((*peer_id, batch));
+            }
+        }
+        for (peer, batch) in outgoing {
+            for chunk in batch.chunks(per_message) {
+                self.send(
+                    actions,
+                    peer,
+                    Message::Changes(Changes {
+                        changes: chunk.to_vec(),
+                    }),
+                );
+            }
+        }
+        behind.dedup();
+        for peer in behind {
+            self.drive_catch_up(peer, replica, actions)?;
+        }
+        Ok(())
+    }
+
+    /// Streams up to [`CATCH_UP_MESSAGES_PER_EVENT`] messages of log to `peer`.
+    fn drive_catch_up(
+        &mut self,
+        peer: NodeId,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let per_message = self.config.changes_per_message;
+        for _ in 0..CATCH_UP_MESSAGES_PER_EVENT {
+            let Some(state) = self.peers.get_mut(&peer) else {
+                return Ok(());
+            };
+            let Some(origin) = state.catching_up.first().copied() else {
+                return Ok(());
+            };
+            let after = state.sent.get(&origin).copied().unwrap_or(0);
+            let batch = replica.log_after(&origin, after, per_message)?;
+            if batch.len() < per_message {
+                state.catching_up.remove(&origin);
+            }
+            let Some(last) = batch.last() else { continue };
+            state.sent.insert(origin, last.sequence);
+            let changes = batch.iter().map(shipped).collect();
+            self.send(actions, peer, Message::Changes(Changes { changes }));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
