@@ -20,8 +20,54 @@ pub const PAGE_CACHE_MIB_MAX: u64 = 64 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: NodeSection,
+    /// Present once the node was given a certificate (`concord init --ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSection>,
+    #[serde(default)]
+    pub network: NetworkSection,
     #[serde(default)]
     pub store: StoreSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The cluster id (32 hex digits), from the CA that issued this node's certificate.
+    pub id: String,
+}
+
+impl ClusterSection {
+    pub fn id_bytes(&self) -> Option<[u8; 16]> {
+        hex::decode(&self.id).ok()?.try_into().ok()
+    }
+}
+
+/// Most peers one node may list.
+pub const PEERS_MAX: usize = 256;
+/// The QUIC address a node listens on unless the config says otherwise.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
+/// The HTTP API address unless the config says otherwise.
+pub const API_DEFAULT: &str = "127.0.0.1:7480";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// QUIC address for peers, `host:port`.
+    pub listen: String,
+    /// HTTP API address, `host:port`.
+    pub api: String,
+    /// Peers to dial, `host:port` each.
+    pub peers: Vec<String>,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            listen: LISTEN_DEFAULT.to_owned(),
+            api: API_DEFAULT.to_owned(),
+            peers: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +115,8 @@ impl Config {
             node: NodeSection {
                 name: name.to_owned(),
             },
+            cluster: None,
+            network: NetworkSection::default(),
             store: StoreSection::default(),
         }
     }
@@ -99,6 +147,26 @@ impl Config {
                 "node.name {name:?} must be 1-{NODE_NAME_BYTES_MAX} bytes without control characters"
             ));
         }
+        if let Some(cluster) = &self.cluster {
+            if cluster.id_bytes().is_none() {
+                return Err(format!("cluster.id {:?} must be 32 hex digits", cluster.id));
+            }
+        }
+        for (key, address) in [
+            ("network.listen", &self.network.listen),
+            ("network.api", &self.network.api),
+        ] {
+            check_address(key, address)?;
+        }
+        if self.network.peers.len() > PEERS_MAX {
+            return Err(format!(
+                "network.peers lists {} peers; the most is {PEERS_MAX}",
+                self.network.peers.len()
+            ));
+        }
+        for peer in &self.network.peers {
+            check_address("network.peers", peer)?;
+        }
         let store = &self.store;
         if store.cache_documents == 0 || store.cache_documents > CACHE_DOCUMENTS_MAX {
             return Err(format!(
@@ -123,8 +191,25 @@ impl Config {
         Ok(())
     }
 
+    /// The cluster id, if the node has joined a cluster.
+    pub fn cluster_id(&self) -> Option<[u8; 16]> {
+        self.cluster.as_ref().and_then(ClusterSection::id_bytes)
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("the config serializes to TOML")
+    }
+}
+
+/// Checks a `host:port` address: a port, and a host that is not empty.
+fn check_address(key: &str, address: &str) -> Result<(), String> {
+    let valid = address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{key} {address:?} must be host:port"))
     }
 }
 
@@ -149,6 +234,9 @@ mod tests {
         assert!(range.contains("store.cache_documents"), "{range}");
         let missing = Config::parse("[store]\n").unwrap_err();
         assert!(missing.contains("node"), "{missing}");
+        let address =
+            Config::parse("[node]\nname = \"x\"\n[network]\npeers = [\"nohost\"]\n").unwrap_err();
+        assert!(address.contains("network.peers"), "{address}");
         let syntax = Config::parse("[node\n").unwrap_err();
         assert!(!syntax.is_empty());
     }

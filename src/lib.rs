@@ -6,6 +6,7 @@
 //! transport and adapters building on them.
 
 pub mod config;
+pub mod net;
 pub mod node;
 pub mod record;
 pub mod store;

@@ -5,6 +5,7 @@
 //! stderr through `tracing`, filtered by `RUST_LOG` (default `warn`).
 
 mod demo;
+mod remote;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
@@ -49,7 +50,28 @@ enum Command {
         /// A readable name for the node (default: node-<id prefix>).
         #[arg(long)]
         name: Option<String>,
+        /// A cluster CA dir (from `concord ca init`): issue this node's certificate from it.
+        #[arg(long, value_name = "CA_DIR")]
+        ca: Option<PathBuf>,
+        /// QUIC address for peers (default 127.0.0.1:7400).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// HTTP API address (default 127.0.0.1:7480).
+        #[arg(long, value_name = "HOST:PORT")]
+        api: Option<String>,
+        /// A peer to dial; repeat for several.
+        #[arg(long = "peer", value_name = "HOST:PORT")]
+        peers: Vec<String>,
     },
+    /// Manage the cluster CA.
+    Ca {
+        #[command(subcommand)]
+        action: CaCommand,
+    },
+    /// Run the node: replicate with its peers over QUIC and serve the HTTP API.
+    Run,
+    /// Show a running node's status: peers, replication lag, records.
+    Status,
     /// Set fields of a record (FIELD=VALUE; VALUE is JSON if it parses, else a string;
     /// FIELD= removes the field).
     Put {
@@ -99,6 +121,30 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create a cluster CA (certificate, key, cluster id) in CA_DIR.
+    Init {
+        #[arg(value_name = "CA_DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// Where record commands go: the data dir itself, or the node serving it.
+enum Target {
+    Local(Box<Node>),
+    Remote(remote::ApiClient),
+}
+
+fn target(data: Option<PathBuf>) -> Result<Target> {
+    let dir = data_dir(data)?;
+    match Node::open(&dir) {
+        Ok(node) => Ok(Target::Local(Box::new(node))),
+        Err(NodeError::Locked { .. }) => Ok(Target::Remote(remote::ApiClient::for_data_dir(&dir)?)),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Parses `args`, runs the command, and turns the outcome into the exit code.
 pub fn run<I, T>(args: I) -> ExitCode
 where
@@ -142,6 +188,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -157,9 +204,49 @@ fn open(data: Option<PathBuf>) -> Result<Node> {
 /// Runs one parsed command, writing its output to `out`.
 pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
     match cli.command {
-        Command::Init { dir, name } => {
-            let id = Node::init(&dir, name.as_deref())?;
+        Command::Init {
+            dir,
+            name,
+            ca,
+            listen,
+            api,
+            peers,
+        } => {
+            let options = concord::node::InitOptions {
+                name,
+                ca,
+                listen,
+                api,
+                peers,
+            };
+            let id = Node::init_with(&dir, &options)?;
             writeln!(out, "initialized node {id} in {}", dir.display())?;
+        }
+        Command::Ca {
+            action: CaCommand::Init { dir },
+        } => {
+            let cluster = concord::net::tls::create_ca(&dir)?;
+            writeln!(
+                out,
+                "created cluster CA {} in {}",
+                hex::encode(cluster),
+                dir.display()
+            )?;
+        }
+        Command::Run => {
+            let node = std::sync::Arc::new(open(cli.data)?);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(concord::node::runtime::run(node, shutdown_signal()))?;
+        }
+        Command::Status => {
+            let dir = data_dir(cli.data)?;
+            let status = remote::ApiClient::for_data_dir(&dir)?
+                .status()
+                .context("is the node running? (`concord run`)")?;
+            print_status(&status, out)?;
         }
         Command::Put {
             id,
@@ -169,20 +256,46 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let id = RecordId::parse_user(&id)?;
             let mut write = parse_assignments(&fields)?;
             write.replace = replace;
-            open(cli.data)?.put(&id, &write)?;
+            match target(cli.data)? {
+                Target::Local(node) => {
+                    node.put(&id, &write)?;
+                }
+                Target::Remote(api) => api.put(&id, &write)?,
+            }
         }
         Command::Get { id } => {
             let id = RecordId::parse_user(&id)?;
-            let fields = open(cli.data)?.get(&id)?.ok_or(NodeError::NotFound(id))?;
-            writeln!(out, "{}", Json::Object(fields))?;
+            let fields = match target(cli.data)? {
+                Target::Local(node) => Json::Object(node.get(&id)?.ok_or(NodeError::NotFound(id))?),
+                Target::Remote(api) => api.get(&id)?,
+            };
+            writeln!(out, "{fields}")?;
         }
         Command::Delete { id } => {
             let id = RecordId::parse_user(&id)?;
-            open(cli.data)?.delete(&id)?;
+            match target(cli.data)? {
+                Target::Local(node) => node.delete(&id)?,
+                Target::Remote(api) => api.delete(&id)?,
+            }
         }
         Command::List { collection } => {
             let collection = Collection::new(&collection)?;
-            let node = open(cli.data)?;
+            let node = match target(cli.data)? {
+                Target::Local(node) => node,
+                Target::Remote(api) => {
+                    let mut after: Option<String> = None;
+                    loop {
+                        let (records, next) = api.list(collection.as_str(), after.as_deref())?;
+                        for record in records {
+                            writeln!(out, "{record}")?;
+                        }
+                        match next {
+                            Some(next) => after = Some(next),
+                            None => return Ok(()),
+                        }
+                    }
+                }
+            };
             let mut after: Option<Key> = None;
             loop {
                 let page = node.list(&collection, after.as_ref(), LIST_PAGE_RECORDS)?;
@@ -198,8 +311,17 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::History { id } => {
             let id = RecordId::parse(&id)?;
-            for entry in open(cli.data)?.history(&id)? {
-                writeln!(out, "{}", serde_json::to_string(&entry)?)?;
+            match target(cli.data)? {
+                Target::Local(node) => {
+                    for entry in node.history(&id)? {
+                        writeln!(out, "{}", serde_json::to_string(&entry)?)?;
+                    }
+                }
+                Target::Remote(api) => {
+                    for entry in api.history(&id)? {
+                        writeln!(out, "{entry}")?;
+                    }
+                }
             }
         }
         Command::Export { id, output } => {
@@ -244,6 +366,59 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Demo { dir } => demo::run(dir, out)?,
     }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
+    let text = |key: &str| status[key].as_str().unwrap_or("?").to_owned();
+    writeln!(out, "node     {} ({})", text("node"), text("name"))?;
+    writeln!(out, "cluster  {}", text("cluster"))?;
+    writeln!(out, "listen   {}", text("listen"))?;
+    writeln!(out, "records  {}", status["records"])?;
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    writeln!(out, "peers    {}", peers.len())?;
+    for peer in peers {
+        writeln!(
+            out,
+            "  {} at {}: {}, lag {}",
+            peer["node"].as_str().unwrap_or("?"),
+            peer["address"].as_str().unwrap_or("?"),
+            peer["state"].as_str().unwrap_or("?"),
+            peer["lag"]
+        )?;
+    }
+    let engine = &status["engine"];
+    writeln!(
+        out,
+        "changes  sent {}, received {}, applied {}, duplicates {}",
+        engine["changes_sent"],
+        engine["changes_received"],
+        engine["changes_applied"],
+        engine["duplicates"]
+    )?;
     Ok(())
 }
 

@@ -6,6 +6,9 @@
 //! The node's own API writes as the source `api`; the first time a source writes on a node,
 //! its actor is entered in the actor registry (`_actors`), which replicates like any record.
 
+pub mod api;
+pub mod runtime;
+
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::config::{Config, ConfigError, CONFIG_FILE};
+use crate::net::tls;
 use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId, RecordWrite};
 use crate::store::{DocStore, DocStoreConfig, Durability, ImportOutcome, SledStore, StoreError};
@@ -24,6 +28,8 @@ use crate::store::{DocStore, DocStoreConfig, Durability, ImportOutcome, SledStor
 pub const NODE_ID_FILE: &str = "node.id";
 /// The store's folder inside a data dir.
 pub const STORE_DIR: &str = "store";
+/// The node's certificate, key and cluster CA certificate, inside a data dir.
+pub const TLS_DIR: &str = "tls";
 /// Largest document `import` accepts, in bytes.
 pub const IMPORT_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most changes `history` lists for one record.
@@ -49,11 +55,19 @@ pub enum NodeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Record(#[from] RecordError),
     #[error("{0} not found")]
     NotFound(RecordId),
+    #[error("address {0:?} does not resolve")]
+    Address(String),
+    #[error("this node has no cluster certificate: create it with `concord init DIR --ca CA_DIR`")]
+    NoCluster,
+    #[error("transport: {0}")]
+    Transport(String),
     #[error("{what} is {size} bytes; the most is {size_max}")]
     TooLarge {
         what: &'static str,
@@ -91,6 +105,17 @@ pub struct HistoryEntry {
     pub effect: document::ChangeEffect,
 }
 
+/// What `concord init` may be given besides the data dir.
+#[derive(Debug, Clone, Default)]
+pub struct InitOptions {
+    pub name: Option<String>,
+    /// A cluster CA dir: the node gets a certificate from it and joins its cluster.
+    pub ca: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub api: Option<String>,
+    pub peers: Vec<String>,
+}
+
 /// One page of a collection listing.
 #[derive(Debug, Clone)]
 pub struct ListPage {
@@ -112,6 +137,18 @@ pub struct Node {
 impl Node {
     /// Creates a data dir with its config and identity. Fails if `dir` already holds one.
     pub fn init(dir: &Path, name: Option<&str>) -> Result<NodeId, NodeError> {
+        Self::init_with(
+            dir,
+            &InitOptions {
+                name: name.map(str::to_owned),
+                ..InitOptions::default()
+            },
+        )
+    }
+
+    /// Like [`Node::init`], with a certificate from a cluster CA and network settings.
+    pub fn init_with(dir: &Path, options: &InitOptions) -> Result<NodeId, NodeError> {
+        let name = options.name.as_deref();
         let config_path = dir.join(CONFIG_FILE);
         if config_path.exists() {
             return Err(NodeError::AlreadyInitialized(dir.to_owned()));
@@ -119,11 +156,25 @@ impl Node {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let id = NodeId::random().map_err(NodeError::Random)?;
         let default_name = format!("node-{}", &id.to_string()[..8]);
-        let config = Config::new(name.unwrap_or(&default_name));
+        let mut config = Config::new(name.unwrap_or(&default_name));
+        if let Some(listen) = &options.listen {
+            config.network.listen = listen.clone();
+        }
+        if let Some(api) = &options.api {
+            config.network.api = api.clone();
+        }
+        config.network.peers = options.peers.clone();
         config.check().map_err(|message| ConfigError::Invalid {
             path: config_path.clone(),
             message,
         })?;
+        if let Some(ca_dir) = &options.ca {
+            let cluster = tls::read_cluster_id(ca_dir)?;
+            tls::issue_node_certificate(ca_dir, &id, &dir.join(TLS_DIR))?;
+            config.cluster = Some(crate::config::ClusterSection {
+                id: hex::encode(cluster),
+            });
+        }
         let id_path = dir.join(NODE_ID_FILE);
         std::fs::write(&id_path, format!("{id}\n")).map_err(io_error(&id_path))?;
         // The config is written last: its presence marks a complete data dir.
@@ -296,6 +347,11 @@ impl Node {
             records,
             last_seen: last,
         })
+    }
+
+    /// Live records over all user collections, by scanning the store (no document is loaded).
+    pub fn count_live_records(&self) -> Result<u64, NodeError> {
+        Ok(self.docs.count_live()?)
     }
 
     /// Every change of the record, in causal order, with who wrote it and what it did.

@@ -329,6 +329,30 @@ impl<S: Store> DocStore<S> {
             .collect()
     }
 
+    /// Live records in user collections (system collections start with `_`), by a paged scan.
+    pub fn count_live(&self) -> Result<u64, StoreError> {
+        let prefix = [layout::TAG_DOC];
+        let mut after: Option<Vec<u8>> = None;
+        let mut live = 0;
+        loop {
+            let page = self
+                .store
+                .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+            let full = page.len() == SCAN_PAGE_ENTRIES;
+            after = page.last().map(|(key, _)| key.clone());
+            for (key, value) in page {
+                if key.get(1) == Some(&b'_') {
+                    continue;
+                }
+                let stored: StoredDoc = layout::decode("document", &value)?;
+                live += u64::from(stored.record_state() == document::RecordState::Live);
+            }
+            if !full {
+                return Ok(live);
+            }
+        }
+    }
+
     /// Up to `limit` log entries of `origin` with sequence numbers above `after`.
     pub fn log_entries(
         &self,

@@ -1,0 +1,151 @@
+//! Record commands against a running node, through its HTTP API.
+//!
+//! When `concord run` serves a data dir, its store is locked; the CLI then reads the data dir's
+//! config for the API address and asks the node instead, with the same output and exit codes.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use concord::config::{Config, CONFIG_FILE};
+use concord::node::NodeError;
+use concord::record::{RecordId, RecordWrite};
+use serde_json::{Map, Value};
+
+/// How long one API call may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct ApiClient {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl ApiClient {
+    pub fn for_data_dir(dir: &std::path::Path) -> Result<Self> {
+        let config = Config::load(&dir.join(CONFIG_FILE))?;
+        Ok(Self::new(&config.network.api))
+    }
+
+    pub fn new(address: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        Self {
+            base: format!("http://{address}"),
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn record_path(id: &RecordId) -> String {
+        format!(
+            "/v1/records/{}/{}",
+            id.collection,
+            urlencode(id.key.as_str())
+        )
+    }
+
+    /// Turns a response into its JSON body, or the error the node gave.
+    fn answer(
+        &self,
+        id: Option<&RecordId>,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Value> {
+        let mut response =
+            response.with_context(|| format!("cannot reach the node's API at {}", self.base))?;
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body).unwrap_or(Value::String(body))
+        };
+        match status {
+            200..=299 => Ok(value),
+            404 => match id {
+                Some(id) => Err(NodeError::NotFound(id.clone()).into()),
+                None => bail!("not found"),
+            },
+            _ => bail!(
+                "{}",
+                value
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the node refused the request")
+            ),
+        }
+    }
+
+    pub fn put(&self, id: &RecordId, write: &RecordWrite) -> Result<()> {
+        let url = self.url(&Self::record_path(id));
+        if write.replace {
+            let body: Map<String, Value> = write.set.iter().cloned().collect();
+            self.answer(Some(id), self.agent.put(&url).send_json(body))?;
+        } else {
+            let mut patch: Map<String, Value> = write.set.iter().cloned().collect();
+            for field in &write.remove {
+                patch.insert(field.clone(), Value::Null);
+            }
+            self.answer(Some(id), self.agent.patch(&url).send_json(patch))?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, id: &RecordId) -> Result<Value> {
+        self.answer(
+            Some(id),
+            self.agent.get(&self.url(&Self::record_path(id))).call(),
+        )
+    }
+
+    pub fn delete(&self, id: &RecordId) -> Result<()> {
+        self.answer(
+            Some(id),
+            self.agent.delete(&self.url(&Self::record_path(id))).call(),
+        )?;
+        Ok(())
+    }
+
+    /// One page of a collection: records and the key to continue after.
+    pub fn list(
+        &self,
+        collection: &str,
+        after: Option<&str>,
+    ) -> Result<(Vec<Value>, Option<String>)> {
+        let mut path = format!("/v1/records/{collection}?limit=1000");
+        if let Some(after) = after {
+            path.push_str(&format!("&after={}", urlencode(after)));
+        }
+        let value = self.answer(None, self.agent.get(&self.url(&path)).call())?;
+        let records = value["records"].as_array().cloned().unwrap_or_default();
+        let next = value["next"].as_str().map(str::to_owned);
+        Ok((records, next))
+    }
+
+    pub fn history(&self, id: &RecordId) -> Result<Vec<Value>> {
+        let path = format!("{}/history", Self::record_path(id));
+        let value = self.answer(Some(id), self.agent.get(&self.url(&path)).call())?;
+        Ok(value.as_array().cloned().unwrap_or_default())
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.answer(None, self.agent.get(&self.url("/v1/status")).call())
+    }
+}
+
+/// Percent-encodes everything but unreserved characters, for a key inside a URL path.
+fn urlencode(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}

@@ -1,0 +1,434 @@
+//! Transport: QUIC (quinn) with mutual TLS against the cluster CA.
+//!
+//! Turns engine actions into frames on streams and frames back into engine events. One
+//! connection per peer node, one bidirectional stream per connection, frames as
+//! `concord-proto` lays them out. Guarantees:
+//!
+//! - a peer is known only by the node id in its verified certificate; a peer whose certificate
+//!   is not from the cluster CA never gets past the TLS handshake (refused and logged);
+//! - a malformed or oversized frame closes that connection only;
+//! - every queue is bounded: a slow peer's outgoing queue fills and further messages to it are
+//!   dropped (counted), to be sent again through catch-up, so memory never grows with a slow
+//!   peer; a fast peer is slowed by QUIC flow control when the engine's queue is full;
+//! - dialing retries forever with exponential backoff and jitter.
+
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use concord_proto::{encode_frame, FrameDecoder, Goodbye, Message};
+use tokio::sync::mpsc;
+
+use crate::record::NodeId;
+
+/// Messages queued for one peer before further ones are dropped.
+pub const PEER_QUEUE_MESSAGES: usize = 256;
+/// Bytes read from a stream at a time.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// First and largest wait between dial attempts.
+pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// QUIC keep-alive and idle timeout: a cut link is noticed within the idle timeout.
+pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The server name a dialer presents; the verifier checks the node name in the certificate.
+const DIAL_SERVER_NAME: &str = "peer.node.concord";
+
+/// What the transport tells the engine's driver.
+#[derive(Debug)]
+pub enum TransportEvent {
+    Up { peer: NodeId, connection: u64 },
+    Down { peer: NodeId, connection: u64 },
+    Received { peer: NodeId, message: Message },
+    Writable { peer: NodeId },
+}
+
+struct PeerLink {
+    connection_id: u64,
+    dialed_by: NodeId,
+    connection: quinn::Connection,
+    outbound: mpsc::Sender<Message>,
+    address: SocketAddr,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub messages_dropped: AtomicU64,
+    pub frames_refused: AtomicU64,
+    pub handshakes_refused: AtomicU64,
+}
+
+/// The connections of one node.
+pub struct Transport {
+    node: NodeId,
+    endpoint: quinn::Endpoint,
+    links: Mutex<BTreeMap<NodeId, PeerLink>>,
+    events: mpsc::Sender<TransportEvent>,
+    next_connection: AtomicU64,
+    pub stats: TransportStats,
+}
+
+fn transport_config() -> quinn::TransportConfig {
+    let mut config = quinn::TransportConfig::default();
+    config.keep_alive_interval(Some(KEEP_ALIVE));
+    config.max_idle_timeout(Some(
+        IDLE_TIMEOUT
+            .try_into()
+            .expect("a few seconds fit a QUIC idle timeout"),
+    ));
+    config
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("quic config: {0}")]
+    Config(String),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Transport {
+    /// Binds the QUIC endpoint on `listen`.
+    pub fn bind(
+        tls: &tls::NodeTls,
+        listen: SocketAddr,
+        events: mpsc::Sender<TransportEvent>,
+    ) -> Result<Arc<Self>, TransportError> {
+        let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
+            .map_err(|error| TransportError::Config(error.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(Arc::new(transport_config()));
+        let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config()?)
+            .map_err(|error| TransportError::Config(error.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(Arc::new(transport_config()));
+        let mut endpoint =
+            quinn::Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
+                address: listen,
+                source,
+            })?;
+        endpoint.set_default_client_config(client);
+        Ok(Arc::new(Self {
+            node: tls.node,
+            endpoint,
+            links: Mutex::new(BTreeMap::new()),
+            events,
+            next_connection: AtomicU64::new(1),
+            stats: TransportStats::default(),
+        }))
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Peers with a connection now, and their addresses.
+    pub fn connected(&self) -> Vec<(NodeId, SocketAddr)> {
+        lock(&self.links)
+            .iter()
+            .map(|(peer, link)| (*peer, link.address))
+            .collect()
+    }
+
+    /// Queues a message for `peer`; drops it (counted) if the peer's queue is full or gone.
+    pub fn send(&self, peer: &NodeId, message: Message) {
+        let links = lock(&self.links);
+        let delivered = links
+            .get(peer)
+            .is_some_and(|link| link.outbound.try_send(message).is_ok());
+        if !delivered {
+            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends a goodbye, then closes the connection to `peer`.
+    pub fn disconnect(&self, peer: &NodeId, goodbye: Goodbye) {
+        let link = lock(&self.links).remove(peer);
+        if let Some(link) = link {
+            let reason = goodbye.detail.clone();
+            let _ = link.outbound.try_send(Message::Goodbye(goodbye));
+            let connection = link.connection.clone();
+            tokio::spawn(async move {
+                // Give the goodbye a moment to leave before the close overtakes it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                connection.close(0u32.into(), reason.as_bytes());
+            });
+        }
+    }
+
+    /// Closes every connection with a goodbye, as at shutdown.
+    pub async fn close_all(&self, goodbye: Goodbye) {
+        let peers: Vec<NodeId> = lock(&self.links).keys().copied().collect();
+        for peer in peers {
+            self.disconnect(&peer, goodbye.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let transport = self.clone();
+            tokio::spawn(async move {
+                let address = incoming.remote_address();
+                match incoming.await {
+                    Ok(connection) => transport.serve(connection, false).await,
+                    Err(error) => {
+                        transport
+                            .stats
+                            .handshakes_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%address, %error, "refused an incoming connection");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Keeps a connection to `address` up, redialing with backoff and jitter.
+    pub async fn dial_loop(self: Arc<Self>, address: SocketAddr) {
+        let mut backoff = DIAL_BACKOFF_MIN;
+        let mut jitter = Jitter::new();
+        loop {
+            let attempt = match self.endpoint.connect(address, DIAL_SERVER_NAME) {
+                Ok(connecting) => connecting.await.map_err(|error| error.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match attempt {
+                Ok(connection) => {
+                    backoff = DIAL_BACKOFF_MIN;
+                    self.clone().serve(connection, true).await;
+                }
+                Err(error) => {
+                    self.stats
+                        .handshakes_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%address, %error, "dial failed");
+                }
+            }
+            let wait = backoff.mul_f64(0.5 + jitter.unit());
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        }
+    }
+
+    /// Runs one authenticated connection until it closes.
+    async fn serve(self: Arc<Self>, connection: quinn::Connection, dialer: bool) {
+        let address = connection.remote_address();
+        let Some(peer) = peer_node(&connection) else {
+            tracing::warn!(%address, "refused a peer whose certificate carries no node id");
+            connection.close(1u32.into(), b"no node id");
+            return;
+        };
+        if peer == self.node {
+            connection.close(1u32.into(), b"connected to itself");
+            return;
+        }
+        let streams = if dialer {
+            connection.open_bi().await
+        } else {
+            connection.accept_bi().await
+        };
+        let (send, recv) = match streams {
+            Ok(streams) => streams,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection closed before its stream opened");
+                return;
+            }
+        };
+        let dialed_by = if dialer { self.node } else { peer };
+        let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let (outbound, queue) = mpsc::channel(PEER_QUEUE_MESSAGES);
+        if !self.register(
+            peer,
+            PeerLink {
+                connection_id,
+                dialed_by,
+                connection: connection.clone(),
+                outbound,
+                address,
+            },
+        ) {
+            connection.close(2u32.into(), b"duplicate connection");
+            return;
+        }
+        tracing::info!(%peer, %address, dialer, "connected");
+        let _ = self
+            .events
+            .send(TransportEvent::Up {
+                peer,
+                connection: connection_id,
+            })
+            .await;
+        let writer = tokio::spawn(self.clone().write_loop(peer, send, queue));
+        self.read_loop(peer, &connection, recv).await;
+        writer.abort();
+        let removed = {
+            let mut links = lock(&self.links);
+            if links
+                .get(&peer)
+                .is_some_and(|link| link.connection_id == connection_id)
+            {
+                links.remove(&peer);
+                true
+            } else {
+                false
+            }
+        };
+        connection.close(0u32.into(), b"closed");
+        if removed {
+            tracing::info!(%peer, "disconnected");
+        }
+        let _ = self
+            .events
+            .send(TransportEvent::Down {
+                peer,
+                connection: connection_id,
+            })
+            .await;
+    }
+
+    /// One connection per peer pair: when both dial, the one dialed by the smaller node id
+    /// stays, on both sides alike.
+    fn register(&self, peer: NodeId, link: PeerLink) -> bool {
+        let mut links = lock(&self.links);
+        if let Some(existing) = links.get(&peer) {
+            let preferred_dialer = self.node.min(peer);
+            if existing.dialed_by == preferred_dialer || link.dialed_by != preferred_dialer {
+                return false;
+            }
+            existing
+                .connection
+                .close(2u32.into(), b"duplicate connection");
+        }
+        links.insert(peer, link);
+        true
+    }
+
+    async fn read_loop(
+        &self,
+        peer: NodeId,
+        connection: &quinn::Connection,
+        mut recv: quinn::RecvStream,
+    ) {
+        let mut decoder = FrameDecoder::new();
+        loop {
+            let chunk = match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "stream ended");
+                    return;
+                }
+            };
+            self.stats
+                .bytes_received
+                .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+            if let Err(error) = decoder.push(&chunk.bytes) {
+                self.refuse_frame(peer, connection, &error.to_string());
+                return;
+            }
+            loop {
+                match decoder.next_message() {
+                    Ok(Some(message)) => {
+                        if self
+                            .events
+                            .send(TransportEvent::Received { peer, message })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        self.refuse_frame(peer, connection, &error.to_string());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn refuse_frame(&self, peer: NodeId, connection: &quinn::Connection, error: &str) {
+        self.stats.frames_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, %error, "bad frame: closing the connection");
+        connection.close(3u32.into(), b"malformed frame");
+    }
+
+    async fn write_loop(
+        self: Arc<Self>,
+        peer: NodeId,
+        mut send: quinn::SendStream,
+        mut queue: mpsc::Receiver<Message>,
+    ) {
+        while let Some(message) = queue.recv().await {
+            let frame = match encode_frame(&message) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    tracing::error!(%peer, %error, "a message does not fit in a frame; dropped");
+                    continue;
+                }
+            };
+            if send.write_all(&frame).await.is_err() {
+                return;
+            }
+            self.stats
+                .bytes_sent
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            if queue.is_empty() {
+                let _ = self.events.try_send(TransportEvent::Writable { peer });
+            }
+        }
+    }
+}
+
+/// The node id in the peer's verified certificate.
+fn peer_node(connection: &quinn::Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::node_id_of(certs.first()?)
+}
+
+/// Jitter for redial waits: seeded once from the OS, then SplitMix64.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        Self(u64::from_le_bytes(seed))
+    }
+
+    /// A number in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP API (axum): records, status, metrics.
+//!
+//! `GET/PUT/PATCH/DELETE /v1/records/{collection}/{key}`, `GET /v1/records/{collection}`
+//! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`, `GET /v1/status`,
+//! `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
+//! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
+//! removes the field). Store calls block, so they run on the blocking pool; a write returns
+//! once durable, then wakes the engine to ship it.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::runtime::{metrics_text, Shared};
+use super::NodeError;
+use crate::record::{Collection, Key, RecordId, RecordWrite};
+
+/// Largest request body, in bytes.
+pub const REQUEST_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most records one list request returns.
+pub const LIST_LIMIT_MAX: usize = 10_000;
+const LIST_LIMIT_DEFAULT: usize = 1000;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/records/{collection}", get(list))
+        .route(
+            "/v1/records/{collection}/{key}",
+            get(get_record)
+                .put(put_record)
+                .patch(patch_record)
+                .delete(delete_record),
+        )
+        .route("/v1/records/{collection}/{key}/history", get(history))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+        .with_state(shared)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(error: NodeError) -> Self {
+        let status = match &error {
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Record(_) | NodeError::TooLarge { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, error.to_string())
+    }
+}
+
+fn bad_request(error: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, error.to_string())
+}
+
+fn record_id(collection: &str, key: &str) -> Result<RecordId, ApiError> {
+    let collection = Collection::new_user(collection).map_err(bad_request)?;
+    let key = Key::new(key).map_err(bad_request)?;
+    Ok(RecordId::new(collection, key))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn get_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let node = shared.node.clone();
+    let fields = blocking(move || node.get(&id)?.ok_or(NodeError::NotFound(id))).await?;
+    Ok(Json(Value::Object(fields)))
+}
+
+async fn write(
+    shared: Arc<Shared>,
+    id: RecordId,
+    write: RecordWrite,
+) -> Result<Json<Value>, ApiError> {
+    write.check().map_err(bad_request)?;
+    let node = shared.node.clone();
+    let changed = blocking(move || node.put(&id, &write)).await?;
+    if changed {
+        shared.local_writes.notify_one();
+    }
+    Ok(Json(json!({"changed": changed})))
+}
+
+async fn put_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+    Json(body): Json<Map<String, Value>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    write(shared, id, RecordWrite::replace_with(body)).await
+}
+
+async fn patch_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+    Json(body): Json<Map<String, Value>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let mut patch = RecordWrite::default();
+    for (field, value) in body {
+        if value.is_null() {
+            patch.remove.push(field);
+        } else {
+            patch.set.push((field, value));
+        }
+    }
+    write(shared, id, patch).await
+}
+
+async fn delete_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let node = shared.node.clone();
+    blocking(move || node.delete(&id)).await?;
+    shared.local_writes.notify_one();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(shared): State<Arc<Shared>>,
+    Path(collection): Path<String>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let collection = Collection::new(&collection).map_err(bad_request)?;
+    let after = query
+        .after
+        .as_deref()
+        .map(Key::new)
+        .transpose()
+        .map_err(bad_request)?;
+    let limit = query
+        .limit
+        .unwrap_or(LIST_LIMIT_DEFAULT)
+        .clamp(1, LIST_LIMIT_MAX);
+    let node = shared.node.clone();
+    let page = blocking(move || node.list(&collection, after.as_ref(), limit)).await?;
+    let records: Vec<Value> = page
+        .records
+        .into_iter()
+        .map(|(key, fields)| json!({"key": key.as_str(), "fields": fields}))
+        .collect();
+    Ok(Json(
+        json!({"records": records, "next": page.last_seen.map(|key| key.as_str().to_owned())}),
+    ))
+}
+
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let collection = Collection::new(&collection).map_err(bad_request)?;
+    let id = RecordId::new(collection, Key::new(&key).map_err(bad_request)?);
+    let node = shared.node.clone();
+    let entries = blocking(move || node.history(&id)).await?;
+    Ok(Json(serde_json::to_value(entries).map_err(|error| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+    })?))
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    let status = shared
+        .status
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let node = shared.node.clone();
+    let records = tokio::task::spawn_blocking(move || node.count_live_records())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    value["records"] = json!(records);
+    Json(value)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics_text(&shared),
+    )
+}

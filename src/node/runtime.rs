@@ -1,0 +1,379 @@
+//! `concord run`: the tokio shell that wires store, engine, transport and HTTP API.
+//!
+//! The engine runs in one task that owns it; store calls inside it are blocking and run in
+//! place on the multi-threaded runtime. Local writes (through the API) wake that task, which
+//! reads the node's own log from where it last pushed, so a write is shipped only after it was
+//! acknowledged. Shutdown (SIGTERM or Ctrl-C) says goodbye to every peer, then makes the store
+//! durable before returning.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use concord_proto::{Goodbye, GoodbyeReason};
+use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
+
+use super::{Node, NodeError, TLS_DIR};
+use crate::net::{tls::NodeTls, Transport, TransportEvent};
+use crate::sync::{self, Action, Engine, Event, Stats};
+
+/// Transport events queued for the engine before readers wait (and QUIC slows the peer).
+pub const ENGINE_QUEUE_EVENTS: usize = 4096;
+/// How long shutdown waits for HTTP requests in progress.
+pub const API_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Own log entries pushed per wake-up; the rest follow on the next.
+pub const LOCAL_PUSH_CHANGES_MAX: usize = 4096;
+
+/// What `/v1/status` shows, refreshed by the engine task.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub name: String,
+    pub cluster: String,
+    pub listen: String,
+    pub peers: Vec<PeerStatus>,
+    pub engine: EngineStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub node: String,
+    pub address: String,
+    pub state: &'static str,
+    /// Log entries held here that the peer's last summary did not cover.
+    pub lag: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EngineStats {
+    pub changes_sent: u64,
+    pub changes_received: u64,
+    pub changes_applied: u64,
+    pub duplicates: u64,
+    pub held: u64,
+    pub messages_sent: u64,
+    pub malformed: u64,
+    pub local_changes_pushed: u64,
+}
+
+impl EngineStats {
+    fn from(stats: &Stats, local: u64) -> Self {
+        Self {
+            changes_sent: stats.changes_sent,
+            changes_received: stats.changes_received,
+            changes_applied: stats.changes_applied,
+            duplicates: stats.duplicates,
+            held: stats.held,
+            messages_sent: stats.messages_sent,
+            malformed: stats.malformed,
+            local_changes_pushed: local,
+        }
+    }
+}
+
+/// Handles shared by the engine task and the HTTP API.
+pub struct Shared {
+    pub node: Arc<Node>,
+    pub transport: Arc<Transport>,
+    pub status: Mutex<Status>,
+    pub local_writes: Notify,
+    pub started: Instant,
+}
+
+fn resolve(address: &str) -> Result<SocketAddr, NodeError> {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next())
+        .ok_or_else(|| NodeError::Address(address.to_owned()))
+}
+
+/// Runs the node until `shutdown` completes.
+pub async fn run(
+    node: Arc<Node>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let config = node.config().clone();
+    let cluster = config.cluster_id().ok_or(NodeError::NoCluster)?;
+    let tls = NodeTls::load(&node.dir().join(TLS_DIR), node.id())?;
+    let listen = resolve(&config.network.listen)?;
+    let api = resolve(&config.network.api)?;
+    let (events, events_rx) = mpsc::channel(ENGINE_QUEUE_EVENTS);
+    let transport = Transport::bind(&tls, listen, events)
+        .map_err(|error| NodeError::Transport(error.to_string()))?;
+    let api_listener =
+        tokio::net::TcpListener::bind(api)
+            .await
+            .map_err(|source| NodeError::Io {
+                path: api.to_string().into(),
+                source,
+            })?;
+    let shared = Arc::new(Shared {
+        node: node.clone(),
+        transport: transport.clone(),
+        status: Mutex::new(Status {
+            node: node.id().to_string(),
+            name: config.node.name.clone(),
+            cluster: hex::encode(cluster),
+            listen: transport
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            ..Status::default()
+        }),
+        local_writes: Notify::new(),
+        started: Instant::now(),
+    });
+    tracing::info!(node = %node.id(), %listen, %api, "node running");
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(transport.clone().accept_loop()));
+    for peer in &config.network.peers {
+        let address = resolve(peer)?;
+        tasks.push(tokio::spawn(transport.clone().dial_loop(address)));
+    }
+    let engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
+    let engine_task = tokio::spawn(drive_engine(
+        shared.clone(),
+        Engine::new(engine_config),
+        events_rx,
+    ));
+    let router = super::api::router(shared.clone());
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = tokio::spawn(async move {
+        let serve = axum::serve(api_listener, router).with_graceful_shutdown(async {
+            let _ = api_stopped.await;
+        });
+        if let Err(error) = serve.await {
+            tracing::error!(%error, "HTTP API stopped");
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_api.send(());
+    if tokio::time::timeout(API_SHUTDOWN_WAIT, api_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("HTTP API requests still running at shutdown were cut off");
+    }
+    // No redialing while saying goodbye.
+    for task in tasks {
+        task.abort();
+    }
+    transport
+        .close_all(Goodbye {
+            reason: GoodbyeReason::Shutdown,
+            detail: "node shutting down".to_owned(),
+        })
+        .await;
+    engine_task.abort();
+    node.documents().sync()?;
+    tracing::info!("stopped; every acknowledged write is durable");
+    Ok(())
+}
+
+/// The engine's task: one event at a time, actions carried out at once.
+async fn drive_engine(
+    shared: Arc<Shared>,
+    mut engine: Engine,
+    mut events: mpsc::Receiver<TransportEvent>,
+) {
+    let node = shared.node.clone();
+    let own = node.id();
+    let mut pushed_up_to = node
+        .documents()
+        .origin_marks()
+        .into_iter()
+        .find(|(origin, _)| *origin == own)
+        .map_or(0, |(_, mark)| mark);
+    let mut local_pushed = 0u64;
+    let mut connections: BTreeMap<crate::record::NodeId, u64> = BTreeMap::new();
+    loop {
+        let now = shared.started.elapsed();
+        let deadline = engine
+            .poll_timeout()
+            .unwrap_or(now + sync::SUMMARY_INTERVAL_DEFAULT);
+        let sleep = tokio::time::sleep(deadline.saturating_sub(now));
+        let mut inputs: Vec<Event> = Vec::new();
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return };
+                match event {
+                    TransportEvent::Up { peer, connection } => {
+                        if connections.insert(peer, connection).is_some() {
+                            inputs.push(Event::PeerDisconnected(peer));
+                        }
+                        inputs.push(Event::PeerConnected(peer));
+                    }
+                    TransportEvent::Down { peer, connection } => {
+                        if connections.get(&peer) == Some(&connection) {
+                            connections.remove(&peer);
+                            inputs.push(Event::PeerDisconnected(peer));
+                        }
+                    }
+                    TransportEvent::Received { peer, message } => inputs.push(Event::Received(peer, message)),
+                    TransportEvent::Writable { peer } => inputs.push(Event::PeerWritable(peer)),
+                }
+            }
+            () = shared.local_writes.notified() => {
+                let changes = tokio::task::block_in_place(|| node.documents().log_after(&own, pushed_up_to, LOCAL_PUSH_CHANGES_MAX));
+                match changes {
+                    Ok(changes) => {
+                        if let Some(last) = changes.last() {
+                            pushed_up_to = last.sequence;
+                            local_pushed += changes.len() as u64;
+                            if changes.len() == LOCAL_PUSH_CHANGES_MAX {
+                                shared.local_writes.notify_one();
+                            }
+                            inputs.push(Event::LocalChanges(changes));
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot read the local log"),
+                }
+            }
+            () = sleep => inputs.push(Event::Timeout),
+        }
+        for input in inputs {
+            let now = shared.started.elapsed();
+            let actions =
+                tokio::task::block_in_place(|| engine.handle(now, input, node.documents()));
+            match actions {
+                Ok(actions) => carry_out(&shared, actions),
+                Err(error) => tracing::error!(%error, "replication step failed"),
+            }
+        }
+        refresh_status(&shared, &engine, local_pushed);
+    }
+}
+
+fn carry_out(shared: &Shared, actions: Vec<Action>) {
+    for action in actions {
+        match action {
+            Action::Send(peer, message) => shared.transport.send(&peer, message),
+            Action::Disconnect(peer, goodbye) => {
+                tracing::warn!(%peer, reason = ?goodbye.reason, detail = %goodbye.detail, "disconnecting peer");
+                shared.transport.disconnect(&peer, goodbye);
+            }
+            Action::Applied { from, changes } => {
+                tracing::debug!(%from, count = changes.len(), "applied changes");
+            }
+        }
+    }
+}
+
+fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
+    let marks = shared.node.documents().origin_marks();
+    let ready = engine.ready_peers();
+    let peers = shared
+        .transport
+        .connected()
+        .into_iter()
+        .map(|(peer, address)| PeerStatus {
+            node: peer.to_string(),
+            address: address.to_string(),
+            state: if ready.contains(&peer) {
+                "ready"
+            } else {
+                "handshaking"
+            },
+            lag: engine.lag(&peer, &marks),
+        })
+        .collect();
+    let mut status = shared
+        .status
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    status.peers = peers;
+    status.engine = EngineStats::from(engine.stats(), local_pushed);
+}
+
+/// The Prometheus text of `/metrics`.
+pub fn metrics_text(shared: &Shared) -> String {
+    let status = shared
+        .status
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let stats = &shared.transport.stats;
+    let own = shared.node.id();
+    let written = shared
+        .node
+        .documents()
+        .origin_marks()
+        .into_iter()
+        .find(|(origin, _)| *origin == own)
+        .map_or(0, |(_, mark)| mark);
+    let mut text = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    };
+    counter(
+        "concord_changes_written_total",
+        "Changes written on this node.",
+        written,
+    );
+    counter(
+        "concord_changes_received_total",
+        "Changes received from peers.",
+        status.engine.changes_received,
+    );
+    counter(
+        "concord_changes_applied_total",
+        "Received changes that were new here.",
+        status.engine.changes_applied,
+    );
+    counter(
+        "concord_changes_sent_total",
+        "Changes sent to peers.",
+        status.engine.changes_sent,
+    );
+    counter(
+        "concord_changes_duplicate_total",
+        "Received changes already held.",
+        status.engine.duplicates,
+    );
+    counter(
+        "concord_bytes_sent_total",
+        "Bytes of frames sent to peers.",
+        stats.bytes_sent.load(Ordering::Relaxed),
+    );
+    counter(
+        "concord_bytes_received_total",
+        "Bytes received from peers.",
+        stats.bytes_received.load(Ordering::Relaxed),
+    );
+    counter(
+        "concord_messages_dropped_total",
+        "Messages dropped because a peer's queue was full.",
+        stats.messages_dropped.load(Ordering::Relaxed),
+    );
+    counter(
+        "concord_frames_refused_total",
+        "Malformed or oversized frames that closed a connection.",
+        stats.frames_refused.load(Ordering::Relaxed),
+    );
+    counter(
+        "concord_handshakes_refused_total",
+        "Connections refused or failed at the TLS handshake.",
+        stats.handshakes_refused.load(Ordering::Relaxed),
+    );
+    text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");
+    text.push_str(&format!("concord_peers_connected {}\n", status.peers.len()));
+    text.push_str("# HELP concord_replication_lag Log entries a peer lacks by its last summary.\n# TYPE concord_replication_lag gauge\n");
+    for peer in &status.peers {
+        text.push_str(&format!(
+            "concord_replication_lag{{peer=\"{}\"}} {}\n",
+            peer.node,
+            peer.lag.unwrap_or(0)
+        ));
+    }
+    text
+}

@@ -1,0 +1,247 @@
+//! In-process nodes over real QUIC on loopback, with UDP relays between them so that a test
+//! can cut a link (drop every packet both ways) and restore it, as a network partition does.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use concord::node::{InitOptions, Node};
+use serde_json::Value;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A free loopback port (UDP and TCP are probed separately by the caller's use).
+pub fn free_port() -> u16 {
+    let socket = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+    if tcp.is_err() {
+        return free_port();
+    }
+    port
+}
+
+/// A UDP relay: forwards datagrams from one dialing node to `target` and back.
+pub struct Relay {
+    pub address: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let address = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let mut up = vec![0u8; 65536];
+            let mut down = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    received = front.recv_from(&mut up) => {
+                        let Ok((len, from)) = received else { return };
+                        client = Some(from);
+                        if !flag.load(Ordering::Relaxed) {
+                            let _ = back.send_to(&up[..len], target).await;
+                        }
+                    }
+                    received = back.recv_from(&mut down) => {
+                        let Ok((len, _)) = received else { return };
+                        if let (Some(client), false) = (client, flag.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&down[..len], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { address, cut, task }
+    }
+
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One node: its data dir and, while running, its task.
+pub struct TestNode {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub api: String,
+    pub name: String,
+    running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl TestNode {
+    /// Creates a node's data dir with a certificate from `ca`, dialing `peers`.
+    pub fn create(parent: &Path, name: &str, ca: &Path, peers: &[SocketAddr]) -> Self {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let api = format!("127.0.0.1:{}", free_port());
+        let dir = parent.join(name);
+        let options = InitOptions {
+            name: Some(name.to_owned()),
+            ca: Some(ca.to_owned()),
+            listen: Some(listen.to_string()),
+            api: Some(api.clone()),
+            peers: peers.iter().map(ToString::to_string).collect(),
+        };
+        Node::init_with(&dir, &options).unwrap();
+        Self {
+            dir,
+            listen,
+            api,
+            name: name.to_owned(),
+            running: None,
+        }
+    }
+
+    /// Rewrites the peers this node dials (takes effect at the next start).
+    pub fn set_peers(&self, peers: &[SocketAddr]) {
+        let path = self.dir.join("concord.toml");
+        let mut config = concord::config::Config::load(&path).unwrap();
+        config.network.peers = peers.iter().map(ToString::to_string).collect();
+        std::fs::write(&path, config.to_toml()).unwrap();
+    }
+
+    pub async fn start(&mut self) {
+        let node = Arc::new(Node::open(&self.dir).unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            concord::node::runtime::run(node, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        self.running = Some((stop, task));
+        // The API answers once the node is up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.status().is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node {} did not start", self.name);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            let _ = stop.send(());
+            task.await.unwrap();
+        }
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into()
+    }
+
+    pub fn status(&self) -> Option<Value> {
+        let mut response = Self::agent()
+            .get(format!("http://{}/v1/status", self.api))
+            .call()
+            .ok()?;
+        response.body_mut().read_json().ok()
+    }
+
+    pub fn put(&self, id: &str, fields: Value) {
+        let response = Self::agent()
+            .patch(format!("http://{}/v1/records/{id}", self.api))
+            .send_json(fields)
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "put {id} on {}", self.name);
+    }
+
+    pub fn delete(&self, id: &str) {
+        let response = Self::agent()
+            .delete(format!("http://{}/v1/records/{id}", self.api))
+            .call()
+            .unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            204,
+            "delete {id} on {}",
+            self.name
+        );
+    }
+
+    /// The record, or `None` if not found.
+    pub fn get(&self, id: &str) -> Option<Value> {
+        let mut response = Self::agent()
+            .get(format!("http://{}/v1/records/{id}", self.api))
+            .call()
+            .unwrap();
+        match response.status().as_u16() {
+            200 => Some(response.body_mut().read_json().unwrap()),
+            404 => None,
+            other => panic!("get {id} on {}: HTTP {other}", self.name),
+        }
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut response = Self::agent()
+            .get(format!("http://{}/metrics", self.api))
+            .call()
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Polls until every node returns the same value for every id, or panics after `timeout`.
+pub async fn converge(nodes: &[&TestNode], ids: &[&str], timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut same = true;
+        for id in ids {
+            let first = nodes[0].get(id);
+            if nodes[1..].iter().any(|node| node.get(id) != first) {
+                same = false;
+                break;
+            }
+        }
+        if same {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            let mut report = String::new();
+            for id in ids {
+                for node in nodes {
+                    report.push_str(&format!("{} {id}: {:?}\n", node.name, node.get(id)));
+                }
+            }
+            panic!("no convergence within {timeout:?}:\n{report}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until `check` holds, or panics with `what` after `timeout`.
+pub async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("{what}: not within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

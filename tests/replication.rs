@@ -1,0 +1,232 @@
+//! Replication over real QUIC with mutual TLS on loopback: nodes in this process, each with
+//! its own sled data dir, certificates from a real cluster CA, and UDP relays on the links that
+//! tests cut to make partitions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{converge, eventually, Relay, TestNode};
+use serde_json::json;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn ca(parent: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let dir = parent.join(name);
+    concord::net::tls::create_ca(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_converge_after_concurrent_writes() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[a.listen, b.listen]);
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    eventually("full mesh", CONVERGE, || {
+        a.status().unwrap()["peers"].as_array().unwrap().len() == 2
+    })
+    .await;
+    a.put("customers/1", json!({"name": "Ada", "city": "London"}));
+    b.put("customers/1", json!({"email": "ada@example.com"}));
+    c.put("customers/1", json!({"city": "Paris"}));
+    a.put("customers/2", json!({"name": "Grace"}));
+    c.put("orders/9", json!({"total": 12.5}));
+    converge(
+        &[&a, &b, &c],
+        &["customers/1", "customers/2", "orders/9"],
+        CONVERGE,
+    )
+    .await;
+    let merged = a.get("customers/1").unwrap();
+    assert_eq!(merged["name"], json!("Ada"));
+    assert_eq!(merged["email"], json!("ada@example.com"));
+    // A delete replicates too, and so does a re-creation.
+    b.delete("customers/2");
+    converge(&[&a, &b, &c], &["customers/2"], CONVERGE).await;
+    assert_eq!(c.get("customers/2"), None);
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_line_relays_from_one_end_to_the_other() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[]);
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[b.listen]);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[b.listen]);
+    b.start().await;
+    a.start().await;
+    c.start().await;
+    a.put("items/1", json!({"from": "a"}));
+    c.put("items/2", json!({"from": "c"}));
+    converge(&[&a, &b, &c], &["items/1", "items/2"], CONVERGE).await;
+    assert_eq!(c.get("items/1"), Some(json!({"from": "a"})));
+    let a_status = a.status().unwrap();
+    assert_eq!(
+        a_status["peers"].as_array().unwrap().len(),
+        1,
+        "a and c never connect"
+    );
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_restarted_catches_up() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    a.start().await;
+    b.start().await;
+    a.put("items/before", json!({"v": 1}));
+    converge(&[&a, &b], &["items/before"], CONVERGE).await;
+    b.stop().await;
+    for i in 0..200 {
+        a.put(&format!("items/{i}"), json!({"v": i}));
+    }
+    b.start().await;
+    let ids: Vec<String> = (0..200).map(|i| format!("items/{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    converge(&[&a, &b], &ids, CONVERGE).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_both_sides_of_a_partition_converge_after_healing() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[]);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[]);
+    // Every link goes through a relay the test can cut; each node dials the others.
+    let relay_ab = Relay::start(b.listen).await;
+    let relay_ac = Relay::start(c.listen).await;
+    let relay_bc = Relay::start(c.listen).await;
+    a.set_peers(&[relay_ab.address, relay_ac.address]);
+    b.set_peers(&[relay_bc.address]);
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    eventually("full mesh", CONVERGE, || {
+        c.status().unwrap()["peers"].as_array().unwrap().len() == 2
+    })
+    .await;
+    a.put("items/shared", json!({"v": 0}));
+    converge(&[&a, &b, &c], &["items/shared"], CONVERGE).await;
+
+    // Cut a off from b and c.
+    relay_ab.set_cut(true);
+    relay_ac.set_cut(true);
+    eventually("a sees the cut", CONVERGE, || {
+        a.status().unwrap()["peers"].as_array().unwrap().is_empty()
+    })
+    .await;
+    a.put("items/shared", json!({"a_side": 1}));
+    b.put("items/shared", json!({"b_side": 2}));
+    a.put("items/only-a", json!({"v": "a"}));
+    c.put("items/only-c", json!({"v": "c"}));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.get("items/only-a"), None, "the partition holds");
+    assert_eq!(a.get("items/only-c"), None, "the partition holds");
+
+    relay_ab.set_cut(false);
+    relay_ac.set_cut(false);
+    converge(
+        &[&a, &b, &c],
+        &["items/shared", "items/only-a", "items/only-c"],
+        CONVERGE,
+    )
+    .await;
+    assert_eq!(
+        c.get("items/shared"),
+        Some(json!({"v": 0, "a_side": 1, "b_side": 2}))
+    );
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_from_another_ca_gets_nothing() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let other_ca = ca_dir_other(temp.path());
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut stranger = TestNode::create(temp.path(), "stranger", &other_ca, &[a.listen]);
+    a.start().await;
+    a.put("secrets/1", json!({"v": "classified"}));
+    stranger.start().await;
+    eventually("the stranger is refused", CONVERGE, || {
+        a.metric("concord_handshakes_refused_total") > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stranger.get("secrets/1"), None);
+    assert!(a.status().unwrap()["peers"].as_array().unwrap().is_empty());
+    a.stop().await;
+    stranger.stop().await;
+}
+
+fn ca_dir_other(parent: &std::path::Path) -> std::path::PathBuf {
+    ca(parent, "other-ca")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_and_oversized_frames_close_only_that_connection() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    a.start().await;
+    b.start().await;
+    eventually("a and b connect", CONVERGE, || {
+        a.status().unwrap()["peers"].as_array().unwrap().len() == 1
+    })
+    .await;
+
+    // A client with a valid cluster certificate that sends bad frames.
+    let rogue_dir = temp.path().join("rogue");
+    let rogue_id = concord::record::NodeId::random().unwrap();
+    concord::net::tls::issue_node_certificate(&ca, &rogue_id, &rogue_dir).unwrap();
+    let tls = concord::net::tls::NodeTls::load(&rogue_dir, rogue_id).unwrap();
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls.client_config().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let frames: [Vec<u8>; 2] = [
+        // Oversized: a length prefix past the 4 MiB limit.
+        (64u32 * 1024 * 1024).to_be_bytes().to_vec(),
+        // Malformed: a valid length, version 1, then an unknown message variant.
+        vec![0, 0, 0, 3, 0, 1, 200],
+    ];
+    for frame in frames {
+        let connection = endpoint
+            .connect(a.listen, "peer.node.concord")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = connection.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the node closes a connection that sends a bad frame"
+        );
+    }
+    assert!(a.metric("concord_frames_refused_total") >= 1);
+    // The good peer is unaffected.
+    a.put("items/after", json!({"v": 1}));
+    converge(&[&a, &b], &["items/after"], CONVERGE).await;
+    a.stop().await;
+    b.stop().await;
+}
