@@ -394,8 +394,16 @@ fn load_writes_json_lines_and_refuses_bad_lines() {
 }
 
 #[test]
-fn demo_runs() {
-    let output = concord_bare(&["demo"]);
+fn three_site_demo_converges() {
+    let text = ok(concord_bare(&["demo"]));
+    assert!(text.contains("all three sites connected"), "{text}");
+    assert!(text.contains("every site agrees"), "{text}");
+    assert!(text.contains("stopped all sites cleanly"), "{text}");
+}
+
+#[test]
+fn cli_demo_runs() {
+    let output = concord_bare(&["demo", "--cli"]);
     let text = ok(output);
     assert!(text.contains("$ concord get customers/44"));
     assert!(text.contains("\"name\":\"Grace Hopper\""));

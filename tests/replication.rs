@@ -6,7 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{converge, eventually, Relay, TestNode};
+use common::cluster::{converge, eventually, TestNode};
+use concord::net::relay::Relay;
 use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -109,9 +110,9 @@ async fn writes_on_both_sides_of_a_partition_converge_after_healing() {
     let mut b = TestNode::create(temp.path(), "b", &ca, &[]);
     let mut c = TestNode::create(temp.path(), "c", &ca, &[]);
     // Every link goes through a relay the test can cut; each node dials the others.
-    let relay_ab = Relay::start(b.listen).await;
-    let relay_ac = Relay::start(c.listen).await;
-    let relay_bc = Relay::start(c.listen).await;
+    let relay_ab = Relay::start(b.listen).await.unwrap();
+    let relay_ac = Relay::start(c.listen).await.unwrap();
+    let relay_bc = Relay::start(c.listen).await.unwrap();
     a.set_peers(&[relay_ab.address, relay_ac.address]);
     b.set_peers(&[relay_bc.address]);
     a.start().await;

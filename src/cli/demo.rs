@@ -1,4 +1,4 @@
-//! `concord demo`: a short scripted session on a fresh embedded node.
+//! `concord demo --cli`: a short scripted session on a fresh embedded node.
 //!
 //! Each step is a real command line, parsed and executed by the same code as a typed one, and
 //! printed with its output, so the demo shows exactly what a person would type.

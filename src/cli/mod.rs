@@ -4,6 +4,7 @@
 //! or data error (one line on stderr), 2 when the record asked for is not found. Logs go to
 //! stderr through `tracing`, filtered by `RUST_LOG` (default `warn`).
 
+mod cluster_demo;
 mod demo;
 mod remote;
 
@@ -113,11 +114,15 @@ enum Command {
         #[arg(long)]
         ack: bool,
     },
-    /// Run a short scripted session on a fresh embedded node, printing each step.
+    /// Three sites on loopback: writes, a partition, healing, convergence (`--cli`: a
+    /// scripted CLI session on one embedded node instead).
     Demo {
-        /// Where to put the demo node's data dir (default: a fresh temporary folder).
+        /// Where to put the demo's data dirs (default: a fresh temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run the scripted CLI session on one embedded node.
+        #[arg(long)]
+        cli: bool,
     },
 }
 
@@ -364,7 +369,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             };
             load(&node, &collection, input, &key_field, batch, ack, out)?;
         }
-        Command::Demo { dir } => demo::run(dir, out)?,
+        Command::Demo { dir, cli: true } => demo::run(dir, out)?,
+        Command::Demo { dir, cli: false } => cluster_demo::run(dir, out)?,
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //!   peer; a fast peer is slowed by QUIC flow control when the engine's queue is full;
 //! - dialing retries forever with exponential backoff and jitter.
 
+pub mod relay;
 pub mod tls;
 
 use std::collections::BTreeMap;

@@ -148,6 +148,11 @@ impl Node {
 
     /// Like [`Node::init`], with a certificate from a cluster CA and network settings.
     pub fn init_with(dir: &Path, options: &InitOptions) -> Result<NodeId, NodeError> {
+        Ok(Self::create(dir, options)?.id())
+    }
+
+    /// Creates a data dir as [`Node::init_with`] does and returns the node, open.
+    pub fn create(dir: &Path, options: &InitOptions) -> Result<Self, NodeError> {
         let name = options.name.as_deref();
         let config_path = dir.join(CONFIG_FILE);
         if config_path.exists() {
@@ -181,7 +186,7 @@ impl Node {
         std::fs::write(&config_path, config.to_toml()).map_err(io_error(&config_path))?;
         let node = Self::open(dir)?;
         node.docs.sync()?;
-        Ok(id)
+        Ok(node)
     }
 
     /// Opens the node in `dir`.
@@ -200,18 +205,7 @@ impl Node {
                 message: error.to_string(),
             })?;
         let store_path = dir.join(STORE_DIR);
-        let backend = SledStore::open(&store_path, config.store.page_cache_mib * 1024 * 1024)
-            .map_err(|error| match error {
-                StoreError::Backend(sled::Error::Io(io))
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("lock") =>
-                {
-                    NodeError::Locked {
-                        path: store_path.clone(),
-                    }
-                }
-                other => other.into(),
-            })?;
+        let backend = open_store(&store_path, config.store.page_cache_mib * 1024 * 1024)?;
         let store_config = DocStoreConfig {
             cache_documents: NonZeroUsize::new(config.store.cache_documents)
                 .expect("Config::check refuses a zero cache"),
@@ -436,6 +430,31 @@ impl Node {
             });
         }
         Ok(self.docs.import(id, bytes)?)
+    }
+}
+
+/// How long opening a store waits for a lock that this process is still releasing (sled lets
+/// go of its file lock shortly after the last handle is dropped).
+const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_store(path: &Path, cache_bytes: u64) -> Result<SledStore, NodeError> {
+    let start = std::time::Instant::now();
+    loop {
+        match SledStore::open(path, cache_bytes) {
+            Ok(store) => return Ok(store),
+            Err(StoreError::Backend(sled::Error::Io(io)))
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                if start.elapsed() >= STORE_LOCK_WAIT {
+                    return Err(NodeError::Locked {
+                        path: path.to_owned(),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(other) => return Err(other.into()),
+        }
     }
 }
 

@@ -5,13 +5,11 @@
 
 use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concord::node::{InitOptions, Node};
 use serde_json::Value;
-use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -24,56 +22,6 @@ pub fn free_port() -> u16 {
         return free_port();
     }
     port
-}
-
-/// A UDP relay: forwards datagrams from one dialing node to `target` and back.
-pub struct Relay {
-    pub address: SocketAddr,
-    cut: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-impl Relay {
-    pub async fn start(target: SocketAddr) -> Self {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let address = front.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
-        let flag = cut.clone();
-        let task = tokio::spawn(async move {
-            let mut client: Option<SocketAddr> = None;
-            let mut up = vec![0u8; 65536];
-            let mut down = vec![0u8; 65536];
-            loop {
-                tokio::select! {
-                    received = front.recv_from(&mut up) => {
-                        let Ok((len, from)) = received else { return };
-                        client = Some(from);
-                        if !flag.load(Ordering::Relaxed) {
-                            let _ = back.send_to(&up[..len], target).await;
-                        }
-                    }
-                    received = back.recv_from(&mut down) => {
-                        let Ok((len, _)) = received else { return };
-                        if let (Some(client), false) = (client, flag.load(Ordering::Relaxed)) {
-                            let _ = front.send_to(&down[..len], client).await;
-                        }
-                    }
-                }
-            }
-        });
-        Self { address, cut, task }
-    }
-
-    pub fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// One node: its data dir and, while running, its task.
