@@ -80,7 +80,22 @@ pub struct Shared {
     pub transport: Arc<Transport>,
     pub status: Mutex<Status>,
     pub local_writes: Notify,
+    /// Changes applied from peers; a lagging subscriber misses notices, never blocks the node.
+    pub applied: tokio::sync::broadcast::Sender<AppliedNotice>,
     pub started: Instant,
+}
+
+/// Notices kept for slow subscribers of applied changes.
+pub const APPLIED_NOTICES_BUFFERED: usize = 4096;
+
+/// A change from a peer, applied here.
+#[derive(Debug, Clone)]
+pub struct AppliedNotice {
+    pub from: crate::record::NodeId,
+    pub origin: crate::record::NodeId,
+    pub sequence: u64,
+    pub doc_key: Vec<u8>,
+    pub at: Instant,
 }
 
 fn resolve(address: &str) -> Result<SocketAddr, NodeError> {
@@ -97,6 +112,22 @@ pub async fn run(
     node: Arc<Node>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
+    let running = start(node).await?;
+    shutdown.await;
+    running.stop().await
+}
+
+/// A started node: its shared handles, and what [`Running::stop`] needs.
+pub struct Running {
+    pub shared: Arc<Shared>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    engine_task: tokio::task::JoinHandle<()>,
+    api_task: tokio::task::JoinHandle<()>,
+    stop_api: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Starts the node: transport, engine and API, all running when this returns.
+pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let config = node.config().clone();
     let cluster = config.cluster_id().ok_or(NodeError::NoCluster)?;
     let tls = NodeTls::load(&node.dir().join(TLS_DIR), node.id())?;
@@ -126,6 +157,7 @@ pub async fn run(
             ..Status::default()
         }),
         local_writes: Notify::new(),
+        applied: tokio::sync::broadcast::channel(APPLIED_NOTICES_BUFFERED).0,
         started: Instant::now(),
     });
     tracing::info!(node = %node.id(), %listen, %api, "node running");
@@ -153,29 +185,68 @@ pub async fn run(
         }
     });
 
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_api.send(());
-    if tokio::time::timeout(API_SHUTDOWN_WAIT, api_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!("HTTP API requests still running at shutdown were cut off");
+    Ok(Running {
+        shared,
+        tasks,
+        engine_task,
+        api_task,
+        stop_api,
+    })
+}
+
+impl Running {
+    /// Writes through the node, as the API does: durable on return, then shipped.
+    pub fn put(
+        &self,
+        id: &crate::record::RecordId,
+        write: &crate::record::RecordWrite,
+    ) -> Result<bool, NodeError> {
+        let changed = self.shared.node.put(id, write)?;
+        if changed {
+            self.shared.local_writes.notify_one();
+        }
+        Ok(changed)
     }
-    // No redialing while saying goodbye.
-    for task in tasks {
-        task.abort();
+
+    /// Notices of changes applied from peers, as they happen.
+    pub fn applied(&self) -> tokio::sync::broadcast::Receiver<AppliedNotice> {
+        self.shared.applied.subscribe()
     }
-    transport
-        .close_all(Goodbye {
-            reason: GoodbyeReason::Shutdown,
-            detail: "node shutting down".to_owned(),
-        })
-        .await;
-    engine_task.abort();
-    node.documents().sync()?;
-    tracing::info!("stopped; every acknowledged write is durable");
-    Ok(())
+
+    /// Says goodbye to every peer, stops, and makes the store durable.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        let Running {
+            shared,
+            tasks,
+            engine_task,
+            api_task,
+            stop_api,
+        } = self;
+        let node = shared.node.clone();
+        let transport = shared.transport.clone();
+        tracing::info!("shutting down");
+        let _ = stop_api.send(());
+        if tokio::time::timeout(API_SHUTDOWN_WAIT, api_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP API requests still running at shutdown were cut off");
+        }
+        // No redialing while saying goodbye.
+        for task in tasks {
+            task.abort();
+        }
+        transport
+            .close_all(Goodbye {
+                reason: GoodbyeReason::Shutdown,
+                detail: "node shutting down".to_owned(),
+            })
+            .await;
+        engine_task.abort();
+        node.documents().sync()?;
+        tracing::info!("stopped; every acknowledged write is durable");
+        Ok(())
+    }
 }
 
 /// The engine's task: one event at a time, actions carried out at once.
@@ -262,6 +333,18 @@ fn carry_out(shared: &Shared, actions: Vec<Action>) {
             }
             Action::Applied { from, changes } => {
                 tracing::debug!(%from, count = changes.len(), "applied changes");
+                if shared.applied.receiver_count() > 0 {
+                    let at = Instant::now();
+                    for change in changes {
+                        let _ = shared.applied.send(AppliedNotice {
+                            from,
+                            origin: change.origin,
+                            sequence: change.sequence,
+                            doc_key: change.doc_key,
+                            at,
+                        });
+                    }
+                }
             }
         }
     }

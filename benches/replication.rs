@@ -1,0 +1,421 @@
+//! Replication figures, each beside a baseline measured in the same run.
+//!
+//! Engine level (two sled-backed nodes, engines exchanging encoded frames in memory, so the
+//! figures are the protocol's own and not QUIC's): first replication of N records to an empty
+//! peer, two in-sync nodes confirming it, and catch-up after 1% of the records changed during a
+//! partition; the baseline is Automerge's own per-document sync of the same documents.
+//! Network level (two `concord run` nodes in this process, real QUIC and mutual TLS on
+//! loopback): changes per second one peer applies from another, and write-to-visible latency
+//! at a steady write rate; the baseline is the same writes on one node with no peer.
+//!
+//! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]`
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::sync::{State as SyncState, SyncDoc};
+use automerge::Automerge;
+use concord::node::{InitOptions, Node};
+use concord::record::{NodeId, RecordId, RecordWrite};
+use concord::store::{DocStore, SledStore};
+use concord::sync::{Action, Config, Engine, Event};
+use serde_json::json;
+
+const BATCH: usize = 1000;
+const CLUSTER: [u8; 16] = [7; 16];
+
+fn flag(args: &[String], name: &str, default: usize) -> usize {
+    args.iter()
+        .position(|arg| arg == name)
+        .and_then(|index| args.get(index + 1))
+        .map_or(default, |text| text.parse().expect("a number"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let records = flag(&args, "--records", 100_000);
+    let rate = flag(&args, "--rate", 1000);
+    let seconds = flag(&args, "--seconds", 5);
+    println!("replication: {records} records; latency at {rate} writes/s for {seconds} s");
+    engine_level(records);
+    network_level(records / 5, rate, seconds);
+}
+
+fn record(n: usize) -> RecordWrite {
+    let fields = json!({"name": format!("Customer {n}"), "email": format!("customer{n}@example.com"), "balance": n % 100_000, "active": !n.is_multiple_of(3)});
+    RecordWrite::replace_with(fields.as_object().expect("object").clone())
+}
+
+fn id(n: usize) -> RecordId {
+    RecordId::parse(&format!("customers/{n}")).expect("valid id")
+}
+
+fn load(node: &Node, range: std::ops::Range<usize>) {
+    let ids: Vec<RecordId> = range.clone().map(id).collect();
+    let writes: Vec<RecordWrite> = range.map(record).collect();
+    for (ids, writes) in ids.chunks(BATCH).zip(writes.chunks(BATCH)) {
+        node.put_many(ids.iter().zip(writes.iter())).expect("load");
+    }
+}
+
+struct Side<'a> {
+    id: NodeId,
+    engine: Engine,
+    docs: &'a DocStore<SledStore>,
+}
+
+/// Delivers every message between the two engines until none is left; returns bytes moved.
+fn pump(sides: &mut [Side<'_>; 2], now: Duration, initial: Vec<(usize, Event)>) -> u64 {
+    let mut queue: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+    let mut bytes = 0u64;
+    let mut handle = |sides: &mut [Side<'_>; 2],
+                      at: usize,
+                      event: Event,
+                      queue: &mut VecDeque<(usize, Vec<u8>)>| {
+        let side = &mut sides[at];
+        for action in side
+            .engine
+            .handle(now, event, side.docs)
+            .expect("engine step")
+        {
+            if let Action::Send(_, message) = action {
+                let frame = concord_proto::encode_frame(&message).expect("frame");
+                bytes += frame.len() as u64;
+                queue.push_back((1 - at, frame));
+            }
+        }
+    };
+    for (at, event) in initial {
+        handle(sides, at, event, &mut queue);
+    }
+    let mut rounds = 0;
+    while let Some((to, frame)) = queue.pop_front() {
+        let mut decoder = concord_proto::FrameDecoder::new();
+        decoder.push(&frame).expect("frame");
+        let message = decoder.next_message().expect("decodes").expect("whole");
+        let from = sides[1 - to].id;
+        handle(sides, to, Event::Received(from, message), &mut queue);
+        if queue.is_empty() && rounds < 1_000_000 {
+            // Catch-up proceeds as the transport reports room: ask both sides for more.
+            rounds += 1;
+            let (a, b) = (sides[0].id, sides[1].id);
+            handle(sides, 0, Event::PeerWritable(b), &mut queue);
+            handle(sides, 1, Event::PeerWritable(a), &mut queue);
+        }
+    }
+    bytes
+}
+
+fn connect_events(sides: &[Side<'_>; 2]) -> Vec<(usize, Event)> {
+    vec![
+        (0, Event::PeerConnected(sides[1].id)),
+        (1, Event::PeerConnected(sides[0].id)),
+    ]
+}
+
+fn disconnect(sides: &mut [Side<'_>; 2]) {
+    let (a, b) = (sides[0].id, sides[1].id);
+    sides[0]
+        .engine
+        .handle(Duration::ZERO, Event::PeerDisconnected(b), sides[0].docs)
+        .expect("step");
+    sides[1]
+        .engine
+        .handle(Duration::ZERO, Event::PeerDisconnected(a), sides[1].docs)
+        .expect("step");
+}
+
+/// Automerge's own sync between two documents until both are done: (bytes, messages).
+fn automerge_sync(a: &mut Automerge, b: &mut Automerge) -> (u64, u64) {
+    let (mut state_a, mut state_b) = (SyncState::new(), SyncState::new());
+    let (mut bytes, mut messages) = (0u64, 0u64);
+    loop {
+        let mut quiet = true;
+        if let Some(message) = a.generate_sync_message(&mut state_a) {
+            let encoded = message.encode();
+            bytes += encoded.len() as u64;
+            messages += 1;
+            let decoded = automerge::sync::Message::decode(&encoded).expect("decodes");
+            b.receive_sync_message(&mut state_b, decoded)
+                .expect("applies");
+            quiet = false;
+        }
+        if let Some(message) = b.generate_sync_message(&mut state_b) {
+            let encoded = message.encode();
+            bytes += encoded.len() as u64;
+            messages += 1;
+            let decoded = automerge::sync::Message::decode(&encoded).expect("decodes");
+            a.receive_sync_message(&mut state_a, decoded)
+                .expect("applies");
+            quiet = false;
+        }
+        if quiet {
+            return (bytes, messages);
+        }
+    }
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1_000_000.0
+}
+
+fn engine_level(records: usize) {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let node_a = Node::create(
+        &temp.path().join("a"),
+        &InitOptions {
+            name: Some("a".into()),
+            ..InitOptions::default()
+        },
+    )
+    .expect("node a");
+    let node_b = Node::create(
+        &temp.path().join("b"),
+        &InitOptions {
+            name: Some("b".into()),
+            ..InitOptions::default()
+        },
+    )
+    .expect("node b");
+    load(&node_a, 0..records);
+    let mut sides = [
+        Side {
+            id: node_a.id(),
+            engine: Engine::new(Config::new(CLUSTER, node_a.id(), "a")),
+            docs: node_a.documents(),
+        },
+        Side {
+            id: node_b.id(),
+            engine: Engine::new(Config::new(CLUSTER, node_b.id(), "b")),
+            docs: node_b.documents(),
+        },
+    ];
+
+    let start = Instant::now();
+    let connect = connect_events(&sides);
+    let first_bytes = pump(&mut sides, Duration::ZERO, connect);
+    let first_time = start.elapsed();
+    assert_eq!(
+        node_b.count_live_records().expect("count"),
+        records as u64,
+        "B holds every record"
+    );
+
+    let start = Instant::now();
+    let round = vec![(0, Event::Timeout), (1, Event::Timeout)];
+    let confirm_bytes = pump(&mut sides, Duration::from_secs(10), round);
+    let confirm_time = start.elapsed();
+    disconnect(&mut sides);
+    let start = Instant::now();
+    let connect = connect_events(&sides);
+    let reconnect_bytes = pump(&mut sides, Duration::from_secs(10), connect);
+    let reconnect_time = start.elapsed();
+
+    // A partition: 1% of the records change on A, then the nodes meet again.
+    disconnect(&mut sides);
+    let changed = (records / 100).max(1);
+    let mark_before = node_a
+        .documents()
+        .origin_marks()
+        .into_iter()
+        .find(|(o, _)| *o == node_a.id())
+        .map_or(0, |(_, m)| m);
+    let ids: Vec<RecordId> = (0..changed).map(|i| id(i * 100)).collect();
+    let writes: Vec<RecordWrite> = (0..changed)
+        .map(|i| RecordWrite {
+            set: vec![("balance".to_owned(), json!(1_000_000 + i))],
+            ..RecordWrite::default()
+        })
+        .collect();
+    node_a
+        .put_many(ids.iter().zip(writes.iter()))
+        .expect("updates");
+    let changed_bytes: u64 = node_a
+        .documents()
+        .log_after(&node_a.id(), mark_before, changed + 10)
+        .expect("log")
+        .iter()
+        .map(|c| c.change.len() as u64)
+        .sum();
+    let start = Instant::now();
+    let connect = connect_events(&sides);
+    let catch_up_bytes = pump(&mut sides, Duration::from_secs(20), connect);
+    let catch_up_time = start.elapsed();
+
+    // Baseline: Automerge's per-document sync of the same documents, fresh sync state per
+    // document as on a new connection.
+    let mut docs_a: Vec<Automerge> = Vec::with_capacity(records);
+    for n in 0..records {
+        docs_a.push(
+            node_a
+                .documents()
+                .read(&id(n), Automerge::clone)
+                .expect("read"),
+        );
+    }
+    let mut docs_b: Vec<Automerge> = Vec::with_capacity(records);
+    let start = Instant::now();
+    let mut base_first = 0u64;
+    for doc_a in docs_a.iter_mut() {
+        let mut doc_b = Automerge::new();
+        base_first += automerge_sync(doc_a, &mut doc_b).0;
+        docs_b.push(doc_b);
+    }
+    let base_first_time = start.elapsed();
+    let start = Instant::now();
+    let mut base_confirm = 0u64;
+    for (doc_a, doc_b) in docs_a.iter_mut().zip(docs_b.iter_mut()) {
+        base_confirm += automerge_sync(doc_a, doc_b).0;
+    }
+    let base_confirm_time = start.elapsed();
+    // 1% changed: change the same records on A's copies, then sync every document.
+    for i in 0..changed {
+        let doc = &mut docs_a[i * 100];
+        let mut tx = doc.transaction();
+        automerge::transaction::Transactable::put(
+            &mut tx,
+            automerge::ROOT,
+            "balance",
+            2_000_000 + i as i64,
+        )
+        .expect("put");
+        tx.commit();
+    }
+    let start = Instant::now();
+    let mut base_catch_up = 0u64;
+    for (doc_a, doc_b) in docs_a.iter_mut().zip(docs_b.iter_mut()) {
+        base_catch_up += automerge_sync(doc_a, doc_b).0;
+    }
+    let base_catch_up_time = start.elapsed();
+
+    println!("\n## Engine level, {records} records (frames encoded and decoded, no network)");
+    println!("| measure | Concord | Automerge per-document sync (baseline) |");
+    println!("|---|---|---|");
+    println!(
+        "| first replication to an empty peer | {:.2} s, {:.1} MB | {:.2} s, {:.1} MB |",
+        first_time.as_secs_f64(),
+        mb(first_bytes),
+        base_first_time.as_secs_f64(),
+        mb(base_first)
+    );
+    println!(
+        "| in-sync nodes confirm (summary round) | {:.2} ms, {} B | {:.0} ms, {:.1} MB |",
+        confirm_time.as_secs_f64() * 1000.0,
+        confirm_bytes,
+        base_confirm_time.as_secs_f64() * 1000.0,
+        mb(base_confirm)
+    );
+    println!(
+        "| in-sync nodes reconnect (hello + summary) | {:.2} ms, {} B | - |",
+        reconnect_time.as_secs_f64() * 1000.0,
+        reconnect_bytes
+    );
+    println!("| catch-up after {changed} records changed | {:.1} ms, {:.0} KB ({:.2}x the {:.0} KB of changes) | {:.0} ms, {:.1} MB |", catch_up_time.as_secs_f64() * 1000.0, catch_up_bytes as f64 / 1000.0, catch_up_bytes as f64 / changed_bytes as f64, changed_bytes as f64 / 1000.0, base_catch_up_time.as_secs_f64() * 1000.0, mb(base_catch_up));
+}
+
+fn network_level(records: usize, rate: usize, seconds: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let ca = temp.path().join("ca");
+        concord::net::tls::create_ca(&ca).expect("ca");
+        let port = || -> String {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("port");
+            let port = socket.local_addr().expect("addr").port();
+            format!("127.0.0.1:{port}")
+        };
+        let (listen_a, listen_b) = (port(), port());
+        let make = |dir: &Path, name: &str, listen: &str, peers: Vec<String>| {
+            Node::create(dir, &InitOptions { name: Some(name.into()), ca: Some(ca.clone()), listen: Some(listen.to_owned()), api: Some(port()), peers }).expect("node")
+        };
+        let node_a = Arc::new(make(&temp.path().join("a"), "a", &listen_a, vec![]));
+        load(&node_a, 0..records);
+        let node_b = Arc::new(make(&temp.path().join("b"), "b", &listen_b, vec![listen_a.clone()]));
+        let running_a = concord::node::runtime::start(node_a.clone()).await.expect("start a");
+        let start = Instant::now();
+        let running_b = concord::node::runtime::start(node_b.clone()).await.expect("start b");
+        let a_id = node_a.id();
+        let target = node_a.documents().origin_marks().into_iter().find(|(o, _)| *o == a_id).map_or(0, |(_, m)| m);
+        loop {
+            let mark = node_b.documents().origin_marks().into_iter().find(|(o, _)| *o == a_id).map_or(0, |(_, m)| m);
+            if mark >= target {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let apply_time = start.elapsed();
+
+        // Write-to-visible latency at a steady rate: A writes, B reports each applied change.
+        let mut applied = running_b.applied();
+        let total = rate * seconds;
+        let running_a = Arc::new(running_a);
+        let writer = running_a.clone();
+        let sent_at = std::thread::spawn(move || {
+            let mut sent = Vec::with_capacity(total);
+            let interval = Duration::from_secs_f64(1.0 / rate as f64);
+            let begin = Instant::now();
+            for n in 0..total {
+                let due = begin + interval * n as u32;
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let write = RecordWrite { set: vec![("n".to_owned(), json!(n))], ..RecordWrite::default() };
+                let started = Instant::now();
+                writer.put(&RecordId::parse(&format!("latency/{n}")).expect("id"), &write).expect("write");
+                sent.push(started);
+            }
+            sent
+        });
+        let mut seen = vec![None; total];
+        let mut received = 0;
+        let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 30);
+        while received < total && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(1), applied.recv()).await {
+                Ok(Ok(notice)) => {
+                    if let Some(n) = std::str::from_utf8(&notice.doc_key).ok().and_then(|k| k.strip_prefix("latency/")).and_then(|n| n.parse::<usize>().ok()) {
+                        if n < total && seen[n].is_none() {
+                            seen[n] = Some(notice.at);
+                            received += 1;
+                        }
+                    }
+                }
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                _ => {}
+            }
+        }
+        let sent = sent_at.join().expect("writer");
+        let mut latencies: Vec<f64> = sent
+            .iter()
+            .zip(seen.iter())
+            .filter_map(|(sent, seen)| seen.map(|seen| seen.duration_since(*sent).as_secs_f64() * 1000.0))
+            .collect();
+        latencies.sort_by(f64::total_cmp);
+        let percentile = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
+
+        // Baseline: the same durable writes on a node with no peer (the cost of the write alone).
+        let lone = Node::create(&temp.path().join("lone"), &InitOptions { name: Some("lone".into()), ..InitOptions::default() }).expect("lone");
+        let mut lone_latencies = Vec::with_capacity(total.min(2000));
+        for n in 0..total.min(2000) {
+            let write = RecordWrite { set: vec![("n".to_owned(), json!(n))], ..RecordWrite::default() };
+            let started = Instant::now();
+            lone.put(&RecordId::parse(&format!("latency/{n}")).expect("id"), &write).expect("write");
+            lone_latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        lone_latencies.sort_by(f64::total_cmp);
+
+        println!("\n## Network level: two nodes, QUIC with mutual TLS on loopback");
+        println!("| measure | figure |");
+        println!("|---|---|");
+        println!("| changes one peer applies from another (catch-up of {records} records) | {:.0} changes/s ({:.2} s) |", records as f64 / apply_time.as_secs_f64(), apply_time.as_secs_f64());
+        println!("| write -> visible on the peer at {rate}/s, {} of {total} seen | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |", latencies.len(), percentile(0.50), percentile(0.99), latencies.last().copied().unwrap_or(f64::NAN));
+        println!("| baseline: the same durable write on a node with no peer | p50 {:.2} ms, p99 {:.2} ms |", lone_latencies[lone_latencies.len() / 2], lone_latencies[(lone_latencies.len() * 99) / 100]);
+        let running_a = Arc::try_unwrap(running_a).ok().expect("writer done");
+        running_b.stop().await.expect("stop b");
+        running_a.stop().await.expect("stop a");
+    });
+}
