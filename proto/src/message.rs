@@ -105,12 +105,13 @@ pub struct DocumentChanges {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DigestRange {
-    /// First document key of the range (included).
+    /// The bucket: a prefix of 1 to 3 hex digits of SHA-256 of the document key.
     pub start: String,
-    /// Document key where the range ends (excluded); empty for the end of the key space.
+    /// Reserved for key ranges; empty in version 1.
     pub end: String,
+    /// Documents in the bucket.
     pub count: u64,
-    /// XOR of a hash of (document key, sorted heads) over the range's documents.
+    /// XOR over the bucket's documents of SHA-256(document key, 0x00, sorted heads).
     pub fingerprint: HashBytes,
 }
 
@@ -121,6 +122,8 @@ pub struct RangeDigest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocumentHeads {
+    /// The leaf bucket (hex prefix) these documents are all of the sender's documents in.
+    pub leaf: String,
     pub documents: Vec<(String, Vec<HashBytes>)>,
 }
 
@@ -196,6 +199,7 @@ impl Message {
                 }
             }
             Message::DocumentHeads(heads) => {
+                check_len("leaf bytes", heads.leaf.len(), DOC_KEY_BYTES_MAX)?;
                 check_len("documents", heads.documents.len(), DOCUMENTS_PER_HEADS_MAX)?;
                 for (doc, hashes) in &heads.documents {
                     check_doc(doc)?;

@@ -53,7 +53,7 @@ fn samples() -> Vec<(&'static str, Message)> {
             "range_digest",
             Message::RangeDigest(RangeDigest {
                 ranges: vec![DigestRange {
-                    start: "a/".to_owned(),
+                    start: "a".to_owned(),
                     end: String::new(),
                     count: 2,
                     fingerprint: [6; 32],
@@ -63,6 +63,7 @@ fn samples() -> Vec<(&'static str, Message)> {
         (
             "document_heads",
             Message::DocumentHeads(DocumentHeads {
+                leaf: "abc".to_owned(),
                 documents: vec![("c/1".to_owned(), vec![[7; 32]])],
             }),
         ),
@@ -84,8 +85,8 @@ const GOLDEN: &[(&str, &str)] = &[
     ("changes", "0000001e00010201040404040404040404040404040404040703632f3104856f4a83"),
     ("need_document", "0000002800010303632f31010505050505050505050505050505050505050505050505050505050505050505"),
     ("document_changes", "0000000d00010403632f31020201020103"),
-    ("range_digest", "000000290001050102612f00020606060606060606060606060606060606060606060606060606060606060606"),
-    ("document_heads", "000000290001060103632f31010707070707070707070707070707070707070707070707070707070707070707"),
+    ("range_digest", "0000002800010501016100020606060606060606060606060606060606060606060606060606060606060606"),
+    ("document_heads", "0000002d000106036162630103632f31010707070707070707070707070707070707070707070707070707070707070707"),
     ("ping", "000000040001072a"),
     ("pong", "000000040001082a"),
     ("goodbye", "00000014000109010f636c75737465722064696666657273"),

@@ -13,6 +13,7 @@ use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 use lru::LruCache;
 
+use super::digest::DigestTree;
 use super::group_commit::GroupCommit;
 use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
@@ -91,6 +92,8 @@ pub(super) struct Inner {
     pub(super) next_log_sequence: u64,
     /// How much of each origin's log this store holds.
     pub(super) origins: BTreeMap<NodeId, OriginProgress>,
+    /// Fingerprints of (document, heads) by bucket, for repair.
+    pub(super) digest: DigestTree,
 }
 
 /// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
@@ -155,6 +158,8 @@ pub struct WriteSession<'a, S: Store> {
     next_log_sequence: u64,
     /// Log places queued in this session, applied to `Inner::origins` on commit.
     pub(super) places: Vec<(NodeId, u64)>,
+    /// Head changes queued in this session, applied to `Inner::digest` on commit.
+    heads_changed: Vec<(Vec<u8>, Vec<ChangeHash>, Vec<ChangeHash>)>,
 }
 
 impl<S: Store> DocStore<S> {
@@ -179,6 +184,7 @@ impl<S: Store> DocStore<S> {
         // The log says where this node's sequence continues and how much of every origin is
         // held; no counter is rewritten on every write.
         let origins = scan_origins(&store)?;
+        let digest = scan_digest(&store)?;
         let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&node))? {
             Some((key, _)) => layout::log_sequence(&key)? + 1,
             None => 1,
@@ -190,6 +196,7 @@ impl<S: Store> DocStore<S> {
                 cache: LruCache::new(config.cache_documents),
                 next_log_sequence,
                 origins,
+                digest,
             }),
             config,
             group_commit: GroupCommit::default(),
@@ -255,6 +262,7 @@ impl<S: Store> DocStore<S> {
             touched: Vec::new(),
             next_log_sequence,
             places: Vec::new(),
+            heads_changed: Vec::new(),
         }
     }
 
@@ -456,6 +464,25 @@ impl<S: Store> DocStore<S> {
     }
 }
 
+/// Reads every document's heads once, paged, to build the repair digest.
+fn scan_digest<S: Store>(store: &S) -> Result<DigestTree, StoreError> {
+    let mut digest = DigestTree::default();
+    let prefix = [layout::TAG_DOC];
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = store.scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+        let full = page.len() == SCAN_PAGE_ENTRIES;
+        after = page.last().map(|(key, _)| key.clone());
+        for (key, value) in page {
+            let stored: StoredDoc = layout::decode("document", &value)?;
+            digest.update(&key[1..], &[], &stored.change_hashes());
+        }
+        if !full {
+            return Ok(digest);
+        }
+    }
+}
+
 /// Reads the whole log once, paged, to learn how much of each origin is held.
 fn scan_origins<S: Store>(store: &S) -> Result<BTreeMap<NodeId, OriginProgress>, StoreError> {
     let mut origins: BTreeMap<NodeId, OriginProgress> = BTreeMap::new();
@@ -574,7 +601,10 @@ impl<S: Store> WriteSession<'_, S> {
             );
         let heads = loaded.doc.get_heads();
         let stored = &mut loaded.stored;
+        let old_heads = stored.change_hashes();
         stored.set_heads(&heads);
+        self.heads_changed
+            .push((doc_key.to_vec(), old_heads, stored.change_hashes()));
         stored.set_record_state(document::state(&loaded.doc));
         for hash in new_hashes {
             let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
@@ -656,6 +686,9 @@ impl<S: Store> WriteSession<'_, S> {
                     .or_default()
                     .insert(sequence);
             }
+            for (doc_key, old, new) in std::mem::take(&mut self.heads_changed) {
+                self.inner.digest.update(&doc_key, &old, &new);
+            }
             Some(self.docs.group_commit.ticket())
         };
         self.touched.clear();
@@ -726,6 +759,15 @@ mod tests {
         store.crash(0);
         let reopened = open(store, node, 4);
         assert_eq!(reopened.read(&ids[0], document::read).unwrap(), None);
+        // The repair digest rebuilt from disk equals the one kept up to date by the writes.
+        for prefix in crate::store::digest::children("") {
+            assert_eq!(reopened.digest(&prefix), docs.digest(&prefix));
+        }
+        let documents: u64 = crate::store::digest::children("")
+            .iter()
+            .map(|prefix| reopened.digest(prefix).unwrap().count)
+            .sum();
+        assert_eq!(documents, 5);
         for id in &ids[1..] {
             let fields = reopened.read(id, document::read).unwrap().unwrap();
             assert_eq!(fields.get("n"), Some(&json!(9)));

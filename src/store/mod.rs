@@ -15,6 +15,7 @@
 //!   applied before it survives a crash (sled's contract, kept by `MemoryStore` too);
 //! - a document read back from disk is checked against its recorded heads.
 
+pub mod digest;
 mod documents;
 mod group_commit;
 pub mod layout;
@@ -29,7 +30,7 @@ pub use documents::{
 };
 pub use layout::{LogEntry, Snapshot, StoredDoc};
 pub use memory::MemoryStore;
-pub use replication::{ApplyReport, LoggedChange};
+pub use replication::{ApplyReport, DocumentHeadsEntry, LoggedChange};
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
 use crate::record::RecordError;

@@ -9,6 +9,7 @@
 
 use automerge::{Change, ChangeHash, ReadDoc};
 
+use super::digest::{self, Aggregate};
 use super::documents::LogPlace;
 use super::layout;
 use super::{DocStore, Durability, Store, StoreError};
@@ -23,6 +24,9 @@ pub struct LoggedChange {
     /// The change in Automerge's binary change format.
     pub change: Vec<u8>,
 }
+
+/// A document key and its heads.
+pub type DocumentHeadsEntry = (Vec<u8>, Vec<ChangeHash>);
 
 /// What became of a batch of remote changes.
 #[derive(Debug, Default)]
@@ -222,6 +226,62 @@ impl<S: Store> DocStore<S> {
     pub fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         let mut inner = self.inner();
         Ok(self.loaded(&mut inner, doc_key)?.doc.get_heads())
+    }
+
+    /// The repair aggregate of a bucket (a hex prefix of 1 to 3 digits).
+    pub fn digest(&self, prefix: &str) -> Option<Aggregate> {
+        self.inner().digest.get(prefix)
+    }
+
+    /// Every document in a leaf bucket with its heads, at most `limit`, by a scan of the
+    /// store: only needed when a leaf's fingerprints differ between two nodes.
+    pub fn leaf_documents(
+        &self,
+        leaf: &str,
+        limit: usize,
+    ) -> Result<Vec<DocumentHeadsEntry>, StoreError> {
+        let Some((depth, bucket)) = digest::parse_prefix(leaf) else {
+            return Ok(Vec::new());
+        };
+        if depth + 1 != digest::BUCKET_HEX_DIGITS {
+            return Ok(Vec::new());
+        }
+        let prefix = [layout::TAG_DOC];
+        let mut after: Option<Vec<u8>> = None;
+        let mut found = Vec::new();
+        loop {
+            let page = self.backend().scan_prefix(
+                &prefix,
+                after.as_deref(),
+                super::documents::SCAN_PAGE_ENTRIES,
+            )?;
+            let full = page.len() == super::documents::SCAN_PAGE_ENTRIES;
+            after = page.last().map(|(key, _)| key.clone());
+            for (key, value) in page {
+                if digest::leaf_of(&key[1..]) == bucket && found.len() < limit {
+                    let stored: layout::StoredDoc = layout::decode("document", &value)?;
+                    found.push((key[1..].to_vec(), stored.change_hashes()));
+                }
+            }
+            if !full {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Which of `hashes` the document does not hold.
+    pub fn missing_changes(
+        &self,
+        doc_key: &[u8],
+        hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        let mut inner = self.inner();
+        let loaded = self.loaded(&mut inner, doc_key)?;
+        Ok(hashes
+            .iter()
+            .filter(|hash| loaded.doc.get_change_by_hash(hash).is_none())
+            .copied()
+            .collect())
     }
 
     /// The document key stored under a log entry, for checks and tests.

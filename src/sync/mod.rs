@@ -27,12 +27,14 @@ use std::time::Duration;
 
 use automerge::ChangeHash;
 use concord_proto::{
-    Changes, DocumentChanges, Goodbye, GoodbyeReason, Hello, Message, NeedDocument, OriginMark,
-    ShippedChange, Summary, CHANGES_PER_MESSAGE_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    Changes, DigestRange, DocumentChanges, DocumentHeads, Goodbye, GoodbyeReason, Hello, Message,
+    NeedDocument, OriginMark, RangeDigest, ShippedChange, Summary, CHANGES_PER_MESSAGE_MAX,
+    DOCUMENTS_PER_HEADS_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN, RANGES_PER_DIGEST_MAX,
 };
 
 use crate::record::NodeId;
-use crate::store::{ApplyReport, DocStore, LoggedChange, Store, StoreError};
+use crate::store::digest::{self, Aggregate};
+use crate::store::{ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, Store, StoreError};
 
 /// Where the engine defaults come from: a summary a second keeps repair latency low while
 /// costing a few dozen bytes per origin per peer.
@@ -45,6 +47,11 @@ pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 pub const CATCH_UP_MESSAGES_PER_EVENT: usize = 8;
 /// Changes held waiting for their dependencies, over all documents.
 pub const HELD_CHANGES_MAX: usize = 10_000;
+/// How often each peer is sent a repair digest. Summaries already catch everything the logs
+/// hold, so repair only has to find what they missed (a truncated log, a bug): a slow beat.
+pub const REPAIR_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// Documents answered per `NeedDocument`-free repair pass of one leaf.
+const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 
 /// The store side of replication. [`DocStore`] is the implementation; tests and the simulator
 /// use it over a memory store.
@@ -65,6 +72,17 @@ pub trait Replica {
     ) -> Result<Vec<Vec<u8>>, StoreError>;
     fn apply_unlogged(&self, doc_key: &[u8], changes: Vec<Vec<u8>>) -> Result<usize, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
+    fn digest(&self, prefix: &str) -> Option<Aggregate>;
+    fn leaf_documents(
+        &self,
+        leaf: &str,
+        limit: usize,
+    ) -> Result<Vec<DocumentHeadsEntry>, StoreError>;
+    fn missing_changes(
+        &self,
+        doc_key: &[u8],
+        hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, StoreError>;
 }
 
 impl<S: Store> Replica for DocStore<S> {
@@ -96,6 +114,23 @@ impl<S: Store> Replica for DocStore<S> {
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
     }
+    fn digest(&self, prefix: &str) -> Option<Aggregate> {
+        DocStore::digest(self, prefix)
+    }
+    fn leaf_documents(
+        &self,
+        leaf: &str,
+        limit: usize,
+    ) -> Result<Vec<DocumentHeadsEntry>, StoreError> {
+        DocStore::leaf_documents(self, leaf, limit)
+    }
+    fn missing_changes(
+        &self,
+        doc_key: &[u8],
+        hashes: &[ChangeHash],
+    ) -> Result<Vec<ChangeHash>, StoreError> {
+        DocStore::missing_changes(self, doc_key, hashes)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +139,7 @@ pub struct Config {
     pub node: NodeId,
     pub node_name: String,
     pub summary_interval: Duration,
+    pub repair_interval: Duration,
     pub changes_per_message: usize,
 }
 
@@ -114,6 +150,7 @@ impl Config {
             node,
             node_name: node_name.to_owned(),
             summary_interval: SUMMARY_INTERVAL_DEFAULT,
+            repair_interval: REPAIR_INTERVAL_DEFAULT,
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
         }
     }
@@ -156,6 +193,9 @@ pub struct Stats {
     pub held_dropped: u64,
     pub messages_sent: u64,
     pub malformed: u64,
+    /// Repair digests sent, and documents found out of step by them.
+    pub repair_rounds: u64,
+    pub repair_documents: u64,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +217,7 @@ pub struct Engine {
     held: BTreeMap<Vec<u8>, Vec<(NodeId, LoggedChange)>>,
     held_count: usize,
     next_summary: Option<Duration>,
+    next_repair: Option<Duration>,
     stats: Stats,
 }
 
@@ -206,6 +247,7 @@ impl Engine {
             held: BTreeMap::new(),
             held_count: 0,
             next_summary: None,
+            next_repair: None,
             stats: Stats::default(),
         }
     }
@@ -238,7 +280,10 @@ impl Engine {
 
     /// When the engine next wants [`Event::Timeout`].
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.next_summary
+        match (self.next_summary, self.next_repair) {
+            (Some(summary), Some(repair)) => Some(summary.min(repair)),
+            (summary, repair) => summary.or(repair),
+        }
     }
 
     /// Handles one event at time `now`.
@@ -251,6 +296,7 @@ impl Engine {
         let mut actions = Vec::new();
         if self.next_summary.is_none() {
             self.next_summary = Some(now + self.config.summary_interval);
+            self.next_repair = Some(now + self.config.repair_interval);
         }
         match event {
             Event::PeerConnected(peer) => {
@@ -276,6 +322,14 @@ impl Engine {
                     let summary = self.summary(replica);
                     for peer in self.ready_peers() {
                         self.send(&mut actions, peer, summary.clone());
+                    }
+                }
+                if self.next_repair.is_some_and(|due| now >= due) {
+                    self.next_repair = Some(now + self.config.repair_interval);
+                    let top = self.digest_message(replica, &digest::children(""));
+                    for peer in self.ready_peers() {
+                        self.stats.repair_rounds += 1;
+                        self.send(&mut actions, peer, top.clone());
                     }
                 }
                 for peer in self.ready_peers() {
@@ -424,8 +478,8 @@ impl Engine {
             Message::Goodbye(_) => {
                 self.peers.remove(&peer);
             }
-            // Range repair is answered once the digest lands; until then it changes nothing.
-            Message::RangeDigest(_) | Message::DocumentHeads(_) => {}
+            Message::RangeDigest(digest) => self.receive_digest(peer, digest, replica, actions)?,
+            Message::DocumentHeads(heads) => self.receive_heads(peer, heads, replica, actions)?,
         }
         Ok(())
     }
@@ -588,6 +642,138 @@ impl Engine {
         behind.dedup();
         for peer in behind {
             self.drive_catch_up(peer, replica, actions)?;
+        }
+        Ok(())
+    }
+
+    fn digest_message(&self, replica: &impl Replica, prefixes: &[String]) -> Message {
+        let ranges = prefixes
+            .iter()
+            .map(|prefix| {
+                let aggregate = replica.digest(prefix).unwrap_or_default();
+                DigestRange {
+                    start: prefix.clone(),
+                    end: String::new(),
+                    count: aggregate.count,
+                    fingerprint: aggregate.fingerprint,
+                }
+            })
+            .collect();
+        Message::RangeDigest(RangeDigest { ranges })
+    }
+
+    /// Compares the peer's buckets with ours: matching ones are done; for the others, send the
+    /// finer buckets under them, or, at a leaf, our documents in it with their heads.
+    fn receive_digest(
+        &mut self,
+        peer: NodeId,
+        digest: RangeDigest,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let mut finer = Vec::new();
+        for range in digest.ranges {
+            let Some((depth, _)) = digest::parse_prefix(&range.start) else {
+                self.disconnect(
+                    actions,
+                    peer,
+                    GoodbyeReason::Malformed,
+                    format!("bad digest bucket {:?}", range.start),
+                );
+                return Ok(());
+            };
+            let mine = replica.digest(&range.start).unwrap_or_default();
+            if mine.count == range.count && mine.fingerprint == range.fingerprint {
+                continue;
+            }
+            if depth + 1 < digest::BUCKET_HEX_DIGITS {
+                finer.extend(digest::children(&range.start));
+            } else {
+                let documents =
+                    replica.leaf_documents(&range.start, REPAIR_DOCUMENTS_PER_LEAF_MAX)?;
+                let documents = documents
+                    .into_iter()
+                    .map(|(doc_key, heads)| {
+                        (
+                            String::from_utf8_lossy(&doc_key).into_owned(),
+                            heads.iter().map(|hash| hash.0).collect(),
+                        )
+                    })
+                    .collect();
+                self.send(
+                    actions,
+                    peer,
+                    Message::DocumentHeads(DocumentHeads {
+                        leaf: range.start,
+                        documents,
+                    }),
+                );
+            }
+        }
+        for chunk in finer.chunks(RANGES_PER_DIGEST_MAX) {
+            let message = self.digest_message(replica, chunk);
+            self.send(actions, peer, message);
+        }
+        Ok(())
+    }
+
+    /// The peer's documents in a leaf: ask for what we lack, send what it lacks.
+    fn receive_heads(
+        &mut self,
+        peer: NodeId,
+        heads: DocumentHeads,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let mut listed = BTreeSet::new();
+        for (doc, their_heads) in heads.documents {
+            let their_heads: Vec<ChangeHash> =
+                their_heads.iter().map(|bytes| ChangeHash(*bytes)).collect();
+            let doc_key = doc.into_bytes();
+            listed.insert(doc_key.clone());
+            let mine = replica.heads(&doc_key)?;
+            let mut sorted_mine = mine.clone();
+            sorted_mine.sort_unstable();
+            let mut sorted_theirs = their_heads.clone();
+            sorted_theirs.sort_unstable();
+            if sorted_mine == sorted_theirs {
+                continue;
+            }
+            self.stats.repair_documents += 1;
+            let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            if !replica.missing_changes(&doc_key, &their_heads)?.is_empty() {
+                let need = NeedDocument {
+                    doc: doc.clone(),
+                    have: mine.iter().map(|hash| hash.0).collect(),
+                };
+                self.send(actions, peer, Message::NeedDocument(need));
+            }
+            let theirs_lack =
+                replica.document_changes(&doc_key, &their_heads, CHANGES_PER_MESSAGE_MAX)?;
+            if !theirs_lack.is_empty() {
+                self.send(
+                    actions,
+                    peer,
+                    Message::DocumentChanges(DocumentChanges {
+                        doc,
+                        changes: theirs_lack,
+                    }),
+                );
+            }
+        }
+        // Documents of ours in that leaf that the peer does not hold at all.
+        for (doc_key, _) in replica.leaf_documents(&heads.leaf, REPAIR_DOCUMENTS_PER_LEAF_MAX)? {
+            if listed.contains(&doc_key) {
+                continue;
+            }
+            self.stats.repair_documents += 1;
+            let changes = replica.document_changes(&doc_key, &[], CHANGES_PER_MESSAGE_MAX)?;
+            let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            self.send(
+                actions,
+                peer,
+                Message::DocumentChanges(DocumentChanges { doc, changes }),
+            );
         }
         Ok(())
     }
