@@ -132,8 +132,8 @@ async fn writes_on_both_sides_of_a_partition_converge_after_healing() {
         a.status().unwrap()["peers"].as_array().unwrap().is_empty()
     })
     .await;
-    a.put("items/shared", json!({"a_side": 1}));
-    b.put("items/shared", json!({"b_side": 2}));
+    a.put("items/shared", json!({"a_side": 1, "both": "a"}));
+    b.put("items/shared", json!({"b_side": 2, "both": "b"}));
     a.put("items/only-a", json!({"v": "a"}));
     c.put("items/only-c", json!({"v": "c"}));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -148,9 +148,20 @@ async fn writes_on_both_sides_of_a_partition_converge_after_healing() {
         CONVERGE,
     )
     .await;
+    let shared = c.get("items/shared").unwrap();
     assert_eq!(
-        c.get("items/shared"),
-        Some(json!({"v": 0, "a_side": 1, "b_side": 2}))
+        (&shared["v"], &shared["a_side"], &shared["b_side"]),
+        (&json!(0), &json!(1), &json!(2))
+    );
+    assert!(shared["both"] == json!("a") || shared["both"] == json!("b"));
+    // Both sides wrote `both`: a conflict, counted in the metrics where it was merged.
+    let conflicts: u64 = [&a, &b, &c]
+        .iter()
+        .map(|node| node.metric("concord_conflicts_total"))
+        .sum();
+    assert!(
+        conflicts >= 1,
+        "concurrent writes of one field show in the metrics"
     );
     for node in [&mut a, &mut b, &mut c] {
         node.stop().await;

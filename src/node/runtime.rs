@@ -56,6 +56,8 @@ pub struct EngineStats {
     pub held: u64,
     pub messages_sent: u64,
     pub malformed: u64,
+    pub conflicts: u64,
+    pub repair_documents: u64,
     pub local_changes_pushed: u64,
 }
 
@@ -69,6 +71,8 @@ impl EngineStats {
             held: stats.held,
             messages_sent: stats.messages_sent,
             malformed: stats.malformed,
+            conflicts: stats.conflicts,
+            repair_documents: stats.repair_documents,
             local_changes_pushed: local,
         }
     }
@@ -417,6 +421,16 @@ pub fn metrics_text(shared: &Shared) -> String {
         "concord_changes_sent_total",
         "Changes sent to peers.",
         status.engine.changes_sent,
+    );
+    counter(
+        "concord_conflicts_total",
+        "Fields that became conflicting (concurrent values) as peers' changes were applied.",
+        status.engine.conflicts,
+    );
+    counter(
+        "concord_repaired_documents_total",
+        "Documents found out of step by the repair digest.",
+        status.engine.repair_documents,
     );
     counter(
         "concord_changes_duplicate_total",

@@ -225,6 +225,17 @@ fn remove_fields_except<T: Transactable + ReadDoc>(
     Ok(())
 }
 
+/// Fields (and the tombstone) that hold more than one concurrent value: Automerge picked a
+/// winner deterministically, and the others are conflicts a policy or a person may revisit.
+pub fn conflicting_fields<D: ReadDoc>(doc: &D) -> usize {
+    doc.keys(ROOT)
+        .filter(|key| {
+            doc.get_all(ROOT, key.as_str())
+                .is_ok_and(|values| values.len() > 1)
+        })
+        .count()
+}
+
 /// What one change did to a record, for history and audit.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ChangeEffect {

@@ -339,26 +339,15 @@ impl<S: Store> DocStore<S> {
 
     /// Live records in user collections (system collections start with `_`), by a paged scan.
     pub fn count_live(&self) -> Result<u64, StoreError> {
-        let prefix = [layout::TAG_DOC];
-        let mut after: Option<Vec<u8>> = None;
         let mut live = 0;
-        loop {
-            let page = self
-                .store
-                .scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
-            let full = page.len() == SCAN_PAGE_ENTRIES;
-            after = page.last().map(|(key, _)| key.clone());
-            for (key, value) in page {
-                if key.get(1) == Some(&b'_') {
-                    continue;
-                }
-                let stored: StoredDoc = layout::decode("document", &value)?;
+        for_each_entry(&self.store, &[layout::TAG_DOC], |key, value| {
+            if key.get(1) != Some(&b'_') {
+                let stored: StoredDoc = layout::decode("document", value)?;
                 live += u64::from(stored.record_state() == document::RecordState::Live);
             }
-            if !full {
-                return Ok(live);
-            }
-        }
+            Ok(())
+        })?;
+        Ok(live)
     }
 
     /// Up to `limit` log entries of `origin` with sequence numbers above `after`.
@@ -464,43 +453,48 @@ impl<S: Store> DocStore<S> {
     }
 }
 
-/// Reads every document's heads once, paged, to build the repair digest.
-fn scan_digest<S: Store>(store: &S) -> Result<DigestTree, StoreError> {
-    let mut digest = DigestTree::default();
-    let prefix = [layout::TAG_DOC];
+/// Calls `visit` with every entry whose key starts with `prefix`, in key order, one page of
+/// [`SCAN_PAGE_ENTRIES`] at a time, so memory stays bounded whatever the prefix holds.
+pub(super) fn for_each_entry<S: Store>(
+    store: &S,
+    prefix: &[u8],
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = store.scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
+        let page = store.scan_prefix(prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
         let full = page.len() == SCAN_PAGE_ENTRIES;
         after = page.last().map(|(key, _)| key.clone());
-        for (key, value) in page {
-            let stored: StoredDoc = layout::decode("document", &value)?;
-            digest.update(&key[1..], &[], &stored.change_hashes());
+        for (key, value) in &page {
+            visit(key, value)?;
         }
         if !full {
-            return Ok(digest);
+            return Ok(());
         }
     }
 }
 
-/// Reads the whole log once, paged, to learn how much of each origin is held.
+/// Reads every document's heads once to build the repair digest.
+fn scan_digest<S: Store>(store: &S) -> Result<DigestTree, StoreError> {
+    let mut digest = DigestTree::default();
+    for_each_entry(store, &[layout::TAG_DOC], |key, value| {
+        let stored: StoredDoc = layout::decode("document", value)?;
+        digest.update(&key[1..], &[], &stored.change_hashes());
+        Ok(())
+    })?;
+    Ok(digest)
+}
+
+/// Reads the whole log once to learn how much of each origin is held.
 fn scan_origins<S: Store>(store: &S) -> Result<BTreeMap<NodeId, OriginProgress>, StoreError> {
     let mut origins: BTreeMap<NodeId, OriginProgress> = BTreeMap::new();
-    let prefix = [layout::TAG_LOG];
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = store.scan_prefix(&prefix, after.as_deref(), SCAN_PAGE_ENTRIES)?;
-        let full = page.len() == SCAN_PAGE_ENTRIES;
-        after = page.last().map(|(key, _)| key.clone());
-        for (key, _) in page {
-            let origin = layout::log_origin(&key)?;
-            let sequence = layout::log_sequence(&key)?;
-            origins.entry(origin).or_default().insert(sequence);
-        }
-        if !full {
-            return Ok(origins);
-        }
-    }
+    for_each_entry(store, &[layout::TAG_LOG], |key, _| {
+        let origin = layout::log_origin(key)?;
+        let sequence = layout::log_sequence(key)?;
+        origins.entry(origin).or_default().insert(sequence);
+        Ok(())
+    })?;
+    Ok(origins)
 }
 
 impl<S: Store> WriteSession<'_, S> {

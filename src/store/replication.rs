@@ -10,10 +10,10 @@
 use automerge::{Change, ChangeHash, ReadDoc};
 
 use super::digest::{self, Aggregate};
-use super::documents::LogPlace;
+use super::documents::{for_each_entry, LogPlace};
 use super::layout;
 use super::{DocStore, Durability, Store, StoreError};
-use crate::record::{NodeId, RecordId};
+use crate::record::{document, NodeId, RecordId};
 
 /// One change with its place in its origin's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,8 @@ pub struct ApplyReport {
     pub missing_dependencies: Vec<LoggedChange>,
     /// Not a valid change or document key, with the reason.
     pub invalid: Vec<(LoggedChange, String)>,
+    /// Fields that became conflicting (concurrent values) with these changes.
+    pub conflicts: u64,
 }
 
 impl<S: Store> DocStore<S> {
@@ -122,10 +124,13 @@ impl<S: Store> DocStore<S> {
             }
             session.mark_touched(&logged.doc_key);
             let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
+            let conflicts_before = document::conflicting_fields(&loaded.doc);
             if let Err(error) = loaded.doc.apply_changes([change]) {
                 report.invalid.push((logged, error.to_string()));
                 continue;
             }
+            let conflicts_after = document::conflicting_fields(&loaded.doc);
+            report.conflicts += conflicts_after.saturating_sub(conflicts_before) as u64;
             session.queue_new_changes(&logged.doc_key, &[hash], place)?;
             report.applied.push(logged);
         }
@@ -246,27 +251,15 @@ impl<S: Store> DocStore<S> {
         if depth + 1 != digest::BUCKET_HEX_DIGITS {
             return Ok(Vec::new());
         }
-        let prefix = [layout::TAG_DOC];
-        let mut after: Option<Vec<u8>> = None;
         let mut found = Vec::new();
-        loop {
-            let page = self.backend().scan_prefix(
-                &prefix,
-                after.as_deref(),
-                super::documents::SCAN_PAGE_ENTRIES,
-            )?;
-            let full = page.len() == super::documents::SCAN_PAGE_ENTRIES;
-            after = page.last().map(|(key, _)| key.clone());
-            for (key, value) in page {
-                if digest::leaf_of(&key[1..]) == bucket && found.len() < limit {
-                    let stored: layout::StoredDoc = layout::decode("document", &value)?;
-                    found.push((key[1..].to_vec(), stored.change_hashes()));
-                }
+        for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
+            if digest::leaf_of(&key[1..]) == bucket && found.len() < limit {
+                let stored: layout::StoredDoc = layout::decode("document", value)?;
+                found.push((key[1..].to_vec(), stored.change_hashes()));
             }
-            if !full {
-                return Ok(found);
-            }
-        }
+            Ok(())
+        })?;
+        Ok(found)
     }
 
     /// Which of `hashes` the document does not hold.

@@ -196,6 +196,8 @@ pub struct Stats {
     /// Repair digests sent, and documents found out of step by them.
     pub repair_rounds: u64,
     pub repair_documents: u64,
+    /// Fields that became conflicting as changes from peers were applied.
+    pub conflicts: u64,
 }
 
 #[derive(Debug, Default)]
@@ -557,6 +559,7 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let report = replica.apply_remote(changes)?;
         self.stats.duplicates += report.duplicates as u64;
+        self.stats.conflicts += report.conflicts;
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");
             self.disconnect(actions, from, GoodbyeReason::Malformed, detail);

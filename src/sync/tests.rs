@@ -220,6 +220,16 @@ fn three_nodes_converge_after_concurrent_writes() {
     let shared = shared.unwrap();
     assert_eq!(shared["b"], json!(2));
     assert!(shared["a"] == json!(1) || shared["a"] == json!(3));
+    // Two sites wrote `a` concurrently: a conflict, counted where it was merged.
+    let conflicts: u64 = net
+        .nodes
+        .iter()
+        .map(|node| node.engine.stats().conflicts)
+        .sum();
+    assert!(
+        conflicts >= 1,
+        "the concurrent writes of one field are counted as a conflict"
+    );
 }
 
 #[test]
