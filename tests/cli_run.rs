@@ -113,6 +113,33 @@ fn two_cli_nodes_converge_and_stop_cleanly() {
     let missing = concord(&a, &["get", "customers/nope"]);
     assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
 
+    // Export, import and bulk load work through the API as well.
+    let file = temp.path().join("c1.automerge");
+    ok(concord(
+        &a,
+        &["export", "customers/1", "-o", file.to_str().unwrap()],
+    ));
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(automerge::Automerge::load(&bytes).is_ok());
+    assert!(
+        ok(concord(&b, &["import", "copies/1", file.to_str().unwrap()])).contains("new changes")
+    );
+    let lines = temp.path().join("people.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"id\": 1, \"name\": \"Ada\"}\n{\"id\": 2, \"name\": \"Grace\"}\n",
+    )
+    .unwrap();
+    let acked = ok(concord(
+        &a,
+        &["load", "people", lines.to_str().unwrap(), "--ack"],
+    ));
+    assert_eq!(acked.lines().count(), 2);
+    wait_until("imported and loaded records replicate", || {
+        concord(&a, &["get", "copies/1"]).status.success()
+            && concord(&b, &["get", "people/2"]).status.success()
+    });
+
     // SIGKILL b, write on a meanwhile, restart b: it catches up and lost nothing.
     node_b.kill().unwrap();
     node_b.wait().unwrap();

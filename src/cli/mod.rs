@@ -331,7 +331,10 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Export { id, output } => {
             let id = RecordId::parse(&id)?;
-            let bytes = open(cli.data)?.export(&id)?;
+            let bytes = match target(cli.data)? {
+                Target::Local(node) => node.export(&id)?,
+                Target::Remote(api) => api.export(&id)?,
+            };
             if output == Path::new("-") {
                 out.write_all(&bytes)?;
             } else {
@@ -343,10 +346,17 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let id = RecordId::parse_user(&id)?;
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let outcome = open(cli.data)?
-                .import(&id, &bytes)
-                .with_context(|| format!("cannot import {}", file.display()))?;
-            writeln!(out, "merged {} new changes into {id}", outcome.new_changes)?;
+            let new_changes = match target(cli.data)? {
+                Target::Local(node) => {
+                    node.import(&id, &bytes)
+                        .with_context(|| format!("cannot import {}", file.display()))?
+                        .new_changes as u64
+                }
+                Target::Remote(api) => api
+                    .import(&id, &bytes)
+                    .with_context(|| format!("cannot import {}", file.display()))?,
+            };
+            writeln!(out, "merged {new_changes} new changes into {id}")?;
         }
         Command::Load {
             collection,
@@ -359,7 +369,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             if batch == 0 || batch > LOAD_BATCH_RECORDS_MAX {
                 bail!("--batch must be between 1 and {LOAD_BATCH_RECORDS_MAX}");
             }
-            let node = open(cli.data)?;
+            let target = target(cli.data)?;
             let input: Box<dyn BufRead> = match file {
                 Some(path) if path != Path::new("-") => Box::new(std::io::BufReader::new(
                     std::fs::File::open(&path)
@@ -367,7 +377,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 )),
                 _ => Box::new(std::io::stdin().lock()),
             };
-            load(&node, &collection, input, &key_field, batch, ack, out)?;
+            load(&target, &collection, input, &key_field, batch, ack, out)?;
         }
         Command::Demo { dir, cli: true } => demo::run(dir, out)?,
         Command::Demo { dir, cli: false } => cluster_demo::run(dir, out)?,
@@ -448,7 +458,7 @@ fn parse_assignments(assignments: &[String]) -> Result<RecordWrite> {
 }
 
 fn load(
-    node: &Node,
+    target: &Target,
     collection: &Collection,
     input: Box<dyn BufRead>,
     key_field: &str,
@@ -478,7 +488,17 @@ fn load(
             }
         }
         if batch.len() >= batch_records || (line.is_none() && !batch.is_empty()) {
-            node.put_many(batch.iter().map(|(id, write)| (id, write)))?;
+            match target {
+                Target::Local(node) => {
+                    node.put_many(batch.iter().map(|(id, write)| (id, write)))?;
+                }
+                // A running node takes them one by one through its API, each durable.
+                Target::Remote(api) => {
+                    for (id, write) in &batch {
+                        api.put(id, write)?;
+                    }
+                }
+            }
             loaded += batch.len() as u64;
             progress.set_position(loaded);
             if ack {

@@ -132,6 +132,40 @@ impl ApiClient {
         Ok(value.as_array().cloned().unwrap_or_default())
     }
 
+    /// The record's saved Automerge document.
+    pub fn export(&self, id: &RecordId) -> Result<Vec<u8>> {
+        let url = self.url(&format!("{}/automerge", Self::record_path(id)));
+        let mut response = self
+            .agent
+            .get(&url)
+            .call()
+            .with_context(|| format!("cannot reach the node's API at {}", self.base))?;
+        match response.status().as_u16() {
+            200 => Ok(response
+                .body_mut()
+                .with_config()
+                .limit(concord::node::IMPORT_BYTES_MAX as u64)
+                .read_to_vec()?),
+            404 => Err(NodeError::NotFound(id.clone()).into()),
+            _ => {
+                let body: Value = response.body_mut().read_json().unwrap_or(Value::Null);
+                bail!(
+                    "{}",
+                    body.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the node refused the request")
+                )
+            }
+        }
+    }
+
+    /// Merges a saved Automerge document into the record; returns how many changes were new.
+    pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<u64> {
+        let url = self.url(&format!("{}/automerge", Self::record_path(id)));
+        let value = self.answer(Some(id), self.agent.post(&url).send(bytes))?;
+        Ok(value["new_changes"].as_u64().unwrap_or(0))
+    }
+
     pub fn status(&self) -> Result<Value> {
         self.answer(None, self.agent.get(&self.url("/v1/status")).call())
     }

@@ -1,8 +1,9 @@
 //! The HTTP API (axum): records, status, metrics.
 //!
 //! `GET/PUT/PATCH/DELETE /v1/records/{collection}/{key}`, `GET /v1/records/{collection}`
-//! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`, `GET /v1/status`,
-//! `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
+//! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`,
+//! `GET/POST /v1/records/{collection}/{key}/automerge` (the saved document out, or merged in),
+//! `GET /v1/status`, `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
@@ -38,6 +39,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 .delete(delete_record),
         )
         .route("/v1/records/{collection}/{key}/history", get(history))
+        .route(
+            "/v1/records/{collection}/{key}/automerge",
+            get(export).post(import),
+        )
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
@@ -56,7 +61,11 @@ impl From<NodeError> for ApiError {
     fn from(error: NodeError) -> Self {
         let status = match &error {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
-            NodeError::Record(_) | NodeError::TooLarge { .. } => StatusCode::BAD_REQUEST,
+            NodeError::Record(_)
+            | NodeError::TooLarge { .. }
+            | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, error.to_string())
@@ -188,6 +197,31 @@ async fn history(
     Ok(Json(serde_json::to_value(entries).map_err(|error| {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
     })?))
+}
+
+async fn export(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let collection = Collection::new(&collection).map_err(bad_request)?;
+    let id = RecordId::new(collection, Key::new(&key).map_err(bad_request)?);
+    let node = shared.node.clone();
+    let bytes = blocking(move || node.export(&id)).await?;
+    Ok(([("content-type", "application/octet-stream")], bytes).into_response())
+}
+
+async fn import(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let node = shared.node.clone();
+    let outcome = blocking(move || node.import(&id, &body)).await?;
+    if outcome.new_changes > 0 {
+        shared.local_writes.notify_one();
+    }
+    Ok(Json(json!({"new_changes": outcome.new_changes})))
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
