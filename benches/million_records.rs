@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench million_records -- [--records N] [--updates N]`
 
+/// The allocator the `concord` binary uses, so that these are the binary's figures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;

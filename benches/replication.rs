@@ -10,6 +10,10 @@
 //!
 //! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]`
 
+/// The allocator the `concord` binary uses, so that these are the binary's figures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;

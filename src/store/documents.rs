@@ -529,7 +529,7 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
-        let heads = self.queue_new_changes(&doc_key, &[hash], LogPlace::Local)?;
+        let heads = self.queue_new_changes(&doc_key, &[hash], LogPlace::Local, None)?;
         Ok((
             value,
             WriteOutcome {
@@ -569,7 +569,7 @@ impl<S: Store> WriteSession<'_, S> {
                 heads,
             });
         }
-        let heads = self.queue_new_changes(&doc_key, &new_hashes, LogPlace::Local)?;
+        let heads = self.queue_new_changes(&doc_key, &new_hashes, LogPlace::Local, None)?;
         Ok(ImportOutcome {
             new_changes: new_hashes.len(),
             heads,
@@ -577,12 +577,14 @@ impl<S: Store> WriteSession<'_, S> {
     }
 
     /// Queues the changes `new_hashes`, already applied to the cached document, with the
-    /// document's new stored form and their log entries, compacting when due.
+    /// document's new stored form and their log entries, compacting when due. `encoded` is
+    /// the encoding of a single new change when the caller has it, which saves re-encoding it.
     pub(super) fn queue_new_changes(
         &mut self,
         doc_key: &[u8],
         new_hashes: &[ChangeHash],
         place: LogPlace,
+        encoded: Option<Vec<u8>>,
     ) -> Result<Vec<ChangeHash>, StoreError> {
         self.mark_touched(doc_key);
         if self.touched.len() > SESSION_DOCUMENTS_MAX {
@@ -600,11 +602,16 @@ impl<S: Store> WriteSession<'_, S> {
         self.heads_changed
             .push((doc_key.to_vec(), old_heads, stored.change_hashes()));
         stored.set_record_state(document::state(&loaded.doc));
-        for hash in new_hashes {
-            let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
-                StoreError::Corrupt(format!("change {hash} vanished from its document"))
-            })?;
-            stored.changes.push(change.raw_bytes().to_vec());
+        match (encoded, new_hashes) {
+            (Some(bytes), [_]) => stored.changes.push(bytes),
+            _ => {
+                for hash in new_hashes {
+                    let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
+                        StoreError::Corrupt(format!("change {hash} vanished from its document"))
+                    })?;
+                    stored.changes.push(change.raw_bytes().to_vec());
+                }
+            }
         }
         if stored.changes.len() >= compact_after_changes
             || stored.appended_bytes() >= COMPACT_AFTER_BYTES

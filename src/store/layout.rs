@@ -146,3 +146,44 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn decode<'a, T: Deserialize<'a>>(what: &str, bytes: &'a [u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
 }
+
+/// The magic bytes that start every Automerge chunk.
+const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// The chunk type of an uncompressed change.
+const CHANGE_CHUNK_TYPE: u8 = 1;
+
+/// The hash of a change in Automerge's binary format, without parsing it: SHA-256 of the
+/// chunk after the magic bytes and checksum (Automerge's own definition). `None` if the bytes
+/// are not an uncompressed change chunk.
+pub fn change_hash(bytes: &[u8]) -> Option<ChangeHash> {
+    if bytes.len() <= 9 || bytes[..4] != AUTOMERGE_MAGIC || bytes[8] != CHANGE_CHUNK_TYPE {
+        return None;
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes[8..]);
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    // The checksum is the hash's first four bytes: a cheap check that this is a real chunk.
+    (bytes[4..8] == hash[..4]).then_some(ChangeHash(hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+
+    #[test]
+    fn change_hash_matches_automerge() {
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "field", "value").unwrap();
+        let (hash, _) = tx.commit();
+        let hash = hash.unwrap();
+        let change = automerge::ReadDoc::get_change_by_hash(&doc, &hash).unwrap();
+        assert_eq!(change_hash(change.raw_bytes()), Some(hash));
+        let mut corrupt = change.raw_bytes().to_vec();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        assert_eq!(change_hash(&corrupt), None);
+        assert_eq!(change_hash(b"short"), None);
+    }
+}

@@ -61,26 +61,47 @@ impl<S: Store> DocStore<S> {
         limit: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
-        let mut inner = self.inner();
         let mut changes = Vec::with_capacity(entries.len());
         for (sequence, entry) in entries {
-            let loaded = self.loaded(&mut inner, &entry.doc_key)?;
-            let change = loaded
-                .doc
-                .get_change_by_hash(&ChangeHash(entry.hash))
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "log entry {origin}:{sequence} names a change its document lacks"
-                    ))
-                })?;
+            let hash = ChangeHash(entry.hash);
+            let change = match self.appended_change(&entry.doc_key, &hash)? {
+                Some(bytes) => bytes,
+                None => {
+                    let mut inner = self.inner();
+                    let loaded = self.loaded(&mut inner, &entry.doc_key)?;
+                    let change = loaded.doc.get_change_by_hash(&hash).ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "log entry {origin}:{sequence} names a change its document lacks"
+                        ))
+                    })?;
+                    change.raw_bytes().to_vec()
+                }
+            };
             changes.push(LoggedChange {
                 origin: *origin,
                 sequence,
                 doc_key: entry.doc_key,
-                change: change.raw_bytes().to_vec(),
+                change,
             });
         }
         Ok(changes)
+    }
+
+    /// A change still among a document's appended changes, read straight from its stored
+    /// value: no document is loaded, which is what makes streaming a log fast.
+    fn appended_change(
+        &self,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(bytes) = self.backend().get(&layout::doc_key(doc_key))? else {
+            return Ok(None);
+        };
+        let stored: layout::StoredDoc = layout::decode("document", &bytes)?;
+        Ok(stored
+            .changes
+            .into_iter()
+            .find(|change| layout::change_hash(change).as_ref() == Some(hash)))
     }
 
     /// Applies changes received from a peer, durably, and says what became of each.
@@ -124,14 +145,27 @@ impl<S: Store> DocStore<S> {
             }
             session.mark_touched(&logged.doc_key);
             let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
-            let conflicts_before = document::conflicting_fields(&loaded.doc);
+            // A change to an empty document cannot conflict with anything.
+            let was_empty = loaded.doc.get_heads().is_empty();
+            let conflicts_before = if was_empty {
+                0
+            } else {
+                document::conflicting_fields(&loaded.doc)
+            };
             if let Err(error) = loaded.doc.apply_changes([change]) {
                 report.invalid.push((logged, error.to_string()));
                 continue;
             }
-            let conflicts_after = document::conflicting_fields(&loaded.doc);
-            report.conflicts += conflicts_after.saturating_sub(conflicts_before) as u64;
-            session.queue_new_changes(&logged.doc_key, &[hash], place)?;
+            if !was_empty {
+                let conflicts_after = document::conflicting_fields(&loaded.doc);
+                report.conflicts += conflicts_after.saturating_sub(conflicts_before) as u64;
+            }
+            session.queue_new_changes(
+                &logged.doc_key,
+                &[hash],
+                place,
+                Some(logged.change.clone()),
+            )?;
             report.applied.push(logged);
         }
         session.commit(Durability::Durable)?;
@@ -222,7 +256,7 @@ impl<S: Store> DocStore<S> {
             .map(Change::hash)
             .collect();
         let count = new_hashes.len();
-        session.queue_new_changes(doc_key, &new_hashes, LogPlace::Unlogged)?;
+        session.queue_new_changes(doc_key, &new_hashes, LogPlace::Unlogged, None)?;
         session.commit(Durability::Durable)?;
         Ok(count)
     }
