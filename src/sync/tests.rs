@@ -509,3 +509,30 @@ fn repair_finds_documents_the_summaries_missed() {
         found
     );
 }
+
+#[test]
+fn a_hello_whose_node_id_differs_from_the_certificate_is_refused() {
+    let me = NodeId([1; 16]);
+    let docs = DocStore::open(MemoryStore::new(), me, DocStoreConfig::default()).unwrap();
+    let mut engine = Engine::new(Config::new(CLUSTER, me, "me"));
+    let authenticated = NodeId([2; 16]);
+    engine
+        .handle(Duration::ZERO, Event::PeerConnected(authenticated), &docs)
+        .unwrap();
+    let claims_to_be = Message::Hello(Hello {
+        cluster: CLUSTER,
+        node: [3; 16],
+        node_name: "impostor".into(),
+        version_min: 1,
+        version_max: 1,
+    });
+    let actions = engine
+        .handle(
+            Duration::ZERO,
+            Event::Received(authenticated, claims_to_be),
+            &docs,
+        )
+        .unwrap();
+    assert!(actions.iter().any(|action| matches!(action, Action::Disconnect(peer, goodbye) if *peer == authenticated && goodbye.detail.contains("certificate"))));
+    assert!(engine.ready_peers().is_empty());
+}
