@@ -1,18 +1,19 @@
 //! `concord-sim`: run or sweep seeded simulations and print a summary.
 //!
-//! `cargo run -p concord-sim --release -- --seed 7 --nodes 3 --steps 1000`
-//! `cargo run -p concord-sim --release -- --seeds 0..1000`
+//! `cargo run -p concord-sim --release -- --seed 7 --nodes 5 --steps 200`
+//! `cargo run -p concord-sim --release -- --seeds 0..1000 [--nodes-max 50]`
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use concord_sim::{run, Params};
+use concord_sim::{run, Params, SimRng};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "concord-sim",
-    about = "Deterministic simulation of Concord nodes"
+    about = "Deterministic simulation of Concord nodes under faults"
 )]
 struct Args {
     /// One seed to run.
@@ -21,18 +22,32 @@ struct Args {
     /// A range of seeds to sweep, as A..B (B excluded).
     #[arg(long)]
     seeds: Option<String>,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     nodes: usize,
-    #[arg(long, default_value_t = 8)]
+    /// Sweep sizes: each seed draws its node count from --nodes to --nodes-max.
+    #[arg(long)]
+    nodes_max: Option<usize>,
+    #[arg(long, default_value_t = 12)]
     records: usize,
-    #[arg(long, default_value_t = 300)]
+    /// Writes and deletes in the safety phase.
+    #[arg(long, default_value_t = 200)]
     steps: u64,
-    /// Percent of steps that crash a node.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
+    latency_ms: u64,
+    #[arg(long, default_value_t = 20)]
+    jitter_ms: u64,
+    #[arg(long, default_value_t = 2)]
+    drop_percent: u64,
+    #[arg(long, default_value_t = 2)]
+    duplicate_percent: u64,
+    #[arg(long, default_value_t = 4)]
+    partition_percent: u64,
+    #[arg(long, default_value_t = 2)]
     crash_percent: u64,
-    /// Percent of steps that merge a record between two nodes.
-    #[arg(long, default_value_t = 25)]
-    merge_percent: u64,
+    #[arg(long, default_value_t = 60_000)]
+    skew_ms_max: u64,
+    #[arg(long, default_value_t = 1)]
+    edge_offices: usize,
 }
 
 fn main() -> ExitCode {
@@ -48,36 +63,69 @@ fn main() -> ExitCode {
         },
         (None, None) => 0..1,
     };
-    if args.nodes == 0
-        || args.nodes > concord_sim::NODES_MAX
-        || args.records == 0
-        || args.steps > concord_sim::STEPS_MAX
-        || args.crash_percent + args.merge_percent > 100
-    {
-        eprintln!("error: need 1..={} nodes, at least one record, at most {} steps, and crash + merge percent at most 100", concord_sim::NODES_MAX, concord_sim::STEPS_MAX);
+    let nodes_max = args.nodes_max.unwrap_or(args.nodes);
+    let valid = args.nodes >= 2
+        && nodes_max >= args.nodes
+        && nodes_max <= concord_sim::NODES_MAX
+        && args.records > 0
+        && args.steps <= concord_sim::STEPS_MAX
+        && args.edge_offices < args.nodes
+        && args.crash_percent + args.partition_percent <= 100
+        && args.drop_percent <= 100
+        && args.duplicate_percent <= 100;
+    if !valid {
+        eprintln!(
+            "error: need 2 <= --nodes <= --nodes-max <= {}, at least one record, at most {} steps, fewer edge offices than nodes, and percents that add up to at most 100",
+            concord_sim::NODES_MAX,
+            concord_sim::STEPS_MAX
+        );
         return ExitCode::from(1);
     }
-    let params = Params {
-        nodes: args.nodes,
-        records: args.records,
-        steps: args.steps,
-        crash_percent: args.crash_percent,
-        merge_percent: args.merge_percent,
-        ..Params::default()
-    };
     let start = Instant::now();
-    let mut totals = concord_sim::Summary::default();
     let mut runs = 0u64;
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut converge_ms: Vec<u64> = Vec::new();
+    let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for seed in seeds {
+        // The size of each run is drawn from the seed too, so a seed alone replays it.
+        let nodes = if nodes_max > args.nodes {
+            args.nodes + SimRng::new(seed ^ 0x5eed).index(nodes_max - args.nodes + 1)
+        } else {
+            args.nodes
+        };
+        let params = Params {
+            nodes,
+            records: args.records,
+            steps: args.steps,
+            latency_ms: args.latency_ms,
+            jitter_ms: args.jitter_ms,
+            drop_percent: args.drop_percent,
+            duplicate_percent: args.duplicate_percent,
+            partition_percent: args.partition_percent,
+            crash_percent: args.crash_percent,
+            skew_ms_max: args.skew_ms_max,
+            edge_offices: args.edge_offices.min(nodes - 1),
+            ..Params::default()
+        };
         match run(seed, &params) {
             Ok(summary) => {
                 runs += 1;
-                totals.writes += summary.writes;
-                totals.deletes += summary.deletes;
-                totals.merges += summary.merges;
-                totals.crashes += summary.crashes;
-                totals.unflushed_batches_lost += summary.unflushed_batches_lost;
-                totals.acknowledged_changes += summary.acknowledged_changes;
+                for (kind, count) in &summary.faults {
+                    *faults.entry(kind).or_default() += count;
+                }
+                writes += summary.writes;
+                deletes += summary.deletes;
+                messages += summary.messages;
+                bytes += summary.bytes;
+                changes_sent += summary.changes_sent;
+                let needed = (summary.writes + summary.deletes) * (nodes as u64 - 1);
+                deliveries += needed;
+                let entry = by_size.entry(nodes).or_default();
+                entry.0 += summary.changes_sent;
+                entry.1 += needed;
+                converge_ms.push(summary.converge_sim_ms);
                 if args.seed.is_some() {
                     println!("trace hash {:016x}", summary.trace_hash);
                 }
@@ -85,21 +133,47 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --crash-percent {} --merge-percent {}",
-                    violation.seed, args.nodes, args.records, args.steps, args.crash_percent, args.merge_percent
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --skew-ms-max {} --edge-offices {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.skew_ms_max, params.edge_offices
                 );
                 return ExitCode::from(1);
             }
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    converge_ms.sort_unstable();
+    let percentile = |p: f64| {
+        converge_ms
+            .get(((converge_ms.len() as f64 * p) as usize).min(converge_ms.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
-        "{runs} runs passed in {seconds:.1} s ({:.0} runs per minute)",
+        "{runs} runs passed, 0 violations, in {seconds:.1} s ({:.0} runs per minute)",
         runs as f64 * 60.0 / seconds.max(1e-9)
     );
+    println!("workload: {writes} writes, {deletes} deletes, all acknowledged and all found on every node");
+    println!("faults injected:");
+    for (kind, count) in &faults {
+        println!("  {kind}: {count}");
+    }
+    println!("network: {messages} messages, {bytes} bytes; {changes_sent} changes sent");
+    if deliveries > 0 {
+        println!(
+            "copies of each change sent per node reached: {:.2}",
+            changes_sent as f64 / deliveries as f64
+        );
+    }
+    for (nodes, (sent, needed)) in &by_size {
+        if *needed > 0 && by_size.len() > 1 {
+            println!("  at {nodes} nodes: {:.2}", *sent as f64 / *needed as f64);
+        }
+    }
     println!(
-        "writes {} deletes {} merges {} crashes {} (unflushed batches lost {}) acknowledged changes {}",
-        totals.writes, totals.deletes, totals.merges, totals.crashes, totals.unflushed_batches_lost, totals.acknowledged_changes
+        "simulated time to converge after healing: median {} ms, p99 {} ms, max {} ms",
+        percentile(0.5),
+        percentile(0.99),
+        converge_ms.last().copied().unwrap_or(0)
     );
     ExitCode::SUCCESS
 }

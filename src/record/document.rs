@@ -99,31 +99,34 @@ pub enum RecordState {
 }
 
 fn state_of<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> RecordState {
-    let tombstone = match heads {
-        Some(heads) => doc.get_at(ROOT, DELETED_KEY, heads),
-        None => doc.get(ROOT, DELETED_KEY),
+    // Every concurrent value of the tombstone, not just Automerge's winner: a delete wins over
+    // a concurrent creation, so a record stays deleted unless a write made after the delete
+    // (which overwrites every value it saw) creates it again.
+    let tombstones = match heads {
+        Some(heads) => doc.get_all_at(ROOT, DELETED_KEY, heads),
+        None => doc.get_all(ROOT, DELETED_KEY),
+    }
+    .unwrap_or_default();
+    if !tombstones.is_empty() {
+        let deleted = tombstones.iter().any(|(value, _)| {
+            matches!(value, Value::Scalar(scalar) if matches!(scalar.as_ref(), ScalarValue::Boolean(true)))
+        });
+        return if deleted {
+            RecordState::Deleted
+        } else {
+            RecordState::Live
+        };
+    }
+    // A document written by another Automerge program, with no tombstone: live if it holds
+    // anything at all.
+    let length = match heads {
+        Some(heads) => doc.length_at(ROOT, heads),
+        None => doc.length(ROOT),
     };
-    match tombstone {
-        Ok(Some((Value::Scalar(value), _))) => {
-            if matches!(value.as_ref(), ScalarValue::Boolean(true)) {
-                RecordState::Deleted
-            } else {
-                RecordState::Live
-            }
-        }
-        // A document written by another Automerge program, with no tombstone: live if it
-        // holds anything at all.
-        _ => {
-            let length = match heads {
-                Some(heads) => doc.length_at(ROOT, heads),
-                None => doc.length(ROOT),
-            };
-            if length == 0 {
-                RecordState::Missing
-            } else {
-                RecordState::Live
-            }
-        }
+    if length == 0 {
+        RecordState::Missing
+    } else {
+        RecordState::Live
     }
 }
 
@@ -371,6 +374,32 @@ mod tests {
         assert_eq!(read(&one), None);
         assert_eq!(read(&two), None);
         assert_eq!(one.hydrate(None), two.hydrate(None));
+    }
+
+    #[test]
+    fn a_delete_wins_over_a_concurrent_creation() {
+        let mut base = Automerge::new().with_actor(ActorId::from(&[1u8; 18][..]));
+        write(&mut base, json!({"name": "Ada"}));
+        let mut deleter = base.fork().with_actor(ActorId::from(&[2u8; 18][..]));
+        delete(&mut deleter);
+        // A site that never saw the record creates it, concurrently with the delete.
+        let mut creator = Automerge::new().with_actor(ActorId::from(&[9u8; 18][..]));
+        write(&mut creator, json!({"name": "Grace"}));
+        for (mut one, mut two) in [
+            (deleter.clone(), creator.clone()),
+            (creator.clone(), deleter.clone()),
+        ] {
+            one.merge(&mut two).unwrap();
+            assert_eq!(state(&one), RecordState::Deleted);
+        }
+        // A write made after the delete re-creates it.
+        let mut merged = deleter.clone();
+        merged.merge(&mut creator.clone()).unwrap();
+        write(&mut merged, json!({"name": "Barbara"}));
+        assert_eq!(
+            read(&merged),
+            Some(json!({"name": "Barbara"}).as_object().unwrap().clone())
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Writes go through a [`WriteSession`], which holds the store's lock, applies any number of
 //! document edits to the cached documents, and commits them as one atomic batch: one write
 //! is a session of one, a bulk load is a session of a thousand. A session dropped without
-//! committing forgets the documents it touched, so the cache never runs ahead of the disk.
+//! committing forgets the documents it touched, so the cache never runs ahead of the disk, and
+//! the documents a session touches stay out of the cache until it commits, so no eviction
+//! mid-session can lose its work.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
@@ -154,7 +156,9 @@ pub struct WriteSession<'a, S: Store> {
     pub(super) docs: &'a DocStore<S>,
     pub(super) inner: MutexGuard<'a, Inner>,
     batch: Batch,
-    touched: Vec<Vec<u8>>,
+    /// Documents this session touched, taken out of the cache until commit (see
+    /// [`WriteSession::document`]).
+    working: BTreeMap<Vec<u8>, Loaded>,
     next_log_sequence: u64,
     /// Log places queued in this session, applied to `Inner::origins` on commit.
     pub(super) places: Vec<(NodeId, u64)>,
@@ -259,7 +263,7 @@ impl<S: Store> DocStore<S> {
             docs: self,
             inner,
             batch: Batch::default(),
-            touched: Vec::new(),
+            working: BTreeMap::new(),
             next_log_sequence,
             places: Vec::new(),
             heads_changed: Vec::new(),
@@ -410,7 +414,7 @@ impl<S: Store> DocStore<S> {
             .expect("present: found or inserted just above under the same lock"))
     }
 
-    fn load(&self, doc_key: &[u8]) -> Result<Loaded, StoreError> {
+    pub(super) fn load(&self, doc_key: &[u8]) -> Result<Loaded, StoreError> {
         let Some(bytes) = self.store.get(&layout::doc_key(doc_key))? else {
             return Ok(Loaded {
                 doc: Automerge::new(),
@@ -508,7 +512,7 @@ impl<S: Store> WriteSession<'_, S> {
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
         let doc_key = id.to_doc_key();
-        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
+        let loaded = self.document(&doc_key)?;
         loaded.doc.set_actor(actor.clone());
         let mut transaction = loaded.doc.transaction();
         let value = match edit(&mut transaction) {
@@ -546,11 +550,9 @@ impl<S: Store> WriteSession<'_, S> {
         incoming: &Automerge,
     ) -> Result<ImportOutcome, StoreError> {
         let doc_key = id.to_doc_key();
-        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
+        let loaded = self.document(&doc_key)?;
         let before = loaded.doc.get_heads();
         let incoming_changes = loaded.doc.get_changes_added(incoming);
-        self.touched.push(doc_key.clone());
-        let loaded = self.docs.loaded(&mut self.inner, &doc_key)?;
         loaded
             .doc
             .apply_changes(incoming_changes)
@@ -586,15 +588,11 @@ impl<S: Store> WriteSession<'_, S> {
         place: LogPlace,
         encoded: Option<Vec<u8>>,
     ) -> Result<Vec<ChangeHash>, StoreError> {
-        self.mark_touched(doc_key);
-        if self.touched.len() > SESSION_DOCUMENTS_MAX {
-            return Err(StoreError::SessionTooLarge(SESSION_DOCUMENTS_MAX));
-        }
         let compact_after_changes = self.docs.config.compact_after_changes as usize;
-        let loaded =
-            self.inner.cache.get_mut(doc_key).expect(
-                "the document was loaded into the cache by the caller, under the same lock",
-            );
+        let loaded = self
+            .working
+            .get_mut(doc_key)
+            .expect("the caller took the document into the session");
         let heads = loaded.doc.get_heads();
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
@@ -636,11 +634,25 @@ impl<S: Store> WriteSession<'_, S> {
         Ok(heads)
     }
 
-    /// Notes that the cached document `doc_key` is (about to be) changed by this session.
-    pub(super) fn mark_touched(&mut self, doc_key: &[u8]) {
-        if self.touched.last().map(Vec::as_slice) != Some(doc_key) {
-            self.touched.push(doc_key.to_vec());
+    /// The session's copy of a document: taken out of the cache (or loaded from the store) the
+    /// first time the session touches it, and kept here until commit. Neither an eviction nor
+    /// a reload from the store, which does not hold this session's writes yet, can then lose
+    /// what the session did to it.
+    pub(super) fn document(&mut self, doc_key: &[u8]) -> Result<&mut Loaded, StoreError> {
+        if !self.working.contains_key(doc_key) {
+            if self.working.len() >= SESSION_DOCUMENTS_MAX {
+                return Err(StoreError::SessionTooLarge(SESSION_DOCUMENTS_MAX));
+            }
+            let loaded = match self.inner.cache.pop(doc_key) {
+                Some(loaded) => loaded,
+                None => self.docs.load(doc_key)?,
+            };
+            self.working.insert(doc_key.to_vec(), loaded);
         }
+        Ok(self
+            .working
+            .get_mut(doc_key)
+            .expect("present: found or inserted just above"))
     }
 
     /// Queues one log entry for `hash` of `doc_key` at `place`.
@@ -692,7 +704,10 @@ impl<S: Store> WriteSession<'_, S> {
             }
             Some(self.docs.group_commit.ticket())
         };
-        self.touched.clear();
+        // Written: the session's documents go back to the cache, now matching the store.
+        for (doc_key, loaded) in std::mem::take(&mut self.working) {
+            self.inner.cache.put(doc_key, loaded);
+        }
         let docs = self.docs;
         drop(self);
         if let (Some(ticket), Durability::Durable) = (ticket, durability) {
@@ -703,15 +718,8 @@ impl<S: Store> WriteSession<'_, S> {
     }
 }
 
-impl<S: Store> Drop for WriteSession<'_, S> {
-    fn drop(&mut self) {
-        // Not committed (an error, or the caller gave up): the cached documents touched are
-        // ahead of the disk, so forget them; they reload from the store when next needed.
-        for doc_key in self.touched.drain(..) {
-            self.inner.cache.pop(&doc_key);
-        }
-    }
-}
+// A session dropped without committing (an error, or the caller gave up) simply drops its
+// working documents: they are ahead of the store, and reload from it when next needed.
 
 #[cfg(test)]
 mod tests {
@@ -912,5 +920,34 @@ mod tests {
         assert_eq!(store.unflushed_batches(), 0);
         assert!(docs.read(&second, document::read).unwrap().is_some());
         assert_eq!(docs.log_entries(&node, 0, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_session_larger_than_the_cache_loses_nothing() {
+        // Found by the simulator: a session that touched more documents than the cache holds
+        // reloaded an evicted one from the store, which did not have the session's writes yet.
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 32);
+        let ids: Vec<_> = (0..5)
+            .map(|i| RecordId::parse(&format!("c/{i}")).unwrap())
+            .collect();
+        let mut session = docs.session();
+        for (round, id) in ids.iter().chain(ids.iter()).enumerate() {
+            let write = RecordWrite {
+                set: vec![(format!("f{round}"), json!(round))],
+                ..Default::default()
+            };
+            session
+                .write(id, &node.actor(0), 0, |tx| apply_write(tx, &write))
+                .unwrap();
+        }
+        session.commit(Durability::Durable).unwrap();
+        let reopened = open(store, node, 32);
+        let first = reopened.read(&ids[0], document::read).unwrap().unwrap();
+        assert_eq!(first.get("f0"), Some(&json!(0)));
+        assert_eq!(first.get("f5"), Some(&json!(5)));
+        // Every log entry names a change its document holds.
+        assert_eq!(reopened.log_after(&node, 0, 100).unwrap().len(), 10);
     }
 }

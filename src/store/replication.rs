@@ -129,7 +129,7 @@ impl<S: Store> DocStore<S> {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
+            let loaded = session.document(&logged.doc_key)?;
             if loaded.doc.get_change_by_hash(&hash).is_some() {
                 session.queue_log_entry(&logged.doc_key, &hash, place);
                 report.duplicates += 1;
@@ -143,8 +143,7 @@ impl<S: Store> DocStore<S> {
                 report.missing_dependencies.push(logged);
                 continue;
             }
-            session.mark_touched(&logged.doc_key);
-            let loaded = self.loaded(&mut session.inner, &logged.doc_key)?;
+            let loaded = session.document(&logged.doc_key)?;
             // A change to an empty document cannot conflict with anything.
             let was_empty = loaded.doc.get_heads().is_empty();
             let conflicts_before = if was_empty {
@@ -217,8 +216,7 @@ impl<S: Store> DocStore<S> {
             );
         }
         let mut session = self.session();
-        session.mark_touched(doc_key);
-        let loaded = self.loaded(&mut session.inner, doc_key)?;
+        let loaded = session.document(doc_key)?;
         let before = loaded.doc.get_heads();
         let new: Vec<Change> = parsed
             .into_iter()

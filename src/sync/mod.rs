@@ -432,14 +432,9 @@ impl Engine {
                     self.send(actions, peer, summary);
                 }
             }
-            _ if !ready => {
-                self.disconnect(
-                    actions,
-                    peer,
-                    GoodbyeReason::Malformed,
-                    "message before hello".to_owned(),
-                );
-            }
+            // Before the handshake nothing else counts; over a network that reorders, such a
+            // message is ignored rather than taken for malice (the summaries resend its content).
+            _ if !ready => {}
             Message::Summary(summary) => self.receive_summary(peer, summary, replica, actions)?,
             Message::Changes(changes) => self.receive_changes(peer, changes, replica, actions)?,
             Message::NeedDocument(need) => {
