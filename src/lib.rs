@@ -11,3 +11,16 @@ pub mod node;
 pub mod record;
 pub mod store;
 pub mod sync;
+
+/// Deliberate bugs, compiled only with the `sabotage` feature, for the simulator's tests that
+/// show each check finds what it should. Production builds do not contain them.
+#[cfg(feature = "sabotage")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sabotage {
+    /// A change whose dependencies are missing is dropped, yet its log place is recorded.
+    pub drop_held_changes: bool,
+    /// No summary is ever sent, so nothing is caught up.
+    pub skip_summaries: bool,
+    /// A received change is entered into the log twice: at its place and at the next one.
+    pub log_twice: bool,
+}

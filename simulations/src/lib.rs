@@ -38,8 +38,10 @@ pub use rng::SimRng;
 pub const NODES_MAX: usize = 64;
 /// Most workload operations one run may make.
 pub const STEPS_MAX: u64 = 1_000_000;
-/// Simulated time the liveness phase may take before convergence counts as failed.
-pub const CONVERGE_SIM_MS_MAX: u64 = 120_000;
+/// Simulated time the liveness phase may take before convergence counts as failed. Below the
+/// repair interval (30 s) on purpose: summaries alone must converge a healed cluster, repair
+/// is the net under them, not the way things normally heal.
+pub const CONVERGE_SIM_MS_MAX: u64 = 20_000;
 /// A connection with a link cut one way is given up after this long (QUIC's idle timeout).
 const ONE_WAY_TIMEOUT_MS: u64 = 3_000;
 /// Trace lines kept for a failure report.
@@ -126,14 +128,13 @@ impl std::fmt::Display for Violation {
     }
 }
 
-/// Deliberate bugs, to show that the checks find them. Never set outside tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sabotage {
-    /// Changes whose dependencies are missing are dropped and never asked for again.
-    pub drop_held_changes: bool,
-    /// No summary is ever sent: no catch-up after a partition.
-    pub skip_summaries: bool,
-}
+/// Deliberate bugs in the engine and store, to show that the checks find them: the real ones
+/// in this crate's tests (where `concord` is built with its `sabotage` feature), none otherwise.
+#[cfg(test)]
+type Sabotage = concord::Sabotage;
+#[cfg(not(test))]
+#[derive(Debug, Clone, Copy, Default)]
+struct Sabotage;
 
 /// A record as one node holds it: sorted heads and JSON.
 type RecordView = (
@@ -205,8 +206,22 @@ pub fn run(seed: u64, params: &Params) -> Result<Summary, Violation> {
     run_sabotaged(seed, params, Sabotage::default())
 }
 
-/// Runs one simulation with deliberate bugs switched on (for tests of the checks).
-pub fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summary, Violation> {
+fn open_docs(
+    store: &MemoryStore,
+    id: NodeId,
+    params: &Params,
+    sabotage: Sabotage,
+) -> Result<DocStore<MemoryStore>, concord::store::StoreError> {
+    #[cfg_attr(not(test), allow(unused_mut))]
+    let mut docs = DocStore::open(store.clone(), id, store_config(params))?;
+    #[cfg(test)]
+    docs.set_sabotage(sabotage);
+    #[cfg(not(test))]
+    let _ = sabotage;
+    Ok(docs)
+}
+
+fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summary, Violation> {
     assert!(
         params.nodes >= 2 && params.nodes <= NODES_MAX,
         "2..={NODES_MAX} nodes"
@@ -230,8 +245,7 @@ pub fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<S
             rng.below(2 * params.skew_ms_max + 1) as i64 - params.skew_ms_max as i64
         };
         let store = MemoryStore::new();
-        let docs = DocStore::open(store.clone(), id, store_config(params))
-            .expect("a fresh memory store opens");
+        let docs = open_docs(&store, id, params, sabotage).expect("a fresh memory store opens");
         nodes.push(SimNode {
             id,
             store,
@@ -278,9 +292,12 @@ pub fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<S
 fn new_engine(id: NodeId, sabotage: Sabotage) -> Engine {
     let mut config = Config::new(CLUSTER, id, "sim");
     config.changes_per_message = 64;
-    if sabotage.skip_summaries {
-        config.summary_interval = Duration::from_secs(1_000_000_000);
+    #[cfg(test)]
+    {
+        config.sabotage = sabotage;
     }
+    #[cfg(not(test))]
+    let _ = sabotage;
     Engine::new(config)
 }
 
@@ -690,7 +707,7 @@ impl Sim {
 
     fn restart(&mut self, index: usize) -> Result<(), Violation> {
         let node = &self.nodes[index];
-        let docs = match DocStore::open(node.store.clone(), node.id, store_config(&self.params)) {
+        let docs = match open_docs(&node.store, node.id, &self.params, self.sabotage) {
             Ok(docs) => docs,
             Err(error) => {
                 return Err(self.violation(format!(
@@ -895,6 +912,45 @@ mod tests {
         assert_eq!(first, second);
         let other = run(8, &params).unwrap_or_else(|violation| panic!("{violation}"));
         assert_ne!(first.trace_hash, other.trace_hash);
+    }
+
+    /// Runs seeds until one breaks a guarantee; returns how many it took.
+    fn seeds_to_find(sabotage: Sabotage, seeds_max: u64) -> u64 {
+        let params = Params::default();
+        for seed in 0..seeds_max {
+            if let Err(violation) = run_sabotaged(seed, &params, sabotage) {
+                eprintln!("{sabotage:?} found at seed {seed}: {}", violation.message);
+                return seed + 1;
+            }
+        }
+        panic!("{sabotage:?} went unnoticed for {seeds_max} seeds");
+    }
+
+    #[test]
+    fn the_checks_find_a_dropped_held_change() {
+        let sabotage = Sabotage {
+            drop_held_changes: true,
+            ..Sabotage::default()
+        };
+        assert!(seeds_to_find(sabotage, 20) <= 20);
+    }
+
+    #[test]
+    fn the_checks_find_skipped_summaries() {
+        let sabotage = Sabotage {
+            skip_summaries: true,
+            ..Sabotage::default()
+        };
+        assert!(seeds_to_find(sabotage, 20) <= 20);
+    }
+
+    #[test]
+    fn the_checks_find_a_change_logged_twice() {
+        let sabotage = Sabotage {
+            log_twice: true,
+            ..Sabotage::default()
+        };
+        assert!(seeds_to_find(sabotage, 20) <= 20);
     }
 
     #[test]

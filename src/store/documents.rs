@@ -145,6 +145,8 @@ pub(super) enum LogPlace {
 
 pub struct DocStore<S: Store> {
     pub(super) store: S,
+    #[cfg(feature = "sabotage")]
+    pub(super) sabotage: crate::Sabotage,
     node: NodeId,
     config: DocStoreConfig,
     inner: Mutex<Inner>,
@@ -195,6 +197,8 @@ impl<S: Store> DocStore<S> {
         };
         Ok(Self {
             store,
+            #[cfg(feature = "sabotage")]
+            sabotage: crate::Sabotage::default(),
             node,
             inner: Mutex::new(Inner {
                 cache: LruCache::new(config.cache_documents),
@@ -209,6 +213,12 @@ impl<S: Store> DocStore<S> {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Switches deliberate bugs on (simulator tests only).
+    #[cfg(feature = "sabotage")]
+    pub fn set_sabotage(&mut self, sabotage: crate::Sabotage) {
+        self.sabotage = sabotage;
     }
 
     pub fn backend(&self) -> &S {

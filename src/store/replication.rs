@@ -140,6 +140,11 @@ impl<S: Store> DocStore<S> {
                 .iter()
                 .any(|dependency| loaded.doc.get_change_by_hash(dependency).is_none());
             if missing {
+                #[cfg(feature = "sabotage")]
+                if self.sabotage.drop_held_changes {
+                    session.queue_log_entry(&logged.doc_key, &hash, place);
+                    continue;
+                }
                 report.missing_dependencies.push(logged);
                 continue;
             }
@@ -158,6 +163,14 @@ impl<S: Store> DocStore<S> {
             if !was_empty {
                 let conflicts_after = document::conflicting_fields(&loaded.doc);
                 report.conflicts += conflicts_after.saturating_sub(conflicts_before) as u64;
+            }
+            #[cfg(feature = "sabotage")]
+            if self.sabotage.log_twice && !session.log_holds(&logged.origin, logged.sequence + 1) {
+                let next = LogPlace::Remote {
+                    origin: logged.origin,
+                    sequence: logged.sequence + 1,
+                };
+                session.queue_log_entry(&logged.doc_key, &hash, next);
             }
             session.queue_new_changes(
                 &logged.doc_key,

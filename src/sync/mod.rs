@@ -141,6 +141,9 @@ pub struct Config {
     pub summary_interval: Duration,
     pub repair_interval: Duration,
     pub changes_per_message: usize,
+    /// Deliberate bugs (simulator tests only).
+    #[cfg(feature = "sabotage")]
+    pub sabotage: crate::Sabotage,
 }
 
 impl Config {
@@ -152,6 +155,8 @@ impl Config {
             summary_interval: SUMMARY_INTERVAL_DEFAULT,
             repair_interval: REPAIR_INTERVAL_DEFAULT,
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
+            #[cfg(feature = "sabotage")]
+            sabotage: crate::Sabotage::default(),
         }
     }
 }
@@ -343,6 +348,10 @@ impl Engine {
     }
 
     fn send(&mut self, actions: &mut Vec<Action>, peer: NodeId, message: Message) {
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage.skip_summaries && matches!(message, Message::Summary(_)) {
+            return;
+        }
         self.stats.messages_sent += 1;
         if let Message::Changes(changes) = &message {
             self.stats.changes_sent += changes.changes.len() as u64;
