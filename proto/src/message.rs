@@ -53,6 +53,15 @@ pub enum Message {
     },
     /// The sender is closing the connection, and why.
     Goodbye(Goodbye),
+    /// Stop pushing changes of these origins to me: I receive them from the origins directly.
+    /// Summaries still catch up anything missed.
+    Prune {
+        origins: Vec<NodeIdBytes>,
+    },
+    /// Push changes of these origins to me again (my direct link to them went down).
+    Graft {
+        origins: Vec<NodeIdBytes>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +143,8 @@ pub enum GoodbyeReason {
     UnsupportedVersion,
     Malformed,
     Overloaded,
+    /// No hello arrived in time.
+    HandshakeTimeout,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +221,9 @@ impl Message {
                 check_len("detail bytes", goodbye.detail.len(), DETAIL_BYTES_MAX)?;
             }
             Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::Prune { origins } | Message::Graft { origins } => {
+                check_len("origins", origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
+            }
         }
         Ok(())
     }

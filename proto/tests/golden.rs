@@ -68,6 +68,18 @@ fn samples() -> Vec<(&'static str, Message)> {
             }),
         ),
         ("ping", Message::Ping { nonce: 42 }),
+        (
+            "prune",
+            Message::Prune {
+                origins: vec![[8; 16]],
+            },
+        ),
+        (
+            "graft",
+            Message::Graft {
+                origins: vec![[9; 16]],
+            },
+        ),
         ("pong", Message::Pong { nonce: 42 }),
         (
             "goodbye",
@@ -90,6 +102,8 @@ const GOLDEN: &[(&str, &str)] = &[
     ("ping", "000000040001072a"),
     ("pong", "000000040001082a"),
     ("goodbye", "00000014000109010f636c75737465722064696666657273"),
+    ("prune", "0000001400010a0108080808080808080808080808080808"),
+    ("graft", "0000001400010b0109090909090909090909090909090909"),
 ];
 
 #[test]

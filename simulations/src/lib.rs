@@ -203,7 +203,7 @@ fn store_config(params: &Params) -> DocStoreConfig {
 
 /// Runs one simulation.
 pub fn run(seed: u64, params: &Params) -> Result<Summary, Violation> {
-    run_sabotaged(seed, params, Sabotage::default())
+    run_sabotaged(seed, params, Default::default())
 }
 
 fn open_docs(
@@ -848,7 +848,51 @@ impl Sim {
             for index in 1..self.nodes.len() {
                 let other = self.record_state(index, record)?;
                 if other != first {
+                    let all: Vec<BTreeSet<ChangeHash>> = (0..self.nodes.len())
+                        .map(|node| {
+                            self.nodes[node]
+                                .docs
+                                .read(&self.ids[record], |doc| {
+                                    doc.get_changes(&[])
+                                        .iter()
+                                        .map(|change| change.hash())
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    let union: BTreeSet<ChangeHash> = all.iter().flatten().copied().collect();
+                    let missing: Vec<(usize, Vec<String>)> = all
+                        .iter()
+                        .enumerate()
+                        .map(|(node, held)| {
+                            (
+                                node,
+                                union
+                                    .difference(held)
+                                    .map(|hash| hash.to_string()[..8].to_owned())
+                                    .collect(),
+                            )
+                        })
+                        .collect();
+                    let marks: Vec<Vec<(String, u64)>> = self
+                        .nodes
+                        .iter()
+                        .map(|node| {
+                            node.docs
+                                .origin_marks()
+                                .into_iter()
+                                .map(|(o, m)| (o.to_string()[..6].to_owned(), m))
+                                .collect()
+                        })
+                        .collect();
                     return Ok(format!(
+                        "missing per node {missing:?}; marks {marks:?}; ids {:?}; ",
+                        self.nodes
+                            .iter()
+                            .map(|n| n.id.to_string()[..6].to_owned())
+                            .collect::<Vec<_>>()
+                    ) + &format!(
                         "{}: node 0 has {:?} ({} heads), node {index} has {:?} ({} heads)",
                         self.ids[record],
                         first.1,

@@ -45,6 +45,9 @@ pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 /// Catch-up messages produced per peer per event, so one event never builds an unbounded
 /// backlog; the shell asks for more when the peer's queue drains.
 pub const CATCH_UP_MESSAGES_PER_EVENT: usize = 8;
+/// How long a connected peer may take to say hello before the connection is closed (a hello
+/// lost, or a peer that never speaks, must not hold a connection open forever).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Changes held waiting for their dependencies, over all documents.
 pub const HELD_CHANGES_MAX: usize = 10_000;
 /// How often each peer is sent a repair digest. Summaries already catch everything the logs
@@ -208,6 +211,8 @@ pub struct Stats {
 #[derive(Debug, Default)]
 struct Peer {
     ready: bool,
+    /// When the connection came up: the handshake must complete within [`HANDSHAKE_TIMEOUT`].
+    connected_at: Duration,
     /// Per origin: the peer holds, or was sent, every entry up to this sequence.
     sent: BTreeMap<NodeId, u64>,
     /// `sent` as it was at the previous summary from the peer.
@@ -216,6 +221,10 @@ struct Peer {
     catching_up: BTreeSet<NodeId>,
     /// The peer's last reported marks, for lag.
     reported: BTreeMap<NodeId, u64>,
+    /// Origins this peer receives directly and asked us not to relay (Prune).
+    pruned: BTreeSet<NodeId>,
+    /// Origins we asked this peer not to relay to us.
+    pruned_by_us: BTreeSet<NodeId>,
 }
 
 pub struct Engine {
@@ -307,7 +316,13 @@ impl Engine {
         }
         match event {
             Event::PeerConnected(peer) => {
-                self.peers.insert(peer, Peer::default());
+                self.peers.insert(
+                    peer,
+                    Peer {
+                        connected_at: now,
+                        ..Peer::default()
+                    },
+                );
                 let hello = Message::Hello(Hello {
                     cluster: self.config.cluster,
                     node: self.config.node.0,
@@ -319,6 +334,25 @@ impl Engine {
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
+                // Whoever stopped relaying this origin to us must relay it again.
+                let graft: Vec<NodeId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, state)| state.ready && state.pruned_by_us.contains(&peer))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for relay in graft {
+                    if let Some(state) = self.peers.get_mut(&relay) {
+                        state.pruned_by_us.remove(&peer);
+                    }
+                    self.send(
+                        &mut actions,
+                        relay,
+                        Message::Graft {
+                            origins: vec![peer.0],
+                        },
+                    );
+                }
             }
             Event::Received(peer, message) => self.receive(peer, message, replica, &mut actions)?,
             Event::LocalChanges(changes) => self.push(&changes, None, replica, &mut actions)?,
@@ -338,6 +372,22 @@ impl Engine {
                         self.stats.repair_rounds += 1;
                         self.send(&mut actions, peer, top.clone());
                     }
+                }
+                let silent: Vec<NodeId> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, state)| {
+                        !state.ready && now.saturating_sub(state.connected_at) >= HANDSHAKE_TIMEOUT
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for peer in silent {
+                    self.disconnect(
+                        &mut actions,
+                        peer,
+                        GoodbyeReason::HandshakeTimeout,
+                        "no hello in time".to_owned(),
+                    );
                 }
                 for peer in self.ready_peers() {
                     self.drive_catch_up(peer, replica, &mut actions)?;
@@ -439,6 +489,18 @@ impl Engine {
                     }
                     let summary = self.summary(replica);
                     self.send(actions, peer, summary);
+                    // Origins we reach directly need no relay: tell the new peer about the
+                    // others, and the others about the new peer.
+                    self.prune_relay(peer, actions);
+                    let others: Vec<NodeId> = self
+                        .peers
+                        .iter()
+                        .filter(|(id, state)| state.ready && **id != peer)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for other in others {
+                        self.prune_relay(other, actions);
+                    }
                 }
             }
             // Before the handshake nothing else counts; over a network that reorders, such a
@@ -480,6 +542,26 @@ impl Engine {
                 }
             }
             Message::Ping { nonce } => self.send(actions, peer, Message::Pong { nonce }),
+            Message::Prune { origins } => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    for origin in origins {
+                        let origin = NodeId(origin);
+                        state.pruned.insert(origin);
+                        state.catching_up.remove(&origin);
+                    }
+                }
+            }
+            Message::Graft { origins } => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    for origin in origins {
+                        let origin = NodeId(origin);
+                        state.pruned.remove(&origin);
+                        // What the peer missed meanwhile comes through catch-up.
+                        state.catching_up.insert(origin);
+                    }
+                }
+                self.drive_catch_up(peer, replica, actions)?;
+            }
             Message::Pong { .. } => {}
             Message::Goodbye(_) => {
                 self.peers.remove(&peer);
@@ -516,6 +598,10 @@ impl Engine {
             }
         }
         for (origin, mine) in &marks {
+            // An origin the peer reaches directly serves its own log to it.
+            if state.pruned.contains(origin) {
+                continue;
+            }
             let sent = state.sent.entry(*origin).or_insert(0);
             if *sent < *mine {
                 state.catching_up.insert(*origin);
@@ -561,8 +647,16 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
+        let relayed_origins: BTreeSet<NodeId> = changes
+            .iter()
+            .map(|change| change.origin)
+            .filter(|origin| *origin != from)
+            .collect();
         let report = replica.apply_remote(changes)?;
         self.stats.duplicates += report.duplicates as u64;
+        if report.duplicates > 0 && !relayed_origins.is_empty() {
+            self.prune_relay(from, actions);
+        }
         self.stats.conflicts += report.conflicts;
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");
@@ -601,6 +695,29 @@ impl Engine {
         Ok(())
     }
 
+    /// A relay sent us changes we already had: ask it to stop relaying every origin we are
+    /// directly connected to (Plumtree's prune). Those origins push to us themselves, and the
+    /// summaries catch up anything a lost push missed, so each change reaches each node about
+    /// once instead of once per neighbour.
+    fn prune_relay(&mut self, relay: NodeId, actions: &mut Vec<Action>) {
+        let direct: BTreeSet<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, state)| state.ready && **id != relay)
+            .map(|(id, _)| *id)
+            .collect();
+        let Some(state) = self.peers.get_mut(&relay) else {
+            return;
+        };
+        let new: Vec<NodeId> = direct.difference(&state.pruned_by_us).copied().collect();
+        if new.is_empty() {
+            return;
+        }
+        state.pruned_by_us.extend(new.iter().copied());
+        let origins = new.iter().map(|origin| origin.0).collect();
+        self.send(actions, relay, Message::Prune { origins });
+    }
+
     /// Sends new changes at once to every ready peer that is up to date for their origins;
     /// peers that are behind get them through catch-up.
     fn push(
@@ -623,7 +740,11 @@ impl Engine {
                 if change.sequence <= *sent {
                     continue;
                 }
-                if change.sequence == *sent + 1 && !peer.catching_up.contains(&change.origin) {
+                if peer.pruned.contains(&change.origin) {
+                    // The peer gets this origin directly; summaries cover any gap.
+                    continue;
+                } else if change.sequence == *sent + 1 && !peer.catching_up.contains(&change.origin)
+                {
                     *sent = change.sequence;
                     batch.push(shipped(change));
                 } else {
@@ -800,6 +921,10 @@ impl Engine {
             let Some(origin) = state.catching_up.first().copied() else {
                 return Ok(());
             };
+            if state.pruned.contains(&origin) {
+                state.catching_up.remove(&origin);
+                continue;
+            }
             let after = state.sent.get(&origin).copied().unwrap_or(0);
             let batch = replica.log_after(&origin, after, per_message)?;
             if batch.len() < per_message {
