@@ -228,6 +228,12 @@ fn remove_fields_except<T: Transactable + ReadDoc>(
     Ok(())
 }
 
+/// Whether the document holds the change `hash`. Cheap: it asks the change graph, where
+/// `get_change_by_hash` would encode the whole change.
+pub fn holds_change<D: ReadDoc>(doc: &D, hash: &ChangeHash) -> bool {
+    doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
+}
+
 /// Fields (and the tombstone) that hold more than one concurrent value: Automerge picked a
 /// winner deterministically, and the others are conflicts a policy or a person may revisit.
 pub fn conflicting_fields<D: ReadDoc>(doc: &D) -> usize {

@@ -130,7 +130,7 @@ impl<S: Store> DocStore<S> {
                 sequence: logged.sequence,
             };
             let loaded = session.document(&logged.doc_key)?;
-            if loaded.doc.get_change_by_hash(&hash).is_some() {
+            if document::holds_change(&loaded.doc, &hash) {
                 session.queue_log_entry(&logged.doc_key, &hash, place);
                 report.duplicates += 1;
                 continue;
@@ -138,7 +138,7 @@ impl<S: Store> DocStore<S> {
             let missing = change
                 .deps()
                 .iter()
-                .any(|dependency| loaded.doc.get_change_by_hash(dependency).is_none());
+                .any(|dependency| !document::holds_change(&loaded.doc, dependency));
             if missing {
                 #[cfg(feature = "sabotage")]
                 if self.sabotage.drop_held_changes {
@@ -196,7 +196,7 @@ impl<S: Store> DocStore<S> {
         let loaded = self.loaded(&mut inner, doc_key)?;
         let known: Vec<ChangeHash> = have
             .iter()
-            .filter(|hash| loaded.doc.get_change_by_hash(hash).is_some())
+            .filter(|hash| document::holds_change(&loaded.doc, hash))
             .copied()
             .collect();
         Ok(loaded
@@ -233,7 +233,7 @@ impl<S: Store> DocStore<S> {
         let before = loaded.doc.get_heads();
         let new: Vec<Change> = parsed
             .into_iter()
-            .filter(|change| loaded.doc.get_change_by_hash(&change.hash()).is_none())
+            .filter(|change| !document::holds_change(&loaded.doc, &change.hash()))
             .collect();
         // Only changes whose dependencies are all present (or among these) are applied;
         // Automerge would queue the rest in memory, where a crash or an eviction loses them.
@@ -243,7 +243,7 @@ impl<S: Store> DocStore<S> {
             let (now_ready, still): (Vec<Change>, Vec<Change>) =
                 pending.into_iter().partition(|change| {
                     change.deps().iter().all(|dependency| {
-                        loaded.doc.get_change_by_hash(dependency).is_some()
+                        document::holds_change(&loaded.doc, dependency)
                             || ready.iter().any(|done: &Change| done.hash() == *dependency)
                     })
                 });
@@ -317,7 +317,7 @@ impl<S: Store> DocStore<S> {
         let loaded = self.loaded(&mut inner, doc_key)?;
         Ok(hashes
             .iter()
-            .filter(|hash| loaded.doc.get_change_by_hash(hash).is_none())
+            .filter(|hash| !document::holds_change(&loaded.doc, hash))
             .copied()
             .collect())
     }

@@ -45,6 +45,9 @@ pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 /// Catch-up messages produced per peer per event, so one event never builds an unbounded
 /// backlog; the shell asks for more when the peer's queue drains.
 pub const CATCH_UP_MESSAGES_PER_EVENT: usize = 8;
+/// Relays asked to relay an origin again when the direct link to it goes down: two, so one
+/// slow or partitioned relay does not stall it.
+pub const GRAFT_RELAYS: usize = 2;
 /// How long a connected peer may take to say hello before the connection is closed (a hello
 /// lost, or a peer that never speaks, must not hold a connection open forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -334,12 +337,14 @@ impl Engine {
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
-                // Whoever stopped relaying this origin to us must relay it again.
+                // A few of the relays that stopped relaying this origin to us relay it again;
+                // the rest stay pruned, so a lost link does not bring a copy from every peer.
                 let graft: Vec<NodeId> = self
                     .peers
                     .iter()
                     .filter(|(_, state)| state.ready && state.pruned_by_us.contains(&peer))
                     .map(|(id, _)| *id)
+                    .take(GRAFT_RELAYS)
                     .collect();
                 for relay in graft {
                     if let Some(state) = self.peers.get_mut(&relay) {
