@@ -46,7 +46,7 @@ async fn three_nodes_converge_after_concurrent_writes() {
     let merged = a.get("customers/1").unwrap();
     assert_eq!(merged["name"], json!("Ada"));
     assert_eq!(merged["email"], json!("ada@example.com"));
-    // A delete replicates too, and so does a re-creation.
+    // A delete replicates too.
     b.delete("customers/2");
     converge(&[&a, &b, &c], &["customers/2"], CONVERGE).await;
     assert_eq!(c.get("customers/2"), None);

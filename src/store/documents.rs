@@ -561,11 +561,24 @@ impl<S: Store> WriteSession<'_, S> {
     ) -> Result<ImportOutcome, StoreError> {
         let doc_key = id.to_doc_key();
         let loaded = self.document(&doc_key)?;
-        let before = loaded.doc.get_heads();
         let incoming_changes = loaded.doc.get_changes_added(incoming);
+        self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)
+    }
+
+    /// Applies changes to the session's copy of a document and queues whichever of them were
+    /// new. Changes whose dependencies are missing must not be among them: Automerge would
+    /// queue those in memory only.
+    pub(super) fn apply_and_queue(
+        &mut self,
+        doc_key: &[u8],
+        changes: Vec<Change>,
+        place: LogPlace,
+    ) -> Result<ImportOutcome, StoreError> {
+        let loaded = self.document(doc_key)?;
+        let before = loaded.doc.get_heads();
         loaded
             .doc
-            .apply_changes(incoming_changes)
+            .apply_changes(changes)
             .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
         // Only changes that were applied count: the ones now above the old heads.
         let new_hashes: Vec<ChangeHash> = loaded
@@ -575,13 +588,12 @@ impl<S: Store> WriteSession<'_, S> {
             .map(Change::hash)
             .collect();
         if new_hashes.is_empty() {
-            let heads = loaded.doc.get_heads();
             return Ok(ImportOutcome {
                 new_changes: 0,
-                heads,
+                heads: loaded.doc.get_heads(),
             });
         }
-        let heads = self.queue_new_changes(&doc_key, &new_hashes, LogPlace::Local, None)?;
+        let heads = self.queue_new_changes(doc_key, &new_hashes, place, None)?;
         Ok(ImportOutcome {
             new_changes: new_hashes.len(),
             heads,

@@ -230,7 +230,6 @@ impl<S: Store> DocStore<S> {
         }
         let mut session = self.session();
         let loaded = session.document(doc_key)?;
-        let before = loaded.doc.get_heads();
         let new: Vec<Change> = parsed
             .into_iter()
             .filter(|change| !document::holds_change(&loaded.doc, &change.hash()))
@@ -256,20 +255,9 @@ impl<S: Store> DocStore<S> {
         if ready.is_empty() {
             return Ok(0);
         }
-        loaded
-            .doc
-            .apply_changes(ready)
-            .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
-        let new_hashes: Vec<ChangeHash> = loaded
-            .doc
-            .get_changes(&before)
-            .iter()
-            .map(Change::hash)
-            .collect();
-        let count = new_hashes.len();
-        session.queue_new_changes(doc_key, &new_hashes, LogPlace::Unlogged, None)?;
+        let outcome = session.apply_and_queue(doc_key, ready, LogPlace::Unlogged)?;
         session.commit(Durability::Durable)?;
-        Ok(count)
+        Ok(outcome.new_changes)
     }
 
     /// A document's heads (empty if never written).
