@@ -45,9 +45,9 @@ pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 /// Catch-up messages produced per peer per event, so one event never builds an unbounded
 /// backlog; the shell asks for more when the peer's queue drains.
 pub const CATCH_UP_MESSAGES_PER_EVENT: usize = 8;
-/// Relays asked to relay an origin again when the direct link to it goes down: two, so one
-/// slow or partitioned relay does not stall it.
-pub const GRAFT_RELAYS: usize = 2;
+/// Peers that push and catch up an origin's changes to us when the origin itself is not
+/// connected: two, so one slow or partitioned relay does not stall it.
+pub const RELAYS_PER_ORIGIN: usize = 2;
 /// How long a connected peer may take to say hello before the connection is closed (a hello
 /// lost, or a peer that never speaks, must not hold a connection open forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,6 +240,16 @@ pub struct Engine {
     stats: Stats,
 }
 
+/// A deterministic, well-mixed order of peers per origin, so relaying spreads over peers.
+fn spread(origin: &NodeId, peer: &NodeId) -> u64 {
+    let mut mixed = 0xcbf2_9ce4_8422_2325u64;
+    for byte in origin.0.iter().chain(peer.0.iter()) {
+        mixed ^= u64::from(*byte);
+        mixed = mixed.wrapping_mul(0x0100_0000_01b3);
+    }
+    mixed
+}
+
 fn shipped(change: &LoggedChange) -> ShippedChange {
     ShippedChange {
         origin: change.origin.0,
@@ -337,27 +347,7 @@ impl Engine {
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
-                // A few of the relays that stopped relaying this origin to us relay it again;
-                // the rest stay pruned, so a lost link does not bring a copy from every peer.
-                let graft: Vec<NodeId> = self
-                    .peers
-                    .iter()
-                    .filter(|(_, state)| state.ready && state.pruned_by_us.contains(&peer))
-                    .map(|(id, _)| *id)
-                    .take(GRAFT_RELAYS)
-                    .collect();
-                for relay in graft {
-                    if let Some(state) = self.peers.get_mut(&relay) {
-                        state.pruned_by_us.remove(&peer);
-                    }
-                    self.send(
-                        &mut actions,
-                        relay,
-                        Message::Graft {
-                            origins: vec![peer.0],
-                        },
-                    );
-                }
+                self.rebalance(replica, &mut actions);
             }
             Event::Received(peer, message) => self.receive(peer, message, replica, &mut actions)?,
             Event::LocalChanges(changes) => self.push(&changes, None, replica, &mut actions)?,
@@ -494,18 +484,7 @@ impl Engine {
                     }
                     let summary = self.summary(replica);
                     self.send(actions, peer, summary);
-                    // Origins we reach directly need no relay: tell the new peer about the
-                    // others, and the others about the new peer.
-                    self.prune_relay(peer, actions);
-                    let others: Vec<NodeId> = self
-                        .peers
-                        .iter()
-                        .filter(|(id, state)| state.ready && **id != peer)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for other in others {
-                        self.prune_relay(other, actions);
-                    }
+                    self.rebalance(replica, actions);
                 }
             }
             // Before the handshake nothing else counts; over a network that reorders, such a
@@ -614,6 +593,7 @@ impl Engine {
         }
         state.sent_at_last_summary = state.sent.clone();
         state.reported = reported;
+        self.rebalance(replica, actions);
         self.drive_catch_up(peer, replica, actions)
     }
 
@@ -652,16 +632,8 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
-        let relayed_origins: BTreeSet<NodeId> = changes
-            .iter()
-            .map(|change| change.origin)
-            .filter(|origin| *origin != from)
-            .collect();
         let report = replica.apply_remote(changes)?;
         self.stats.duplicates += report.duplicates as u64;
-        if report.duplicates > 0 && !relayed_origins.is_empty() {
-            self.prune_relay(from, actions);
-        }
         self.stats.conflicts += report.conflicts;
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");
@@ -700,27 +672,88 @@ impl Engine {
         Ok(())
     }
 
-    /// A relay sent us changes we already had: ask it to stop relaying every origin we are
-    /// directly connected to (Plumtree's prune). Those origins push to us themselves, and the
-    /// summaries catch up anything a lost push missed, so each change reaches each node about
-    /// once instead of once per neighbour.
-    fn prune_relay(&mut self, relay: NodeId, actions: &mut Vec<Action>) {
-        let direct: BTreeSet<NodeId> = self
-            .peers
-            .iter()
-            .filter(|(id, state)| state.ready && **id != relay)
-            .map(|(id, _)| *id)
-            .collect();
-        let Some(state) = self.peers.get_mut(&relay) else {
-            return;
-        };
-        let new: Vec<NodeId> = direct.difference(&state.pruned_by_us).copied().collect();
-        if new.is_empty() {
+    /// Chooses, for every origin, who pushes and catches up its changes to us: the origin
+    /// itself while connected, otherwise [`RELAYS_PER_ORIGIN`] peers, kept while no other peer
+    /// reports holding more of that origin's log. Every other peer is asked not to (Prune);
+    /// a peer chosen again is told so (Graft). Each change then reaches each node about once,
+    /// and after a partition an origin's missing log comes from one or two peers, not from
+    /// every peer (Plumtree's eager and lazy push, with summaries as the lazy half).
+    fn rebalance(&mut self, replica: &impl Replica, actions: &mut Vec<Action>) {
+        let ready = self.ready_peers();
+        if ready.is_empty() {
             return;
         }
-        state.pruned_by_us.extend(new.iter().copied());
-        let origins = new.iter().map(|origin| origin.0).collect();
-        self.send(actions, relay, Message::Prune { origins });
+        let mut origins: BTreeSet<NodeId> = replica
+            .origin_marks()
+            .into_iter()
+            .map(|(origin, _)| origin)
+            .collect();
+        for peer in &ready {
+            origins.insert(*peer);
+            origins.extend(self.peers[peer].reported.keys().copied());
+        }
+        origins.remove(&self.config.node);
+        let mut desired: BTreeMap<NodeId, BTreeSet<NodeId>> =
+            ready.iter().map(|peer| (*peer, BTreeSet::new())).collect();
+        for origin in origins {
+            let mark = |peer: &NodeId| self.peers[peer].reported.get(&origin).copied().unwrap_or(0);
+            let sources: Vec<NodeId> = if ready.contains(&origin) {
+                vec![origin]
+            } else {
+                let current: Vec<NodeId> = ready
+                    .iter()
+                    .copied()
+                    .filter(|peer| !self.peers[peer].pruned_by_us.contains(&origin))
+                    .collect();
+                let best_current = current.iter().map(mark).max();
+                let best_other = ready
+                    .iter()
+                    .filter(|peer| !current.contains(peer))
+                    .map(mark)
+                    .max();
+                let keep = current.len() <= RELAYS_PER_ORIGIN
+                    && !current.is_empty()
+                    && best_other <= best_current;
+                if keep {
+                    current
+                } else {
+                    let mut ranked = ready.clone();
+                    ranked
+                        .sort_by_key(|peer| (std::cmp::Reverse(mark(peer)), spread(&origin, peer)));
+                    ranked.truncate(RELAYS_PER_ORIGIN);
+                    ranked
+                }
+            };
+            for peer in &ready {
+                if !sources.contains(peer) {
+                    desired
+                        .get_mut(peer)
+                        .expect("every ready peer has an entry")
+                        .insert(origin);
+                }
+            }
+        }
+        for (peer, want) in desired {
+            let Some(state) = self.peers.get_mut(&peer) else {
+                continue;
+            };
+            let prune: Vec<[u8; 16]> = want
+                .difference(&state.pruned_by_us)
+                .map(|origin| origin.0)
+                .collect();
+            let graft: Vec<[u8; 16]> = state
+                .pruned_by_us
+                .difference(&want)
+                .map(|origin| origin.0)
+                .collect();
+            state.pruned_by_us = want;
+            if !prune.is_empty() {
+                self.send(actions, peer, Message::Prune { origins: prune });
+            }
+            if !graft.is_empty() {
+                self.send(actions, peer, Message::Graft { origins: graft });
+            }
+        }
     }
 
     /// Sends new changes at once to every ready peer that is up to date for their origins;
