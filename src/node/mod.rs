@@ -343,7 +343,7 @@ impl Node {
         })
     }
 
-    /// Live records over all user collections, by scanning the store (no document is loaded).
+    /// Live records over all user collections (kept up to date by the store; no scan).
     pub fn count_live_records(&self) -> Result<u64, NodeError> {
         Ok(self.docs.count_live()?)
     }
