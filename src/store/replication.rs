@@ -7,6 +7,8 @@
 //! logged, so it is asked for again rather than lost; everything applied is durable before
 //! [`DocStore::apply_remote`] returns, so it can be relayed at once.
 
+use std::collections::BTreeMap;
+
 use automerge::{Change, ChangeHash, ReadDoc};
 
 use super::digest::{self, Aggregate};
@@ -61,30 +63,45 @@ impl<S: Store> DocStore<S> {
         limit: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
-        let mut changes = Vec::with_capacity(entries.len());
-        for (sequence, entry) in entries {
-            let hash = ChangeHash(entry.hash);
-            let change = match self.appended_change(&entry.doc_key, &hash)? {
-                Some(bytes) => bytes,
-                None => {
-                    let mut inner = self.inner();
-                    let loaded = self.loaded(&mut inner, &entry.doc_key)?;
-                    let change = loaded.doc.get_change_by_hash(&hash).ok_or_else(|| {
-                        StoreError::Corrupt(format!(
-                            "log entry {origin}:{sequence} names a change its document lacks"
-                        ))
-                    })?;
-                    change.raw_bytes().to_vec()
+        let mut found: Vec<Option<Vec<u8>>> = Vec::with_capacity(entries.len());
+        // Changes compacted into a snapshot need their document loaded: group them by
+        // document so a page loads each document once, whatever the cache's size.
+        let mut compacted: BTreeMap<&[u8], Vec<usize>> = BTreeMap::new();
+        for (index, (_, entry)) in entries.iter().enumerate() {
+            let bytes = self.appended_change(&entry.doc_key, &ChangeHash(entry.hash))?;
+            if bytes.is_none() {
+                compacted.entry(&entry.doc_key).or_default().push(index);
+            }
+            found.push(bytes);
+        }
+        if !compacted.is_empty() {
+            let mut inner = self.inner();
+            for (doc_key, indexes) in compacted {
+                let loaded = self.loaded(&mut inner, doc_key)?;
+                for index in indexes {
+                    let (sequence, entry) = &entries[index];
+                    let change = loaded
+                        .doc
+                        .get_change_by_hash(&ChangeHash(entry.hash))
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "log entry {origin}:{sequence} names a change its document lacks"
+                            ))
+                        })?;
+                    found[index] = Some(change.raw_bytes().to_vec());
                 }
-            };
-            changes.push(LoggedChange {
+            }
+        }
+        Ok(entries
+            .into_iter()
+            .zip(found)
+            .map(|((sequence, entry), change)| LoggedChange {
                 origin: *origin,
                 sequence,
                 doc_key: entry.doc_key,
-                change,
-            });
-        }
-        Ok(changes)
+                change: change.expect("every entry was found above or failed"),
+            })
+            .collect())
     }
 
     /// A change still among a document's appended changes, read straight from its stored
