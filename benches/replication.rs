@@ -220,12 +220,7 @@ fn engine_level(records: usize) {
     // A partition: 1% of the records change on A, then the nodes meet again.
     disconnect(&mut sides);
     let changed = (records / 100).max(1);
-    let mark_before = node_a
-        .documents()
-        .origin_marks()
-        .into_iter()
-        .find(|(o, _)| *o == node_a.id())
-        .map_or(0, |(_, m)| m);
+    let mark_before = node_a.documents().origin_mark(&node_a.id());
     let ids: Vec<RecordId> = (0..changed).map(|i| id(i * 100)).collect();
     let writes: Vec<RecordWrite> = (0..changed)
         .map(|i| RecordWrite {
@@ -329,8 +324,7 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         let ca = temp.path().join("ca");
         concord::net::tls::create_ca(&ca).expect("ca");
         let port = || -> String {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("port");
-            let port = socket.local_addr().expect("addr").port();
+            let port = concord::net::free_loopback_port().expect("a free port");
             format!("127.0.0.1:{port}")
         };
         let (listen_a, listen_b) = (port(), port());
@@ -344,9 +338,9 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         let start = Instant::now();
         let running_b = concord::node::runtime::start(node_b.clone()).await.expect("start b");
         let a_id = node_a.id();
-        let target = node_a.documents().origin_marks().into_iter().find(|(o, _)| *o == a_id).map_or(0, |(_, m)| m);
+        let target = node_a.documents().origin_mark(&a_id);
         loop {
-            let mark = node_b.documents().origin_marks().into_iter().find(|(o, _)| *o == a_id).map_or(0, |(_, m)| m);
+            let mark = node_b.documents().origin_mark(&a_id);
             if mark >= target {
                 break;
             }

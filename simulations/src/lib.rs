@@ -717,11 +717,7 @@ impl Sim {
             }
         };
         let id = node.id;
-        let pushed_up_to = docs
-            .origin_marks()
-            .into_iter()
-            .find(|(origin, _)| *origin == id)
-            .map_or(0, |(_, mark)| mark);
+        let pushed_up_to = docs.origin_mark(&id);
         let node = &mut self.nodes[index];
         node.docs = docs;
         node.engine = new_engine(id, self.sabotage);

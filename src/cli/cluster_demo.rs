@@ -26,17 +26,9 @@ const SITES: [&str; 3] = ["paris", "tokyo", "nyc"];
 
 struct Site {
     name: &'static str,
-    listen: SocketAddr,
     api: ApiClient,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), concord::node::NodeError>>>,
-}
-
-fn free_port() -> Result<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let port = socket.local_addr()?.port();
-    std::net::TcpListener::bind(("127.0.0.1", port)).context("no free port")?;
-    Ok(port)
 }
 
 pub fn run(dir: Option<PathBuf>, out: &mut dyn Write) -> Result<()> {
@@ -126,8 +118,11 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
     let mut listens = Vec::new();
     let mut apis = Vec::new();
     for _ in SITES {
-        listens.push(SocketAddr::from(([127, 0, 0, 1], free_port()?)));
-        apis.push(format!("127.0.0.1:{}", free_port()?));
+        listens.push(SocketAddr::from((
+            [127, 0, 0, 1],
+            concord::net::free_loopback_port()?,
+        )));
+        apis.push(format!("127.0.0.1:{}", concord::net::free_loopback_port()?));
     }
     // One relay per pair, dialed by the first site of the pair; cutting it cuts the link.
     let mut relays: Vec<((usize, usize), Relay)> = Vec::new();
@@ -162,7 +157,6 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         )?;
         sites.push(Site {
             name,
-            listen: listens[index],
             api: ApiClient::new(&apis[index]),
             stop: Some(stop),
             task: Some(task),
@@ -285,7 +279,6 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         if let Some(task) = site.task.take() {
             task.await??;
         }
-        let _ = site.listen;
     }
     writeln!(out, "\nstopped all sites cleanly")?;
     Ok(())

@@ -38,6 +38,25 @@ pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The server name a dialer presents; the verifier checks the node name in the certificate.
 const DIAL_SERVER_NAME: &str = "peer.node.concord";
+/// Ports tried by [`free_loopback_port`] before it gives up.
+const FREE_PORT_TRIES_MAX: usize = 32;
+
+/// A loopback port free for both UDP (QUIC) and TCP (the API) right now, for demos and tests
+/// that start several nodes on one machine.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    for _ in 0..FREE_PORT_TRIES_MAX {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        "no loopback port free for both UDP and TCP",
+    ))
+}
 
 /// What the transport tells the engine's driver.
 #[derive(Debug)]

@@ -106,7 +106,6 @@ async fn write(
     id: RecordId,
     write: RecordWrite,
 ) -> Result<Json<Value>, ApiError> {
-    write.check().map_err(bad_request)?;
     let node = shared.node.clone();
     let changed = blocking(move || node.put(&id, &write)).await?;
     if changed {

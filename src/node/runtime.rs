@@ -261,12 +261,7 @@ async fn drive_engine(
 ) {
     let node = shared.node.clone();
     let own = node.id();
-    let mut pushed_up_to = node
-        .documents()
-        .origin_marks()
-        .into_iter()
-        .find(|(origin, _)| *origin == own)
-        .map_or(0, |(_, mark)| mark);
+    let mut pushed_up_to = node.documents().origin_mark(&own);
     let mut local_pushed = 0u64;
     let mut connections: BTreeMap<crate::record::NodeId, u64> = BTreeMap::new();
     loop {
@@ -389,79 +384,77 @@ pub fn metrics_text(shared: &Shared) -> String {
         .clone();
     let stats = &shared.transport.stats;
     let own = shared.node.id();
-    let written = shared
-        .node
-        .documents()
-        .origin_marks()
-        .into_iter()
-        .find(|(origin, _)| *origin == own)
-        .map_or(0, |(_, mark)| mark);
+    let written = shared.node.documents().origin_mark(&own);
+    let relaxed = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let engine = &status.engine;
+    let counters: [(&str, &str, u64); 12] = [
+        (
+            "concord_changes_written_total",
+            "Changes written on this node.",
+            written,
+        ),
+        (
+            "concord_changes_received_total",
+            "Changes received from peers.",
+            engine.changes_received,
+        ),
+        (
+            "concord_changes_applied_total",
+            "Received changes that were new here.",
+            engine.changes_applied,
+        ),
+        (
+            "concord_changes_sent_total",
+            "Changes sent to peers.",
+            engine.changes_sent,
+        ),
+        (
+            "concord_conflicts_total",
+            "Fields that became conflicting (concurrent values) as peers' changes were applied.",
+            engine.conflicts,
+        ),
+        (
+            "concord_repaired_documents_total",
+            "Documents found out of step by the repair digest.",
+            engine.repair_documents,
+        ),
+        (
+            "concord_changes_duplicate_total",
+            "Received changes already held.",
+            engine.duplicates,
+        ),
+        (
+            "concord_bytes_sent_total",
+            "Bytes of frames sent to peers.",
+            relaxed(&stats.bytes_sent),
+        ),
+        (
+            "concord_bytes_received_total",
+            "Bytes received from peers.",
+            relaxed(&stats.bytes_received),
+        ),
+        (
+            "concord_messages_dropped_total",
+            "Messages dropped because a peer's queue was full.",
+            relaxed(&stats.messages_dropped),
+        ),
+        (
+            "concord_frames_refused_total",
+            "Malformed or oversized frames that closed a connection.",
+            relaxed(&stats.frames_refused),
+        ),
+        (
+            "concord_handshakes_refused_total",
+            "Connections refused or failed at the TLS handshake.",
+            relaxed(&stats.handshakes_refused),
+        ),
+    ];
     let mut text = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
+    for (name, help, value) in counters {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
         ));
-    };
-    counter(
-        "concord_changes_written_total",
-        "Changes written on this node.",
-        written,
-    );
-    counter(
-        "concord_changes_received_total",
-        "Changes received from peers.",
-        status.engine.changes_received,
-    );
-    counter(
-        "concord_changes_applied_total",
-        "Received changes that were new here.",
-        status.engine.changes_applied,
-    );
-    counter(
-        "concord_changes_sent_total",
-        "Changes sent to peers.",
-        status.engine.changes_sent,
-    );
-    counter(
-        "concord_conflicts_total",
-        "Fields that became conflicting (concurrent values) as peers' changes were applied.",
-        status.engine.conflicts,
-    );
-    counter(
-        "concord_repaired_documents_total",
-        "Documents found out of step by the repair digest.",
-        status.engine.repair_documents,
-    );
-    counter(
-        "concord_changes_duplicate_total",
-        "Received changes already held.",
-        status.engine.duplicates,
-    );
-    counter(
-        "concord_bytes_sent_total",
-        "Bytes of frames sent to peers.",
-        stats.bytes_sent.load(Ordering::Relaxed),
-    );
-    counter(
-        "concord_bytes_received_total",
-        "Bytes received from peers.",
-        stats.bytes_received.load(Ordering::Relaxed),
-    );
-    counter(
-        "concord_messages_dropped_total",
-        "Messages dropped because a peer's queue was full.",
-        stats.messages_dropped.load(Ordering::Relaxed),
-    );
-    counter(
-        "concord_frames_refused_total",
-        "Malformed or oversized frames that closed a connection.",
-        stats.frames_refused.load(Ordering::Relaxed),
-    );
-    counter(
-        "concord_handshakes_refused_total",
-        "Connections refused or failed at the TLS handshake.",
-        stats.handshakes_refused.load(Ordering::Relaxed),
-    );
+    }
     text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");
     text.push_str(&format!("concord_peers_connected {}\n", status.peers.len()));
     text.push_str("# HELP concord_replication_lag Log entries a peer lacks by its last summary.\n# TYPE concord_replication_lag gauge\n");

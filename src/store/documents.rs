@@ -1,10 +1,10 @@
 //! Documents on top of a [`Store`]: load, write, merge, list, with a bounded cache.
 //!
-//! Writes go through a [`WriteSession`], which holds the store's lock, applies any number of
-//! document edits to the cached documents, and commits them as one atomic batch: one write
-//! is a session of one, a bulk load is a session of a thousand. A session dropped without
-//! committing forgets the documents it touched, so the cache never runs ahead of the disk, and
-//! the documents a session touches stay out of the cache until it commits, so no eviction
+//! Writes go through a [`WriteSession`], which holds the store's lock, takes every document
+//! it touches out of the cache into its own working set, edits them there, and commits them
+//! as one atomic batch: one write is a session of one, a bulk load is a session of a
+//! thousand. Only a committed session puts its documents back into the cache; one dropped
+//! without committing drops them, so the cache never runs ahead of the disk, and no eviction
 //! mid-session can lose its work.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -751,9 +751,6 @@ impl<S: Store> WriteSession<'_, S> {
         Ok(())
     }
 }
-
-// A session dropped without committing (an error, or the caller gave up) simply drops its
-// working documents: they are ahead of the store, and reload from it when next needed.
 
 #[cfg(test)]
 mod tests {

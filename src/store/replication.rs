@@ -55,6 +55,14 @@ impl<S: Store> DocStore<S> {
             .collect()
     }
 
+    /// The sequence up to which `origin`'s whole log is held (0 for an unknown origin).
+    pub fn origin_mark(&self, origin: &NodeId) -> u64 {
+        self.inner()
+            .origins
+            .get(origin)
+            .map_or(0, |progress| progress.contiguous)
+    }
+
     /// Up to `limit` entries of `origin`'s log after `after`, with their change bytes.
     pub fn log_after(
         &self,

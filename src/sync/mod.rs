@@ -12,7 +12,11 @@
 //! `summary_interval`, each side sends a `Summary` of how much of each origin's log it holds;
 //! the other streams what is missing, a bounded number of messages per event. New changes,
 //! local or received, are pushed at once to every peer that is up to date for their origin;
-//! a peer that is behind gets them through catch-up. Guarantees:
+//! a peer that is behind gets them through catch-up. Each node tells its peers, with
+//! `Prune` and `Graft`, which of them are its sources for each origin (the origin itself while
+//! connected, else up to two peers holding most of that origin's log), so a change reaches a
+//! node about once rather than once per neighbour. Every 30 s a repair digest finds documents
+//! the logs missed. Guarantees:
 //!
 //! - nothing is sent that is not durable (the store applies remote changes durably, and local
 //!   changes reach the engine only after their write was acknowledged);

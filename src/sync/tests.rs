@@ -441,11 +441,11 @@ fn repair_finds_documents_the_summaries_missed() {
         DocStoreConfig::default(),
     )
     .unwrap();
-    let write = RecordWrite {
-        set: vec![("hidden".to_owned(), json!(true))],
-        ..Default::default()
-    };
-    for key in ["c/hidden-a", "c/3"] {
+    let plant = |target: &DocStore<MemoryStore>, key: &str| {
+        let write = RecordWrite {
+            set: vec![("hidden".to_owned(), json!(true))],
+            ..Default::default()
+        };
         let id = RecordId::parse(key).unwrap();
         scratch
             .write(
@@ -457,26 +457,11 @@ fn repair_finds_documents_the_summaries_missed() {
             )
             .unwrap();
         let changes = scratch.document_changes(key.as_bytes(), &[], 100).unwrap();
-        net.nodes[0]
-            .docs
-            .apply_unlogged(key.as_bytes(), changes)
-            .unwrap();
-    }
-    let id = RecordId::parse("c/hidden-b").unwrap();
-    scratch
-        .write(
-            &id,
-            &NodeId([42; 16]).actor(0),
-            0,
-            Durability::Durable,
-            |tx| document::apply_write(tx, &write),
-        )
-        .unwrap();
-    let changes = scratch.document_changes(b"c/hidden-b", &[], 100).unwrap();
-    net.nodes[1]
-        .docs
-        .apply_unlogged(b"c/hidden-b", changes)
-        .unwrap();
+        target.apply_unlogged(key.as_bytes(), changes).unwrap();
+    };
+    plant(&net.nodes[0].docs, "c/hidden-a");
+    plant(&net.nodes[0].docs, "c/3");
+    plant(&net.nodes[1].docs, "c/hidden-b");
 
     // Summaries alone change nothing.
     net.settle();

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,13 +15,7 @@ use tokio::task::JoinHandle;
 
 /// A free loopback port (UDP and TCP are probed separately by the caller's use).
 pub fn free_port() -> u16 {
-    let socket = StdUdpSocket::bind("127.0.0.1:0").unwrap();
-    let port = socket.local_addr().unwrap().port();
-    let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
-    if tcp.is_err() {
-        return free_port();
-    }
-    port
+    concord::net::free_loopback_port().unwrap()
 }
 
 /// One node: its data dir and, while running, its task.
