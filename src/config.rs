@@ -27,6 +27,93 @@ pub struct Config {
     pub network: NetworkSection,
     #[serde(default)]
     pub store: StoreSection,
+    /// Tables and files mapped to collections (see `crate::adapters`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<BindingSection>,
+}
+
+/// Most bindings one node may have (each runs a thread and holds a database connection).
+pub const BINDINGS_MAX: usize = 64;
+/// Most key columns of one binding.
+pub const KEY_COLUMNS_MAX: usize = 8;
+/// Most mapped columns of one binding.
+pub const MAPPED_COLUMNS_MAX: usize = 1024;
+
+/// One external table mapped to one collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSection {
+    /// The binding's name: its source name in history and its key in `concord errors`.
+    /// Defaults to `ADAPTER-COLLECTION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub collection: String,
+    pub adapter: AdapterKind,
+    /// `postgres://...` for PostgreSQL; a file path for SQLite.
+    pub url: String,
+    /// `schema.table` or `table`.
+    pub table: String,
+    /// The key columns; the record key is derived from their values.
+    pub key: Vec<String>,
+    #[serde(default)]
+    pub direction: Direction,
+    /// `column = "field"`; when empty, every column maps to the field of its own name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+impl BindingSection {
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.adapter.as_str(), self.collection))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    Postgres,
+    Sqlite,
+}
+
+impl AdapterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// Which way rows flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Table to records only: the adapter never writes to the table.
+    In,
+    /// Records to table only.
+    Out,
+    #[default]
+    Both,
+}
+
+impl Direction {
+    pub fn reads_table(self) -> bool {
+        matches!(self, Self::In | Self::Both)
+    }
+
+    pub fn writes_table(self) -> bool {
+        matches!(self, Self::Out | Self::Both)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::In => "in",
+            Self::Out => "out",
+            Self::Both => "both",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +205,7 @@ impl Config {
             cluster: None,
             network: NetworkSection::default(),
             store: StoreSection::default(),
+            bindings: Vec::new(),
         }
     }
 
@@ -187,6 +275,91 @@ impl Config {
                 "store.compact_after_changes = {} must be between 1 and {COMPACT_AFTER_CHANGES_MAX}",
                 store.compact_after_changes
             ));
+        }
+        self.check_bindings()
+    }
+
+    fn check_bindings(&self) -> Result<(), String> {
+        if self.bindings.len() > BINDINGS_MAX {
+            return Err(format!(
+                "{} bindings; the most is {BINDINGS_MAX}",
+                self.bindings.len()
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (index, binding) in self.bindings.iter().enumerate() {
+            let at = format!("bindings[{index}]");
+            let name = binding.name();
+            if !crate::record::origin::check_source_name(&name) {
+                return Err(format!(
+                    "{at}.name {name:?} must be 1-64 characters of a-z, 0-9, '_', '-', ':' or '.'"
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(format!(
+                    "{at}: two bindings are named {name:?}; give one a `name`"
+                ));
+            }
+            crate::record::Collection::new_user(&binding.collection)
+                .map_err(|error| format!("{at}.collection: {error}"))?;
+            if binding.url.trim().is_empty() {
+                return Err(format!("{at}.url is empty"));
+            }
+            if binding.adapter == AdapterKind::Postgres
+                && !(binding.url.starts_with("postgres://")
+                    || binding.url.starts_with("postgresql://"))
+            {
+                return Err(format!(
+                    "{at}.url {:?} must start with postgres:// for the postgres adapter",
+                    binding.url
+                ));
+            }
+            let identifier = |what: &str, text: &str| -> Result<(), String> {
+                let valid = !text.is_empty()
+                    && text.len() <= 63
+                    && !text.contains('"')
+                    && !text.chars().any(char::is_control);
+                if valid {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{at}.{what} {text:?} must be 1-63 characters without quotes or control characters"
+                    ))
+                }
+            };
+            let parts: Vec<&str> = binding.table.split('.').collect();
+            if parts.len() > 2 {
+                return Err(format!(
+                    "{at}.table {:?} must be `table` or `schema.table`",
+                    binding.table
+                ));
+            }
+            for part in parts {
+                identifier("table", part)?;
+            }
+            if binding.key.is_empty() || binding.key.len() > KEY_COLUMNS_MAX {
+                return Err(format!("{at}.key must name 1-{KEY_COLUMNS_MAX} columns"));
+            }
+            for column in &binding.key {
+                identifier("key", column)?;
+            }
+            if binding.fields.len() > MAPPED_COLUMNS_MAX {
+                return Err(format!(
+                    "{at}.fields maps {} columns; the most is {MAPPED_COLUMNS_MAX}",
+                    binding.fields.len()
+                ));
+            }
+            let mut fields = std::collections::BTreeSet::new();
+            for (column, field) in &binding.fields {
+                identifier("fields", column)?;
+                crate::record::document::check_field_name(field)
+                    .map_err(|error| format!("{at}.fields.{column}: {error}"))?;
+                if !fields.insert(field) {
+                    return Err(format!(
+                        "{at}.fields maps two columns to the field {field:?}"
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! cache), [`node`] (a node's data dir, config and record operations), with replication,
 //! transport and adapters building on them.
 
+pub mod adapters;
 pub mod config;
 pub mod net;
 pub mod node;

@@ -71,8 +71,11 @@ enum Command {
     },
     /// Run the node: replicate with its peers over QUIC and serve the HTTP API.
     Run,
-    /// Show a running node's status: peers, replication lag, records.
+    /// Show a running node's status: peers, replication lag, records, bindings.
     Status,
+    /// List rows the adapters quarantined, one JSON object per line: binding, direction,
+    /// key, error, attempts, next retry.
+    Errors,
     /// Set fields of a record (FIELD=VALUE; VALUE is JSON if it parses, else a string;
     /// FIELD= removes the field).
     Put {
@@ -252,6 +255,15 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 .status()
                 .context("is the node running? (`concord run`)")?;
             print_status(&status, out)?;
+        }
+        Command::Errors => {
+            let dir = data_dir(cli.data)?;
+            let answer = remote::ApiClient::for_data_dir(&dir)?
+                .errors()
+                .context("is the node running? (`concord run`)")?;
+            for row in answer["errors"].as_array().cloned().unwrap_or_default() {
+                writeln!(out, "{row}")?;
+            }
         }
         Command::Put {
             id,
@@ -435,6 +447,23 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         engine["changes_applied"],
         engine["duplicates"]
     )?;
+    for binding in status["bindings"].as_array().cloned().unwrap_or_default() {
+        let text = |key: &str| binding[key].as_str().unwrap_or("?").to_owned();
+        writeln!(
+            out,
+            "binding  {} ({} {} {}, {}): {}; captured {}, written {}, applied {}, quarantined {}",
+            text("name"),
+            text("adapter"),
+            text("table"),
+            text("direction"),
+            text("collection"),
+            text("state"),
+            binding["rows_captured"],
+            binding["records_written"],
+            binding["rows_applied"],
+            binding["quarantined"]
+        )?;
+    }
     Ok(())
 }
 

@@ -169,6 +169,10 @@ impl ApiClient {
     pub fn status(&self) -> Result<Value> {
         self.answer(None, self.agent.get(&self.url("/v1/status")).call())
     }
+
+    pub fn errors(&self) -> Result<Value> {
+        self.answer(None, self.agent.get(&self.url("/v1/errors")).call())
+    }
 }
 
 /// Percent-encodes everything but unreserved characters, for a key inside a URL path.

@@ -3,7 +3,7 @@
 //! `GET/PUT/PATCH/DELETE /v1/records/{collection}/{key}`, `GET /v1/records/{collection}`
 //! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`,
 //! `GET/POST /v1/records/{collection}/{key}/automerge` (the saved document out, or merged in),
-//! `GET /v1/status`, `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
+//! `GET /v1/status`, `GET /v1/errors` (rows the adapters quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
@@ -44,6 +44,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(export).post(import),
         )
         .route("/v1/status", get(status))
+        .route("/v1/errors", get(errors))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
         .with_state(shared)
@@ -237,6 +238,20 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     value["records"] = json!(records);
     Json(value)
+}
+
+/// Most quarantined rows one errors request lists.
+pub const ERRORS_LIST_MAX: usize = 10_000;
+
+async fn errors(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    let node = shared.node.clone();
+    let rows = tokio::task::spawn_blocking(move || {
+        crate::adapters::driver::quarantined_rows(&node, ERRORS_LIST_MAX)
+    })
+    .await
+    .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+    .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    Ok(Json(json!({ "errors": rows })))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

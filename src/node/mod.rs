@@ -68,6 +68,8 @@ pub enum NodeError {
     NoCluster,
     #[error("transport: {0}")]
     Transport(String),
+    #[error("{0}")]
+    Binding(String),
     #[error("{what} is {size} bytes; the most is {size_max}")]
     TooLarge {
         what: &'static str,
@@ -250,6 +252,11 @@ impl Node {
 
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The actor that source `name` (an adapter binding) writes with, registered on first use.
+    pub fn source_actor(&self, name: &str) -> Result<ActorId, NodeError> {
+        Self::register_source(&self.docs, &self.config, name)
     }
 
     pub fn dir(&self) -> &Path {

@@ -36,6 +36,7 @@ pub struct Status {
     pub listen: String,
     pub peers: Vec<PeerStatus>,
     pub engine: EngineStats,
+    pub bindings: Vec<crate::adapters::BindingStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -83,10 +84,12 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub transport: Arc<Transport>,
     pub status: Mutex<Status>,
-    pub local_writes: Notify,
+    pub local_writes: Arc<Notify>,
     /// Changes applied from peers; a lagging subscriber misses notices, never blocks the node.
     pub applied: tokio::sync::broadcast::Sender<AppliedNotice>,
     pub started: Instant,
+    /// The status of each adapter binding, kept up to date by its thread.
+    pub bindings: Vec<Arc<Mutex<crate::adapters::BindingStatus>>>,
 }
 
 /// Notices kept for slow subscribers of applied changes.
@@ -128,6 +131,7 @@ pub struct Running {
     engine_task: tokio::task::JoinHandle<()>,
     api_task: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::oneshot::Sender<()>,
+    bindings: Vec<crate::adapters::driver::RunningBinding>,
 }
 
 /// Starts the node: transport, engine and API, all running when this returns.
@@ -140,6 +144,26 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let (events, events_rx) = mpsc::channel(ENGINE_QUEUE_EVENTS);
     let transport = Transport::bind(&tls, listen, events)
         .map_err(|error| NodeError::Transport(error.to_string()))?;
+    // Bindings start first: a binding that does not fit its table stops the node here, with
+    // the reason, before anything else runs. Their writes wake the engine like the API's.
+    let local_writes = Arc::new(Notify::new());
+    let mut bindings = Vec::new();
+    for binding in &config.bindings {
+        let wake_engine = local_writes.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || wake_engine.notify_one());
+        let started = tokio::task::block_in_place(|| {
+            crate::adapters::driver::start(binding, node.clone(), wake)
+        });
+        match started {
+            Ok(running) => bindings.push(running),
+            Err(error) => {
+                for running in bindings {
+                    tokio::task::block_in_place(|| running.stop());
+                }
+                return Err(NodeError::Binding(error.to_string()));
+            }
+        }
+    }
     let api_listener =
         tokio::net::TcpListener::bind(api)
             .await
@@ -160,9 +184,13 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
                 .unwrap_or_default(),
             ..Status::default()
         }),
-        local_writes: Notify::new(),
+        local_writes,
         applied: tokio::sync::broadcast::channel(APPLIED_NOTICES_BUFFERED).0,
         started: Instant::now(),
+        bindings: bindings
+            .iter()
+            .map(|running| running.status.clone())
+            .collect(),
     });
     tracing::info!(node = %node.id(), %listen, %api, "node running");
 
@@ -195,6 +223,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         engine_task,
         api_task,
         stop_api,
+        bindings,
     })
 }
 
@@ -225,7 +254,11 @@ impl Running {
             engine_task,
             api_task,
             stop_api,
+            bindings,
         } = self;
+        for binding in bindings {
+            tokio::task::block_in_place(|| binding.stop());
+        }
         let node = shared.node.clone();
         let transport = shared.transport.clone();
         tracing::info!("shutting down");
@@ -373,6 +406,16 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
     status.engine = EngineStats::from(engine.stats(), local_pushed);
+    status.bindings = shared
+        .bindings
+        .iter()
+        .map(|binding| {
+            binding
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+        })
+        .collect();
 }
 
 /// The Prometheus text of `/metrics`.
@@ -454,6 +497,53 @@ pub fn metrics_text(shared: &Shared) -> String {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
         ));
+    }
+    type BindingCounter = (
+        &'static str,
+        &'static str,
+        fn(&crate::adapters::BindingStatus) -> u64,
+    );
+    let binding_counters: [BindingCounter; 5] = [
+        (
+            "concord_adapter_rows_captured_total",
+            "Row changes captured from a bound table.",
+            |binding| binding.rows_captured,
+        ),
+        (
+            "concord_adapter_records_written_total",
+            "Record changes written from a bound table.",
+            |binding| binding.records_written,
+        ),
+        (
+            "concord_adapter_rows_applied_total",
+            "Rows inserted, updated or deleted in a bound table.",
+            |binding| binding.rows_applied,
+        ),
+        (
+            "concord_adapter_rows_unchanged_total",
+            "Records compared with their row and found equal.",
+            |binding| binding.rows_unchanged,
+        ),
+        (
+            "concord_adapter_rows_quarantined",
+            "Rows set aside with an error, retried with backoff.",
+            |binding| binding.quarantined,
+        ),
+    ];
+    for (name, help, value) in binding_counters {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for binding in &status.bindings {
+            text.push_str(&format!(
+                "{name}{{binding=\"{}\"}} {}\n",
+                binding.name,
+                value(binding)
+            ));
+        }
     }
     text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");
     text.push_str(&format!("concord_peers_connected {}\n", status.peers.len()));

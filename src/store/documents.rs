@@ -322,6 +322,28 @@ impl<S: Store> DocStore<S> {
         Ok(read(&loaded.doc))
     }
 
+    /// State written by [`WriteSession::put_state`].
+    pub fn state(&self, name: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(&layout::meta_key(name))
+    }
+
+    /// Up to `limit` state entries whose names start with `prefix`, after `after` (a full
+    /// name), with their names.
+    pub fn states(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<super::KeyValue>, StoreError> {
+        let after = after.map(layout::meta_key);
+        Ok(self
+            .store
+            .scan_prefix(&layout::meta_key(prefix), after.as_deref(), limit)?
+            .into_iter()
+            .map(|(key, value)| (key[1..].to_vec(), value))
+            .collect())
+    }
+
     /// What the store holds about a document, without loading it into Automerge.
     pub fn stored(&self, id: &RecordId) -> Result<Option<StoredDoc>, StoreError> {
         self.store
@@ -713,6 +735,23 @@ impl<S: Store> WriteSession<'_, S> {
             .get(origin)
             .is_some_and(|progress| progress.holds(sequence))
             || self.places.contains(&(*origin, sequence))
+    }
+
+    /// Queues a write of the node's own state (`name` under the meta space, not a record): it
+    /// commits atomically with the session's documents, so a cursor saved this way never runs
+    /// ahead of or behind the records it covers.
+    pub fn put_state(&mut self, name: &[u8], value: Vec<u8>) {
+        assert!(
+            !name.starts_with(layout::META_NODE_ID)
+                && !name.starts_with(layout::META_SOURCE_PREFIX),
+            "node state never overwrites the node id or the source registry"
+        );
+        self.batch.put(layout::meta_key(name), value);
+    }
+
+    /// Queues the removal of state written by [`WriteSession::put_state`].
+    pub fn remove_state(&mut self, name: &[u8]) {
+        self.batch.remove(layout::meta_key(name));
     }
 
     /// Applies everything queued as one atomic batch, then waits as `durability` says.

@@ -576,13 +576,20 @@ impl Engine {
             .iter()
             .map(|mark| (NodeId(mark.origin), mark.contiguous))
             .collect();
-        for (origin, theirs) in &reported {
-            let sent = state.sent.entry(*origin).or_insert(0);
-            let sent_before = state.sent_at_last_summary.get(origin).copied().unwrap_or(0);
+        // A summary lists every origin the peer holds; one it leaves out, it holds nothing of.
+        let origins: BTreeSet<NodeId> = reported.keys().chain(state.sent.keys()).copied().collect();
+        for origin in origins {
+            let theirs = reported.get(&origin).copied().unwrap_or(0);
+            let sent = state.sent.entry(origin).or_insert(0);
+            let sent_before = state
+                .sent_at_last_summary
+                .get(&origin)
+                .copied()
+                .unwrap_or(0);
             // Anything sent a whole summary ago that the peer still does not hold was not
             // taken (held for dependencies and dropped, or lost): send again from its mark.
-            if *theirs < sent_before || *theirs > *sent {
-                *sent = *theirs;
+            if theirs < sent_before || theirs > *sent {
+                *sent = theirs;
             }
         }
         for (origin, mine) in &marks {

@@ -1,0 +1,925 @@
+//! The loop that runs one binding on its own thread: connect (with backoff), check the table
+//! against the binding, load what is there, then capture and apply in rounds.
+//!
+//! Guarantees, in the terms of the module doc of [`crate::adapters`]: a captured change is
+//! forgotten only after the record write it caused is durable; the apply cursor advances only
+//! past records the table holds (written, unchanged, or set aside in the quarantine or the
+//! deferred list, both kept in the store); a bad row never stops the others.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use automerge::ActorId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use super::{
+    key_parts, record_key, AdapterError, Applied, Column, RowWrite, Table, TextValue,
+    APPLY_BATCH_MAX, CAPTURE_BATCH_MAX, LOAD_PAGE_ROWS, POLL_INTERVAL,
+};
+use crate::config::{AdapterKind, BindingSection};
+use crate::node::{now_seconds, Node};
+use crate::record::{document, Collection, Key, NodeId, RecordId, RecordWrite};
+use crate::store::{Durability, StoreError};
+
+/// Longest wait between reconnection attempts.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// First wait before a reconnection attempt.
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// First wait before a quarantined row is tried again; doubled each time up to the max.
+pub const RETRY_BACKOFF_MIN_MS: u64 = 1_000;
+pub const RETRY_BACKOFF_MAX_MS: u64 = 300_000;
+/// Most rows one binding keeps in quarantine; past that the apply cursor waits.
+pub const QUARANTINE_ROWS_MAX: usize = 100_000;
+/// Quarantined or deferred rows tried again per round.
+pub const RETRIES_PER_ROUND: usize = 100;
+/// Log entries read per origin per round.
+pub const LOG_ENTRIES_PER_ROUND: usize = 2_000;
+
+/// What `/v1/status` shows of a binding.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BindingStatus {
+    pub name: String,
+    pub collection: String,
+    pub adapter: String,
+    pub table: String,
+    pub direction: String,
+    /// `connecting`, `loading`, `running`, `disconnected` or `failed`.
+    pub state: String,
+    pub last_error: Option<String>,
+    /// Rows read from the table on the initial load.
+    pub rows_loaded: u64,
+    /// Captured row changes read from the table.
+    pub rows_captured: u64,
+    /// Record changes the binding wrote into the store (captured rows that changed a record).
+    pub records_written: u64,
+    /// Rows inserted, updated or deleted in the table.
+    pub rows_applied: u64,
+    /// Records compared with their row and found equal: nothing written.
+    pub rows_unchanged: u64,
+    pub quarantined: u64,
+}
+
+/// One row set aside with its error.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuarantinedRow {
+    pub binding: String,
+    /// `in` (table to record) or `out` (record to table).
+    pub direction: String,
+    pub key: String,
+    pub error: String,
+    pub attempts: u32,
+    pub first_seen_ms: u64,
+    pub next_retry_ms: u64,
+}
+
+/// A binding checked against its table: the columns it maps and the fields they fill.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub columns: Vec<Column>,
+    pub fields: Vec<String>,
+    /// Indexes of the key columns in `columns`.
+    pub key: Vec<usize>,
+}
+
+/// A row to write into its record: key, the row as it is now (`None`: gone), and the columns
+/// to take from it (`None`: all).
+type CapturedRow = (
+    Vec<String>,
+    Option<Vec<TextValue>>,
+    Option<BTreeSet<String>>,
+);
+
+/// A running binding.
+pub struct RunningBinding {
+    pub status: Arc<Mutex<BindingStatus>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningBinding {
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningBinding {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the binding's table.
+pub fn open_table(
+    config: &BindingSection,
+    data_dir: &std::path::Path,
+) -> Result<Box<dyn Table>, AdapterError> {
+    Ok(match config.adapter {
+        AdapterKind::Postgres => Box::new(super::postgres::PostgresTable::connect(
+            &config.url,
+            &config.table,
+        )?),
+        AdapterKind::Sqlite => {
+            let mut path = PathBuf::from(config.url.trim_start_matches("sqlite://"));
+            if path.is_relative() {
+                path = data_dir.join(path);
+            }
+            Box::new(super::sqlite::SqliteTable::open(&path, &config.table)?)
+        }
+    })
+}
+
+/// Checks the binding against the table's columns and prepares the table.
+pub fn prepare(config: &BindingSection, table: &mut dyn Table) -> Result<Mapping, AdapterError> {
+    let described = table.describe()?;
+    let at = format!("binding {}: table {}", config.name(), config.table);
+    let find = |name: &str| described.iter().find(|(column, _, _)| column == name);
+    for key in &config.key {
+        if find(key).is_none() {
+            return Err(AdapterError::Config(format!(
+                "{at} has no key column {key:?}"
+            )));
+        }
+    }
+    let mut wanted: Vec<(String, String)> = if config.fields.is_empty() {
+        described
+            .iter()
+            .map(|(column, _, _)| (column.clone(), column.clone()))
+            .collect()
+    } else {
+        config
+            .fields
+            .iter()
+            .map(|(column, field)| (column.clone(), field.clone()))
+            .collect()
+    };
+    for key in &config.key {
+        if !wanted.iter().any(|(column, _)| column == key) {
+            wanted.push((key.clone(), key.clone()));
+        }
+    }
+    let mut mapping = Mapping {
+        columns: Vec::new(),
+        fields: Vec::new(),
+        key: Vec::new(),
+    };
+    for (column, field) in wanted {
+        let Some((_, kind, sql_type)) = find(&column) else {
+            return Err(AdapterError::Config(format!(
+                "{at} has no column {column:?}"
+            )));
+        };
+        let kind = kind.clone().map_err(|type_name| {
+            AdapterError::Config(format!(
+                "{at}: column {column:?} has type {type_name}, which Concord cannot map; leave it out with `fields`"
+            ))
+        })?;
+        document::check_field_name(&field).map_err(|error| {
+            AdapterError::Config(format!("{at}: column {column:?} makes no field: {error}"))
+        })?;
+        mapping.columns.push(Column {
+            name: column,
+            kind,
+            sql_type: sql_type.clone(),
+        });
+        mapping.fields.push(field);
+    }
+    for key in &config.key {
+        let index = mapping
+            .columns
+            .iter()
+            .position(|column| &column.name == key)
+            .expect("key columns were added above");
+        mapping.key.push(index);
+    }
+    table.prepare(
+        &mapping.columns,
+        &mapping.key,
+        config.direction.reads_table(),
+        config.direction.writes_table(),
+    )?;
+    Ok(mapping)
+}
+
+/// Starts a binding: checks it against its table at once when the database answers (a bad
+/// binding fails here, naming what is wrong), then runs it on its own thread. A database that
+/// does not answer yet is retried with backoff by the thread.
+pub fn start(
+    config: &BindingSection,
+    node: Arc<Node>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+) -> Result<RunningBinding, AdapterError> {
+    let name = config.name();
+    let collection = Collection::new_user(&config.collection)
+        .map_err(|error| AdapterError::Config(format!("binding {name}: {error}")))?;
+    let actor = node
+        .source_actor(&name)
+        .map_err(|error| AdapterError::Config(format!("binding {name}: {error}")))?;
+    let status = Arc::new(Mutex::new(BindingStatus {
+        name: name.clone(),
+        collection: config.collection.clone(),
+        adapter: config.adapter.as_str().to_owned(),
+        table: config.table.clone(),
+        direction: config.direction.as_str().to_owned(),
+        state: "connecting".to_owned(),
+        ..BindingStatus::default()
+    }));
+    let mut connected = None;
+    match open_table(config, node.dir()).and_then(|mut table| {
+        let mapping = prepare(config, table.as_mut())?;
+        Ok((table, mapping))
+    }) {
+        Ok(ready) => connected = Some(ready),
+        Err(AdapterError::Database(error)) => {
+            tracing::warn!(binding = %name, %error, "database not reachable; retrying in the background");
+            status.lock().unwrap_or_else(|p| p.into_inner()).last_error = Some(error);
+        }
+        Err(error) => return Err(error),
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut runner = Runner {
+        config: config.clone(),
+        name: name.clone(),
+        collection,
+        actor,
+        node,
+        wake,
+        status: status.clone(),
+        stop: stop.clone(),
+        mapping: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("binding-{name}"))
+        .spawn(move || runner.run(connected))
+        .map_err(|error| AdapterError::Database(format!("cannot start a thread: {error}")))?;
+    Ok(RunningBinding {
+        status,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+struct Runner {
+    config: BindingSection,
+    name: String,
+    collection: Collection,
+    actor: ActorId,
+    node: Arc<Node>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    status: Arc<Mutex<BindingStatus>>,
+    stop: Arc<AtomicBool>,
+    mapping: Option<Mapping>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LoadProgress {
+    done: bool,
+    /// In: the last key loaded. Out: the last record key applied.
+    after: Option<Vec<String>>,
+    /// Out: the log marks when the load began; the apply cursor starts there.
+    marks: Vec<([u8; 16], u64)>,
+}
+
+impl Runner {
+    fn status(&self) -> std::sync::MutexGuard<'_, BindingStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn state_name(&self, what: &str) -> Vec<u8> {
+        format!("adapter/{}/{what}", self.name).into_bytes()
+    }
+
+    fn run(&mut self, mut connected: Option<(Box<dyn Table>, Mapping)>) {
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        while !self.stop.load(Ordering::SeqCst) {
+            let Some((table, mapping)) = connected.as_mut() else {
+                match open_table(&self.config, self.node.dir()).and_then(|mut table| {
+                    let mapping = prepare(&self.config, table.as_mut())?;
+                    Ok((table, mapping))
+                }) {
+                    Ok(ready) => {
+                        tracing::info!(binding = %self.name, "connected");
+                        connected = Some(ready);
+                        backoff = RECONNECT_BACKOFF_MIN;
+                    }
+                    Err(error) => {
+                        let state = if matches!(error, AdapterError::Config(_)) {
+                            "failed"
+                        } else {
+                            "disconnected"
+                        };
+                        tracing::warn!(binding = %self.name, %error, "cannot reach the table; retrying in {backoff:?}");
+                        {
+                            let mut status = self.status();
+                            status.state = state.to_owned();
+                            status.last_error = Some(error.to_string());
+                        }
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    }
+                }
+                continue;
+            };
+            if self
+                .mapping
+                .as_ref()
+                .is_none_or(|held| held.columns != mapping.columns)
+            {
+                self.mapping = Some(mapping.clone());
+            }
+            match self.round(table.as_mut()) {
+                Ok(busy) => {
+                    if !busy {
+                        if let Err(error) = table.wait(POLL_INTERVAL) {
+                            tracing::warn!(binding = %self.name, %error, "lost the table; reconnecting");
+                            self.disconnected(&error);
+                            connected = None;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(binding = %self.name, %error, "lost the table; reconnecting");
+                    self.disconnected(&error);
+                    connected = None;
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn disconnected(&self, error: &AdapterError) {
+        let mut status = self.status();
+        status.state = "disconnected".to_owned();
+        status.last_error = Some(error.to_string());
+    }
+
+    fn sleep(&self, duration: Duration) {
+        let until = std::time::Instant::now() + duration;
+        while std::time::Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(POLL_INTERVAL.min(until - std::time::Instant::now()));
+        }
+    }
+
+    fn mapping(&self) -> &Mapping {
+        self.mapping.as_ref().expect("set once connected")
+    }
+
+    /// One round: load, capture, apply, retry. Returns whether there may be more to do now.
+    fn round(&mut self, table: &mut dyn Table) -> Result<bool, AdapterError> {
+        if self.config.direction.reads_table() {
+            let progress = self.load_progress("load_in")?;
+            if !progress.done {
+                self.status().state = "loading".to_owned();
+                return self.load_in_page(table, progress).map(|()| true);
+            }
+        }
+        if self.config.direction.writes_table() {
+            let progress = self.load_progress("load_out")?;
+            if !progress.done {
+                self.status().state = "loading".to_owned();
+                return self.load_out_page(table, progress).map(|()| true);
+            }
+        }
+        self.status().state = "running".to_owned();
+        let mut busy = false;
+        if self.config.direction.reads_table() {
+            busy |= self.capture(table)?;
+        }
+        if self.config.direction.writes_table() {
+            busy |= self.apply_log(table)?;
+        }
+        self.retry(table)?;
+        Ok(busy)
+    }
+
+    fn load_progress(&self, what: &str) -> Result<LoadProgress, AdapterError> {
+        Ok(match self.node.documents().state(&self.state_name(what))? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|error| StoreError::Corrupt(format!("binding load progress: {error}")))?,
+            None => LoadProgress::default(),
+        })
+    }
+
+    /// The record id of a row's key, or why it makes none.
+    fn record_id(&self, key: &[String]) -> Result<RecordId, String> {
+        let key = Key::new(&record_key(key)).map_err(|error| error.to_string())?;
+        Ok(RecordId::new(self.collection.clone(), key))
+    }
+
+    fn key_of_row(&self, row: &[TextValue]) -> Vec<String> {
+        self.mapping()
+            .key
+            .iter()
+            .map(|&index| row[index].clone().unwrap_or_default())
+            .collect()
+    }
+
+    /// The record write a row makes.
+    fn write_of_row(
+        &self,
+        row: &[TextValue],
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<RecordWrite, String> {
+        let mapping = self.mapping();
+        let mut write = RecordWrite::default();
+        for ((column, field), value) in mapping.columns.iter().zip(&mapping.fields).zip(row) {
+            if only.is_some_and(|only| !only.contains(&column.name)) {
+                continue;
+            }
+            let json = column
+                .kind
+                .to_json(value.as_deref())
+                .map_err(|error| format!("column {}: {error}", column.name))?;
+            write.set.push((field.clone(), json));
+        }
+        write.check().map_err(|error| error.to_string())?;
+        Ok(write)
+    }
+
+    /// Writes rows (or their absence) into records as this binding's source, in one durable
+    /// session. Rows that make no record are quarantined.
+    fn write_rows(
+        &self,
+        rows: Vec<CapturedRow>,
+        progress: Option<(&str, &LoadProgress)>,
+    ) -> Result<u64, AdapterError> {
+        let docs = self.node.documents();
+        let mut session = docs.session();
+        let now = now_seconds();
+        let mut written = 0u64;
+        let mut bad = Vec::new();
+        for (key, row, only) in rows {
+            let id = match self.record_id(&key) {
+                Ok(id) => id,
+                Err(error) => {
+                    bad.push((record_key(&key), error));
+                    continue;
+                }
+            };
+            let outcome = match row {
+                Some(row) => match self.write_of_row(&row, only.as_ref()) {
+                    Ok(write) => session
+                        .write(&id, &self.actor, now, |tx| {
+                            document::apply_write(tx, &write)
+                        })
+                        .map(|(_, outcome)| outcome),
+                    Err(error) => {
+                        bad.push((id.key.to_string(), error));
+                        continue;
+                    }
+                },
+                None => session
+                    .write(&id, &self.actor, now, |tx| document::apply_delete(tx))
+                    .map(|(_, outcome)| outcome),
+            };
+            match outcome {
+                Ok(outcome) => written += u64::from(outcome.change.is_some()),
+                Err(StoreError::Record(error)) => bad.push((id.key.to_string(), error.to_string())),
+                Err(error) => return Err(error.into()),
+            }
+        }
+        if let Some((what, progress)) = progress {
+            let bytes = serde_json::to_vec(progress).expect("progress serializes");
+            session.put_state(&self.state_name(what), bytes);
+        }
+        session.commit(Durability::Durable)?;
+        for (key, error) in bad {
+            self.quarantine("in", &key, &error)?;
+        }
+        if written > 0 {
+            self.status().records_written += written;
+            (self.wake)();
+        }
+        Ok(written)
+    }
+
+    fn load_in_page(
+        &self,
+        table: &mut dyn Table,
+        mut progress: LoadProgress,
+    ) -> Result<(), AdapterError> {
+        let rows = table.scan(progress.after.as_deref(), LOAD_PAGE_ROWS)?;
+        let count = rows.len();
+        if count < LOAD_PAGE_ROWS {
+            progress.done = true;
+        }
+        if let Some(last) = rows.last() {
+            progress.after = Some(self.key_of_row(last));
+        }
+        let keyed: Vec<CapturedRow> = rows
+            .into_iter()
+            .map(|row| (self.key_of_row(&row), Some(row), None))
+            .collect();
+        self.write_rows(keyed, Some(("load_in", &progress)))?;
+        let loaded = {
+            let mut status = self.status();
+            status.rows_loaded += count as u64;
+            status.rows_loaded
+        };
+        if progress.done || loaded % (LOAD_PAGE_ROWS as u64 * 10) == 0 {
+            tracing::info!(binding = %self.name, rows = loaded, done = progress.done, "initial load from the table");
+        }
+        Ok(())
+    }
+
+    fn load_out_page(
+        &self,
+        table: &mut dyn Table,
+        mut progress: LoadProgress,
+    ) -> Result<(), AdapterError> {
+        let docs = self.node.documents();
+        if progress.after.is_none() && progress.marks.is_empty() {
+            progress.marks = docs
+                .origin_marks()
+                .into_iter()
+                .map(|(origin, mark)| (origin.0, mark))
+                .collect();
+        }
+        let after = match progress.after.as_ref().and_then(|after| after.first()) {
+            Some(key) => {
+                Some(Key::new(key).map_err(|error| StoreError::Corrupt(error.to_string()))?)
+            }
+            None => None,
+        };
+        let stored = docs.scan_collection(&self.collection, after.as_ref(), APPLY_BATCH_MAX)?;
+        if stored.len() < APPLY_BATCH_MAX {
+            progress.done = true;
+        }
+        let ids: Vec<RecordId> = stored.into_iter().map(|record| record.id).collect();
+        if let Some(last) = ids.last() {
+            progress.after = Some(vec![last.key.to_string()]);
+        }
+        self.apply_records(table, &ids)?;
+        let mut session = docs.session();
+        if progress.done {
+            session.put_state(&self.state_name("marks"), encode_marks(&progress.marks));
+        }
+        let bytes = serde_json::to_vec(&progress).expect("progress serializes");
+        session.put_state(&self.state_name("load_out"), bytes);
+        session.commit(Durability::Deferred)?;
+        if progress.done {
+            tracing::info!(binding = %self.name, "initial load into the table done");
+        }
+        Ok(())
+    }
+
+    /// Reads captured changes, writes the rows as they are now into records, then forgets
+    /// the changes. Returns whether a full batch was read.
+    fn capture(&self, table: &mut dyn Table) -> Result<bool, AdapterError> {
+        let captured = table.captured(CAPTURE_BATCH_MAX)?;
+        if captured.is_empty() {
+            return Ok(false);
+        }
+        // Per key, the union of the columns its updates changed; an insert or delete (no
+        // list) means every column.
+        let mut changed: std::collections::BTreeMap<Vec<String>, Option<BTreeSet<String>>> =
+            std::collections::BTreeMap::new();
+        let mut order = Vec::new();
+        for change in &captured {
+            let columns = change.columns.as_ref().map(|c| c.iter().cloned().collect());
+            match changed.get_mut(&change.key) {
+                None => {
+                    order.push(change.key.clone());
+                    changed.insert(change.key.clone(), columns);
+                }
+                Some(held) => match (held.as_mut(), columns) {
+                    (Some(held), Some(columns)) => held.extend(columns),
+                    _ => *held = None,
+                },
+            }
+        }
+        let mut rows = Vec::new();
+        for key in order {
+            let row = table.read(&key)?;
+            let only = changed.remove(&key).flatten();
+            rows.push((key, row, only));
+        }
+        self.write_rows(rows, None)?;
+        let ids: Vec<i64> = captured.iter().map(|change| change.id).collect();
+        table.forget(&ids)?;
+        self.status().rows_captured += captured.len() as u64;
+        Ok(captured.len() == CAPTURE_BATCH_MAX)
+    }
+
+    /// Applies the records the log shows changed since the apply cursor. Returns whether
+    /// there may be more.
+    fn apply_log(&self, table: &mut dyn Table) -> Result<bool, AdapterError> {
+        let docs = self.node.documents();
+        let name = self.state_name("marks");
+        let mut marks = decode_marks(docs.state(&name)?.as_deref());
+        let prefix = format!("{}/", self.collection);
+        let mut ids: BTreeSet<RecordId> = BTreeSet::new();
+        let mut advanced = false;
+        let mut more = false;
+        for (origin, held) in docs.origin_marks() {
+            let mine = marks
+                .iter()
+                .find(|(o, _)| *o == origin.0)
+                .map_or(0, |(_, m)| *m);
+            if held <= mine {
+                continue;
+            }
+            let entries = docs.log_entries(&origin, mine, LOG_ENTRIES_PER_ROUND)?;
+            let mut last = mine;
+            for (sequence, entry) in entries {
+                if sequence > held {
+                    break;
+                }
+                last = sequence;
+                if entry.doc_key.starts_with(prefix.as_bytes()) {
+                    if let Ok(id) = RecordId::from_doc_key(&entry.doc_key) {
+                        ids.insert(id);
+                    }
+                }
+                if ids.len() >= APPLY_BATCH_MAX {
+                    more = true;
+                    break;
+                }
+            }
+            if last > mine {
+                set_mark(&mut marks, origin, last);
+                advanced = true;
+            }
+            if ids.len() >= APPLY_BATCH_MAX {
+                more = true;
+                break;
+            }
+        }
+        if !ids.is_empty() {
+            let ids: Vec<RecordId> = ids.into_iter().collect();
+            self.apply_records(table, &ids)?;
+        }
+        if advanced {
+            let mut session = docs.session();
+            session.put_state(&name, encode_marks(&marks));
+            session.commit(Durability::Deferred)?;
+        }
+        Ok(more)
+    }
+
+    /// The row write a record makes, or why it makes none.
+    fn row_of_record(&self, id: &RecordId) -> Result<RowWrite, String> {
+        let mapping = self.mapping();
+        let key = key_parts(id.key.as_str(), mapping.key.len())?;
+        let fields = self
+            .node
+            .documents()
+            .read(id, document::read)
+            .map_err(|error| error.to_string())?;
+        let Some(fields) = fields else {
+            return Ok(RowWrite { key, row: None });
+        };
+        let mut row = Vec::with_capacity(mapping.columns.len());
+        for (index, (column, field)) in mapping.columns.iter().zip(&mapping.fields).enumerate() {
+            if let Some(place) = mapping.key.iter().position(|&key_index| key_index == index) {
+                row.push(Some(key[place].clone()));
+                continue;
+            }
+            let value = fields.get(field).unwrap_or(&Json::Null);
+            row.push(
+                column.kind.to_text(value).map_err(|error| {
+                    format!("field {field:?} to column {}: {error}", column.name)
+                })?,
+            );
+        }
+        Ok(RowWrite {
+            key,
+            row: Some(row),
+        })
+    }
+
+    /// Applies records to the table; failures go to the quarantine, rows with a pending
+    /// capture to the deferred list.
+    fn apply_records(&self, table: &mut dyn Table, ids: &[RecordId]) -> Result<(), AdapterError> {
+        let mut writes = Vec::new();
+        let mut keys = Vec::new();
+        for id in ids {
+            match self.row_of_record(id) {
+                Ok(write) => {
+                    writes.push(write);
+                    keys.push(id.key.to_string());
+                }
+                Err(error) => self.quarantine("out", id.key.as_str(), &error)?,
+            }
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let results = table.apply(&writes)?;
+        let (mut applied, mut unchanged) = (0u64, 0u64);
+        for (key, result) in keys.iter().zip(results) {
+            match result {
+                Applied::Unchanged => {
+                    unchanged += 1;
+                    self.clear("out", key)?;
+                }
+                Applied::Inserted | Applied::Updated(_) | Applied::Deleted => {
+                    applied += 1;
+                    self.clear("out", key)?;
+                }
+                Applied::Deferred => self.defer(key)?,
+                Applied::Failed(error) => self.quarantine("out", key, &error)?,
+            }
+        }
+        let mut status = self.status();
+        status.rows_applied += applied;
+        status.rows_unchanged += unchanged;
+        Ok(())
+    }
+
+    fn entry_name(&self, list: &str, direction: &str, key: &str) -> Vec<u8> {
+        self.state_name(&format!("{list}/{direction}/{key}"))
+    }
+
+    fn defer(&self, key: &str) -> Result<(), AdapterError> {
+        let mut session = self.node.documents().session();
+        session.put_state(&self.entry_name("deferred", "out", key), Vec::new());
+        session.commit(Durability::Deferred)?;
+        Ok(())
+    }
+
+    fn quarantine(&self, direction: &str, key: &str, error: &str) -> Result<(), AdapterError> {
+        let docs = self.node.documents();
+        let name = self.entry_name("quarantine", direction, key);
+        let now = now_ms();
+        let mut entry = match docs.state(&name)? {
+            Some(bytes) => serde_json::from_slice::<QuarantinedRow>(&bytes).ok(),
+            None => None,
+        }
+        .unwrap_or(QuarantinedRow {
+            binding: self.name.clone(),
+            direction: direction.to_owned(),
+            key: key.to_owned(),
+            error: String::new(),
+            attempts: 0,
+            first_seen_ms: now,
+            next_retry_ms: now,
+        });
+        let new = entry.attempts == 0;
+        entry.attempts = entry.attempts.saturating_add(1);
+        entry.error = error.to_owned();
+        let backoff = RETRY_BACKOFF_MIN_MS
+            .saturating_mul(1 << entry.attempts.min(16).saturating_sub(1))
+            .min(RETRY_BACKOFF_MAX_MS);
+        entry.next_retry_ms = now + backoff;
+        if new {
+            tracing::warn!(binding = %self.name, direction, key, error, "row quarantined");
+            self.status().quarantined += 1;
+        }
+        let mut session = docs.session();
+        session.put_state(&name, serde_json::to_vec(&entry).expect("entry serializes"));
+        session.commit(Durability::Durable)?;
+        Ok(())
+    }
+
+    fn clear(&self, direction: &str, key: &str) -> Result<(), AdapterError> {
+        let docs = self.node.documents();
+        let names = [
+            self.entry_name("quarantine", direction, key),
+            self.entry_name("deferred", direction, key),
+        ];
+        let mut session = docs.session();
+        let mut any = false;
+        for name in names {
+            if docs.state(&name)?.is_some() {
+                if name.starts_with(&self.state_name("quarantine")) {
+                    let mut status = self.status();
+                    status.quarantined = status.quarantined.saturating_sub(1);
+                }
+                session.remove_state(&name);
+                any = true;
+            }
+        }
+        if any {
+            session.commit(Durability::Deferred)?;
+        }
+        Ok(())
+    }
+
+    /// Tries deferred rows, and quarantined rows whose backoff has passed.
+    fn retry(&self, table: &mut dyn Table) -> Result<(), AdapterError> {
+        let docs = self.node.documents();
+        let now = now_ms();
+        let deferred_prefix = self.state_name("deferred/out/");
+        let mut out_keys: Vec<String> = docs
+            .states(&deferred_prefix, None, RETRIES_PER_ROUND)?
+            .into_iter()
+            .filter_map(|(name, _)| String::from_utf8(name[deferred_prefix.len()..].to_vec()).ok())
+            .collect();
+        let quarantine_prefix = self.state_name("quarantine/");
+        let mut in_keys = Vec::new();
+        for (_, value) in docs.states(&quarantine_prefix, None, QUARANTINE_ROWS_MAX)? {
+            let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&value) else {
+                continue;
+            };
+            if entry.next_retry_ms > now {
+                continue;
+            }
+            if entry.direction == "out" {
+                out_keys.push(entry.key);
+            } else {
+                in_keys.push(entry.key);
+            }
+            if out_keys.len() + in_keys.len() >= RETRIES_PER_ROUND {
+                break;
+            }
+        }
+        if !out_keys.is_empty() {
+            let ids: Vec<RecordId> = out_keys
+                .iter()
+                .filter_map(|key| Key::new(key).ok())
+                .map(|key| RecordId::new(self.collection.clone(), key))
+                .collect();
+            self.apply_records(table, &ids)?;
+        }
+        for key in in_keys {
+            let parts = match key_parts(&key, self.mapping().key.len()) {
+                Ok(parts) => parts,
+                Err(error) => {
+                    self.quarantine("in", &key, &error)?;
+                    continue;
+                }
+            };
+            let row = table.read(&parts)?;
+            self.write_rows(vec![(parts, row, None)], None)?;
+            // A row that wrote cleanly leaves the quarantine; one that failed again was
+            // put back above with a longer backoff.
+            let name = self.entry_name("quarantine", "in", &key);
+            if let Some(bytes) = docs.state(&name)? {
+                if let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&bytes) {
+                    if entry.next_retry_ms <= now {
+                        self.clear("in", &key)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_marks(marks: &[([u8; 16], u64)]) -> Vec<u8> {
+    serde_json::to_vec(
+        &marks
+            .iter()
+            .map(|(origin, mark)| (hex::encode(origin), *mark))
+            .collect::<Vec<_>>(),
+    )
+    .expect("marks serialize")
+}
+
+fn decode_marks(bytes: Option<&[u8]>) -> Vec<([u8; 16], u64)> {
+    let Some(bytes) = bytes else {
+        return Vec::new();
+    };
+    let entries: Vec<(String, u64)> = serde_json::from_slice(bytes).unwrap_or_default();
+    entries
+        .into_iter()
+        .filter_map(|(origin, mark)| {
+            let origin: NodeId = origin.parse().ok()?;
+            Some((origin.0, mark))
+        })
+        .collect()
+}
+
+fn set_mark(marks: &mut Vec<([u8; 16], u64)>, origin: NodeId, mark: u64) {
+    match marks.iter_mut().find(|(o, _)| *o == origin.0) {
+        Some(entry) => entry.1 = mark,
+        None => marks.push((origin.0, mark)),
+    }
+}
+
+/// Every quarantined row of every binding on the node, up to `limit`.
+pub fn quarantined_rows(node: &Node, limit: usize) -> Result<Vec<QuarantinedRow>, AdapterError> {
+    let mut rows = Vec::new();
+    for binding in &node.config().bindings {
+        let prefix = format!("adapter/{}/quarantine/", binding.name()).into_bytes();
+        for (_, value) in
+            node.documents()
+                .states(&prefix, None, limit.saturating_sub(rows.len()))?
+        {
+            if let Ok(row) = serde_json::from_slice::<QuarantinedRow>(&value) {
+                rows.push(row);
+            }
+        }
+        if rows.len() >= limit {
+            break;
+        }
+    }
+    Ok(rows)
+}

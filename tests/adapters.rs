@@ -1,0 +1,588 @@
+//! Adapters against the machine's running PostgreSQL and real SQLite files, through two nodes
+//! over QUIC with mutual TLS.
+//!
+//! Each test makes its own PostgreSQL database (`concord_test_*`) and drops it at the end.
+//! Without a server at 127.0.0.1:5432 the PostgreSQL tests say loudly that they skipped;
+//! with `CONCORD_REQUIRE_POSTGRES=1` (set by `.ci/run`) they fail instead.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cluster::{eventually, TestNode};
+use concord::config::{AdapterKind, BindingSection, Config, Direction};
+use serde_json::{json, Value};
+
+const SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432";
+/// A change must reach the other database within this (the issue's bar: a second).
+const PROPAGATION_MAX: Duration = Duration::from_secs(1);
+/// How long a test waits for what should take well under a second.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs a synchronous PostgreSQL call from inside the test's async runtime.
+fn blocking<T>(call: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(call)
+}
+
+/// A client of the test database whose calls are safe inside the async runtime.
+struct Pg(Option<postgres::Client>);
+
+impl Pg {
+    fn connect(url: &str) -> Result<Self, postgres::Error> {
+        blocking(|| postgres::Client::connect(url, postgres::NoTls))
+            .map(|client| Self(Some(client)))
+    }
+
+    fn inner(&mut self) -> &mut postgres::Client {
+        self.0.as_mut().expect("open until dropped")
+    }
+
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        blocking(|| self.inner().batch_execute(sql))
+    }
+
+    fn count(&mut self, sql: &str) -> i64 {
+        blocking(|| self.inner().query_one(sql, &[]).unwrap().get(0))
+    }
+
+    fn text(&mut self, sql: &str) -> Option<String> {
+        blocking(|| self.inner().query_opt(sql, &[]))
+            .unwrap()
+            .and_then(|row| row.get::<_, Option<String>>(0))
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // The synchronous client runs a runtime of its own, which may not be dropped from
+        // inside the test's.
+        let client = self.0.take();
+        blocking(move || drop(client));
+    }
+}
+
+/// A database of this test's own on the running server; dropped when this is dropped.
+struct TestDatabase {
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    fn create(test: &str) -> Option<Self> {
+        let admin = format!("{SERVER_URL}/postgres");
+        let mut client = match Pg::connect(&admin) {
+            Ok(client) => client,
+            Err(error) => {
+                assert!(
+                    std::env::var_os("CONCORD_REQUIRE_POSTGRES").is_none(),
+                    "PostgreSQL is required here (CONCORD_REQUIRE_POSTGRES) but not reachable at {SERVER_URL}: {error}"
+                );
+                eprintln!("SKIPPED {test}: PostgreSQL is not reachable at {SERVER_URL} ({error})");
+                return None;
+            }
+        };
+        let name = format!("concord_test_{test}_{}", std::process::id());
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        Some(Self {
+            url: format!("{SERVER_URL}/{name}"),
+            name,
+        })
+    }
+
+    fn client(&self) -> Pg {
+        Pg::connect(&self.url).unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut client) = Pg::connect(&format!("{SERVER_URL}/postgres")) {
+            let _ = client.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+const PG_TABLE: &str = "CREATE TABLE customers (
+    id integer PRIMARY KEY,
+    name text,
+    email text,
+    credit numeric(20,4),
+    active boolean,
+    joined timestamptz,
+    born date,
+    uid uuid,
+    meta jsonb,
+    photo bytea
+)";
+
+const SQLITE_TABLE: &str = "CREATE TABLE customers (
+    id INTEGER PRIMARY KEY,
+    name TEXT,
+    email TEXT,
+    credit TEXT CHECK (credit IS NULL OR CAST(credit AS REAL) >= 0),
+    active BOOLEAN,
+    joined TIMESTAMP,
+    born DATE,
+    uid UUID,
+    meta JSON,
+    photo BLOB
+)";
+
+fn binding(adapter: AdapterKind, url: &str, direction: Direction) -> BindingSection {
+    BindingSection {
+        name: None,
+        collection: "customers".to_owned(),
+        adapter,
+        url: url.to_owned(),
+        table: "customers".to_owned(),
+        key: vec!["id".to_owned()],
+        direction,
+        fields: Default::default(),
+    }
+}
+
+fn add_binding(node: &TestNode, binding: BindingSection) {
+    let path = node.dir.join("concord.toml");
+    let mut config = Config::load(&path).unwrap();
+    config.bindings.push(binding);
+    std::fs::write(&path, config.to_toml()).unwrap();
+}
+
+fn sqlite_file(dir: &Path) -> PathBuf {
+    let path = dir.join("site.db");
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    connection.execute_batch(SQLITE_TABLE).unwrap();
+    path
+}
+
+fn sqlite(path: &Path) -> rusqlite::Connection {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    connection.busy_timeout(Duration::from_secs(5)).unwrap();
+    connection
+}
+
+/// A row of the SQLite table as JSON (column name to value, blobs as hex).
+fn sqlite_row(path: &Path, id: i64) -> Option<Value> {
+    let connection = sqlite(path);
+    let mut statement = connection
+        .prepare("SELECT * FROM customers WHERE id = ?1")
+        .unwrap();
+    let names: Vec<String> = statement
+        .column_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let mut rows = statement.query([id]).unwrap();
+    let row = rows.next().unwrap()?;
+    let mut object = serde_json::Map::new();
+    for (index, name) in names.iter().enumerate() {
+        use rusqlite::types::ValueRef;
+        let value = match row.get_ref(index).unwrap() {
+            ValueRef::Null => Value::Null,
+            ValueRef::Integer(i) => json!(i),
+            ValueRef::Real(r) => json!(r),
+            ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
+            ValueRef::Blob(b) => json!(format!("\\x{}", hex::encode(b))),
+        };
+        object.insert(name.clone(), value);
+    }
+    Some(Value::Object(object))
+}
+
+fn pg_text(database: &TestDatabase, sql: &str) -> Option<String> {
+    database.client().text(sql)
+}
+
+/// Two nodes over QUIC: `a` bound to PostgreSQL, `b` to a SQLite file, both `both` ways.
+async fn two_sites(
+    parent: &Path,
+    database: &TestDatabase,
+    a_direction: Direction,
+) -> (TestNode, TestNode, PathBuf) {
+    let ca = parent.join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut a = TestNode::create(parent, "a", &ca, &[]);
+    let mut b = TestNode::create(parent, "b", &ca, &[a.listen]);
+    database.client().batch_execute(PG_TABLE).unwrap();
+    add_binding(
+        &a,
+        binding(AdapterKind::Postgres, &database.url, a_direction),
+    );
+    let file = sqlite_file(&b.dir);
+    add_binding(
+        &b,
+        binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::Both),
+    );
+    a.start().await;
+    b.start().await;
+    eventually("the nodes connect", WAIT, || {
+        a.status()
+            .is_some_and(|s| s["peers"].as_array().is_some_and(|p| !p.is_empty()))
+    })
+    .await;
+    (a, b, file)
+}
+
+fn binding_status(node: &TestNode) -> Value {
+    node.status().unwrap()["bindings"][0].clone()
+}
+
+async fn time_until(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    eventually(what, WAIT, &mut check).await;
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_and_sqlite_sync_every_create_update_and_delete_both_ways() {
+    let Some(database) = TestDatabase::create("both_ways") else {
+        return;
+    };
+    let parent = tempfile::tempdir().unwrap();
+    let (mut a, mut b, file) = two_sites(parent.path(), &database, Direction::Both).await;
+    let mut pg = database.client();
+
+    // Insert in PostgreSQL: every type arrives in SQLite.
+    pg.batch_execute(
+        "INSERT INTO customers VALUES (1, 'Ada', 'ada@example.com', 12345678901.0123, true, \
+         '2026-11-26 10:00:00.5+00', '1815-12-10', '6f1c8c1e-7a8b-4b8e-9a57-0b3f0e3c2a11', \
+         '{\"tier\": \"gold\", \"tags\": [1, 2]}', '\\x00ff10')",
+    )
+    .unwrap();
+    let took = time_until("the PostgreSQL insert reaches SQLite", || {
+        sqlite_row(&file, 1).is_some()
+    })
+    .await;
+    assert!(took < PROPAGATION_MAX, "insert took {took:?}");
+    let row = sqlite_row(&file, 1).unwrap();
+    assert_eq!(row["name"], json!("Ada"));
+    assert_eq!(
+        row["credit"],
+        json!("12345678901.0123"),
+        "numeric stays exact"
+    );
+    assert_eq!(row["active"], json!(1));
+    assert_eq!(row["joined"], json!("2026-11-26T10:00:00.5+00:00"));
+    assert_eq!(row["born"], json!("1815-12-10"));
+    assert_eq!(row["uid"], json!("6f1c8c1e-7a8b-4b8e-9a57-0b3f0e3c2a11"));
+    let meta: Value = serde_json::from_str(row["meta"].as_str().unwrap()).unwrap();
+    assert_eq!(meta, json!({"tier": "gold", "tags": [1, 2]}));
+    assert_eq!(row["photo"], json!("\\x00ff10"));
+    assert_eq!(
+        b.get("customers/1").unwrap()["credit"],
+        json!("12345678901.0123")
+    );
+
+    // Update and insert in SQLite: they arrive in PostgreSQL.
+    sqlite(&file)
+        .execute_batch(
+            "UPDATE customers SET email = 'ada@lovelace.org' WHERE id = 1; \
+             INSERT INTO customers (id, name, credit, active) VALUES (2, 'Grace', '10.5', 0);",
+        )
+        .unwrap();
+    let took = time_until("the SQLite update reaches PostgreSQL", || {
+        pg_text(&database, "SELECT email FROM customers WHERE id = 1").as_deref()
+            == Some("ada@lovelace.org")
+            && pg_text(&database, "SELECT name FROM customers WHERE id = 2").is_some()
+    })
+    .await;
+    assert!(took < PROPAGATION_MAX, "update took {took:?}");
+    assert_eq!(
+        pg_text(&database, "SELECT credit::text FROM customers WHERE id = 2").as_deref(),
+        Some("10.5000")
+    );
+    assert_eq!(
+        pg_text(&database, "SELECT active::text FROM customers WHERE id = 2").as_deref(),
+        Some("false")
+    );
+
+    // Delete in PostgreSQL: gone from SQLite and from both nodes.
+    pg.batch_execute("DELETE FROM customers WHERE id = 2")
+        .unwrap();
+    let took = time_until("the PostgreSQL delete reaches SQLite", || {
+        sqlite_row(&file, 2).is_none()
+    })
+    .await;
+    assert!(took < PROPAGATION_MAX, "delete took {took:?}");
+    assert_eq!(a.get("customers/2"), None);
+    assert_eq!(b.get("customers/2"), None);
+
+    // Concurrent edits of different columns of one row at two sites both survive; of the
+    // same column, they converge to one value in both databases.
+    pg.batch_execute("UPDATE customers SET name = 'Ada L.', active = false WHERE id = 1")
+        .unwrap();
+    sqlite(&file)
+        .execute_batch(
+            "UPDATE customers SET email = 'countess@example.com', active = 1 WHERE id = 1",
+        )
+        .unwrap();
+    eventually("both columns survive in both databases", WAIT, || {
+        let row = sqlite_row(&file, 1).unwrap();
+        let pg_name = pg_text(&database, "SELECT name FROM customers WHERE id = 1");
+        let pg_email = pg_text(&database, "SELECT email FROM customers WHERE id = 1");
+        let pg_active = pg_text(&database, "SELECT active::text FROM customers WHERE id = 1");
+        let sqlite_active = if row["active"] == json!(1) {
+            "true"
+        } else {
+            "false"
+        };
+        row["name"] == json!("Ada L.")
+            && row["email"] == json!("countess@example.com")
+            && pg_name.as_deref() == Some("Ada L.")
+            && pg_email.as_deref() == Some("countess@example.com")
+            && pg_active.as_deref() == Some(sqlite_active)
+    })
+    .await;
+
+    // Nothing echoed: SQLite's change table is empty once things settle, and the status
+    // counts are those of the edits made, not of a ping-pong.
+    let status_a = binding_status(&a);
+    let status_b = binding_status(&b);
+    assert_eq!(status_a["quarantined"], json!(0), "{status_a}");
+    assert_eq!(status_b["quarantined"], json!(0), "{status_b}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn echo_suppression_holds_under_a_burst_of_ten_thousand_updates() {
+    let Some(database) = TestDatabase::create("echo") else {
+        return;
+    };
+    let parent = tempfile::tempdir().unwrap();
+    let (mut a, mut b, file) = two_sites(parent.path(), &database, Direction::Both).await;
+    let mut pg = database.client();
+    pg.batch_execute("INSERT INTO customers (id, name, credit) SELECT i, 'c' || i, 0 FROM generate_series(1, 100) i")
+        .unwrap();
+    eventually("the rows reach SQLite", WAIT, || {
+        sqlite_row(&file, 100).is_some()
+    })
+    .await;
+    let before_a = binding_status(&a);
+    let before_b = binding_status(&b);
+    // 10,000 updates, 100 per transaction, each changing one row's credit.
+    for round in 1..=100 {
+        let sql = (1..=100)
+            .map(|id| format!("UPDATE customers SET credit = {round} WHERE id = {id};"))
+            .collect::<String>();
+        pg.batch_execute(&format!("BEGIN; {sql} COMMIT;")).unwrap();
+    }
+    eventually(
+        "the last update reaches SQLite",
+        Duration::from_secs(60),
+        || {
+            (1..=100).all(|id| {
+                sqlite_row(&file, id).is_some_and(|row| row["credit"] == json!("100.0000"))
+            })
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_a = binding_status(&a);
+    let after_b = binding_status(&b);
+    let delta = |after: &Value, before: &Value, key: &str| {
+        after[key].as_u64().unwrap() - before[key].as_u64().unwrap()
+    };
+    // Site A captured the updates (coalesced per key within a round) and wrote at most one
+    // record change per captured row; site B applied rows and captured none back.
+    let captured_a = delta(&after_a, &before_a, "rows_captured");
+    let written_a = delta(&after_a, &before_a, "records_written");
+    assert!(captured_a <= 10_100 && captured_a > 0, "{after_a}");
+    assert!(written_a <= captured_a, "{after_a}");
+    assert_eq!(
+        delta(&after_b, &before_b, "rows_captured"),
+        0,
+        "SQLite echoed: {after_b}"
+    );
+    assert_eq!(
+        delta(&after_b, &before_b, "records_written"),
+        0,
+        "{after_b}"
+    );
+    assert_eq!(
+        delta(&after_a, &before_a, "rows_applied"),
+        0,
+        "PostgreSQL got writes back: {after_a}"
+    );
+    let pending: i64 = sqlite(&file)
+        .query_row("SELECT count(*) FROM _concord_changes", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(pending, 0);
+    let pending_pg = pg.count("SELECT count(*) FROM _concord_changes");
+    assert_eq!(pending_pg, 0);
+    eprintln!(
+        "burst: A captured {captured_a} row changes and wrote {written_a} record changes; B applied {} rows, captured 0",
+        delta(&after_b, &before_b, "rows_applied")
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_binding_never_writes_its_table_and_a_restart_loses_and_repeats_nothing() {
+    let Some(database) = TestDatabase::create("in_restart") else {
+        return;
+    };
+    let parent = tempfile::tempdir().unwrap();
+    let (mut a, mut b, file) = two_sites(parent.path(), &database, Direction::In).await;
+    let mut pg = database.client();
+    // Records written at B (and through A's API) never reach A's `in` table.
+    sqlite(&file)
+        .execute_batch("INSERT INTO customers (id, name) VALUES (7, 'from sqlite')")
+        .unwrap();
+    a.put("customers/8", json!({"id": 8, "name": "from the API"}));
+    eventually("A holds both records", WAIT, || {
+        a.get("customers/7").is_some() && a.get("customers/8").is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count = pg.count("SELECT count(*) FROM customers");
+    assert_eq!(count, 0, "an `in` binding wrote to its table");
+    assert_eq!(binding_status(&a)["rows_applied"], json!(0));
+
+    // Rows written while node A is down arrive after its restart, once each.
+    pg.batch_execute("INSERT INTO customers (id, name) VALUES (1, 'first')")
+        .unwrap();
+    eventually("the row reaches SQLite", WAIT, || {
+        sqlite_row(&file, 1).is_some()
+    })
+    .await;
+    a.stop().await;
+    pg.batch_execute(
+        "UPDATE customers SET name = 'while down' WHERE id = 1; \
+         INSERT INTO customers (id, name) VALUES (2, 'second'), (3, 'third'); \
+         DELETE FROM customers WHERE id = 3;",
+    )
+    .unwrap();
+    let history_before = a_history_len(&a, "customers/1");
+    a.start().await;
+    eventually(
+        "the changes made while A was down reach SQLite",
+        WAIT,
+        || {
+            sqlite_row(&file, 1).is_some_and(|row| row["name"] == json!("while down"))
+                && sqlite_row(&file, 2).is_some()
+        },
+    )
+    .await;
+    assert!(sqlite_row(&file, 3).is_none());
+    // Restart the database connection too: terminate A's backend; the binding reconnects.
+    pg.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'concord' AND pid <> pg_backend_pid()",
+    )
+    .unwrap();
+    pg.batch_execute("UPDATE customers SET name = 'after reconnect' WHERE id = 2")
+        .unwrap();
+    eventually(
+        "a change after the database connection dropped arrives",
+        WAIT,
+        || sqlite_row(&file, 2).is_some_and(|row| row["name"] == json!("after reconnect")),
+    )
+    .await;
+    // One change for the update made while down: nothing repeated.
+    assert_eq!(a_history_len(&a, "customers/1"), history_before + 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+fn a_history_len(node: &TestNode, id: &str) -> usize {
+    let output = common::concord(&node.dir, &["history", id]);
+    common::stdout(&output).lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_row_is_quarantined_while_the_others_flow() {
+    let Some(database) = TestDatabase::create("quarantine") else {
+        return;
+    };
+    let parent = tempfile::tempdir().unwrap();
+    let (mut a, mut b, file) = two_sites(parent.path(), &database, Direction::Both).await;
+    let mut pg = database.client();
+    // SQLite refuses a negative credit (CHECK); PostgreSQL does not.
+    pg.batch_execute(
+        "INSERT INTO customers (id, name, credit) VALUES (1, 'bad', -5), (2, 'good', 5)",
+    )
+    .unwrap();
+    eventually("the good row flows", WAIT, || {
+        sqlite_row(&file, 2).is_some()
+    })
+    .await;
+    eventually("the bad row is quarantined", WAIT, || {
+        binding_status(&b)["quarantined"] == json!(1)
+    })
+    .await;
+    assert!(sqlite_row(&file, 1).is_none());
+    let errors = common::concord(&b.dir, &["errors"]);
+    let text = common::stdout(&errors);
+    assert!(
+        text.contains("\"key\":\"1\"") && text.contains("CHECK"),
+        "{text}"
+    );
+    // Fixed at the source, the row goes through on a retry.
+    pg.batch_execute("UPDATE customers SET credit = 1 WHERE id = 1")
+        .unwrap();
+    eventually("the fixed row arrives", WAIT, || {
+        sqlite_row(&file, 1).is_some()
+    })
+    .await;
+    eventually("the quarantine empties", WAIT, || {
+        binding_status(&b)["quarantined"] == json!(0)
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[test]
+fn a_binding_that_does_not_fit_its_table_stops_the_node_with_one_clear_line() {
+    let parent = tempfile::tempdir().unwrap();
+    let dir = common::init_node(parent.path(), "site");
+    let ca = parent.path().join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let node_dir = parent.path().join("member");
+    concord::node::Node::init_with(
+        &node_dir,
+        &concord::node::InitOptions {
+            ca: Some(ca.clone()),
+            listen: Some(format!("127.0.0.1:{}", common::cluster::free_port())),
+            api: Some(format!("127.0.0.1:{}", common::cluster::free_port())),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _ = dir;
+    let file = node_dir.join("site.db");
+    rusqlite::Connection::open(&file)
+        .unwrap()
+        .execute_batch("CREATE TABLE people (id INTEGER PRIMARY KEY, name TEXT)")
+        .unwrap();
+    for (table, key, expected) in [
+        ("missing", "id", "table missing does not exist"),
+        ("people", "code", "no key column \"code\""),
+    ] {
+        let path = node_dir.join("concord.toml");
+        let mut config = Config::load(&path).unwrap();
+        let mut bad = binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::Both);
+        bad.table = table.to_owned();
+        bad.key = vec![key.to_owned()];
+        config.bindings = vec![bad];
+        std::fs::write(&path, config.to_toml()).unwrap();
+        let output = common::concord(&node_dir, &["run"]);
+        assert_eq!(output.status.code(), Some(1));
+        let error = common::stderr(&output);
+        assert!(error.contains(expected), "{error}");
+        assert_eq!(error.trim().lines().count(), 1, "{error}");
+    }
+}
