@@ -395,10 +395,58 @@ fn load_writes_json_lines_and_refuses_bad_lines() {
 
 #[test]
 fn three_site_demo_converges() {
-    let text = ok(concord_bare(&["demo"]));
+    let text = ok(concord_bare(&["demo", "--partition"]));
     assert!(text.contains("all three sites connected"), "{text}");
     assert!(text.contains("every site agrees"), "{text}");
     assert!(text.contains("stopped all sites cleanly"), "{text}");
+}
+
+/// The final table of the table demo, as printed: everything after "hq and depot:".
+fn merged_table(text: &str) -> &str {
+    let start = text
+        .find("hq and depot:")
+        .unwrap_or_else(|| panic!("{text}"));
+    &text[start..]
+}
+
+fn check_table_demo(text: &str) {
+    assert!(text.contains("both tables agree"), "{text}");
+    assert!(text.contains("stopped both sites cleanly"), "{text}");
+    let merged = merged_table(text);
+    // Customer 1: hq's email and depot's credit, both kept.
+    assert!(merged.contains("ada@analytical.org"), "{text}");
+    assert!(merged.contains("2750.00"), "{text}");
+    assert!(merged.contains("Katherine Johnson"), "{text}");
+    assert!(merged.contains("Edsger Dijkstra"), "{text}");
+    assert!(!merged.contains("Alan Turing"), "{text}");
+    // Applying the merge captured nothing back at either site.
+    assert_eq!(
+        text.matches(" 0 captured since the link came back").count(),
+        2,
+        "{text}"
+    );
+}
+
+#[test]
+fn table_demo_converges_on_sqlite() {
+    let text = ok(concord_bare(&["demo", "--sqlite-only"]));
+    assert!(!text.contains("PostgreSQL database"), "{text}");
+    check_table_demo(&text);
+}
+
+#[test]
+fn table_demo_converges_with_postgres_where_available() {
+    let text = ok(concord_bare(&["demo"]));
+    if text.contains("PostgreSQL is not reachable") {
+        assert!(
+            std::env::var_os("CONCORD_REQUIRE_POSTGRES").is_none(),
+            "PostgreSQL is required here (CONCORD_REQUIRE_POSTGRES): {text}"
+        );
+        eprintln!("SKIPPED the PostgreSQL half of the table demo: {text}");
+    } else {
+        assert!(text.contains("PostgreSQL database concord_demo_"), "{text}");
+    }
+    check_table_demo(&text);
 }
 
 #[test]

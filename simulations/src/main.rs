@@ -1,14 +1,16 @@
 //! `concord-sim`: run or sweep seeded simulations and print a summary.
 //!
 //! `cargo run -p concord-sim --release -- --seed 7 --nodes 5 --steps 200`
-//! `cargo run -p concord-sim --release -- --seeds 0..1000 [--nodes-max 50]`
+//! `cargo run -p concord-sim --release -- --seeds 0..1000 [--nodes-max 50] [--jobs 2]`
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use clap::Parser;
-use concord_sim::{run, Params, SimRng};
+use concord_sim::{run, Params, SimRng, Summary, Violation};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,7 +50,16 @@ struct Args {
     skew_ms_max: u64,
     #[arg(long, default_value_t = 1)]
     edge_offices: usize,
+    /// Runs in parallel (threads). Each run is deterministic on its own; the summary is the
+    /// same whatever the number of jobs.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
 }
+
+/// Sweeps print a progress line to stderr after this many runs.
+const PROGRESS_EVERY_RUNS: u64 = 100;
+/// Threads a sweep may use.
+const JOBS_MAX: usize = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -81,21 +92,18 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(1);
     }
-    let start = Instant::now();
-    let mut runs = 0u64;
-    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
-        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut converge_ms: Vec<u64> = Vec::new();
-    let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
-    for seed in seeds {
+    if args.jobs == 0 || args.jobs > JOBS_MAX {
+        eprintln!("error: --jobs takes 1..={JOBS_MAX}");
+        return ExitCode::from(1);
+    }
+    let params_for = |seed: u64| {
         // The size of each run is drawn from the seed too, so a seed alone replays it.
         let nodes = if nodes_max > args.nodes {
             args.nodes + SimRng::new(seed ^ 0x5eed).index(nodes_max - args.nodes + 1)
         } else {
             args.nodes
         };
-        let params = Params {
+        Params {
             nodes,
             records: args.records,
             steps: args.steps,
@@ -108,8 +116,58 @@ fn main() -> ExitCode {
             skew_ms_max: args.skew_ms_max,
             edge_offices: args.edge_offices.min(nodes - 1),
             ..Params::default()
-        };
-        match run(seed, &params) {
+        }
+    };
+    let start = Instant::now();
+    let total = seeds.end - seeds.start;
+    let next_seed = AtomicU64::new(seeds.start);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let outcomes: Mutex<Vec<(u64, Result<Summary, Violation>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..args.jobs.min(total as usize) {
+            scope.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let seed = next_seed.fetch_add(1, Ordering::Relaxed);
+                if seed >= seeds.end {
+                    return;
+                }
+                let outcome = run(seed, &params_for(seed));
+                if outcome.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                outcomes
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push((seed, outcome));
+                let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if total > 1 && finished.is_multiple_of(PROGRESS_EVERY_RUNS) {
+                    let minutes = start.elapsed().as_secs_f64() / 60.0;
+                    eprintln!(
+                        "{finished}/{total} runs, 0 violations, {:.0} runs per minute",
+                        finished as f64 / minutes.max(1e-9)
+                    );
+                }
+            });
+        }
+    });
+    let mut outcomes = outcomes
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Aggregated in seed order, so the summary does not depend on which thread ran what.
+    outcomes.sort_by_key(|(seed, _)| *seed);
+    let mut runs = 0u64;
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut converge_ms: Vec<u64> = Vec::new();
+    let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
+    for (seed, outcome) in outcomes {
+        let params = params_for(seed);
+        let nodes = params.nodes;
+        match outcome {
             Ok(summary) => {
                 runs += 1;
                 for (kind, count) in &summary.faults {

@@ -7,6 +7,7 @@
 mod cluster_demo;
 mod demo;
 mod remote;
+mod table_demo;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
@@ -117,15 +118,26 @@ enum Command {
         #[arg(long)]
         ack: bool,
     },
-    /// Three sites on loopback: writes, a partition, healing, convergence (`--cli`: a
-    /// scripted CLI session on one embedded node instead).
+    /// Two sites keep one table in step (hq on PostgreSQL where a server answers, else
+    /// SQLite; depot on SQLite), edited at both while depot is offline. `--partition`: three
+    /// sites, writes through the API, a partition and healing. `--cli`: a scripted CLI
+    /// session on one embedded node.
     Demo {
         /// Where to put the demo's data dirs (default: a fresh temporary folder).
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Run the scripted CLI session on one embedded node.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "partition")]
         cli: bool,
+        /// Run the three-site partition demo.
+        #[arg(long)]
+        partition: bool,
+        /// PostgreSQL server for hq's table (a database is made for the demo and dropped).
+        #[arg(long, default_value = table_demo::DEMO_POSTGRES_DEFAULT)]
+        postgres: String,
+        /// Use SQLite at both sites, even where PostgreSQL answers.
+        #[arg(long)]
+        sqlite_only: bool,
     },
 }
 
@@ -391,8 +403,24 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             };
             load(&target, &collection, input, &key_field, batch, ack, out)?;
         }
-        Command::Demo { dir, cli: true } => demo::run(dir, out)?,
-        Command::Demo { dir, cli: false } => cluster_demo::run(dir, out)?,
+        Command::Demo { dir, cli: true, .. } => demo::run(dir, out)?,
+        Command::Demo {
+            dir,
+            partition: true,
+            ..
+        } => cluster_demo::run(dir, out)?,
+        Command::Demo {
+            dir,
+            postgres,
+            sqlite_only,
+            ..
+        } => table_demo::run(
+            table_demo::Options {
+                dir,
+                postgres: (!sqlite_only).then_some(postgres),
+            },
+            out,
+        )?,
     }
     Ok(())
 }

@@ -225,11 +225,7 @@ async fn import(
 }
 
 async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    let status = shared
-        .status
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
+    let status = shared.status_now();
     let node = shared.node.clone();
     let records = tokio::task::spawn_blocking(move || node.count_live_records())
         .await

@@ -406,25 +406,34 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
     status.engine = EngineStats::from(engine.stats(), local_pushed);
-    status.bindings = shared
-        .bindings
-        .iter()
-        .map(|binding| {
-            binding
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone()
-        })
-        .collect();
+}
+
+impl Shared {
+    /// The status as of now: the engine's part as of its last step, the bindings' counters
+    /// read live (a binding's work does not always wake the engine after it is counted).
+    pub fn status_now(&self) -> Status {
+        let mut status = self
+            .status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        status.bindings = self
+            .bindings
+            .iter()
+            .map(|binding| {
+                binding
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone()
+            })
+            .collect();
+        status
+    }
 }
 
 /// The Prometheus text of `/metrics`.
 pub fn metrics_text(shared: &Shared) -> String {
-    let status = shared
-        .status
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
+    let status = shared.status_now();
     let stats = &shared.transport.stats;
     let own = shared.node.id();
     let written = shared.node.documents().origin_mark(&own);

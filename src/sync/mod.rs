@@ -242,6 +242,15 @@ pub struct Engine {
     next_summary: Option<Duration>,
     next_repair: Option<Duration>,
     stats: Stats,
+    /// What the last rebalance weighed; `None` until one ran with ready peers.
+    balanced: Option<Balanced>,
+}
+
+/// The inputs of the last rebalance that decide whether the next may weigh only what changed.
+#[derive(Debug)]
+struct Balanced {
+    ready: Vec<NodeId>,
+    origins: BTreeSet<NodeId>,
 }
 
 /// A deterministic, well-mixed order of peers per origin, so relaying spreads over peers.
@@ -282,6 +291,7 @@ impl Engine {
             next_summary: None,
             next_repair: None,
             stats: Stats::default(),
+            balanced: None,
         }
     }
 
@@ -351,7 +361,7 @@ impl Engine {
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
-                self.rebalance(replica, &mut actions);
+                self.rebalance(replica, &mut actions, None);
             }
             Event::Received(peer, message) => self.receive(peer, message, replica, &mut actions)?,
             Event::LocalChanges(changes) => self.push(&changes, None, replica, &mut actions)?,
@@ -488,7 +498,7 @@ impl Engine {
                     }
                     let summary = self.summary(replica);
                     self.send(actions, peer, summary);
-                    self.rebalance(replica, actions);
+                    self.rebalance(replica, actions, None);
                 }
             }
             // Before the handshake nothing else counts; over a network that reorders, such a
@@ -603,8 +613,18 @@ impl Engine {
             }
         }
         state.sent_at_last_summary = state.sent.clone();
+        let changed: BTreeSet<NodeId> = reported
+            .iter()
+            .filter(|(origin, mark)| state.reported.get(origin) != Some(mark))
+            .map(|(origin, _)| *origin)
+            .collect();
+        // An origin the peer no longer reports may leave the weighed set: weigh everything.
+        let shrunk = state
+            .reported
+            .keys()
+            .any(|origin| !reported.contains_key(origin));
         state.reported = reported;
-        self.rebalance(replica, actions);
+        self.rebalance(replica, actions, (!shrunk).then_some(&changed));
         self.drive_catch_up(peer, replica, actions)
     }
 
@@ -689,9 +709,21 @@ impl Engine {
     /// a peer chosen again is told so (Graft). Each change then reaches each node about once,
     /// and after a partition an origin's missing log comes from one or two peers, not from
     /// every peer (Plumtree's eager and lazy push, with summaries as the lazy half).
-    fn rebalance(&mut self, replica: &impl Replica, actions: &mut Vec<Action>) {
+    ///
+    /// `changed` names the origins whose reported marks moved since the last rebalance. The
+    /// choice for an origin depends only on the ready peers, their marks for that origin and
+    /// the prunes already sent, so when the ready peers are the same as last time only those
+    /// origins, and origins seen for the first time, are weighed again; the outcome is the
+    /// one a full pass would give. `None` weighs every origin.
+    fn rebalance(
+        &mut self,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+        changed: Option<&BTreeSet<NodeId>>,
+    ) {
         let ready = self.ready_peers();
         if ready.is_empty() {
+            self.balanced = None;
             return;
         }
         let mut origins: BTreeSet<NodeId> = replica
@@ -699,70 +731,131 @@ impl Engine {
             .into_iter()
             .map(|(origin, _)| origin)
             .collect();
-        for peer in &ready {
-            origins.insert(*peer);
-            origins.extend(self.peers[peer].reported.keys().copied());
-        }
-        origins.remove(&self.config.node);
-        let mut desired: BTreeMap<NodeId, BTreeSet<NodeId>> =
-            ready.iter().map(|peer| (*peer, BTreeSet::new())).collect();
-        for origin in origins {
-            let mark = |peer: &NodeId| self.peers[peer].reported.get(&origin).copied().unwrap_or(0);
-            let sources: Vec<NodeId> = if ready.contains(&origin) {
-                vec![origin]
-            } else {
-                let current: Vec<NodeId> = ready
-                    .iter()
-                    .copied()
-                    .filter(|peer| !self.peers[peer].pruned_by_us.contains(&origin))
-                    .collect();
-                let best_current = current.iter().map(mark).max();
-                let best_other = ready
-                    .iter()
-                    .filter(|peer| !current.contains(peer))
-                    .map(mark)
-                    .max();
-                let keep = current.len() <= RELAYS_PER_ORIGIN
-                    && !current.is_empty()
-                    && best_other <= best_current;
-                if keep {
-                    current
-                } else {
-                    let mut ranked = ready.clone();
-                    ranked
-                        .sort_by_key(|peer| (std::cmp::Reverse(mark(peer)), spread(&origin, peer)));
-                    ranked.truncate(RELAYS_PER_ORIGIN);
-                    ranked
+        let incremental = match (&self.balanced, changed) {
+            (Some(balanced), Some(changed)) if balanced.ready == ready => {
+                origins.extend(changed.iter().copied());
+                origins.remove(&self.config.node);
+                let fresh: Vec<NodeId> = origins.difference(&balanced.origins).copied().collect();
+                let mut scope: BTreeSet<NodeId> = changed.clone();
+                scope.extend(fresh);
+                scope.remove(&self.config.node);
+                Some(scope)
+            }
+            _ => None,
+        };
+        let full = incremental.is_none();
+        let scope = match incremental {
+            Some(scope) => {
+                if let Some(balanced) = self.balanced.as_mut() {
+                    balanced.origins.extend(scope.iter().copied());
                 }
-            };
+                scope
+            }
+            None => {
+                for peer in &ready {
+                    origins.insert(*peer);
+                    origins.extend(self.peers[peer].reported.keys().copied());
+                }
+                origins.remove(&self.config.node);
+                self.balanced = Some(Balanced {
+                    ready: ready.clone(),
+                    origins: origins.clone(),
+                });
+                origins
+            }
+        };
+        let mut prunes: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
+        let mut grafts: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
+        if full {
+            // Prunes of origins no longer weighed at all (a peer that left) are lifted.
             for peer in &ready {
-                if !sources.contains(peer) {
-                    desired
-                        .get_mut(peer)
-                        .expect("every ready peer has an entry")
-                        .insert(origin);
+                let stale: Vec<[u8; 16]> = self.peers[peer]
+                    .pruned_by_us
+                    .difference(&scope)
+                    .map(|origin| origin.0)
+                    .collect();
+                if !stale.is_empty() {
+                    grafts.entry(*peer).or_default().extend(stale);
                 }
             }
         }
-        for (peer, want) in desired {
-            let Some(state) = self.peers.get_mut(&peer) else {
+        let states: Vec<&Peer> = ready.iter().map(|peer| &self.peers[peer]).collect();
+        // Per ready peer (by position): its mark for the origin weighed, and whether it is
+        // a source of it now.
+        let mut weighed: Vec<(u64, bool)> = Vec::with_capacity(ready.len());
+        for origin in &scope {
+            weighed.clear();
+            weighed.extend(states.iter().map(|state| {
+                (
+                    state.reported.get(origin).copied().unwrap_or(0),
+                    !state.pruned_by_us.contains(origin),
+                )
+            }));
+            let mut wanted: Vec<bool> = vec![false; ready.len()];
+            if let Ok(position) = ready.binary_search(origin) {
+                wanted[position] = true;
+            } else {
+                let current = weighed.iter().filter(|(_, source)| *source).count();
+                let best = |sources: bool| {
+                    weighed
+                        .iter()
+                        .filter(|(_, source)| *source == sources)
+                        .map(|(mark, _)| *mark)
+                        .max()
+                };
+                let keep = current <= RELAYS_PER_ORIGIN && current > 0 && best(false) <= best(true);
+                if keep {
+                    for (want, (_, source)) in wanted.iter_mut().zip(&weighed) {
+                        *want = *source;
+                    }
+                } else {
+                    let mut ranked: Vec<(std::cmp::Reverse<u64>, u64, usize)> = weighed
+                        .iter()
+                        .enumerate()
+                        .map(|(position, (mark, _))| {
+                            (
+                                std::cmp::Reverse(*mark),
+                                spread(origin, &ready[position]),
+                                position,
+                            )
+                        })
+                        .collect();
+                    ranked.sort_unstable();
+                    for (_, _, position) in ranked.into_iter().take(RELAYS_PER_ORIGIN) {
+                        wanted[position] = true;
+                    }
+                }
+            }
+            for (position, peer) in ready.iter().enumerate() {
+                let (_, source) = weighed[position];
+                if wanted[position] != source {
+                    let list = if source {
+                        prunes.entry(*peer).or_default()
+                    } else {
+                        grafts.entry(*peer).or_default()
+                    };
+                    list.push(origin.0);
+                }
+            }
+        }
+        for peer in &ready {
+            let prune = prunes.remove(peer).unwrap_or_default();
+            let mut graft = grafts.remove(peer).unwrap_or_default();
+            graft.sort_unstable();
+            let Some(state) = self.peers.get_mut(peer) else {
                 continue;
             };
-            let prune: Vec<[u8; 16]> = want
-                .difference(&state.pruned_by_us)
-                .map(|origin| origin.0)
-                .collect();
-            let graft: Vec<[u8; 16]> = state
-                .pruned_by_us
-                .difference(&want)
-                .map(|origin| origin.0)
-                .collect();
-            state.pruned_by_us = want;
+            for origin in &prune {
+                state.pruned_by_us.insert(NodeId(*origin));
+            }
+            for origin in &graft {
+                state.pruned_by_us.remove(&NodeId(*origin));
+            }
             if !prune.is_empty() {
-                self.send(actions, peer, Message::Prune { origins: prune });
+                self.send(actions, *peer, Message::Prune { origins: prune });
             }
             if !graft.is_empty() {
-                self.send(actions, peer, Message::Graft { origins: graft });
+                self.send(actions, *peer, Message::Graft { origins: graft });
             }
         }
     }
