@@ -260,6 +260,7 @@ pub fn start(
         status: status.clone(),
         stop: stop.clone(),
         mapping: None,
+        own_changes: Default::default(),
     };
     let thread = std::thread::Builder::new()
         .name(format!("binding-{name}"))
@@ -282,6 +283,38 @@ struct Runner {
     status: Arc<Mutex<BindingStatus>>,
     stop: Arc<AtomicBool>,
     mapping: Option<Mapping>,
+    own_changes: std::cell::RefCell<OwnChanges>,
+}
+
+/// Changes this binding wrote into the store from rows it read, not yet met again in the
+/// log. Applying one back to the table would compare the row with itself; skipping it
+/// saves a read per captured row. Forgetting one (past the bound, or at a restart) only
+/// costs that read.
+#[derive(Default)]
+struct OwnChanges {
+    hashes: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+/// Own changes remembered per binding (32 bytes each, twice).
+const OWN_CHANGES_MAX: usize = 100_000;
+
+impl OwnChanges {
+    fn remember(&mut self, hash: [u8; 32]) {
+        if self.order.len() >= OWN_CHANGES_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.hashes.remove(&oldest);
+            }
+        }
+        if self.hashes.insert(hash) {
+            self.order.push_back(hash);
+        }
+    }
+
+    /// Whether `hash` was remembered; it is forgotten either way (the log holds it once).
+    fn take(&mut self, hash: &[u8; 32]) -> bool {
+        self.hashes.remove(hash)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -489,7 +522,12 @@ impl Runner {
                     .map(|(_, outcome)| outcome),
             };
             match outcome {
-                Ok(outcome) => written += u64::from(outcome.change.is_some()),
+                Ok(outcome) => {
+                    if let Some(change) = outcome.change {
+                        written += 1;
+                        self.own_changes.borrow_mut().remember(change.0);
+                    }
+                }
                 Err(StoreError::Record(error)) => bad.push((id.key.to_string(), error.to_string())),
                 Err(error) => return Err(error.into()),
             }
@@ -604,9 +642,9 @@ impl Runner {
                 },
             }
         }
-        let mut rows = Vec::new();
-        for key in order {
-            let row = table.read(&key)?;
+        let now = table.read_many(&order)?;
+        let mut rows = Vec::with_capacity(order.len());
+        for (key, row) in order.into_iter().zip(now) {
             let only = changed.remove(&key).flatten();
             rows.push((key, row, only));
         }
@@ -642,6 +680,10 @@ impl Runner {
                     break;
                 }
                 last = sequence;
+                // A change this binding made from its own table's row is in the row already.
+                if self.own_changes.borrow_mut().take(&entry.hash) {
+                    continue;
+                }
                 if entry.doc_key.starts_with(prefix.as_bytes()) {
                     if let Ok(id) = RecordId::from_doc_key(&entry.doc_key) {
                         ids.insert(id);

@@ -142,6 +142,15 @@ pub trait Table: Send {
     /// The row with this key as it is now, one value per mapped column; `None` if absent.
     fn read(&mut self, key: &[String]) -> Result<Option<Vec<TextValue>>, AdapterError>;
 
+    /// The rows with these keys as they are now, in the order of `keys`. A database reached
+    /// over a network answers in one round trip; the default reads them one by one.
+    fn read_many(
+        &mut self,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<Option<Vec<TextValue>>>, AdapterError> {
+        keys.iter().map(|key| self.read(key)).collect()
+    }
+
     /// Up to `limit` rows in key order after the key `after`.
     fn scan(
         &mut self,

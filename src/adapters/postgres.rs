@@ -72,9 +72,10 @@ impl PostgresTable {
         })
     }
 
-    /// The expression that reads a column as its text form.
-    fn read_expression(column: &Column) -> String {
-        let name = quote(&column.name);
+    /// The expression that reads a column (of the table named `prefix`, if any) as its text
+    /// form.
+    fn read_expression(column: &Column, prefix: &str) -> String {
+        let name = format!("{prefix}{}", quote(&column.name));
         match column.kind {
             ColumnKind::TimestampTz
             | ColumnKind::Timestamp
@@ -89,7 +90,7 @@ impl PostgresTable {
     fn select_list(&self) -> String {
         self.columns
             .iter()
-            .map(Self::read_expression)
+            .map(|column| Self::read_expression(column, ""))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -470,8 +471,21 @@ impl Table for PostgresTable {
             quote(&self.schema),
             quote(CHANGES_TABLE)
         );
-        self.client
+        // This commit need not wait for the WAL flush: a delete lost in a crash brings its
+        // change rows back, and reading them again writes nothing (the records already hold
+        // those rows), while waiting would put a flush on every capture round.
+        let mut transaction = self
+            .client
+            .transaction()
+            .map_err(database("forgetting captured changes"))?;
+        transaction
+            .batch_execute("SET LOCAL synchronous_commit = off")
+            .map_err(database("forgetting captured changes"))?;
+        transaction
             .execute(&sql, &[&ids])
+            .map_err(database("forgetting captured changes"))?;
+        transaction
+            .commit()
             .map_err(database("forgetting captured changes"))?;
         Ok(())
     }
@@ -498,6 +512,70 @@ impl Table for PostgresTable {
                 AdapterError::Database(format!("reading a row: {}", db_message(&error)))
             })?;
         Ok(row.map(|row| self.row_values(&row)))
+    }
+
+    fn read_many(
+        &mut self,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<Option<Vec<TextValue>>>, AdapterError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The keys go in as one text array per key column, joined to the table through its
+        // key columns' own types, so the primary key's index does the lookups.
+        let key_names: Vec<String> = (0..self.key.len())
+            .map(|offset| format!("_concord_k{offset}"))
+            .collect();
+        let join = self
+            .key
+            .iter()
+            .zip(&key_names)
+            .map(|(&index, name)| {
+                let column = &self.columns[index];
+                format!("t.{} = k.{name}::{}", quote(&column.name), column.sql_type)
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let arrays = (1..=self.key.len())
+            .map(|number| format!("${number}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let select_list = self
+            .columns
+            .iter()
+            .map(|column| Self::read_expression(column, "t."))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT k._concord_place, {select_list} FROM unnest({arrays}) WITH ORDINALITY \
+             AS k({}, _concord_place) JOIN {} AS t ON {join}",
+            key_names.join(", "),
+            self.qualified
+        );
+        let columns: Vec<Vec<String>> = (0..self.key.len())
+            .map(|offset| keys.iter().map(|key| key[offset].clone()).collect())
+            .collect();
+        let parameters: Vec<&(dyn postgres::types::ToSql + Sync)> = columns
+            .iter()
+            .map(|column| column as &(dyn postgres::types::ToSql + Sync))
+            .collect();
+        let rows = self.client.query(&sql, &parameters).map_err(|error| {
+            AdapterError::Database(format!("reading rows: {}", db_message(&error)))
+        })?;
+        let mut found: Vec<Option<Vec<TextValue>>> = vec![None; keys.len()];
+        for row in rows {
+            let place: i64 = row.get(0);
+            let values = (1..=self.columns.len())
+                .map(|index| row.get::<_, Option<String>>(index))
+                .collect();
+            if let Some(slot) = usize::try_from(place - 1)
+                .ok()
+                .and_then(|index| found.get_mut(index))
+            {
+                *slot = Some(values);
+            }
+        }
+        Ok(found)
     }
 
     fn scan(
