@@ -480,7 +480,8 @@ async fn an_in_binding_never_writes_its_table_and_a_restart_loses_and_repeats_no
     // Restart the database connection too: terminate A's backend; the binding reconnects.
     pg.batch_execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'concord' AND pid <> pg_backend_pid()",
+         WHERE application_name = 'concord' AND datname = current_database() \
+         AND pid <> pg_backend_pid()",
     )
     .unwrap();
     pg.batch_execute("UPDATE customers SET name = 'after reconnect' WHERE id = 2")
@@ -585,4 +586,63 @@ fn a_binding_that_does_not_fit_its_table_stops_the_node_with_one_clear_line() {
         assert!(error.contains(expected), "{error}");
         assert_eq!(error.trim().lines().count(), 1, "{error}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_composite_key_captures_whole_batches_and_keys_with_commas() {
+    let Some(database) = TestDatabase::create("composite_key") else {
+        return;
+    };
+    let parent = tempfile::tempdir().unwrap();
+    let ca = parent.path().join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut a = TestNode::create(parent.path(), "a", &ca, &[]);
+    let mut pg = database.client();
+    pg.batch_execute(
+        "CREATE TABLE stock (site text, sku integer, qty integer, PRIMARY KEY (site, sku))",
+    )
+    .unwrap();
+    add_binding(
+        &a,
+        BindingSection {
+            name: None,
+            collection: "stock".to_owned(),
+            adapter: AdapterKind::Postgres,
+            url: database.url.clone(),
+            table: "stock".to_owned(),
+            key: vec!["site".to_owned(), "sku".to_owned()],
+            direction: Direction::In,
+            fields: Default::default(),
+        },
+    );
+    a.start().await;
+    // More rows than one capture round reads, in one transaction: every one arrives.
+    let rows = concord::adapters::CAPTURE_BATCH_MAX + 200;
+    pg.batch_execute(&format!(
+        "INSERT INTO stock SELECT 'north', g, g FROM generate_series(1, {rows}) AS g; \
+         INSERT INTO stock VALUES ('a,b', 1, 5), ('/south', 2, 6)"
+    ))
+    .unwrap();
+    eventually("every captured row is a record", WAIT, || {
+        binding_status(&a)["records_written"].as_u64() == Some(rows as u64 + 2)
+    })
+    .await;
+    assert_eq!(
+        a.get(&format!("stock/north,{rows}")).unwrap()["qty"],
+        json!(rows)
+    );
+    // Record keys `a%2Cb,1` and `%2Fsouth,2`, their `%` escaped again in the URL path.
+    assert_eq!(a.get("stock/a%252Cb,1").unwrap()["qty"], json!(5));
+    assert_eq!(a.get("stock/%252Fsouth,2").unwrap()["qty"], json!(6));
+    pg.batch_execute(
+        "UPDATE stock SET qty = 50 WHERE site = 'a,b'; DELETE FROM stock WHERE sku = 7",
+    )
+    .unwrap();
+    eventually("the update and the delete arrive", WAIT, || {
+        a.get("stock/a%252Cb,1")
+            .is_some_and(|record| record["qty"] == json!(50))
+            && a.get("stock/north,7").is_none()
+    })
+    .await;
+    a.stop().await;
 }

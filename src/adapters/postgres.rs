@@ -121,8 +121,12 @@ impl PostgresTable {
             .map(|&index| format!("'{}'", self.columns[index].name.replace('\'', "''")))
             .collect::<Vec<_>>()
             .join(", ");
+        // The bound table is locked first, so a user's transaction that already wrote it (and
+        // whose trigger will write the change table) finishes before anything here takes a
+        // lock it needs: installing again on a reconnect never deadlocks with live writes.
         let sql = format!(
             r#"
+LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE;
 CREATE TABLE IF NOT EXISTS {schema}.{changes} (
     id bigserial PRIMARY KEY,
     relation text NOT NULL,
@@ -177,16 +181,19 @@ CREATE OR REPLACE TRIGGER _concord_capture
             channel = NOTIFY_CHANNEL,
             table = self.qualified,
         );
-        self.client.batch_execute(&sql).map_err(|error| {
+        let relation = self.relation.clone();
+        let failed = move |error: postgres::Error| {
             let detail = error
                 .as_db_error()
                 .map(|db| db.message().to_owned())
                 .unwrap_or_else(|| error.to_string());
             AdapterError::Config(format!(
-                "cannot install the capture trigger on {}: {detail}",
-                self.relation
+                "cannot install the capture trigger on {relation}: {detail}"
             ))
-        })?;
+        };
+        let mut transaction = self.client.transaction().map_err(&failed)?;
+        transaction.batch_execute(&sql).map_err(&failed)?;
+        transaction.commit().map_err(&failed)?;
         self.client
             .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
             .map_err(database("LISTEN"))?;
