@@ -22,7 +22,8 @@
 //! - Apply cursor: per origin node, the log sequence up to which this binding has applied
 //!   records to the table, saved in the store after each applied batch. Applying a record
 //!   compares it with the row and writes only the columns whose value differs, so a replay
-//!   after a crash writes nothing.
+//!   after a crash writes nothing. Changes the binding itself made from its table's rows are
+//!   skipped (remembered by hash, bounded): the row holds them already.
 //! - Echo suppression: the adapter's own writes to its table set a flag inside their
 //!   transaction (`SET LOCAL concord.applying` in PostgreSQL, a row in `_concord_applying` in
 //!   SQLite) that the triggers check, so they are never captured back; and a captured row
