@@ -242,3 +242,36 @@ async fn malformed_and_oversized_frames_close_only_that_connection() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revert_replicates_and_can_itself_be_reverted() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    a.start().await;
+    b.start().await;
+    a.put("customers/1", json!({"name": "Ada", "credit": 100}));
+    converge(&[&a, &b], &["customers/1"], CONVERGE).await;
+    b.put("customers/1", json!({"credit": -5000, "note": "bad edit"}));
+    converge(&[&a, &b], &["customers/1"], CONVERGE).await;
+    let history = a.history("customers/1");
+    let first = history[0]["hash"].as_str().unwrap().to_owned();
+    // Revert on A to the first version: B gets the restored record.
+    a.revert("customers/1", &first);
+    eventually("B sees the revert", CONVERGE, || {
+        b.get("customers/1") == Some(json!({"name": "Ada", "credit": 100}))
+    })
+    .await;
+    // The revert is a version of its own; B reverts to the bad edit, and A sees that.
+    let history = b.history("customers/1");
+    assert_eq!(history.len(), 3);
+    let bad = history[1]["hash"].as_str().unwrap().to_owned();
+    b.revert("customers/1", &bad);
+    eventually("A sees the revert of the revert", CONVERGE, || {
+        a.get("customers/1") == Some(json!({"name": "Ada", "credit": -5000, "note": "bad edit"}))
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}

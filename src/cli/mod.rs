@@ -88,7 +88,19 @@ enum Command {
         replace: bool,
     },
     /// Print a record as one JSON object (exit code 2 if not found).
-    Get { id: String },
+    Get {
+        id: String,
+        /// Print the record as it was at this version (a hash from `concord history`).
+        #[arg(long, value_name = "VERSION")]
+        at: Option<String>,
+    },
+    /// Write a new change that makes a record what it was at a version (a hash from
+    /// `concord history`); it replicates like any edit and can itself be reverted.
+    Revert {
+        id: String,
+        #[arg(long, value_name = "VERSION")]
+        to: String,
+    },
     /// Delete a record (exit code 2 if not found).
     Delete { id: String },
     /// Print a collection's records, one JSON object per line: {"key": ..., "fields": ...}.
@@ -292,13 +304,34 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 Target::Remote(api) => api.put(&id, &write)?,
             }
         }
-        Command::Get { id } => {
+        Command::Get { id, at } => {
             let id = RecordId::parse_user(&id)?;
-            let fields = match target(cli.data)? {
-                Target::Local(node) => Json::Object(node.get(&id)?.ok_or(NodeError::NotFound(id))?),
-                Target::Remote(api) => api.get(&id)?,
+            let version = at
+                .as_deref()
+                .map(concord::node::parse_version)
+                .transpose()?;
+            let fields = match (target(cli.data)?, version) {
+                (Target::Local(node), None) => {
+                    Json::Object(node.get(&id)?.ok_or(NodeError::NotFound(id))?)
+                }
+                (Target::Local(node), Some(version)) => {
+                    Json::Object(node.get_at(&id, &version)?.ok_or(NodeError::NotFound(id))?)
+                }
+                (Target::Remote(api), None) => api.get(&id)?,
+                (Target::Remote(api), Some(version)) => api.get_at(&id, &version)?,
             };
             writeln!(out, "{fields}")?;
+        }
+        Command::Revert { id, to } => {
+            let id = RecordId::parse_user(&id)?;
+            let version = concord::node::parse_version(&to)?;
+            let changed = match target(cli.data)? {
+                Target::Local(node) => node.revert(&id, &version)?,
+                Target::Remote(api) => api.revert(&id, &version)?,
+            };
+            if !changed {
+                writeln!(out, "{id} is already as it was at {version}")?;
+            }
         }
         Command::Delete { id } => {
             let id = RecordId::parse_user(&id)?;

@@ -102,6 +102,23 @@ impl ApiClient {
         )
     }
 
+    pub fn get_at(&self, id: &RecordId, version: &automerge::ChangeHash) -> Result<Value> {
+        let url = format!("{}?at={version}", self.url(&Self::record_path(id)));
+        self.answer(Some(id), self.agent.get(&url).call())
+    }
+
+    /// Whether the revert changed anything.
+    pub fn revert(&self, id: &RecordId, version: &automerge::ChangeHash) -> Result<bool> {
+        let url = self.url(&format!("{}/revert", Self::record_path(id)));
+        let answer = self.answer(
+            Some(id),
+            self.agent
+                .post(&url)
+                .send_json(serde_json::json!({"to": version.to_string()})),
+        )?;
+        Ok(answer["changed"].as_bool().unwrap_or(true))
+    }
+
     pub fn delete(&self, id: &RecordId) -> Result<()> {
         self.answer(
             Some(id),

@@ -1,7 +1,9 @@
 //! The HTTP API (axum): records, status, metrics.
 //!
 //! `GET/PUT/PATCH/DELETE /v1/records/{collection}/{key}`, `GET /v1/records/{collection}`
-//! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`,
+//! (`?after=KEY&limit=N`), `GET /v1/records/{collection}/{key}/history`, `GET
+//! /v1/records/{collection}/{key}?at=VERSION` (the record as it was), `POST
+//! /v1/records/{collection}/{key}/revert` with `{"to": VERSION}` (a new change restoring it),
 //! `GET/POST /v1/records/{collection}/{key}/automerge` (the saved document out, or merged in),
 //! `GET /v1/status`, `GET /v1/errors` (rows the adapters quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
@@ -40,6 +42,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/records/{collection}/{key}/history", get(history))
         .route(
+            "/v1/records/{collection}/{key}/revert",
+            axum::routing::post(revert_record),
+        )
+        .route(
             "/v1/records/{collection}/{key}/automerge",
             get(export).post(import),
         )
@@ -63,6 +69,8 @@ impl From<NodeError> for ApiError {
         let status = match &error {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::Record(_)
+            | NodeError::BadVersion(_)
+            | NodeError::UnknownVersion { .. }
             | NodeError::TooLarge { .. }
             | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
                 StatusCode::BAD_REQUEST
@@ -92,14 +100,49 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+#[derive(Deserialize)]
+struct GetQuery {
+    /// A version from the record's history: read the record as it was then.
+    at: Option<String>,
+}
+
 async fn get_record(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
+    Query(query): Query<GetQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    let fields = blocking(move || node.get(&id)?.ok_or(NodeError::NotFound(id))).await?;
+    let fields = blocking(move || {
+        let fields = match query.at {
+            Some(version) => node.get_at(&id, &super::parse_version(&version)?)?,
+            None => node.get(&id)?,
+        };
+        fields.ok_or(NodeError::NotFound(id))
+    })
+    .await?;
     Ok(Json(Value::Object(fields)))
+}
+
+#[derive(Deserialize)]
+struct RevertBody {
+    /// The version to restore, from the record's history.
+    to: String,
+}
+
+async fn revert_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+    Json(body): Json<RevertBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let version = super::parse_version(&body.to)?;
+    let node = shared.node.clone();
+    let changed = blocking(move || node.revert(&id, &version)).await?;
+    if changed {
+        shared.local_writes.notify_one();
+    }
+    Ok(Json(json!({"changed": changed})))
 }
 
 async fn write(

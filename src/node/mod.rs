@@ -14,7 +14,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::ActorId;
+use automerge::{ActorId, ChangeHash};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
@@ -70,6 +70,10 @@ pub enum NodeError {
     Transport(String),
     #[error("{0}")]
     Binding(String),
+    #[error("version {0:?} is not a change hash: 64 hex digits, as `concord history` prints them")]
+    BadVersion(String),
+    #[error("{id} has no version {version} (see `concord history {id}`)")]
+    UnknownVersion { id: RecordId, version: String },
     #[error("{what} is {size} bytes; the most is {size_max}")]
     TooLarge {
         what: &'static str,
@@ -89,6 +93,16 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
         path: path.to_owned(),
         source,
     }
+}
+
+/// A version as `concord history` prints it: the hash of the change that made it.
+pub fn parse_version(text: &str) -> Result<ChangeHash, NodeError> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return Err(NodeError::BadVersion(text.to_owned()));
+    }
+    text.parse()
+        .map_err(|_| NodeError::BadVersion(text.to_owned()))
 }
 
 /// One change in a record's history.
@@ -307,6 +321,37 @@ impl Node {
     /// The record's fields, or `None` when it is deleted or was never written.
     pub fn get(&self, id: &RecordId) -> Result<Option<Map<String, Json>>, NodeError> {
         Ok(self.docs.read(id, document::read)?)
+    }
+
+    /// The record as it was at `version` (a change in its history), or `None` when it was
+    /// deleted then.
+    pub fn get_at(
+        &self,
+        id: &RecordId,
+        version: &ChangeHash,
+    ) -> Result<Option<Map<String, Json>>, NodeError> {
+        let then = self.docs.read(id, |doc| {
+            document::holds_change(doc, version)
+                .then(|| document::read_at(doc, Some(std::slice::from_ref(version))))
+        })?;
+        then.ok_or_else(|| NodeError::UnknownVersion {
+            id: id.clone(),
+            version: version.to_string(),
+        })
+    }
+
+    /// Writes a new change that makes the record what it was at `version`: exactly its
+    /// fields then, or deleted if it was deleted then. It replicates like any write and is
+    /// itself a version that can be reverted to. Returns whether anything changed.
+    pub fn revert(&self, id: &RecordId, version: &ChangeHash) -> Result<bool, NodeError> {
+        match self.get_at(id, version)? {
+            Some(fields) => self.put(id, &RecordWrite::replace_with(fields)),
+            None => match self.delete(id) {
+                Ok(()) => Ok(true),
+                Err(NodeError::NotFound(_)) => Ok(false),
+                Err(error) => Err(error),
+            },
+        }
     }
 
     /// Deletes a live record; `NotFound` otherwise.

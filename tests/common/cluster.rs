@@ -111,6 +111,35 @@ impl TestNode {
         assert_eq!(response.status().as_u16(), 200, "put {id} on {}", self.name);
     }
 
+    /// The record's history, oldest change first.
+    pub fn history(&self, id: &str) -> Vec<Value> {
+        let mut response = Self::agent()
+            .get(format!("http://{}/v1/records/{id}/history", self.api))
+            .call()
+            .unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "history {id} on {}",
+            self.name
+        );
+        response.body_mut().read_json().unwrap()
+    }
+
+    /// Restores the record to `version` with a new change.
+    pub fn revert(&self, id: &str, version: &str) {
+        let response = Self::agent()
+            .post(format!("http://{}/v1/records/{id}/revert", self.api))
+            .send_json(serde_json::json!({"to": version}))
+            .unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "revert {id} on {}",
+            self.name
+        );
+    }
+
     pub fn delete(&self, id: &str) {
         let response = Self::agent()
             .delete(format!("http://{}/v1/records/{id}", self.api))
