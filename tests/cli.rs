@@ -206,6 +206,67 @@ fn get_at_a_version_and_revert_to_it_and_back() {
 }
 
 #[test]
+fn audit_filters_by_collection_record_source_node_and_time() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "site-a");
+    ok(concord(&node, &["put", "customers/1", "name=Ada"]));
+    ok(concord(&node, &["put", "customers/1", "city=Paris"]));
+    ok(concord(&node, &["put", "customers/2", "name=Grace"]));
+    ok(concord(&node, &["put", "orders/9", "total=12"]));
+    ok(concord(&node, &["delete", "orders/9"]));
+    let audit = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["audit"];
+        all.extend_from_slice(args);
+        ok(concord(&node, &all))
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let everything = audit(&[]);
+    assert_eq!(everything.len(), 5, "{everything:?}");
+    for entry in &everything {
+        assert_eq!(entry["source"], json!("api"));
+        assert_eq!(entry["node_name"], json!("site-a"));
+        assert!(entry["time"].as_str().unwrap().starts_with("20"));
+    }
+    let records: Vec<&str> = everything
+        .iter()
+        .map(|entry| entry["record"].as_str().unwrap())
+        .collect();
+    assert_eq!(records.iter().filter(|r| **r == "customers/1").count(), 2);
+    assert_eq!(audit(&["--collection", "orders"]).len(), 2);
+    let one = audit(&["--record", "customers/1"]);
+    assert_eq!(one.len(), 2);
+    assert_eq!(one[0]["action"], json!("create"));
+    assert_eq!(one[1]["set"], json!({"city": "Paris"}));
+    assert_eq!(audit(&["--source", "api", "--node", "site-a"]).len(), 5);
+    assert_eq!(audit(&["--source", "erp"]).len(), 0);
+    assert_eq!(audit(&["--node", "elsewhere"]).len(), 0);
+    assert_eq!(audit(&["--since", "2999-01-01T00:00:00Z"]).len(), 0);
+    assert_eq!(audit(&["--until", "2000-01-01T00:00:00Z"]).len(), 0);
+    assert_eq!(
+        audit(&[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2999-01-01T00:00:00Z"
+        ])
+        .len(),
+        5
+    );
+    let output = concord(&node, &["audit", "--limit", "2"]);
+    assert_eq!(stdout(&output).lines().count(), 2);
+    assert!(
+        stderr(&output).contains("more changes matched"),
+        "{}",
+        stderr(&output)
+    );
+    let output = concord(&node, &["audit", "--since", "yesterday"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("RFC 3339"), "{}", stderr(&output));
+}
+
+#[test]
 fn export_loads_in_automerge_and_import_merges() {
     let temp = tempfile::tempdir().unwrap();
     let node = init_node(temp.path(), "a");

@@ -272,6 +272,19 @@ async fn a_revert_replicates_and_can_itself_be_reverted() {
         a.get("customers/1") == Some(json!({"name": "Ada", "credit": -5000, "note": "bad edit"}))
     })
     .await;
+    // The audit trail on either node names who wrote each of the four changes.
+    let report = a.audit("record=customers/1");
+    let writers: Vec<&str> = report["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry["node_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(writers.len(), 4, "{report}");
+    assert_eq!(writers.iter().filter(|name| **name == "a").count(), 2);
+    assert_eq!(writers.iter().filter(|name| **name == "b").count(), 2);
+    let report = b.audit("node=b&source=api");
+    assert_eq!(report["entries"].as_array().unwrap().len(), 2, "{report}");
     a.stop().await;
     b.stop().await;
 }

@@ -77,6 +77,31 @@ enum Command {
     /// List rows the adapters quarantined, one JSON object per line: binding, direction,
     /// key, error, attempts, next retry.
     Errors,
+    /// List changes with the node, source and time that wrote them, one JSON object per
+    /// line, earliest first (by the writers' clocks); every filter given must hold.
+    Audit {
+        /// Only this collection (Concord's own, such as `_actors`, only when named).
+        #[arg(long)]
+        collection: Option<String>,
+        /// Only this record (COLLECTION/KEY).
+        #[arg(long)]
+        record: Option<String>,
+        /// Only this source: `api`, or a binding's name.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this node (name or id).
+        #[arg(long)]
+        node: Option<String>,
+        /// From this time on (RFC 3339, such as 2026-11-26T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Most changes listed.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// Set fields of a record (FIELD=VALUE; VALUE is JSON if it parses, else a string;
     /// FIELD= removes the field).
     Put {
@@ -279,6 +304,55 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 .status()
                 .context("is the node running? (`concord run`)")?;
             print_status(&status, out)?;
+        }
+        Command::Audit {
+            collection,
+            record,
+            source,
+            node,
+            since,
+            until,
+            limit,
+        } => {
+            let filter = concord::node::AuditFilter {
+                collection: collection.as_deref().map(Collection::new).transpose()?,
+                record: record.as_deref().map(RecordId::parse_user).transpose()?,
+                source,
+                node,
+                since: since
+                    .as_deref()
+                    .map(concord::node::parse_time)
+                    .transpose()?,
+                until: until
+                    .as_deref()
+                    .map(concord::node::parse_time)
+                    .transpose()?,
+                limit,
+            };
+            let (entries, truncated) = match target(cli.data)? {
+                Target::Local(node) => {
+                    let report = node.audit(&filter)?;
+                    let entries = report
+                        .entries
+                        .iter()
+                        .map(serde_json::to_value)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (entries, report.truncated)
+                }
+                Target::Remote(api) => {
+                    let report = api.audit(&filter)?;
+                    (
+                        report["entries"].as_array().cloned().unwrap_or_default(),
+                        report["truncated"].as_bool().unwrap_or(false),
+                    )
+                }
+            };
+            for entry in entries {
+                writeln!(out, "{entry}")?;
+            }
+            if truncated {
+                eprintln!("(more changes matched: narrow the filter, or continue with --since)");
+            }
         }
         Command::Errors => {
             let dir = data_dir(cli.data)?;

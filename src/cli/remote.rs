@@ -119,6 +119,34 @@ impl ApiClient {
         Ok(answer["changed"].as_bool().unwrap_or(true))
     }
 
+    /// An audit report: `{"entries": [...], "truncated": bool}`.
+    pub fn audit(&self, filter: &concord::node::AuditFilter) -> Result<Value> {
+        let mut query = vec![format!("limit={}", filter.limit)];
+        let mut add = |name: &str, value: Option<String>| {
+            if let Some(value) = value {
+                query.push(format!("{name}={}", urlencode(&value)));
+            }
+        };
+        add(
+            "collection",
+            filter.collection.as_ref().map(|c| c.as_str().to_owned()),
+        );
+        add("record", filter.record.as_ref().map(ToString::to_string));
+        add("source", filter.source.clone());
+        add("node", filter.node.clone());
+        let rfc3339 = |seconds: i64| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(u64::try_from(seconds).unwrap_or(0)),
+            )
+            .to_string()
+        };
+        add("since", filter.since.map(rfc3339));
+        add("until", filter.until.map(rfc3339));
+        let url = format!("{}?{}", self.url("/v1/audit"), query.join("&"));
+        self.answer(None, self.agent.get(&url).call())
+    }
+
     pub fn delete(&self, id: &RecordId) -> Result<()> {
         self.answer(
             Some(id),

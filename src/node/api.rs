@@ -5,7 +5,9 @@
 //! /v1/records/{collection}/{key}?at=VERSION` (the record as it was), `POST
 //! /v1/records/{collection}/{key}/revert` with `{"to": VERSION}` (a new change restoring it),
 //! `GET/POST /v1/records/{collection}/{key}/automerge` (the saved document out, or merged in),
-//! `GET /v1/status`, `GET /v1/errors` (rows the adapters quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
+//! `GET /v1/audit` (`?collection=&record=&source=&node=&since=&until=&limit=`: changes with
+//! their node, source and time), `GET /v1/status`, `GET /v1/errors` (rows the adapters
+//! quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
@@ -49,6 +51,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/records/{collection}/{key}/automerge",
             get(export).post(import),
         )
+        .route("/v1/audit", get(audit))
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/metrics", get(metrics))
@@ -70,6 +73,7 @@ impl From<NodeError> for ApiError {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
             NodeError::Record(_)
             | NodeError::BadVersion(_)
+            | NodeError::BadTime(_)
             | NodeError::UnknownVersion { .. }
             | NodeError::TooLarge { .. }
             | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
@@ -277,6 +281,51 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     value["records"] = json!(records);
     Json(value)
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    collection: Option<String>,
+    record: Option<String>,
+    source: Option<String>,
+    node: Option<String>,
+    /// RFC 3339.
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Entries an audit request returns when it does not say.
+const AUDIT_LIMIT_DEFAULT: usize = 1000;
+
+async fn audit(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = super::AuditFilter {
+        collection: query
+            .collection
+            .as_deref()
+            .map(Collection::new)
+            .transpose()
+            .map_err(bad_request)?,
+        record: query
+            .record
+            .as_deref()
+            .map(RecordId::parse)
+            .transpose()
+            .map_err(bad_request)?,
+        source: query.source,
+        node: query.node,
+        since: query.since.as_deref().map(super::parse_time).transpose()?,
+        until: query.until.as_deref().map(super::parse_time).transpose()?,
+        limit: query.limit.unwrap_or(AUDIT_LIMIT_DEFAULT),
+    };
+    let node = shared.node.clone();
+    let report = blocking(move || node.audit(&filter)).await?;
+    Ok(Json(serde_json::to_value(report).map_err(|error| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+    })?))
 }
 
 /// Most quarantined rows one errors request lists.

@@ -72,6 +72,8 @@ pub enum NodeError {
     Binding(String),
     #[error("version {0:?} is not a change hash: 64 hex digits, as `concord history` prints them")]
     BadVersion(String),
+    #[error("time {0:?} is not understood: give it as RFC 3339, such as 2026-11-26T10:00:00Z")]
+    BadTime(String),
     #[error("{id} has no version {version} (see `concord history {id}`)")]
     UnknownVersion { id: RecordId, version: String },
     #[error("{what} is {size} bytes; the most is {size_max}")]
@@ -105,6 +107,17 @@ pub fn parse_version(text: &str) -> Result<ChangeHash, NodeError> {
         .map_err(|_| NodeError::BadVersion(text.to_owned()))
 }
 
+/// A time as an audit takes it (RFC 3339, `Z` or no zone meaning UTC), in Unix seconds.
+pub fn parse_time(text: &str) -> Result<i64, NodeError> {
+    let time = humantime::parse_rfc3339_weak(text.trim())
+        .map_err(|_| NodeError::BadTime(text.to_owned()))?;
+    let seconds = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| NodeError::BadTime(text.to_owned()))?
+        .as_secs();
+    i64::try_from(seconds).map_err(|_| NodeError::BadTime(text.to_owned()))
+}
+
 /// One change in a record's history.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
@@ -117,8 +130,65 @@ pub struct HistoryEntry {
     pub source: Option<String>,
     /// When it was written (RFC 3339), by the writer's clock.
     pub time: String,
+    /// The same, in seconds since the Unix epoch.
+    #[serde(skip)]
+    pub seconds: i64,
     #[serde(flatten)]
     pub effect: document::ChangeEffect,
+}
+
+/// Most records one audit looks at; past that it says it stopped early.
+pub const AUDIT_RECORDS_MAX: usize = 100_000;
+/// Most entries one audit returns.
+pub const AUDIT_ENTRIES_MAX: usize = 100_000;
+/// Log entries read per page while an audit finds the records to look at.
+const AUDIT_LOG_PAGE: usize = 10_000;
+
+/// Which changes an audit lists; every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub collection: Option<Collection>,
+    pub record: Option<RecordId>,
+    /// A source name: `api`, or a binding's name.
+    pub source: Option<String>,
+    /// A node's name or id.
+    pub node: Option<String>,
+    /// Seconds since the Unix epoch, inclusive, by the writer's clock.
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    /// Most entries returned, the earliest first (at most [`AUDIT_ENTRIES_MAX`]).
+    pub limit: usize,
+}
+
+impl AuditFilter {
+    fn admits(&self, change: &HistoryEntry) -> bool {
+        self.source
+            .as_ref()
+            .is_none_or(|source| change.source.as_ref() == Some(source))
+            && self.node.as_ref().is_none_or(|node| {
+                change.node.as_ref() == Some(node) || change.node_name.as_ref() == Some(node)
+            })
+            && self.since.is_none_or(|since| change.seconds >= since)
+            && self.until.is_none_or(|until| change.seconds <= until)
+    }
+}
+
+/// One change an audit found.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    /// `COLLECTION/KEY`.
+    pub record: String,
+    #[serde(flatten)]
+    pub change: HistoryEntry,
+}
+
+/// What an audit found, in time order (by the writers' clocks), then by record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditReport {
+    pub entries: Vec<AuditEntry>,
+    /// More changes matched than were returned (or more records exist than one audit looks
+    /// at): narrow the filter, or continue with `since`.
+    pub truncated: bool,
 }
 
 /// What `concord init` may be given besides the data dir.
@@ -437,6 +507,7 @@ impl Node {
             };
             let node = text("node")
                 .or_else(|| NodeId::split_actor(&actor).map(|(node, _)| node.to_string()));
+            let seconds = time;
             let time = u64::try_from(time)
                 .map(|seconds| {
                     humantime::format_rfc3339_seconds(
@@ -452,10 +523,86 @@ impl Node {
                 node_name: text("node_name"),
                 source: text("source"),
                 time,
+                seconds,
                 effect,
             });
         }
         Ok(entries)
+    }
+
+    /// Changes to user records (or to `filter.collection`, which may be one of Concord's
+    /// own), with node, source and time, filtered.
+    pub fn audit(&self, filter: &AuditFilter) -> Result<AuditReport, NodeError> {
+        let limit = filter.limit.clamp(1, AUDIT_ENTRIES_MAX);
+        let (ids, mut truncated) = self.audited_records(filter)?;
+        let mut entries: Vec<AuditEntry> = Vec::new();
+        let keep_earliest = |entries: &mut Vec<AuditEntry>, truncated: &mut bool| {
+            // Stable: one record's changes stay in causal order within a second.
+            entries
+                .sort_by(|a, b| (a.change.seconds, &a.record).cmp(&(b.change.seconds, &b.record)));
+            if entries.len() > limit {
+                entries.truncate(limit);
+                *truncated = true;
+            }
+        };
+        for id in ids {
+            let history = match self.history(&id) {
+                Ok(history) => history,
+                Err(NodeError::NotFound(_)) => continue,
+                Err(error) => return Err(error),
+            };
+            let record = id.to_string();
+            entries.extend(
+                history
+                    .into_iter()
+                    .filter(|change| filter.admits(change))
+                    .map(|change| AuditEntry {
+                        record: record.clone(),
+                        change,
+                    }),
+            );
+            if entries.len() > 2 * limit {
+                keep_earliest(&mut entries, &mut truncated);
+            }
+        }
+        keep_earliest(&mut entries, &mut truncated);
+        Ok(AuditReport { entries, truncated })
+    }
+
+    /// The records an audit looks at, found through the replication log (every change a
+    /// node holds has a place in it); whether there were more than it may look at.
+    fn audited_records(&self, filter: &AuditFilter) -> Result<(Vec<RecordId>, bool), NodeError> {
+        if let Some(id) = &filter.record {
+            return Ok((vec![id.clone()], false));
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (origin, _) in self.docs.origin_marks() {
+            let mut after = 0;
+            loop {
+                let page = self.docs.log_entries(&origin, after, AUDIT_LOG_PAGE)?;
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                after = *last;
+                for (_, entry) in page {
+                    let Ok(id) = RecordId::from_doc_key(&entry.doc_key) else {
+                        continue;
+                    };
+                    let wanted = match &filter.collection {
+                        Some(collection) => id.collection == *collection,
+                        None => !id.collection.as_str().starts_with('_'),
+                    };
+                    if !wanted || ids.contains(&id) {
+                        continue;
+                    }
+                    if ids.len() >= AUDIT_RECORDS_MAX {
+                        return Ok((ids.into_iter().collect(), true));
+                    }
+                    ids.insert(id);
+                }
+            }
+        }
+        Ok((ids.into_iter().collect(), false))
     }
 
     fn actor_origin(&self, actor: &ActorId) -> Result<Option<Map<String, Json>>, NodeError> {

@@ -126,6 +126,16 @@ impl TestNode {
         response.body_mut().read_json().unwrap()
     }
 
+    /// `GET /v1/audit?QUERY`: the report.
+    pub fn audit(&self, query: &str) -> Value {
+        let mut response = Self::agent()
+            .get(format!("http://{}/v1/audit?{query}", self.api))
+            .call()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "audit on {}", self.name);
+        response.body_mut().read_json().unwrap()
+    }
+
     /// Restores the record to `version` with a new change.
     pub fn revert(&self, id: &str, version: &str) {
         let response = Self::agent()
