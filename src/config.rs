@@ -30,6 +30,53 @@ pub struct Config {
     /// Tables and files mapped to collections (see `crate::adapters`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bindings: Vec<BindingSection>,
+    /// Conflict policies per collection, or per field (see `crate::policy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySection>,
+}
+
+/// Most policy entries one node may have.
+pub const POLICIES_MAX: usize = 1024;
+/// Most names one `priority` list may hold.
+pub const PRIORITY_NAMES_MAX: usize = 64;
+
+/// Whose value wins a field written concurrently at several places.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub collection: String,
+    /// One field only; without it, every field of the collection that no entry of its own
+    /// names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub policy: PolicyKind,
+    /// For `priority`: sources or sites, highest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Automerge's own deterministic choice.
+    Merge,
+    /// The latest write by hybrid logical clock; ties by actor.
+    Lww,
+    /// The highest-ranked source or site in `order`; ties by `lww`.
+    Priority,
+    /// Automerge's choice stands while the conflict waits for a person.
+    Manual,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::Lww => "lww",
+            Self::Priority => "priority",
+            Self::Manual => "manual",
+        }
+    }
 }
 
 /// Most bindings one node may have (each runs a thread and holds a database connection).
@@ -206,6 +253,7 @@ impl Config {
             network: NetworkSection::default(),
             store: StoreSection::default(),
             bindings: Vec::new(),
+            policies: Vec::new(),
         }
     }
 
@@ -276,7 +324,60 @@ impl Config {
                 store.compact_after_changes
             ));
         }
-        self.check_bindings()
+        self.check_bindings()?;
+        self.check_policies()
+    }
+
+    fn check_policies(&self) -> Result<(), String> {
+        if self.policies.len() > POLICIES_MAX {
+            return Err(format!(
+                "{} policies; the most is {POLICIES_MAX}",
+                self.policies.len()
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (index, entry) in self.policies.iter().enumerate() {
+            let at = format!("policies[{index}]");
+            crate::record::Collection::new(&entry.collection)
+                .map_err(|error| format!("{at}.collection: {error}"))?;
+            if let Some(field) = &entry.field {
+                crate::record::document::check_field_name(field)
+                    .map_err(|error| format!("{at}.field: {error}"))?;
+            }
+            if !seen.insert((entry.collection.clone(), entry.field.clone())) {
+                return Err(format!(
+                    "{at}: a second policy for {}{}",
+                    entry.collection,
+                    entry
+                        .field
+                        .as_ref()
+                        .map(|field| format!(" field {field}"))
+                        .unwrap_or_default()
+                ));
+            }
+            match entry.policy {
+                PolicyKind::Priority if entry.order.is_empty() => {
+                    return Err(format!(
+                        "{at}: policy \"priority\" needs an order, such as order = [\"erp\", \"crm\"]"
+                    ));
+                }
+                PolicyKind::Priority if entry.order.len() > PRIORITY_NAMES_MAX => {
+                    return Err(format!(
+                        "{at}.order has {} names; the most is {PRIORITY_NAMES_MAX}",
+                        entry.order.len()
+                    ));
+                }
+                PolicyKind::Priority => {}
+                other if !entry.order.is_empty() => {
+                    return Err(format!(
+                        "{at}: order is for policy \"priority\", not \"{}\"",
+                        other.as_str()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     fn check_bindings(&self) -> Result<(), String> {

@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod config;
 pub mod net;
 pub mod node;
+pub mod policy;
 pub mod record;
 pub mod store;
 pub mod sync;

@@ -206,6 +206,49 @@ fn get_at_a_version_and_revert_to_it_and_back() {
 }
 
 #[test]
+fn a_priority_policy_shows_the_ranked_site_value_on_both_nodes() {
+    let temp = tempfile::tempdir().unwrap();
+    let erp = init_node(temp.path(), "erp-site");
+    let crm = init_node(temp.path(), "crm-site");
+    // The collection ranks the ERP site first, the phone field the CRM site: Automerge's
+    // own choice takes one site's value for both fields, so at least one of them shows
+    // that the policy, not Automerge, picked it.
+    let policy = r#"
+[[policies]]
+collection = "customers"
+policy = "priority"
+order = ["erp-site"]
+
+[[policies]]
+collection = "customers"
+field = "phone"
+policy = "priority"
+order = ["crm-site"]
+"#;
+    for node in [&erp, &crm] {
+        let config = node.join("concord.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}{policy}")).unwrap();
+    }
+    // Both sites write without seeing each other; the CRM writes second.
+    ok(concord(
+        &erp,
+        &["put", "customers/1", "address=1 ERP Street", "phone=111"],
+    ));
+    ok(concord(
+        &crm,
+        &["put", "customers/1", "address=2 CRM Road", "phone=222"],
+    ));
+    exchange(&erp, &crm, "customers/1", temp.path());
+    for node in [&erp, &crm] {
+        assert_eq!(
+            get_json(node, "customers/1"),
+            json!({"address": "1 ERP Street", "phone": 222})
+        );
+    }
+}
+
+#[test]
 fn audit_filters_by_collection_record_source_node_and_time() {
     let temp = tempfile::tempdir().unwrap();
     let node = init_node(temp.path(), "site-a");
@@ -487,6 +530,14 @@ fn bad_config_fails_with_one_clear_line() {
             "store.cache_documents",
         ),
         ("[node\n".to_owned(), "concord.toml"),
+        (
+            format!("{original}\n[[policies]]\ncollection = \"c\"\npolicy = \"priority\"\n"),
+            "needs an order",
+        ),
+        (
+            format!("{original}\n[[policies]]\ncollection = \"c\"\npolicy = \"newest\"\n"),
+            "newest",
+        ),
     ] {
         std::fs::write(&config, text).unwrap();
         let output = concord(&node, &["get", "c/1"]);

@@ -719,11 +719,8 @@ impl Runner {
     fn row_of_record(&self, id: &RecordId) -> Result<RowWrite, String> {
         let mapping = self.mapping();
         let key = key_parts(id.key.as_str(), mapping.key.len())?;
-        let fields = self
-            .node
-            .documents()
-            .read(id, document::read)
-            .map_err(|error| error.to_string())?;
+        // The record as its conflict policies resolve it, not Automerge's raw winner.
+        let fields = self.node.get(id).map_err(|error| error.to_string())?;
         let Some(fields) = fields else {
             return Ok(RowWrite { key, row: None });
         };

@@ -218,6 +218,8 @@ pub struct Node {
     id: NodeId,
     docs: DocStore<SledStore>,
     api_actor: ActorId,
+    /// The conflict policies of `config`, ready to resolve reads with.
+    policies: crate::policy::Policies,
 }
 
 impl Node {
@@ -299,12 +301,14 @@ impl Node {
         };
         let docs = DocStore::open(backend, id, store_config)?;
         let api_actor = Self::register_source(&docs, &config, API_SOURCE)?;
+        let policies = crate::policy::Policies::from_config(&config.policies);
         Ok(Self {
             dir: dir.to_owned(),
             config,
             id,
             docs,
             api_actor,
+            policies,
         })
     }
 
@@ -317,6 +321,7 @@ impl Node {
         let node = docs.node();
         let (index, new) = docs.source_index(source)?;
         let actor = node.actor(index);
+        docs.name_writer(&actor, source, &config.node.name);
         if new {
             let entry = RecordId::new(
                 Collection::new(ACTOR_REGISTRY_COLLECTION)?,
@@ -390,7 +395,10 @@ impl Node {
 
     /// The record's fields, or `None` when it is deleted or was never written.
     pub fn get(&self, id: &RecordId) -> Result<Option<Map<String, Json>>, NodeError> {
-        Ok(self.docs.read(id, document::read)?)
+        let collection = id.collection.as_str();
+        Ok(self.docs.read(id, |doc| {
+            crate::policy::read(doc, None, collection, &self.policies)
+        })?)
     }
 
     /// The record as it was at `version` (a change in its history), or `None` when it was
@@ -400,9 +408,16 @@ impl Node {
         id: &RecordId,
         version: &ChangeHash,
     ) -> Result<Option<Map<String, Json>>, NodeError> {
+        let collection = id.collection.as_str();
         let then = self.docs.read(id, |doc| {
-            document::holds_change(doc, version)
-                .then(|| document::read_at(doc, Some(std::slice::from_ref(version))))
+            document::holds_change(doc, version).then(|| {
+                crate::policy::read(
+                    doc,
+                    Some(std::slice::from_ref(version)),
+                    collection,
+                    &self.policies,
+                )
+            })
         })?;
         then.ok_or_else(|| NodeError::UnknownVersion {
             id: id.clone(),

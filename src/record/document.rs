@@ -167,9 +167,19 @@ fn field_json<D: ReadDoc>(doc: &D, field: &str, heads: Option<&[ChangeHash]>) ->
         None => doc.get(ROOT, field),
     };
     let (value, obj) = found.ok()??;
+    value_json(doc, &value, &obj, heads)
+}
+
+/// The JSON of one value of a field (`obj` is its id, for an object), as of `heads`.
+pub fn value_json<D: ReadDoc>(
+    doc: &D,
+    value: &Value<'_>,
+    obj: &automerge::ObjId,
+    heads: Option<&[ChangeHash]>,
+) -> Option<Json> {
     Some(match value {
-        Value::Scalar(scalar) => scalar_to_json(&scalar),
-        Value::Object(_) => to_json(&doc.hydrate(&obj, heads).ok()?),
+        Value::Scalar(scalar) => scalar_to_json(scalar),
+        Value::Object(_) => to_json(&doc.hydrate(obj, heads).ok()?),
     })
 }
 

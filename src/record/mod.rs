@@ -2,12 +2,13 @@
 //!
 //! Owns record ids ([`id`]), the JSON mapping ([`value`]), the record semantics inside a
 //! document — fields, tombstone, re-creation, history effects ([`document`]) — and the
-//! identity of writers ([`origin`]). Nothing here touches storage or the network; the store
+//! identity of writers ([`origin`]) and the stamp each change carries ([`stamp`]). Nothing here touches storage or the network; the store
 //! hands documents in and persists what comes out.
 
 pub mod document;
 pub mod id;
 pub mod origin;
+pub mod stamp;
 pub mod value;
 
 pub use document::{RecordState, RecordWrite};

@@ -20,6 +20,7 @@ use super::group_commit::GroupCommit;
 use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
+use crate::record::stamp::{self, ChangeStamp};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
 
 /// Documents kept loaded unless the config says otherwise (~20 KB each when loaded).
@@ -153,6 +154,8 @@ pub struct DocStore<S: Store> {
     config: DocStoreConfig,
     inner: Mutex<Inner>,
     group_commit: GroupCommit,
+    /// Source and site names of this node's writers, stamped on their changes.
+    writers: Mutex<std::collections::HashMap<ActorId, (String, String)>>,
 }
 
 /// Edits to many documents, committed as one atomic batch. Holds the store's lock.
@@ -213,11 +216,41 @@ impl<S: Store> DocStore<S> {
             }),
             config,
             group_commit: GroupCommit::default(),
+            writers: Mutex::new(std::collections::HashMap::new()),
         })
     }
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Names the source and site of `actor`: its changes are stamped with them from now on
+    /// (see [`crate::record::stamp`]). Bounded by the sources a node may register.
+    pub fn name_writer(&self, actor: &ActorId, source: &str, site: &str) {
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if writers.len() < SOURCES_PER_NODE_MAX || writers.contains_key(actor) {
+            writers.insert(actor.clone(), (source.to_owned(), site.to_owned()));
+        }
+    }
+
+    fn stamp(&self, actor: &ActorId, doc: &Automerge, time_seconds: i64) -> ChangeStamp {
+        let wall_ms = u64::try_from(time_seconds)
+            .unwrap_or(0)
+            .saturating_mul(1000);
+        let names = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(actor)
+            .cloned();
+        ChangeStamp {
+            hlc: stamp::next_hlc(doc, wall_ms),
+            src: names.as_ref().map(|(source, _)| source.clone()),
+            site: names.map(|(_, site)| site),
+        }
     }
 
     /// Switches deliberate bugs on (simulator tests only).
@@ -550,7 +583,9 @@ impl<S: Store> WriteSession<'_, S> {
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
         let doc_key = id.to_doc_key();
+        let docs = self.docs;
         let loaded = self.document(&doc_key)?;
+        let stamp = docs.stamp(actor, &loaded.doc, time_seconds);
         loaded.doc.set_actor(actor.clone());
         let mut transaction = loaded.doc.transaction();
         let value = match edit(&mut transaction) {
@@ -560,7 +595,11 @@ impl<S: Store> WriteSession<'_, S> {
                 return Err(error.into());
             }
         };
-        let (hash, _) = transaction.commit_with(CommitOptions::default().with_time(time_seconds));
+        let (hash, _) = transaction.commit_with(
+            CommitOptions::default()
+                .with_time(time_seconds)
+                .with_message(stamp.to_message()),
+        );
         let Some(hash) = hash else {
             let heads = loaded.doc.get_heads();
             return Ok((
