@@ -119,6 +119,8 @@ pub struct Candidate {
     pub site: Option<String>,
     /// Hybrid logical clock of the change, ms since the Unix epoch.
     pub hlc: u64,
+    /// The same as a time (RFC 3339, ms), by the writer's clock as pushed past its parents'.
+    pub time: String,
     /// The change that wrote it.
     pub change: String,
 }
@@ -242,6 +244,10 @@ fn candidate(
         source: stamp.src,
         site: stamp.site,
         hlc: stamp.hlc,
+        time: humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(stamp.hlc),
+        )
+        .to_string(),
         change: change.map(|hash| hash.to_string()).unwrap_or_default(),
     }
 }

@@ -249,6 +249,92 @@ order = ["crm-site"]
 }
 
 #[test]
+fn a_manual_conflict_is_listed_and_a_resolution_on_one_node_shows_on_both() {
+    let temp = tempfile::tempdir().unwrap();
+    let erp = init_node(temp.path(), "erp-site");
+    let crm = init_node(temp.path(), "crm-site");
+    let policy = "\n[[policies]]\ncollection = \"customers\"\npolicy = \"manual\"\n";
+    for node in [&erp, &crm] {
+        let config = node.join("concord.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(&config, format!("{text}{policy}")).unwrap();
+    }
+    ok(concord(
+        &erp,
+        &["put", "customers/1", "address=1 ERP Street"],
+    ));
+    ok(concord(&crm, &["put", "customers/1", "address=2 CRM Road"]));
+    exchange(&erp, &crm, "customers/1", temp.path());
+    let listed: Vec<Value> = ok(concord(&erp, &["conflicts", "customers"]))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let conflict = &listed[0];
+    assert_eq!(conflict["record"], json!("customers/1"));
+    assert_eq!(conflict["field"], json!("address"));
+    assert_eq!(conflict["rule"], json!("manual"));
+    assert_eq!(conflict["pending"], json!(true));
+    let candidates = conflict["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 2);
+    for candidate in candidates {
+        assert_eq!(candidate["source"], json!("api"));
+        assert!(candidate["time"].as_str().unwrap().starts_with("20"));
+        assert_eq!(candidate["node"].as_str().unwrap().len(), 32);
+    }
+    // Both nodes list the same conflict with the same default winner.
+    let on_crm = ok(concord(&crm, &["conflicts"]));
+    let on_crm: Value = serde_json::from_str(on_crm.lines().next().unwrap()).unwrap();
+    assert_eq!(&on_crm, conflict);
+    // The CRM's candidate is picked on the ERP node; the settlement reaches the CRM node.
+    let pick = candidates
+        .iter()
+        .position(|candidate| candidate["site"] == json!("crm-site"))
+        .unwrap();
+    ok(concord(
+        &erp,
+        &[
+            "resolve",
+            "customers/1",
+            "address",
+            "--pick",
+            &pick.to_string(),
+        ],
+    ));
+    exchange(&erp, &crm, "customers/1", temp.path());
+    for node in [&erp, &crm] {
+        assert_eq!(ok(concord(node, &["conflicts"])), "");
+        assert_eq!(
+            get_json(node, "customers/1"),
+            json!({"address": "2 CRM Road"})
+        );
+    }
+    // Nothing left to settle; a bad candidate number is refused.
+    let output = concord(&erp, &["resolve", "customers/1", "address", "--pick", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("not in conflict"),
+        "{}",
+        stderr(&output)
+    );
+    ok(concord(&erp, &["put", "customers/1", "city=Paris"]));
+    ok(concord(&crm, &["put", "customers/1", "city=Lyon"]));
+    exchange(&erp, &crm, "customers/1", temp.path());
+    let output = concord(&crm, &["resolve", "customers/1", "city", "--pick", "7"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("no candidate 7"),
+        "{}",
+        stderr(&output)
+    );
+    ok(concord(
+        &crm,
+        &["resolve", "customers/1", "city", "--value", "Marseille"],
+    ));
+    assert_eq!(get_json(&crm, "customers/1")["city"], json!("Marseille"));
+}
+
+#[test]
 fn audit_filters_by_collection_record_source_node_and_time() {
     let temp = tempfile::tempdir().unwrap();
     let node = init_node(temp.path(), "site-a");

@@ -102,6 +102,25 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// List conflicting fields, one JSON object per line: record, field, candidates (value,
+    /// node, source, site, time), the winner's index and the rule that picked it.
+    Conflicts {
+        /// Only this collection.
+        collection: Option<String>,
+        /// Most records listed.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Settle a conflicting field with a new write that replicates: the candidate at
+    /// `--pick N` (as `concord conflicts` numbers them), or `--value JSON`.
+    Resolve {
+        id: String,
+        field: String,
+        #[arg(long, conflicts_with = "value", required_unless_present = "value")]
+        pick: Option<usize>,
+        #[arg(long)]
+        value: Option<String>,
+    },
     /// Set fields of a record (FIELD=VALUE; VALUE is JSON if it parses, else a string;
     /// FIELD= removes the field).
     Put {
@@ -353,6 +372,45 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             if truncated {
                 eprintln!("(more changes matched: narrow the filter, or continue with --since)");
             }
+        }
+        Command::Conflicts { collection, limit } => {
+            let collection = collection.as_deref().map(Collection::new).transpose()?;
+            let report = match target(cli.data)? {
+                Target::Local(node) => {
+                    serde_json::to_value(node.conflicts(collection.as_ref(), limit)?)?
+                }
+                Target::Remote(api) => api.conflicts(collection.as_ref(), limit)?,
+            };
+            for record in report["records"].as_array().cloned().unwrap_or_default() {
+                for field in record["fields"].as_array().cloned().unwrap_or_default() {
+                    let mut line = field;
+                    line["record"] = record["record"].clone();
+                    writeln!(out, "{line}")?;
+                }
+            }
+            if report["truncated"].as_bool().unwrap_or(false) {
+                eprintln!("(more records conflict: name a collection, or raise --limit)");
+            }
+        }
+        Command::Resolve {
+            id,
+            field,
+            pick,
+            value,
+        } => {
+            let id = RecordId::parse_user(&id)?;
+            let settlement = match (pick, value) {
+                (Some(index), _) => concord::node::Settlement::Pick(index),
+                (None, Some(text)) => concord::node::Settlement::Value(
+                    serde_json::from_str(&text).unwrap_or(Json::String(text)),
+                ),
+                (None, None) => bail!("give --pick N or --value JSON"),
+            };
+            let value = match target(cli.data)? {
+                Target::Local(node) => node.resolve(&id, &field, &settlement)?,
+                Target::Remote(api) => api.resolve(&id, &field, &settlement)?,
+            };
+            writeln!(out, "{id} {field} = {value}")?;
         }
         Command::Errors => {
             let dir = data_dir(cli.data)?;

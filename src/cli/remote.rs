@@ -147,6 +147,39 @@ impl ApiClient {
         self.answer(None, self.agent.get(&url).call())
     }
 
+    /// A conflicts report: `{"records": [...], "truncated": bool}`.
+    pub fn conflicts(
+        &self,
+        collection: Option<&concord::record::Collection>,
+        limit: usize,
+    ) -> Result<Value> {
+        let mut url = format!("{}?limit={limit}", self.url("/v1/conflicts"));
+        if let Some(collection) = collection {
+            url.push_str(&format!("&collection={}", urlencode(collection.as_str())));
+        }
+        self.answer(None, self.agent.get(&url).call())
+    }
+
+    /// The value the settlement wrote.
+    pub fn resolve(
+        &self,
+        id: &RecordId,
+        field: &str,
+        settlement: &concord::node::Settlement,
+    ) -> Result<Value> {
+        let url = self.url(&format!("{}/resolve", Self::record_path(id)));
+        let body = match settlement {
+            concord::node::Settlement::Pick(index) => {
+                serde_json::json!({"field": field, "pick": index})
+            }
+            concord::node::Settlement::Value(value) => {
+                serde_json::json!({"field": field, "value": value})
+            }
+        };
+        let answer = self.answer(Some(id), self.agent.post(&url).send_json(body))?;
+        Ok(answer["value"].clone())
+    }
+
     pub fn delete(&self, id: &RecordId) -> Result<()> {
         self.answer(
             Some(id),

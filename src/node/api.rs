@@ -6,7 +6,9 @@
 //! /v1/records/{collection}/{key}/revert` with `{"to": VERSION}` (a new change restoring it),
 //! `GET/POST /v1/records/{collection}/{key}/automerge` (the saved document out, or merged in),
 //! `GET /v1/audit` (`?collection=&record=&source=&node=&since=&until=&limit=`: changes with
-//! their node, source and time), `GET /v1/status`, `GET /v1/errors` (rows the adapters
+//! their node, source and time), `GET /v1/conflicts` (`?collection=&limit=`), `POST
+//! /v1/records/{collection}/{key}/resolve` with `{"field": F, "pick": N}` or `{"field": F,
+//! "value": V}`, `GET /v1/status`, `GET /v1/errors` (rows the adapters
 //! quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
@@ -52,6 +54,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(export).post(import),
         )
         .route("/v1/audit", get(audit))
+        .route("/v1/conflicts", get(conflicts))
+        .route(
+            "/v1/records/{collection}/{key}/resolve",
+            axum::routing::post(resolve_record),
+        )
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/metrics", get(metrics))
@@ -74,6 +81,8 @@ impl From<NodeError> for ApiError {
             NodeError::Record(_)
             | NodeError::BadVersion(_)
             | NodeError::BadTime(_)
+            | NodeError::NoConflict { .. }
+            | NodeError::NoCandidate { .. }
             | NodeError::UnknownVersion { .. }
             | NodeError::TooLarge { .. }
             | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
@@ -326,6 +335,58 @@ async fn audit(
     Ok(Json(serde_json::to_value(report).map_err(|error| {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
     })?))
+}
+
+#[derive(Deserialize)]
+struct ConflictsQuery {
+    collection: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn conflicts(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<ConflictsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let collection = query
+        .collection
+        .as_deref()
+        .map(Collection::new)
+        .transpose()
+        .map_err(bad_request)?;
+    let limit = query.limit.unwrap_or(AUDIT_LIMIT_DEFAULT);
+    let node = shared.node.clone();
+    let report = blocking(move || node.conflicts(collection.as_ref(), limit)).await?;
+    Ok(Json(serde_json::to_value(report).map_err(|error| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+    })?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    field: String,
+    /// A candidate's index, as `/v1/conflicts` lists them.
+    pick: Option<usize>,
+    /// Or a value of one's own.
+    value: Option<Value>,
+}
+
+async fn resolve_record(
+    State(shared): State<Arc<Shared>>,
+    Path((collection, key)): Path<(String, String)>,
+    Json(body): Json<ResolveBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = record_id(&collection, &key)?;
+    let settlement = match (body.pick, body.value) {
+        (Some(index), None) => super::Settlement::Pick(index),
+        (None, Some(value)) => super::Settlement::Value(value),
+        _ => return Err(bad_request("give exactly one of \"pick\" and \"value\"")),
+    };
+    let node = shared.node.clone();
+    let field = body.field;
+    let value = blocking(move || node.resolve(&id, &field, &settlement)).await?;
+    shared.local_writes.notify_one();
+    Ok(Json(json!({"value": value})))
 }
 
 /// Most quarantined rows one errors request lists.

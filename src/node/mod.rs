@@ -72,6 +72,10 @@ pub enum NodeError {
     Binding(String),
     #[error("version {0:?} is not a change hash: 64 hex digits, as `concord history` prints them")]
     BadVersion(String),
+    #[error("field {field:?} of {id} is not in conflict (see `concord conflicts`)")]
+    NoConflict { id: RecordId, field: String },
+    #[error("there is no candidate {index}: the conflict has {count}, numbered from 0")]
+    NoCandidate { index: usize, count: usize },
     #[error("time {0:?} is not understood: give it as RFC 3339, such as 2026-11-26T10:00:00Z")]
     BadTime(String),
     #[error("{id} has no version {version} (see `concord history {id}`)")]
@@ -171,6 +175,32 @@ impl AuditFilter {
             && self.since.is_none_or(|since| change.seconds >= since)
             && self.until.is_none_or(|until| change.seconds <= until)
     }
+}
+
+/// The conflicting fields of one record.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordConflicts {
+    /// `COLLECTION/KEY`.
+    pub record: String,
+    pub fields: Vec<crate::policy::FieldConflict>,
+}
+
+/// What `concord conflicts` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictReport {
+    pub records: Vec<RecordConflicts>,
+    /// More records conflict than were listed, or more records exist than one listing looks
+    /// at: narrow it to a collection.
+    pub truncated: bool,
+}
+
+/// How a person settles a conflict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// The candidate at this index, as `concord conflicts` lists them.
+    Pick(usize),
+    /// A value of one's own.
+    Value(Json),
 }
 
 /// One change an audit found.
@@ -582,6 +612,86 @@ impl Node {
         }
         keep_earliest(&mut entries, &mut truncated);
         Ok(AuditReport { entries, truncated })
+    }
+
+    /// Records with conflicting fields (in `collection`, or in every user collection), with
+    /// each field's candidates, their origins and times, the winner and the rule; at most
+    /// `limit` records.
+    pub fn conflicts(
+        &self,
+        collection: Option<&Collection>,
+        limit: usize,
+    ) -> Result<ConflictReport, NodeError> {
+        let filter = AuditFilter {
+            collection: collection.cloned(),
+            ..AuditFilter::default()
+        };
+        let (ids, mut truncated) = self.audited_records(&filter)?;
+        let mut records = Vec::new();
+        for id in ids {
+            let collection = id.collection.as_str();
+            let fields = self.docs.read(&id, |doc| {
+                crate::policy::conflicts(doc, collection, &self.policies)
+            })?;
+            if fields.is_empty() {
+                continue;
+            }
+            if records.len() >= limit.clamp(1, AUDIT_ENTRIES_MAX) {
+                truncated = true;
+                break;
+            }
+            records.push(RecordConflicts {
+                record: id.to_string(),
+                fields,
+            });
+        }
+        Ok(ConflictReport { records, truncated })
+    }
+
+    /// Settles a conflicting field with a new write of the picked candidate's value (or of
+    /// `settlement`'s own value), which follows every candidate and so ends the conflict on
+    /// every node it reaches.
+    pub fn resolve(
+        &self,
+        id: &RecordId,
+        field: &str,
+        settlement: &Settlement,
+    ) -> Result<Json, NodeError> {
+        let value = match settlement {
+            Settlement::Value(value) => value.clone(),
+            Settlement::Pick(index) => {
+                let collection = id.collection.as_str();
+                let conflicts = self.docs.read(id, |doc| {
+                    crate::policy::conflicts(doc, collection, &self.policies)
+                })?;
+                let conflict = conflicts
+                    .into_iter()
+                    .find(|conflict| conflict.field == field)
+                    .ok_or_else(|| NodeError::NoConflict {
+                        id: id.clone(),
+                        field: field.to_owned(),
+                    })?;
+                let count = conflict.candidates.len();
+                conflict
+                    .candidates
+                    .into_iter()
+                    .nth(*index)
+                    .ok_or(NodeError::NoCandidate {
+                        index: *index,
+                        count,
+                    })?
+                    .value
+            }
+        };
+        if self.get(id)?.is_none() {
+            return Err(NodeError::NotFound(id.clone()));
+        }
+        let write = RecordWrite {
+            set: vec![(field.to_owned(), value.clone())],
+            ..RecordWrite::default()
+        };
+        self.put(id, &write)?;
+        Ok(value)
     }
 
     /// The records an audit looks at, found through the replication log (every change a

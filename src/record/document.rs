@@ -184,8 +184,9 @@ pub fn value_json<D: ReadDoc>(
 }
 
 /// Applies a write inside a transaction. The write must have passed [`RecordWrite::check`].
-/// Fields whose value is already the one asked for are not written again, so an unchanged
-/// write produces no change at all.
+/// Fields whose value is already the one asked for, and the only one, are not written
+/// again, so an unchanged write produces no change at all; a field in conflict is always
+/// written, since the write settles the conflict whichever candidate it names.
 pub fn apply_write<T: Transactable + ReadDoc>(
     tx: &mut T,
     write: &RecordWrite,
@@ -202,7 +203,8 @@ pub fn apply_write<T: Transactable + ReadDoc>(
         RecordState::Live => {}
     }
     for (field, value) in &write.set {
-        if field_json(tx, field, None).as_ref() != Some(value) {
+        let in_conflict = tx.get_all(ROOT, field.as_str())?.len() > 1;
+        if in_conflict || field_json(tx, field, None).as_ref() != Some(value) {
             put_value(tx, &ROOT, field, value)?;
         }
     }
