@@ -13,7 +13,8 @@
 //! Then the liveness phase: faults stop, every node is up, every link heals. Checks:
 //! - safety, after every crash: every write the node acknowledged is still in its store;
 //! - convergence: within [`CONVERGE_SIM_MS_MAX`] of healing, every node holds every record with
-//!   the same heads and the same JSON;
+//!   the same heads and the same JSON, and resolves every conflict to the same value under
+//!   each conflict policy (`lww`, `priority` by source, `manual`);
 //! - no acknowledged write (from any node) is missing from the merged history anywhere;
 //! - a record deleted by an acknowledged delete is live at the end only if a write causally
 //!   after that delete re-created it.
@@ -26,6 +27,8 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use automerge::ChangeHash;
+use concord::config::{PolicyKind, PolicySection};
+use concord::policy::Policies;
 use concord::record::document::{self, RecordWrite};
 use concord::record::{NodeId, RecordId};
 use concord::store::{DocStore, DocStoreConfig, Durability, MemoryStore};
@@ -138,10 +141,37 @@ type Sabotage = concord::Sabotage;
 struct Sabotage;
 
 /// A record as one node holds it: sorted heads and JSON.
+/// A record as one node sees it: its heads, its JSON, and its JSON as each policy of
+/// [`checked_policies`] resolves it (every node must agree on all of them).
 type RecordView = (
     Vec<ChangeHash>,
     Option<serde_json::Map<String, serde_json::Value>>,
+    Vec<Option<serde_json::Map<String, serde_json::Value>>>,
 );
+
+/// The collection every simulated record is in.
+const COLLECTION: &str = "items";
+/// The source names of each node's two writers (actors 0 and 1).
+const WRITER_SOURCES: [&str; 2] = ["api", "erp"];
+
+/// The policies under which every node must resolve every conflict identically.
+fn checked_policies() -> Vec<Policies> {
+    [
+        (PolicyKind::Lww, vec![]),
+        (PolicyKind::Priority, vec!["erp".to_owned()]),
+        (PolicyKind::Manual, vec![]),
+    ]
+    .into_iter()
+    .map(|(policy, order)| {
+        Policies::from_config(&[PolicySection {
+            collection: COLLECTION.to_owned(),
+            field: None,
+            policy,
+            order,
+        }])
+    })
+    .collect()
+}
 
 struct SimNode {
     id: NodeId,
@@ -193,6 +223,7 @@ struct Sim {
     summary: Summary,
     trace: Vec<String>,
     trace_hash: u64,
+    policies: Vec<Policies>,
 }
 
 fn store_config(params: &Params) -> DocStoreConfig {
@@ -215,6 +246,11 @@ fn open_docs(
 ) -> Result<DocStore<MemoryStore>, concord::store::StoreError> {
     #[cfg_attr(not(test), allow(unused_mut))]
     let mut docs = DocStore::open(store.clone(), id, store_config(params))?;
+    // Named writers, so conflict policies have sources and sites to rank.
+    let site = id.to_string()[..8].to_owned();
+    for (index, source) in WRITER_SOURCES.iter().enumerate() {
+        docs.name_writer(&id.actor(index as u16), source, &site);
+    }
     #[cfg(test)]
     docs.set_sabotage(sabotage);
     #[cfg(not(test))]
@@ -272,7 +308,7 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
         rng,
         nodes,
         ids: (0..params.records)
-            .map(|index| RecordId::parse(&format!("items/r{index}")).expect("valid id"))
+            .map(|index| RecordId::parse(&format!("{COLLECTION}/r{index}")).expect("valid id"))
             .collect(),
         links,
         in_flight: BinaryHeap::new(),
@@ -284,6 +320,7 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
         summary: Summary::default(),
         trace: Vec::new(),
         trace_hash: 0xcbf2_9ce4_8422_2325,
+        policies: checked_policies(),
     };
     sim.run()?;
     sim.summary.trace_hash = sim.trace_hash;
@@ -817,7 +854,12 @@ impl Sim {
             .read(&self.ids[record], |doc| {
                 let mut heads = doc.get_heads();
                 heads.sort_unstable();
-                (heads, document::read(doc))
+                let resolved = self
+                    .policies
+                    .iter()
+                    .map(|policies| concord::policy::read(doc, None, COLLECTION, policies))
+                    .collect();
+                (heads, document::read(doc), resolved)
             })
             .map_err(|error| {
                 self.violation(format!(
