@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{concord, concord_bare, init_node, ok, stderr, stdout};
+use common::{concord, concord_bare, init_node, ok, refused, stderr, stdout};
 use serde_json::{json, Value};
 
 fn get_json(data: &std::path::Path, id: &str) -> Value {
@@ -188,20 +188,16 @@ fn get_at_a_version_and_revert_to_it_and_back() {
     );
 
     // Bad and unknown versions are refused with the rule.
-    let output = concord(&node, &["revert", "c/1", "--to", "abc"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("64 hex digits"),
-        "{}",
-        stderr(&output)
+    refused(
+        concord(&node, &["revert", "c/1", "--to", "abc"]),
+        1,
+        "64 hex digits",
     );
     let unknown = "ab".repeat(32);
-    let output = concord(&node, &["get", "c/1", "--at", &unknown]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("has no version"),
-        "{}",
-        stderr(&output)
+    refused(
+        concord(&node, &["get", "c/1", "--at", &unknown]),
+        1,
+        "has no version",
     );
 }
 
@@ -310,22 +306,18 @@ fn a_manual_conflict_is_listed_and_a_resolution_on_one_node_shows_on_both() {
         );
     }
     // Nothing left to settle; a bad candidate number is refused.
-    let output = concord(&erp, &["resolve", "customers/1", "address", "--pick", "0"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("not in conflict"),
-        "{}",
-        stderr(&output)
+    refused(
+        concord(&erp, &["resolve", "customers/1", "address", "--pick", "0"]),
+        1,
+        "not in conflict",
     );
     ok(concord(&erp, &["put", "customers/1", "city=Paris"]));
     ok(concord(&crm, &["put", "customers/1", "city=Lyon"]));
     exchange(&erp, &crm, "customers/1", temp.path());
-    let output = concord(&crm, &["resolve", "customers/1", "city", "--pick", "7"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("no candidate 7"),
-        "{}",
-        stderr(&output)
+    refused(
+        concord(&crm, &["resolve", "customers/1", "city", "--pick", "7"]),
+        1,
+        "no candidate 7",
     );
     ok(concord(
         &crm,
@@ -390,9 +382,11 @@ fn audit_filters_by_collection_record_source_node_and_time() {
         "{}",
         stderr(&output)
     );
-    let output = concord(&node, &["audit", "--since", "yesterday"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("RFC 3339"), "{}", stderr(&output));
+    refused(
+        concord(&node, &["audit", "--since", "yesterday"]),
+        1,
+        "RFC 3339",
+    );
 }
 
 #[test]
@@ -560,12 +554,10 @@ fn malformed_values_are_refused_with_the_rule() {
     // A broken import file is refused too.
     let junk = temp.path().join("junk");
     std::fs::write(&junk, b"not an automerge document").unwrap();
-    let output = concord(&node, &["import", "c/1", junk.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(
-        stderr(&output).contains("not an Automerge document"),
-        "{}",
-        stderr(&output)
+    refused(
+        concord(&node, &["import", "c/1", junk.to_str().unwrap()]),
+        1,
+        "not an Automerge document",
     );
 }
 
@@ -634,9 +626,7 @@ fn bad_config_fails_with_one_clear_line() {
     }
     std::fs::write(&config, original).unwrap();
     std::fs::write(node.join("node.id"), "zz\n").unwrap();
-    let output = concord(&node, &["get", "c/1"]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("node.id"), "{}", stderr(&output));
+    refused(concord(&node, &["get", "c/1"]), 1, "node.id");
 }
 
 #[test]
@@ -662,9 +652,11 @@ fn load_writes_json_lines_and_refuses_bad_lines() {
         json!({"id": "two", "name": "Grace"})
     );
     std::fs::write(&input, "{\"id\": 3}\n{\"name\": \"no key\"}\n").unwrap();
-    let output = concord(&node, &["load", "people", input.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("line 2"), "{}", stderr(&output));
+    refused(
+        concord(&node, &["load", "people", input.to_str().unwrap()]),
+        1,
+        "line 2",
+    );
 }
 
 #[test]

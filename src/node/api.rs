@@ -104,6 +104,13 @@ fn record_id(collection: &str, key: &str) -> Result<RecordId, ApiError> {
     Ok(RecordId::new(collection, key))
 }
 
+/// `value` as a JSON response body.
+fn json_body(value: &impl serde::Serialize) -> Result<Json<Value>, ApiError> {
+    serde_json::to_value(value)
+        .map(Json)
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -250,9 +257,7 @@ async fn history(
     let id = RecordId::new(collection, Key::new(&key).map_err(bad_request)?);
     let node = shared.node.clone();
     let entries = blocking(move || node.history(&id)).await?;
-    Ok(Json(serde_json::to_value(entries).map_err(|error| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
-    })?))
+    json_body(&entries)
 }
 
 async fn export(
@@ -332,9 +337,7 @@ async fn audit(
     };
     let node = shared.node.clone();
     let report = blocking(move || node.audit(&filter)).await?;
-    Ok(Json(serde_json::to_value(report).map_err(|error| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
-    })?))
+    json_body(&report)
 }
 
 #[derive(Deserialize)]
@@ -356,9 +359,7 @@ async fn conflicts(
     let limit = query.limit.unwrap_or(AUDIT_LIMIT_DEFAULT);
     let node = shared.node.clone();
     let report = blocking(move || node.conflicts(collection.as_ref(), limit)).await?;
-    Ok(Json(serde_json::to_value(report).map_err(|error| {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
-    })?))
+    json_body(&report)
 }
 
 #[derive(Deserialize)]

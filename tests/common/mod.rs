@@ -39,6 +39,12 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Asserts the command failed with exit `code` and said `text` on stderr.
+pub fn refused(output: Output, code: i32, text: &str) {
+    assert_eq!(output.status.code(), Some(code), "{}", stderr(&output));
+    assert!(stderr(&output).contains(text), "{}", stderr(&output));
+}
+
 /// Asserts success and returns stdout.
 pub fn ok(output: Output) -> String {
     assert!(
