@@ -19,6 +19,10 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
+use common::flag;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,13 +50,6 @@ const SQLITE_TABLE: &str = "CREATE TABLE items (
 const READ_POLL: Duration = Duration::from_millis(1);
 /// How long the bench waits for rows that should arrive in well under this.
 const WAIT_MAX: Duration = Duration::from_secs(120);
-
-fn flag(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|arg| arg == name)
-        .and_then(|index| args.get(index + 1))
-        .map_or(default, |text| text.parse().expect("a number"))
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -14,6 +14,10 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod common;
+
+use common::flag;
+
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
@@ -29,13 +33,6 @@ use serde_json::json;
 
 const BATCH: usize = 1000;
 const CLUSTER: [u8; 16] = [7; 16];
-
-fn flag(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|arg| arg == name)
-        .and_then(|index| args.get(index + 1))
-        .map_or(default, |text| text.parse().expect("a number"))
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -6,6 +6,13 @@ mod common;
 use common::{concord, concord_bare, init_node, ok, refused, stderr, stdout};
 use serde_json::{json, Value};
 
+/// Adds `text` (TOML) at the end of a node's concord.toml.
+fn append_config(data: &std::path::Path, text: &str) {
+    let config = data.join("concord.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{original}{text}")).unwrap();
+}
+
 fn get_json(data: &std::path::Path, id: &str) -> Value {
     serde_json::from_str(&ok(concord(data, &["get", id]))).unwrap()
 }
@@ -222,9 +229,7 @@ policy = "priority"
 order = ["crm-site"]
 "#;
     for node in [&erp, &crm] {
-        let config = node.join("concord.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&config, format!("{text}{policy}")).unwrap();
+        append_config(node, policy);
     }
     // Both sites write without seeing each other; the CRM writes second.
     ok(concord(
@@ -251,9 +256,7 @@ fn a_manual_conflict_is_listed_and_a_resolution_on_one_node_shows_on_both() {
     let crm = init_node(temp.path(), "crm-site");
     let policy = "\n[[policies]]\ncollection = \"customers\"\npolicy = \"manual\"\n";
     for node in [&erp, &crm] {
-        let config = node.join("concord.toml");
-        let text = std::fs::read_to_string(&config).unwrap();
-        std::fs::write(&config, format!("{text}{policy}")).unwrap();
+        append_config(node, policy);
     }
     ok(concord(
         &erp,

@@ -203,8 +203,10 @@ pub fn apply_write<T: Transactable + ReadDoc>(
         RecordState::Live => {}
     }
     for (field, value) in &write.set {
-        let in_conflict = tx.get_all(ROOT, field.as_str())?.len() > 1;
-        if in_conflict || field_json(tx, field, None).as_ref() != Some(value) {
+        // The conflict check only for an equal value: a different one is written anyway.
+        if field_json(tx, field, None).as_ref() != Some(value)
+            || tx.get_all(ROOT, field.as_str())?.len() > 1
+        {
             put_value(tx, &ROOT, field, value)?;
         }
     }
