@@ -53,6 +53,9 @@ pub struct PolicySection {
     /// For `priority`: sources or sites, highest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub order: Vec<String>,
+    /// For `custom`: the Rhai script that picks the winner (see `crate::policy::Script`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +67,8 @@ pub enum PolicyKind {
     Lww,
     /// The highest-ranked source or site in `order`; ties by `lww`.
     Priority,
+    /// The candidate a sandboxed script picks; a failing script leaves it to a person.
+    Custom,
     /// Automerge's choice stands while the conflict waits for a person.
     Manual,
 }
@@ -74,6 +79,7 @@ impl PolicyKind {
             Self::Merge => "merge",
             Self::Lww => "lww",
             Self::Priority => "priority",
+            Self::Custom => "custom",
             Self::Manual => "manual",
         }
     }
@@ -376,8 +382,16 @@ impl Config {
                 }
                 _ => {}
             }
+            if entry.script.is_some() && entry.policy != PolicyKind::Custom {
+                return Err(format!(
+                    "{at}: script is for policy \"custom\", not \"{}\"",
+                    entry.policy.as_str()
+                ));
+            }
         }
-        Ok(())
+        crate::policy::Policies::from_config(&self.policies)
+            .map(|_| ())
+            .map_err(|error| error.to_string())
     }
 
     fn check_bindings(&self) -> Result<(), String> {

@@ -7,8 +7,17 @@
 //! - `merge` (the default): Automerge's own choice;
 //! - `lww`: the latest write by hybrid logical clock ([`crate::record::stamp`]), ties by actor;
 //! - `priority`: the value of the highest-ranked source or site in `order`, ties by `lww`;
+//! - `custom`: a Rhai script ([`Script`]) given the field and the candidates returns the
+//!   winner's index. It runs sandboxed: no clock, no files, no output, and a fixed budget of
+//!   operations, string, array and map sizes, so a script that loops or grows without end is
+//!   cut off at the same point on every node. A script that fails, is cut off or returns
+//!   something other than an index leaves Automerge's choice standing and the conflict
+//!   waiting for a person, as under `manual`;
 //! - `manual`: Automerge's choice stands and the conflict waits for a person, who settles it
 //!   with a new write (`concord resolve`), which replicates like any other.
+//!
+//! Nodes compare [`Policies::hash`] when they connect, and warn when theirs differ: two nodes
+//! with different policies hold the same documents but show different winners.
 //!
 //! Guarantee: resolution is a pure function of the document and the policy. Every input (the
 //! candidates, their writers' names, their clocks) is read from the document's own changes,
@@ -17,6 +26,7 @@
 //! candidate, so a changed policy or a settlement never loses one.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use automerge::{Automerge, ChangeHash, ObjId, ReadDoc, Value, ROOT};
 use serde::Serialize;
@@ -27,6 +37,124 @@ use crate::record::document::{self, RESERVED_FIELD_PREFIX};
 use crate::record::stamp::ChangeStamp;
 use crate::record::NodeId;
 
+/// Longest custom script, in bytes.
+pub const SCRIPT_BYTES_MAX: usize = 64 * 1024;
+/// Operations one run of a custom script may take (about one expression, call or loop turn
+/// each): far more than ranking a few candidates needs, a few milliseconds at most, and the
+/// same cutoff on every node, unlike a wall-clock limit.
+pub const SCRIPT_OPERATIONS_MAX: u64 = 100_000;
+/// Longest string a custom script may build.
+pub const SCRIPT_STRING_BYTES_MAX: usize = 64 * 1024;
+/// Most elements of an array, and entries of a map, a custom script may build: with the
+/// string limit, what one run can hold stays in tens of megabytes.
+pub const SCRIPT_COLLECTION_LEN_MAX: usize = 1_000;
+/// Deepest nesting of function calls in a custom script.
+pub const SCRIPT_CALL_LEVELS_MAX: usize = 16;
+/// Deepest nesting of expressions in a custom script, checked when it is compiled.
+pub const SCRIPT_EXPRESSION_DEPTH_MAX: usize = 32;
+
+/// Why a node's policies cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policies[{index}].script is {bytes} bytes; the most is {SCRIPT_BYTES_MAX}")]
+    ScriptTooLong { index: usize, bytes: usize },
+    #[error("policies[{index}].script does not compile: {message}")]
+    ScriptInvalid { index: usize, message: String },
+    #[error("policies[{index}]: policy \"custom\" needs a script")]
+    ScriptMissing { index: usize },
+}
+
+/// A compiled custom resolver. The script sees `field` (the field's name), `candidates` (an
+/// array of maps with the fields of [`Candidate`]) and `default_index` (the index of
+/// Automerge's choice), and returns the index of the winner.
+pub struct Script {
+    source: String,
+    ast: rhai::AST,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_tuple("Script").field(&self.source).finish()
+    }
+}
+
+impl PartialEq for Script {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for Script {}
+
+/// The one engine every script runs on: sandboxed and bounded (see the `SCRIPT_*` limits).
+/// Built without `no_time`'s clock or `no_module`'s file access (Cargo features), it prints
+/// nothing and cannot `eval`.
+fn script_engine() -> &'static rhai::Engine {
+    static ENGINE: OnceLock<rhai::Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut engine = rhai::Engine::new();
+        engine
+            .set_max_operations(SCRIPT_OPERATIONS_MAX)
+            .set_max_string_size(SCRIPT_STRING_BYTES_MAX)
+            .set_max_array_size(SCRIPT_COLLECTION_LEN_MAX)
+            .set_max_map_size(SCRIPT_COLLECTION_LEN_MAX)
+            .set_max_call_levels(SCRIPT_CALL_LEVELS_MAX)
+            .set_max_expr_depths(SCRIPT_EXPRESSION_DEPTH_MAX, SCRIPT_EXPRESSION_DEPTH_MAX)
+            .disable_symbol("eval");
+        engine.on_print(|_| {});
+        engine.on_debug(|_, _, _| {});
+        engine
+    })
+}
+
+impl Script {
+    pub fn compile(source: &str) -> Result<Self, String> {
+        let ast = script_engine()
+            .compile(source)
+            .map_err(|error| error.to_string())?;
+        Ok(Self {
+            source: source.to_owned(),
+            ast,
+        })
+    }
+
+    /// Runs the script on one conflict: the winner's index, or why there is none.
+    pub fn pick(
+        &self,
+        field: &str,
+        candidates: &[Candidate],
+        default: usize,
+    ) -> Result<usize, String> {
+        let given = rhai::serde::to_dynamic(candidates).map_err(|error| error.to_string())?;
+        let mut scope = rhai::Scope::new();
+        scope.push_constant("field", field.to_owned());
+        scope.push_constant("candidates", given);
+        scope.push_constant("default_index", i64::try_from(default).unwrap_or(i64::MAX));
+        // Rhai reports every failure as an error; a panic inside it would be a bug there, and
+        // must cost this conflict its resolution, not the node its thread.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            script_engine().eval_ast_with_scope::<rhai::Dynamic>(&mut scope, &self.ast)
+        }));
+        let returned = match run {
+            Ok(Ok(returned)) => returned,
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err("the script engine panicked".to_owned()),
+        };
+        let type_name = returned.type_name();
+        returned
+            .as_int()
+            .ok()
+            .and_then(|index| usize::try_from(index).ok())
+            .filter(|index| *index < candidates.len())
+            .ok_or_else(|| {
+                format!(
+                    "the script returned {type_name}, not an index below {}",
+                    candidates.len()
+                )
+            })
+    }
+}
+
 /// The rule for one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Policy {
@@ -34,6 +162,7 @@ pub enum Policy {
     Lww,
     /// Sources or sites, highest first.
     Priority(Vec<String>),
+    Custom(Arc<Script>),
     Manual,
 }
 
@@ -43,48 +172,79 @@ impl Policy {
             Self::Merge => "merge",
             Self::Lww => "lww",
             Self::Priority(_) => "priority",
+            Self::Custom(_) => "custom",
             Self::Manual => "manual",
         }
     }
 
-    fn of_section(section: &PolicySection) -> Self {
-        match section.policy {
+    fn of_section(index: usize, section: &PolicySection) -> Result<Self, PolicyError> {
+        Ok(match section.policy {
             PolicyKind::Merge => Self::Merge,
             PolicyKind::Lww => Self::Lww,
             PolicyKind::Priority => Self::Priority(section.order.clone()),
+            PolicyKind::Custom => {
+                let source = section
+                    .script
+                    .as_deref()
+                    .ok_or(PolicyError::ScriptMissing { index })?;
+                if source.len() > SCRIPT_BYTES_MAX {
+                    return Err(PolicyError::ScriptTooLong {
+                        index,
+                        bytes: source.len(),
+                    });
+                }
+                let script = Script::compile(source)
+                    .map_err(|message| PolicyError::ScriptInvalid { index, message })?;
+                Self::Custom(Arc::new(script))
+            }
             PolicyKind::Manual => Self::Manual,
-        }
+        })
     }
 }
 
 /// The policies of a node, by collection and by field.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policies {
     collections: BTreeMap<String, Policy>,
     fields: BTreeMap<(String, String), Policy>,
+    hash: [u8; 32],
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Self::from_config(&[]).expect("no sections cannot fail")
+    }
 }
 
 const MERGE: Policy = Policy::Merge;
 
 impl Policies {
-    pub fn from_config(sections: &[PolicySection]) -> Self {
-        let mut policies = Self::default();
-        for section in sections {
-            let policy = Policy::of_section(section);
+    pub fn from_config(sections: &[PolicySection]) -> Result<Self, PolicyError> {
+        let mut collections = BTreeMap::new();
+        let mut fields = BTreeMap::new();
+        for (index, section) in sections.iter().enumerate() {
+            let policy = Policy::of_section(index, section)?;
             match &section.field {
                 Some(field) => {
-                    policies
-                        .fields
-                        .insert((section.collection.clone(), field.clone()), policy);
+                    fields.insert((section.collection.clone(), field.clone()), policy);
                 }
                 None => {
-                    policies
-                        .collections
-                        .insert(section.collection.clone(), policy);
+                    collections.insert(section.collection.clone(), policy);
                 }
             }
         }
-        policies
+        let hash = hash_of(&collections, &fields);
+        Ok(Self {
+            collections,
+            fields,
+            hash,
+        })
+    }
+
+    /// SHA-256 over every rule in a canonical order: equal on two nodes exactly when they
+    /// resolve every field alike, however their `concord.toml` lists the rules.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
     }
 
     /// The rule for `field` of `collection`: its own, else the collection's, else `merge`.
@@ -134,8 +294,11 @@ pub struct FieldConflict {
     pub winner: usize,
     /// The policy that picked it.
     pub rule: &'static str,
-    /// A `manual` conflict that waits for a person.
+    /// A conflict that waits for a person: under `manual`, or when a `custom` script failed.
     pub pending: bool,
+    /// Why the `custom` script picked no winner.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The record as it is (or was, at `heads`) with every conflicting field resolved by its
@@ -205,13 +368,17 @@ fn conflicts_at(
             candidates.push(candidate(doc, heads, value, id));
         }
         let policy = policies.policy(collection, &field);
-        let winner = pick(policy, &candidates, default_index);
+        let (winner, error) = match pick(policy, &field, &candidates, default_index) {
+            Ok(winner) => (winner, None),
+            Err(error) => (default_index, Some(error)),
+        };
         found.push(FieldConflict {
             field,
             candidates,
             winner,
             rule: policy.name(),
-            pending: *policy == Policy::Manual,
+            pending: *policy == Policy::Manual || error.is_some(),
+            error,
         });
     }
     found
@@ -252,8 +419,14 @@ fn candidate(
     }
 }
 
-/// The index of the winning candidate under `policy`; `default` is Automerge's choice.
-pub fn pick(policy: &Policy, candidates: &[Candidate], default: usize) -> usize {
+/// The index of the winning candidate of `field` under `policy`, `default` being Automerge's
+/// choice; or why a `custom` script picked none.
+pub fn pick(
+    policy: &Policy,
+    field: &str,
+    candidates: &[Candidate],
+    default: usize,
+) -> Result<usize, String> {
     let latest = |among: &mut dyn Iterator<Item = usize>| {
         among
             .max_by(|a, b| {
@@ -262,9 +435,10 @@ pub fn pick(policy: &Policy, candidates: &[Candidate], default: usize) -> usize 
             })
             .unwrap_or(default)
     };
-    match policy {
+    Ok(match policy {
         Policy::Merge | Policy::Manual => default,
         Policy::Lww => latest(&mut (0..candidates.len())),
+        Policy::Custom(script) => return script.pick(field, candidates, default),
         Policy::Priority(order) => {
             let rank = |candidate: &Candidate| {
                 [&candidate.source, &candidate.site]
@@ -277,7 +451,45 @@ pub fn pick(policy: &Policy, candidates: &[Candidate], default: usize) -> usize 
             let best = candidates.iter().map(rank).min().unwrap_or(order.len());
             latest(&mut (0..candidates.len()).filter(|index| rank(&candidates[*index]) == best))
         }
+    })
+}
+
+fn hash_of(
+    collections: &BTreeMap<String, Policy>,
+    fields: &BTreeMap<(String, String), Policy>,
+) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    // Every string is length-prefixed, so no two rule sets encode alike.
+    let mut put = |text: &str| {
+        context.update(&(text.len() as u64).to_be_bytes());
+        context.update(text.as_bytes());
+    };
+    // A collection's `merge` is what no rule gives: left out, so the two hash alike.
+    let rules =
+        collections
+            .iter()
+            .filter(|(_, policy)| **policy != Policy::Merge)
+            .map(|(collection, policy)| (collection.as_str(), "", policy))
+            .chain(fields.iter().map(|((collection, field), policy)| {
+                (collection.as_str(), field.as_str(), policy)
+            }));
+    for (collection, field, policy) in rules {
+        put(collection);
+        put(field);
+        put(policy.name());
+        match policy {
+            Policy::Priority(order) => {
+                put(&order.len().to_string());
+                order.iter().for_each(|name| put(name));
+            }
+            Policy::Custom(script) => put(&script.source),
+            Policy::Merge | Policy::Lww | Policy::Manual => {}
+        }
     }
+    let digest = context.finish();
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(digest.as_ref());
+    hash
 }
 
 #[cfg(test)]
@@ -320,14 +532,36 @@ mod tests {
         );
     }
 
-    fn policies(policy: &str, order: &[&str]) -> Policies {
-        Policies::from_config(&[PolicySection {
+    fn section(policy: &str, order: &[&str], script: Option<&str>) -> PolicySection {
+        PolicySection {
             collection: "customers".into(),
             field: None,
             policy: serde_json::from_value(json!(policy)).unwrap(),
             order: order.iter().map(|name| (*name).to_owned()).collect(),
-        }])
+            script: script.map(str::to_owned),
+        }
     }
+
+    fn policies(policy: &str, order: &[&str]) -> Policies {
+        Policies::from_config(&[section(policy, order, None)]).unwrap()
+    }
+
+    fn custom(script: &str) -> Policies {
+        Policies::from_config(&[section("custom", &[], Some(script))]).unwrap()
+    }
+
+    /// A resolver that keeps the longest value, ties by the earliest clock.
+    const LONGEST: &str = r#"
+        let best = 0;
+        for i in 1..candidates.len() {
+            let c = candidates[i];
+            let b = candidates[best];
+            if c.value.len() > b.value.len() || (c.value.len() == b.value.len() && c.hlc < b.hlc) {
+                best = i;
+            }
+        }
+        best
+    "#;
 
     fn field(doc: &Automerge, policies: &Policies) -> Json {
         read(doc, None, "customers", policies).unwrap()["address"].clone()
@@ -440,19 +674,13 @@ mod tests {
     #[test]
     fn a_field_policy_overrides_the_collection_policy() {
         let policies = Policies::from_config(&[
+            section("lww", &[], None),
             PolicySection {
-                collection: "customers".into(),
-                field: None,
-                policy: PolicyKind::Lww,
-                order: Vec::new(),
-            },
-            PolicySection {
-                collection: "customers".into(),
                 field: Some("billing_address".into()),
-                policy: PolicyKind::Priority,
-                order: vec!["erp".into()],
+                ..section("priority", &["erp"], None)
             },
-        ]);
+        ])
+        .unwrap();
         assert_eq!(policies.policy("customers", "name"), &Policy::Lww);
         assert_eq!(
             policies.policy("customers", "billing_address"),
@@ -461,6 +689,112 @@ mod tests {
         assert_eq!(policies.policy("orders", "name"), &Policy::Merge);
         assert!(policies.all_merge("orders"));
         assert!(!policies.all_merge("customers"));
+    }
+
+    /// A record whose `address` the ERP and the CRM wrote concurrently.
+    fn conflicted() -> Automerge {
+        let mut erp = base().fork();
+        let mut crm = base().fork();
+        write(
+            &mut erp,
+            &ERP,
+            NOW_MS,
+            "address",
+            json!("1 Long ERP Street"),
+        );
+        write(&mut crm, &CRM, NOW_MS + 1, "address", json!("2 CRM Rd"));
+        erp.merge(&mut crm).unwrap();
+        erp
+    }
+
+    #[test]
+    fn a_custom_script_picks_the_winner_from_the_candidates() {
+        let doc = conflicted();
+        let longest = custom(LONGEST);
+        assert_eq!(field(&doc, &longest), json!("1 Long ERP Street"));
+        let found = conflicts(&doc, "customers", &longest);
+        assert_eq!(found[0].rule, "custom");
+        assert!(!found[0].pending);
+        assert_eq!(found[0].error, None);
+        // The script sees sources and the field's name too.
+        let by_source = custom(
+            r#"if field != "address" { throw "wrong field" }
+               let i = 0;
+               for c in candidates { if c.source == "crm" { return i } i += 1 }
+               default_index"#,
+        );
+        assert_eq!(field(&doc, &by_source), json!("2 CRM Rd"));
+    }
+
+    #[test]
+    fn a_custom_script_that_loops_or_fails_is_cut_off_and_the_conflict_waits_for_a_person() {
+        let doc = conflicted();
+        let automerge_choice = field(&doc, &policies("merge", &[]));
+        let broken = [
+            ("loop {}", "operations"),
+            ("let s = \"x\"; loop { s += s; }", "string"),
+            ("let a = []; loop { a.push(1); }", "array"),
+            ("fn f(n) { f(n + 1) } f(0)", "stack overflow"),
+            ("throw \"no winner for you\"", "no winner for you"),
+            ("1 / 0", "zero"),
+            ("candidates[99]", "out of bounds"),
+            ("\"first\"", "string"),
+            ("5", "not an index below 2"),
+            ("-1", "not an index below 2"),
+            ("print(\"side effect\"); debug(1); ()", "()"),
+        ];
+        for (script, says) in broken {
+            let policies = custom(script);
+            assert_eq!(field(&doc, &policies), automerge_choice, "{script}");
+            let found = conflicts(&doc, "customers", &policies);
+            assert!(found[0].pending, "{script}");
+            let error = found[0].error.clone().unwrap_or_default();
+            assert!(error.to_lowercase().contains(says), "{script}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_custom_script_can_reach_no_clock_file_or_eval() {
+        for script in ["timestamp()", "import \"os\" as os; 0", "eval(\"0\")"] {
+            let outcome = Policies::from_config(&[section("custom", &[], Some(script))]);
+            if let Ok(policies) = outcome {
+                let found = conflicts(&conflicted(), "customers", &policies);
+                assert!(found[0].pending, "{script} ran");
+            }
+        }
+        assert!(matches!(
+            Policies::from_config(&[section("custom", &[], Some("let = ;"))]),
+            Err(PolicyError::ScriptInvalid { index: 0, .. })
+        ));
+        assert!(matches!(
+            Policies::from_config(&[section("custom", &[], None)]),
+            Err(PolicyError::ScriptMissing { index: 0 })
+        ));
+    }
+
+    #[test]
+    fn the_policy_hash_is_equal_exactly_when_the_rules_are() {
+        let lww = section("lww", &[], None);
+        let billing = PolicySection {
+            field: Some("billing_address".into()),
+            ..section("priority", &["erp", "crm"], None)
+        };
+        let hash = |sections: &[PolicySection]| Policies::from_config(sections).unwrap().hash();
+        assert_eq!(
+            hash(&[lww.clone(), billing.clone()]),
+            hash(&[billing.clone(), lww.clone()])
+        );
+        assert_eq!(hash(&[]), hash(&[section("merge", &[], None)]));
+        assert_ne!(hash(&[]), hash(&[lww.clone()]));
+        let reordered = PolicySection {
+            order: vec!["crm".into(), "erp".into()],
+            ..billing.clone()
+        };
+        assert_ne!(hash(&[billing]), hash(&[reordered]));
+        assert_ne!(
+            hash(&[section("custom", &[], Some("0"))]),
+            hash(&[section("custom", &[], Some("1"))])
+        );
     }
 
     fn writer(index: usize) -> Writer {
@@ -499,6 +833,7 @@ mod tests {
                 policies("lww", &[]),
                 policies("priority", &["crm", "web", "erp"]),
                 policies("manual", &[]),
+                custom(LONGEST),
             ];
             let mut outcomes: Vec<Vec<Json>> = Vec::new();
             for start in 0..sites {

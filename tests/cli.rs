@@ -250,6 +250,81 @@ order = ["crm-site"]
 }
 
 #[test]
+fn a_custom_policy_picks_by_script_and_a_looping_script_leaves_the_conflict_queued() {
+    let temp = tempfile::tempdir().unwrap();
+    let erp = init_node(temp.path(), "erp-site");
+    let crm = init_node(temp.path(), "crm-site");
+    // The address field: the longest value wins. The phone field: a script that never ends.
+    let policy = r#"
+[[policies]]
+collection = "customers"
+field = "address"
+policy = "custom"
+script = '''
+let best = 0;
+for i in 1..candidates.len() {
+    if candidates[i].value.len() > candidates[best].value.len() { best = i; }
+}
+best
+'''
+
+[[policies]]
+collection = "customers"
+field = "phone"
+policy = "custom"
+script = "loop { }"
+"#;
+    for node in [&erp, &crm] {
+        append_config(node, policy);
+    }
+    ok(concord(
+        &erp,
+        &[
+            "put",
+            "customers/1",
+            "address=1 Long ERP Street",
+            "phone=111",
+        ],
+    ));
+    ok(concord(
+        &crm,
+        &["put", "customers/1", "address=2 CRM Rd", "phone=222"],
+    ));
+    exchange(&erp, &crm, "customers/1", temp.path());
+    let mut listings = Vec::new();
+    for node in [&erp, &crm] {
+        assert_eq!(
+            get_json(node, "customers/1")["address"],
+            json!("1 Long ERP Street")
+        );
+        let listed: Vec<Value> = ok(concord(node, &["conflicts", "customers"]))
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        let address = &listed[0];
+        assert_eq!(address["field"], json!("address"));
+        assert_eq!(address["rule"], json!("custom"));
+        assert_eq!(address["pending"], json!(false));
+        let phone = &listed[1];
+        assert_eq!(phone["field"], json!("phone"));
+        assert_eq!(phone["pending"], json!(true));
+        assert!(
+            phone["error"].as_str().unwrap().contains("operations"),
+            "{phone}"
+        );
+        listings.push(listed);
+    }
+    assert_eq!(listings[0], listings[1]);
+    // The queued one is settled by a person like a manual one.
+    ok(concord(
+        &crm,
+        &["resolve", "customers/1", "phone", "--value", "333"],
+    ));
+    assert_eq!(get_json(&crm, "customers/1")["phone"], json!(333));
+}
+
+#[test]
 fn a_manual_conflict_is_listed_and_a_resolution_on_one_node_shows_on_both() {
     let temp = tempfile::tempdir().unwrap();
     let erp = init_node(temp.path(), "erp-site");
@@ -618,6 +693,18 @@ fn bad_config_fails_with_one_clear_line() {
         (
             format!("{original}\n[[policies]]\ncollection = \"c\"\npolicy = \"newest\"\n"),
             "newest",
+        ),
+        (
+            format!(
+                "{original}\n[[policies]]\ncollection = \"c\"\npolicy = \"custom\"\nscript = \"let = ;\"\n"
+            ),
+            "script does not compile",
+        ),
+        (
+            format!(
+                "{original}\n[[policies]]\ncollection = \"c\"\npolicy = \"lww\"\nscript = \"0\"\n"
+            ),
+            "script is for policy \"custom\"",
         ),
     ] {
         std::fs::write(&config, text).unwrap();

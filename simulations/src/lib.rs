@@ -157,21 +157,38 @@ const WRITER_SOURCES: [&str; 2] = ["api", "erp"];
 /// The policies under which every node must resolve every conflict identically.
 fn checked_policies() -> Vec<Policies> {
     [
-        (PolicyKind::Lww, vec![]),
-        (PolicyKind::Priority, vec!["erp".to_owned()]),
-        (PolicyKind::Manual, vec![]),
+        (PolicyKind::Lww, vec![], None),
+        (PolicyKind::Priority, vec!["erp".to_owned()], None),
+        (PolicyKind::Custom, vec![], Some(CUSTOM_RESOLVER.to_owned())),
+        (PolicyKind::Manual, vec![], None),
     ]
     .into_iter()
-    .map(|(policy, order)| {
+    .map(|(policy, order, script)| {
         Policies::from_config(&[PolicySection {
             collection: COLLECTION.to_owned(),
             field: None,
             policy,
             order,
+            script,
         }])
+        .expect("the checked policies compile")
     })
     .collect()
 }
+
+/// The `custom` policy the simulator checks: the value that sorts last as text, ties by the
+/// earliest clock, so that the winner depends on values, clocks and candidate order alike.
+const CUSTOM_RESOLVER: &str = r#"
+let best = 0;
+for i in 1..candidates.len() {
+    let challenger = `${candidates[i].value}`;
+    let holder = `${candidates[best].value}`;
+    if challenger > holder || (challenger == holder && candidates[i].hlc < candidates[best].hlc) {
+        best = i;
+    }
+}
+best
+"#;
 
 struct SimNode {
     id: NodeId,
@@ -931,14 +948,15 @@ impl Sim {
                             .iter()
                             .map(|n| n.id.to_string()[..6].to_owned())
                             .collect::<Vec<_>>()
-                    ) + &format!(
+                    ) + format!(
                         "{}: node 0 has {:?} ({} heads), node {index} has {:?} ({} heads)",
                         self.ids[record],
                         first.1,
                         first.0.len(),
                         other.1,
                         other.0.len()
-                    ));
+                    )
+                    .as_str());
                 }
             }
         }

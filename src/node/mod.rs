@@ -57,6 +57,8 @@ pub enum NodeError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Record(#[from] RecordError),
@@ -331,7 +333,7 @@ impl Node {
         };
         let docs = DocStore::open(backend, id, store_config)?;
         let api_actor = Self::register_source(&docs, &config, API_SOURCE)?;
-        let policies = crate::policy::Policies::from_config(&config.policies);
+        let policies = crate::policy::Policies::from_config(&config.policies)?;
         Ok(Self {
             dir: dir.to_owned(),
             config,
