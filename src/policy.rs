@@ -785,7 +785,7 @@ mod tests {
             hash(&[billing.clone(), lww.clone()])
         );
         assert_eq!(hash(&[]), hash(&[section("merge", &[], None)]));
-        assert_ne!(hash(&[]), hash(&[lww.clone()]));
+        assert_ne!(hash(&[]), hash(std::slice::from_ref(&lww)));
         let reordered = PolicySection {
             order: vec!["crm".into(), "erp".into()],
             ..billing.clone()

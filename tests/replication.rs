@@ -157,7 +157,7 @@ async fn writes_on_both_sides_of_a_partition_converge_after_healing() {
     // Both sides wrote `both`: a conflict, counted in the metrics where it was merged.
     let conflicts: u64 = [&a, &b, &c]
         .iter()
-        .map(|node| node.metric("concord_conflicts_total"))
+        .map(|node| node.metric(r#"concord_conflicts_total{collection="items",policy="merge"}"#))
         .sum();
     assert!(
         conflicts >= 1,
@@ -287,4 +287,57 @@ async fn a_revert_replicates_and_can_itself_be_reverted() {
     assert_eq!(report["entries"].as_array().unwrap().len(), 2, "{report}");
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_whose_policies_differ_say_so_in_status_and_metrics() {
+    use concord::config::{PolicyKind, PolicySection};
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[a.listen, b.listen]);
+    let policy = |policy| PolicySection {
+        collection: "customers".into(),
+        field: None,
+        policy,
+        order: Vec::new(),
+        script: None,
+    };
+    a.set_policies(vec![policy(PolicyKind::Lww)]);
+    b.set_policies(vec![policy(PolicyKind::Lww)]);
+    c.set_policies(vec![policy(PolicyKind::Manual)]);
+    for node in [&mut a, &mut b, &mut c] {
+        node.start().await;
+    }
+    let said = |node: &TestNode, of: &TestNode| -> Option<String> {
+        let status = node.status()?;
+        let peer_id = of.status()?["node"].as_str()?.to_owned();
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|peer| peer["node"] == json!(peer_id))
+            .and_then(|peer| peer["policies"].as_str().map(str::to_owned))
+    };
+    eventually("every peer has said its policies", CONVERGE, || {
+        [(&a, &b), (&a, &c), (&b, &c), (&c, &a)]
+            .iter()
+            .all(|(node, of)| said(node, of).is_some_and(|said| said != "unknown"))
+    })
+    .await;
+    assert_eq!(said(&a, &b).as_deref(), Some("same"));
+    assert_eq!(said(&b, &a).as_deref(), Some("same"));
+    assert_eq!(said(&a, &c).as_deref(), Some("differ"));
+    assert_eq!(said(&c, &b).as_deref(), Some("differ"));
+    assert_eq!(a.metric("concord_peers_policy_differ"), 1);
+    assert_eq!(c.metric("concord_peers_policy_differ"), 2);
+    let hash = |node: &TestNode| node.status().unwrap()["policy_hash"].clone();
+    assert_eq!(hash(&a), hash(&b));
+    assert_ne!(hash(&a), hash(&c));
+    // Replication goes on: the nodes hold the same documents, and resolve them differently.
+    a.put("customers/1", json!({"name": "Ada"}));
+    converge(&[&a, &b, &c], &["customers/1"], CONVERGE).await;
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
 }

@@ -15,7 +15,7 @@ const VERSION_BYTES: usize = 2;
 /// Encodes one message as a frame. Fails only if the message is larger than a frame may be.
 pub fn encode_frame(message: &Message) -> Result<Vec<u8>, ProtoError> {
     let mut frame = vec![0u8; FRAME_HEADER_BYTES];
-    frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    frame.extend_from_slice(&message.introduced_in().to_be_bytes());
     let frame = postcard::to_extend(message, frame)
         .map_err(|error| ProtoError::Malformed(error.to_string()))?;
     let size = frame.len() - FRAME_HEADER_BYTES;
@@ -46,6 +46,12 @@ pub fn decode_frame_body(body: &[u8]) -> Result<Message, ProtoError> {
         return Err(ProtoError::Malformed(format!(
             "{} bytes after the message",
             rest.len()
+        )));
+    }
+    if message.introduced_in() > version {
+        return Err(ProtoError::Malformed(format!(
+            "a message of version {} in a frame of version {version}",
+            message.introduced_in()
         )));
     }
     message.check()?;

@@ -5,8 +5,9 @@
 //!
 //! - every frame is length-prefixed and at most [`FRAME_BYTES_MAX`] long; a longer length
 //!   prefix is refused before any of its bytes are buffered;
-//! - every frame carries the protocol version it was encoded with, ahead of the message, so a
-//!   receiver can refuse a version it does not speak before decoding anything else;
+//! - every frame carries the protocol version that introduced its message, ahead of the
+//!   message, so a receiver can refuse a version it does not speak before decoding anything
+//!   else, and a peer of an older version reads every message that version defines;
 //! - decoding never panics on any input: malformed bytes are an error.
 
 pub mod frame;
@@ -15,8 +16,12 @@ pub mod message;
 pub use frame::{encode_frame, FrameDecoder, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 pub use message::*;
 
-/// The protocol version this crate encodes; peers agree on it in the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks; peers agree on one in the handshake.
+///
+/// Version 2 added [`Message::PolicyHash`]. Every frame carries the version that introduced its
+/// message ([`Message::introduced_in`]), so a version-1 peer reads every frame a version-2
+/// node sends it (a node sends a newer message only to a peer that said it speaks it).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this crate decodes.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

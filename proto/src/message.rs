@@ -62,6 +62,11 @@ pub enum Message {
     Graft {
         origins: Vec<NodeIdBytes>,
     },
+    /// (Version 2.) SHA-256 of the sender's conflict policies in canonical form: a receiver
+    /// whose own differs resolves conflicts differently and warns.
+    PolicyHash {
+        hash: HashBytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +175,14 @@ fn check_doc(doc: &str) -> Result<(), ProtoError> {
 }
 
 impl Message {
+    /// The protocol version that introduced this message: the version its frame carries.
+    pub fn introduced_in(&self) -> u16 {
+        match self {
+            Message::PolicyHash { .. } => 2,
+            _ => 1,
+        }
+    }
+
     /// Checks the limits that the types alone do not say. Decoding calls it.
     pub fn check(&self) -> Result<(), ProtoError> {
         match self {
@@ -220,7 +233,7 @@ impl Message {
             Message::Goodbye(goodbye) => {
                 check_len("detail bytes", goodbye.detail.len(), DETAIL_BYTES_MAX)?;
             }
-            Message::Ping { .. } | Message::Pong { .. } => {}
+            Message::Ping { .. } | Message::Pong { .. } | Message::PolicyHash { .. } => {}
             Message::Prune { origins } | Message::Graft { origins } => {
                 check_len("origins", origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
             }

@@ -81,6 +81,7 @@ fn samples() -> Vec<(&'static str, Message)> {
             },
         ),
         ("pong", Message::Pong { nonce: 42 }),
+        ("policy_hash", Message::PolicyHash { hash: [10; 32] }),
         (
             "goodbye",
             Message::Goodbye(Goodbye {
@@ -104,6 +105,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("goodbye", "00000014000109010f636c75737465722064696666657273"),
     ("prune", "0000001400010a0108080808080808080808080808080808"),
     ("graft", "0000001400010b0109090909090909090909090909090909"),
+    ("policy_hash", "0000002300020c0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a"),
 ];
 
 #[test]
@@ -175,6 +177,15 @@ fn bad_frames_are_errors_not_panics() {
         decoder.next_message(),
         Err(ProtoError::UnsupportedVersion { version: 99 })
     );
+    // A version-2 message in a version-1 frame.
+    let mut frame = encode_frame(&Message::PolicyHash { hash: [0; 32] }).unwrap();
+    frame[4..6].copy_from_slice(&1u16.to_be_bytes());
+    let mut decoder = FrameDecoder::new();
+    decoder.push(&frame).unwrap();
+    assert!(matches!(
+        decoder.next_message(),
+        Err(ProtoError::Malformed(_))
+    ));
     // Unknown variant, trailing bytes, too short, over a limit.
     for body in [
         &[0u8, 1, 200][..],

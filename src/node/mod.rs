@@ -375,6 +375,11 @@ impl Node {
         self.id
     }
 
+    /// The conflict policies reads are resolved by.
+    pub fn policies(&self) -> &crate::policy::Policies {
+        &self.policies
+    }
+
     /// The actor that source `name` (an adapter binding) writes with, registered on first use.
     pub fn source_actor(&self, name: &str) -> Result<ActorId, NodeError> {
         Self::register_source(&self.docs, &self.config, name)

@@ -34,6 +34,8 @@ pub struct Status {
     pub name: String,
     pub cluster: String,
     pub listen: String,
+    /// SHA-256 of this node's conflict policies, hex: equal on nodes that resolve alike.
+    pub policy_hash: String,
     pub peers: Vec<PeerStatus>,
     pub engine: EngineStats,
     pub bindings: Vec<crate::adapters::BindingStatus>,
@@ -46,6 +48,9 @@ pub struct PeerStatus {
     pub state: &'static str,
     /// Log entries held here that the peer's last summary did not cover.
     pub lag: Option<u64>,
+    /// Whether the peer's conflict policies are this node's: `same`, `differ` (it shows other
+    /// winners for the same records) or `unknown` (not said yet, or an older peer).
+    pub policies: &'static str,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -60,11 +65,43 @@ pub struct EngineStats {
     pub conflicts: u64,
     pub repair_documents: u64,
     pub local_changes_pushed: u64,
+    /// `conflicts` by collection and by the policy that resolves them; what the counted
+    /// fields do not cover is under collection and policy `_other`.
+    pub conflicts_by_policy: Vec<ConflictCount>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConflictCount {
+    pub collection: String,
+    pub policy: String,
+    pub count: u64,
+}
+
+/// What [`ConflictCount`] names conflicts of fields not counted apart.
+const OTHER_LABEL: &str = "_other";
+
 impl EngineStats {
-    fn from(stats: &Stats, local: u64) -> Self {
+    fn from(stats: &Stats, local: u64, policies: &crate::policy::Policies) -> Self {
+        let mut by_policy: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for ((collection, field), count) in &stats.conflicts_by_field {
+            let policy = policies.policy(collection, field).name().to_owned();
+            *by_policy.entry((collection.clone(), policy)).or_default() += count;
+        }
+        let counted: u64 = by_policy.values().sum();
+        if stats.conflicts > counted {
+            let other = (OTHER_LABEL.to_owned(), OTHER_LABEL.to_owned());
+            by_policy.insert(other, stats.conflicts - counted);
+        }
+        let conflicts_by_policy = by_policy
+            .into_iter()
+            .map(|((collection, policy), count)| ConflictCount {
+                collection,
+                policy,
+                count,
+            })
+            .collect();
         Self {
+            conflicts_by_policy,
             changes_sent: stats.changes_sent,
             changes_received: stats.changes_received,
             changes_applied: stats.changes_applied,
@@ -182,6 +219,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
+            policy_hash: hex::encode(node.policies().hash()),
             ..Status::default()
         }),
         local_writes,
@@ -200,7 +238,8 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         let address = resolve(peer)?;
         tasks.push(tokio::spawn(transport.clone().dial_loop(address)));
     }
-    let engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
+    let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
+    engine_config.policy_hash = node.policies().hash();
     let engine_task = tokio::spawn(drive_engine(
         shared.clone(),
         Engine::new(engine_config),
@@ -398,6 +437,7 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
                 "handshaking"
             },
             lag: engine.lag(&peer, &marks),
+            policies: engine.peer_policies(&peer).as_str(),
         })
         .collect();
     let mut status = shared
@@ -405,7 +445,7 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
-    status.engine = EngineStats::from(engine.stats(), local_pushed);
+    status.engine = EngineStats::from(engine.stats(), local_pushed, shared.node.policies());
 }
 
 impl Shared {
@@ -439,7 +479,7 @@ pub fn metrics_text(shared: &Shared) -> String {
     let written = shared.node.documents().origin_mark(&own);
     let relaxed = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let engine = &status.engine;
-    let counters: [(&str, &str, u64); 12] = [
+    let counters: [(&str, &str, u64); 11] = [
         (
             "concord_changes_written_total",
             "Changes written on this node.",
@@ -459,11 +499,6 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_changes_sent_total",
             "Changes sent to peers.",
             engine.changes_sent,
-        ),
-        (
-            "concord_conflicts_total",
-            "Fields that became conflicting (concurrent values) as peers' changes were applied.",
-            engine.conflicts,
         ),
         (
             "concord_repaired_documents_total",
@@ -554,8 +589,22 @@ pub fn metrics_text(shared: &Shared) -> String {
             ));
         }
     }
+    text.push_str("# HELP concord_conflicts_total Fields that became conflicting (concurrent values) as peers' changes were applied, by collection and by the policy that resolves them.\n# TYPE concord_conflicts_total counter\n");
+    for conflict in &engine.conflicts_by_policy {
+        text.push_str(&format!(
+            "concord_conflicts_total{{collection=\"{}\",policy=\"{}\"}} {}\n",
+            conflict.collection, conflict.policy, conflict.count
+        ));
+    }
     text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");
     text.push_str(&format!("concord_peers_connected {}\n", status.peers.len()));
+    text.push_str("# HELP concord_peers_policy_differ Peers whose conflict policies differ from this node's.\n# TYPE concord_peers_policy_differ gauge\n");
+    let differ = status
+        .peers
+        .iter()
+        .filter(|peer| peer.policies == sync::PeerPolicies::Differ.as_str())
+        .count();
+    text.push_str(&format!("concord_peers_policy_differ {differ}\n"));
     text.push_str("# HELP concord_replication_lag Log entries a peer lacks by its last summary.\n# TYPE concord_replication_lag gauge\n");
     for peer in &status.peers {
         text.push_str(&format!(
@@ -565,4 +614,53 @@ pub fn metrics_text(shared: &Shared) -> String {
         ));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{PolicyKind, PolicySection};
+    use crate::policy::Policies;
+
+    #[test]
+    fn conflicts_are_counted_by_collection_and_policy() {
+        let policies = Policies::from_config(&[PolicySection {
+            collection: "customers".into(),
+            field: Some("address".into()),
+            policy: PolicyKind::Lww,
+            order: Vec::new(),
+            script: None,
+        }])
+        .unwrap();
+        let mut stats = Stats {
+            conflicts: 10,
+            ..Stats::default()
+        };
+        for (collection, field, count) in [
+            ("customers", "address", 3),
+            ("customers", "phone", 2),
+            ("customers", "name", 1),
+            ("orders", "total", 1),
+        ] {
+            stats
+                .conflicts_by_field
+                .insert((collection.into(), field.into()), count);
+        }
+        let counts: Vec<(String, String, u64)> = EngineStats::from(&stats, 0, &policies)
+            .conflicts_by_policy
+            .into_iter()
+            .map(|count| (count.collection, count.policy, count.count))
+            .collect();
+        let expected = [
+            ("_other", "_other", 3),
+            ("customers", "lww", 3),
+            ("customers", "merge", 3),
+            ("orders", "merge", 1),
+        ];
+        let expected: Vec<(String, String, u64)> = expected
+            .iter()
+            .map(|(collection, policy, count)| ((*collection).into(), (*policy).into(), *count))
+            .collect();
+        assert_eq!(counts, expected);
+    }
 }

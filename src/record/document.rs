@@ -248,15 +248,17 @@ pub fn holds_change<D: ReadDoc>(doc: &D, hash: &ChangeHash) -> bool {
     doc.get_missing_deps(std::slice::from_ref(hash)).is_empty()
 }
 
-/// Fields (and the tombstone) that hold more than one concurrent value: Automerge picked a
-/// winner deterministically, and the others are conflicts a policy or a person may revisit.
-pub fn conflicting_fields<D: ReadDoc>(doc: &D) -> usize {
+/// Fields that hold more than one concurrent value: Automerge picked a winner
+/// deterministically, and the others are conflicts a policy or a person may revisit.
+pub fn conflicting_fields<D: ReadDoc>(doc: &D) -> std::collections::BTreeSet<String> {
     doc.keys(ROOT)
         .filter(|key| {
-            doc.get_all(ROOT, key.as_str())
-                .is_ok_and(|values| values.len() > 1)
+            !key.starts_with(RESERVED_FIELD_PREFIX)
+                && doc
+                    .get_all(ROOT, key.as_str())
+                    .is_ok_and(|values| values.len() > 1)
         })
-        .count()
+        .collect()
 }
 
 /// What one change did to a record, for history and audit.

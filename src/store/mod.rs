@@ -30,7 +30,7 @@ pub use documents::{
 };
 pub use layout::{LogEntry, Snapshot, StoredDoc};
 pub use memory::MemoryStore;
-pub use replication::{ApplyReport, DocumentHeadsEntry, LoggedChange};
+pub use replication::{ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict};
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
 use crate::record::RecordError;

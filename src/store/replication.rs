@@ -7,7 +7,7 @@
 //! logged, so it is asked for again rather than lost; everything applied is durable before
 //! [`DocStore::apply_remote`] returns, so it can be relayed at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::{Change, ChangeHash, ReadDoc};
 
@@ -42,7 +42,14 @@ pub struct ApplyReport {
     /// Not a valid change or document key, with the reason.
     pub invalid: Vec<(LoggedChange, String)>,
     /// Fields that became conflicting (concurrent values) with these changes.
-    pub conflicts: u64,
+    pub conflicts: Vec<NewConflict>,
+}
+
+/// A field that became conflicting as a remote change was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewConflict {
+    pub collection: String,
+    pub field: String,
 }
 
 impl<S: Store> DocStore<S> {
@@ -177,7 +184,7 @@ impl<S: Store> DocStore<S> {
             // A change to an empty document cannot conflict with anything.
             let was_empty = loaded.doc.get_heads().is_empty();
             let conflicts_before = if was_empty {
-                0
+                BTreeSet::new()
             } else {
                 document::conflicting_fields(&loaded.doc)
             };
@@ -186,8 +193,16 @@ impl<S: Store> DocStore<S> {
                 continue;
             }
             if !was_empty {
-                let conflicts_after = document::conflicting_fields(&loaded.doc);
-                report.conflicts += conflicts_after.saturating_sub(conflicts_before) as u64;
+                let collection = String::from_utf8_lossy(&logged.doc_key);
+                let collection = collection.split('/').next().unwrap_or_default();
+                for field in document::conflicting_fields(&loaded.doc) {
+                    if !conflicts_before.contains(&field) {
+                        report.conflicts.push(NewConflict {
+                            collection: collection.to_owned(),
+                            field,
+                        });
+                    }
+                }
             }
             #[cfg(feature = "sabotage")]
             if self.sabotage.log_twice && !session.log_holds(&logged.origin, logged.sequence + 1) {

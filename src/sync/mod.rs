@@ -60,6 +60,9 @@ pub const HELD_CHANGES_MAX: usize = 10_000;
 /// How often each peer is sent a repair digest. Summaries already catch everything the logs
 /// hold, so repair only has to find what they missed (a truncated log, a bug): a slow beat.
 pub const REPAIR_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// (collection, field) pairs whose conflicts are counted apart, so a stream of ever-new field
+/// names cannot grow the counters without bound.
+pub const CONFLICT_FIELDS_COUNTED_MAX: usize = 1024;
 /// Documents answered per `NeedDocument`-free repair pass of one leaf.
 const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 
@@ -151,6 +154,8 @@ pub struct Config {
     pub summary_interval: Duration,
     pub repair_interval: Duration,
     pub changes_per_message: usize,
+    /// [`crate::policy::Policies::hash`] of this node, sent to peers that speak version 2.
+    pub policy_hash: [u8; 32],
     /// Deliberate bugs (simulator tests only).
     #[cfg(feature = "sabotage")]
     pub sabotage: crate::Sabotage,
@@ -165,6 +170,7 @@ impl Config {
             summary_interval: SUMMARY_INTERVAL_DEFAULT,
             repair_interval: REPAIR_INTERVAL_DEFAULT,
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
+            policy_hash: crate::policy::Policies::default().hash(),
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
         }
@@ -213,11 +219,37 @@ pub struct Stats {
     pub repair_documents: u64,
     /// Fields that became conflicting as changes from peers were applied.
     pub conflicts: u64,
+    /// The same by (collection, field), for the first [`CONFLICT_FIELDS_COUNTED_MAX`] pairs
+    /// seen; later pairs count in `conflicts` only.
+    pub conflicts_by_field: BTreeMap<(String, String), u64>,
+}
+
+/// Whether a peer resolves conflicts by the same policies as this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PeerPolicies {
+    /// Not said yet, or the peer speaks protocol version 1, which cannot say it.
+    #[default]
+    Unknown,
+    Same,
+    /// The peer's policies differ: the same documents show different winners there.
+    Differ,
+}
+
+impl PeerPolicies {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Same => "same",
+            Self::Differ => "differ",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Peer {
     ready: bool,
+    /// What the peer said of its policies.
+    policies: PeerPolicies,
     /// When the connection came up: the handshake must complete within [`HANDSHAKE_TIMEOUT`].
     connected_at: Duration,
     /// Per origin: the peer holds, or was sent, every entry up to this sequence.
@@ -297,6 +329,14 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Whether `peer` resolves conflicts as this node does, as far as it said.
+    pub fn peer_policies(&self, peer: &NodeId) -> PeerPolicies {
+        self.peers
+            .get(peer)
+            .map(|state| state.policies)
+            .unwrap_or_default()
     }
 
     /// Peers whose handshake completed.
@@ -496,9 +536,30 @@ impl Engine {
                     if let Some(state) = self.peers.get_mut(&peer) {
                         state.ready = true;
                     }
+                    if hello.version_max.min(PROTOCOL_VERSION) >= 2 {
+                        let hash = self.config.policy_hash;
+                        self.send(actions, peer, Message::PolicyHash { hash });
+                    }
                     let summary = self.summary(replica);
                     self.send(actions, peer, summary);
                     self.rebalance(replica, actions, None);
+                }
+            }
+            Message::PolicyHash { hash } => {
+                let said = if hash == self.config.policy_hash {
+                    PeerPolicies::Same
+                } else {
+                    PeerPolicies::Differ
+                };
+                if said == PeerPolicies::Differ {
+                    tracing::warn!(
+                        %peer,
+                        "the peer's conflict policies differ from this node's: the same records \
+                         resolve to different values there (compare [[policies]] in concord.toml)"
+                    );
+                }
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.policies = said;
                 }
             }
             // Before the handshake nothing else counts; over a network that reorders, such a
@@ -665,7 +726,16 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let report = replica.apply_remote(changes)?;
         self.stats.duplicates += report.duplicates as u64;
-        self.stats.conflicts += report.conflicts;
+        self.stats.conflicts += report.conflicts.len() as u64;
+        for conflict in report.conflicts {
+            let by_field = &mut self.stats.conflicts_by_field;
+            let pair = (conflict.collection, conflict.field);
+            if let Some(count) = by_field.get_mut(&pair) {
+                *count += 1;
+            } else if by_field.len() < CONFLICT_FIELDS_COUNTED_MAX {
+                by_field.insert(pair, 1);
+            }
+        }
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");
             self.disconnect(actions, from, GoodbyeReason::Malformed, detail);

@@ -30,6 +30,11 @@ struct Network {
 
 impl Network {
     fn new(count: usize) -> Self {
+        Self::with_config(count, |_, _| {})
+    }
+
+    /// `count` nodes, each engine's config adjusted by `adjust(index, config)`.
+    fn with_config(count: usize, adjust: impl Fn(usize, &mut Config)) -> Self {
         let nodes = (0..count)
             .map(|index| {
                 let id = NodeId([index as u8 + 1; 16]);
@@ -40,6 +45,7 @@ impl Network {
                 let docs = DocStore::open(MemoryStore::new(), id, config).unwrap();
                 let mut engine_config = Config::new(CLUSTER, id, &format!("n{index}"));
                 engine_config.changes_per_message = 16;
+                adjust(index, &mut engine_config);
                 TestNode {
                     id,
                     engine: Engine::new(engine_config),
@@ -520,4 +526,64 @@ fn a_hello_whose_node_id_differs_from_the_certificate_is_refused() {
         .unwrap();
     assert!(actions.iter().any(|action| matches!(action, Action::Disconnect(peer, goodbye) if *peer == authenticated && goodbye.detail.contains("certificate"))));
     assert!(engine.ready_peers().is_empty());
+}
+
+#[test]
+fn peers_learn_whether_their_policies_differ() {
+    let mut net = Network::with_config(3, |index, config| {
+        config.policy_hash = if index == 2 { [2; 32] } else { [1; 32] };
+    });
+    assert_eq!(
+        net.nodes[0].engine.peer_policies(&net.nodes[1].id),
+        PeerPolicies::Unknown
+    );
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.connect(1, 2);
+    net.settle();
+    let policies =
+        |net: &Network, at: usize, of: usize| net.nodes[at].engine.peer_policies(&net.nodes[of].id);
+    assert_eq!(policies(&net, 0, 1), PeerPolicies::Same);
+    assert_eq!(policies(&net, 1, 0), PeerPolicies::Same);
+    for at in [0, 1] {
+        assert_eq!(policies(&net, at, 2), PeerPolicies::Differ);
+        assert_eq!(policies(&net, 2, at), PeerPolicies::Differ);
+    }
+    // Differing policies do not stop replication: documents are the same everywhere.
+    net.write(2, "c/1", "v", 1);
+    net.settle();
+    net.assert_converged(&["c/1"]);
+}
+
+#[test]
+fn a_version_1_peer_is_sent_only_version_1_frames() {
+    let me = NodeId([1; 16]);
+    let old = NodeId([2; 16]);
+    let docs = DocStore::open(MemoryStore::new(), me, DocStoreConfig::default()).unwrap();
+    let mut engine = Engine::new(Config::new(CLUSTER, me, "me"));
+    let mut sent = engine
+        .handle(Duration::ZERO, Event::PeerConnected(old), &docs)
+        .unwrap();
+    let hello = Message::Hello(Hello {
+        cluster: CLUSTER,
+        node: old.0,
+        node_name: "old".into(),
+        version_min: 1,
+        version_max: 1,
+    });
+    sent.extend(
+        engine
+            .handle(Duration::ZERO, Event::Received(old, hello), &docs)
+            .unwrap(),
+    );
+    assert!(engine.ready_peers().contains(&old));
+    assert!(sent.len() >= 2, "{sent:?}");
+    for action in sent {
+        let Action::Send(_, message) = action else {
+            panic!("{action:?}");
+        };
+        let frame = concord_proto::encode_frame(&message).unwrap();
+        assert_eq!(&frame[4..6], &1u16.to_be_bytes(), "{message:?}");
+    }
+    assert_eq!(engine.peer_policies(&old), PeerPolicies::Unknown);
 }

@@ -58,6 +58,14 @@ impl TestNode {
         std::fs::write(&path, config.to_toml()).unwrap();
     }
 
+    /// Replaces this node's conflict policies (takes effect at the next start).
+    pub fn set_policies(&self, policies: Vec<concord::config::PolicySection>) {
+        let path = self.dir.join("concord.toml");
+        let mut config = concord::config::Config::load(&path).unwrap();
+        config.policies = policies;
+        std::fs::write(&path, config.to_toml()).unwrap();
+    }
+
     pub async fn start(&mut self) {
         let node = Arc::new(Node::open(&self.dir).unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -176,6 +184,7 @@ impl TestNode {
         }
     }
 
+    /// The value of the series `name` (with its labels, if any) in `/metrics`, 0 if absent.
     pub fn metric(&self, name: &str) -> u64 {
         let mut response = Self::agent()
             .get(format!("http://{}/metrics", self.api))
