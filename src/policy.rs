@@ -727,6 +727,26 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_status_ranking_script_works() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("script = '''\nfn rank").unwrap() + "script = '''\n".len();
+        let script = &readme[start..start + readme[start..].find("'''").unwrap()];
+        let ranked = |ours: &str, theirs: &str| {
+            let mut erp = base().fork();
+            let mut crm = base().fork();
+            write(&mut erp, &ERP, NOW_MS, "address", json!(ours));
+            write(&mut crm, &CRM, NOW_MS, "address", json!(theirs));
+            erp.merge(&mut crm).unwrap();
+            let found = conflicts(&erp, "customers", &custom(script));
+            assert_eq!(found[0].error, None);
+            field(&erp, &custom(script))
+        };
+        assert_eq!(ranked("paid", "cancelled"), json!("cancelled"));
+        assert_eq!(ranked("new", "shipped"), json!("shipped"));
+        assert_eq!(ranked("lost", "paid"), json!("paid"));
+    }
+
+    #[test]
     fn a_custom_script_that_loops_or_fails_is_cut_off_and_the_conflict_waits_for_a_person() {
         let doc = conflicted();
         let automerge_choice = field(&doc, &policies("merge", &[]));
