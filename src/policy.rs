@@ -33,7 +33,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use crate::config::{PolicyKind, PolicySection};
-use crate::record::document::{self, RESERVED_FIELD_PREFIX};
+use crate::record::document::{self, RecordState, RESERVED_FIELD_PREFIX};
 use crate::record::stamp::ChangeStamp;
 use crate::record::NodeId;
 
@@ -309,13 +309,27 @@ pub fn read(
     collection: &str,
     policies: &Policies,
 ) -> Option<Map<String, Json>> {
-    let mut fields = document::read_at(doc, heads)?;
     if policies.all_merge(collection) {
-        return Some(fields);
+        return document::read_at(doc, heads);
     }
-    for conflict in conflicts_at(doc, heads, collection, policies) {
-        let winner = conflict.candidates[conflict.winner].value.clone();
-        fields.insert(conflict.field, winner);
+    if document::state_at(doc, heads) != RecordState::Live {
+        return None;
+    }
+    // One pass over the fields: a field with one value is read as it is; of a conflicting
+    // one, `merge` and `manual` show Automerge's choice, the others what they pick.
+    let mut fields = Map::new();
+    for (field, values) in field_values(doc, heads) {
+        let policy = policies.policy(collection, &field);
+        let shown = if values.len() < 2 || matches!(policy, Policy::Merge | Policy::Manual) {
+            default_index(doc, heads, &field, &values)
+        } else {
+            let conflict = field_conflict(doc, heads, field.clone(), &values, policy);
+            conflict.winner
+        };
+        let (value, id) = &values[shown];
+        if let Some(value) = document::value_json(doc, value, id, heads) {
+            fields.insert(field, value);
+        }
     }
     Some(fields)
 }
@@ -323,65 +337,87 @@ pub fn read(
 /// Every field of the record that holds more than one concurrent value, with the winner its
 /// policy picks. Empty for a deleted record.
 pub fn conflicts(doc: &Automerge, collection: &str, policies: &Policies) -> Vec<FieldConflict> {
-    conflicts_at(doc, None, collection, policies)
-}
-
-fn conflicts_at(
-    doc: &Automerge,
-    heads: Option<&[ChangeHash]>,
-    collection: &str,
-    policies: &Policies,
-) -> Vec<FieldConflict> {
-    if document::read_at(doc, heads).is_none() {
+    if document::state_at(doc, None) != RecordState::Live {
         return Vec::new();
     }
+    field_values(doc, None)
+        .filter(|(_, values)| values.len() > 1)
+        .map(|(field, values)| {
+            let policy = policies.policy(collection, &field);
+            field_conflict(doc, None, field, &values, policy)
+        })
+        .collect()
+}
+
+type FieldValues<'a> = Vec<(Value<'a>, ObjId)>;
+
+/// Each user field of the record (reserved ones left out) with all its concurrent values.
+fn field_values<'a>(
+    doc: &'a Automerge,
+    heads: Option<&'a [ChangeHash]>,
+) -> impl Iterator<Item = (String, FieldValues<'a>)> + 'a {
     let keys: Vec<String> = match heads {
         Some(heads) => doc.keys_at(ROOT, heads).collect(),
         None => doc.keys(ROOT).collect(),
     };
-    let mut found = Vec::new();
-    for field in keys {
-        if field.starts_with(RESERVED_FIELD_PREFIX) {
-            continue;
-        }
-        let values = match heads {
-            Some(heads) => doc.get_all_at(ROOT, field.as_str(), heads),
-            None => doc.get_all(ROOT, field.as_str()),
-        };
-        let Ok(values) = values else { continue };
-        if values.len() < 2 {
-            continue;
-        }
-        let default = match heads {
-            Some(heads) => doc.get_at(ROOT, field.as_str(), heads),
-            None => doc.get(ROOT, field.as_str()),
-        }
-        .ok()
-        .flatten()
-        .map(|(_, id)| id);
-        let mut candidates = Vec::with_capacity(values.len());
-        let mut default_index = 0;
-        for (value, id) in &values {
-            if Some(id) == default.as_ref() {
-                default_index = candidates.len();
-            }
-            candidates.push(candidate(doc, heads, value, id));
-        }
-        let policy = policies.policy(collection, &field);
-        let (winner, error) = match pick(policy, &field, &candidates, default_index) {
-            Ok(winner) => (winner, None),
-            Err(error) => (default_index, Some(error)),
-        };
-        found.push(FieldConflict {
-            field,
-            candidates,
-            winner,
-            rule: policy.name(),
-            pending: *policy == Policy::Manual || error.is_some(),
-            error,
-        });
+    keys.into_iter()
+        .filter(|field| !field.starts_with(RESERVED_FIELD_PREFIX))
+        .filter_map(move |field| {
+            let values = match heads {
+                Some(heads) => doc.get_all_at(ROOT, field.as_str(), heads),
+                None => doc.get_all(ROOT, field.as_str()),
+            };
+            let values = values.ok().filter(|values| !values.is_empty())?;
+            Some((field, values))
+        })
+}
+
+/// The index in `values` of Automerge's own choice for `field`.
+fn default_index(
+    doc: &Automerge,
+    heads: Option<&[ChangeHash]>,
+    field: &str,
+    values: &FieldValues<'_>,
+) -> usize {
+    if values.len() < 2 {
+        return 0;
     }
-    found
+    let default = match heads {
+        Some(heads) => doc.get_at(ROOT, field, heads),
+        None => doc.get(ROOT, field),
+    };
+    let default = default.ok().flatten().map(|(_, id)| id);
+    values
+        .iter()
+        .position(|(_, id)| Some(id) == default.as_ref())
+        .unwrap_or(0)
+}
+
+/// The conflict of `field`, whose concurrent values are `values`, as `policy` resolves it.
+fn field_conflict(
+    doc: &Automerge,
+    heads: Option<&[ChangeHash]>,
+    field: String,
+    values: &FieldValues<'_>,
+    policy: &Policy,
+) -> FieldConflict {
+    let default = default_index(doc, heads, &field, values);
+    let candidates: Vec<Candidate> = values
+        .iter()
+        .map(|(value, id)| candidate(doc, heads, value, id))
+        .collect();
+    let (winner, error) = match pick(policy, &field, &candidates, default) {
+        Ok(winner) => (winner, None),
+        Err(error) => (default, Some(error)),
+    };
+    FieldConflict {
+        field,
+        candidates,
+        winner,
+        rule: policy.name(),
+        pending: *policy == Policy::Manual || error.is_some(),
+        error,
+    }
 }
 
 fn candidate(

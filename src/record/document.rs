@@ -98,7 +98,8 @@ pub enum RecordState {
     Live,
 }
 
-fn state_of<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> RecordState {
+/// The record's state at `heads` (or now, for `None`).
+pub fn state_at<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> RecordState {
     // Every concurrent value of the tombstone, not just Automerge's winner: a delete wins over
     // a concurrent creation, so a record stays deleted unless a write made after the delete
     // (which overwrites every value it saw) creates it again.
@@ -132,7 +133,7 @@ fn state_of<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> RecordState {
 
 /// The record's state now.
 pub fn state<D: ReadDoc>(doc: &D) -> RecordState {
-    state_of(doc, None)
+    state_at(doc, None)
 }
 
 /// The record as a JSON object, or `None` when it is deleted or was never written.
@@ -142,7 +143,7 @@ pub fn read<D: ReadDoc>(doc: &D) -> Option<Map<String, Json>> {
 
 /// The record as it was at `heads` (or now, for `None`).
 pub fn read_at<D: ReadDoc>(doc: &D, heads: Option<&[ChangeHash]>) -> Option<Map<String, Json>> {
-    if state_of(doc, heads) != RecordState::Live {
+    if state_at(doc, heads) != RecordState::Live {
         return None;
     }
     let mut fields = Map::new();
@@ -279,8 +280,8 @@ pub fn describe_change(
     hash: ChangeHash,
 ) -> ChangeEffect {
     let after = [hash];
-    let before_state = state_of(doc, Some(deps));
-    let after_state = state_of(doc, Some(&after));
+    let before_state = state_at(doc, Some(deps));
+    let after_state = state_at(doc, Some(&after));
     let action = match (before_state, after_state) {
         (RecordState::Live, RecordState::Deleted) => "delete",
         (RecordState::Missing, RecordState::Live) => "create",
