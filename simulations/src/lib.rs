@@ -809,7 +809,7 @@ impl Sim {
         let id = self.ids[record].clone();
         let delete = self.rng.chance(15);
         let actor = self.nodes[index].id.actor(self.rng.below(2) as u16);
-        let time = (self.node_now(index).as_millis() / 1000) as i64;
+        let time = self.node_now(index).as_millis() as i64;
         let result = if delete {
             self.nodes[index]
                 .docs

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use automerge::ActorId;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use super::{
     APPLY_BATCH_MAX, CAPTURE_BATCH_MAX, LOAD_PAGE_ROWS, POLL_INTERVAL,
 };
 use crate::config::{AdapterKind, BindingSection};
-use crate::node::{now_seconds, Node};
+use crate::node::{now_ms, Node};
 use crate::record::{document, Collection, Key, NodeId, RecordId, RecordWrite};
 use crate::store::{Durability, StoreError};
 
@@ -113,13 +113,6 @@ impl Drop for RunningBinding {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Opens the binding's table.
@@ -494,7 +487,7 @@ impl Runner {
     ) -> Result<u64, AdapterError> {
         let docs = self.node.documents();
         let mut session = docs.session();
-        let now = now_seconds();
+        let now = now_ms();
         let mut written = 0u64;
         let mut bad = Vec::new();
         for (key, row, only) in rows {
@@ -796,7 +789,7 @@ impl Runner {
     fn quarantine(&self, direction: &str, key: &str, error: &str) -> Result<(), AdapterError> {
         let docs = self.node.documents();
         let name = self.entry_name("quarantine", direction, key);
-        let now = now_ms();
+        let now = u64::try_from(now_ms()).unwrap_or(0);
         let mut entry = match docs.state(&name)? {
             Some(bytes) => serde_json::from_slice::<QuarantinedRow>(&bytes).ok(),
             None => None,
@@ -854,7 +847,7 @@ impl Runner {
     /// Tries deferred rows, and quarantined rows whose backoff has passed.
     fn retry(&self, table: &mut dyn Table) -> Result<(), AdapterError> {
         let docs = self.node.documents();
-        let now = now_ms();
+        let now = u64::try_from(now_ms()).unwrap_or(0);
         let deferred_prefix = self.state_name("deferred/out/");
         let mut out_keys: Vec<String> = docs
             .states(&deferred_prefix, None, RETRIES_PER_ROUND)?

@@ -364,7 +364,7 @@ impl Node {
             fields.insert("node_name".into(), json!(config.node.name));
             fields.insert("source".into(), json!(source));
             let write = RecordWrite::replace_with(fields);
-            docs.write(&entry, &actor, now_seconds(), Durability::Durable, |tx| {
+            docs.write(&entry, &actor, now_ms(), Durability::Durable, |tx| {
                 document::apply_write(tx, &write)
             })?;
         }
@@ -401,13 +401,11 @@ impl Node {
     /// Returns whether anything changed. Durable when it returns.
     pub fn put(&self, id: &RecordId, write: &RecordWrite) -> Result<bool, NodeError> {
         write.check()?;
-        let (_, outcome) = self.docs.write(
-            id,
-            &self.api_actor,
-            now_seconds(),
-            Durability::Durable,
-            |tx| document::apply_write(tx, write),
-        )?;
+        let (_, outcome) =
+            self.docs
+                .write(id, &self.api_actor, now_ms(), Durability::Durable, |tx| {
+                    document::apply_write(tx, write)
+                })?;
         Ok(outcome.change.is_some())
     }
 
@@ -416,7 +414,7 @@ impl Node {
         &self,
         writes: impl IntoIterator<Item = (&'a RecordId, &'a RecordWrite)>,
     ) -> Result<usize, NodeError> {
-        let now = now_seconds();
+        let now = now_ms();
         let mut session = self.docs.session();
         let mut changed = 0;
         for (id, write) in writes {
@@ -478,13 +476,11 @@ impl Node {
 
     /// Deletes a live record; `NotFound` otherwise.
     pub fn delete(&self, id: &RecordId) -> Result<(), NodeError> {
-        let (was_live, _) = self.docs.write(
-            id,
-            &self.api_actor,
-            now_seconds(),
-            Durability::Durable,
-            |tx| document::apply_delete(tx),
-        )?;
+        let (was_live, _) =
+            self.docs
+                .write(id, &self.api_actor, now_ms(), Durability::Durable, |tx| {
+                    document::apply_delete(tx)
+                })?;
         if was_live {
             Ok(())
         } else {
@@ -789,10 +785,10 @@ fn open_store(path: &Path, cache_bytes: u64) -> Result<SledStore, NodeError> {
     }
 }
 
-/// The wall clock in whole seconds since the Unix epoch (Automerge's change time unit).
-pub fn now_seconds() -> i64 {
+/// The wall clock in milliseconds since the Unix epoch, as writes take it.
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX))
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }

@@ -236,10 +236,8 @@ impl<S: Store> DocStore<S> {
         }
     }
 
-    fn stamp(&self, actor: &ActorId, doc: &Automerge, time_seconds: i64) -> ChangeStamp {
-        let wall_ms = u64::try_from(time_seconds)
-            .unwrap_or(0)
-            .saturating_mul(1000);
+    fn stamp(&self, actor: &ActorId, doc: &Automerge, time_ms: i64) -> ChangeStamp {
+        let wall_ms = u64::try_from(time_ms).unwrap_or(0);
         let names = self
             .writers
             .lock()
@@ -319,17 +317,18 @@ impl<S: Store> DocStore<S> {
         }
     }
 
-    /// Writes to one document with `actor` and commits: a session of one write.
+    /// Writes to one document with `actor` at wall-clock time `time_ms` (ms since the Unix
+    /// epoch) and commits: a session of one write.
     pub fn write<T>(
         &self,
         id: &RecordId,
         actor: &ActorId,
-        time_seconds: i64,
+        time_ms: i64,
         durability: Durability,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
         let mut session = self.session();
-        let result = session.write(id, actor, time_seconds, edit)?;
+        let result = session.write(id, actor, time_ms, edit)?;
         session.commit(durability)?;
         Ok(result)
     }
@@ -573,19 +572,21 @@ fn scan_origins<S: Store>(store: &S) -> Result<BTreeMap<NodeId, OriginProgress>,
 }
 
 impl<S: Store> WriteSession<'_, S> {
-    /// Runs `edit` inside an Automerge transaction on the document, as `actor`. If `edit`
-    /// fails, the document is left as it was and nothing is queued.
+    /// Runs `edit` inside an Automerge transaction on the document, as `actor`, at wall-clock
+    /// time `time_ms` (ms since the Unix epoch: the change's hybrid logical clock starts from
+    /// it, its Automerge time is it in whole seconds). If `edit` fails, the document is left
+    /// as it was and nothing is queued.
     pub fn write<T>(
         &mut self,
         id: &RecordId,
         actor: &ActorId,
-        time_seconds: i64,
+        time_ms: i64,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
         let doc_key = id.to_doc_key();
         let docs = self.docs;
         let loaded = self.document(&doc_key)?;
-        let stamp = docs.stamp(actor, &loaded.doc, time_seconds);
+        let stamp = docs.stamp(actor, &loaded.doc, time_ms);
         loaded.doc.set_actor(actor.clone());
         let mut transaction = loaded.doc.transaction();
         let value = match edit(&mut transaction) {
@@ -597,7 +598,7 @@ impl<S: Store> WriteSession<'_, S> {
         };
         let (hash, _) = transaction.commit_with(
             CommitOptions::default()
-                .with_time(time_seconds)
+                .with_time(time_ms.div_euclid(1000))
                 .with_message(stamp.to_message()),
         );
         let Some(hash) = hash else {
@@ -854,6 +855,52 @@ mod tests {
             apply_write(tx, &write)
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_write_is_stamped_to_the_millisecond_with_its_writer() {
+        let node = NodeId::random().unwrap();
+        let docs = open(MemoryStore::new(), node, 4);
+        let actor = node.actor(0);
+        docs.name_writer(&actor, "erp", "paris");
+        let id = RecordId::parse("c/1").unwrap();
+        let write = |time_ms: i64, value: i64| {
+            let write = RecordWrite {
+                set: vec![("v".to_owned(), json!(value))],
+                ..Default::default()
+            };
+            docs.write(&id, &actor, time_ms, Durability::Durable, |tx| {
+                apply_write(tx, &write)
+            })
+            .unwrap();
+        };
+        write(1_764_000_000_250, 1);
+        // A second write in the same millisecond still stamps after the first.
+        write(1_764_000_000_250, 2);
+        let stamps: Vec<(ChangeStamp, i64)> = docs
+            .read(&id, |doc| {
+                doc.get_changes(&[])
+                    .iter()
+                    .map(|change| {
+                        let stamp =
+                            ChangeStamp::of_change(change.message().as_deref(), change.timestamp());
+                        (stamp, change.timestamp())
+                    })
+                    .collect()
+            })
+            .unwrap();
+        let expected = |hlc| ChangeStamp {
+            hlc,
+            src: Some("erp".into()),
+            site: Some("paris".into()),
+        };
+        assert_eq!(
+            stamps,
+            vec![
+                (expected(1_764_000_000_250), 1_764_000_000),
+                (expected(1_764_000_000_251), 1_764_000_000),
+            ]
+        );
     }
 
     #[test]
