@@ -882,8 +882,7 @@ mod tests {
                 doc.get_changes(&[])
                     .iter()
                     .map(|change| {
-                        let stamp =
-                            ChangeStamp::of_change(change.message().as_deref(), change.timestamp());
+                        let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
                         (stamp, change.timestamp())
                     })
                     .collect()
