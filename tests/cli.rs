@@ -211,8 +211,6 @@ fn get_at_a_version_and_revert_to_it_and_back() {
 #[test]
 fn a_priority_policy_shows_the_ranked_site_value_on_both_nodes() {
     let temp = tempfile::tempdir().unwrap();
-    let erp = init_node(temp.path(), "erp-site");
-    let crm = init_node(temp.path(), "crm-site");
     // The collection ranks the ERP site first, the phone field the CRM site: Automerge's
     // own choice takes one site's value for both fields, so at least one of them shows
     // that the policy, not Automerge, picked it.
@@ -228,19 +226,13 @@ field = "phone"
 policy = "priority"
 order = ["crm-site"]
 "#;
-    for node in [&erp, &crm] {
-        append_config(node, policy);
-    }
-    // Both sites write without seeing each other; the CRM writes second.
-    ok(concord(
-        &erp,
-        &["put", "customers/1", "address=1 ERP Street", "phone=111"],
-    ));
-    ok(concord(
-        &crm,
-        &["put", "customers/1", "address=2 CRM Road", "phone=222"],
-    ));
-    exchange(&erp, &crm, "customers/1", temp.path());
+    // The CRM writes second.
+    let (erp, crm) = sites_in_conflict(
+        temp.path(),
+        policy,
+        &["address=1 ERP Street", "phone=111"],
+        &["address=2 CRM Road", "phone=222"],
+    );
     for node in [&erp, &crm] {
         assert_eq!(
             get_json(node, "customers/1"),
@@ -252,8 +244,6 @@ order = ["crm-site"]
 #[test]
 fn a_custom_policy_picks_by_script_and_a_looping_script_leaves_the_conflict_queued() {
     let temp = tempfile::tempdir().unwrap();
-    let erp = init_node(temp.path(), "erp-site");
-    let crm = init_node(temp.path(), "crm-site");
     // The address field: the longest value wins. The phone field: a script that never ends.
     let policy = r#"
 [[policies]]
@@ -274,23 +264,12 @@ field = "phone"
 policy = "custom"
 script = "loop { }"
 "#;
-    for node in [&erp, &crm] {
-        append_config(node, policy);
-    }
-    ok(concord(
-        &erp,
-        &[
-            "put",
-            "customers/1",
-            "address=1 Long ERP Street",
-            "phone=111",
-        ],
-    ));
-    ok(concord(
-        &crm,
-        &["put", "customers/1", "address=2 CRM Rd", "phone=222"],
-    ));
-    exchange(&erp, &crm, "customers/1", temp.path());
+    let (erp, crm) = sites_in_conflict(
+        temp.path(),
+        policy,
+        &["address=1 Long ERP Street", "phone=111"],
+        &["address=2 CRM Rd", "phone=222"],
+    );
     let mut listings = Vec::new();
     for node in [&erp, &crm] {
         assert_eq!(
@@ -327,18 +306,13 @@ script = "loop { }"
 #[test]
 fn a_manual_conflict_is_listed_and_a_resolution_on_one_node_shows_on_both() {
     let temp = tempfile::tempdir().unwrap();
-    let erp = init_node(temp.path(), "erp-site");
-    let crm = init_node(temp.path(), "crm-site");
     let policy = "\n[[policies]]\ncollection = \"customers\"\npolicy = \"manual\"\n";
-    for node in [&erp, &crm] {
-        append_config(node, policy);
-    }
-    ok(concord(
-        &erp,
-        &["put", "customers/1", "address=1 ERP Street"],
-    ));
-    ok(concord(&crm, &["put", "customers/1", "address=2 CRM Road"]));
-    exchange(&erp, &crm, "customers/1", temp.path());
+    let (erp, crm) = sites_in_conflict(
+        temp.path(),
+        policy,
+        &["address=1 ERP Street"],
+        &["address=2 CRM Road"],
+    );
     let listed: Vec<Value> = ok(concord(&erp, &["conflicts", "customers"]))
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
@@ -518,6 +492,29 @@ fn export_loads_in_automerge_and_import_merges() {
 }
 
 /// Exports `id` from each node and imports it into the other.
+/// Two nodes, `erp-site` and `crm-site`, configured with the same `policies`: each writes
+/// `customers/1` (with `erp_fields`, then `crm_fields`) without seeing the other's write, then
+/// they exchange documents.
+fn sites_in_conflict(
+    scratch: &std::path::Path,
+    policies: &str,
+    erp_fields: &[&str],
+    crm_fields: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let erp = init_node(scratch, "erp-site");
+    let crm = init_node(scratch, "crm-site");
+    for node in [&erp, &crm] {
+        append_config(node, policies);
+    }
+    for (node, fields) in [(&erp, erp_fields), (&crm, crm_fields)] {
+        let mut args = vec!["put", "customers/1"];
+        args.extend_from_slice(fields);
+        ok(concord(node, &args));
+    }
+    exchange(&erp, &crm, "customers/1", scratch);
+    (erp, crm)
+}
+
 fn exchange(a: &std::path::Path, b: &std::path::Path, id: &str, scratch: &std::path::Path) {
     let from_a = scratch.join("from-a.automerge");
     let from_b = scratch.join("from-b.automerge");

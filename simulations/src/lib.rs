@@ -105,6 +105,9 @@ pub struct Summary {
     /// Changes sent over the number of (change, other node) deliveries a run needs.
     pub copies_per_node_reached_milli: u64,
     pub converge_sim_ms: u64,
+    /// Fields in conflict at the end, each resolved alike by every node under every policy
+    /// of `checked_policies`.
+    pub conflicts_at_end: u64,
     pub trace_hash: u64,
 }
 
@@ -399,6 +402,15 @@ impl Sim {
         }
         self.summary.converge_sim_ms = self.now_ms - healed_at;
         self.check_history()?;
+        for id in &self.ids {
+            let found = self.nodes[0]
+                .docs
+                .read(id, |doc| {
+                    concord::policy::conflicts(doc, COLLECTION, &self.policies[0]).len()
+                })
+                .map_err(|error| self.violation(format!("node 0 cannot read {id}: {error}")))?;
+            self.summary.conflicts_at_end += found as u64;
+        }
         let deliveries =
             (self.summary.writes + self.summary.deletes) * (self.nodes.len() as u64 - 1);
         self.summary.changes_sent = self

@@ -162,6 +162,7 @@ fn main() -> ExitCode {
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut conflicts = 0u64;
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for (seed, outcome) in outcomes {
@@ -175,6 +176,7 @@ fn main() -> ExitCode {
                 }
                 writes += summary.writes;
                 deletes += summary.deletes;
+                conflicts += summary.conflicts_at_end;
                 messages += summary.messages;
                 bytes += summary.bytes;
                 changes_sent += summary.changes_sent;
@@ -211,6 +213,7 @@ fn main() -> ExitCode {
         runs as f64 * 60.0 / seconds.max(1e-9)
     );
     println!("workload: {writes} writes, {deletes} deletes, all acknowledged and all found on every node");
+    println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
     println!("faults injected:");
     for (kind, count) in &faults {
         println!("  {kind}: {count}");
