@@ -102,6 +102,10 @@ pub struct Summary {
     pub messages: u64,
     pub bytes: u64,
     pub changes_sent: u64,
+    /// Of `changes_sent`, those pushed as written or received (the rest: catch-up).
+    pub changes_pushed: u64,
+    /// Changes received that the receiver already held.
+    pub duplicates_received: u64,
     /// Changes sent over the number of (change, other node) deliveries a run needs.
     pub copies_per_node_reached_milli: u64,
     pub converge_sim_ms: u64,
@@ -413,11 +417,15 @@ impl Sim {
         }
         let deliveries =
             (self.summary.writes + self.summary.deletes) * (self.nodes.len() as u64 - 1);
-        self.summary.changes_sent = self
-            .nodes
-            .iter()
-            .map(|node| node.engine.stats().changes_sent)
-            .sum();
+        let total = |count: fn(&concord::sync::Stats) -> u64| {
+            self.nodes
+                .iter()
+                .map(|node| count(node.engine.stats()))
+                .sum::<u64>()
+        };
+        self.summary.changes_sent = total(|stats| stats.changes_sent);
+        self.summary.changes_pushed = total(|stats| stats.changes_pushed);
+        self.summary.duplicates_received = total(|stats| stats.duplicates);
         if let Some(per_delivery) = (self.summary.changes_sent * 1000).checked_div(deliveries) {
             self.summary.copies_per_node_reached_milli = per_delivery;
         }

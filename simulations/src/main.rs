@@ -163,6 +163,7 @@ fn main() -> ExitCode {
     let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut conflicts = 0u64;
+    let (mut pushed, mut duplicates) = (0u64, 0u64);
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for (seed, outcome) in outcomes {
@@ -180,6 +181,8 @@ fn main() -> ExitCode {
                 messages += summary.messages;
                 bytes += summary.bytes;
                 changes_sent += summary.changes_sent;
+                pushed += summary.changes_pushed;
+                duplicates += summary.duplicates_received;
                 let needed = (summary.writes + summary.deletes) * (nodes as u64 - 1);
                 deliveries += needed;
                 let entry = by_size.entry(nodes).or_default();
@@ -221,8 +224,11 @@ fn main() -> ExitCode {
     println!("network: {messages} messages, {bytes} bytes; {changes_sent} changes sent");
     if deliveries > 0 {
         println!(
-            "copies of each change sent per node reached: {:.2}",
-            changes_sent as f64 / deliveries as f64
+            "copies of each change sent per node reached: {:.2} ({:.2} pushed, {:.2} by catch-up; {:.2} arrived already held)",
+            changes_sent as f64 / deliveries as f64,
+            pushed as f64 / deliveries as f64,
+            changes_sent.saturating_sub(pushed) as f64 / deliveries as f64,
+            duplicates as f64 / deliveries as f64
         );
     }
     for (nodes, (sent, needed)) in &by_size {

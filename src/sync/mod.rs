@@ -207,6 +207,9 @@ pub enum Action {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub changes_sent: u64,
+    /// Of `changes_sent`, those pushed as they were written or received (the rest were
+    /// streamed from the log to a peer catching up).
+    pub changes_pushed: u64,
     pub changes_received: u64,
     pub changes_applied: u64,
     pub duplicates: u64,
@@ -969,6 +972,7 @@ impl Engine {
             }
         }
         for (peer, batch) in outgoing {
+            self.stats.changes_pushed += batch.len() as u64;
             for chunk in batch.chunks(per_message) {
                 self.send(
                     actions,
