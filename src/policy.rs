@@ -87,8 +87,8 @@ impl PartialEq for Script {
 impl Eq for Script {}
 
 /// The one engine every script runs on: sandboxed and bounded (see the `SCRIPT_*` limits).
-/// Built without `no_time`'s clock or `no_module`'s file access (Cargo features), it prints
-/// nothing and cannot `eval`.
+/// Rhai's `no_time` and `no_module` features (Cargo.toml) leave it no clock and no file
+/// access; it prints nothing and cannot `eval`.
 fn script_engine() -> &'static rhai::Engine {
     static ENGINE: OnceLock<rhai::Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
