@@ -21,7 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::flag;
+use common::{flag, paced};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -312,16 +312,10 @@ fn latency(
         })
     };
     let mut committed = Vec::with_capacity(total);
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let begin = Instant::now();
-    for n in 0..total {
-        let due = begin + interval * n as u32;
-        if let Some(wait) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
+    paced(total, rate, |n| {
         write(first + n..first + n + 1);
         committed.push(Instant::now());
-    }
+    });
     done.store(true, Ordering::Relaxed);
     let seen = reader.join().expect("reader");
     let missing = seen.iter().filter(|seen| seen.is_none()).count();

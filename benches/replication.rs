@@ -16,7 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use common::flag;
+use common::{flag, paced};
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -352,18 +352,12 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         let writer = running_a.clone();
         let sent_at = std::thread::spawn(move || {
             let mut sent = Vec::with_capacity(total);
-            let interval = Duration::from_secs_f64(1.0 / rate as f64);
-            let begin = Instant::now();
-            for n in 0..total {
-                let due = begin + interval * n as u32;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
+            paced(total, rate, |n| {
                 let write = RecordWrite { set: vec![("n".to_owned(), json!(n))], ..RecordWrite::default() };
                 let started = Instant::now();
                 writer.put(&RecordId::parse(&format!("latency/{n}")).expect("id"), &write).expect("write");
                 sent.push(started);
-            }
+            });
             sent
         });
         let mut seen = vec![None; total];

@@ -1,9 +1,28 @@
 //! What the benches share.
 
+// Each bench compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
 /// The number after `name` on the command line, or `default`.
 pub fn flag(args: &[String], name: &str, default: usize) -> usize {
     args.iter()
         .position(|arg| arg == name)
         .and_then(|index| args.get(index + 1))
         .map_or(default, |text| text.parse().expect("a number"))
+}
+
+/// Calls `each(n)` for `n` in `0..total`, starting call `n` no sooner than `n / rate` seconds
+/// after the first: a steady load whose schedule does not drift when one call runs late.
+pub fn paced(total: usize, rate: usize, mut each: impl FnMut(usize)) {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let begin = Instant::now();
+    for n in 0..total {
+        let due = begin + interval * n as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        each(n);
+    }
 }

@@ -80,26 +80,30 @@ pub struct ConflictCount {
 /// What [`ConflictCount`] names conflicts of fields not counted apart.
 const OTHER_LABEL: &str = "_other";
 
+/// The engine's conflict counts by collection and by the policy that now resolves each field.
+fn conflicts_by_policy(stats: &Stats, policies: &crate::policy::Policies) -> Vec<ConflictCount> {
+    let mut by_policy: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((collection, field), count) in &stats.conflicts_by_field {
+        let policy = policies.policy(collection, field).name().to_owned();
+        *by_policy.entry((collection.clone(), policy)).or_default() += count;
+    }
+    let counted: u64 = by_policy.values().sum();
+    if stats.conflicts > counted {
+        let other = (OTHER_LABEL.to_owned(), OTHER_LABEL.to_owned());
+        by_policy.insert(other, stats.conflicts - counted);
+    }
+    by_policy
+        .into_iter()
+        .map(|((collection, policy), count)| ConflictCount {
+            collection,
+            policy,
+            count,
+        })
+        .collect()
+}
+
 impl EngineStats {
-    fn from(stats: &Stats, local: u64, policies: &crate::policy::Policies) -> Self {
-        let mut by_policy: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for ((collection, field), count) in &stats.conflicts_by_field {
-            let policy = policies.policy(collection, field).name().to_owned();
-            *by_policy.entry((collection.clone(), policy)).or_default() += count;
-        }
-        let counted: u64 = by_policy.values().sum();
-        if stats.conflicts > counted {
-            let other = (OTHER_LABEL.to_owned(), OTHER_LABEL.to_owned());
-            by_policy.insert(other, stats.conflicts - counted);
-        }
-        let conflicts_by_policy = by_policy
-            .into_iter()
-            .map(|((collection, policy), count)| ConflictCount {
-                collection,
-                policy,
-                count,
-            })
-            .collect();
+    fn from(stats: &Stats, local: u64, conflicts_by_policy: Vec<ConflictCount>) -> Self {
         Self {
             conflicts_by_policy,
             changes_sent: stats.changes_sent,
@@ -445,7 +449,15 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
-    status.engine = EngineStats::from(engine.stats(), local_pushed, shared.node.policies());
+    // This runs after every engine step: the counts by policy are worked out again only
+    // when a conflict was counted since the last step.
+    let stats = engine.stats();
+    let by_policy = if status.engine.conflicts == stats.conflicts {
+        std::mem::take(&mut status.engine.conflicts_by_policy)
+    } else {
+        conflicts_by_policy(stats, shared.node.policies())
+    };
+    status.engine = EngineStats::from(stats, local_pushed, by_policy);
 }
 
 impl Shared {
@@ -646,8 +658,7 @@ mod tests {
                 .conflicts_by_field
                 .insert((collection.into(), field.into()), count);
         }
-        let counts: Vec<(String, String, u64)> = EngineStats::from(&stats, 0, &policies)
-            .conflicts_by_policy
+        let counts: Vec<(String, String, u64)> = conflicts_by_policy(&stats, &policies)
             .into_iter()
             .map(|count| (count.collection, count.policy, count.count))
             .collect();
