@@ -8,7 +8,11 @@
 //! loopback): changes per second one peer applies from another, and write-to-visible latency
 //! at a steady write rate; the baseline is the same writes on one node with no peer.
 //!
-//! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]`
+//! Long histories (two `concord run` nodes over QUIC): one record updated N times reaching a
+//! fresh peer, beside N changes spread over N distinct records.
+//!
+//! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]
+//! [--history N]`
 
 /// The allocator the `concord` binary uses, so that these are the binary's figures.
 #[global_allocator]
@@ -28,7 +32,7 @@ use automerge::Automerge;
 use concord::node::{InitOptions, Node};
 use concord::record::{NodeId, RecordId, RecordWrite};
 use concord::store::{DocStore, SledStore};
-use concord::sync::{Action, Config, Engine, Event};
+use concord::sync::{Config, Driver, Engine, Input, Output};
 use serde_json::json;
 
 const BATCH: usize = 1000;
@@ -39,9 +43,11 @@ fn main() {
     let records = flag(&args, "--records", 100_000);
     let rate = flag(&args, "--rate", 1000);
     let seconds = flag(&args, "--seconds", 5);
-    println!("replication: {records} records; latency at {rate} writes/s for {seconds} s");
+    let history = flag(&args, "--history", 50_000);
+    println!("replication: {records} records; latency at {rate} writes/s for {seconds} s; a history of {history} changes");
     engine_level(records);
     network_level(records / 5, rate, seconds);
+    long_history(history);
 }
 
 fn record(n: usize) -> RecordWrite {
@@ -63,69 +69,98 @@ fn load(node: &Node, range: std::ops::Range<usize>) {
 
 struct Side<'a> {
     id: NodeId,
-    engine: Engine,
+    driver: Driver,
     docs: &'a DocStore<SledStore>,
 }
 
-/// Delivers every message between the two engines until none is left; returns bytes moved.
-fn pump(sides: &mut [Side<'_>; 2], now: Duration, initial: Vec<(usize, Event)>) -> u64 {
-    let mut queue: VecDeque<(usize, Vec<u8>)> = VecDeque::new();
+/// Connection ids of the two sides' link: a new one per connection.
+static CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Delivers every frame between the two drivers until none is left (a frame gives its room
+/// back to its sender once delivered); returns bytes moved.
+fn pump(sides: &mut [Side<'_>; 2], now: Duration, initial: Vec<(usize, Input)>) -> u64 {
+    let mut queue: VecDeque<(usize, u64, Vec<u8>)> = VecDeque::new();
     let mut bytes = 0u64;
-    let mut handle = |sides: &mut [Side<'_>; 2],
-                      at: usize,
-                      event: Event,
-                      queue: &mut VecDeque<(usize, Vec<u8>)>| {
+    let mut step = |sides: &mut [Side<'_>; 2],
+                    at: usize,
+                    inputs: Vec<Input>,
+                    queue: &mut VecDeque<(usize, u64, Vec<u8>)>| {
         let side = &mut sides[at];
-        for action in side
-            .engine
-            .handle(now, event, side.docs)
-            .expect("engine step")
-        {
-            if let Action::Send(_, message) = action {
-                let frame = concord_proto::encode_frame(&message).expect("frame");
+        for output in side.driver.step(now, inputs, side.docs) {
+            if let Output::Send {
+                connection, frame, ..
+            } = output
+            {
                 bytes += frame.len() as u64;
-                queue.push_back((1 - at, frame));
+                queue.push_back((1 - at, connection, frame));
             }
         }
+        assert_eq!(side.driver.stats().step_errors, 0, "engine steps fail");
     };
-    for (at, event) in initial {
-        handle(sides, at, event, &mut queue);
+    for (at, input) in initial {
+        step(sides, at, vec![input], &mut queue);
     }
-    let mut rounds = 0;
-    while let Some((to, frame)) = queue.pop_front() {
+    while let Some((to, connection, frame)) = queue.pop_front() {
         let mut decoder = concord_proto::FrameDecoder::new();
         decoder.push(&frame).expect("frame");
         let message = decoder.next_message().expect("decodes").expect("whole");
-        let from = sides[1 - to].id;
-        handle(sides, to, Event::Received(from, message), &mut queue);
-        if queue.is_empty() && rounds < 1_000_000 {
-            // Catch-up proceeds as the transport reports room: ask both sides for more.
-            rounds += 1;
-            let (a, b) = (sides[0].id, sides[1].id);
-            handle(sides, 0, Event::PeerWritable(b), &mut queue);
-            handle(sides, 1, Event::PeerWritable(a), &mut queue);
-        }
+        let (from_id, to_id) = (sides[1 - to].id, sides[to].id);
+        step(
+            sides,
+            to,
+            vec![Input::Received {
+                peer: from_id,
+                connection,
+                message,
+            }],
+            &mut queue,
+        );
+        step(
+            sides,
+            1 - to,
+            vec![Input::Drained {
+                peer: to_id,
+                connection,
+                bytes: frame.len(),
+            }],
+            &mut queue,
+        );
     }
     bytes
 }
 
-fn connect_events(sides: &[Side<'_>; 2]) -> Vec<(usize, Event)> {
+fn connect_inputs(sides: &[Side<'_>; 2]) -> Vec<(usize, Input)> {
+    let connection = CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     vec![
-        (0, Event::PeerConnected(sides[1].id)),
-        (1, Event::PeerConnected(sides[0].id)),
+        (
+            0,
+            Input::Up {
+                peer: sides[1].id,
+                connection,
+            },
+        ),
+        (
+            1,
+            Input::Up {
+                peer: sides[0].id,
+                connection,
+            },
+        ),
     ]
 }
 
 fn disconnect(sides: &mut [Side<'_>; 2]) {
     let (a, b) = (sides[0].id, sides[1].id);
-    sides[0]
-        .engine
-        .handle(Duration::ZERO, Event::PeerDisconnected(b), sides[0].docs)
-        .expect("step");
-    sides[1]
-        .engine
-        .handle(Duration::ZERO, Event::PeerDisconnected(a), sides[1].docs)
-        .expect("step");
+    // Only the current connection is known to the drivers: take it down on both sides.
+    for (at, peer) in [(0, b), (1, a)] {
+        let side = &mut sides[at];
+        let connection = CONNECTION.load(std::sync::atomic::Ordering::Relaxed) - 1;
+        side.driver.step(
+            Duration::ZERO,
+            vec![Input::Down { peer, connection }],
+            side.docs,
+        );
+    }
 }
 
 /// Automerge's own sync between two documents until both are done: (bytes, messages).
@@ -184,18 +219,24 @@ fn engine_level(records: usize) {
     let mut sides = [
         Side {
             id: node_a.id(),
-            engine: Engine::new(Config::new(CLUSTER, node_a.id(), "a")),
+            driver: Driver::new(
+                Engine::new(Config::new(CLUSTER, node_a.id(), "a")),
+                node_a.documents(),
+            ),
             docs: node_a.documents(),
         },
         Side {
             id: node_b.id(),
-            engine: Engine::new(Config::new(CLUSTER, node_b.id(), "b")),
+            driver: Driver::new(
+                Engine::new(Config::new(CLUSTER, node_b.id(), "b")),
+                node_b.documents(),
+            ),
             docs: node_b.documents(),
         },
     ];
 
     let start = Instant::now();
-    let connect = connect_events(&sides);
+    let connect = connect_inputs(&sides);
     let first_bytes = pump(&mut sides, Duration::ZERO, connect);
     let first_time = start.elapsed();
     assert_eq!(
@@ -205,12 +246,12 @@ fn engine_level(records: usize) {
     );
 
     let start = Instant::now();
-    let round = vec![(0, Event::Timeout), (1, Event::Timeout)];
+    let round = vec![(0, Input::Timeout), (1, Input::Timeout)];
     let confirm_bytes = pump(&mut sides, Duration::from_secs(10), round);
     let confirm_time = start.elapsed();
     disconnect(&mut sides);
     let start = Instant::now();
-    let connect = connect_events(&sides);
+    let connect = connect_inputs(&sides);
     let reconnect_bytes = pump(&mut sides, Duration::from_secs(10), connect);
     let reconnect_time = start.elapsed();
 
@@ -230,13 +271,13 @@ fn engine_level(records: usize) {
         .expect("updates");
     let changed_bytes: u64 = node_a
         .documents()
-        .log_after(&node_a.id(), mark_before, changed + 10)
+        .log_after(&node_a.id(), mark_before, changed + 10, usize::MAX)
         .expect("log")
         .iter()
         .map(|c| c.change.len() as u64)
         .sum();
     let start = Instant::now();
-    let connect = connect_events(&sides);
+    let connect = connect_inputs(&sides);
     let catch_up_bytes = pump(&mut sides, Duration::from_secs(20), connect);
     let catch_up_time = start.elapsed();
 
@@ -407,4 +448,101 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         running_b.stop().await.expect("stop b");
         running_a.stop().await.expect("stop a");
     });
+}
+
+/// One record updated `changes` times reaching a fresh peer over QUIC, beside the same number
+/// of changes spread over as many records.
+fn long_history(changes: usize) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let one = runtime.block_on(first_replication(changes, true));
+    let spread = runtime.block_on(first_replication(changes, false));
+    println!("\n## Long history: {changes} changes to a fresh peer over QUIC");
+    println!("| workload | time until the peer holds every change |");
+    println!("|---|---|");
+    println!(
+        "| one record updated {changes} times | {:.2} s |",
+        one.as_secs_f64()
+    );
+    println!(
+        "| baseline: {changes} records written once each | {:.2} s |",
+        spread.as_secs_f64()
+    );
+}
+
+/// Writes `changes` changes on a node (to one record, or one each to distinct records), then
+/// starts it and a fresh peer and times until the peer holds them all.
+async fn first_replication(changes: usize, one_record: bool) -> Duration {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let ca = temp.path().join("ca");
+    concord::net::tls::create_ca(&ca).expect("ca");
+    let port = || -> String {
+        let port = concord::net::free_loopback_port().expect("a free port");
+        format!("127.0.0.1:{port}")
+    };
+    let listen_a = port();
+    let make = |dir: &Path, name: &str, listen: String, peers: Vec<String>| {
+        Node::create(
+            dir,
+            &InitOptions {
+                name: Some(name.into()),
+                ca: Some(ca.clone()),
+                listen: Some(listen),
+                api: Some(port()),
+                peers,
+            },
+        )
+        .expect("node")
+    };
+    let node_a = Arc::new(make(&temp.path().join("a"), "a", listen_a.clone(), vec![]));
+    let ids: Vec<RecordId> = (0..changes)
+        .map(|n| {
+            if one_record {
+                RecordId::parse("stock/hot").expect("id")
+            } else {
+                RecordId::parse(&format!("stock/{n}")).expect("id")
+            }
+        })
+        .collect();
+    let writes: Vec<RecordWrite> = (0..changes)
+        .map(|n| RecordWrite {
+            set: vec![("level".to_owned(), json!(n))],
+            ..RecordWrite::default()
+        })
+        .collect();
+    for (ids, writes) in ids.chunks(BATCH).zip(writes.chunks(BATCH)) {
+        node_a
+            .put_many(ids.iter().zip(writes.iter()))
+            .expect("write");
+    }
+    let node_b = Arc::new(make(&temp.path().join("b"), "b", port(), vec![listen_a]));
+    let running_a = concord::node::runtime::start(node_a.clone())
+        .await
+        .expect("start a");
+    let start = Instant::now();
+    let running_b = concord::node::runtime::start(node_b.clone())
+        .await
+        .expect("start b");
+    let a_id = node_a.id();
+    let target = node_a.documents().origin_mark(&a_id);
+    while node_b.documents().origin_mark(&a_id) < target {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the peer never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = start.elapsed();
+    if one_record {
+        let fields = node_b
+            .get(&RecordId::parse("stock/hot").expect("id"))
+            .expect("read")
+            .expect("present");
+        assert_eq!(fields["level"], json!(changes - 1), "the latest value");
+    }
+    running_b.stop().await.expect("stop b");
+    running_a.stop().await.expect("stop a");
+    took
 }

@@ -25,4 +25,14 @@ pub struct Sabotage {
     pub skip_summaries: bool,
     /// A received change is entered into the log twice: at its place and at the next one.
     pub log_twice: bool,
+    /// Messages of changes are sized by count alone, as before they were sized by bytes: a
+    /// batch of large changes outgrows a frame and never goes.
+    pub count_only_batches: bool,
+}
+
+/// Whether the deliberate bug named by the environment variable `name` is switched on (a test
+/// build with the `sabotage` feature only: `name` set to `1`).
+#[cfg(feature = "sabotage")]
+pub fn sabotage_from_env(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|value| value == "1")
 }

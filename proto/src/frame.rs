@@ -10,7 +10,7 @@ pub const FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
 /// Bytes of the version that starts every frame.
-const VERSION_BYTES: usize = 2;
+pub const VERSION_BYTES: usize = 2;
 
 /// Encodes one message as a frame. Fails only if the message is larger than a frame may be.
 pub fn encode_frame(message: &Message) -> Result<Vec<u8>, ProtoError> {

@@ -13,7 +13,7 @@
 pub mod frame;
 pub mod message;
 
-pub use frame::{encode_frame, FrameDecoder, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+pub use frame::{encode_frame, FrameDecoder, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, VERSION_BYTES};
 pub use message::*;
 
 /// The newest protocol version this crate speaks; peers agree on one in the handshake.

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::frame::{FRAME_BYTES_MAX, VERSION_BYTES};
 use crate::ProtoError;
 
 /// A node id: 16 bytes, carried in the node's certificate too.
@@ -22,6 +23,50 @@ pub const DETAIL_BYTES_MAX: usize = 1024;
 pub const ORIGINS_PER_SUMMARY_MAX: usize = 4096;
 /// Most changes one message carries.
 pub const CHANGES_PER_MESSAGE_MAX: usize = 4096;
+/// Largest encoded message: a frame less its version.
+pub const MESSAGE_BYTES_MAX: usize = FRAME_BYTES_MAX - VERSION_BYTES;
+/// Largest Automerge change, in bytes, that a node writes, accepts from any way in or sends:
+/// 4 MiB less 4 KiB. One change of this size always fits one frame with its envelope, alone
+/// in `Changes` or in `DocumentChanges` (the assertions below prove it), so every change a
+/// node acknowledged can be sent.
+pub const CHANGE_BYTES_MAX: usize = FRAME_BYTES_MAX - 4096;
+/// Bytes a `Changes` message adds around its changes, at most: the variant index and the
+/// count (a varint).
+pub const CHANGES_MESSAGE_OVERHEAD_BYTES_MAX: usize =
+    1 + varint_bytes(CHANGES_PER_MESSAGE_MAX as u64);
+/// Bytes a [`ShippedChange`] adds around its change, at most: origin, sequence, the document
+/// key with its length and the change's length.
+pub const SHIPPED_CHANGE_OVERHEAD_BYTES_MAX: usize = 16
+    + varint_bytes(u64::MAX)
+    + varint_bytes(DOC_KEY_BYTES_MAX as u64)
+    + DOC_KEY_BYTES_MAX
+    + varint_bytes(CHANGE_BYTES_MAX as u64);
+
+const _: () = assert!(
+    CHANGES_MESSAGE_OVERHEAD_BYTES_MAX + SHIPPED_CHANGE_OVERHEAD_BYTES_MAX + CHANGE_BYTES_MAX
+        <= MESSAGE_BYTES_MAX,
+    "one change of the largest size fits one Changes message"
+);
+const _: () = assert!(
+    1 + varint_bytes(DOC_KEY_BYTES_MAX as u64)
+        + DOC_KEY_BYTES_MAX
+        + varint_bytes(CHANGES_PER_MESSAGE_MAX as u64)
+        + varint_bytes(CHANGE_BYTES_MAX as u64)
+        + CHANGE_BYTES_MAX
+        <= MESSAGE_BYTES_MAX,
+    "one change of the largest size fits one DocumentChanges message"
+);
+
+/// Bytes of `value` as a postcard varint (LEB128).
+pub const fn varint_bytes(value: u64) -> usize {
+    let mut bytes = 1;
+    let mut rest = value >> 7;
+    while rest > 0 {
+        bytes += 1;
+        rest >>= 7;
+    }
+    bytes
+}
 /// Most heads listed for one document.
 pub const HEADS_PER_DOCUMENT_MAX: usize = 1024;
 /// Most ranges one digest message carries.
@@ -100,6 +145,17 @@ pub struct ShippedChange {
     pub change: Vec<u8>,
 }
 
+impl ShippedChange {
+    /// Bytes of this change's encoding inside a `Changes` message.
+    pub fn encoded_len(&self) -> usize {
+        16 + varint_bytes(self.sequence)
+            + varint_bytes(self.doc.len() as u64)
+            + self.doc.len()
+            + varint_bytes(self.change.len() as u64)
+            + self.change.len()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changes {
     pub changes: Vec<ShippedChange>,
@@ -167,6 +223,10 @@ fn check_len(what: &str, len: usize, max: usize) -> Result<(), ProtoError> {
     Ok(())
 }
 
+fn check_change(change: &[u8]) -> Result<(), ProtoError> {
+    check_len("change bytes", change.len(), CHANGE_BYTES_MAX)
+}
+
 fn check_doc(doc: &str) -> Result<(), ProtoError> {
     if doc.is_empty() {
         return Err(ProtoError::Malformed("empty document key".to_owned()));
@@ -181,6 +241,41 @@ impl Message {
             Message::PolicyHash { .. } => 2,
             _ => 1,
         }
+    }
+
+    /// Bytes of this message's encoding (without the frame's length and version). Exact, and
+    /// cheap for the messages that carry changes: their bytes are counted, not walked.
+    pub fn encoded_len(&self) -> usize {
+        const VARIANT_BYTES: usize = 1;
+        match self {
+            Message::Changes(changes) => {
+                VARIANT_BYTES
+                    + varint_bytes(changes.changes.len() as u64)
+                    + changes
+                        .changes
+                        .iter()
+                        .map(ShippedChange::encoded_len)
+                        .sum::<usize>()
+            }
+            Message::DocumentChanges(answer) => {
+                VARIANT_BYTES
+                    + varint_bytes(answer.doc.len() as u64)
+                    + answer.doc.len()
+                    + varint_bytes(answer.changes.len() as u64)
+                    + answer
+                        .changes
+                        .iter()
+                        .map(|change| varint_bytes(change.len() as u64) + change.len())
+                        .sum::<usize>()
+            }
+            other => postcard::experimental::serialized_size(other)
+                .expect("sizing a message into a counter cannot fail"),
+        }
+    }
+
+    /// Bytes of this message's whole frame: length prefix, version and message.
+    pub fn frame_len(&self) -> usize {
+        crate::FRAME_HEADER_BYTES + VERSION_BYTES + self.encoded_len()
     }
 
     /// Checks the limits that the types alone do not say. Decoding calls it.
@@ -205,6 +300,7 @@ impl Message {
                 check_len("changes", changes.changes.len(), CHANGES_PER_MESSAGE_MAX)?;
                 for change in &changes.changes {
                     check_doc(&change.doc)?;
+                    check_change(&change.change)?;
                 }
             }
             Message::NeedDocument(need) => {
@@ -214,6 +310,9 @@ impl Message {
             Message::DocumentChanges(answer) => {
                 check_doc(&answer.doc)?;
                 check_len("changes", answer.changes.len(), CHANGES_PER_MESSAGE_MAX)?;
+                for change in &answer.changes {
+                    check_change(change)?;
+                }
             }
             Message::RangeDigest(digest) => {
                 check_len("ranges", digest.ranges.len(), RANGES_PER_DIGEST_MAX)?;

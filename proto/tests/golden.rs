@@ -216,3 +216,54 @@ fn bad_frames_are_errors_not_panics() {
         let _ = decoder.next_message();
     }
 }
+
+#[test]
+fn encoded_lengths_are_exact() {
+    let mut messages: Vec<Message> = samples().into_iter().map(|(_, message)| message).collect();
+    messages.push(Message::Changes(Changes {
+        changes: (0..300u64)
+            .map(|sequence| ShippedChange {
+                origin: [1; 16],
+                sequence: sequence * 997 + u64::from(sequence == 299) * (u64::MAX / 2),
+                doc: "c/".to_owned() + &"k".repeat(sequence as usize % 200 + 1),
+                change: vec![7; sequence as usize * 3],
+            })
+            .collect(),
+    }));
+    messages.push(Message::DocumentChanges(DocumentChanges {
+        doc: "c/1".to_owned(),
+        changes: (0..200).map(|size| vec![1; size * 5]).collect(),
+    }));
+    for message in messages {
+        let frame = encode_frame(&message).unwrap();
+        assert_eq!(message.frame_len(), frame.len(), "{message:?}");
+    }
+}
+
+#[test]
+fn the_largest_change_fits_a_frame_alone() {
+    let change = vec![0xab; CHANGE_BYTES_MAX];
+    let doc = format!("{}/{}", "c".repeat(64), "k".repeat(256));
+    assert_eq!(doc.len(), DOC_KEY_BYTES_MAX);
+    let shipped = Message::Changes(Changes {
+        changes: vec![ShippedChange {
+            origin: [1; 16],
+            sequence: u64::MAX,
+            doc: doc.clone(),
+            change: change.clone(),
+        }],
+    });
+    let frame = encode_frame(&shipped).unwrap();
+    assert!(frame.len() <= FRAME_HEADER_BYTES + FRAME_BYTES_MAX);
+    let answer = Message::DocumentChanges(DocumentChanges {
+        doc,
+        changes: vec![change],
+    });
+    encode_frame(&answer).unwrap();
+    // One byte more is refused by the receiver's checks, whatever the frame.
+    let over = Message::DocumentChanges(DocumentChanges {
+        doc: "c/1".to_owned(),
+        changes: vec![vec![0; CHANGE_BYTES_MAX + 1]],
+    });
+    assert!(over.check().is_err());
+}

@@ -1,20 +1,27 @@
 //! Deterministic simulation of Concord nodes: the production replication engine and document
 //! store, on a simulated network and clock, under faults.
 //!
-//! Each node is a [`concord::sync::Engine`] over a [`DocStore`] on a [`MemoryStore`] — the same
-//! code `concord run` drives, minus sockets. The network delivers encoded frames after a
-//! latency with jitter (so messages reorder), and in the safety phase drops and duplicates
-//! them, cuts links both ways or one way, cuts links one by one and restores them in random
-//! order, crashes nodes (a crash keeps what was flushed plus a random prefix of the rest, the
-//! loss the durability contract allows) and restarts them, skews their clocks, and keeps edge
-//! offices offline but for short windows. Every choice comes from one seeded [`SimRng`], so a
-//! seed replays the same run; the trace hash proves it.
+//! Each node is a [`concord::sync::Driver`] around the engine, over a [`DocStore`] on a
+//! [`MemoryStore`]: the same driver and engine `concord run` runs, minus sockets. Each
+//! direction of a link sends at a bandwidth (some links are slow) and each connection's send
+//! queue is small, so queues fill and the engine waits for room, as it does over QUIC. The
+//! network delivers encoded frames after a latency with jitter (so messages reorder), and in
+//! the safety phase drops and duplicates them, cuts links both ways or one way, cuts links one
+//! by one and restores them in random order, crashes nodes (a crash keeps what was flushed
+//! plus a random prefix of the rest, the loss the durability contract allows) and restarts
+//! them, skews their clocks, and keeps edge offices offline but for short windows. The
+//! workload writes small fields, now and then values up to the largest change a node accepts
+//! (and over it, which must be refused and leave nothing), and bursts of hundreds of updates
+//! to one record (a long history). Every choice comes from one seeded [`SimRng`], so a seed
+//! replays the same run; the trace hash proves it.
 //!
 //! Then the liveness phase: faults stop, every node is up, every link heals. Checks:
 //! - safety, after every crash: every write the node acknowledged is still in its store;
 //! - convergence: within [`CONVERGE_SIM_MS_MAX`] of healing, every node holds every record with
-//!   the same heads and the same JSON, and resolves every conflict to the same value under
-//!   each conflict policy (`lww`, `priority` by source, `manual`);
+//!   the same heads and the same JSON, resolves every conflict to the same value under each
+//!   conflict policy (`lww`, `priority` by source, `custom`, `manual`), and holds every
+//!   origin's log as far as every other node (no log stays behind anywhere);
+//! - no engine step fails;
 //! - no acknowledged write (from any node) is missing from the merged history anywhere;
 //! - a record deleted by an acknowledged delete is live at the end only if a write causally
 //!   after that delete re-created it.
@@ -31,8 +38,8 @@ use concord::config::{PolicyKind, PolicySection};
 use concord::policy::Policies;
 use concord::record::document::{self, RecordWrite};
 use concord::record::{NodeId, RecordId};
-use concord::store::{DocStore, DocStoreConfig, Durability, MemoryStore};
-use concord::sync::{Action, Config, Engine, Event};
+use concord::store::{DocStore, DocStoreConfig, Durability, MemoryStore, StoreError};
+use concord::sync::{Config, Driver, Engine, Input, Output};
 use serde_json::json;
 
 pub use rng::SimRng;
@@ -71,6 +78,20 @@ pub struct Params {
     /// Documents each node keeps loaded: fewer than the records, so reloads from the store
     /// happen (at 4 of 12 a run took 2.5x as long; at 8, reloads still happen often).
     pub cache_documents: usize,
+    /// Bytes a connection's send queue holds before the engine waits for room: small, so
+    /// queues fill often.
+    pub queue_bytes: usize,
+    /// Bandwidth of each direction of a link, and of the slow ones.
+    pub bandwidth_bytes_per_ms: u64,
+    pub slow_bandwidth_bytes_per_ms: u64,
+    /// Percent of links that are slow.
+    pub slow_link_percent: u64,
+    /// Per mille of writes that write a large value (up to the largest change, a tenth of
+    /// them over it).
+    pub large_value_permille: u64,
+    /// Per mille of steps that update one record many times in a row (a long history).
+    pub burst_permille: u64,
+    pub burst_writes_max: u64,
 }
 
 impl Default for Params {
@@ -88,6 +109,14 @@ impl Default for Params {
             skew_ms_max: 60_000,
             edge_offices: 1,
             cache_documents: 8,
+            queue_bytes: 64 * 1024,
+            // 50 MB/s, and 2 MB/s for the slow links: the largest change takes 2 s there.
+            bandwidth_bytes_per_ms: 50_000,
+            slow_bandwidth_bytes_per_ms: 2_000,
+            slow_link_percent: 10,
+            large_value_permille: 4,
+            burst_permille: 10,
+            burst_writes_max: 600,
         }
     }
 }
@@ -109,6 +138,13 @@ pub struct Summary {
     /// Changes sent over the number of (change, other node) deliveries a run needs.
     pub copies_per_node_reached_milli: u64,
     pub converge_sim_ms: u64,
+    /// Large values written, and writes over the change limit refused.
+    pub large_writes: u64,
+    pub refused_writes: u64,
+    /// Writes made by bursts to one record.
+    pub burst_writes: u64,
+    /// Frames that waited because their connection's queue was full.
+    pub queue_full_waits: u64,
     /// Fields in conflict at the end, each resolved alike by every node under every policy
     /// of `checked_policies`.
     pub conflicts_at_end: u64,
@@ -201,8 +237,7 @@ struct SimNode {
     id: NodeId,
     store: MemoryStore,
     docs: DocStore<MemoryStore>,
-    engine: Engine,
-    pushed_up_to: u64,
+    driver: Driver,
     skew_ms: i64,
     up: bool,
     restart_at: Option<u64>,
@@ -217,16 +252,34 @@ struct Link {
     cut_backward: bool,
     one_way_since: Option<u64>,
     reconnect_at: u64,
+    bandwidth_bytes_per_ms: u64,
+    /// When each direction (smaller to larger index, then back) finishes sending what it has.
+    busy_until: [u64; 2],
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Happening {
+    /// A frame arrives.
+    Deliver {
+        from: usize,
+        to: usize,
+        connection: u64,
+        frame: Vec<u8>,
+    },
+    /// A frame left `node`'s queue to `peer`: its room is free again.
+    Drained {
+        node: usize,
+        peer: usize,
+        connection: u64,
+        bytes: usize,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct InFlight {
-    deliver_at: u64,
+    at: u64,
     order: u64,
-    from: usize,
-    to: usize,
-    connection: u64,
-    frame: Vec<u8>,
+    happening: Happening,
 }
 
 struct Sim {
@@ -307,12 +360,12 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
         };
         let store = MemoryStore::new();
         let docs = open_docs(&store, id, params, sabotage).expect("a fresh memory store opens");
+        let driver = new_driver(id, &docs, params, sabotage);
         nodes.push(SimNode {
             id,
             store,
             docs,
-            engine: new_engine(id, sabotage),
-            pushed_up_to: 0,
+            driver,
             skew_ms,
             up: true,
             restart_at: None,
@@ -322,7 +375,18 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
     let mut links = BTreeMap::new();
     for a in 0..params.nodes {
         for b in a + 1..params.nodes {
-            links.insert((a, b), Link::default());
+            let bandwidth_bytes_per_ms = if rng.chance(params.slow_link_percent) {
+                params.slow_bandwidth_bytes_per_ms
+            } else {
+                params.bandwidth_bytes_per_ms
+            };
+            links.insert(
+                (a, b),
+                Link {
+                    bandwidth_bytes_per_ms: bandwidth_bytes_per_ms.max(1),
+                    ..Link::default()
+                },
+            );
         }
     }
     let mut sim = Sim {
@@ -351,7 +415,15 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
     Ok(sim.summary)
 }
 
-fn new_engine(id: NodeId, sabotage: Sabotage) -> Engine {
+/// The production driver around a fresh engine for node `id`, its own log sent up to what
+/// the store holds (a restarted node pushes nothing old from memory).
+fn new_driver(
+    id: NodeId,
+    docs: &DocStore<MemoryStore>,
+    params: &Params,
+    sabotage: Sabotage,
+) -> Driver {
+    #[cfg_attr(not(test), allow(unused_mut))]
     let mut config = Config::new(CLUSTER, id, "sim");
     config.changes_per_message = 64;
     #[cfg(test)]
@@ -360,7 +432,11 @@ fn new_engine(id: NodeId, sabotage: Sabotage) -> Engine {
     }
     #[cfg(not(test))]
     let _ = sabotage;
-    Engine::new(config)
+    Driver::with_queue_bytes(
+        Engine::new(config),
+        docs.origin_mark(&id),
+        params.queue_bytes,
+    )
 }
 
 impl Sim {
@@ -420,7 +496,7 @@ impl Sim {
         let total = |count: fn(&concord::sync::Stats) -> u64| {
             self.nodes
                 .iter()
-                .map(|node| count(node.engine.stats()))
+                .map(|node| count(node.driver.engine().stats()))
                 .sum::<u64>()
         };
         self.summary.changes_sent = total(|stats| stats.changes_sent);
@@ -462,54 +538,83 @@ impl Sim {
         Duration::from_millis(local.max(0) as u64)
     }
 
-    /// Feeds one event to a node's engine and carries out its actions.
-    fn handle(&mut self, index: usize, event: Event) -> Result<(), Violation> {
+    /// Hands inputs to a node's driver and carries out what it returns.
+    fn step(&mut self, index: usize, inputs: Vec<Input>) -> Result<(), Violation> {
         let now = self.node_now(index);
         let node = &mut self.nodes[index];
-        let actions = match node.engine.handle(now, event, &node.docs) {
-            Ok(actions) => actions,
-            Err(error) => {
-                return Err(self.violation(format!("node {index}: engine step failed: {error}")))
-            }
-        };
-        for action in actions {
-            match action {
-                Action::Send(peer, message) => {
-                    let to = self
-                        .nodes
-                        .iter()
-                        .position(|node| node.id == peer)
-                        .expect("peers are nodes");
-                    let frame = concord_proto::encode_frame(&message).expect("messages fit frames");
-                    self.send(index, to, frame);
+        let outputs = node.driver.step(now, inputs, &node.docs);
+        if let Some(error) = node.driver.stats().last_error.clone() {
+            return Err(self.violation(format!("node {index}: engine step failed: {error}")));
+        }
+        for output in outputs {
+            match output {
+                Output::Send {
+                    peer,
+                    connection,
+                    frame,
+                } => {
+                    let to = self.index_of(peer);
+                    self.send(index, to, connection, frame);
                 }
-                Action::Disconnect(peer, goodbye) => {
-                    let to = self
-                        .nodes
-                        .iter()
-                        .position(|node| node.id == peer)
-                        .expect("peers are nodes");
+                Output::Disconnect { peer, goodbye, .. } => {
+                    let to = self.index_of(peer);
                     self.record_trace(format!(
                         "{} node {index} disconnects {to}: {:?}",
                         self.now_ms, goodbye.reason
                     ));
                     self.disconnect(index.min(to), index.max(to))?;
                 }
-                Action::Applied { .. } => {}
+                Output::Applied { .. } => {}
             }
         }
         Ok(())
     }
 
-    fn send(&mut self, from: usize, to: usize, frame: Vec<u8>) {
+    fn index_of(&self, id: NodeId) -> usize {
+        self.nodes
+            .iter()
+            .position(|node| node.id == id)
+            .expect("peers are nodes")
+    }
+
+    fn schedule(&mut self, at: u64, happening: Happening) {
+        self.next_order += 1;
+        self.in_flight.push(Reverse(InFlight {
+            at,
+            order: self.next_order,
+            happening,
+        }));
+    }
+
+    /// Puts a frame on the wire: it leaves the sender's queue once the link has sent it at
+    /// its bandwidth, and arrives a latency later, unless a fault takes it.
+    fn send(&mut self, from: usize, to: usize, connection: u64, frame: Vec<u8>) {
         let key = (from.min(to), from.max(to));
         let link = self.links[&key];
-        let Some(connection) = link.connection else {
+        if link.connection != Some(connection) {
             return;
-        };
+        }
         self.summary.messages += 1;
         self.summary.bytes += frame.len() as u64;
         let forward = from < to;
+        let direction = usize::from(!forward);
+        let start = link.busy_until[direction].max(self.now_ms);
+        if start > self.now_ms {
+            self.summary.queue_full_waits += 1;
+        }
+        let sent_at = start + (frame.len() as u64).div_ceil(link.bandwidth_bytes_per_ms);
+        if let Some(link) = self.links.get_mut(&key) {
+            link.busy_until[direction] = sent_at;
+        }
+        self.schedule(
+            sent_at,
+            Happening::Drained {
+                node: from,
+                peer: to,
+                connection,
+                bytes: frame.len(),
+            },
+        );
         let cut = if forward {
             link.cut_forward
         } else {
@@ -530,15 +635,15 @@ impl Sim {
         };
         for _ in 0..copies {
             let delay = self.params.latency_ms + self.rng.below(self.params.jitter_ms + 1);
-            self.next_order += 1;
-            self.in_flight.push(Reverse(InFlight {
-                deliver_at: self.now_ms + delay,
-                order: self.next_order,
-                from,
-                to,
-                connection,
-                frame: frame.clone(),
-            }));
+            self.schedule(
+                sent_at + delay,
+                Happening::Deliver {
+                    from,
+                    to,
+                    connection,
+                    frame: frame.clone(),
+                },
+            );
         }
     }
 
@@ -546,10 +651,7 @@ impl Sim {
     fn advance(&mut self, ms: u64) -> Result<(), Violation> {
         let until = self.now_ms + ms;
         loop {
-            let next_message = self
-                .in_flight
-                .peek()
-                .map(|Reverse(message)| message.deliver_at);
+            let next_message = self.in_flight.peek().map(|Reverse(message)| message.at);
             let next_timer = self.next_timer();
             let next = [next_message, next_timer].into_iter().flatten().min();
             match next {
@@ -557,7 +659,7 @@ impl Sim {
                     self.now_ms = self.now_ms.max(at);
                     if next_message == Some(at) {
                         let Reverse(message) = self.in_flight.pop().expect("peeked");
-                        self.deliver(message)?;
+                        self.happen(message.happening)?;
                     } else {
                         self.fire_timers()?;
                     }
@@ -576,7 +678,7 @@ impl Sim {
             .enumerate()
             .filter(|(_, node)| node.up)
             .filter_map(|(index, node)| {
-                let due = node.engine.poll_timeout()?;
+                let due = node.driver.poll_timeout()?;
                 let local_now = self.node_now(index).as_millis() as u64;
                 Some(self.now_ms + due.as_millis().saturating_sub(u128::from(local_now)) as u64)
             })
@@ -588,28 +690,69 @@ impl Sim {
             if !self.nodes[index].up {
                 continue;
             }
-            let due = self.nodes[index].engine.poll_timeout();
+            let due = self.nodes[index].driver.poll_timeout();
             if due.is_some_and(|due| due <= self.node_now(index)) {
-                self.handle(index, Event::Timeout)?;
+                self.step(index, vec![Input::Timeout])?;
             }
         }
         Ok(())
     }
 
-    fn deliver(&mut self, message: InFlight) -> Result<(), Violation> {
-        let key = (message.from.min(message.to), message.from.max(message.to));
-        if self.links[&key].connection != Some(message.connection) || !self.nodes[message.to].up {
+    fn happen(&mut self, happening: Happening) -> Result<(), Violation> {
+        match happening {
+            Happening::Deliver {
+                from,
+                to,
+                connection,
+                frame,
+            } => self.deliver(from, to, connection, frame),
+            Happening::Drained {
+                node,
+                peer,
+                connection,
+                bytes,
+            } => {
+                if !self.nodes[node].up {
+                    return Ok(());
+                }
+                let peer = self.nodes[peer].id;
+                self.step(
+                    node,
+                    vec![Input::Drained {
+                        peer,
+                        connection,
+                        bytes,
+                    }],
+                )
+            }
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        from: usize,
+        to: usize,
+        connection: u64,
+        frame: Vec<u8>,
+    ) -> Result<(), Violation> {
+        let key = (from.min(to), from.max(to));
+        if self.links[&key].connection != Some(connection) || !self.nodes[to].up {
             return Ok(());
         }
         let mut decoder = concord_proto::FrameDecoder::new();
-        let decoded = decoder
-            .push(&message.frame)
-            .and_then(|()| decoder.next_message());
-        let Ok(Some(decoded)) = decoded else {
+        let decoded = decoder.push(&frame).and_then(|()| decoder.next_message());
+        let Ok(Some(message)) = decoded else {
             return Err(self.violation("a frame the engine produced does not decode".to_owned()));
         };
-        let from = self.nodes[message.from].id;
-        self.handle(message.to, Event::Received(from, decoded))
+        let peer = self.nodes[from].id;
+        self.step(
+            to,
+            vec![Input::Received {
+                peer,
+                connection,
+                message,
+            }],
+        )
     }
 
     /// Connects links that can be connected, gives up one-way links, restarts crashed nodes,
@@ -664,8 +807,20 @@ impl Sim {
         }
         self.record_trace(format!("{} connect {a} {b}", self.now_ms));
         let (id_a, id_b) = (self.nodes[a].id, self.nodes[b].id);
-        self.handle(a, Event::PeerConnected(id_b))?;
-        self.handle(b, Event::PeerConnected(id_a))
+        self.step(
+            a,
+            vec![Input::Up {
+                peer: id_b,
+                connection,
+            }],
+        )?;
+        self.step(
+            b,
+            vec![Input::Up {
+                peer: id_a,
+                connection,
+            }],
+        )
     }
 
     fn disconnect(&mut self, a: usize, b: usize) -> Result<(), Violation> {
@@ -673,18 +828,30 @@ impl Sim {
         let Some(link) = self.links.get_mut(&(a, b)) else {
             return Ok(());
         };
-        if link.connection.take().is_none() {
+        let Some(connection) = link.connection.take() else {
             return Ok(());
-        }
+        };
         link.one_way_since = None;
         link.reconnect_at = self.now_ms + reconnect_in;
         self.record_trace(format!("{} disconnect {a} {b}", self.now_ms));
         let (id_a, id_b) = (self.nodes[a].id, self.nodes[b].id);
         if self.nodes[a].up {
-            self.handle(a, Event::PeerDisconnected(id_b))?;
+            self.step(
+                a,
+                vec![Input::Down {
+                    peer: id_b,
+                    connection,
+                }],
+            )?;
         }
         if self.nodes[b].up {
-            self.handle(b, Event::PeerDisconnected(id_a))?;
+            self.step(
+                b,
+                vec![Input::Down {
+                    peer: id_a,
+                    connection,
+                }],
+            )?;
         }
         Ok(())
     }
@@ -791,11 +958,10 @@ impl Sim {
             }
         };
         let id = node.id;
-        let pushed_up_to = docs.origin_mark(&id);
+        let driver = new_driver(id, &docs, &self.params, self.sabotage);
         let node = &mut self.nodes[index];
         node.docs = docs;
-        node.engine = new_engine(id, self.sabotage);
-        node.pushed_up_to = pushed_up_to;
+        node.driver = driver;
         node.up = true;
         node.restart_at = None;
         self.record_trace(format!("{} restart node {index}", self.now_ms));
@@ -826,40 +992,138 @@ impl Sim {
             return Ok(());
         }
         let record = self.rng.index(self.ids.len());
-        let id = self.ids[record].clone();
+        if self.rng.below(1000) < self.params.burst_permille {
+            return self.burst(index, record);
+        }
         let delete = self.rng.chance(15);
         let actor = self.nodes[index].id.actor(self.rng.below(2) as u16);
-        let time = self.node_now(index).as_millis() as i64;
-        let result = if delete {
-            self.nodes[index]
-                .docs
-                .write(&id, &actor, time, Durability::Durable, |tx| {
-                    document::apply_delete(tx)
-                })
-        } else {
+        let mut write = RecordWrite::default();
+        let mut size = 0;
+        if !delete {
             let field = format!("f{}", self.rng.below(4));
-            let mut write = RecordWrite::default();
-            if self.rng.chance(15) {
+            if self.rng.below(1000) < self.params.large_value_permille {
+                size = self.large_value_size();
+                write.set.push((field, json!("L".repeat(size))));
+            } else if self.rng.chance(15) {
                 write.remove.push(field);
             } else {
                 write.set.push((field, json!(self.rng.below(1000))));
             }
             write.replace = self.rng.chance(5);
-            self.nodes[index]
-                .docs
-                .write(&id, &actor, time, Durability::Durable, |tx| {
-                    document::apply_write(tx, &write).map(|()| true)
-                })
-        };
-        let outcome = match result {
-            Ok((_, outcome)) => outcome,
+        }
+        let outcome = match self.write(index, record, &actor, delete.then_some(()), &write) {
+            Ok(outcome) => outcome,
+            Err(error) if size > 0 => {
+                return self.refused(index, record, size, &error);
+            }
             Err(error) => {
                 return Err(self.violation(format!("node {index}: a write failed: {error}")))
             }
         };
-        let Some(hash) = outcome.change else {
-            return Ok(());
+        if size > 0 {
+            self.summary.large_writes += 1;
+        }
+        if outcome.is_some() {
+            self.step(index, vec![Input::LocalWrites])?;
+        }
+        Ok(())
+    }
+
+    /// A value's size for a large write: up to the largest change, halved a random number
+    /// of times; one in ten is over the limit, and must be refused.
+    fn large_value_size(&mut self) -> usize {
+        let largest = concord_proto::CHANGE_BYTES_MAX - 1024;
+        if self.rng.chance(10) {
+            largest + 1024 + self.rng.index(4096) + 1
+        } else {
+            largest >> self.rng.below(10)
+        }
+    }
+
+    /// A write over the change limit: refused, and the record is as it was.
+    fn refused(
+        &mut self,
+        index: usize,
+        record: usize,
+        size: usize,
+        error: &StoreError,
+    ) -> Result<(), Violation> {
+        let over = size + 1024 > concord_proto::CHANGE_BYTES_MAX;
+        let refusal = matches!(
+            error,
+            StoreError::ChangeTooLarge { .. } | StoreError::Record(_)
+        );
+        if !over || !refusal {
+            return Err(self.violation(format!(
+                "node {index}: a write of a {size}-byte value failed: {error}"
+            )));
+        }
+        self.summary.refused_writes += 1;
+        self.record_trace(format!(
+            "{} node {index} refused a {size}-byte write of {}",
+            self.now_ms, self.ids[record]
+        ));
+        // Nothing of it may be left in the store, nor in the log.
+        let mark = self.nodes[index].docs.origin_mark(&self.nodes[index].id);
+        let logged = self.nodes[index]
+            .docs
+            .log_after(&self.nodes[index].id, mark, 1, usize::MAX)
+            .map_err(|error| self.violation(format!("node {index}: {error}")))?;
+        if !logged.is_empty() {
+            return Err(self.violation(format!("node {index}: a refused write left a log entry")));
+        }
+        Ok(())
+    }
+
+    /// Many updates of one record in a row, each acknowledged, then shipped together: a long
+    /// history that must reach every node.
+    fn burst(&mut self, index: usize, record: usize) -> Result<(), Violation> {
+        let writes = 1 + self.rng.below(self.params.burst_writes_max.max(1));
+        let actor = self.nodes[index].id.actor(0);
+        for count in 0..writes {
+            let write = RecordWrite {
+                set: vec![("stock".to_owned(), json!(count))],
+                ..RecordWrite::default()
+            };
+            if let Err(error) = self.write(index, record, &actor, None, &write) {
+                return Err(self.violation(format!("node {index}: a write failed: {error}")));
+            }
+            self.summary.burst_writes += 1;
+        }
+        self.step(index, vec![Input::LocalWrites])
+    }
+
+    /// One durable write (or delete) on `index`, recorded as acknowledged if it changed
+    /// anything; the change it made, if any.
+    fn write(
+        &mut self,
+        index: usize,
+        record: usize,
+        actor: &automerge::ActorId,
+        delete: Option<()>,
+        write: &RecordWrite,
+    ) -> Result<Option<ChangeHash>, StoreError> {
+        let id = self.ids[record].clone();
+        let time = self.node_now(index).as_millis() as i64;
+        let result = if delete.is_some() {
+            self.nodes[index]
+                .docs
+                .write(&id, actor, time, Durability::Durable, |tx| {
+                    document::apply_delete(tx)
+                })
+        } else {
+            write.check()?;
+            self.nodes[index]
+                .docs
+                .write(&id, actor, time, Durability::Durable, |tx| {
+                    document::apply_write(tx, write).map(|()| true)
+                })
         };
+        let (_, outcome) = result?;
+        let Some(hash) = outcome.change else {
+            return Ok(None);
+        };
+        let delete = delete.is_some();
         if delete {
             self.summary.deletes += 1;
         } else {
@@ -872,17 +1136,7 @@ impl Sim {
             self.now_ms,
             if delete { "delete" } else { "write" }
         ));
-        let node = &mut self.nodes[index];
-        let changes = match node.docs.log_after(&node.id, node.pushed_up_to, 10_000) {
-            Ok(changes) => changes,
-            Err(error) => {
-                return Err(self.violation(format!("node {index}: reading its log failed: {error}")))
-            }
-        };
-        if let Some(last) = changes.last() {
-            node.pushed_up_to = last.sequence;
-        }
-        self.handle(index, Event::LocalChanges(changes))
+        Ok(Some(hash))
     }
 
     fn record_state(&self, index: usize, record: usize) -> Result<RecordView, Violation> {
@@ -907,6 +1161,14 @@ impl Sim {
     }
 
     fn converged(&self) -> Result<bool, Violation> {
+        // No origin's log stays behind anywhere.
+        let marks = self.nodes[0].docs.origin_marks();
+        if self.nodes[1..]
+            .iter()
+            .any(|node| node.docs.origin_marks() != marks)
+        {
+            return Ok(false);
+        }
         for record in 0..self.ids.len() {
             let first = self.record_state(0, record)?;
             for index in 1..self.nodes.len() {
@@ -962,18 +1224,35 @@ impl Sim {
                                 .collect()
                         })
                         .collect();
+                    let queues: Vec<Vec<(usize, usize, bool)>> = self
+                        .nodes
+                        .iter()
+                        .map(|node| {
+                            self.nodes
+                                .iter()
+                                .enumerate()
+                                .map(|(peer, other)| {
+                                    (
+                                        peer,
+                                        node.driver.queued(&other.id),
+                                        node.driver.engine().has_output(&other.id),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .collect();
                     return Ok(format!(
-                        "missing per node {missing:?}; marks {marks:?}; ids {:?}; ",
+                        "queues {queues:?}; missing per node {missing:?}; marks {marks:?}; ids {:?}; ",
                         self.nodes
                             .iter()
                             .map(|n| n.id.to_string()[..6].to_owned())
                             .collect::<Vec<_>>()
                     ) + format!(
-                        "{}: node 0 has {:?} ({} heads), node {index} has {:?} ({} heads)",
+                        "{}: node 0 has {} ({} heads), node {index} has {} ({} heads)",
                         self.ids[record],
-                        first.1,
+                        brief(&first.1),
                         first.0.len(),
-                        other.1,
+                        brief(&other.1),
                         other.0.len()
                     )
                     .as_str());
@@ -1021,6 +1300,20 @@ impl Sim {
     }
 }
 
+/// A record's JSON cut short: values may be megabytes.
+fn brief(record: &Option<serde_json::Map<String, serde_json::Value>>) -> String {
+    let mut text = format!("{record:?}");
+    if text.len() > 200 {
+        let mut cut = 200;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1037,9 +1330,12 @@ mod tests {
 
     /// Runs seeds until one breaks a guarantee; returns how many it took.
     fn seeds_to_find(sabotage: Sabotage, seeds_max: u64) -> u64 {
-        let params = Params::default();
+        seeds_to_find_with(sabotage, &Params::default(), seeds_max)
+    }
+
+    fn seeds_to_find_with(sabotage: Sabotage, params: &Params, seeds_max: u64) -> u64 {
         for seed in 0..seeds_max {
-            if let Err(violation) = run_sabotaged(seed, &params, sabotage) {
+            if let Err(violation) = run_sabotaged(seed, params, sabotage) {
                 eprintln!("{sabotage:?} found at seed {seed}: {}", violation.message);
                 return seed + 1;
             }
@@ -1072,6 +1368,42 @@ mod tests {
             ..Sabotage::default()
         };
         assert!(seeds_to_find(sabotage, 20) <= 20);
+    }
+
+    #[test]
+    fn the_checks_find_batches_sized_by_count() {
+        let sabotage = Sabotage {
+            count_only_batches: true,
+            ..Sabotage::default()
+        };
+        // Large values often, so that some batch of them outgrows a frame.
+        let params = Params {
+            large_value_permille: 150,
+            ..Params::default()
+        };
+        assert!(seeds_to_find_with(sabotage, &params, 20) <= 20);
+    }
+
+    #[test]
+    fn large_values_and_long_histories_converge() {
+        let params = Params {
+            large_value_permille: 150,
+            burst_permille: 100,
+            ..Params::default()
+        };
+        let mut large = 0;
+        let mut refused = 0;
+        let mut bursts = 0;
+        for seed in 0..6 {
+            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
+            large += summary.large_writes;
+            refused += summary.refused_writes;
+            bursts += summary.burst_writes;
+        }
+        assert!(
+            large > 0 && refused > 0 && bursts > 0,
+            "{large} {refused} {bursts}"
+        );
     }
 
     /// Seeds swept by `cargo test` (CI): a few hundred, a minute or so in a debug build.

@@ -50,6 +50,20 @@ struct Args {
     skew_ms_max: u64,
     #[arg(long, default_value_t = 1)]
     edge_offices: usize,
+    /// Bytes a connection's send queue holds before the engine waits for room.
+    #[arg(long, default_value_t = 64 * 1024)]
+    queue_bytes: usize,
+    /// Percent of links that send at 2 MB/s instead of 50 MB/s.
+    #[arg(long, default_value_t = 10)]
+    slow_link_percent: u64,
+    /// Per mille of writes that write a large value (up to the change limit; a tenth over it).
+    #[arg(long, default_value_t = 4)]
+    large_value_permille: u64,
+    /// Per mille of steps that update one record up to --burst-writes-max times in a row.
+    #[arg(long, default_value_t = 10)]
+    burst_permille: u64,
+    #[arg(long, default_value_t = 600)]
+    burst_writes_max: u64,
     /// Runs in parallel (threads). Each run is deterministic on its own; the summary is the
     /// same whatever the number of jobs.
     #[arg(long, default_value_t = 1)]
@@ -83,10 +97,15 @@ fn main() -> ExitCode {
         && args.edge_offices < args.nodes
         && args.crash_percent + args.partition_percent <= 100
         && args.drop_percent <= 100
-        && args.duplicate_percent <= 100;
+        && args.duplicate_percent <= 100
+        && args.slow_link_percent <= 100
+        && args.large_value_permille <= 1000
+        && args.burst_permille <= 1000
+        && args.burst_writes_max <= concord_sim::STEPS_MAX
+        && args.queue_bytes > 0;
     if !valid {
         eprintln!(
-            "error: need 2 <= --nodes <= --nodes-max <= {}, at least one record, at most {} steps, fewer edge offices than nodes, and percents that add up to at most 100",
+            "error: need 2 <= --nodes <= --nodes-max <= {}, at least one record, at most {} steps (and burst writes), fewer edge offices than nodes, percents that add up to at most 100, per milles of at most 1000 and a queue of at least one byte",
             concord_sim::NODES_MAX,
             concord_sim::STEPS_MAX
         );
@@ -115,6 +134,11 @@ fn main() -> ExitCode {
             crash_percent: args.crash_percent,
             skew_ms_max: args.skew_ms_max,
             edge_offices: args.edge_offices.min(nodes - 1),
+            queue_bytes: args.queue_bytes,
+            slow_link_percent: args.slow_link_percent,
+            large_value_permille: args.large_value_permille,
+            burst_permille: args.burst_permille,
+            burst_writes_max: args.burst_writes_max,
             ..Params::default()
         }
     };
@@ -163,6 +187,7 @@ fn main() -> ExitCode {
     let (mut writes, mut deletes, mut messages, mut bytes, mut changes_sent, mut deliveries) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     let mut conflicts = 0u64;
+    let (mut large, mut refused, mut bursts, mut waits) = (0u64, 0u64, 0u64, 0u64);
     let (mut pushed, mut duplicates) = (0u64, 0u64);
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
@@ -178,6 +203,10 @@ fn main() -> ExitCode {
                 writes += summary.writes;
                 deletes += summary.deletes;
                 conflicts += summary.conflicts_at_end;
+                large += summary.large_writes;
+                refused += summary.refused_writes;
+                bursts += summary.burst_writes;
+                waits += summary.queue_full_waits;
                 messages += summary.messages;
                 bytes += summary.bytes;
                 changes_sent += summary.changes_sent;
@@ -196,8 +225,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --skew-ms-max {} --edge-offices {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.skew_ms_max, params.edge_offices
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --skew-ms-max {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.skew_ms_max, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
                 );
                 return ExitCode::from(1);
             }
@@ -217,6 +246,8 @@ fn main() -> ExitCode {
     );
     println!("workload: {writes} writes, {deletes} deletes, all acknowledged and all found on every node");
     println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
+    println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
+    println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
     println!("faults injected:");
     for (kind, count) in &faults {
         println!("  {kind}: {count}");

@@ -37,8 +37,9 @@ pub enum ColumnKind {
 /// A column's value in text form; `None` is SQL NULL.
 pub type TextValue = Option<String>;
 
-/// Longest column value mapped, in bytes: larger ones are refused as a bad row.
-pub const COLUMN_VALUE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Longest column value mapped, in bytes: the largest change a write may make, since a longer
+/// value could never be sent to a peer. Larger ones are refused as a bad row.
+pub const COLUMN_VALUE_BYTES_MAX: usize = crate::record::document::CHANGE_BYTES_MAX;
 
 impl ColumnKind {
     /// The field value of a column value in text form.

@@ -98,9 +98,23 @@ pub struct RunningBinding {
     pub status: Arc<Mutex<BindingStatus>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    name: String,
 }
 
 impl RunningBinding {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the binding's thread ended without being asked to (it panicked).
+    pub fn failed(&self) -> bool {
+        !self.stop.load(Ordering::SeqCst)
+            && self
+                .thread
+                .as_ref()
+                .is_some_and(std::thread::JoinHandle::is_finished)
+    }
+
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
@@ -263,6 +277,7 @@ pub fn start(
         status,
         stop,
         thread: Some(thread),
+        name,
     })
 }
 
@@ -521,7 +536,12 @@ impl Runner {
                         self.own_changes.borrow_mut().remember(change.0);
                     }
                 }
+                // A row whose record could never be sent (over the change limit) is set aside
+                // like any row that makes no record; nothing of it was stored.
                 Err(StoreError::Record(error)) => bad.push((id.key.to_string(), error.to_string())),
+                Err(error @ StoreError::ChangeTooLarge { .. }) => {
+                    bad.push((id.key.to_string(), error.to_string()))
+                }
                 Err(error) => return Err(error.into()),
             }
         }

@@ -24,8 +24,9 @@ use serde_json::{Map, Value as Json};
 pub const LOAD_BATCH_RECORDS_DEFAULT: usize = 1000;
 /// Most records `load` may write per flush.
 pub const LOAD_BATCH_RECORDS_MAX: usize = 100_000;
-/// Longest line `load` accepts, in bytes.
-pub const LOAD_LINE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Longest line `load` accepts, in bytes: what the API takes in one request, so a line loads
+/// alike into a stopped node and through a running one.
+pub const LOAD_LINE_BYTES_MAX: usize = concord::node::api::REQUEST_BYTES_MAX;
 /// Records `list` reads from the store per page.
 const LIST_PAGE_RECORDS: usize = 256;
 

@@ -1,15 +1,18 @@
 //! Transport: QUIC (quinn) with mutual TLS against the cluster CA.
 //!
-//! Turns engine actions into frames on streams and frames back into engine events. One
-//! connection per peer node, one bidirectional stream per connection, frames as
-//! `concord-proto` lays them out. Guarantees:
+//! Turns frames into bytes on streams and bytes back into messages. One connection per peer
+//! node, one bidirectional stream per connection, frames as `concord-proto` lays them out.
+//! Guarantees:
 //!
 //! - a peer is known only by the node id in its verified certificate; a peer whose certificate
 //!   is not from the cluster CA never gets past the TLS handshake (refused and logged);
 //! - a malformed or oversized frame closes that connection only;
-//! - every queue is bounded: a slow peer's outgoing queue fills and further messages to it are
-//!   dropped (counted), to be sent again through catch-up, so memory never grows with a slow
-//!   peer; a fast peer is slowed by QUIC flow control when the engine's queue is full;
+//! - nothing is dropped for lack of room: the engine's driver queues a frame only while the
+//!   connection's queue has room ([`crate::sync::PEER_QUEUE_BYTES`]), and the writer reports
+//!   every frame it wrote; a reader waits while the engine is busy, and QUIC flow control
+//!   slows the peer meanwhile;
+//! - handshakes are bounded: at most [`INBOUND_HANDSHAKES_MAX`] at once, each within
+//!   [`HANDSHAKE_TIMEOUT`];
 //! - dialing retries forever with exponential backoff and jitter.
 
 pub mod relay;
@@ -26,8 +29,17 @@ use tokio::sync::mpsc;
 
 use crate::record::NodeId;
 
-/// Messages queued for one peer before further ones are dropped.
-pub const PEER_QUEUE_MESSAGES: usize = 256;
+/// Frames queued for one connection at most. The driver bounds the queue by bytes first;
+/// this only catches a bug, which closes the connection.
+pub const PEER_QUEUE_FRAMES: usize = 16_384;
+/// Bytes written to a connection before the writer reports them (and always when its queue
+/// runs empty), so the driver learns of room without an event per frame.
+const DRAINED_REPORT_BYTES: usize = 256 * 1024;
+/// TLS handshakes (incoming and stream setup) in progress at once, and how long each may take.
+pub const INBOUND_HANDSHAKES_MAX: usize = 64;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a goodbye is given to leave before the connection is closed.
+const GOODBYE_GRACE: Duration = Duration::from_millis(50);
 /// Bytes read from a stream at a time.
 pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// First and largest wait between dial attempts.
@@ -61,17 +73,42 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
 /// What the transport tells the engine's driver.
 #[derive(Debug)]
 pub enum TransportEvent {
-    Up { peer: NodeId, connection: u64 },
-    Down { peer: NodeId, connection: u64 },
-    Received { peer: NodeId, message: Message },
-    Writable { peer: NodeId },
+    Up {
+        peer: NodeId,
+        connection: u64,
+    },
+    Down {
+        peer: NodeId,
+        connection: u64,
+    },
+    Received {
+        peer: NodeId,
+        connection: u64,
+        message: Message,
+    },
+    /// Bytes of queued frames written to the connection.
+    Drained {
+        peer: NodeId,
+        connection: u64,
+        bytes: usize,
+    },
+}
+
+/// What a connection's writer is given.
+enum Outgoing {
+    Frame(Vec<u8>),
+    /// Write this goodbye frame, then close the connection.
+    Close {
+        frame: Vec<u8>,
+        reason: String,
+    },
 }
 
 struct PeerLink {
     connection_id: u64,
     dialed_by: NodeId,
     connection: quinn::Connection,
-    outbound: mpsc::Sender<Message>,
+    outbound: mpsc::Sender<Outgoing>,
     address: SocketAddr,
 }
 
@@ -80,7 +117,9 @@ struct PeerLink {
 pub struct TransportStats {
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
-    pub messages_dropped: AtomicU64,
+    /// Frames refused because a connection's queue was full: a bug (the driver bounds the
+    /// queue), and the connection is closed.
+    pub frames_overflowed: AtomicU64,
     pub frames_refused: AtomicU64,
     pub handshakes_refused: AtomicU64,
 }
@@ -168,61 +207,102 @@ impl Transport {
             .collect()
     }
 
-    /// Queues a message for `peer`; drops it (counted) if the peer's queue is full or gone.
-    pub fn send(&self, peer: &NodeId, message: Message) {
-        let links = lock(&self.links);
-        let delivered = links
-            .get(peer)
-            .is_some_and(|link| link.outbound.try_send(message).is_ok());
-        if !delivered {
-            self.stats.messages_dropped.fetch_add(1, Ordering::Relaxed);
+    /// Queues a frame on `peer`'s connection `connection`. A frame for a connection that is
+    /// gone is dropped: its engine state went with it.
+    pub fn send(&self, peer: &NodeId, connection: u64, frame: Vec<u8>) {
+        let mut links = lock(&self.links);
+        let Some(link) = links.get(peer) else {
+            return;
+        };
+        if link.connection_id != connection {
+            return;
+        }
+        if link.outbound.try_send(Outgoing::Frame(frame)).is_err() {
+            self.stats.frames_overflowed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%peer, "a connection's frame queue overflowed: closing it");
+            if let Some(link) = links.remove(peer) {
+                link.connection.close(4u32.into(), b"queue overflow");
+            }
         }
     }
 
-    /// Sends a goodbye, then closes the connection to `peer`.
-    pub fn disconnect(&self, peer: &NodeId, goodbye: Goodbye) {
-        let link = lock(&self.links).remove(peer);
-        if let Some(link) = link {
-            let reason = goodbye.detail.clone();
-            let _ = link.outbound.try_send(Message::Goodbye(goodbye));
-            let connection = link.connection.clone();
-            tokio::spawn(async move {
-                // Give the goodbye a moment to leave before the close overtakes it.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                connection.close(0u32.into(), reason.as_bytes());
-            });
+    /// Sends a goodbye on `peer`'s connection `connection`, then closes it.
+    pub fn disconnect(&self, peer: &NodeId, connection: u64, goodbye: Goodbye) {
+        let mut links = lock(&self.links);
+        if links
+            .get(peer)
+            .is_none_or(|link| link.connection_id != connection)
+        {
+            return;
+        }
+        if let Some(link) = links.remove(peer) {
+            Self::close_link(link, goodbye);
+        }
+    }
+
+    fn close_link(link: PeerLink, goodbye: Goodbye) {
+        let reason = goodbye.detail.clone();
+        let frame = encode_frame(&Message::Goodbye(goodbye)).unwrap_or_default();
+        if link
+            .outbound
+            .try_send(Outgoing::Close { frame, reason })
+            .is_err()
+        {
+            link.connection.close(0u32.into(), b"closed");
         }
     }
 
     /// Closes every connection with a goodbye, as at shutdown.
     pub async fn close_all(&self, goodbye: Goodbye) {
-        let peers: Vec<NodeId> = lock(&self.links).keys().copied().collect();
-        for peer in peers {
-            self.disconnect(&peer, goodbye.clone());
+        let links: Vec<PeerLink> = std::mem::take(&mut *lock(&self.links))
+            .into_values()
+            .collect();
+        for link in links {
+            Self::close_link(link, goodbye.clone());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(GOODBYE_GRACE * 2).await;
         self.endpoint.close(0u32.into(), b"shutdown");
         self.endpoint.wait_idle().await;
     }
 
-    /// Accepts connections until the endpoint closes.
+    /// Accepts connections until the endpoint closes: at most [`INBOUND_HANDSHAKES_MAX`]
+    /// handshakes at once (more are refused), each within [`HANDSHAKE_TIMEOUT`].
     pub async fn accept_loop(self: Arc<Self>) {
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(INBOUND_HANDSHAKES_MAX));
         while let Some(incoming) = self.endpoint.accept().await {
+            let address = incoming.remote_address();
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                self.stats
+                    .handshakes_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%address, "refused an incoming connection: too many handshakes at once");
+                incoming.refuse();
+                continue;
+            };
             let transport = self.clone();
             tokio::spawn(async move {
-                let address = incoming.remote_address();
-                match incoming.await {
-                    Ok(connection) => transport.serve(connection, false).await,
-                    Err(error) => {
-                        transport
-                            .stats
-                            .handshakes_refused
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%address, %error, "refused an incoming connection");
+                let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await;
+                let connection = match accepted {
+                    Ok(Ok(connection)) => connection,
+                    Ok(Err(error)) => {
+                        transport.refused(address, &error.to_string());
+                        return;
                     }
-                }
+                    Err(_) => {
+                        transport.refused(address, "the TLS handshake took too long");
+                        return;
+                    }
+                };
+                transport.serve(connection, false, Some(permit)).await;
             });
         }
+    }
+
+    fn refused(&self, address: SocketAddr, error: &str) {
+        self.stats
+            .handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%address, %error, "refused an incoming connection");
     }
 
     /// Keeps a connection to `address` up, redialing with backoff and jitter.
@@ -231,13 +311,16 @@ impl Transport {
         let mut jitter = Jitter::new();
         loop {
             let attempt = match self.endpoint.connect(address, DIAL_SERVER_NAME) {
-                Ok(connecting) => connecting.await.map_err(|error| error.to_string()),
+                Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+                    Ok(connected) => connected.map_err(|error| error.to_string()),
+                    Err(_) => Err("the TLS handshake took too long".to_owned()),
+                },
                 Err(error) => Err(error.to_string()),
             };
             match attempt {
                 Ok(connection) => {
                     backoff = DIAL_BACKOFF_MIN;
-                    self.clone().serve(connection, true).await;
+                    self.clone().serve(connection, true, None).await;
                 }
                 Err(error) => {
                     self.stats
@@ -252,8 +335,14 @@ impl Transport {
         }
     }
 
-    /// Runs one authenticated connection until it closes.
-    async fn serve(self: Arc<Self>, connection: quinn::Connection, dialer: bool) {
+    /// Runs one authenticated connection until it closes. `handshake` is released once the
+    /// connection's stream is open.
+    async fn serve(
+        self: Arc<Self>,
+        connection: quinn::Connection,
+        dialer: bool,
+        handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let address = connection.remote_address();
         let Some(peer) = peer_node(&connection) else {
             tracing::warn!(%address, "refused a peer whose certificate carries no node id");
@@ -265,20 +354,26 @@ impl Transport {
             return;
         }
         let streams = if dialer {
-            connection.open_bi().await
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.open_bi()).await
         } else {
-            connection.accept_bi().await
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.accept_bi()).await
         };
+        drop(handshake);
         let (send, recv) = match streams {
-            Ok(streams) => streams,
-            Err(error) => {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "connection closed before its stream opened");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no stream opened in time");
+                connection.close(1u32.into(), b"no stream");
                 return;
             }
         };
         let dialed_by = if dialer { self.node } else { peer };
         let connection_id = self.next_connection.fetch_add(1, Ordering::Relaxed);
-        let (outbound, queue) = mpsc::channel(PEER_QUEUE_MESSAGES);
+        let (outbound, queue) = mpsc::channel(PEER_QUEUE_FRAMES);
         if !self.register(
             peer,
             PeerLink {
@@ -300,8 +395,14 @@ impl Transport {
                 connection: connection_id,
             })
             .await;
-        let writer = tokio::spawn(self.clone().write_loop(peer, send, queue));
-        self.read_loop(peer, &connection, recv).await;
+        let writer = tokio::spawn(self.clone().write_loop(
+            peer,
+            connection_id,
+            connection.clone(),
+            send,
+            queue,
+        ));
+        self.read_loop(peer, connection_id, &connection, recv).await;
         writer.abort();
         let removed = {
             let mut links = lock(&self.links);
@@ -348,6 +449,7 @@ impl Transport {
     async fn read_loop(
         &self,
         peer: NodeId,
+        connection_id: u64,
         connection: &quinn::Connection,
         mut recv: quinn::RecvStream,
     ) {
@@ -371,12 +473,12 @@ impl Transport {
             loop {
                 match decoder.next_message() {
                     Ok(Some(message)) => {
-                        if self
-                            .events
-                            .send(TransportEvent::Received { peer, message })
-                            .await
-                            .is_err()
-                        {
+                        let event = TransportEvent::Received {
+                            peer,
+                            connection: connection_id,
+                            message,
+                        };
+                        if self.events.send(event).await.is_err() {
                             return;
                         }
                     }
@@ -399,25 +501,41 @@ impl Transport {
     async fn write_loop(
         self: Arc<Self>,
         peer: NodeId,
+        connection_id: u64,
+        connection: quinn::Connection,
         mut send: quinn::SendStream,
-        mut queue: mpsc::Receiver<Message>,
+        mut queue: mpsc::Receiver<Outgoing>,
     ) {
-        while let Some(message) = queue.recv().await {
-            let frame = match encode_frame(&message) {
-                Ok(frame) => frame,
-                Err(error) => {
-                    tracing::error!(%peer, %error, "a message does not fit in a frame; dropped");
-                    continue;
+        let mut written = 0usize;
+        while let Some(outgoing) = queue.recv().await {
+            match outgoing {
+                Outgoing::Frame(frame) => {
+                    if send.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    written += frame.len();
+                    if queue.is_empty() || written >= DRAINED_REPORT_BYTES {
+                        let event = TransportEvent::Drained {
+                            peer,
+                            connection: connection_id,
+                            bytes: std::mem::take(&mut written),
+                        };
+                        if self.events.send(event).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-            };
-            if send.write_all(&frame).await.is_err() {
-                return;
-            }
-            self.stats
-                .bytes_sent
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            if queue.is_empty() {
-                let _ = self.events.try_send(TransportEvent::Writable { peer });
+                Outgoing::Close { frame, reason } => {
+                    let _ = send.write_all(&frame).await;
+                    let _ = send.finish();
+                    // Give the goodbye a moment to leave before the close overtakes it.
+                    tokio::time::sleep(GOODBYE_GRACE).await;
+                    connection.close(0u32.into(), reason.as_bytes());
+                    return;
+                }
             }
         }
     }

@@ -10,26 +10,33 @@
 //! /v1/records/{collection}/{key}/resolve` with `{"field": F, "pick": N}` or `{"field": F,
 //! "value": V}`, `GET /v1/status`, `GET /v1/errors` (rows the adapters
 //! quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
-//! 404 (not found) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
+//! 404 (not found), 413 (a body or a write over its limit: nothing was stored), 503 (the node
+//! cannot keep up just now; `Retry-After` says when to try again) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
 
 use std::sync::Arc;
 
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::runtime::{metrics_text, Shared};
-use super::NodeError;
-use crate::record::{Collection, Key, RecordId, RecordWrite};
+use super::runtime::{metrics_text, Refusal, Shared, RETRY_AFTER_SECONDS};
+use super::{NodeError, IMPORT_BYTES_MAX};
+use crate::record::document::CHANGE_BYTES_MAX;
+use crate::record::{Collection, Key, RecordError, RecordId, RecordWrite};
+use crate::store::StoreError;
 
-/// Largest request body, in bytes.
-pub const REQUEST_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Largest request body, in bytes (the Automerge import excepted): twice the largest change,
+/// so that every write a change can hold fits, escaped as JSON.
+pub const REQUEST_BYTES_MAX: usize = 2 * CHANGE_BYTES_MAX;
+const _: () = assert!(REQUEST_BYTES_MAX >= CHANGE_BYTES_MAX);
+const _: () = assert!(IMPORT_BYTES_MAX >= REQUEST_BYTES_MAX);
 /// Most records one list request returns.
 pub const LIST_LIMIT_MAX: usize = 10_000;
 const LIST_LIMIT_DEFAULT: usize = 1000;
@@ -51,7 +58,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/v1/records/{collection}/{key}/automerge",
-            get(export).post(import),
+            get(export)
+                .post(import)
+                .layer(DefaultBodyLimit::max(IMPORT_BYTES_MAX)),
         )
         .route("/v1/audit", get(audit))
         .route("/v1/conflicts", get(conflicts))
@@ -70,21 +79,75 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        let mut response = (self.0, Json(json!({"error": self.1}))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+        }
+        response
     }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let message = match refusal {
+            Refusal::Overloaded => {
+                "the node cannot keep up with writes just now: retry after a \
+                                    moment (see `overloaded` in /v1/status)"
+            }
+            Refusal::EngineDown => "the node's replication engine stopped: it accepts no writes",
+        };
+        Self(StatusCode::SERVICE_UNAVAILABLE, message.to_owned())
+    }
+}
+
+/// A body that is not the JSON expected, or too large, answered as JSON like every error.
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(REQUEST_BYTES_MAX);
+        }
+        Self(status, rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large(IMPORT_BYTES_MAX);
+        }
+        Self(status, rejection.body_text())
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is over the limit of {limit} bytes; nothing was stored"),
+    )
 }
 
 impl From<NodeError> for ApiError {
     fn from(error: NodeError) -> Self {
         let status = match &error {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::TooLarge { .. }
+            | NodeError::Record(RecordError::WriteTooLarge { .. })
+            | NodeError::Record(RecordError::TooManyValues { .. })
+            | NodeError::Store(StoreError::ChangeTooLarge { .. })
+            | NodeError::Store(StoreError::Record(RecordError::WriteTooLarge { .. }))
+            | NodeError::Store(StoreError::Record(RecordError::TooManyValues { .. })) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             NodeError::Record(_)
             | NodeError::BadVersion(_)
             | NodeError::BadTime(_)
             | NodeError::NoConflict { .. }
             | NodeError::NoCandidate { .. }
             | NodeError::UnknownVersion { .. }
-            | NodeError::TooLarge { .. }
             | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
                 StatusCode::BAD_REQUEST
             }
@@ -120,6 +183,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
+/// Every write of the API goes through here: refused at once (503) while the node cannot
+/// keep up, run on the blocking pool, and, once durable, handed to the engine. `changed`
+/// says whether the outcome wrote anything.
+async fn writing<T: Send + 'static>(
+    shared: &Shared,
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+    changed: impl FnOnce(&T) -> bool,
+) -> Result<T, ApiError> {
+    shared.admit_write()?;
+    let outcome = blocking(work).await?;
+    if changed(&outcome) {
+        shared.local_writes.wrote();
+    }
+    Ok(outcome)
+}
+
 #[derive(Deserialize)]
 struct GetQuery {
     /// A version from the record's history: read the record as it was then.
@@ -153,15 +232,18 @@ struct RevertBody {
 async fn revert_record(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
-    Json(body): Json<RevertBody>,
+    body: Result<Json<RevertBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
     let id = record_id(&collection, &key)?;
     let version = super::parse_version(&body.to)?;
     let node = shared.node.clone();
-    let changed = blocking(move || node.revert(&id, &version)).await?;
-    if changed {
-        shared.local_writes.notify_one();
-    }
+    let changed = writing(
+        &shared,
+        move || node.revert(&id, &version),
+        |changed| *changed,
+    )
+    .await?;
     Ok(Json(json!({"changed": changed})))
 }
 
@@ -171,18 +253,16 @@ async fn write(
     write: RecordWrite,
 ) -> Result<Json<Value>, ApiError> {
     let node = shared.node.clone();
-    let changed = blocking(move || node.put(&id, &write)).await?;
-    if changed {
-        shared.local_writes.notify_one();
-    }
+    let changed = writing(&shared, move || node.put(&id, &write), |changed| *changed).await?;
     Ok(Json(json!({"changed": changed})))
 }
 
 async fn put_record(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
-    Json(body): Json<Map<String, Value>>,
+    body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
     let id = record_id(&collection, &key)?;
     write(shared, id, RecordWrite::replace_with(body)).await
 }
@@ -190,8 +270,9 @@ async fn put_record(
 async fn patch_record(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
-    Json(body): Json<Map<String, Value>>,
+    body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
     let id = record_id(&collection, &key)?;
     let mut patch = RecordWrite::default();
     for (field, value) in body {
@@ -210,8 +291,7 @@ async fn delete_record(
 ) -> Result<StatusCode, ApiError> {
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    blocking(move || node.delete(&id)).await?;
-    shared.local_writes.notify_one();
+    writing(&shared, move || node.delete(&id), |_| true).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -274,14 +354,17 @@ async fn export(
 async fn import(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let body = body?;
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    let outcome = blocking(move || node.import(&id, &body)).await?;
-    if outcome.new_changes > 0 {
-        shared.local_writes.notify_one();
-    }
+    let outcome = writing(
+        &shared,
+        move || node.import(&id, &body),
+        |outcome| outcome.new_changes > 0,
+    )
+    .await?;
     Ok(Json(json!({"new_changes": outcome.new_changes})))
 }
 
@@ -375,8 +458,9 @@ struct ResolveBody {
 async fn resolve_record(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
-    Json(body): Json<ResolveBody>,
+    body: Result<Json<ResolveBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
     let id = record_id(&collection, &key)?;
     let settlement = match (body.pick, body.value) {
         (Some(index), None) => super::Settlement::Pick(index),
@@ -385,8 +469,12 @@ async fn resolve_record(
     };
     let node = shared.node.clone();
     let field = body.field;
-    let value = blocking(move || node.resolve(&id, &field, &settlement)).await?;
-    shared.local_writes.notify_one();
+    let value = writing(
+        &shared,
+        move || node.resolve(&id, &field, &settlement),
+        |_| true,
+    )
+    .await?;
     Ok(Json(json!({"value": value})))
 }
 

@@ -72,6 +72,8 @@ pub enum NodeError {
     Transport(String),
     #[error("{0}")]
     Binding(String),
+    #[error("{0}; the node stopped so as not to accept writes it cannot replicate")]
+    Failed(String),
     #[error("version {0:?} is not a change hash: 64 hex digits, as `concord history` prints them")]
     BadVersion(String),
     #[error("field {field:?} of {id} is not in conflict (see `concord conflicts`)")]

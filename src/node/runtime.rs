@@ -1,16 +1,21 @@
 //! `concord run`: the tokio shell that wires store, engine, transport and HTTP API.
 //!
-//! The engine runs in one task that owns it; store calls inside it are blocking and run in
-//! place on the multi-threaded runtime. Local writes (through the API) wake that task, which
-//! reads the node's own log from where it last pushed, so a write is shipped only after it was
-//! acknowledged. Shutdown (SIGTERM or Ctrl-C) says goodbye to every peer, then makes the store
-//! durable before returning.
+//! The engine runs in one task that owns its [`Driver`]; store calls inside it are blocking
+//! and run in place on the multi-threaded runtime. The task takes every transport event that
+//! is waiting at once (so changes that arrive together are applied together, with one flush),
+//! hands the driver the node's own new writes (the API and bindings mark them), and queues the
+//! frames the driver produces on their connections. Writers are pushed back (HTTP 503 with
+//! `Retry-After`) while the node cannot keep up: its engine is behind on what peers send, or a
+//! peer that was keeping up falls far behind this node's own writes. Shutdown (SIGTERM or
+//! Ctrl-C) stops the API, says goodbye to every peer, stops the engine task and makes the
+//! store durable. If the engine task or a binding dies, [`run`] returns the error, so the node
+//! never goes on accepting writes it no longer replicates.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use concord_proto::{Goodbye, GoodbyeReason};
 use serde::Serialize;
@@ -18,14 +23,64 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{Node, NodeError, TLS_DIR};
 use crate::net::{tls::NodeTls, Transport, TransportEvent};
-use crate::sync::{self, Action, Engine, Event, Stats};
+use crate::sync::{self, Driver, DriverStats, Engine, Input, Output, Stats};
 
 /// Transport events queued for the engine before readers wait (and QUIC slows the peer).
 pub const ENGINE_QUEUE_EVENTS: usize = 4096;
+/// Transport events handled in one engine step at most.
+pub const ENGINE_EVENTS_PER_STEP_MAX: usize = 1024;
 /// How long shutdown waits for HTTP requests in progress.
-pub const API_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-/// Own log entries pushed per wake-up; the rest follow on the next.
-pub const LOCAL_PUSH_CHANGES_MAX: usize = 4096;
+pub const API_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the engine task to finish its step.
+pub const ENGINE_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+/// The engine is behind when this many transport events wait for it; writers are pushed back
+/// until fewer than [`ENGINE_QUEUE_CALM`] do.
+pub const ENGINE_QUEUE_BUSY: usize = ENGINE_QUEUE_EVENTS * 3 / 4;
+pub const ENGINE_QUEUE_CALM: usize = ENGINE_QUEUE_EVENTS / 4;
+/// A peer keeps up with this node's own writes once it lacks at most this many of them;
+/// writers are pushed back while a peer that kept up lacks more than
+/// [`OWN_BACKLOG_CHANGES_MAX`].
+pub const KEEPING_UP_CHANGES: u64 = 1_000;
+pub const OWN_BACKLOG_CHANGES_MAX: u64 = 20_000;
+/// A peer that kept up but now lacks this many of this node's writes is let go: it is
+/// caught up in the background and no longer holds writers back (a warning says so).
+pub const OWN_BACKLOG_LET_GO: u64 = 5 * OWN_BACKLOG_CHANGES_MAX;
+/// How long a writer pushed back is told to wait, in seconds.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
+/// How often `run` checks that the engine task and the bindings are alive.
+const WATCHDOG_INTERVAL: Duration = Duration::from_millis(250);
+
+const _: () =
+    assert!(ENGINE_QUEUE_CALM < ENGINE_QUEUE_BUSY && ENGINE_QUEUE_BUSY < ENGINE_QUEUE_EVENTS);
+const _: () = assert!(KEEPING_UP_CHANGES < OWN_BACKLOG_CHANGES_MAX);
+
+/// Writes made on this node that the engine has not been told of yet.
+#[derive(Debug, Default)]
+pub struct LocalWrites {
+    dirty: AtomicBool,
+    notify: Notify,
+}
+
+impl LocalWrites {
+    /// A write was acknowledged: the engine reads the log from its cursor.
+    pub fn wrote(&self) {
+        self.dirty.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// Why a write was refused before it was tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node cannot keep up: retry after a moment.
+    Overloaded,
+    /// The engine task stopped: the node is going down.
+    EngineDown,
+}
 
 /// What `/v1/status` shows, refreshed by the engine task.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -39,6 +94,10 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub engine: EngineStats,
     pub bindings: Vec<crate::adapters::BindingStatus>,
+    /// Whether writers are being pushed back now (`/v1` writes answer 503), and why.
+    pub overloaded: Option<String>,
+    /// Writes refused with 503 since start, because the node could not keep up.
+    pub writes_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -51,6 +110,11 @@ pub struct PeerStatus {
     /// Whether the peer's conflict policies are this node's: `same`, `differ` (it shows other
     /// winners for the same records) or `unknown` (not said yet, or an older peer).
     pub policies: &'static str,
+    /// Bytes queued for the peer that the transport has not written yet.
+    pub queued_bytes: usize,
+    /// Whether the peer keeps up with this node's own writes (then it holds writers back if
+    /// it falls far behind).
+    pub keeping_up: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -65,6 +129,15 @@ pub struct EngineStats {
     pub conflicts: u64,
     pub repair_documents: u64,
     pub local_changes_pushed: u64,
+    /// Changes held for missing dependencies now.
+    pub held_now: usize,
+    /// Held changes given up (their senders send them again).
+    pub held_dropped: u64,
+    pub requests_dropped: u64,
+    pub changes_unsendable: u64,
+    /// Engine steps that failed (store errors), and the last error.
+    pub step_errors: u64,
+    pub last_error: Option<String>,
     /// `conflicts` by collection and by the policy that resolves them; what the counted
     /// fields do not cover is under collection and policy `_other`.
     pub conflicts_by_policy: Vec<ConflictCount>,
@@ -103,9 +176,20 @@ fn conflicts_by_policy(stats: &Stats, policies: &crate::policy::Policies) -> Vec
 }
 
 impl EngineStats {
-    fn from(stats: &Stats, local: u64, conflicts_by_policy: Vec<ConflictCount>) -> Self {
+    fn from(
+        engine: &Engine,
+        driver: &DriverStats,
+        conflicts_by_policy: Vec<ConflictCount>,
+    ) -> Self {
+        let stats = engine.stats();
         Self {
             conflicts_by_policy,
+            held_now: engine.held_now(),
+            held_dropped: stats.held_dropped,
+            requests_dropped: stats.requests_dropped,
+            changes_unsendable: stats.changes_unsendable,
+            step_errors: driver.step_errors,
+            last_error: driver.last_error.clone(),
             changes_sent: stats.changes_sent,
             changes_received: stats.changes_received,
             changes_applied: stats.changes_applied,
@@ -115,7 +199,7 @@ impl EngineStats {
             malformed: stats.malformed,
             conflicts: stats.conflicts,
             repair_documents: stats.repair_documents,
-            local_changes_pushed: local,
+            local_changes_pushed: driver.local_changes,
         }
     }
 }
@@ -125,7 +209,13 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub transport: Arc<Transport>,
     pub status: Mutex<Status>,
-    pub local_writes: Arc<Notify>,
+    pub local_writes: Arc<LocalWrites>,
+    /// Set by the engine task while writers should be pushed back.
+    pub overloaded: AtomicBool,
+    /// Cleared when the engine task ends.
+    pub engine_alive: AtomicBool,
+    /// Writes refused because of [`Shared::overloaded`].
+    pub writes_refused: AtomicU64,
     /// Changes applied from peers; a lagging subscriber misses notices, never blocks the node.
     pub applied: tokio::sync::broadcast::Sender<AppliedNotice>,
     pub started: Instant,
@@ -155,14 +245,34 @@ fn resolve(address: &str) -> Result<SocketAddr, NodeError> {
         .ok_or_else(|| NodeError::Address(address.to_owned()))
 }
 
-/// Runs the node until `shutdown` completes.
+/// Runs the node until `shutdown` completes. Returns an error, after stopping what still
+/// runs, if the engine task or a binding dies first: a node that no longer replicates must
+/// not go on acknowledging writes.
 pub async fn run(
     node: Arc<Node>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let running = start(node).await?;
-    shutdown.await;
-    running.stop().await
+    tokio::pin!(shutdown);
+    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+    let failure = loop {
+        tokio::select! {
+            () = &mut shutdown => break None,
+            _ = watchdog.tick() => {
+                if let Some(failure) = running.failure() {
+                    break Some(failure);
+                }
+            }
+        }
+    };
+    if let Some(failure) = &failure {
+        tracing::error!(%failure, "stopping the node");
+    }
+    running.stop().await?;
+    match failure {
+        Some(failure) => Err(NodeError::Failed(failure)),
+        None => Ok(()),
+    }
 }
 
 /// A started node: its shared handles, and what [`Running::stop`] needs.
@@ -170,6 +280,7 @@ pub struct Running {
     pub shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     engine_task: tokio::task::JoinHandle<()>,
+    stop_engine: Option<tokio::sync::oneshot::Sender<()>>,
     api_task: tokio::task::JoinHandle<()>,
     stop_api: tokio::sync::oneshot::Sender<()>,
     bindings: Vec<crate::adapters::driver::RunningBinding>,
@@ -187,11 +298,11 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         .map_err(|error| NodeError::Transport(error.to_string()))?;
     // Bindings start first: a binding that does not fit its table stops the node here, with
     // the reason, before anything else runs. Their writes wake the engine like the API's.
-    let local_writes = Arc::new(Notify::new());
+    let local_writes = Arc::new(LocalWrites::default());
     let mut bindings = Vec::new();
     for binding in &config.bindings {
         let wake_engine = local_writes.clone();
-        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || wake_engine.notify_one());
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || wake_engine.wrote());
         let started = tokio::task::block_in_place(|| {
             crate::adapters::driver::start(binding, node.clone(), wake)
         });
@@ -227,6 +338,9 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
             ..Status::default()
         }),
         local_writes,
+        overloaded: AtomicBool::new(false),
+        engine_alive: AtomicBool::new(true),
+        writes_refused: AtomicU64::new(0),
         applied: tokio::sync::broadcast::channel(APPLIED_NOTICES_BUFFERED).0,
         started: Instant::now(),
         bindings: bindings
@@ -244,10 +358,13 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     }
     let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
     engine_config.policy_hash = node.policies().hash();
+    let driver = Driver::new(Engine::new(engine_config), node.documents());
+    let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
     let engine_task = tokio::spawn(drive_engine(
         shared.clone(),
-        Engine::new(engine_config),
+        driver,
         events_rx,
+        engine_stopped,
     ));
     let router = super::api::router(shared.clone());
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -264,6 +381,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         shared,
         tasks,
         engine_task,
+        stop_engine: Some(stop_engine),
         api_task,
         stop_api,
         bindings,
@@ -279,7 +397,7 @@ impl Running {
     ) -> Result<bool, NodeError> {
         let changed = self.shared.node.put(id, write)?;
         if changed {
-            self.shared.local_writes.notify_one();
+            self.shared.local_writes.wrote();
         }
         Ok(changed)
     }
@@ -289,12 +407,24 @@ impl Running {
         self.shared.applied.subscribe()
     }
 
+    /// Why the node cannot go on, if it cannot: its engine task or a binding died.
+    pub fn failure(&self) -> Option<String> {
+        if self.engine_task.is_finished() {
+            return Some("the replication engine stopped unexpectedly".to_owned());
+        }
+        self.bindings
+            .iter()
+            .find(|binding| binding.failed())
+            .map(|binding| format!("binding {} stopped unexpectedly", binding.name()))
+    }
+
     /// Says goodbye to every peer, stops, and makes the store durable.
     pub async fn stop(self) -> Result<(), NodeError> {
         let Running {
             shared,
             tasks,
             engine_task,
+            stop_engine,
             api_task,
             stop_api,
             bindings,
@@ -316,97 +446,128 @@ impl Running {
         for task in tasks {
             task.abort();
         }
+        if let Some(stop_engine) = stop_engine {
+            let _ = stop_engine.send(());
+        }
+        match tokio::time::timeout(ENGINE_SHUTDOWN_WAIT, engine_task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) if error.is_panic() => {
+                tracing::error!("the replication engine had panicked");
+            }
+            Ok(Err(_)) => {}
+            Err(_) => tracing::warn!("the replication engine did not stop in time"),
+        }
         transport
             .close_all(Goodbye {
                 reason: GoodbyeReason::Shutdown,
                 detail: "node shutting down".to_owned(),
             })
             .await;
-        engine_task.abort();
         node.documents().sync()?;
         tracing::info!("stopped; every acknowledged write is durable");
         Ok(())
     }
 }
 
-/// The engine's task: one event at a time, actions carried out at once.
+/// The engine's task: every waiting event at once, through the driver, and the frames out.
 async fn drive_engine(
     shared: Arc<Shared>,
-    mut engine: Engine,
+    mut driver: Driver,
     mut events: mpsc::Receiver<TransportEvent>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
+    // Whatever ends this task, writers are refused from then on.
+    struct Alive<'a>(&'a Shared);
+    impl Drop for Alive<'_> {
+        fn drop(&mut self) {
+            self.0.engine_alive.store(false, Ordering::Release);
+        }
+    }
+    let _alive = Alive(&shared);
     let node = shared.node.clone();
-    let own = node.id();
-    let mut pushed_up_to = node.documents().origin_mark(&own);
-    let mut local_pushed = 0u64;
-    let mut connections: BTreeMap<crate::record::NodeId, u64> = BTreeMap::new();
+    let mut backlog = Backlog::default();
     loop {
         let now = shared.started.elapsed();
-        let deadline = engine
+        let deadline = driver
             .poll_timeout()
             .unwrap_or(now + sync::SUMMARY_INTERVAL_DEFAULT);
         let sleep = tokio::time::sleep(deadline.saturating_sub(now));
-        let mut inputs: Vec<Event> = Vec::new();
+        let mut inputs: Vec<Input> = Vec::new();
         tokio::select! {
+            _ = &mut stop => return,
             event = events.recv() => {
                 let Some(event) = event else { return };
-                match event {
-                    TransportEvent::Up { peer, connection } => {
-                        if connections.insert(peer, connection).is_some() {
-                            inputs.push(Event::PeerDisconnected(peer));
-                        }
-                        inputs.push(Event::PeerConnected(peer));
-                    }
-                    TransportEvent::Down { peer, connection } => {
-                        if connections.get(&peer) == Some(&connection) {
-                            connections.remove(&peer);
-                            inputs.push(Event::PeerDisconnected(peer));
-                        }
-                    }
-                    TransportEvent::Received { peer, message } => inputs.push(Event::Received(peer, message)),
-                    TransportEvent::Writable { peer } => inputs.push(Event::PeerWritable(peer)),
-                }
+                inputs.push(input_of(event));
             }
-            () = shared.local_writes.notified() => {
-                let changes = tokio::task::block_in_place(|| node.documents().log_after(&own, pushed_up_to, LOCAL_PUSH_CHANGES_MAX));
-                match changes {
-                    Ok(changes) => {
-                        if let Some(last) = changes.last() {
-                            pushed_up_to = last.sequence;
-                            local_pushed += changes.len() as u64;
-                            if changes.len() == LOCAL_PUSH_CHANGES_MAX {
-                                shared.local_writes.notify_one();
-                            }
-                            inputs.push(Event::LocalChanges(changes));
-                        }
-                    }
-                    Err(error) => tracing::error!(%error, "cannot read the local log"),
-                }
-            }
-            () = sleep => inputs.push(Event::Timeout),
+            () = shared.local_writes.notify.notified() => {}
+            () = sleep => {}
         }
-        for input in inputs {
-            let now = shared.started.elapsed();
-            let actions =
-                tokio::task::block_in_place(|| engine.handle(now, input, node.documents()));
-            match actions {
-                Ok(actions) => carry_out(&shared, actions),
-                Err(error) => tracing::error!(%error, "replication step failed"),
+        while inputs.len() < ENGINE_EVENTS_PER_STEP_MAX {
+            match events.try_recv() {
+                Ok(event) => inputs.push(input_of(event)),
+                Err(_) => break,
             }
         }
-        refresh_status(&shared, &engine, local_pushed);
+        if shared.local_writes.take() {
+            inputs.push(Input::LocalWrites);
+        }
+        let now = shared.started.elapsed();
+        if now >= deadline {
+            inputs.push(Input::Timeout);
+        }
+        #[cfg(feature = "sabotage")]
+        if crate::sabotage_from_env("CONCORD_SABOTAGE_ENGINE_PANIC") {
+            panic!("sabotage: the engine task dies on purpose");
+        }
+        let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
+        carry_out(&shared, outputs);
+        let waiting = events.len();
+        refresh_status(&shared, &driver, &mut backlog, waiting);
     }
 }
 
-fn carry_out(shared: &Shared, actions: Vec<Action>) {
-    for action in actions {
-        match action {
-            Action::Send(peer, message) => shared.transport.send(&peer, message),
-            Action::Disconnect(peer, goodbye) => {
+fn input_of(event: TransportEvent) -> Input {
+    match event {
+        TransportEvent::Up { peer, connection } => Input::Up { peer, connection },
+        TransportEvent::Down { peer, connection } => Input::Down { peer, connection },
+        TransportEvent::Received {
+            peer,
+            connection,
+            message,
+        } => Input::Received {
+            peer,
+            connection,
+            message,
+        },
+        TransportEvent::Drained {
+            peer,
+            connection,
+            bytes,
+        } => Input::Drained {
+            peer,
+            connection,
+            bytes,
+        },
+    }
+}
+
+fn carry_out(shared: &Shared, outputs: Vec<Output>) {
+    for output in outputs {
+        match output {
+            Output::Send {
+                peer,
+                connection,
+                frame,
+            } => shared.transport.send(&peer, connection, frame),
+            Output::Disconnect {
+                peer,
+                connection,
+                goodbye,
+            } => {
                 tracing::warn!(%peer, reason = ?goodbye.reason, detail = %goodbye.detail, "disconnecting peer");
-                shared.transport.disconnect(&peer, goodbye);
+                shared.transport.disconnect(&peer, connection, goodbye);
             }
-            Action::Applied { from, changes } => {
+            Output::Applied { from, changes } => {
                 tracing::debug!(%from, count = changes.len(), "applied changes");
                 if shared.applied.receiver_count() > 0 {
                     let at = Instant::now();
@@ -425,8 +586,66 @@ fn carry_out(shared: &Shared, actions: Vec<Action>) {
     }
 }
 
-fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
+/// Which peers keep up with this node's own writes, and whether writers are pushed back.
+#[derive(Debug, Default)]
+struct Backlog {
+    keeping_up: std::collections::BTreeSet<crate::record::NodeId>,
+    engine_busy: bool,
+}
+
+impl Backlog {
+    /// Weighs the engine's queue and each ready peer's lag on this node's own log; returns
+    /// why writers should wait, if they should.
+    fn weigh(&mut self, engine: &Engine, own_mark: u64, waiting: usize) -> Option<String> {
+        if waiting >= ENGINE_QUEUE_BUSY {
+            self.engine_busy = true;
+        } else if waiting < ENGINE_QUEUE_CALM {
+            self.engine_busy = false;
+        }
+        let own = engine.node();
+        let ready = engine.ready_peers();
+        self.keeping_up.retain(|peer| ready.contains(peer));
+        let mut behind = None;
+        for peer in ready {
+            let Some(theirs) = engine.reported_mark(&peer, &own) else {
+                continue;
+            };
+            let lacking = own_mark.saturating_sub(theirs);
+            if lacking <= KEEPING_UP_CHANGES {
+                self.keeping_up.insert(peer);
+            } else if lacking > OWN_BACKLOG_LET_GO && self.keeping_up.remove(&peer) {
+                tracing::warn!(
+                    %peer,
+                    lacking,
+                    "the peer cannot keep up with this node's writes: it is caught up in the \
+                     background and no longer holds writers back"
+                );
+            } else if lacking > OWN_BACKLOG_CHANGES_MAX && self.keeping_up.contains(&peer) {
+                behind = Some(format!(
+                    "peer {peer} lacks {lacking} of this node's changes (more than \
+                     {OWN_BACKLOG_CHANGES_MAX})"
+                ));
+            }
+        }
+        if self.engine_busy {
+            return Some(format!("{waiting} messages from peers wait to be applied"));
+        }
+        behind
+    }
+}
+
+fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiting: usize) {
+    let engine = driver.engine();
     let marks = shared.node.documents().origin_marks();
+    let own = shared.node.id();
+    let own_mark = marks
+        .iter()
+        .find(|(origin, _)| *origin == own)
+        .map_or(0, |(_, mark)| *mark);
+    let overloaded = backlog.weigh(engine, own_mark, waiting);
+    shared
+        .overloaded
+        .store(overloaded.is_some(), Ordering::Release);
     let ready = engine.ready_peers();
     let peers = shared
         .transport
@@ -442,6 +661,8 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
             },
             lag: engine.lag(&peer, &marks),
             policies: engine.peer_policies(&peer).as_str(),
+            queued_bytes: driver.queued(&peer),
+            keeping_up: backlog.keeping_up.contains(&peer),
         })
         .collect();
     let mut status = shared
@@ -449,6 +670,8 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
+    status.overloaded = overloaded;
+    status.writes_refused = shared.writes_refused.load(Ordering::Relaxed);
     // This runs after every engine step: the counts by policy are worked out again only
     // when a conflict was counted since the last step.
     let stats = engine.stats();
@@ -457,10 +680,22 @@ fn refresh_status(shared: &Shared, engine: &Engine, local_pushed: u64) {
     } else {
         conflicts_by_policy(stats, shared.node.policies())
     };
-    status.engine = EngineStats::from(stats, local_pushed, by_policy);
+    status.engine = EngineStats::from(engine, driver.stats(), by_policy);
 }
 
 impl Shared {
+    /// Whether a write may be tried now. Counts the refusals.
+    pub fn admit_write(&self) -> Result<(), Refusal> {
+        if !self.engine_alive.load(Ordering::Acquire) {
+            return Err(Refusal::EngineDown);
+        }
+        if self.overloaded.load(Ordering::Acquire) {
+            self.writes_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::Overloaded);
+        }
+        Ok(())
+    }
+
     /// The status as of now: the engine's part as of its last step, the bindings' counters
     /// read live (a binding's work does not always wake the engine after it is counted).
     pub fn status_now(&self) -> Status {
@@ -491,7 +726,7 @@ pub fn metrics_text(shared: &Shared) -> String {
     let written = shared.node.documents().origin_mark(&own);
     let relaxed = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let engine = &status.engine;
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: Vec<(&str, &str, u64)> = vec![
         (
             "concord_changes_written_total",
             "Changes written on this node.",
@@ -533,9 +768,29 @@ pub fn metrics_text(shared: &Shared) -> String {
             relaxed(&stats.bytes_received),
         ),
         (
-            "concord_messages_dropped_total",
-            "Messages dropped because a peer's queue was full.",
-            relaxed(&stats.messages_dropped),
+            "concord_frames_overflowed_total",
+            "Frames refused by a full connection queue (a bug; the connection is closed).",
+            relaxed(&stats.frames_overflowed),
+        ),
+        (
+            "concord_engine_step_errors_total",
+            "Replication engine steps that failed with a store error.",
+            engine.step_errors,
+        ),
+        (
+            "concord_writes_refused_total",
+            "Writes refused with 503 because the node could not keep up.",
+            status.writes_refused,
+        ),
+        (
+            "concord_held_dropped_total",
+            "Changes held for missing dependencies and given up (their senders send them again).",
+            engine.held_dropped,
+        ),
+        (
+            "concord_requests_dropped_total",
+            "Document and repair requests not queued because a peer's queue of them was full.",
+            engine.requests_dropped,
         ),
         (
             "concord_frames_refused_total",
@@ -606,6 +861,23 @@ pub fn metrics_text(shared: &Shared) -> String {
         text.push_str(&format!(
             "concord_conflicts_total{{collection=\"{}\",policy=\"{}\"}} {}\n",
             conflict.collection, conflict.policy, conflict.count
+        ));
+    }
+    let gauges = [
+        (
+            "concord_held_changes",
+            "Changes held now for missing dependencies.",
+            engine.held_now as u64,
+        ),
+        (
+            "concord_overloaded",
+            "1 while writers are pushed back (503) because the node cannot keep up.",
+            u64::from(status.overloaded.is_some()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         ));
     }
     text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use automerge::{transaction::Transactable, ChangeHash, ReadDoc, ScalarValue, Value, ROOT};
 use serde_json::{Map, Value as Json};
 
-use super::value::{check_value, put_value, scalar_to_json, to_json};
+use super::value::{check_value, put_value, scalar_to_json, to_json, ValueWeight};
 use super::RecordError;
 
 /// The tombstone key.
@@ -29,6 +29,13 @@ pub const RESERVED_FIELD_PREFIX: char = '@';
 pub const FIELD_NAME_BYTES_MAX: usize = 256;
 /// Most fields one write may set or remove.
 pub const FIELDS_PER_WRITE_MAX: usize = 1024;
+/// Most values (scalars, objects, array items) one write may hold: each is at least one
+/// Automerge operation, and a write holds the store's lock while Automerge builds its change
+/// (100,000 list items take about a tenth of a second), so one huge write cannot hold up
+/// every other writer for seconds.
+pub const VALUES_PER_WRITE_MAX: usize = 100_000;
+/// Largest change a write may make: the one limit every way in shares with the wire.
+pub const CHANGE_BYTES_MAX: usize = concord_proto::CHANGE_BYTES_MAX;
 
 /// What a write does to a record's fields.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -60,12 +67,28 @@ impl RecordWrite {
                 fields_max: FIELDS_PER_WRITE_MAX,
             });
         }
+        let mut weight = ValueWeight::default();
         for (field, value) in &self.set {
             check_field_name(field)?;
             check_value(field, value)?;
+            weight.add(ValueWeight::of(field, value));
         }
         for field in &self.remove {
             check_field_name(field)?;
+        }
+        // Text is carried into the change byte for byte, so these refuse, before anything is
+        // built, a write whose change could never be sent; the store checks the change made.
+        if weight.bytes > CHANGE_BYTES_MAX {
+            return Err(RecordError::WriteTooLarge {
+                size: weight.bytes,
+                size_max: CHANGE_BYTES_MAX,
+            });
+        }
+        if weight.values > VALUES_PER_WRITE_MAX {
+            return Err(RecordError::TooManyValues {
+                count: weight.values,
+                count_max: VALUES_PER_WRITE_MAX,
+            });
         }
         Ok(())
     }

@@ -26,6 +26,16 @@ pub enum RecordError {
     ValueTooDeep { field: String, depth_max: usize },
     #[error("a write may touch at most {fields_max} fields; this one touches {count}")]
     TooManyFields { count: usize, fields_max: usize },
+    #[error(
+        "this write holds {size} bytes of text; one change may be at most {size_max} bytes \
+         (4 MiB less 4 KiB), so the write was refused and nothing was stored"
+    )]
+    WriteTooLarge { size: usize, size_max: usize },
+    #[error(
+        "this write holds {count} values (strings, numbers, objects, array items); one write may \
+         hold at most {count_max}, so it was refused and nothing was stored"
+    )]
+    TooManyValues { count: usize, count_max: usize },
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
 }

@@ -14,6 +14,45 @@ use super::RecordError;
 /// Deepest nesting of objects and arrays inside one field value.
 pub const VALUE_DEPTH_MAX: usize = 32;
 
+/// What a JSON value costs to write: how many values it holds (each is at least one Automerge
+/// operation) and how many bytes of strings and keys (which a change carries as they are).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValueWeight {
+    pub values: usize,
+    pub bytes: usize,
+}
+
+impl ValueWeight {
+    /// The weight of `value`, written under a field named `field`.
+    pub fn of(field: &str, value: &Json) -> Self {
+        fn walk(value: &Json, weight: &mut ValueWeight) {
+            weight.values += 1;
+            match value {
+                Json::String(text) => weight.bytes += text.len(),
+                Json::Array(items) => items.iter().for_each(|item| walk(item, weight)),
+                Json::Object(map) => {
+                    for (key, item) in map {
+                        weight.bytes += key.len();
+                        walk(item, weight);
+                    }
+                }
+                Json::Null | Json::Bool(_) | Json::Number(_) => {}
+            }
+        }
+        let mut weight = ValueWeight {
+            values: 0,
+            bytes: field.len(),
+        };
+        walk(value, &mut weight);
+        weight
+    }
+
+    pub fn add(&mut self, other: Self) {
+        self.values += other.values;
+        self.bytes += other.bytes;
+    }
+}
+
 /// Checks a value against the limits before anything is written.
 pub fn check_value(field: &str, value: &Json) -> Result<(), RecordError> {
     fn depth(value: &Json) -> usize {

@@ -19,6 +19,7 @@ use super::digest::DigestTree;
 use super::group_commit::GroupCommit;
 use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
+use crate::record::document::CHANGE_BYTES_MAX;
 use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
 use crate::record::stamp::{self, ChangeStamp};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
@@ -135,6 +136,14 @@ impl OriginProgress {
     }
 }
 
+/// A change applied to a session's copy of a document, to be queued for the store.
+pub(super) struct NewChange {
+    pub(super) hash: ChangeHash,
+    pub(super) place: LogPlace,
+    /// Its encoding, when the caller has it.
+    pub(super) bytes: Option<Vec<u8>>,
+}
+
 /// Where a change goes in the replication log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LogPlace {
@@ -168,7 +177,7 @@ pub struct WriteSession<'a, S: Store> {
     working: BTreeMap<Vec<u8>, Loaded>,
     next_log_sequence: u64,
     /// Log places queued in this session, applied to `Inner::origins` on commit.
-    pub(super) places: Vec<(NodeId, u64)>,
+    pub(super) places: std::collections::HashSet<(NodeId, u64)>,
     /// Head changes queued in this session, applied to `Inner::digest` on commit.
     heads_changed: Vec<(Vec<u8>, Vec<ChangeHash>, Vec<ChangeHash>)>,
     /// Change in the number of live records, applied to `Inner::live_records` on commit.
@@ -311,7 +320,7 @@ impl<S: Store> DocStore<S> {
             batch: Batch::default(),
             working: BTreeMap::new(),
             next_log_sequence,
-            places: Vec::new(),
+            places: std::collections::HashSet::new(),
             heads_changed: Vec::new(),
             live_delta: 0,
         }
@@ -587,6 +596,7 @@ impl<S: Store> WriteSession<'_, S> {
         let docs = self.docs;
         let loaded = self.document(&doc_key)?;
         let stamp = docs.stamp(actor, &loaded.doc, time_ms);
+        let before = loaded.doc.get_heads();
         loaded.doc.set_actor(actor.clone());
         let mut transaction = loaded.doc.transaction();
         let value = match edit(&mut transaction) {
@@ -611,7 +621,34 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
-        let heads = self.queue_new_changes(&doc_key, &[hash], LogPlace::Local, None)?;
+        let bytes = loaded
+            .doc
+            .get_change_by_hash(&hash)
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("change {hash} vanished from its document"))
+            })?
+            .raw_bytes()
+            .to_vec();
+        if bytes.len() > CHANGE_BYTES_MAX {
+            // A change no peer could be sent is never stored: the document goes back to what
+            // it was, and nothing of it was queued.
+            loaded.doc = loaded
+                .doc
+                .fork_at(&before)
+                .map_err(|error| StoreError::Corrupt(format!("undoing a change: {error}")))?;
+            return Err(StoreError::ChangeTooLarge {
+                size: bytes.len(),
+                size_max: CHANGE_BYTES_MAX,
+            });
+        }
+        let heads = self.queue_new_changes(
+            &doc_key,
+            vec![NewChange {
+                hash,
+                place: LogPlace::Local,
+                bytes: Some(bytes),
+            }],
+        )?;
         Ok((
             value,
             WriteOutcome {
@@ -630,6 +667,15 @@ impl<S: Store> WriteSession<'_, S> {
         let doc_key = id.to_doc_key();
         let loaded = self.document(&doc_key)?;
         let incoming_changes = loaded.doc.get_changes_added(incoming);
+        if let Some(oversized) = incoming_changes
+            .iter()
+            .find(|change| change.raw_bytes().len() > CHANGE_BYTES_MAX)
+        {
+            return Err(StoreError::ChangeTooLarge {
+                size: oversized.raw_bytes().len(),
+                size_max: CHANGE_BYTES_MAX,
+            });
+        }
         self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)
     }
 
@@ -661,22 +707,28 @@ impl<S: Store> WriteSession<'_, S> {
                 heads: loaded.doc.get_heads(),
             });
         }
-        let heads = self.queue_new_changes(doc_key, &new_hashes, place, None)?;
+        let new = new_hashes
+            .iter()
+            .map(|hash| NewChange {
+                hash: *hash,
+                place,
+                bytes: None,
+            })
+            .collect();
+        let heads = self.queue_new_changes(doc_key, new)?;
         Ok(ImportOutcome {
             new_changes: new_hashes.len(),
             heads,
         })
     }
 
-    /// Queues the changes `new_hashes`, already applied to the cached document, with the
-    /// document's new stored form and their log entries, compacting when due. `encoded` is
-    /// the encoding of a single new change when the caller has it, which saves re-encoding it.
+    /// Queues `new` changes, already applied to the session's copy of the document, with the
+    /// document's new stored form and their log entries, compacting when due. A change's
+    /// `bytes`, when the caller has them, save encoding it again.
     pub(super) fn queue_new_changes(
         &mut self,
         doc_key: &[u8],
-        new_hashes: &[ChangeHash],
-        place: LogPlace,
-        encoded: Option<Vec<u8>>,
+        new: Vec<NewChange>,
     ) -> Result<Vec<ChangeHash>, StoreError> {
         let compact_after_changes = self.docs.config.compact_after_changes as usize;
         let loaded = self
@@ -693,20 +745,31 @@ impl<S: Store> WriteSession<'_, S> {
         stored.set_record_state(document::state(&loaded.doc));
         let is_live = counts_as_live(doc_key, stored.record_state());
         self.live_delta += i64::from(is_live) - i64::from(was_live);
-        match (encoded, new_hashes) {
-            (Some(bytes), [_]) => stored.changes.push(bytes),
-            _ => {
-                for hash in new_hashes {
-                    let change = loaded.doc.get_change_by_hash(hash).ok_or_else(|| {
-                        StoreError::Corrupt(format!("change {hash} vanished from its document"))
-                    })?;
-                    stored.changes.push(change.raw_bytes().to_vec());
-                }
+        let mut places = Vec::with_capacity(new.len());
+        // Changes that a compaction folds into the snapshot anyway are not encoded one by one.
+        let compacting = stored.changes.len() + new.len() >= compact_after_changes;
+        for change in new {
+            places.push((change.hash, change.place));
+            if compacting {
+                continue;
             }
+            let bytes = match change.bytes {
+                Some(bytes) => bytes,
+                None => loaded
+                    .doc
+                    .get_change_by_hash(&change.hash)
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "change {} vanished from its document",
+                            change.hash
+                        ))
+                    })?
+                    .raw_bytes()
+                    .to_vec(),
+            };
+            stored.changes.push(bytes);
         }
-        if stored.changes.len() >= compact_after_changes
-            || stored.appended_bytes() >= COMPACT_AFTER_BYTES
-        {
+        if compacting || stored.appended_bytes() >= COMPACT_AFTER_BYTES {
             let snapshot = loaded.doc.save();
             stored.changes.clear();
             if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
@@ -721,8 +784,8 @@ impl<S: Store> WriteSession<'_, S> {
         }
         self.batch
             .put(layout::doc_key(doc_key), layout::encode(&*stored));
-        for hash in new_hashes {
-            self.queue_log_entry(doc_key, hash, place);
+        for (hash, place) in places {
+            self.queue_log_entry(doc_key, &hash, place);
         }
         Ok(heads)
     }
@@ -765,7 +828,7 @@ impl<S: Store> WriteSession<'_, S> {
         };
         self.batch
             .put(layout::log_key(&origin, sequence), layout::encode(&entry));
-        self.places.push((origin, sequence));
+        self.places.insert((origin, sequence));
     }
 
     /// Whether the log holds `(origin, sequence)`, counting this session's queued entries.
@@ -775,6 +838,16 @@ impl<S: Store> WriteSession<'_, S> {
             .get(origin)
             .is_some_and(|progress| progress.holds(sequence))
             || self.places.contains(&(*origin, sequence))
+    }
+
+    /// Drops the session's copy of a document that nothing was queued for yet, as after an
+    /// edit that failed halfway: the next touch loads it from the store again.
+    pub(super) fn forget(&mut self, doc_key: &[u8]) {
+        assert!(
+            !self.heads_changed.iter().any(|(key, _, _)| key == doc_key),
+            "a document with queued writes is never forgotten"
+        );
+        self.working.remove(doc_key);
     }
 
     /// Queues a write of the node's own state (`name` under the meta space, not a record): it
@@ -1106,6 +1179,9 @@ mod tests {
         assert_eq!(first.get("f0"), Some(&json!(0)));
         assert_eq!(first.get("f5"), Some(&json!(5)));
         // Every log entry names a change its document holds.
-        assert_eq!(reopened.log_after(&node, 0, 100).unwrap().len(), 10);
+        assert_eq!(
+            reopened.log_after(&node, 0, 100, usize::MAX).unwrap().len(),
+            10
+        );
     }
 }

@@ -103,6 +103,11 @@ pub enum StoreError {
     Record(#[from] RecordError),
     #[error("not an Automerge document: {0}")]
     InvalidDocument(String),
+    #[error(
+        "a change of {size} bytes is over the limit of {size_max} bytes (4 MiB less 4 KiB); \
+         nothing was stored"
+    )]
+    ChangeTooLarge { size: usize, size_max: usize },
     #[error("this store belongs to node {stored}, not to node {expected}")]
     WrongNode { stored: String, expected: String },
     #[error("a write session may touch at most {0} documents")]

@@ -7,12 +7,12 @@
 //! logged, so it is asked for again rather than lost; everything applied is durable before
 //! [`DocStore::apply_remote`] returns, so it can be relayed at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::{Change, ChangeHash, ReadDoc};
 
 use super::digest::{self, Aggregate};
-use super::documents::{for_each_entry, LogPlace};
+use super::documents::{for_each_entry, LogPlace, NewChange};
 use super::layout;
 use super::{DocStore, Durability, Store, StoreError};
 use crate::record::{document, NodeId, RecordId};
@@ -26,6 +26,9 @@ pub struct LoggedChange {
     /// The change in Automerge's binary change format.
     pub change: Vec<u8>,
 }
+
+/// One document's changes in a batch from a peer, parsed, in arrival order.
+type Group = Vec<(LoggedChange, Change)>;
 
 /// A document key and its heads.
 pub type DocumentHeadsEntry = (Vec<u8>, Vec<ChangeHash>);
@@ -70,78 +73,84 @@ impl<S: Store> DocStore<S> {
             .map_or(0, |progress| progress.contiguous)
     }
 
-    /// Up to `limit` entries of `origin`'s log after `after`, with their change bytes.
+    /// Entries of `origin`'s log after `after`, with their change bytes: at most `limit`, and
+    /// no more once `bytes_max` bytes of changes are gathered (the entry that crosses it is
+    /// included, so a page is never empty while the log has entries).
     pub fn log_after(
         &self,
         origin: &NodeId,
         after: u64,
         limit: usize,
+        bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
-        let mut found: Vec<Option<Vec<u8>>> = Vec::with_capacity(entries.len());
-        // Changes compacted into a snapshot need their document loaded: group them by
-        // document so a page loads each document once, whatever the cache's size.
-        let mut compacted: BTreeMap<&[u8], Vec<usize>> = BTreeMap::new();
-        for (index, (_, entry)) in entries.iter().enumerate() {
-            let bytes = self.appended_change(&entry.doc_key, &ChangeHash(entry.hash))?;
-            if bytes.is_none() {
-                compacted.entry(&entry.doc_key).or_default().push(index);
+        let mut found = Vec::with_capacity(entries.len());
+        let mut bytes = 0usize;
+        // Appended changes are read from their document's stored value, once per document
+        // per page; a change compacted into a snapshot needs its document loaded.
+        let mut stored_docs: HashMap<Vec<u8>, Option<layout::StoredDoc>> = HashMap::new();
+        for (sequence, entry) in entries {
+            if !found.is_empty() && bytes >= bytes_max {
+                break;
             }
-            found.push(bytes);
-        }
-        if !compacted.is_empty() {
-            let mut inner = self.inner();
-            for (doc_key, indexes) in compacted {
-                let loaded = self.loaded(&mut inner, doc_key)?;
-                for index in indexes {
-                    let (sequence, entry) = &entries[index];
-                    let change = loaded
+            if !stored_docs.contains_key(&entry.doc_key) {
+                let stored = self
+                    .backend()
+                    .get(&layout::doc_key(&entry.doc_key))?
+                    .map(|value| layout::decode::<layout::StoredDoc>("document", &value))
+                    .transpose()?;
+                stored_docs.insert(entry.doc_key.clone(), stored);
+            }
+            let hash = ChangeHash(entry.hash);
+            let appended = stored_docs[&entry.doc_key].as_ref().and_then(|stored| {
+                stored
+                    .changes
+                    .iter()
+                    .find(|change| layout::change_hash(change).as_ref() == Some(&hash))
+                    .cloned()
+            });
+            let change = match appended {
+                Some(change) => change,
+                None => {
+                    let mut inner = self.inner();
+                    let loaded = self.loaded(&mut inner, &entry.doc_key)?;
+                    loaded
                         .doc
-                        .get_change_by_hash(&ChangeHash(entry.hash))
+                        .get_change_by_hash(&hash)
                         .ok_or_else(|| {
                             StoreError::Corrupt(format!(
                                 "log entry {origin}:{sequence} names a change its document lacks"
                             ))
-                        })?;
-                    found[index] = Some(change.raw_bytes().to_vec());
+                        })?
+                        .raw_bytes()
+                        .to_vec()
                 }
-            }
-        }
-        Ok(entries
-            .into_iter()
-            .zip(found)
-            .map(|((sequence, entry), change)| LoggedChange {
+            };
+            bytes += change.len();
+            found.push(LoggedChange {
                 origin: *origin,
                 sequence,
                 doc_key: entry.doc_key,
-                change: change.expect("every entry was found above or failed"),
-            })
-            .collect())
+                change,
+            });
+        }
+        Ok(found)
     }
 
-    /// A change still among a document's appended changes, read straight from its stored
-    /// value: no document is loaded, which is what makes streaming a log fast.
-    fn appended_change(
-        &self,
-        doc_key: &[u8],
-        hash: &ChangeHash,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(bytes) = self.backend().get(&layout::doc_key(doc_key))? else {
-            return Ok(None);
-        };
-        let stored: layout::StoredDoc = layout::decode("document", &bytes)?;
-        Ok(stored
-            .changes
-            .into_iter()
-            .find(|change| layout::change_hash(change).as_ref() == Some(hash)))
-    }
-
-    /// Applies changes received from a peer, durably, and says what became of each.
+    /// Applies changes received from a peer and says what became of each. Changes to one
+    /// document are applied together, in one Automerge call, and the document is saved once.
+    /// Not yet durable when it returns: the caller makes it so ([`DocStore::sync`]) before
+    /// anything that depends on these changes leaves the node.
     pub fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
         let mut session = self.session();
+        let mut groups: Vec<(Vec<u8>, Group)> = Vec::new();
+        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut seen: HashSet<(NodeId, u64)> = HashSet::new();
         for logged in changes {
-            if session.log_holds(&logged.origin, logged.sequence) {
+            if session.log_holds(&logged.origin, logged.sequence)
+                || !seen.insert((logged.origin, logged.sequence))
+            {
                 report.duplicates += 1;
                 continue;
             }
@@ -156,82 +165,199 @@ impl<S: Store> DocStore<S> {
                     continue;
                 }
             };
-            let hash = change.hash();
+            let index = *group_of.entry(logged.doc_key.clone()).or_insert_with(|| {
+                groups.push((logged.doc_key.clone(), Vec::new()));
+                groups.len() - 1
+            });
+            groups[index].1.push((logged, change));
+        }
+        for (doc_key, group) in groups {
+            self.apply_group(&mut session, &doc_key, group, &mut report)?;
+        }
+        session.commit(Durability::Deferred)?;
+        Ok(report)
+    }
+
+    /// Applies one document's share of [`DocStore::apply_remote`]: duplicates only record
+    /// their log place, changes whose dependencies are neither held nor among the group are
+    /// handed back, the rest are applied in dependency order in one call.
+    fn apply_group(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        group: Group,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
+        let loaded = session.document(doc_key)?;
+        let mut fresh: Vec<(LoggedChange, Change)> = Vec::with_capacity(group.len());
+        let mut duplicates = Vec::new();
+        for (logged, change) in group {
+            if document::holds_change(&loaded.doc, &change.hash()) {
+                duplicates.push((logged, change.hash()));
+            } else {
+                fresh.push((logged, change));
+            }
+        }
+        // Kahn's order over the group: a change is ready once each dependency is held or is
+        // a ready change of the group; one that waits on a hash found nowhere is blocked,
+        // and so is everything that waits on it.
+        let mut index_of: HashMap<ChangeHash, usize> = HashMap::with_capacity(fresh.len());
+        for (index, (_, change)) in fresh.iter().enumerate() {
+            index_of.entry(change.hash()).or_insert(index);
+        }
+        let mut unresolved = vec![0usize; fresh.len()];
+        let mut blocked = vec![false; fresh.len()];
+        let mut waiters: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (index, (_, change)) in fresh.iter().enumerate() {
+            for dependency in change.deps() {
+                if document::holds_change(&loaded.doc, dependency) {
+                    continue;
+                }
+                match index_of.get(dependency) {
+                    Some(&other) if other != index => {
+                        unresolved[index] += 1;
+                        waiters.entry(other).or_default().push(index);
+                    }
+                    _ => blocked[index] = true,
+                }
+            }
+        }
+        let mut queue: Vec<usize> = (0..fresh.len())
+            .filter(|&index| unresolved[index] == 0 && !blocked[index])
+            .collect();
+        let mut order = Vec::with_capacity(fresh.len());
+        let mut done = vec![false; fresh.len()];
+        while let Some(index) = queue.pop() {
+            if std::mem::replace(&mut done[index], true) {
+                continue;
+            }
+            order.push(index);
+            for &waiter in waiters.get(&index).map(Vec::as_slice).unwrap_or_default() {
+                unresolved[waiter] -= 1;
+                if unresolved[waiter] == 0 && !blocked[waiter] {
+                    queue.push(waiter);
+                }
+            }
+        }
+        for (logged, hash) in duplicates {
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            let loaded = session.document(&logged.doc_key)?;
-            if document::holds_change(&loaded.doc, &hash) {
-                session.queue_log_entry(&logged.doc_key, &hash, place);
-                report.duplicates += 1;
-                continue;
-            }
-            let missing = change
-                .deps()
-                .iter()
-                .any(|dependency| !document::holds_change(&loaded.doc, dependency));
-            if missing {
-                #[cfg(feature = "sabotage")]
-                if self.sabotage.drop_held_changes {
-                    session.queue_log_entry(&logged.doc_key, &hash, place);
-                    continue;
-                }
-                report.missing_dependencies.push(logged);
-                continue;
-            }
-            let loaded = session.document(&logged.doc_key)?;
-            // A change to an empty document cannot conflict with anything.
-            let was_empty = loaded.doc.get_heads().is_empty();
-            let conflicts_before = if was_empty {
-                BTreeSet::new()
-            } else {
-                document::conflicting_fields(&loaded.doc)
-            };
-            if let Err(error) = loaded.doc.apply_changes([change]) {
-                report.invalid.push((logged, error.to_string()));
-                continue;
-            }
-            if !was_empty {
-                let collection = String::from_utf8_lossy(&logged.doc_key);
-                let collection = collection.split('/').next().unwrap_or_default();
-                for field in document::conflicting_fields(&loaded.doc) {
-                    if !conflicts_before.contains(&field) {
-                        report.conflicts.push(NewConflict {
-                            collection: collection.to_owned(),
-                            field,
-                        });
-                    }
-                }
-            }
-            #[cfg(feature = "sabotage")]
-            if self.sabotage.log_twice && !session.log_holds(&logged.origin, logged.sequence + 1) {
-                let next = LogPlace::Remote {
-                    origin: logged.origin,
-                    sequence: logged.sequence + 1,
-                };
-                session.queue_log_entry(&logged.doc_key, &hash, next);
-            }
-            session.queue_new_changes(
-                &logged.doc_key,
-                &[hash],
-                place,
-                Some(logged.change.clone()),
-            )?;
-            report.applied.push(logged);
+            session.queue_log_entry(doc_key, &hash, place);
+            report.duplicates += 1;
         }
-        session.commit(Durability::Durable)?;
-        Ok(report)
+        let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
+        let ready: Vec<(LoggedChange, Change)> = order
+            .iter()
+            .filter_map(|&index| slots[index].take())
+            .collect();
+        for (logged, change) in slots.into_iter().flatten() {
+            #[cfg(feature = "sabotage")]
+            if self.sabotage.drop_held_changes {
+                let place = LogPlace::Remote {
+                    origin: logged.origin,
+                    sequence: logged.sequence,
+                };
+                session.queue_log_entry(doc_key, &change.hash(), place);
+                continue;
+            }
+            let _ = change;
+            report.missing_dependencies.push(logged);
+        }
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let loaded = session.document(doc_key)?;
+        // A change to an empty document cannot conflict with anything.
+        let was_empty = loaded.doc.get_heads().is_empty();
+        let conflicts_before = if was_empty {
+            BTreeSet::new()
+        } else {
+            document::conflicting_fields(&loaded.doc)
+        };
+        let applied = if loaded
+            .doc
+            .apply_changes(ready.iter().map(|(_, change)| change.clone()))
+            .is_ok()
+        {
+            ready
+        } else {
+            // One of them is invalid: start again from the stored document and apply them one
+            // at a time, so that only the invalid ones are refused.
+            session.forget(doc_key);
+            let loaded = session.document(doc_key)?;
+            let mut applied = Vec::with_capacity(ready.len());
+            for (logged, change) in ready {
+                match loaded.doc.apply_changes([change.clone()]) {
+                    Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => {
+                        applied.push((logged, change));
+                    }
+                    Ok(()) => report
+                        .invalid
+                        .push((logged, "its dependencies were refused".to_owned())),
+                    Err(error) => report.invalid.push((logged, error.to_string())),
+                }
+            }
+            applied
+        };
+        if applied.is_empty() {
+            return Ok(());
+        }
+        let loaded = session.document(doc_key)?;
+        if !was_empty {
+            let collection = String::from_utf8_lossy(doc_key);
+            let collection = collection.split('/').next().unwrap_or_default();
+            for field in document::conflicting_fields(&loaded.doc) {
+                if !conflicts_before.contains(&field) {
+                    report.conflicts.push(NewConflict {
+                        collection: collection.to_owned(),
+                        field,
+                    });
+                }
+            }
+        }
+        let mut new = Vec::with_capacity(applied.len());
+        for (logged, change) in &applied {
+            let place = LogPlace::Remote {
+                origin: logged.origin,
+                sequence: logged.sequence,
+            };
+            new.push(NewChange {
+                hash: change.hash(),
+                place,
+                bytes: Some(logged.change.clone()),
+            });
+        }
+        session.queue_new_changes(doc_key, new)?;
+        #[cfg(feature = "sabotage")]
+        if self.sabotage.log_twice {
+            for (logged, change) in &applied {
+                if !session.log_holds(&logged.origin, logged.sequence + 1) {
+                    let next = LogPlace::Remote {
+                        origin: logged.origin,
+                        sequence: logged.sequence + 1,
+                    };
+                    session.queue_log_entry(doc_key, &change.hash(), next);
+                }
+            }
+        }
+        report
+            .applied
+            .extend(applied.into_iter().map(|(logged, _)| logged));
+        Ok(())
     }
 
     /// Changes of a document that are not ancestors of `have` (hashes it does not know are
-    /// ignored), at most `limit`.
+    /// ignored), in dependency order: as many as fit in `bytes_max` bytes and `limit` changes.
+    /// Says whether that is all of them.
     pub fn document_changes(
         &self,
         doc_key: &[u8],
         have: &[ChangeHash],
         limit: usize,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        bytes_max: usize,
+    ) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
         let mut inner = self.inner();
         let loaded = self.loaded(&mut inner, doc_key)?;
         let known: Vec<ChangeHash> = have
@@ -239,17 +365,24 @@ impl<S: Store> DocStore<S> {
             .filter(|hash| document::holds_change(&loaded.doc, hash))
             .copied()
             .collect();
-        Ok(loaded
-            .doc
-            .get_changes(&known)
-            .iter()
-            .take(limit)
-            .map(|change| change.raw_bytes().to_vec())
-            .collect())
+        let all = loaded.doc.get_changes(&known);
+        let mut taken = Vec::new();
+        let mut bytes = 0usize;
+        for change in &all {
+            let size = change.raw_bytes().len();
+            if taken.len() >= limit || bytes + size > bytes_max {
+                break;
+            }
+            bytes += size;
+            taken.push(change.raw_bytes().to_vec());
+        }
+        let complete = taken.len() == all.len();
+        Ok((taken, complete))
     }
 
     /// Applies changes fetched for a document outside the log (dependencies asked for), in
-    /// any order: each is applied once its dependencies are. Returns how many were new.
+    /// any order: each is applied once its dependencies are. Returns how many were new. Not
+    /// yet durable when it returns, as [`DocStore::apply_remote`].
     pub fn apply_unlogged(
         &self,
         doc_key: &[u8],
@@ -270,33 +403,34 @@ impl<S: Store> DocStore<S> {
         }
         let mut session = self.session();
         let loaded = session.document(doc_key)?;
-        let new: Vec<Change> = parsed
+        let mut pending: Vec<Change> = parsed
             .into_iter()
             .filter(|change| !document::holds_change(&loaded.doc, &change.hash()))
             .collect();
         // Only changes whose dependencies are all present (or among these) are applied;
         // Automerge would queue the rest in memory, where a crash or an eviction loses them.
-        let mut ready = Vec::new();
-        let mut pending = new;
+        let mut ready: Vec<Change> = Vec::new();
+        let mut ready_hashes: HashSet<ChangeHash> = HashSet::new();
         loop {
             let (now_ready, still): (Vec<Change>, Vec<Change>) =
                 pending.into_iter().partition(|change| {
                     change.deps().iter().all(|dependency| {
                         document::holds_change(&loaded.doc, dependency)
-                            || ready.iter().any(|done: &Change| done.hash() == *dependency)
+                            || ready_hashes.contains(dependency)
                     })
                 });
             pending = still;
             if now_ready.is_empty() {
                 break;
             }
+            ready_hashes.extend(now_ready.iter().map(Change::hash));
             ready.extend(now_ready);
         }
         if ready.is_empty() {
             return Ok(0);
         }
         let outcome = session.apply_and_queue(doc_key, ready, LogPlace::Unlogged)?;
-        session.commit(Durability::Durable)?;
+        session.commit(Durability::Deferred)?;
         Ok(outcome.new_changes)
     }
 
@@ -311,24 +445,36 @@ impl<S: Store> DocStore<S> {
         self.inner().digest.get(prefix)
     }
 
-    /// Every document in a leaf bucket with its heads, at most `limit`, by a scan of the
-    /// store: only needed when a leaf's fingerprints differ between two nodes.
+    /// Every document in each of `leaves` (leaf buckets) with its heads, at most `limit` per
+    /// leaf, by one scan of the store however many leaves are asked for: only needed when
+    /// leaves' fingerprints differ between two nodes.
     pub fn leaf_documents(
         &self,
-        leaf: &str,
+        leaves: &[String],
         limit: usize,
-    ) -> Result<Vec<DocumentHeadsEntry>, StoreError> {
-        let Some((depth, bucket)) = digest::parse_prefix(leaf) else {
-            return Ok(Vec::new());
-        };
-        if depth + 1 != digest::BUCKET_HEX_DIGITS {
-            return Ok(Vec::new());
+    ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
+        let mut wanted: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut found: Vec<(String, Vec<DocumentHeadsEntry>)> = Vec::new();
+        for leaf in leaves {
+            let Some((depth, bucket)) = digest::parse_prefix(leaf) else {
+                continue;
+            };
+            if depth + 1 != digest::BUCKET_HEX_DIGITS || wanted.contains_key(&bucket) {
+                continue;
+            }
+            wanted.insert(bucket, found.len());
+            found.push((leaf.clone(), Vec::new()));
         }
-        let mut found = Vec::new();
+        if wanted.is_empty() {
+            return Ok(found);
+        }
         for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
-            if digest::leaf_of(&key[1..]) == bucket && found.len() < limit {
-                let stored: layout::StoredDoc = layout::decode("document", value)?;
-                found.push((key[1..].to_vec(), stored.change_hashes()));
+            if let Some(&index) = wanted.get(&digest::leaf_of(&key[1..])) {
+                let documents = &mut found[index].1;
+                if documents.len() < limit {
+                    let stored: layout::StoredDoc = layout::decode("document", value)?;
+                    documents.push((key[1..].to_vec(), stored.change_hashes()));
+                }
             }
             Ok(())
         })?;

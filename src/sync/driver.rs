@@ -1,0 +1,471 @@
+//! The one loop around the engine: it turns what the network and the node report into
+//! engine events, and the engine's output into frames for each connection, within the room
+//! each connection's send queue has. `concord run` (with QUIC), the engine's tests and the
+//! simulator (with simulated links) all drive the engine through it, so the simulator tests
+//! the code that ships.
+//!
+//! Sans-IO like the engine: no clock, no sockets; time is an argument. Guarantees:
+//!
+//! - a frame is produced for a connection only while its queue holds fewer than
+//!   [`PEER_QUEUE_BYTES`] (an empty queue always takes one frame, of any size up to the frame
+//!   limit), and the transport reports what it wrote with [`Input::Drained`]: nothing is ever
+//!   dropped for lack of room, and a slow peer costs at most that much memory;
+//! - inputs that arrive together are handled together: consecutive `Changes` from one peer
+//!   are applied as one batch, and one flush makes everything applied in the step durable
+//!   before any frame or `Applied` output leaves;
+//! - the node's own new changes are read from its log from a cursor, after they were
+//!   acknowledged, so a write is sent only once durable;
+//! - an engine error does not stop the loop: it is counted and the step goes on with the
+//!   next input; what it left undone is redone by summaries.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use concord_proto::{encode_frame, Changes, Goodbye, Message, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
+
+use super::{Action, Engine, Event, Replica};
+use crate::record::NodeId;
+use crate::store::{LoggedChange, StoreError};
+
+/// Bytes queued for one connection before the engine waits for the transport to write them:
+/// room for a few frames of changes, so a fast link is never starved between two steps.
+pub const PEER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+/// The node's own log entries read per step for sending from memory; past this (a bulk load),
+/// the rest is read from the store as peers take it.
+pub const LOCAL_PUSH_CHANGES_MAX: usize = 4096;
+pub const LOCAL_PUSH_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Changes from one peer applied as one batch at most.
+pub const BATCH_CHANGES_MAX: usize = 8192;
+
+const _: () = assert!(
+    PEER_QUEUE_BYTES >= FRAME_HEADER_BYTES + FRAME_BYTES_MAX,
+    "a peer's queue holds the largest frame"
+);
+
+/// What the network and the node report to the driver.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection to `peer` came up; `connection` tells it from earlier ones.
+    Up {
+        peer: NodeId,
+        connection: u64,
+    },
+    Down {
+        peer: NodeId,
+        connection: u64,
+    },
+    Received {
+        peer: NodeId,
+        connection: u64,
+        message: Message,
+    },
+    /// The transport wrote `bytes` of this connection's queued frames.
+    Drained {
+        peer: NodeId,
+        connection: u64,
+        bytes: usize,
+    },
+    /// The node's own log grew (a write was acknowledged).
+    LocalWrites,
+    /// The time asked for by [`Driver::poll_timeout`] came.
+    Timeout,
+}
+
+/// What the driver asks of the network and the node.
+#[derive(Debug)]
+pub enum Output {
+    /// Queue this frame on the connection.
+    Send {
+        peer: NodeId,
+        connection: u64,
+        frame: Vec<u8>,
+    },
+    /// Send the goodbye, then close the connection.
+    Disconnect {
+        peer: NodeId,
+        connection: u64,
+        goodbye: Goodbye,
+    },
+    /// Changes from `from`, applied here and durable.
+    Applied {
+        from: NodeId,
+        changes: Vec<LoggedChange>,
+    },
+}
+
+/// Counters of the driver itself, for status and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Engine steps that failed (a store error); each is logged.
+    pub step_errors: u64,
+    pub last_error: Option<String>,
+    /// The node's own changes handed to the engine.
+    pub local_changes: u64,
+    /// Frames the engine produced that could not be encoded (a bug; the peer is closed).
+    pub frames_unencodable: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    connection: u64,
+    queued: usize,
+}
+
+pub struct Driver {
+    engine: Engine,
+    queue_bytes: usize,
+    /// The node's own log sequence up to which the engine was told.
+    local_cursor: u64,
+    links: BTreeMap<NodeId, Link>,
+    stats: DriverStats,
+}
+
+impl Driver {
+    /// A driver for `engine`, whose node's own log was sent to peers up to nothing yet.
+    pub fn new(engine: Engine, replica: &impl Replica) -> Self {
+        let own = engine.node();
+        let local_cursor = replica
+            .origin_marks()
+            .into_iter()
+            .find(|(origin, _)| *origin == own)
+            .map_or(0, |(_, mark)| mark);
+        Self::with_queue_bytes(engine, local_cursor, PEER_QUEUE_BYTES)
+    }
+
+    /// A driver whose connections queue at most `queue_bytes` (the simulator makes them
+    /// small, so that queues fill).
+    pub fn with_queue_bytes(engine: Engine, local_cursor: u64, queue_bytes: usize) -> Self {
+        Self {
+            engine,
+            queue_bytes,
+            local_cursor,
+            links: BTreeMap::new(),
+            stats: DriverStats::default(),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn stats(&self) -> &DriverStats {
+        &self.stats
+    }
+
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.engine.poll_timeout()
+    }
+
+    /// Bytes queued for `peer`'s connection and not yet written.
+    pub fn queued(&self, peer: &NodeId) -> usize {
+        self.links.get(peer).map_or(0, |link| link.queued)
+    }
+
+    /// Handles `inputs` at `now` and returns what to do.
+    pub fn step(
+        &mut self,
+        now: Duration,
+        inputs: Vec<Input>,
+        replica: &impl Replica,
+    ) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        let mut applied = Vec::new();
+        let mut pending: Option<(NodeId, Vec<concord_proto::ShippedChange>)> = None;
+        for input in inputs {
+            // Consecutive changes from one peer go to the engine as one message.
+            if let Input::Received {
+                peer,
+                connection,
+                message: Message::Changes(changes),
+            } = &input
+            {
+                if self.is_current(peer, *connection) {
+                    match &mut pending {
+                        Some((from, batch))
+                            if from == peer
+                                && batch.len() + changes.changes.len() <= BATCH_CHANGES_MAX =>
+                        {
+                            let Input::Received {
+                                message: Message::Changes(changes),
+                                ..
+                            } = input
+                            else {
+                                unreachable!("matched just above");
+                            };
+                            batch.extend(changes.changes);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
+                    let Input::Received {
+                        peer,
+                        message: Message::Changes(changes),
+                        ..
+                    } = input
+                    else {
+                        unreachable!("matched just above");
+                    };
+                    pending = Some((peer, changes.changes));
+                    continue;
+                }
+            }
+            self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
+            match input {
+                Input::Up { peer, connection } => {
+                    if self.links.contains_key(&peer) {
+                        self.handle(
+                            now,
+                            Event::PeerDisconnected(peer),
+                            replica,
+                            &mut outputs,
+                            &mut applied,
+                        );
+                    }
+                    self.links.insert(
+                        peer,
+                        Link {
+                            connection,
+                            queued: 0,
+                        },
+                    );
+                    self.handle(
+                        now,
+                        Event::PeerConnected(peer),
+                        replica,
+                        &mut outputs,
+                        &mut applied,
+                    );
+                }
+                Input::Down { peer, connection } => {
+                    if self.is_current(&peer, connection) {
+                        self.links.remove(&peer);
+                        self.handle(
+                            now,
+                            Event::PeerDisconnected(peer),
+                            replica,
+                            &mut outputs,
+                            &mut applied,
+                        );
+                    }
+                }
+                Input::Received {
+                    peer,
+                    connection,
+                    message,
+                } => {
+                    if self.is_current(&peer, connection) {
+                        self.handle(
+                            now,
+                            Event::Received(peer, message),
+                            replica,
+                            &mut outputs,
+                            &mut applied,
+                        );
+                    }
+                }
+                Input::Drained {
+                    peer,
+                    connection,
+                    bytes,
+                } => {
+                    if let Some(link) = self.links.get_mut(&peer) {
+                        if link.connection == connection {
+                            assert!(bytes <= link.queued, "drained more than was queued");
+                            link.queued -= bytes;
+                        }
+                    }
+                }
+                Input::LocalWrites => self.local_writes(now, replica, &mut outputs, &mut applied),
+                Input::Timeout => {
+                    self.handle(now, Event::Timeout, replica, &mut outputs, &mut applied)
+                }
+            }
+        }
+        self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
+        if let Err(error) = self.engine.make_durable(replica) {
+            self.failed(&error);
+            // Nothing applied may leave before it is durable; the next step tries again.
+            return outputs
+                .into_iter()
+                .filter(|output| matches!(output, Output::Disconnect { .. }))
+                .collect();
+        }
+        outputs.extend(applied);
+        self.transmit(now, replica, &mut outputs);
+        outputs
+    }
+
+    fn is_current(&self, peer: &NodeId, connection: u64) -> bool {
+        self.links
+            .get(peer)
+            .is_some_and(|link| link.connection == connection)
+    }
+
+    fn flush_pending(
+        &mut self,
+        now: Duration,
+        pending: &mut Option<(NodeId, Vec<concord_proto::ShippedChange>)>,
+        replica: &impl Replica,
+        outputs: &mut Vec<Output>,
+        applied: &mut Vec<Output>,
+    ) {
+        if let Some((peer, changes)) = pending.take() {
+            let message = Message::Changes(Changes { changes });
+            self.handle(
+                now,
+                Event::Received(peer, message),
+                replica,
+                outputs,
+                applied,
+            );
+        }
+    }
+
+    fn handle(
+        &mut self,
+        now: Duration,
+        event: Event,
+        replica: &impl Replica,
+        outputs: &mut Vec<Output>,
+        applied: &mut Vec<Output>,
+    ) {
+        match self.engine.handle(now, event, replica) {
+            Ok(actions) => {
+                for action in actions {
+                    match action {
+                        Action::Disconnect(peer, goodbye) => {
+                            if let Some(link) = self.links.remove(&peer) {
+                                outputs.push(Output::Disconnect {
+                                    peer,
+                                    connection: link.connection,
+                                    goodbye,
+                                });
+                            }
+                        }
+                        Action::Applied { from, changes } => {
+                            applied.push(Output::Applied { from, changes });
+                        }
+                    }
+                }
+            }
+            Err(error) => self.failed(&error),
+        }
+    }
+
+    fn failed(&mut self, error: &StoreError) {
+        tracing::error!(%error, "replication step failed");
+        self.stats.step_errors += 1;
+        self.stats.last_error = Some(error.to_string());
+    }
+
+    /// Hands the engine what the node wrote since the last time.
+    fn local_writes(
+        &mut self,
+        now: Duration,
+        replica: &impl Replica,
+        outputs: &mut Vec<Output>,
+        applied: &mut Vec<Output>,
+    ) {
+        let own = self.engine.node();
+        let page = replica.log_after(
+            &own,
+            self.local_cursor,
+            LOCAL_PUSH_CHANGES_MAX,
+            LOCAL_PUSH_BYTES_MAX,
+        );
+        let changes = match page {
+            Ok(changes) => changes,
+            Err(error) => {
+                self.failed(&error);
+                return;
+            }
+        };
+        let Some(last) = changes.last() else {
+            return;
+        };
+        assert!(
+            last.sequence > self.local_cursor,
+            "the cursor only moves on"
+        );
+        self.local_cursor = last.sequence;
+        self.stats.local_changes += changes.len() as u64;
+        let full = changes.len() == LOCAL_PUSH_CHANGES_MAX;
+        self.handle(now, Event::LocalChanges(changes), replica, outputs, applied);
+        if full {
+            // A bulk write: the rest goes from the store, as peers take it; the engine only
+            // needs to know the log grew.
+            let mark = replica
+                .origin_marks()
+                .into_iter()
+                .find(|(origin, _)| *origin == own)
+                .map_or(self.local_cursor, |(_, mark)| mark);
+            if mark > self.local_cursor {
+                let newest = replica.log_after(&own, mark - 1, 1, 1);
+                match newest {
+                    Ok(newest) => {
+                        self.local_cursor = mark;
+                        self.handle(now, Event::LocalChanges(newest), replica, outputs, applied);
+                    }
+                    Err(error) => self.failed(&error),
+                }
+            }
+        }
+    }
+
+    /// Asks the engine for frames for every connection while its queue has room.
+    fn transmit(&mut self, now: Duration, replica: &impl Replica, outputs: &mut Vec<Output>) {
+        let peers: Vec<NodeId> = self.links.keys().copied().collect();
+        for peer in peers {
+            while let Some(link) = self.links.get(&peer).copied() {
+                let room = if link.queued == 0 {
+                    FRAME_HEADER_BYTES + FRAME_BYTES_MAX
+                } else {
+                    self.queue_bytes.saturating_sub(link.queued)
+                };
+                if room == 0 || !self.engine.has_output(&peer) {
+                    break;
+                }
+                let message = match self.engine.poll_transmit(now, peer, room, replica) {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(error) => {
+                        self.failed(&error);
+                        break;
+                    }
+                };
+                match encode_frame(&message) {
+                    Ok(frame) => {
+                        if let Some(link) = self.links.get_mut(&peer) {
+                            link.queued += frame.len();
+                        }
+                        outputs.push(Output::Send {
+                            peer,
+                            connection: link.connection,
+                            frame,
+                        });
+                    }
+                    Err(error) => {
+                        // The engine sizes every message to fit: this is a bug. Closing the
+                        // connection makes the peer's summaries say again what it lacks.
+                        tracing::error!(%peer, %error, "a message does not fit a frame");
+                        self.stats.frames_unencodable += 1;
+                        self.links.remove(&peer);
+                        let _ = self
+                            .engine
+                            .handle(now, Event::PeerDisconnected(peer), replica);
+                        outputs.push(Output::Disconnect {
+                            peer,
+                            connection: link.connection,
+                            goodbye: super::goodbye(
+                                concord_proto::GoodbyeReason::Overloaded,
+                                "a message did not fit a frame",
+                            ),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,540 @@
+//! What the engine has to say to each peer, and how it is given out: only when asked, and only
+//! as much as the caller has room for.
+//!
+//! Per peer there is no queue of messages waiting to be sent: there are flags (a hello, a
+//! summary, a pong due), sets (origins to prune or graft), a short bounded list of small
+//! messages and document requests, and, for the logs, only how far each origin was sent.
+//! [`Engine::poll_transmit`] builds the next message from them, sized by its encoded bytes
+//! against the room given: control first, then document answers, then changes, read from the
+//! newest changes kept in memory ([`RecentChanges`]) or from the store's log. What is never
+//! asked for is never built, so a slow peer costs no memory, and nothing the engine counts as
+//! sent waits anywhere but in the transport.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use automerge::ChangeHash;
+use concord_proto::{
+    varint_bytes, Changes, DocumentChanges, Message, ShippedChange, CHANGES_PER_MESSAGE_MAX,
+    FRAME_BYTES_MAX, FRAME_HEADER_BYTES, ORIGINS_PER_SUMMARY_MAX, VERSION_BYTES,
+};
+
+use super::{Engine, PeerPolicies, Replica};
+use crate::record::NodeId;
+use crate::store::{LoggedChange, StoreError};
+
+/// Bytes of changes kept in memory for peers that keep up (the newest of every origin's
+/// log); older ones are read from the store.
+pub const RECENT_CHANGES_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Small messages (repair digests and listings, documents asked for) waiting per peer, by
+/// count and by bytes. Past either, a new one is dropped and counted: every one of them is
+/// asked again (a held change expires and asks again; repair runs again).
+pub const OUTBOX_MESSAGES_MAX: usize = 1024;
+pub const OUTBOX_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Largest frame, header included: a message never asks for more room than this.
+const FRAME_WITH_HEADER_BYTES_MAX: usize = FRAME_HEADER_BYTES + FRAME_BYTES_MAX;
+/// Bytes a `Changes` message adds around its changes: variant and count.
+const CHANGES_OVERHEAD_BYTES: usize = 1 + varint_bytes(CHANGES_PER_MESSAGE_MAX as u64);
+/// Bytes a frame adds around its message.
+const FRAME_OVERHEAD_BYTES: usize = FRAME_HEADER_BYTES + VERSION_BYTES;
+
+/// A document the peer asked for (or that repair found it lacks), answered as room allows.
+#[derive(Debug)]
+pub(super) struct DocumentRequest {
+    pub(super) doc: String,
+    pub(super) have: Vec<ChangeHash>,
+}
+
+/// Everything due to one peer that is not its share of the logs.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    pub(super) hello: bool,
+    pub(super) policy_hash: bool,
+    pub(super) summary: bool,
+    pub(super) prune: BTreeSet<NodeId>,
+    pub(super) graft: BTreeSet<NodeId>,
+    pub(super) pong: Option<u64>,
+    messages: VecDeque<Message>,
+    messages_bytes: usize,
+    documents: VecDeque<DocumentRequest>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        !self.hello
+            && !self.policy_hash
+            && !self.summary
+            && self.prune.is_empty()
+            && self.graft.is_empty()
+            && self.pong.is_none()
+            && self.messages.is_empty()
+            && self.documents.is_empty()
+    }
+
+    /// Queues a small message; false if the outbox is full.
+    fn push(&mut self, message: Message) -> bool {
+        let size = message.frame_len();
+        if self.messages.len() >= OUTBOX_MESSAGES_MAX
+            || self.messages_bytes + size > OUTBOX_BYTES_MAX
+        {
+            return false;
+        }
+        self.messages_bytes += size;
+        self.messages.push_back(message);
+        true
+    }
+}
+
+/// One connected peer.
+#[derive(Debug, Default)]
+pub(super) struct Peer {
+    pub(super) ready: bool,
+    /// The protocol version agreed in the handshake.
+    pub(super) version: u16,
+    /// What the peer said of its policies.
+    pub(super) policies: PeerPolicies,
+    /// When the connection came up: the handshake must complete within `HANDSHAKE_TIMEOUT`.
+    pub(super) connected_at: Duration,
+    /// The peer's first summary arrived: until then no log is streamed to it, since what it
+    /// holds is not known.
+    pub(super) summarised: bool,
+    /// Per origin: the peer holds, or was sent, every entry up to this sequence.
+    pub(super) sent: BTreeMap<NodeId, u64>,
+    /// `sent` as it was at the previous summary from the peer.
+    pub(super) sent_at_last_summary: BTreeMap<NodeId, u64>,
+    /// Origins whose log may hold entries the peer was not sent.
+    pub(super) wanted: BTreeSet<NodeId>,
+    /// The origin served last, so that origins take turns.
+    pub(super) turn: Option<NodeId>,
+    /// The peer's last reported marks, for lag.
+    pub(super) reported: BTreeMap<NodeId, u64>,
+    /// `reported` as it was at the last repair round, to see whether anything moves.
+    pub(super) reported_at_last_repair: BTreeMap<NodeId, u64>,
+    /// Origins this peer receives directly and asked us not to relay (Prune).
+    pub(super) pruned: BTreeSet<NodeId>,
+    /// Origins we asked this peer not to relay to us.
+    pub(super) pruned_by_us: BTreeSet<NodeId>,
+    pub(super) outbox: Outbox,
+}
+
+impl Peer {
+    pub(super) fn connected(now: Duration) -> Self {
+        let mut peer = Peer {
+            connected_at: now,
+            ..Peer::default()
+        };
+        peer.outbox.hello = true;
+        peer
+    }
+}
+
+/// The newest changes of every origin's log, kept in memory, bounded by bytes: what a peer
+/// that keeps up is sent next, without reading the store.
+#[derive(Debug, Default)]
+pub(crate) struct RecentChanges {
+    changes: BTreeMap<(NodeId, u64), LoggedChange>,
+    order: VecDeque<(NodeId, u64)>,
+    bytes: usize,
+}
+
+impl RecentChanges {
+    pub(crate) fn insert(&mut self, change: &LoggedChange) {
+        let size = change.change.len() + change.doc_key.len();
+        if size > RECENT_CHANGES_BYTES_MAX / 4 {
+            return;
+        }
+        let place = (change.origin, change.sequence);
+        if self.changes.insert(place, change.clone()).is_some() {
+            return;
+        }
+        self.order.push_back(place);
+        self.bytes += size;
+        while self.bytes > RECENT_CHANGES_BYTES_MAX {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(evicted) = self.changes.remove(&oldest) {
+                self.bytes -= evicted.change.len() + evicted.doc_key.len();
+            }
+        }
+        assert!(self.changes.len() == self.order.len());
+    }
+
+    fn get(&self, origin: &NodeId, sequence: u64) -> Option<&LoggedChange> {
+        self.changes.get(&(*origin, sequence))
+    }
+}
+
+fn shipped(change: &LoggedChange) -> ShippedChange {
+    ShippedChange {
+        origin: change.origin.0,
+        sequence: change.sequence,
+        doc: String::from_utf8_lossy(&change.doc_key).into_owned(),
+        change: change.change.clone(),
+    }
+}
+
+/// What filling a `Changes` message from one origin came to.
+enum Fill {
+    /// The origin has nothing more for this peer.
+    Exhausted,
+    /// The message is full.
+    Full,
+}
+
+impl Engine {
+    /// Whether `peer` has anything to be sent, were there room.
+    pub fn has_output(&self, peer: &NodeId) -> bool {
+        self.peers.get(peer).is_some_and(|state| {
+            state.outbox.hello
+                || state.ready
+                    && (!state.outbox.is_empty() || state.summarised && !state.wanted.is_empty())
+        })
+    }
+
+    /// The next message for `peer`, at most `room` bytes as a whole frame, or `None` when
+    /// there is nothing to send or the next message needs more room. A caller whose queue to
+    /// the peer is empty must give at least a whole frame's room (`FRAME_BYTES_MAX` and its
+    /// header), so that any message can go. Makes applied changes durable first.
+    pub fn poll_transmit(
+        &mut self,
+        _now: Duration,
+        peer: NodeId,
+        room: usize,
+        replica: &impl Replica,
+    ) -> Result<Option<Message>, StoreError> {
+        if !self.has_output(&peer) {
+            return Ok(None);
+        }
+        self.make_durable(replica)?;
+        let room = room.min(FRAME_WITH_HEADER_BYTES_MAX);
+        let message = match self.next_control(peer, room, replica)? {
+            Some(message) => Some(message),
+            None if self.control_waiting(&peer) => None,
+            None => self.next_changes(peer, room, replica)?,
+        };
+        if let Some(message) = &message {
+            #[cfg(feature = "sabotage")]
+            if self.config.sabotage.skip_summaries && matches!(message, Message::Summary(_)) {
+                return Ok(None);
+            }
+            let size = message.frame_len();
+            #[cfg(feature = "sabotage")]
+            let size = if self.config.sabotage.count_only_batches {
+                size.min(room)
+            } else {
+                size
+            };
+            assert!(
+                size <= room,
+                "a message never outgrows the room it was given"
+            );
+            self.stats.messages_sent += 1;
+            self.stats.bytes_sent += size as u64;
+            if let Message::Changes(changes) = message {
+                self.stats.changes_sent += changes.changes.len() as u64;
+            }
+        }
+        Ok(message)
+    }
+
+    /// Whether a control message or document answer is due to `peer` (and must go before
+    /// any changes).
+    fn control_waiting(&self, peer: &NodeId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|state| !state.outbox.is_empty())
+    }
+
+    fn next_control(
+        &mut self,
+        peer: NodeId,
+        room: usize,
+        replica: &impl Replica,
+    ) -> Result<Option<Message>, StoreError> {
+        let fits = |message: &Message| message.frame_len() <= room;
+        let hello = self.hello();
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(None);
+        };
+        if state.outbox.hello {
+            if !fits(&hello) {
+                return Ok(None);
+            }
+            state.outbox.hello = false;
+            return Ok(Some(hello));
+        }
+        if !state.ready {
+            return Ok(None);
+        }
+        if state.outbox.policy_hash {
+            let message = Message::PolicyHash {
+                hash: self.config.policy_hash,
+            };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            state.outbox.policy_hash = false;
+            return Ok(Some(message));
+        }
+        if state.outbox.summary {
+            let summary = self.summary(replica);
+            if !fits(&summary) {
+                return Ok(None);
+            }
+            if let Some(state) = self.peers.get_mut(&peer) {
+                state.outbox.summary = false;
+            }
+            return Ok(Some(summary));
+        }
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(None);
+        };
+        for grafting in [false, true] {
+            let set = if grafting {
+                &mut state.outbox.graft
+            } else {
+                &mut state.outbox.prune
+            };
+            if set.is_empty() {
+                continue;
+            }
+            let origins: Vec<[u8; 16]> = set
+                .iter()
+                .take(ORIGINS_PER_SUMMARY_MAX)
+                .map(|origin| origin.0)
+                .collect();
+            let message = if grafting {
+                Message::Graft { origins }
+            } else {
+                Message::Prune { origins }
+            };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            for _ in 0..ORIGINS_PER_SUMMARY_MAX {
+                if set.pop_first().is_none() {
+                    break;
+                }
+            }
+            return Ok(Some(message));
+        }
+        if let Some(nonce) = state.outbox.pong {
+            let message = Message::Pong { nonce };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            state.outbox.pong = None;
+            return Ok(Some(message));
+        }
+        if let Some(front) = state.outbox.messages.front() {
+            if !fits(front) {
+                return Ok(None);
+            }
+            let message = state
+                .outbox
+                .messages
+                .pop_front()
+                .expect("the front was just seen");
+            state.outbox.messages_bytes -= message.frame_len();
+            return Ok(Some(message));
+        }
+        while let Some(request) = state.outbox.documents.front() {
+            // Each change also costs its length prefix: at most 4 bytes below a frame.
+            let budget = room.saturating_sub(
+                FRAME_OVERHEAD_BYTES
+                    + 1
+                    + varint_bytes(request.doc.len() as u64)
+                    + request.doc.len()
+                    + varint_bytes(CHANGES_PER_MESSAGE_MAX as u64),
+            );
+            let per_change_prefix = varint_bytes(FRAME_BYTES_MAX as u64);
+            let (changes, complete) = replica.document_changes(
+                request.doc.as_bytes(),
+                &request.have,
+                CHANGES_PER_MESSAGE_MAX,
+                budget,
+            )?;
+            // Length prefixes trimmed off the budget after the fact: drop the changes they
+            // would push over it.
+            let mut changes = changes;
+            let mut size: usize = changes.iter().map(Vec::len).sum();
+            while !changes.is_empty() && size + changes.len() * per_change_prefix > budget {
+                size -= changes.pop().map_or(0, |change| change.len());
+            }
+            if changes.is_empty() {
+                if complete {
+                    // Nothing the peer lacks.
+                    state.outbox.documents.pop_front();
+                    continue;
+                }
+                // The next change needs more room than there is now.
+                return Ok(None);
+            }
+            let answer = Message::DocumentChanges(DocumentChanges {
+                doc: request.doc.clone(),
+                changes,
+            });
+            if !fits(&answer) {
+                return Ok(None);
+            }
+            state.outbox.documents.pop_front();
+            return Ok(Some(answer));
+        }
+        Ok(None)
+    }
+
+    /// Up to one `Changes` message of what `peer` lacks of the logs held here, origins taking
+    /// turns, the newest changes from memory and the rest from the store.
+    fn next_changes(
+        &mut self,
+        peer: NodeId,
+        room: usize,
+        replica: &impl Replica,
+    ) -> Result<Option<Message>, StoreError> {
+        let per_message = self.config.changes_per_message;
+        let budget = room.saturating_sub(FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES);
+        #[cfg(feature = "sabotage")]
+        let budget = if self.config.sabotage.count_only_batches {
+            usize::MAX
+        } else {
+            budget
+        };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(None);
+        };
+        if !state.ready || !state.summarised || state.wanted.is_empty() {
+            return Ok(None);
+        }
+        // Origins after the one served last come first.
+        let mut origins: Vec<NodeId> = match state.turn {
+            Some(turn) => state
+                .wanted
+                .range((std::ops::Bound::Excluded(turn), std::ops::Bound::Unbounded))
+                .chain(state.wanted.range(..=turn))
+                .copied()
+                .collect(),
+            None => state.wanted.iter().copied().collect(),
+        };
+        origins.dedup();
+        let mut shipped_changes: Vec<ShippedChange> = Vec::new();
+        let mut used = 0usize;
+        let mut pushed = 0u64;
+        let mut waits_for_room = false;
+        for origin in origins {
+            let state = self.peers.get_mut(&peer).expect("looked up above");
+            if state.pruned.contains(&origin) {
+                state.wanted.remove(&origin);
+                continue;
+            }
+            state.turn = Some(origin);
+            let mut after = state.sent.get(&origin).copied().unwrap_or(0);
+            let mut fill = None;
+            while fill.is_none() {
+                let left = per_message - shipped_changes.len();
+                if left == 0 {
+                    fill = Some(Fill::Full);
+                    break;
+                }
+                let from_memory = self.recent.get(&origin, after + 1).cloned();
+                let in_memory = from_memory.is_some();
+                let page = match from_memory {
+                    Some(change) => vec![change],
+                    None => replica.log_after(&origin, after, left, budget.saturating_sub(used))?,
+                };
+                if page.is_empty() {
+                    fill = Some(Fill::Exhausted);
+                    break;
+                }
+                for change in page {
+                    let entry = shipped(&change);
+                    let size = entry.encoded_len();
+                    if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES
+                        > FRAME_WITH_HEADER_BYTES_MAX
+                    {
+                        // Written before changes were bounded: no frame can carry it.
+                        tracing::error!(
+                            origin = %change.origin,
+                            sequence = change.sequence,
+                            size,
+                            "a log entry is larger than any frame and is skipped"
+                        );
+                        self.stats.changes_unsendable += 1;
+                        after = change.sequence;
+                        continue;
+                    }
+                    if used + size > budget {
+                        waits_for_room = shipped_changes.is_empty();
+                        fill = Some(Fill::Full);
+                        break;
+                    }
+                    used += size;
+                    after = change.sequence;
+                    pushed += u64::from(in_memory);
+                    shipped_changes.push(entry);
+                    if shipped_changes.len() == per_message {
+                        fill = Some(Fill::Full);
+                        break;
+                    }
+                }
+            }
+            let state = self.peers.get_mut(&peer).expect("looked up above");
+            state.sent.insert(origin, after);
+            match fill {
+                Some(Fill::Exhausted) => {
+                    state.wanted.remove(&origin);
+                }
+                Some(Fill::Full) | None => break,
+            }
+        }
+        if waits_for_room || shipped_changes.is_empty() {
+            return Ok(None);
+        }
+        self.stats.changes_pushed += pushed;
+        Ok(Some(Message::Changes(Changes {
+            changes: shipped_changes,
+        })))
+    }
+
+    /// Queues a small message for `peer`, counted as dropped if its outbox is full.
+    pub(super) fn queue_message(&mut self, peer: NodeId, message: Message) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if let Message::NeedDocument(need) = &message {
+            let already = state.outbox.messages.iter().any(
+                |queued| matches!(queued, Message::NeedDocument(other) if other.doc == need.doc),
+            );
+            if already {
+                return;
+            }
+        }
+        if !state.outbox.push(message) {
+            self.stats.requests_dropped += 1;
+        }
+    }
+
+    /// Queues the changes of `doc` that are not ancestors of `have` for `peer`.
+    pub(super) fn queue_document(&mut self, peer: NodeId, doc: String, have: Vec<ChangeHash>) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if state
+            .outbox
+            .documents
+            .iter()
+            .any(|queued| queued.doc == doc)
+        {
+            // The one queued answers from older heads: it covers this request too.
+            return;
+        }
+        if state.outbox.documents.len() >= OUTBOX_MESSAGES_MAX {
+            self.stats.requests_dropped += 1;
+            return;
+        }
+        state
+            .outbox
+            .documents
+            .push_back(DocumentRequest { doc, have });
+    }
+}

@@ -1,0 +1,187 @@
+//! Who sends this node each origin's changes: the relay choice (Plumtree's eager and lazy
+//! push, with summaries as the lazy half).
+//!
+//! For every origin this node picks its sources among the ready peers (the origin itself
+//! while connected, otherwise [`RELAYS_PER_ORIGIN`] peers holding most of that origin's log)
+//! and tells every other peer, with `Prune`, not to send it; a peer chosen again is told so
+//! with `Graft`. The choice is a pure function of the ready peers, their reported marks and
+//! the prunes already sent, so it is the same however often it is weighed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::outbound::Peer;
+use super::{Engine, Replica, RELAYS_PER_ORIGIN};
+use crate::record::NodeId;
+
+/// The inputs of the last rebalance that decide whether the next may weigh only what changed.
+#[derive(Debug)]
+pub(super) struct Balanced {
+    pub(super) ready: Vec<NodeId>,
+    pub(super) origins: BTreeSet<NodeId>,
+}
+
+/// A deterministic, well-mixed order of peers per origin, so relaying spreads over peers.
+fn spread(origin: &NodeId, peer: &NodeId) -> u64 {
+    let mut mixed = 0xcbf2_9ce4_8422_2325u64;
+    for byte in origin.0.iter().chain(peer.0.iter()) {
+        mixed ^= u64::from(*byte);
+        mixed = mixed.wrapping_mul(0x0100_0000_01b3);
+    }
+    mixed
+}
+
+impl Engine {
+    /// Chooses, for every origin, who pushes and catches up its changes to us: the origin
+    /// itself while connected, otherwise [`RELAYS_PER_ORIGIN`] peers, kept while no other peer
+    /// reports holding more of that origin's log. Every other peer is asked not to (Prune);
+    /// a peer chosen again is told so (Graft). Each change then reaches each node about once,
+    /// and after a partition an origin's missing log comes from one or two peers, not from
+    /// every peer (Plumtree's eager and lazy push, with summaries as the lazy half).
+    ///
+    /// `changed` names the origins whose reported marks moved since the last rebalance. The
+    /// choice for an origin depends only on the ready peers, their marks for that origin and
+    /// the prunes already sent, so when the ready peers are the same as last time only those
+    /// origins, and origins seen for the first time, are weighed again; the outcome is the
+    /// one a full pass would give. `None` weighs every origin.
+    pub(super) fn rebalance(&mut self, replica: &impl Replica, changed: Option<&BTreeSet<NodeId>>) {
+        let ready = self.ready_peers();
+        if ready.is_empty() {
+            self.balanced = None;
+            return;
+        }
+        let mut origins: BTreeSet<NodeId> = replica
+            .origin_marks()
+            .into_iter()
+            .map(|(origin, _)| origin)
+            .collect();
+        let incremental = match (&self.balanced, changed) {
+            (Some(balanced), Some(changed)) if balanced.ready == ready => {
+                origins.extend(changed.iter().copied());
+                origins.remove(&self.config.node);
+                let fresh: Vec<NodeId> = origins.difference(&balanced.origins).copied().collect();
+                let mut scope: BTreeSet<NodeId> = changed.clone();
+                scope.extend(fresh);
+                scope.remove(&self.config.node);
+                Some(scope)
+            }
+            _ => None,
+        };
+        let full = incremental.is_none();
+        let scope = match incremental {
+            Some(scope) => {
+                if let Some(balanced) = self.balanced.as_mut() {
+                    balanced.origins.extend(scope.iter().copied());
+                }
+                scope
+            }
+            None => {
+                for peer in &ready {
+                    origins.insert(*peer);
+                    origins.extend(self.peers[peer].reported.keys().copied());
+                }
+                origins.remove(&self.config.node);
+                self.balanced = Some(Balanced {
+                    ready: ready.clone(),
+                    origins: origins.clone(),
+                });
+                origins
+            }
+        };
+        let mut prunes: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
+        let mut grafts: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
+        if full {
+            // Prunes of origins no longer weighed at all (a peer that left) are lifted.
+            for peer in &ready {
+                let stale: Vec<[u8; 16]> = self.peers[peer]
+                    .pruned_by_us
+                    .difference(&scope)
+                    .map(|origin| origin.0)
+                    .collect();
+                if !stale.is_empty() {
+                    grafts.entry(*peer).or_default().extend(stale);
+                }
+            }
+        }
+        let states: Vec<&Peer> = ready.iter().map(|peer| &self.peers[peer]).collect();
+        // Per ready peer (by position): its mark for the origin weighed, and whether it is
+        // a source of it now.
+        let mut weighed: Vec<(u64, bool)> = Vec::with_capacity(ready.len());
+        for origin in &scope {
+            weighed.clear();
+            weighed.extend(states.iter().map(|state| {
+                (
+                    state.reported.get(origin).copied().unwrap_or(0),
+                    !state.pruned_by_us.contains(origin),
+                )
+            }));
+            let mut wanted: Vec<bool> = vec![false; ready.len()];
+            if let Ok(position) = ready.binary_search(origin) {
+                wanted[position] = true;
+            } else {
+                let current = weighed.iter().filter(|(_, source)| *source).count();
+                let best = |sources: bool| {
+                    weighed
+                        .iter()
+                        .filter(|(_, source)| *source == sources)
+                        .map(|(mark, _)| *mark)
+                        .max()
+                };
+                let keep = current <= RELAYS_PER_ORIGIN && current > 0 && best(false) <= best(true);
+                if keep {
+                    for (want, (_, source)) in wanted.iter_mut().zip(&weighed) {
+                        *want = *source;
+                    }
+                } else {
+                    let mut ranked: Vec<(std::cmp::Reverse<u64>, u64, usize)> = weighed
+                        .iter()
+                        .enumerate()
+                        .map(|(position, (mark, _))| {
+                            (
+                                std::cmp::Reverse(*mark),
+                                spread(origin, &ready[position]),
+                                position,
+                            )
+                        })
+                        .collect();
+                    ranked.sort_unstable();
+                    for (_, _, position) in ranked.into_iter().take(RELAYS_PER_ORIGIN) {
+                        wanted[position] = true;
+                    }
+                }
+            }
+            for (position, peer) in ready.iter().enumerate() {
+                let (_, source) = weighed[position];
+                if wanted[position] != source {
+                    let list = if source {
+                        prunes.entry(*peer).or_default()
+                    } else {
+                        grafts.entry(*peer).or_default()
+                    };
+                    list.push(origin.0);
+                }
+            }
+        }
+        for peer in &ready {
+            let prune = prunes.remove(peer).unwrap_or_default();
+            let mut graft = grafts.remove(peer).unwrap_or_default();
+            graft.sort_unstable();
+            let Some(state) = self.peers.get_mut(peer) else {
+                continue;
+            };
+            // What the peer is told is the latest choice: a prune not yet sent is taken back
+            // by a graft, and the other way round.
+            for origin in prune {
+                let origin = NodeId(origin);
+                state.pruned_by_us.insert(origin);
+                state.outbox.graft.remove(&origin);
+                state.outbox.prune.insert(origin);
+            }
+            for origin in graft {
+                let origin = NodeId(origin);
+                state.pruned_by_us.remove(&origin);
+                state.outbox.prune.remove(&origin);
+                state.outbox.graft.insert(origin);
+            }
+        }
+    }
+}
