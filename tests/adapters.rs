@@ -646,3 +646,45 @@ async fn a_composite_key_captures_whole_batches_and_keys_with_commas() {
     .await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_over_the_change_limit_is_quarantined_and_holds_up_nothing() {
+    let parent = tempfile::tempdir().unwrap();
+    let ca = parent.path().join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut node = TestNode::create(parent.path(), "n", &ca, &[]);
+    let file = sqlite_file(&node.dir);
+    add_binding(
+        &node,
+        binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::In),
+    );
+    node.start().await;
+    let connection = sqlite(&file);
+    connection
+        .execute(
+            "INSERT INTO customers (id, name) VALUES (1, ?1), (2, 'small'), (3, ?2)",
+            rusqlite::params!["h".repeat(5_000_000), "m".repeat(3_000_000)],
+        )
+        .unwrap();
+    eventually("the other rows become records", WAIT, || {
+        node.get("customers/2").is_some() && node.get("customers/3").is_some()
+    })
+    .await;
+    eventually("the oversized row is quarantined", WAIT, || {
+        binding_status(&node)["quarantined"] == json!(1)
+    })
+    .await;
+    assert_eq!(node.get("customers/1"), None);
+    let errors = common::stdout(&common::concord(&node.dir, &["errors"]));
+    let limit = concord::record::document::CHANGE_BYTES_MAX.to_string();
+    assert!(
+        errors.contains("\"key\":\"1\"") && errors.contains(&limit),
+        "{errors}"
+    );
+    // Later rows keep flowing.
+    connection
+        .execute("INSERT INTO customers (id, name) VALUES (4, 'later')", [])
+        .unwrap();
+    eventually("a later row", WAIT, || node.get("customers/4").is_some()).await;
+    node.stop().await;
+}

@@ -809,3 +809,57 @@ fn cli_demo_runs() {
     assert!(text.contains("$ concord get customers/44"));
     assert!(text.contains("\"name\":\"Grace Hopper\""));
 }
+
+/// A saved Automerge document whose one change sets `field` to a string of `size` bytes.
+fn document_with_value(size: usize) -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "blob", "d".repeat(size)).unwrap();
+    tx.commit();
+    doc.save()
+}
+
+#[test]
+fn writes_over_the_change_limit_are_refused_with_the_limit_named() {
+    let temp = tempfile::tempdir().unwrap();
+    let data = init_node(temp.path(), "n");
+    let limit = concord::record::document::CHANGE_BYTES_MAX.to_string();
+    let big = temp.path().join("big.txt");
+    std::fs::write(&big, "b".repeat(5_000_000)).unwrap();
+    let output = concord(
+        &data,
+        &[
+            "put",
+            "t/big",
+            "--value-file",
+            &format!("blob={}", big.display()),
+        ],
+    );
+    refused(output, 1, &limit);
+    let missing = concord(&data, &["get", "t/big"]);
+    assert_eq!(missing.status.code(), Some(2));
+    let file = temp.path().join("big.automerge");
+    std::fs::write(&file, document_with_value(5_000_000)).unwrap();
+    let output = concord(&data, &["import", "t/imported", file.to_str().unwrap()]);
+    assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
+    refused(output, 1, &limit);
+    assert_eq!(
+        concord(&data, &["get", "t/imported"]).status.code(),
+        Some(2)
+    );
+    // Just under: stored, and read back whole.
+    let large = temp.path().join("large.txt");
+    std::fs::write(&large, "l".repeat(3_000_000)).unwrap();
+    ok(concord(
+        &data,
+        &[
+            "put",
+            "t/large",
+            "--value-file",
+            &format!("blob={}", large.display()),
+        ],
+    ));
+    let record = get_json(&data, "t/large");
+    assert_eq!(record["blob"].as_str().unwrap().len(), 3_000_000);
+}

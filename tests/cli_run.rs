@@ -10,14 +10,29 @@ use std::time::{Duration, Instant};
 use common::cluster::free_port;
 use common::{concord, concord_bare, ok, stderr};
 
+/// Starts `concord run` on `data`, its log appended to `data/run.log`.
 fn spawn_node(data: &std::path::Path) -> Child {
+    spawn_node_with(data, &[])
+}
+
+fn spawn_node_with(data: &std::path::Path, env: &[(&str, &str)]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("run.log"))
+        .unwrap();
     Command::new(common::concord_binary())
         .args(["--data", data.to_str().unwrap(), "run"])
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap()
+}
+
+fn run_log(data: &std::path::Path) -> String {
+    std::fs::read_to_string(data.join("run.log")).unwrap_or_default()
 }
 
 fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
@@ -150,9 +165,106 @@ fn two_cli_nodes_converge_and_stop_cleanly() {
     });
     assert!(ok(concord(&b, &["get", "customers/2"])).contains("Grace"));
 
-    // SIGTERM: a clean stop, exit code 0; the data is there when the node is stopped.
+    // Writes over the change limit are refused through the API as on a stopped node.
+    let limit = concord::record::document::CHANGE_BYTES_MAX.to_string();
+    let big = temp.path().join("big.txt");
+    std::fs::write(&big, "b".repeat(5_000_000)).unwrap();
+    let refused = concord(
+        &a,
+        &[
+            "put",
+            "t/big",
+            "--value-file",
+            &format!("blob={}", big.display()),
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains(&limit), "{}", stderr(&refused));
+    assert_eq!(stderr(&refused).lines().count(), 1, "{}", stderr(&refused));
+    let document = {
+        use automerge::transaction::Transactable;
+        let mut doc = automerge::Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "blob", "d".repeat(5_000_000))
+            .unwrap();
+        tx.commit();
+        doc.save()
+    };
+    let file = temp.path().join("big.automerge");
+    std::fs::write(&file, document).unwrap();
+    let refused = concord(&a, &["import", "t/big", file.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains(&limit), "{}", stderr(&refused));
+    assert_eq!(concord(&a, &["get", "t/big"]).status.code(), Some(2));
+
+    // SIGTERM: a clean stop, exit code 0, no panic; the data is there when the node is
+    // stopped.
     assert_eq!(terminate(&mut node_a), Some(0));
     assert_eq!(terminate(&mut node_b), Some(0));
+    for data in [&a, &b] {
+        let log = run_log(data);
+        assert!(!log.contains("panicked"), "{log}");
+        assert!(
+            log.contains("stopped; every acknowledged write is durable"),
+            "{log}"
+        );
+    }
     assert!(ok(concord(&a, &["get", "customers/2"])).contains("Grace"));
     assert!(ok(concord(&b, &["get", "customers/1"])).contains("ada@example.com"));
+}
+
+#[test]
+fn a_node_whose_engine_dies_stops_rather_than_take_writes_it_cannot_replicate() {
+    if !cfg!(feature = "sabotage") {
+        eprintln!(
+            "SKIPPED: this test needs the `sabotage` feature (cargo test --workspace has it)"
+        );
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let ca = temp.path().join("ca");
+    ok(concord_bare(&["ca", "init", ca.to_str().unwrap()]));
+    let data = temp.path().join("n");
+    ok(concord_bare(&[
+        "init",
+        data.to_str().unwrap(),
+        "--name",
+        "n",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--api",
+        &format!("127.0.0.1:{}", free_port()),
+    ]));
+    let mut node = spawn_node_with(&data, &[("CONCORD_SABOTAGE_ENGINE_PANIC", "1")]);
+    wait_until("the node serves", || {
+        concord(&data, &["status"]).status.success()
+    });
+    // Acknowledged (durable), then the engine dies handling it: the node exits, saying why.
+    ok(concord(&data, &["put", "c/1", "name=Ada"]));
+    let start = Instant::now();
+    let code = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status.code();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the node went on without its engine"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(1));
+    let log = run_log(&data);
+    assert!(
+        log.contains("the replication engine stopped unexpectedly"),
+        "{log}"
+    );
+    // What it acknowledged is there; started again normally, it serves it.
+    let mut node = spawn_node(&data);
+    wait_until("the node serves again", || {
+        concord(&data, &["status"]).status.success()
+    });
+    assert!(ok(concord(&data, &["get", "c/1"])).contains("Ada"));
+    assert_eq!(terminate(&mut node), Some(0));
 }

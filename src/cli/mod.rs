@@ -126,8 +126,12 @@ enum Command {
     /// FIELD= removes the field).
     Put {
         id: String,
-        #[arg(value_name = "FIELD=VALUE", required = true)]
+        #[arg(value_name = "FIELD=VALUE", required_unless_present = "value_files")]
         fields: Vec<String>,
+        /// Set FIELD to the contents of the file at PATH (JSON if it parses, else a string),
+        /// for values too long for the command line; repeat for several.
+        #[arg(long = "value-file", value_name = "FIELD=PATH")]
+        value_files: Vec<String>,
         /// Replace the record: remove every field not given.
         #[arg(long)]
         replace: bool,
@@ -425,10 +429,15 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         Command::Put {
             id,
             fields,
+            value_files,
             replace,
         } => {
             let id = RecordId::parse_user(&id)?;
-            let mut write = parse_assignments(&fields)?;
+            let mut assignments = fields;
+            for value_file in &value_files {
+                assignments.push(read_value_file(value_file)?);
+            }
+            let mut write = parse_assignments(&assignments)?;
             write.replace = replace;
             match target(cli.data)? {
                 Target::Local(node) => {
@@ -659,6 +668,27 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Reads `FIELD=PATH` into `FIELD=CONTENTS`, refusing a file larger than a request may be.
+fn read_value_file(assignment: &str) -> Result<String> {
+    use std::io::Read;
+    let Some((field, path)) = assignment.split_once('=') else {
+        bail!("{assignment:?} is not FIELD=PATH");
+    };
+    let limit = concord::node::api::REQUEST_BYTES_MAX;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {path}"))?;
+    let mut contents = String::new();
+    file.take(limit as u64 + 1)
+        .read_to_string(&mut contents)
+        .with_context(|| format!("cannot read {path} as UTF-8 text"))?;
+    if contents.len() > limit {
+        bail!("{path} is over the limit of {limit} bytes for one write; nothing was stored");
+    }
+    if contents.is_empty() {
+        bail!("{path} is empty (to remove the field, give {field}=)");
+    }
+    Ok(format!("{field}={contents}"))
 }
 
 /// Turns `FIELD=VALUE` arguments into a write.

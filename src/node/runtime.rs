@@ -516,8 +516,12 @@ async fn drive_engine(
             inputs.push(Input::Timeout);
         }
         #[cfg(feature = "sabotage")]
-        if crate::sabotage_from_env("CONCORD_SABOTAGE_ENGINE_PANIC") {
-            panic!("sabotage: the engine task dies on purpose");
+        if crate::sabotage_from_env("CONCORD_SABOTAGE_ENGINE_PANIC")
+            && inputs
+                .iter()
+                .any(|input| matches!(input, Input::LocalWrites))
+        {
+            panic!("sabotage: the engine task dies on purpose at the first local write");
         }
         let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
         carry_out(&shared, outputs);
@@ -905,6 +909,76 @@ mod tests {
     use super::*;
     use crate::config::{PolicyKind, PolicySection};
     use crate::policy::Policies;
+    use crate::record::NodeId;
+    use crate::store::{DocStore, DocStoreConfig, MemoryStore};
+    use concord_proto::{Hello, Message, OriginMark, Summary};
+
+    /// An engine with one ready peer that reported `own_mark` of this node's log.
+    fn engine_with_peer(reported: u64) -> (Engine, DocStore<MemoryStore>, NodeId) {
+        let me = NodeId([1; 16]);
+        let peer = NodeId([2; 16]);
+        let docs = DocStore::open(MemoryStore::new(), me, DocStoreConfig::default()).unwrap();
+        let mut engine = Engine::new(sync::Config::new([3; 16], me, "me"));
+        let zero = Duration::ZERO;
+        engine
+            .handle(zero, sync::Event::PeerConnected(peer), &docs)
+            .unwrap();
+        let hello = Message::Hello(Hello {
+            cluster: [3; 16],
+            node: peer.0,
+            node_name: "peer".into(),
+            version_min: 1,
+            version_max: 2,
+        });
+        engine
+            .handle(zero, sync::Event::Received(peer, hello), &docs)
+            .unwrap();
+        report(&mut engine, &docs, peer, reported);
+        (engine, docs, peer)
+    }
+
+    fn report(engine: &mut Engine, docs: &DocStore<MemoryStore>, peer: NodeId, mark: u64) {
+        let summary = Message::Summary(Summary {
+            origins: vec![OriginMark {
+                origin: [1; 16],
+                contiguous: mark,
+            }],
+        });
+        engine
+            .handle(Duration::ZERO, sync::Event::Received(peer, summary), docs)
+            .unwrap();
+    }
+
+    #[test]
+    fn writers_are_pushed_back_while_a_peer_that_kept_up_falls_far_behind() {
+        let (mut engine, docs, peer) = engine_with_peer(0);
+        let mut backlog = Backlog::default();
+        // A peer catching up from nothing does not hold writers back.
+        assert_eq!(backlog.weigh(&engine, 50_000, 0), None);
+        // Once it keeps up, falling more than the bound behind does.
+        report(&mut engine, &docs, peer, 49_500);
+        assert_eq!(backlog.weigh(&engine, 50_000, 0), None);
+        assert!(backlog.keeping_up.contains(&peer));
+        let behind = backlog.weigh(&engine, 50_000 + OWN_BACKLOG_CHANGES_MAX + 1_000, 0);
+        assert!(behind.is_some_and(|why| why.contains("lacks")));
+        // So far behind that it cannot keep up: let go, writers go on.
+        assert_eq!(
+            backlog.weigh(&engine, 50_000 + OWN_BACKLOG_LET_GO + 1, 0),
+            None
+        );
+        assert!(!backlog.keeping_up.contains(&peer));
+    }
+
+    #[test]
+    fn writers_are_pushed_back_while_the_engine_is_behind_on_peers() {
+        let (engine, _docs, _peer) = engine_with_peer(0);
+        let mut backlog = Backlog::default();
+        assert!(backlog.weigh(&engine, 0, ENGINE_QUEUE_BUSY).is_some());
+        // Between the marks it stays as it was; below the calm mark it lets go.
+        assert!(backlog.weigh(&engine, 0, ENGINE_QUEUE_CALM + 1).is_some());
+        assert_eq!(backlog.weigh(&engine, 0, ENGINE_QUEUE_CALM - 1), None);
+        assert_eq!(backlog.weigh(&engine, 0, ENGINE_QUEUE_CALM + 1), None);
+    }
 
     #[test]
     fn conflicts_are_counted_by_collection_and_policy() {

@@ -188,6 +188,30 @@ impl<S: Store> DocStore<S> {
     /// Opens the documents of `node` in `store`. A fresh store is claimed for `node`; a store
     /// that belongs to another node is refused.
     pub fn open(store: S, node: NodeId, config: DocStoreConfig) -> Result<Self, StoreError> {
+        // The format first: a store of an unknown layout is not read any further.
+        let format_key = layout::meta_key(layout::META_FORMAT);
+        match store.get(&format_key)? {
+            Some(bytes) => {
+                let found = <[u8; 4]>::try_from(bytes.as_slice())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("the store's format version".to_owned()))?;
+                if found > layout::STORE_FORMAT_VERSION {
+                    return Err(StoreError::UnknownFormat {
+                        found,
+                        known: layout::STORE_FORMAT_VERSION,
+                    });
+                }
+            }
+            None => {
+                let mut batch = Batch::default();
+                batch.put(
+                    format_key,
+                    layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec(),
+                );
+                store.apply(batch)?;
+                store.flush()?;
+            }
+        }
         match store.get(&layout::meta_key(layout::META_NODE_ID))? {
             Some(stored) if stored != node.0 => {
                 return Err(StoreError::WrongNode {
@@ -856,8 +880,9 @@ impl<S: Store> WriteSession<'_, S> {
     pub fn put_state(&mut self, name: &[u8], value: Vec<u8>) {
         assert!(
             !name.starts_with(layout::META_NODE_ID)
-                && !name.starts_with(layout::META_SOURCE_PREFIX),
-            "node state never overwrites the node id or the source registry"
+                && !name.starts_with(layout::META_SOURCE_PREFIX)
+                && name != layout::META_FORMAT,
+            "node state never overwrites the node id, the format or the source registry"
         );
         self.batch.put(layout::meta_key(name), value);
     }
@@ -1052,6 +1077,25 @@ mod tests {
         store.crash(0);
         let again = open(store, node, 32);
         assert!(again.read(&id, document::read).unwrap().is_some());
+    }
+
+    #[test]
+    fn refuses_a_store_of_an_unknown_format() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        open(store.clone(), node, 32);
+        let mut batch = Batch::default();
+        batch.put(
+            layout::meta_key(layout::META_FORMAT),
+            (layout::STORE_FORMAT_VERSION + 1).to_be_bytes().to_vec(),
+        );
+        store.apply(batch).unwrap();
+        let refused = DocStore::open(store, node, DocStoreConfig::default());
+        let Err(error) = refused else {
+            panic!("a store of a newer format opened");
+        };
+        assert!(matches!(error, StoreError::UnknownFormat { .. }));
+        assert!(error.to_string().contains("newer concord"), "{error}");
     }
 
     #[test]

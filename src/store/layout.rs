@@ -25,6 +25,11 @@ pub const TAG_SNAPSHOT: u8 = b'S';
 pub const TAG_LOG: u8 = b'L';
 
 pub const META_NODE_ID: &[u8] = b"node_id";
+/// The store's format version (big-endian u32): what layout its keys and values follow.
+pub const META_FORMAT: &[u8] = b"format";
+/// The format this build writes and the newest it reads. A store without the key was made
+/// before the format was recorded, with this same layout.
+pub const STORE_FORMAT_VERSION: u32 = 1;
 pub const META_SOURCE_PREFIX: &[u8] = b"source/";
 
 pub fn meta_key(name: &[u8]) -> Vec<u8> {

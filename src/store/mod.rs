@@ -108,6 +108,11 @@ pub enum StoreError {
          nothing was stored"
     )]
     ChangeTooLarge { size: usize, size_max: usize },
+    #[error(
+        "this store has format {found}, and this build of concord reads formats up to \
+         {known}: run a newer concord on it (nothing was changed)"
+    )]
+    UnknownFormat { found: u32, known: u32 },
     #[error("this store belongs to node {stored}, not to node {expected}")]
     WrongNode { stored: String, expected: String },
     #[error("a write session may touch at most {0} documents")]

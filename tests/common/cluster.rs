@@ -119,6 +119,29 @@ impl TestNode {
         assert_eq!(response.status().as_u16(), 200, "put {id} on {}", self.name);
     }
 
+    /// `PUT /v1/records/{id}` with `body` as it is: the status and the JSON answer.
+    pub fn put_body(&self, id: &str, body: Vec<u8>) -> (u16, Value) {
+        let mut response = Self::agent()
+            .put(format!("http://{}/v1/records/{id}", self.api))
+            .header("content-type", "application/json")
+            .send(&body[..])
+            .unwrap();
+        let status = response.status().as_u16();
+        let answer = response.body_mut().read_json().unwrap_or(Value::Null);
+        (status, answer)
+    }
+
+    /// This node's view of `peer` in its status (`None` while not connected).
+    pub fn peer_status(&self, peer: &TestNode) -> Option<Value> {
+        let id = std::fs::read_to_string(peer.dir.join("node.id")).ok()?;
+        let status = self.status()?;
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|entry| entry["node"].as_str() == Some(id.trim()))
+            .cloned()
+    }
+
     /// The record's history, oldest change first.
     pub fn history(&self, id: &str) -> Vec<Value> {
         let mut response = Self::agent()
