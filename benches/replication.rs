@@ -444,6 +444,10 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         println!("| changes one peer applies from another (catch-up of {records} records) | {:.0} changes/s ({:.2} s) |", records as f64 / apply_time.as_secs_f64(), apply_time.as_secs_f64());
         println!("| write -> visible on the peer at {rate}/s, {} of {total} seen | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |", latencies.len(), percentile(0.50), percentile(0.99), latencies.last().copied().unwrap_or(f64::NAN));
         println!("| baseline: the same durable write on a node with no peer | p50 {:.2} ms, p99 {:.2} ms |", lone_latencies[lone_latencies.len() / 2], lone_latencies[(lone_latencies.len() * 99) / 100]);
+        let api = node_a.config().network.api.clone();
+        tokio::task::spawn_blocking(move || large_beside_small(&api, seconds))
+            .await
+            .expect("large writes");
         let running_a = Arc::try_unwrap(running_a).ok().expect("writer done");
         running_b.stop().await.expect("stop b");
         running_a.stop().await.expect("stop a");
@@ -545,4 +549,83 @@ async fn first_replication(changes: usize, one_record: bool) -> Duration {
     running_b.stop().await.expect("stop b");
     running_a.stop().await.expect("stop a");
     took
+}
+
+/// Latency of small writes through the API while large ones (text near the change limit, and
+/// arrays of 100,000 items) arrive four at a time, beside the same small writes alone.
+fn large_beside_small(api: &str, seconds: usize) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let small = |label: &str| -> Vec<f64> {
+        let mut latencies = Vec::new();
+        paced(100 * seconds, 100, |n| {
+            let started = Instant::now();
+            let response = agent
+                .patch(format!("http://{api}/v1/records/small/{label}-{n}"))
+                .send_json(json!({"n": n}))
+                .expect("small write");
+            assert_eq!(response.status(), 200);
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+        });
+        latencies.sort_by(f64::total_cmp);
+        latencies
+    };
+    let alone = small("alone");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let large_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let text = "t".repeat(concord::record::document::CHANGE_BYTES_MAX - 64 * 1024);
+    let array: Vec<usize> = (0..99_000).collect();
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let (api, stop, done) = (api.to_owned(), stop.clone(), large_done.clone());
+            let body = if writer % 2 == 0 {
+                json!({"blob": text.clone()})
+            } else {
+                json!({"items": array.clone()})
+            };
+            std::thread::spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_secs(120)))
+                    .build()
+                    .into();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    agent
+                        .put(format!("http://{api}/v1/records/large/{writer}-{n}"))
+                        .send_json(&body)
+                        .expect("large write");
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let beside = small("beside");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.join().expect("large writer");
+    }
+    let at = |latencies: &[f64], p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)]
+    };
+    println!("\n## Small writes beside large ones (HTTP API, 100 small writes/s for {seconds} s)");
+    println!("| small writes | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    println!(
+        "| beside 4 writers of large values ({} large writes done: {:.1} MB text or 99,000-item arrays) | {:.2} ms | {:.2} ms | {:.2} ms |",
+        large_done.load(std::sync::atomic::Ordering::Relaxed),
+        text.len() as f64 / 1e6,
+        at(&beside, 0.5),
+        at(&beside, 0.99),
+        beside.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "| baseline: alone | {:.2} ms | {:.2} ms | {:.2} ms |",
+        at(&alone, 0.5),
+        at(&alone, 0.99),
+        alone.last().copied().unwrap_or(f64::NAN)
+    );
 }

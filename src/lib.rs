@@ -1,9 +1,9 @@
 //! Concord: masterless replication of business records as Automerge documents.
 //!
-//! The parts, one module each (see `DESIGN.md` in the shared design notes):
-//! [`record`] (the record model), [`store`] (sled and in-memory stores, document layout,
-//! cache), [`node`] (a node's data dir, config and record operations), with replication,
-//! transport and adapters building on them.
+//! The parts, one module each: [`record`] (the record model), [`store`] (sled and in-memory
+//! stores, document layout, cache), [`sync`] (the replication engine and its driver),
+//! [`net`] (QUIC transport), [`adapters`] (tables as collections), [`policy`] (conflict
+//! policies) and [`node`] (a node's data dir, config, record operations, `run` and the API).
 
 pub mod adapters;
 pub mod config;

@@ -36,12 +36,65 @@ use crate::store::StoreError;
 /// so that every write a change can hold fits, escaped as JSON.
 pub const REQUEST_BYTES_MAX: usize = 2 * CHANGE_BYTES_MAX;
 const _: () = assert!(REQUEST_BYTES_MAX >= CHANGE_BYTES_MAX);
+/// A request whose body may be larger than this (by its `Content-Length`, or without one)
+/// is a large write: large writes go one at a time, so that however many arrive at once a
+/// small write waits behind one of them at most, and only one large body is held in memory.
+pub const LARGE_BODY_BYTES: usize = 1024 * 1024;
+/// Writes (requests with a body) served at once; more wait their turn. With
+/// [`LARGE_BODY_BYTES`] this bounds the bodies held in memory.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+const _: () = assert!(LARGE_BODY_BYTES < REQUEST_BYTES_MAX);
 const _: () = assert!(IMPORT_BYTES_MAX >= REQUEST_BYTES_MAX);
 /// Most records one list request returns.
 pub const LIST_LIMIT_MAX: usize = 10_000;
 const LIST_LIMIT_DEFAULT: usize = 1000;
 
+/// The turns writes take: all of them, and large ones apart.
+struct Turns {
+    requests: tokio::sync::Semaphore,
+    large: tokio::sync::Semaphore,
+}
+
+/// Waits for a request's turn, then serves it. Only requests that carry a body (writes) take
+/// turns: reads, status and metrics never wait behind writes.
+async fn take_turns(
+    State(turns): State<Arc<Turns>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let with_body = !matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::DELETE
+    );
+    if !with_body {
+        return next.run(request).await;
+    }
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    let shutting_down =
+        || ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned()).into_response();
+    let Ok(_turn) = turns.requests.acquire().await else {
+        return shutting_down();
+    };
+    let _large_turn = if length.is_none_or(|length| length > LARGE_BODY_BYTES) {
+        match turns.large.acquire().await {
+            Ok(turn) => Some(turn),
+            Err(_) => return shutting_down(),
+        }
+    } else {
+        None
+    };
+    next.run(request).await
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
+    let turns = Arc::new(Turns {
+        requests: tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
+        large: tokio::sync::Semaphore::new(1),
+    });
     Router::new()
         .route("/v1/records/{collection}", get(list))
         .route(
@@ -72,6 +125,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/errors", get(errors))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(turns, take_turns))
         .with_state(shared)
 }
 

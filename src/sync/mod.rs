@@ -407,7 +407,7 @@ impl Engine {
             Event::Received(peer, message) => {
                 self.receive(now, peer, message, replica, &mut actions)?
             }
-            Event::LocalChanges(changes) => self.note_new(&changes, None),
+            Event::LocalChanges(changes) => self.note_new(&changes),
             Event::Timeout => self.timeout(now, replica, &mut actions),
         }
         Ok(actions)
@@ -783,7 +783,7 @@ impl Engine {
         }
         if !report.applied.is_empty() {
             self.stats.changes_applied += report.applied.len() as u64;
-            self.note_new(&report.applied, Some(from));
+            self.note_new(&report.applied);
             actions.push(Action::Applied {
                 from,
                 changes: report.applied,
@@ -792,9 +792,10 @@ impl Engine {
         Ok(())
     }
 
-    /// New changes in the log (written here, or applied from `from`): kept in memory for the
-    /// peers that keep up, and due to every peer that has not been sent them.
-    fn note_new(&mut self, changes: &[LoggedChange], from: Option<NodeId>) {
+    /// New changes in the log (written here, or applied from a peer): kept in memory for the
+    /// peers that keep up, and due to every peer that has not been sent them. The peer they
+    /// came from is not sent them back: its mark moved as they arrived.
+    fn note_new(&mut self, changes: &[LoggedChange]) {
         for change in changes {
             self.recent.insert(change);
         }
@@ -803,13 +804,11 @@ impl Engine {
             let entry = newest.entry(change.origin).or_insert(0);
             *entry = (*entry).max(change.sequence);
         }
-        let _ = from;
         for state in self.peers.values_mut() {
             if !state.ready || !state.summarised {
                 continue;
             }
             for (origin, sequence) in &newest {
-                // The sender's own mark moved as its changes arrived: no echo.
                 if state.pruned.contains(origin) {
                     continue;
                 }
