@@ -552,7 +552,8 @@ async fn first_replication(changes: usize, one_record: bool) -> Duration {
 }
 
 /// Latency of small writes through the API while large ones (text near the change limit, and
-/// arrays of 100,000 items) arrive four at a time, beside the same small writes alone.
+/// arrays of nearly the most values a write may hold) arrive four at a time, beside the same
+/// small writes alone.
 fn large_beside_small(api: &str, seconds: usize) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -577,7 +578,7 @@ fn large_beside_small(api: &str, seconds: usize) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let large_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let text = "t".repeat(concord::record::document::CHANGE_BYTES_MAX - 64 * 1024);
-    let array: Vec<usize> = (0..99_000).collect();
+    let array: Vec<usize> = (0..concord::record::document::VALUES_PER_WRITE_MAX - 100).collect();
     let writers: Vec<_> = (0..4)
         .map(|writer| {
             let (api, stop, done) = (api.to_owned(), stop.clone(), large_done.clone());
@@ -615,9 +616,10 @@ fn large_beside_small(api: &str, seconds: usize) {
     println!("| small writes | p50 | p99 | max |");
     println!("|---|---|---|---|");
     println!(
-        "| beside 4 writers of large values ({} large writes done: {:.1} MB text or 99,000-item arrays) | {:.2} ms | {:.2} ms | {:.2} ms |",
+        "| beside 4 writers of large values ({} large writes done: {:.1} MB text or {}-item arrays) | {:.2} ms | {:.2} ms | {:.2} ms |",
         large_done.load(std::sync::atomic::Ordering::Relaxed),
         text.len() as f64 / 1e6,
+        array.len(),
         at(&beside, 0.5),
         at(&beside, 0.99),
         beside.last().copied().unwrap_or(f64::NAN)

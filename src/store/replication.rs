@@ -86,29 +86,36 @@ impl<S: Store> DocStore<S> {
         let entries = self.log_entries(origin, after, limit)?;
         let mut found = Vec::with_capacity(entries.len());
         let mut bytes = 0usize;
-        // Appended changes are read from their document's stored value, once per document
-        // per page; a change compacted into a snapshot needs its document loaded.
-        let mut stored_docs: HashMap<Vec<u8>, Option<layout::StoredDoc>> = HashMap::new();
+        // Appended changes are read from their document's stored value, read once for a run of
+        // entries of one document; a change compacted into a snapshot needs its document
+        // loaded.
+        let mut last: Option<(Vec<u8>, Option<layout::StoredDoc>)> = None;
         for (sequence, entry) in entries {
             if !found.is_empty() && bytes >= bytes_max {
                 break;
             }
-            if !stored_docs.contains_key(&entry.doc_key) {
+            if last
+                .as_ref()
+                .is_none_or(|(doc_key, _)| *doc_key != entry.doc_key)
+            {
                 let stored = self
                     .backend()
                     .get(&layout::doc_key(&entry.doc_key))?
                     .map(|value| layout::decode::<layout::StoredDoc>("document", &value))
                     .transpose()?;
-                stored_docs.insert(entry.doc_key.clone(), stored);
+                last = Some((entry.doc_key.clone(), stored));
             }
             let hash = ChangeHash(entry.hash);
-            let appended = stored_docs[&entry.doc_key].as_ref().and_then(|stored| {
-                stored
-                    .changes
-                    .iter()
-                    .find(|change| layout::change_hash(change).as_ref() == Some(&hash))
-                    .cloned()
-            });
+            let appended =
+                last.as_mut()
+                    .and_then(|(_, stored)| stored.as_mut())
+                    .and_then(|stored| {
+                        let at = stored.changes.iter().position(|change| {
+                            layout::change_hash(change).as_ref() == Some(&hash)
+                        })?;
+                        // Each change is one log entry: taken, not copied.
+                        Some(std::mem::take(&mut stored.changes[at]))
+                    });
             let change = match appended {
                 Some(change) => change,
                 None => {
@@ -165,11 +172,13 @@ impl<S: Store> DocStore<S> {
                     continue;
                 }
             };
-            let index = *group_of.entry(logged.doc_key.clone()).or_insert_with(|| {
-                groups.push((logged.doc_key.clone(), Vec::new()));
-                groups.len() - 1
-            });
-            groups[index].1.push((logged, change));
+            match group_of.get(&logged.doc_key) {
+                Some(&index) => groups[index].1.push((logged, change)),
+                None => {
+                    group_of.insert(logged.doc_key.clone(), groups.len());
+                    groups.push((logged.doc_key.clone(), vec![(logged, change)]));
+                }
+            }
         }
         for (doc_key, group) in groups {
             self.apply_group(&mut session, &doc_key, group, &mut report)?;
@@ -197,6 +206,15 @@ impl<S: Store> DocStore<S> {
             } else {
                 fresh.push((logged, change));
             }
+        }
+        if let [(_, change)] = fresh.as_slice() {
+            // One change (the common case): ready if every dependency is held.
+            let ready = change
+                .deps()
+                .iter()
+                .all(|dependency| document::holds_change(&loaded.doc, dependency));
+            let order = if ready { vec![0] } else { Vec::new() };
+            return self.apply_ordered(session, doc_key, fresh, &order, duplicates, report);
         }
         // Kahn's order over the group: a change is ready once each dependency is held or is
         // a ready change of the group; one that waits on a hash found nowhere is blocked,
@@ -239,6 +257,21 @@ impl<S: Store> DocStore<S> {
                 }
             }
         }
+        self.apply_ordered(session, doc_key, fresh, &order, duplicates, report)
+    }
+
+    /// The rest of [`DocStore::apply_group`]: records the duplicates' log places, applies the
+    /// changes at `order` (indexes into `fresh`, in dependency order) in one Automerge call and
+    /// hands the others back as missing their dependencies.
+    fn apply_ordered(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        fresh: Group,
+        order: &[usize],
+        duplicates: Vec<(LoggedChange, ChangeHash)>,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
         for (logged, hash) in duplicates {
             let place = LogPlace::Remote {
                 origin: logged.origin,

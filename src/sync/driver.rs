@@ -34,8 +34,9 @@ pub const PEER_QUEUE_BYTES: usize = 8 * 1024 * 1024;
 /// the rest is read from the store as peers take it.
 pub const LOCAL_PUSH_CHANGES_MAX: usize = 4096;
 pub const LOCAL_PUSH_BYTES_MAX: usize = 8 * 1024 * 1024;
-/// Changes from one peer applied as one batch at most.
-pub const BATCH_CHANGES_MAX: usize = 8192;
+/// Changes from one peer applied as one batch at most: what one message may carry, since the
+/// batch reaches the engine as one message and is checked as such.
+pub const BATCH_CHANGES_MAX: usize = concord_proto::CHANGES_PER_MESSAGE_MAX;
 
 const _: () = assert!(
     PEER_QUEUE_BYTES >= FRAME_HEADER_BYTES + FRAME_BYTES_MAX,

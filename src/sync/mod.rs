@@ -66,7 +66,7 @@ use outbound::{Peer, RecentChanges};
 pub const SUMMARY_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// Changes per `Changes` message at most, whatever their size: large enough to amortise
 /// framing; messages are bounded by bytes first.
-pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 2048;
+pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 /// Peers that push and catch up an origin's changes to us when the origin itself is not
 /// connected: two, so one slow or partitioned relay does not stall it.
 pub const RELAYS_PER_ORIGIN: usize = 2;
@@ -796,14 +796,14 @@ impl Engine {
     /// peers that keep up, and due to every peer that has not been sent them. The peer they
     /// came from is not sent them back: its mark moved as they arrived.
     fn note_new(&mut self, changes: &[LoggedChange]) {
-        for change in changes {
-            self.recent.insert(change);
-        }
         let mut newest: BTreeMap<NodeId, u64> = BTreeMap::new();
         for change in changes {
             let entry = newest.entry(change.origin).or_insert(0);
             *entry = (*entry).max(change.sequence);
         }
+        // The lowest sequence of each origin some peer still needs: only changes from there on
+        // are kept in memory (a change every peer already has, as from its sender, is not).
+        let mut needed_from: BTreeMap<NodeId, u64> = BTreeMap::new();
         for state in self.peers.values_mut() {
             if !state.ready || !state.summarised {
                 continue;
@@ -812,9 +812,20 @@ impl Engine {
                 if state.pruned.contains(origin) {
                     continue;
                 }
-                if state.sent.get(origin).copied().unwrap_or(0) < *sequence {
+                let sent = state.sent.get(origin).copied().unwrap_or(0);
+                if sent < *sequence {
                     state.wanted.insert(*origin);
+                    let from = needed_from.entry(*origin).or_insert(u64::MAX);
+                    *from = (*from).min(sent + 1);
                 }
+            }
+        }
+        for change in changes {
+            if needed_from
+                .get(&change.origin)
+                .is_some_and(|from| change.sequence >= *from)
+            {
+                self.recent.insert(change);
             }
         }
     }

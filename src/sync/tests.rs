@@ -992,3 +992,52 @@ fn held_changes_go_when_their_sender_does() {
         .unwrap();
     assert_eq!(engine.held_now(), 0);
 }
+
+#[test]
+fn messages_that_arrive_together_are_applied_as_batches_within_the_message_limits() {
+    let mut net = Network::with_config(2, |_, config| config.changes_per_message = 1000);
+    net.connect(0, 1);
+    net.settle();
+    for index in 0..12_000 {
+        net.write(0, &format!("c/{index}"), "v", index);
+    }
+    // Everything node 0 has sent so far reaches node 1 in one step, as when the transport
+    // hands the driver a backlog of frames at once.
+    let (id_0, id_1) = (net.nodes[0].id, net.nodes[1].id);
+    for _ in 0..100 {
+        let frames: Vec<_> = net.in_flight.drain(..).collect();
+        if frames.is_empty() {
+            break;
+        }
+        let mut to_1 = Vec::new();
+        let mut drained = 0;
+        for (from, to, connection, frame) in frames {
+            if from == 0 && to == 1 {
+                drained += frame.len();
+                to_1.push(Input::Received {
+                    peer: id_0,
+                    connection,
+                    message: decode(&frame),
+                });
+            } else {
+                net.deliver(from, to, connection, frame);
+            }
+        }
+        let connection = net.connection(0, 1).expect("still connected");
+        net.step(1, to_1);
+        net.step(
+            0,
+            vec![Input::Drained {
+                peer: id_1,
+                connection,
+                bytes: drained,
+            }],
+        );
+    }
+    assert_eq!(net.nodes[1].engine().stats().malformed, 0);
+    assert!(net.connection(0, 1).is_some(), "nobody was disconnected");
+    net.settle();
+    let keys: Vec<String> = (0..12_000).map(|index| format!("c/{index}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    net.assert_converged(&keys);
+}
