@@ -5,7 +5,8 @@
 //! every 5 s (lag, RSS, writes refused). When the writers stop, the nodes must converge:
 //! every acknowledged record on every node, and the nodes' lists identical.
 //!
-//! `cargo bench --bench soak -- --rate 500 --seconds 300` runs one load (the scenario);
+//! `cargo bench --bench soak -- --rate 500 --seconds 300` runs one load (the scenario;
+//! `--new-percent P` changes the share of new records, 0 for patches of shared ones only);
 //! `cargo bench --bench soak -- --capacity [--step-seconds 60]` raises the rate step by step
 //! and prints the highest rate at which lag stays bounded (the baseline it is measured beside
 //! is the first step's, in the same run); a long run at 80% of it shows whether RSS and lag
@@ -25,8 +26,10 @@ use serde_json::{json, Value};
 
 /// Writer threads per node: enough that the API, not the writers, limits the rate.
 const WRITERS_PER_NODE: usize = 8;
-/// Shared records that 30% of writes patch.
+/// Shared records that the writes that do not create a record patch.
 const SHARED_RECORDS: usize = 2_000;
+/// Percent of writes that create a new record.
+const NEW_PERCENT_DEFAULT: u64 = 70;
 /// How often the monitor polls each node.
 const MONITOR_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the nodes may take to converge once the writers stop.
@@ -44,8 +47,18 @@ fn main() {
     } else {
         let rate = flag(&args, "--rate", 500);
         let seconds = flag(&args, "--seconds", 300);
-        println!("soak: 3 nodes, page cache 8 MiB, {rate} writes/s for {seconds} s");
-        let outcome = load(&cluster, rate, Duration::from_secs(seconds as u64), 0, true);
+        let new_percent = flag(&args, "--new-percent", NEW_PERCENT_DEFAULT as usize) as u64;
+        println!(
+            "soak: 3 nodes, page cache 8 MiB, {rate} writes/s for {seconds} s, {new_percent}% new records"
+        );
+        let outcome = load(
+            &cluster,
+            rate,
+            Duration::from_secs(seconds as u64),
+            0,
+            new_percent,
+            true,
+        );
         outcome.print(rate);
         let took = cluster.converge(&outcome);
         println!(
@@ -255,19 +268,7 @@ impl Node {
     }
 
     fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .map_or(0.0, |kib| kib / 1024.0)
+        common::memory_mib(&self.child.id().to_string(), "VmRSS")
     }
 
     /// Every live record of a collection: `COLLECTION/KEY` to its fields.
@@ -347,9 +348,17 @@ impl Outcome {
     }
 }
 
-/// Writes at `rate` per second over the three nodes for `duration`, new records numbered
-/// from `first`; the monitor prints as it polls when `verbose`.
-fn load(cluster: &Cluster, rate: usize, duration: Duration, first: u64, verbose: bool) -> Outcome {
+/// Writes at `rate` per second over the three nodes for `duration`, `new_percent` of them new
+/// records (numbered from `first`), the rest patches of shared ones; the monitor prints as it
+/// polls when `verbose`.
+fn load(
+    cluster: &Cluster,
+    rate: usize,
+    duration: Duration,
+    first: u64,
+    new_percent: u64,
+    verbose: bool,
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let offered = Arc::new(AtomicU64::new(0));
     let accepted = Arc::new(AtomicU64::new(0));
@@ -385,7 +394,7 @@ fn load(cluster: &Cluster, rate: usize, duration: Duration, first: u64, verbose:
                     state ^= state << 13;
                     state ^= state >> 7;
                     state ^= state << 17;
-                    let (url, key) = if state % 10 < 7 {
+                    let (url, key) = if state % 100 < new_percent {
                         let key = format!("n{index}-w{thread}-{}", first + n);
                         (format!("http://{api}/v1/records/soak/{key}"), Some(key))
                     } else {
@@ -469,6 +478,7 @@ fn capacity(cluster: &Cluster, step_seconds: usize) {
             rate,
             Duration::from_secs(step_seconds as u64),
             first,
+            NEW_PERCENT_DEFAULT,
             false,
         );
         first += outcome.offered + 1;

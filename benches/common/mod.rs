@@ -26,3 +26,20 @@ pub fn paced(total: usize, rate: usize, mut each: impl FnMut(usize)) {
         each(n);
     }
 }
+
+/// A memory figure of a process from `/proc/PROCESS/status` (`PROCESS` a pid or `self`), in
+/// MiB: `field` is `VmRSS` (now) or `VmHWM` (peak). 0 where it cannot be read.
+pub fn memory_mib(process: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}

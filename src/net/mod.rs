@@ -28,6 +28,9 @@ use concord_proto::{encode_frame, FrameDecoder, Goodbye, Message};
 use tokio::sync::mpsc;
 
 use crate::record::NodeId;
+// What the transport tells the engine's driver (connections up and down, messages, bytes
+// written) is the driver's own input.
+use crate::sync::Input;
 
 /// Frames queued for one connection at most. The driver bounds the queue by bytes first;
 /// this only catches a bug, which closes the connection.
@@ -70,30 +73,6 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
     ))
 }
 
-/// What the transport tells the engine's driver.
-#[derive(Debug)]
-pub enum TransportEvent {
-    Up {
-        peer: NodeId,
-        connection: u64,
-    },
-    Down {
-        peer: NodeId,
-        connection: u64,
-    },
-    Received {
-        peer: NodeId,
-        connection: u64,
-        message: Message,
-    },
-    /// Bytes of queued frames written to the connection.
-    Drained {
-        peer: NodeId,
-        connection: u64,
-        bytes: usize,
-    },
-}
-
 /// What a connection's writer is given.
 enum Outgoing {
     Frame(Vec<u8>),
@@ -129,7 +108,7 @@ pub struct Transport {
     node: NodeId,
     endpoint: quinn::Endpoint,
     links: Mutex<BTreeMap<NodeId, PeerLink>>,
-    events: mpsc::Sender<TransportEvent>,
+    events: mpsc::Sender<Input>,
     next_connection: AtomicU64,
     pub stats: TransportStats,
 }
@@ -169,7 +148,7 @@ impl Transport {
     pub fn bind(
         tls: &tls::NodeTls,
         listen: SocketAddr,
-        events: mpsc::Sender<TransportEvent>,
+        events: mpsc::Sender<Input>,
     ) -> Result<Arc<Self>, TransportError> {
         let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.server_config()?)
             .map_err(|error| TransportError::Config(error.to_string()))?;
@@ -390,7 +369,7 @@ impl Transport {
         tracing::info!(%peer, %address, dialer, "connected");
         let _ = self
             .events
-            .send(TransportEvent::Up {
+            .send(Input::Up {
                 peer,
                 connection: connection_id,
             })
@@ -422,7 +401,7 @@ impl Transport {
         }
         let _ = self
             .events
-            .send(TransportEvent::Down {
+            .send(Input::Down {
                 peer,
                 connection: connection_id,
             })
@@ -473,7 +452,7 @@ impl Transport {
             loop {
                 match decoder.next_message() {
                     Ok(Some(message)) => {
-                        let event = TransportEvent::Received {
+                        let event = Input::Received {
                             peer,
                             connection: connection_id,
                             message,
@@ -518,7 +497,7 @@ impl Transport {
                         .fetch_add(frame.len() as u64, Ordering::Relaxed);
                     written += frame.len();
                     if queue.is_empty() || written >= DRAINED_REPORT_BYTES {
-                        let event = TransportEvent::Drained {
+                        let event = Input::Drained {
                             peer,
                             connection: connection_id,
                             bytes: std::mem::take(&mut written),

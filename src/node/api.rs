@@ -74,6 +74,16 @@ async fn take_turns(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
+    // Refused from its headers, before any of the body is read: a client that asked
+    // `Expect: 100-continue` (curl does for large bodies) never sends it.
+    let limit = if request.uri().path().ends_with("/automerge") {
+        IMPORT_BYTES_MAX
+    } else {
+        REQUEST_BYTES_MAX
+    };
+    if length.is_some_and(|length| length > limit) {
+        return too_large(limit).into_response();
+    }
     let shutting_down =
         || ApiError(StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned()).into_response();
     let Ok(_turn) = turns.requests.acquire().await else {

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 
 use super::{Node, NodeError, TLS_DIR};
-use crate::net::{tls::NodeTls, Transport, TransportEvent};
+use crate::net::{tls::NodeTls, Transport};
 use crate::sync::{self, Driver, DriverStats, Engine, Input, Output, Stats};
 
 /// Transport events queued for the engine before readers wait (and QUIC slows the peer).
@@ -473,7 +473,7 @@ impl Running {
 async fn drive_engine(
     shared: Arc<Shared>,
     mut driver: Driver,
-    mut events: mpsc::Receiver<TransportEvent>,
+    mut events: mpsc::Receiver<Input>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     // Whatever ends this task, writers are refused from then on.
@@ -497,14 +497,14 @@ async fn drive_engine(
             _ = &mut stop => return,
             event = events.recv() => {
                 let Some(event) = event else { return };
-                inputs.push(input_of(event));
+                inputs.push(event);
             }
             () = shared.local_writes.notify.notified() => {}
             () = sleep => {}
         }
         while inputs.len() < ENGINE_EVENTS_PER_STEP_MAX {
             match events.try_recv() {
-                Ok(event) => inputs.push(input_of(event)),
+                Ok(event) => inputs.push(event),
                 Err(_) => break,
             }
         }
@@ -527,31 +527,6 @@ async fn drive_engine(
         carry_out(&shared, outputs);
         let waiting = events.len();
         refresh_status(&shared, &driver, &mut backlog, waiting);
-    }
-}
-
-fn input_of(event: TransportEvent) -> Input {
-    match event {
-        TransportEvent::Up { peer, connection } => Input::Up { peer, connection },
-        TransportEvent::Down { peer, connection } => Input::Down { peer, connection },
-        TransportEvent::Received {
-            peer,
-            connection,
-            message,
-        } => Input::Received {
-            peer,
-            connection,
-            message,
-        },
-        TransportEvent::Drained {
-            peer,
-            connection,
-            bytes,
-        } => Input::Drained {
-            peer,
-            connection,
-            bytes,
-        },
     }
 }
 

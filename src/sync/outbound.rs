@@ -23,8 +23,8 @@ use super::{Engine, PeerPolicies, Replica};
 use crate::record::NodeId;
 use crate::store::{LoggedChange, StoreError};
 
-/// Bytes of changes kept in memory for peers that keep up (the newest of every origin's
-/// log); older ones are read from the store.
+/// Bytes of changes kept in memory for peers that keep up (the newest ones some peer has yet
+/// to be sent); older ones are read from the store.
 pub const RECENT_CHANGES_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Small messages (repair digests and listings, documents asked for) waiting per peer, by
 /// count and by bytes. Past either, a new one is dropped and counted: every one of them is
@@ -128,8 +128,8 @@ impl Peer {
     }
 }
 
-/// The newest changes of every origin's log, kept in memory, bounded by bytes: what a peer
-/// that keeps up is sent next, without reading the store.
+/// The newest changes that some peer has yet to be sent, kept in memory, bounded by bytes
+/// (oldest out first): what a peer that keeps up is sent next, without reading the store.
 #[derive(Debug, Default)]
 pub(crate) struct RecentChanges {
     changes: BTreeMap<(NodeId, u64), LoggedChange>,

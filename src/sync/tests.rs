@@ -188,6 +188,43 @@ impl Network {
         }
     }
 
+    /// Connects `a` and `b` but completes only the handshake: the hellos are delivered,
+    /// everything else in flight is dropped (so no summary, nothing streamed).
+    fn handshake_only(&mut self, a: usize, b: usize) {
+        self.connect(a, b);
+        let handshake: Vec<_> = self.in_flight.drain(..).collect();
+        for (from, to, connection, frame) in handshake {
+            if matches!(decode(&frame), Message::Hello(_)) {
+                let sender = self.nodes[from].id;
+                self.step(
+                    to,
+                    vec![Input::Received {
+                        peer: sender,
+                        connection,
+                        message: decode(&frame),
+                    }],
+                );
+            }
+        }
+        self.in_flight.clear();
+    }
+
+    /// Hands `to` a `Changes` message of `changes` from `from`, over their connection.
+    fn receive_changes(&mut self, to: usize, from: usize, changes: &[LoggedChange]) {
+        let sender = self.nodes[from].id;
+        let connection = self.connection(from, to).expect("connected");
+        self.step(
+            to,
+            vec![Input::Received {
+                peer: sender,
+                connection,
+                message: Message::Changes(Changes {
+                    changes: changes.iter().map(shipped).collect(),
+                }),
+            }],
+        );
+    }
+
     fn timeout_all(&mut self) {
         for index in 0..self.nodes.len() {
             self.step(index, vec![Input::Timeout]);
@@ -434,36 +471,8 @@ fn a_change_with_missing_dependencies_is_held_then_applied() {
         .docs
         .log_after(&net.nodes[1].id, 0, 10, usize::MAX)
         .unwrap();
-    net.connect(1, 2);
-    // Complete the handshake only: deliver the hellos, drop everything else.
-    let hellos: Vec<_> = net.in_flight.drain(..).collect();
-    for (from, to, connection, frame) in hellos {
-        if matches!(decode(&frame), Message::Hello(_)) {
-            let sender = net.nodes[from].id;
-            net.step(
-                to,
-                vec![Input::Received {
-                    peer: sender,
-                    connection,
-                    message: decode(&frame),
-                }],
-            );
-        }
-    }
-    net.in_flight.clear();
-    let id_1 = net.nodes[1].id;
-    let connection = net.connection(1, 2).unwrap();
-    let message = Message::Changes(Changes {
-        changes: dependent.iter().map(shipped).collect(),
-    });
-    net.step(
-        2,
-        vec![Input::Received {
-            peer: id_1,
-            connection,
-            message,
-        }],
-    );
+    net.handshake_only(1, 2);
+    net.receive_changes(2, 1, &dependent);
     assert_eq!(net.nodes[2].engine().stats().held, 1);
     assert_eq!(net.nodes[2].engine().held_now(), 1);
     let asked = net.in_flight.iter().any(|(from, to, _, frame)| {
@@ -843,34 +852,8 @@ fn a_long_history_reaches_a_fresh_peer_and_document_answers_are_paged() {
         .log_after(&net.nodes[0].id, 1539, 1, usize::MAX)
         .unwrap();
     assert_eq!(latest.len(), 1);
-    net.connect(1, 2);
-    let handshake: Vec<_> = net.in_flight.drain(..).collect();
-    for (from, to, connection, frame) in handshake {
-        if matches!(decode(&frame), Message::Hello(_)) {
-            let sender = net.nodes[from].id;
-            net.step(
-                to,
-                vec![Input::Received {
-                    peer: sender,
-                    connection,
-                    message: decode(&frame),
-                }],
-            );
-        }
-    }
-    net.in_flight.clear();
-    let id_1 = net.nodes[1].id;
-    let connection = net.connection(1, 2).unwrap();
-    net.step(
-        2,
-        vec![Input::Received {
-            peer: id_1,
-            connection,
-            message: Message::Changes(Changes {
-                changes: latest.iter().map(shipped).collect(),
-            }),
-        }],
-    );
+    net.handshake_only(1, 2);
+    net.receive_changes(2, 1, &latest);
     assert_eq!(net.nodes[2].engine().held_now(), 1);
     let mut answers = 0;
     for _ in 0..100 {
@@ -900,34 +883,8 @@ fn held_changes_expire_and_come_again() {
         .docs
         .log_after(&net.nodes[1].id, 0, 10, usize::MAX)
         .unwrap();
-    net.connect(1, 2);
-    let handshake: Vec<_> = net.in_flight.drain(..).collect();
-    for (from, to, connection, frame) in handshake {
-        if matches!(decode(&frame), Message::Hello(_)) {
-            let sender = net.nodes[from].id;
-            net.step(
-                to,
-                vec![Input::Received {
-                    peer: sender,
-                    connection,
-                    message: decode(&frame),
-                }],
-            );
-        }
-    }
-    net.in_flight.clear();
-    let id_1 = net.nodes[1].id;
-    let connection = net.connection(1, 2).unwrap();
-    net.step(
-        2,
-        vec![Input::Received {
-            peer: id_1,
-            connection,
-            message: Message::Changes(Changes {
-                changes: dependent.iter().map(shipped).collect(),
-            }),
-        }],
-    );
+    net.handshake_only(1, 2);
+    net.receive_changes(2, 1, &dependent);
     assert_eq!(net.nodes[2].engine().held_now(), 1);
     // The answer is lost; time passes.
     net.in_flight.clear();
