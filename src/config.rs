@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{CACHE_DOCUMENTS_MAX, COMPACT_AFTER_CHANGES_MAX};
+use crate::store::{CACHE_DOCUMENTS_MAX, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_MAX};
 
 /// The config file's name inside a data dir.
 pub const CONFIG_FILE: &str = "concord.toml";
@@ -220,8 +220,10 @@ pub struct NodeSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
-    /// Documents kept loaded in memory (~20 KB each).
+    /// Documents kept loaded in memory at most.
     pub cache_documents: usize,
+    /// Memory the loaded documents may take, in MiB (their histories grow with every change).
+    pub cache_mib: usize,
     /// sled's page cache, in MiB.
     pub page_cache_mib: u64,
     /// Appended changes per document before they are compacted into a snapshot.
@@ -232,6 +234,7 @@ impl Default for StoreSection {
     fn default() -> Self {
         Self {
             cache_documents: crate::store::CACHE_DOCUMENTS_DEFAULT,
+            cache_mib: crate::store::CACHE_MIB_DEFAULT,
             page_cache_mib: crate::store::PAGE_CACHE_BYTES_DEFAULT / (1024 * 1024),
             compact_after_changes: crate::store::COMPACT_AFTER_CHANGES_DEFAULT,
         }
@@ -314,6 +317,12 @@ impl Config {
             return Err(format!(
                 "store.cache_documents = {} must be between 1 and {CACHE_DOCUMENTS_MAX}",
                 store.cache_documents
+            ));
+        }
+        if store.cache_mib == 0 || store.cache_mib > CACHE_MIB_MAX {
+            return Err(format!(
+                "store.cache_mib = {} must be between 1 and {CACHE_MIB_MAX}",
+                store.cache_mib
             ));
         }
         if store.page_cache_mib == 0 || store.page_cache_mib > PAGE_CACHE_MIB_MAX {

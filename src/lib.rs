@@ -3,10 +3,12 @@
 //! The parts, one module each: [`record`] (the record model), [`store`] (sled and in-memory
 //! stores, document layout, cache), [`sync`] (the replication engine and its driver),
 //! [`net`] (QUIC transport), [`adapters`] (tables as collections), [`policy`] (conflict
-//! policies) and [`node`] (a node's data dir, config, record operations, `run` and the API).
+//! policies) and [`node`] (a node's data dir, config, record operations, `run` and the API);
+//! [`files`] creates a node's files owner-only.
 
 pub mod adapters;
 pub mod config;
+pub mod files;
 pub mod net;
 pub mod node;
 pub mod policy;
@@ -28,6 +30,9 @@ pub struct Sabotage {
     /// Messages of changes are sized by count alone, as before they were sized by bytes: a
     /// batch of large changes outgrows a frame and never goes.
     pub count_only_batches: bool,
+    /// A store made again (lost, or restored from a backup) writes under the writer its
+    /// former self used, as stores did before incarnations (the simulator honours it).
+    pub reuse_writer: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

@@ -128,7 +128,10 @@ fn history_names_origin_time_and_effect() {
         assert_eq!(entry["node"], json!(node_id.trim()));
         assert_eq!(entry["node_name"], json!("site-a"));
         assert_eq!(entry["source"], json!("api"));
-        assert!(entry["actor"].as_str().unwrap().starts_with(node_id.trim()));
+        // Written under the store's writer (its incarnation), not the node's id.
+        let actor = entry["actor"].as_str().unwrap();
+        assert!(actor.starts_with(&history[0]["actor"].as_str().unwrap()[..32]));
+        assert!(!actor.starts_with(node_id.trim()));
         assert!(entry["time"].as_str().unwrap().starts_with("20"));
         assert_eq!(entry["hash"].as_str().unwrap().len(), 64);
     }

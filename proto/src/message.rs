@@ -112,6 +112,12 @@ pub enum Message {
     PolicyHash {
         hash: HashBytes,
     },
+    /// (Version 3.) The origin the sender's own log is written under now: its store's writer.
+    /// A node whose store was made again writes under a new one; the receiver takes its
+    /// changes of that origin from the sender directly.
+    Writer {
+        writer: NodeIdBytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +245,7 @@ impl Message {
     pub fn introduced_in(&self) -> u16 {
         match self {
             Message::PolicyHash { .. } => 2,
+            Message::Writer { .. } => 3,
             _ => 1,
         }
     }
@@ -332,7 +339,10 @@ impl Message {
             Message::Goodbye(goodbye) => {
                 check_len("detail bytes", goodbye.detail.len(), DETAIL_BYTES_MAX)?;
             }
-            Message::Ping { .. } | Message::Pong { .. } | Message::PolicyHash { .. } => {}
+            Message::Ping { .. }
+            | Message::Pong { .. }
+            | Message::PolicyHash { .. }
+            | Message::Writer { .. } => {}
             Message::Prune { origins } | Message::Graft { origins } => {
                 check_len("origins", origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
             }

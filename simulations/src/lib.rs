@@ -9,15 +9,19 @@
 //! the safety phase drops and duplicates them, cuts links both ways or one way, cuts links one
 //! by one and restores them in random order, crashes nodes (a crash keeps what was flushed
 //! plus a random prefix of the rest, the loss the durability contract allows) and restarts
-//! them, skews their clocks, and keeps edge offices offline but for short windows. The
+//! them, loses a node's whole store now and then (it comes back empty, or from a backup taken
+//! earlier in the run, under a new writer as `concord run` and `concord restore` do), skews their clocks, and keeps edge offices offline but for short windows. The
 //! workload writes small fields, now and then values up to the largest change a node accepts
 //! (and over it, which must be refused and leave nothing), and bursts of hundreds of updates
 //! to one record (a long history). Every choice comes from one seeded [`SimRng`], so a seed
 //! replays the same run; the trace hash proves it.
 //!
 //! Then the liveness phase: faults stop, every node is up, every link heals. Checks:
-//! - safety, after every crash: every write the node acknowledged is still in its store;
-//! - convergence: within [`CONVERGE_SIM_MS_MAX`] of healing, every node holds every record with
+//! - safety, after every crash: every write the node acknowledged is still in its store (after
+//!   a store is lost, the writes that no other node held yet are lost with it; every other
+//!   acknowledged write must come back);
+//! - convergence: within [`CONVERGE_SIM_MS_MAX`] of healing (or, once a store was lost,
+//!   [`CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX`]), every node holds every record with
 //!   the same heads and the same JSON, resolves every conflict to the same value under each
 //!   conflict policy (`lww`, `priority` by source, `custom`, `manual`), and holds every
 //!   origin's log as far as every other node (no log stays behind anywhere);
@@ -52,6 +56,11 @@ pub const STEPS_MAX: u64 = 1_000_000;
 /// repair interval (30 s) on purpose: summaries alone must converge a healed cluster, repair
 /// is the net under them, not the way things normally heal.
 pub const CONVERGE_SIM_MS_MAX: u64 = 20_000;
+/// The same after a run in which a store was lost: a change that its author's lost log was
+/// the only one to place (peers had fetched it with its document, without a log place) is in
+/// no log any more, and only repair's fingerprints find it. Two repair rounds on top.
+pub const CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX: u64 =
+    CONVERGE_SIM_MS_MAX + 2 * concord::sync::REPAIR_INTERVAL_DEFAULT.as_millis() as u64;
 /// A connection with a link cut one way is given up after this long (QUIC's idle timeout).
 const ONE_WAY_TIMEOUT_MS: u64 = 3_000;
 /// Trace lines kept for a failure report.
@@ -72,6 +81,11 @@ pub struct Params {
     pub partition_percent: u64,
     /// Percent of steps that crash a node.
     pub crash_percent: u64,
+    /// Percent of crashes that lose the node's whole store; half of those bring back the
+    /// node's last backup, if it has one.
+    pub store_loss_percent: u64,
+    /// Per mille of workload steps on a node that back its store up first.
+    pub backup_permille: u64,
     pub skew_ms_max: u64,
     /// Nodes (the last ones) that are offline most of the time.
     pub edge_offices: usize,
@@ -106,6 +120,8 @@ impl Default for Params {
             duplicate_percent: 2,
             partition_percent: 4,
             crash_percent: 2,
+            store_loss_percent: 25,
+            backup_permille: 20,
             skew_ms_max: 60_000,
             edge_offices: 1,
             cache_documents: 8,
@@ -145,6 +161,11 @@ pub struct Summary {
     pub burst_writes: u64,
     /// Frames that waited because their connection's queue was full.
     pub queue_full_waits: u64,
+    /// Stores lost whole, and of those, brought back from a backup.
+    pub stores_lost: u64,
+    pub stores_restored: u64,
+    /// Acknowledged writes that no other node held when their store was lost.
+    pub lost_with_store: u64,
     /// Fields in conflict at the end, each resolved alike by every node under every policy
     /// of `checked_policies`.
     pub conflicts_at_end: u64,
@@ -235,7 +256,13 @@ best
 
 struct SimNode {
     id: NodeId,
+    /// The writer its store writes under: a new one each time the store is made again.
+    writer: NodeId,
     store: MemoryStore,
+    /// A copy of the store taken earlier in the run.
+    backup: Option<MemoryStore>,
+    /// The store was lost in the last crash: it restarts under a new writer.
+    store_lost: bool,
     docs: DocStore<MemoryStore>,
     driver: Driver,
     skew_ms: i64,
@@ -295,7 +322,9 @@ struct Sim {
     next_connection: u64,
     now_ms: u64,
     faults_on: bool,
-    /// Acknowledged changes: (record, hash, was a delete, node).
+    /// Acknowledged changes: (record, hash, was a delete, node). The node is `NODES_MAX` more
+    /// than its index once its store was lost: other nodes held the change then, and the node
+    /// gets it back from them, so a later crash of the node may find it missing still.
     acknowledged: Vec<(usize, ChangeHash, bool, usize)>,
     summary: Summary,
     trace: Vec<String>,
@@ -307,6 +336,7 @@ fn store_config(params: &Params) -> DocStoreConfig {
     DocStoreConfig {
         cache_documents: NonZeroUsize::new(params.cache_documents.max(1)).expect("at least one"),
         compact_after_changes: 5,
+        ..DocStoreConfig::default()
     }
 }
 
@@ -315,18 +345,21 @@ pub fn run(seed: u64, params: &Params) -> Result<Summary, Violation> {
     run_sabotaged(seed, params, Default::default())
 }
 
+/// The documents of node `id` in `store`, written under `writer`.
 fn open_docs(
     store: &MemoryStore,
     id: NodeId,
+    writer: NodeId,
     params: &Params,
     sabotage: Sabotage,
 ) -> Result<DocStore<MemoryStore>, concord::store::StoreError> {
     #[cfg_attr(not(test), allow(unused_mut))]
-    let mut docs = DocStore::open(store.clone(), id, store_config(params))?;
-    // Named writers, so conflict policies have sources and sites to rank.
+    let mut docs = DocStore::open(store.clone(), writer, store_config(params))?;
+    // Named writers, so conflict policies have sources and sites to rank: the node's site,
+    // whichever writer its store has.
     let site = id.to_string()[..8].to_owned();
     for (index, source) in WRITER_SOURCES.iter().enumerate() {
-        docs.name_writer(&id.actor(index as u16), source, &site);
+        docs.name_writer(&writer.actor(index as u16), source, &site);
     }
     #[cfg(test)]
     docs.set_sabotage(sabotage);
@@ -359,11 +392,14 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
             rng.below(2 * params.skew_ms_max + 1) as i64 - params.skew_ms_max as i64
         };
         let store = MemoryStore::new();
-        let docs = open_docs(&store, id, params, sabotage).expect("a fresh memory store opens");
-        let driver = new_driver(id, &docs, params, sabotage);
+        let docs = open_docs(&store, id, id, params, sabotage).expect("a fresh memory store opens");
+        let driver = new_driver(id, id, &docs, params, sabotage);
         nodes.push(SimNode {
             id,
+            writer: id,
             store,
+            backup: None,
+            store_lost: false,
             docs,
             driver,
             skew_ms,
@@ -415,16 +451,18 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
     Ok(sim.summary)
 }
 
-/// The production driver around a fresh engine for node `id`, its own log sent up to what
-/// the store holds (a restarted node pushes nothing old from memory).
+/// The production driver around a fresh engine for node `id` writing under `writer`, its own
+/// log sent up to what the store holds (a restarted node pushes nothing old from memory).
 fn new_driver(
     id: NodeId,
+    writer: NodeId,
     docs: &DocStore<MemoryStore>,
     params: &Params,
     sabotage: Sabotage,
 ) -> Driver {
     #[cfg_attr(not(test), allow(unused_mut))]
     let mut config = Config::new(CLUSTER, id, "sim");
+    config.writer = writer;
     config.changes_per_message = 64;
     #[cfg(test)]
     {
@@ -434,7 +472,7 @@ fn new_driver(
     let _ = sabotage;
     Driver::with_queue_bytes(
         Engine::new(config),
-        docs.origin_mark(&id),
+        docs.origin_mark(&writer),
         params.queue_bytes,
     )
 }
@@ -473,10 +511,15 @@ impl Sim {
             if (self.now_ms - healed_at) % 1000 < 100 && self.converged()? {
                 break;
             }
-            if self.now_ms - healed_at > CONVERGE_SIM_MS_MAX {
+            let budget = if self.summary.stores_lost > 0 {
+                CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX
+            } else {
+                CONVERGE_SIM_MS_MAX
+            };
+            if self.now_ms - healed_at > budget {
                 let detail = self.divergence()?;
                 return Err(self.violation(format!(
-                    "no convergence within {CONVERGE_SIM_MS_MAX} ms of healing: {detail}"
+                    "no convergence within {budget} ms of healing: {detail}"
                 )));
             }
         }
@@ -568,6 +611,15 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// A node or writer id from the run's randomness.
+    fn random_node_id(&mut self) -> NodeId {
+        let mut bytes = [0u8; 16];
+        for chunk in bytes.chunks_mut(8) {
+            chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        }
+        NodeId(bytes)
     }
 
     fn index_of(&self, id: NodeId) -> usize {
@@ -944,12 +996,105 @@ impl Sim {
         self.nodes[index].up = false;
         self.nodes[index].store.crash(keep);
         self.nodes[index].restart_at = Some(self.now_ms + 200 + self.rng.below(5000));
+        if self.rng.chance(self.params.store_loss_percent) {
+            self.lose_store(index)?;
+        }
+        Ok(())
+    }
+
+    /// The disk under `index`'s store dies: the node comes back with an empty store, or with
+    /// its last backup. The acknowledged writes no other node holds are lost with it.
+    fn lose_store(&mut self, index: usize) -> Result<(), Violation> {
+        let restore = self.rng.chance(50) && self.nodes[index].backup.is_some();
+        let store = match &self.nodes[index].backup {
+            Some(backup) if restore => backup.durable_copy(),
+            _ => MemoryStore::new(),
+        };
+        self.summary.stores_lost += 1;
+        self.summary.stores_restored += u64::from(restore);
+        self.fault("store lost");
+        self.record_trace(format!(
+            "{} node {index} loses its store{}",
+            self.now_ms,
+            if restore {
+                ", restored from its backup"
+            } else {
+                ""
+            }
+        ));
+        self.nodes[index].store = store;
+        self.nodes[index].store_lost = true;
+        // Which acknowledged writes survive somewhere: on a node that holds them now (a down
+        // node holds what it made durable), or in the restored backup.
+        let mut holders = Vec::with_capacity(self.nodes.len());
+        for (other, node) in self.nodes.iter().enumerate() {
+            let docs = if other == index || !node.up {
+                // A store brought back from a backup still names the writer it had then.
+                let writer = concord::store::claim_writer(&node.store, node.id, node.writer)
+                    .map(|(writer, _)| writer);
+                match writer.and_then(|writer| {
+                    open_docs(&node.store, node.id, writer, &self.params, self.sabotage)
+                }) {
+                    Ok(docs) => Some(docs),
+                    Err(error) => {
+                        return Err(
+                            self.violation(format!("node {other}'s store does not open: {error}"))
+                        )
+                    }
+                }
+            } else {
+                None
+            };
+            holders.push(docs);
+        }
+        let before = self.acknowledged.len();
+        let mut kept = Vec::with_capacity(before);
+        for mut entry in std::mem::take(&mut self.acknowledged) {
+            let (record, hash, _, by) = entry;
+            if by == index {
+                entry.3 = index + NODES_MAX;
+            }
+            let id = &self.ids[record];
+            let held = self.nodes.iter().zip(&holders).any(|(node, opened)| {
+                let docs = opened.as_ref().unwrap_or(&node.docs);
+                docs.read(id, |doc| document::holds_change(doc, &hash))
+                    .unwrap_or(false)
+            });
+            if held {
+                kept.push(entry);
+            }
+        }
+        self.summary.lost_with_store += (before - kept.len()) as u64;
+        self.acknowledged = kept;
         Ok(())
     }
 
     fn restart(&mut self, index: usize) -> Result<(), Violation> {
+        let store_lost = std::mem::take(&mut self.nodes[index].store_lost);
+        if store_lost {
+            // A store made again writes under a new writer, as `concord run` (an empty store)
+            // and `concord restore` (a backup) give it.
+            #[cfg_attr(not(test), allow(unused_mut))]
+            let mut writer = self.random_node_id();
+            #[cfg(test)]
+            if self.sabotage.reuse_writer {
+                writer = self.nodes[index].writer;
+            }
+            let node = &self.nodes[index];
+            if let Err(error) = concord::store::new_incarnation(&node.store, node.id, writer) {
+                return Err(self.violation(format!("node {index}: {error}")));
+            }
+            self.record_trace(format!("{} node {index} writes as {writer}", self.now_ms));
+            self.nodes[index].writer = writer;
+        }
         let node = &self.nodes[index];
-        let docs = match open_docs(&node.store, node.id, &self.params, self.sabotage) {
+        let docs = match open_docs(
+            &node.store,
+            node.id,
+            node.writer,
+            &self.params,
+            self.sabotage,
+        ) {
             Ok(docs) => docs,
             Err(error) => {
                 return Err(self.violation(format!(
@@ -957,14 +1102,17 @@ impl Sim {
                 )))
             }
         };
-        let id = node.id;
-        let driver = new_driver(id, &docs, &self.params, self.sabotage);
+        let driver = new_driver(node.id, node.writer, &docs, &self.params, self.sabotage);
         let node = &mut self.nodes[index];
         node.docs = docs;
         node.driver = driver;
         node.up = true;
         node.restart_at = None;
         self.record_trace(format!("{} restart node {index}", self.now_ms));
+        if store_lost {
+            // What it wrote and others held comes back from them; the end checks it.
+            return Ok(());
+        }
         // Safety: every write this node acknowledged survived the crash.
         let mine: Vec<(usize, ChangeHash)> = self
             .acknowledged
@@ -991,12 +1139,17 @@ impl Sim {
         if !self.nodes[index].up {
             return Ok(());
         }
+        if self.faults_on && self.rng.below(1000) < self.params.backup_permille {
+            let backup = self.nodes[index].store.durable_copy();
+            self.nodes[index].backup = Some(backup);
+            self.record_trace(format!("{} node {index} backed up", self.now_ms));
+        }
         let record = self.rng.index(self.ids.len());
         if self.rng.below(1000) < self.params.burst_permille {
             return self.burst(index, record);
         }
         let delete = self.rng.chance(15);
-        let actor = self.nodes[index].id.actor(self.rng.below(2) as u16);
+        let actor = self.nodes[index].writer.actor(self.rng.below(2) as u16);
         let mut write = RecordWrite::default();
         let mut size = 0;
         if !delete {
@@ -1064,10 +1217,12 @@ impl Sim {
             self.now_ms, self.ids[record]
         ));
         // Nothing of it may be left in the store, nor in the log.
-        let mark = self.nodes[index].docs.origin_mark(&self.nodes[index].id);
+        let mark = self.nodes[index]
+            .docs
+            .origin_mark(&self.nodes[index].writer);
         let logged = self.nodes[index]
             .docs
-            .log_after(&self.nodes[index].id, mark, 1, usize::MAX)
+            .log_after(&self.nodes[index].writer, mark, 1, usize::MAX)
             .map_err(|error| self.violation(format!("node {index}: {error}")))?;
         if !logged.is_empty() {
             return Err(self.violation(format!("node {index}: a refused write left a log entry")));
@@ -1079,7 +1234,7 @@ impl Sim {
     /// history that must reach every node.
     fn burst(&mut self, index: usize, record: usize) -> Result<(), Violation> {
         let writes = 1 + self.rng.below(self.params.burst_writes_max.max(1));
-        let actor = self.nodes[index].id.actor(0);
+        let actor = self.nodes[index].writer.actor(0);
         for count in 0..writes {
             let write = RecordWrite {
                 set: vec![("stock".to_owned(), json!(count))],
@@ -1259,7 +1414,39 @@ impl Sim {
                 }
             }
         }
-        Ok("none found".to_owned())
+        // The records agree: some origin's log is held further on some node than another.
+        let all: Vec<BTreeMap<NodeId, u64>> = self
+            .nodes
+            .iter()
+            .map(|node| node.docs.origin_marks().into_iter().collect())
+            .collect();
+        let origins: BTreeSet<NodeId> =
+            all.iter().flat_map(|marks| marks.keys().copied()).collect();
+        let mut report = String::new();
+        for origin in origins {
+            let marks: Vec<u64> = all
+                .iter()
+                .map(|marks| marks.get(&origin).copied().unwrap_or(0))
+                .collect();
+            if marks.iter().any(|mark| *mark != marks[0]) {
+                report.push_str(&format!(
+                    "origin {} held up to {marks:?} on the nodes; ",
+                    &origin.to_string()[..8]
+                ));
+            }
+        }
+        if report.is_empty() {
+            report.push_str("none found");
+        } else {
+            for (index, node) in self.nodes.iter().enumerate() {
+                report.push_str(&format!(
+                    "\nnode {index} writes as {}: {:?}",
+                    &node.writer.to_string()[..8],
+                    node.driver.engine().stats()
+                ));
+            }
+        }
+        Ok(report)
     }
 
     /// After convergence: no acknowledged change is missing, and deletes stayed deleted unless
@@ -1270,7 +1457,8 @@ impl Sim {
             let check = self.nodes[0].docs.read(id, |doc| {
                 if !document::holds_change(doc, hash) {
                     return Err(format!(
-                        "acknowledged change {hash} of {id} (by node {by}) is missing"
+                        "acknowledged change {hash} of {id} (by node {}) is missing",
+                        by % NODES_MAX
                     ));
                 }
                 if *was_delete && document::state(doc) == document::RecordState::Live {
@@ -1382,6 +1570,45 @@ mod tests {
             ..Params::default()
         };
         assert!(seeds_to_find_with(sabotage, &params, 20) <= 20);
+    }
+
+    #[test]
+    fn the_checks_find_a_store_made_again_under_its_old_writer() {
+        let sabotage = Sabotage {
+            reuse_writer: true,
+            ..Sabotage::default()
+        };
+        // Stores lost often, and backups often, so that a node writes again under a writer
+        // and sequence that its former self already used.
+        let params = Params {
+            crash_percent: 6,
+            store_loss_percent: 100,
+            backup_permille: 100,
+            ..Params::default()
+        };
+        assert!(seeds_to_find_with(sabotage, &params, 30) <= 30);
+    }
+
+    #[test]
+    fn lost_and_restored_stores_lose_only_what_no_other_node_held() {
+        let params = Params {
+            crash_percent: 6,
+            store_loss_percent: 100,
+            backup_permille: 100,
+            ..Params::default()
+        };
+        let (mut lost, mut restored, mut writes) = (0, 0, 0);
+        for seed in 0..10 {
+            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
+            lost += summary.stores_lost;
+            restored += summary.stores_restored;
+            writes += summary.acknowledged;
+        }
+        assert!(
+            lost >= 10 && restored >= 3,
+            "{lost} lost, {restored} restored"
+        );
+        assert!(writes > 0);
     }
 
     #[test]

@@ -46,6 +46,12 @@ struct Args {
     partition_percent: u64,
     #[arg(long, default_value_t = 2)]
     crash_percent: u64,
+    /// Percent of crashes that lose the node's whole store (half of them restore its backup).
+    #[arg(long, default_value_t = 25)]
+    store_loss_percent: u64,
+    /// Per mille of a node's workload steps that back its store up first.
+    #[arg(long, default_value_t = 20)]
+    backup_permille: u64,
     #[arg(long, default_value_t = 60_000)]
     skew_ms_max: u64,
     #[arg(long, default_value_t = 1)]
@@ -96,6 +102,8 @@ fn main() -> ExitCode {
         && args.steps <= concord_sim::STEPS_MAX
         && args.edge_offices < args.nodes
         && args.crash_percent + args.partition_percent <= 100
+        && args.store_loss_percent <= 100
+        && args.backup_permille <= 1000
         && args.drop_percent <= 100
         && args.duplicate_percent <= 100
         && args.slow_link_percent <= 100
@@ -132,6 +140,8 @@ fn main() -> ExitCode {
             duplicate_percent: args.duplicate_percent,
             partition_percent: args.partition_percent,
             crash_percent: args.crash_percent,
+            store_loss_percent: args.store_loss_percent,
+            backup_permille: args.backup_permille,
             skew_ms_max: args.skew_ms_max,
             edge_offices: args.edge_offices.min(nodes - 1),
             queue_bytes: args.queue_bytes,
@@ -189,6 +199,7 @@ fn main() -> ExitCode {
     let mut conflicts = 0u64;
     let (mut large, mut refused, mut bursts, mut waits) = (0u64, 0u64, 0u64, 0u64);
     let (mut pushed, mut duplicates) = (0u64, 0u64);
+    let (mut stores_lost, mut stores_restored, mut lost_with_store) = (0u64, 0u64, 0u64);
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for (seed, outcome) in outcomes {
@@ -207,6 +218,9 @@ fn main() -> ExitCode {
                 refused += summary.refused_writes;
                 bursts += summary.burst_writes;
                 waits += summary.queue_full_waits;
+                stores_lost += summary.stores_lost;
+                stores_restored += summary.stores_restored;
+                lost_with_store += summary.lost_with_store;
                 messages += summary.messages;
                 bytes += summary.bytes;
                 changes_sent += summary.changes_sent;
@@ -225,8 +239,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --skew-ms-max {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.skew_ms_max, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
                 );
                 return ExitCode::from(1);
             }
@@ -248,6 +262,7 @@ fn main() -> ExitCode {
     println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
     println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
+    println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet, lost with them: {lost_with_store}");
     println!("faults injected:");
     for (kind, count) in &faults {
         println!("  {kind}: {count}");

@@ -626,6 +626,7 @@ async fn shutdown_signal() {
 fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
     let text = |key: &str| status[key].as_str().unwrap_or("?").to_owned();
     writeln!(out, "node     {} ({})", text("node"), text("name"))?;
+    writeln!(out, "writer   {}", text("writer"))?;
     writeln!(out, "cluster  {}", text("cluster"))?;
     writeln!(out, "listen   {}", text("listen"))?;
     writeln!(out, "records  {}", status["records"])?;

@@ -61,12 +61,11 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
         path: path.to_owned(),
         source,
     };
-    std::fs::write(path, contents).map_err(io)?;
     if private {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        crate::files::write_private(path, contents.as_bytes()).map_err(io)
+    } else {
+        std::fs::write(path, contents).map_err(io)
     }
-    Ok(())
 }
 
 /// The one crypto provider used everywhere: ring.
@@ -79,7 +78,7 @@ pub fn create_ca(dir: &Path) -> Result<[u8; 16], TlsError> {
     if dir.join(CA_CERT_FILE).exists() {
         return Err(TlsError::CaExists(dir.to_owned()));
     }
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+    crate::files::create_private_dir(dir).map_err(|source| TlsError::Io {
         path: dir.to_owned(),
         source,
     })?;
@@ -144,7 +143,7 @@ pub fn issue_node_certificate(
     name.push(DnType::CommonName, format!("Concord node {node}"));
     params.distinguished_name = name;
     let cert = params.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(tls_dir).map_err(|source| TlsError::Io {
+    crate::files::create_private_dir(tls_dir).map_err(|source| TlsError::Io {
         path: tls_dir.to_owned(),
         source,
     })?;

@@ -48,6 +48,11 @@ pub enum NodeError {
     NotInitialized(PathBuf),
     #[error("{path}: {message}")]
     BadIdentity { path: PathBuf, message: String },
+    #[error(
+        "{path} can be written by users other than its owner (mode {mode:o}): whoever can \
+         write it can replace this node's keys and records; run `chmod 700 {path}`"
+    )]
+    UnsafePermissions { path: PathBuf, mode: u32 },
     #[error("cannot create a node id: {0}")]
     Random(getrandom::Error),
     #[error("the store in {path} is in use by another process (is `concord run` serving it?)")]
@@ -280,7 +285,7 @@ impl Node {
         if config_path.exists() {
             return Err(NodeError::AlreadyInitialized(dir.to_owned()));
         }
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        crate::files::create_private_dir(dir).map_err(io_error(dir))?;
         let id = NodeId::random().map_err(NodeError::Random)?;
         let default_name = format!("node-{}", &id.to_string()[..8]);
         let mut config = Config::new(name.unwrap_or(&default_name));
@@ -303,9 +308,11 @@ impl Node {
             });
         }
         let id_path = dir.join(NODE_ID_FILE);
-        std::fs::write(&id_path, format!("{id}\n")).map_err(io_error(&id_path))?;
+        crate::files::write_private(&id_path, format!("{id}\n").as_bytes())
+            .map_err(io_error(&id_path))?;
         // The config is written last: its presence marks a complete data dir.
-        std::fs::write(&config_path, config.to_toml()).map_err(io_error(&config_path))?;
+        crate::files::write_private(&config_path, config.to_toml().as_bytes())
+            .map_err(io_error(&config_path))?;
         let node = Self::open(dir)?;
         node.docs.sync()?;
         Ok(node)
@@ -316,6 +323,12 @@ impl Node {
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.exists() {
             return Err(NodeError::NotInitialized(dir.to_owned()));
+        }
+        if let Some(mode) = crate::files::writable_by_others(dir).map_err(io_error(dir))? {
+            return Err(NodeError::UnsafePermissions {
+                path: dir.to_owned(),
+                mode,
+            });
         }
         let config = Config::load(&config_path)?;
         let id_path = dir.join(NODE_ID_FILE);
@@ -328,13 +341,20 @@ impl Node {
             })?;
         let store_path = dir.join(STORE_DIR);
         let backend = open_store(&store_path, config.store.page_cache_mib * 1024 * 1024)?;
+        crate::files::restrict_tree(&store_path).map_err(io_error(&store_path))?;
         let store_config = DocStoreConfig {
             cache_documents: NonZeroUsize::new(config.store.cache_documents)
                 .expect("Config::check refuses a zero cache"),
+            cache_bytes: config.store.cache_mib * 1024 * 1024,
             compact_after_changes: config.store.compact_after_changes,
         };
-        let docs = DocStore::open(backend, id, store_config)?;
-        let api_actor = Self::register_source(&docs, &config, API_SOURCE)?;
+        let fresh = NodeId::random().map_err(NodeError::Random)?;
+        let (writer, incarnation) = crate::store::claim_writer(&backend, id, fresh)?;
+        if incarnation == crate::store::Incarnation::Created {
+            tracing::info!(node = %id, %writer, "a new store: its changes are written under a new writer");
+        }
+        let docs = DocStore::open(backend, writer, store_config)?;
+        let api_actor = Self::register_source(&docs, &config, id, API_SOURCE)?;
         let policies = crate::policy::Policies::from_config(&config.policies)?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -350,19 +370,22 @@ impl Node {
     fn register_source(
         docs: &DocStore<SledStore>,
         config: &Config,
+        node: NodeId,
         source: &str,
     ) -> Result<ActorId, NodeError> {
-        let node = docs.node();
+        let writer = docs.node();
         let (index, new) = docs.source_index(source)?;
-        let actor = node.actor(index);
+        let actor = writer.actor(index);
         docs.name_writer(&actor, source, &config.node.name);
-        if new {
-            let entry = RecordId::new(
-                Collection::new(ACTOR_REGISTRY_COLLECTION)?,
-                Key::new(&actor.to_hex_string())?,
-            );
+        let entry = RecordId::new(
+            Collection::new(ACTOR_REGISTRY_COLLECTION)?,
+            Key::new(&actor.to_hex_string())?,
+        );
+        // A source already numbered is entered again under a new writer (a new incarnation).
+        if new || docs.stored(&entry)?.is_none() {
             let mut fields = Map::new();
             fields.insert("node".into(), json!(node.to_string()));
+            fields.insert("writer".into(), json!(writer.to_string()));
             fields.insert("node_name".into(), json!(config.node.name));
             fields.insert("source".into(), json!(source));
             let write = RecordWrite::replace_with(fields);
@@ -373,8 +396,16 @@ impl Node {
         Ok(actor)
     }
 
+    /// The node's identity: its certificate's id, kept in `node.id`.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The writer this node's store writes under: the origin of its log and the prefix of its
+    /// actors. It differs from [`Node::id`] for every store made since incarnations, and a
+    /// store made again (lost, or restored from a backup) gets a new one.
+    pub fn writer(&self) -> NodeId {
+        self.docs.node()
     }
 
     /// The conflict policies reads are resolved by.
@@ -384,7 +415,7 @@ impl Node {
 
     /// The actor that source `name` (an adapter binding) writes with, registered on first use.
     pub fn source_actor(&self, name: &str) -> Result<ActorId, NodeError> {
-        Self::register_source(&self.docs, &self.config, name)
+        Self::register_source(&self.docs, &self.config, self.id, name)
     }
 
     pub fn dir(&self) -> &Path {

@@ -86,6 +86,9 @@ pub enum Refusal {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     pub node: String,
+    /// The writer this node's store writes under (a new one whenever the store was made
+    /// again): the origin of its own log.
+    pub writer: String,
     pub name: String,
     pub cluster: String,
     pub listen: String,
@@ -328,6 +331,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         transport: transport.clone(),
         status: Mutex::new(Status {
             node: node.id().to_string(),
+            writer: node.writer().to_string(),
             name: config.node.name.clone(),
             cluster: hex::encode(cluster),
             listen: transport
@@ -357,6 +361,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         tasks.push(tokio::spawn(transport.clone().dial_loop(address)));
     }
     let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
+    engine_config.writer = node.writer();
     engine_config.policy_hash = node.policies().hash();
     let driver = Driver::new(Engine::new(engine_config), node.documents());
     let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -581,7 +586,7 @@ impl Backlog {
         } else if waiting < ENGINE_QUEUE_CALM {
             self.engine_busy = false;
         }
-        let own = engine.node();
+        let own = engine.writer();
         let ready = engine.ready_peers();
         self.keeping_up.retain(|peer| ready.contains(peer));
         let mut behind = None;
@@ -616,7 +621,7 @@ impl Backlog {
 fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiting: usize) {
     let engine = driver.engine();
     let marks = shared.node.documents().origin_marks();
-    let own = shared.node.id();
+    let own = shared.node.writer();
     let own_mark = marks
         .iter()
         .find(|(origin, _)| *origin == own)
@@ -701,7 +706,7 @@ impl Shared {
 pub fn metrics_text(shared: &Shared) -> String {
     let status = shared.status_now();
     let stats = &shared.transport.stats;
-    let own = shared.node.id();
+    let own = shared.node.writer();
     let written = shared.node.documents().origin_mark(&own);
     let relaxed = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     let engine = &status.engine;
@@ -859,6 +864,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         ));
     }
+    let (cached, cached_bytes) = shared.node.documents().cache_usage();
+    text.push_str("# HELP concord_document_cache_documents Documents held loaded.\n# TYPE concord_document_cache_documents gauge\n");
+    text.push_str(&format!("concord_document_cache_documents {cached}\n"));
+    text.push_str("# HELP concord_document_cache_bytes Memory the loaded documents are taken to hold (bounded by store.cache_mib).\n# TYPE concord_document_cache_bytes gauge\n");
+    text.push_str(&format!("concord_document_cache_bytes {cached_bytes}\n"));
     text.push_str("# HELP concord_peers_connected Peers with a connection.\n# TYPE concord_peers_connected gauge\n");
     text.push_str(&format!("concord_peers_connected {}\n", status.peers.len()));
     text.push_str("# HELP concord_peers_policy_differ Peers whose conflict policies differ from this node's.\n# TYPE concord_peers_policy_differ gauge\n");

@@ -20,7 +20,7 @@ use super::group_commit::GroupCommit;
 use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
-use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
+use crate::record::origin::{check_source_name, NODE_ID_BYTES, SOURCES_PER_NODE_MAX};
 use crate::record::stamp::{self, ChangeStamp};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
 
@@ -28,6 +28,17 @@ use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
 pub const CACHE_DOCUMENTS_DEFAULT: usize = 4096;
 /// Most documents the cache may be configured to hold.
 pub const CACHE_DOCUMENTS_MAX: usize = 1_000_000;
+/// Memory the cache's documents may take unless the config says otherwise, in MiB: a
+/// document's history grows with every change, so a count alone does not bound the cache.
+pub const CACHE_MIB_DEFAULT: usize = 64;
+/// Most memory the cache may be configured to take, in MiB.
+pub const CACHE_MIB_MAX: usize = 64 * 1024;
+/// Memory a loaded Automerge document takes whatever it holds, and per operation in its
+/// history, as measured (`CONCORD_MEASURE_CHANGES=N cargo test --release -p concord --lib
+/// loaded_document_memory -- --ignored --nocapture`): the loaded form keeps every operation
+/// ever made, uncompressed, so it outgrows the saved form many times over.
+pub const LOADED_DOCUMENT_BYTES: usize = 16 * 1024;
+pub const LOADED_BYTES_PER_OP: usize = 100;
 /// Appended changes of one document before they are compacted into its snapshot.
 pub const COMPACT_AFTER_CHANGES_DEFAULT: u32 = 32;
 /// Most appended changes one may configure before compaction.
@@ -42,6 +53,8 @@ pub const SESSION_DOCUMENTS_MAX: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct DocStoreConfig {
     pub cache_documents: NonZeroUsize,
+    /// Memory the cached documents may take, by their weight ([`Loaded::weight`]).
+    pub cache_bytes: usize,
     pub compact_after_changes: u32,
 }
 
@@ -49,6 +62,7 @@ impl Default for DocStoreConfig {
     fn default() -> Self {
         Self {
             cache_documents: NonZeroUsize::new(CACHE_DOCUMENTS_DEFAULT).expect("nonzero constant"),
+            cache_bytes: CACHE_MIB_DEFAULT * 1024 * 1024,
             compact_after_changes: COMPACT_AFTER_CHANGES_DEFAULT,
         }
     }
@@ -91,8 +105,81 @@ pub(super) struct Loaded {
     pub(super) stored: StoredDoc,
 }
 
+impl Loaded {
+    fn empty() -> Self {
+        Self {
+            doc: Automerge::new(),
+            stored: StoredDoc::default(),
+        }
+    }
+
+    /// The memory this document is taken to hold: the loaded document, by the operations in
+    /// its history, and the saved bytes kept beside it.
+    fn weight(&self) -> usize {
+        let ops = usize::try_from(self.doc.stats().num_ops).unwrap_or(usize::MAX);
+        let inline = match &self.stored.snapshot {
+            Snapshot::Inline(snapshot) => snapshot.len(),
+            Snapshot::None | Snapshot::External => 0,
+        };
+        ops.saturating_mul(LOADED_BYTES_PER_OP)
+            .saturating_add(LOADED_DOCUMENT_BYTES + inline + self.stored.appended_bytes())
+    }
+}
+
+/// The loaded documents, least recently used first out: at most so many, and at most so much
+/// memory by their weight. The document put last always stays, whatever it weighs, so that
+/// one document larger than the whole budget is still served from memory while it is in use.
+pub(super) struct DocCache {
+    entries: LruCache<Vec<u8>, (Loaded, usize)>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl DocCache {
+    fn new(documents: NonZeroUsize, bytes_max: usize) -> Self {
+        Self {
+            entries: LruCache::new(documents),
+            bytes: 0,
+            bytes_max,
+        }
+    }
+
+    fn contains(&self, doc_key: &[u8]) -> bool {
+        self.entries.contains(doc_key)
+    }
+
+    fn get_mut(&mut self, doc_key: &[u8]) -> Option<&mut Loaded> {
+        self.entries.get_mut(doc_key).map(|(loaded, _)| loaded)
+    }
+
+    fn pop(&mut self, doc_key: &[u8]) -> Option<Loaded> {
+        let (loaded, weight) = self.entries.pop(doc_key)?;
+        self.bytes -= weight;
+        Some(loaded)
+    }
+
+    fn put(&mut self, doc_key: Vec<u8>, loaded: Loaded) {
+        let weight = loaded.weight();
+        if let Some((_, (_, out))) = self.entries.push(doc_key, (loaded, weight)) {
+            self.bytes -= out;
+        }
+        self.bytes += weight;
+        while self.bytes > self.bytes_max && self.entries.len() > 1 {
+            let Some((_, (_, out))) = self.entries.pop_lru() else {
+                break;
+            };
+            self.bytes -= out;
+        }
+    }
+
+    /// Documents held, and the memory they are taken to hold.
+    pub(super) fn usage(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
+    }
+}
+
 pub(super) struct Inner {
-    pub(super) cache: LruCache<Vec<u8>, Loaded>,
+    pub(super) cache: DocCache,
     pub(super) next_log_sequence: u64,
     /// How much of each origin's log this store holds.
     pub(super) origins: BTreeMap<NodeId, OriginProgress>,
@@ -184,6 +271,75 @@ pub struct WriteSession<'a, S: Store> {
     live_delta: i64,
 }
 
+/// How a store's incarnation came to be, as [`claim_writer`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incarnation {
+    /// The store was already claimed: it goes on writing under its writer.
+    Continued,
+    /// The store was empty: a new writer was drawn for it.
+    Created,
+    /// A store made before incarnations: it writes under its node's id, as it always did.
+    Legacy,
+}
+
+/// The writer `owner` writes under in `store`: the store's own, or, for an empty store,
+/// `fresh` (drawn at random by the caller), so that a store that was lost and made again never
+/// writes under an actor and sequence that its lost self already used. A store that belongs
+/// to another node is refused.
+pub fn claim_writer<S: Store>(
+    store: &S,
+    owner: NodeId,
+    fresh: NodeId,
+) -> Result<(NodeId, Incarnation), StoreError> {
+    let owner_key = layout::meta_key(layout::META_OWNER);
+    let writer_key = layout::meta_key(layout::META_NODE_ID);
+    let stored_writer = match store.get(&writer_key)? {
+        Some(bytes) => Some(NodeId(
+            <[u8; NODE_ID_BYTES]>::try_from(bytes.as_slice())
+                .map_err(|_| StoreError::Corrupt("the store's writer id".to_owned()))?,
+        )),
+        None => None,
+    };
+    match (store.get(&owner_key)?, stored_writer) {
+        (Some(stored), _) if stored != owner.0 => Err(StoreError::WrongNode {
+            stored: hex::encode(stored),
+            expected: owner.to_string(),
+        }),
+        (Some(_), Some(writer)) => Ok((writer, Incarnation::Continued)),
+        (None, Some(writer)) if writer != owner => Err(StoreError::WrongNode {
+            stored: writer.to_string(),
+            expected: owner.to_string(),
+        }),
+        (None, Some(writer)) => {
+            let mut batch = Batch::default();
+            batch.put(owner_key, owner.0.to_vec());
+            store.apply(batch)?;
+            store.flush()?;
+            Ok((writer, Incarnation::Legacy))
+        }
+        (_, None) => {
+            new_incarnation(store, owner, fresh)?;
+            Ok((fresh, Incarnation::Created))
+        }
+    }
+}
+
+/// Makes `writer` (new, drawn at random by the caller) the writer of `store`, which belongs to
+/// `owner`: from now on the store writes under it, its log starting at 1. What it wrote before
+/// stays, as the log of another origin. For a store brought back from a backup, whose old
+/// writer its peers may have seen further than the backup reaches.
+pub fn new_incarnation<S: Store>(
+    store: &S,
+    owner: NodeId,
+    writer: NodeId,
+) -> Result<(), StoreError> {
+    let mut batch = Batch::default();
+    batch.put(layout::meta_key(layout::META_OWNER), owner.0.to_vec());
+    batch.put(layout::meta_key(layout::META_NODE_ID), writer.0.to_vec());
+    store.apply(batch)?;
+    store.flush()
+}
+
 impl<S: Store> DocStore<S> {
     /// Opens the documents of `node` in `store`. A fresh store is claimed for `node`; a store
     /// that belongs to another node is refused.
@@ -241,7 +397,7 @@ impl<S: Store> DocStore<S> {
             sabotage: crate::Sabotage::default(),
             node,
             inner: Mutex::new(Inner {
-                cache: LruCache::new(config.cache_documents),
+                cache: DocCache::new(config.cache_documents, config.cache_bytes),
                 next_log_sequence,
                 origins,
                 digest,
@@ -253,8 +409,14 @@ impl<S: Store> DocStore<S> {
         })
     }
 
+    /// The writer this store writes under: the origin of its own log (see [`claim_writer`]).
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Documents held loaded now, and the memory they are taken to hold.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        self.inner().cache.usage()
     }
 
     /// Names the source and site of `actor`: its changes are stamped with them from now on
@@ -512,10 +674,7 @@ impl<S: Store> DocStore<S> {
 
     pub(super) fn load(&self, doc_key: &[u8]) -> Result<Loaded, StoreError> {
         let Some(bytes) = self.store.get(&layout::doc_key(doc_key))? else {
-            return Ok(Loaded {
-                doc: Automerge::new(),
-                stored: StoredDoc::default(),
-            });
+            return Ok(Loaded::empty());
         };
         let stored: StoredDoc = layout::decode("document", &bytes)?;
         let corrupt = |what: String| {
@@ -940,6 +1099,7 @@ mod tests {
         let config = DocStoreConfig {
             cache_documents: NonZeroUsize::new(2).unwrap(),
             compact_after_changes: compact,
+            ..DocStoreConfig::default()
         };
         DocStore::open(store, node, config).unwrap()
     }
@@ -1195,6 +1355,101 @@ mod tests {
         assert_eq!(store.unflushed_batches(), 0);
         assert!(docs.read(&second, document::read).unwrap().is_some());
         assert_eq!(docs.log_entries(&node, 0, 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_memory_than_its_budget_however_long_the_histories() {
+        let budget = 256 * 1024;
+        let config = DocStoreConfig {
+            cache_documents: NonZeroUsize::new(1000).unwrap(),
+            cache_bytes: budget,
+            compact_after_changes: 8,
+        };
+        let node = NodeId::random().unwrap();
+        let docs = DocStore::open(MemoryStore::new(), node, config).unwrap();
+        let actor = node.actor(0);
+        let ids: Vec<RecordId> = (0..40)
+            .map(|i| RecordId::parse(&format!("t/r{i}")).unwrap())
+            .collect();
+        for round in 0..60 {
+            for id in &ids {
+                set(&docs, id, &actor, &format!("f{}", round % 5), round);
+            }
+            let (held, bytes) = docs.inner().cache.usage();
+            assert!(
+                bytes <= budget || held == 1,
+                "{held} documents, {bytes} bytes"
+            );
+        }
+        let (held, _) = docs.inner().cache.usage();
+        assert!(
+            held < ids.len(),
+            "the budget, not the count, bounded the cache: {held}"
+        );
+        // What left the cache reads back whole.
+        for id in &ids {
+            let value = docs.read(id, document::read).unwrap();
+            assert_eq!(value.map(|fields| fields.len()), Some(5));
+        }
+    }
+
+    /// The weight of a loaded document per byte of its saved form (see
+    /// [`LOADED_BYTES_PER_SAVED_BYTE`]): documents as the store loads them (snapshot, then
+    /// changes), kept alive, against the process's resident memory.
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p concord loaded_document_memory -- --ignored --nocapture"]
+    fn loaded_document_memory() {
+        use automerge::transaction::Transactable;
+        fn resident_bytes() -> usize {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+            let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+            pages * 4096
+        }
+        // One size a process (`CONCORD_MEASURE_CHANGES`), since freed memory is reused.
+        let changes: usize = std::env::var("CONCORD_MEASURE_CHANGES")
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(100);
+        // The saved forms first, then the documents loaded from them, as the store loads.
+        let saved: Vec<Vec<u8>> = (0..300)
+            .map(|d| {
+                let mut doc = Automerge::new();
+                for i in 0..changes {
+                    let mut tx = doc.transaction();
+                    tx.put(automerge::ROOT, format!("f{}", i % 6), (d * i) as i64)
+                        .unwrap();
+                    tx.put(automerge::ROOT, "name", format!("customer {d} {i}"))
+                        .unwrap();
+                    tx.commit();
+                }
+                doc.save()
+            })
+            .collect();
+        let before = resident_bytes();
+        let held: Vec<Automerge> = saved
+            .iter()
+            .map(|bytes| Automerge::load(bytes).unwrap())
+            .collect();
+        let grown = resident_bytes().saturating_sub(before);
+        let ops: usize = held.iter().map(|doc| doc.stats().num_ops as usize).sum();
+        let weights: usize = held
+            .iter()
+            .map(|doc| {
+                Loaded {
+                    doc: doc.clone(),
+                    stored: StoredDoc::default(),
+                }
+                .weight()
+            })
+            .sum();
+        println!(
+            "{changes} changes a document: {grown} resident bytes for {} documents, {ops} ops: \
+             {:.0} per document, {:.0} per op; weighed at {weights} ({:.2} of resident)",
+            held.len(),
+            grown as f64 / held.len() as f64,
+            grown as f64 / ops as f64,
+            weights as f64 / grown as f64,
+        );
     }
 
     #[test]

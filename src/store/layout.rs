@@ -24,7 +24,13 @@ pub const TAG_DOC: u8 = b'D';
 pub const TAG_SNAPSHOT: u8 = b'S';
 pub const TAG_LOG: u8 = b'L';
 
+/// The writer this store's incarnation writes under: the origin of its log and the first 16
+/// bytes of its actors. Named `node_id` since stores made before incarnations wrote under
+/// their node's id.
 pub const META_NODE_ID: &[u8] = b"node_id";
+/// The node (its certificate's id) this store belongs to. A store without it was made before
+/// incarnations: its writer is its node's id.
+pub const META_OWNER: &[u8] = b"owner";
 /// The store's format version (big-endian u32): what layout its keys and values follow.
 pub const META_FORMAT: &[u8] = b"format";
 /// The format this build writes and the newest it reads. A store without the key was made

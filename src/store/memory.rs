@@ -48,6 +48,18 @@ impl MemoryStore {
         state.visible = state.durable.clone();
     }
 
+    /// A separate store holding what this one holds durably, as a backup copy would.
+    pub fn durable_copy(&self) -> Self {
+        let durable = self.state().durable.clone();
+        let copy = Self::new();
+        {
+            let mut state = copy.state();
+            state.visible = durable.clone();
+            state.durable = durable;
+        }
+        copy
+    }
+
     /// Batches applied but not yet flushed.
     pub fn unflushed_batches(&self) -> usize {
         self.state().unflushed.len()

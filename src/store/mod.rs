@@ -24,9 +24,10 @@ mod replication;
 mod sled_store;
 
 pub use documents::{
-    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord,
-    WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX,
-    COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX,
+    claim_writer, new_incarnation, DocStore, DocStoreConfig, Durability, ImportOutcome,
+    Incarnation, OriginProgress, StoredRecord, WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT,
+    CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
+    COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES,
 };
 pub use layout::{LogEntry, Snapshot, StoredDoc};
 pub use memory::MemoryStore;

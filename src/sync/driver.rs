@@ -124,7 +124,7 @@ pub struct Driver {
 impl Driver {
     /// A driver for `engine`, whose node's own log was sent to peers up to nothing yet.
     pub fn new(engine: Engine, replica: &impl Replica) -> Self {
-        let own = engine.node();
+        let own = engine.writer();
         let local_cursor = replica
             .origin_marks()
             .into_iter()
@@ -368,7 +368,7 @@ impl Driver {
         outputs: &mut Vec<Output>,
         applied: &mut Vec<Output>,
     ) {
-        let own = self.engine.node();
+        let own = self.engine.writer();
         let page = replica.log_after(
             &own,
             self.local_cursor,

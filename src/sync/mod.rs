@@ -179,7 +179,13 @@ impl<S: Store> Replica for DocStore<S> {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cluster: [u8; 16],
+    /// This node's identity, as its certificate names it.
     pub node: NodeId,
+    /// The origin of this node's own log: the writer its store writes under (see
+    /// [`crate::store::claim_writer`]). Its changes are pushed from the log as they are
+    /// written; every other origin, this node's former writers among them, is caught up from
+    /// peers like any other.
+    pub writer: NodeId,
     pub node_name: String,
     pub summary_interval: Duration,
     pub repair_interval: Duration,
@@ -197,6 +203,7 @@ impl Config {
         Self {
             cluster,
             node,
+            writer: node,
             node_name: node_name.to_owned(),
             summary_interval: SUMMARY_INTERVAL_DEFAULT,
             repair_interval: REPAIR_INTERVAL_DEFAULT,
@@ -330,6 +337,11 @@ impl Engine {
 
     pub fn node(&self) -> NodeId {
         self.config.node
+    }
+
+    /// The origin of this node's own log.
+    pub fn writer(&self) -> NodeId {
+        self.config.writer
     }
 
     /// Whether `peer` resolves conflicts as this node does, as far as it said.
@@ -515,6 +527,17 @@ impl Engine {
                     state.policies = said;
                 }
             }
+            Message::Writer { writer } => {
+                let writer = NodeId(writer);
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    if state.writer != Some(writer) {
+                        state.writer = Some(writer);
+                        if state.ready {
+                            self.rebalance(replica, None);
+                        }
+                    }
+                }
+            }
             // Before the handshake nothing else counts; over a network that reorders, such a
             // message is ignored rather than taken for malice (the summaries resend its content).
             _ if !ready => {}
@@ -605,6 +628,7 @@ impl Engine {
                 state.ready = true;
                 state.version = hello.version_max.min(PROTOCOL_VERSION);
                 state.outbox.policy_hash = state.version >= 2;
+                state.outbox.writer = state.version >= 3;
                 state.outbox.summary = true;
             }
             self.rebalance(replica, None);
@@ -623,6 +647,7 @@ impl Engine {
 
     fn receive_summary(&mut self, peer: NodeId, summary: Summary, replica: &impl Replica) {
         let marks = replica.origin_marks();
+        let marks_by_origin: BTreeMap<NodeId, u64> = marks.iter().copied().collect();
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -660,6 +685,23 @@ impl Engine {
                 state.wanted.insert(*origin);
             }
         }
+        // A source of ours that holds more of an origin than we do while we made no progress
+        // on it since its previous summary may not know it is a source: a Prune and the Graft
+        // that took it back can arrive in the other order over a network that reorders. Tell
+        // it again; a Graft is idempotent.
+        for (origin, theirs) in &reported {
+            let ours = marks_by_origin.get(origin).copied().unwrap_or(0);
+            let stuck = state.held_at_last_summary.get(origin).copied() == Some(ours);
+            if *theirs > ours
+                && stuck
+                && !state.pruned_by_us.contains(origin)
+                && *origin != self.config.writer
+            {
+                state.outbox.prune.remove(origin);
+                state.outbox.graft.insert(*origin);
+            }
+        }
+        state.held_at_last_summary = marks_by_origin;
         state.summarised = true;
         state.sent_at_last_summary = state.sent.clone();
         let changed: BTreeSet<NodeId> = reported

@@ -50,6 +50,7 @@ pub(super) struct DocumentRequest {
 pub(super) struct Outbox {
     pub(super) hello: bool,
     pub(super) policy_hash: bool,
+    pub(super) writer: bool,
     pub(super) summary: bool,
     pub(super) prune: BTreeSet<NodeId>,
     pub(super) graft: BTreeSet<NodeId>,
@@ -63,6 +64,7 @@ impl Outbox {
     fn is_empty(&self) -> bool {
         !self.hello
             && !self.policy_hash
+            && !self.writer
             && !self.summary
             && self.prune.is_empty()
             && self.graft.is_empty()
@@ -93,6 +95,8 @@ pub(super) struct Peer {
     pub(super) version: u16,
     /// What the peer said of its policies.
     pub(super) policies: PeerPolicies,
+    /// The origin the peer's own log is written under, as it said (version 3).
+    pub(super) writer: Option<NodeId>,
     /// When the connection came up: the handshake must complete within `HANDSHAKE_TIMEOUT`.
     pub(super) connected_at: Duration,
     /// The peer's first summary arrived: until then no log is streamed to it, since what it
@@ -102,6 +106,8 @@ pub(super) struct Peer {
     pub(super) sent: BTreeMap<NodeId, u64>,
     /// `sent` as it was at the previous summary from the peer.
     pub(super) sent_at_last_summary: BTreeMap<NodeId, u64>,
+    /// What this node held of each origin when the peer's previous summary arrived.
+    pub(super) held_at_last_summary: BTreeMap<NodeId, u64>,
     /// Origins whose log may hold entries the peer was not sent.
     pub(super) wanted: BTreeSet<NodeId>,
     /// The origin served last, so that origins take turns.
@@ -275,6 +281,16 @@ impl Engine {
                 return Ok(None);
             }
             state.outbox.policy_hash = false;
+            return Ok(Some(message));
+        }
+        if state.outbox.writer {
+            let message = Message::Writer {
+                writer: self.config.writer.0,
+            };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            state.outbox.writer = false;
             return Ok(Some(message));
         }
         if state.outbox.summary {

@@ -57,11 +57,11 @@ impl Engine {
         let incremental = match (&self.balanced, changed) {
             (Some(balanced), Some(changed)) if balanced.ready == ready => {
                 origins.extend(changed.iter().copied());
-                origins.remove(&self.config.node);
+                origins.remove(&self.config.writer);
                 let fresh: Vec<NodeId> = origins.difference(&balanced.origins).copied().collect();
                 let mut scope: BTreeSet<NodeId> = changed.clone();
                 scope.extend(fresh);
-                scope.remove(&self.config.node);
+                scope.remove(&self.config.writer);
                 Some(scope)
             }
             _ => None,
@@ -76,10 +76,11 @@ impl Engine {
             }
             None => {
                 for peer in &ready {
-                    origins.insert(*peer);
-                    origins.extend(self.peers[peer].reported.keys().copied());
+                    let state = &self.peers[peer];
+                    origins.insert(state.writer.unwrap_or(*peer));
+                    origins.extend(state.reported.keys().copied());
                 }
-                origins.remove(&self.config.node);
+                origins.remove(&self.config.writer);
                 self.balanced = Some(Balanced {
                     ready: ready.clone(),
                     origins: origins.clone(),
@@ -115,7 +116,18 @@ impl Engine {
                 )
             }));
             let mut wanted: Vec<bool> = vec![false; ready.len()];
-            if let Ok(position) = ready.binary_search(origin) {
+            // The origin itself: the peer writing under it now, or, before version 3, the peer
+            // whose id it is. A node's former writer is not itself: it may hold less of it.
+            let itself = states
+                .iter()
+                .position(|state| state.writer == Some(*origin))
+                .or_else(|| {
+                    ready
+                        .binary_search(origin)
+                        .ok()
+                        .filter(|&position| states[position].writer.is_none())
+                });
+            if let Some(position) = itself {
                 wanted[position] = true;
             } else {
                 let current = weighed.iter().filter(|(_, source)| *source).count();

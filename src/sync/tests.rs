@@ -56,6 +56,7 @@ impl Network {
                 let config = DocStoreConfig {
                     cache_documents: NonZeroUsize::new(8).unwrap(),
                     compact_after_changes: 4,
+                    ..DocStoreConfig::default()
                 };
                 let docs = DocStore::open(MemoryStore::new(), id, config).unwrap();
                 let mut engine_config = Config::new(CLUSTER, id, &format!("n{index}"));

@@ -164,7 +164,10 @@ impl TestNode {
         }
         let mut answer = vec![0; length];
         reader.read_exact(&mut answer).unwrap();
-        (status, serde_json::from_slice(&answer).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&answer).unwrap_or(Value::Null),
+        )
     }
 
     /// This node's view of `peer` in its status (`None` while not connected).
