@@ -33,6 +33,9 @@ pub struct Sabotage {
     /// A store made again (lost, or restored from a backup) writes under the writer its
     /// former self used, as stores did before incarnations (the simulator honours it).
     pub reuse_writer: bool,
+    /// Of two colliding changes, the one a node received first stands there, whatever the
+    /// rule says: nodes that received them in different orders disagree.
+    pub first_arrival_stands: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

@@ -118,6 +118,16 @@ pub enum Message {
     Writer {
         writer: NodeIdBytes,
     },
+    /// (Version 3.) How far the sender holds the receiver's own log (`origin`: the writer the
+    /// receiver said it writes under) without a gap, and the hash of the change at that place.
+    /// A receiver that holds less of its own log, or another change there, was brought back
+    /// from an older copy of its store or shares its writer with another store: it takes a
+    /// new writer, and takes back what its peers hold of the old one.
+    LogMark {
+        origin: NodeIdBytes,
+        contiguous: u64,
+        hash: HashBytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +255,7 @@ impl Message {
     pub fn introduced_in(&self) -> u16 {
         match self {
             Message::PolicyHash { .. } => 2,
-            Message::Writer { .. } => 3,
+            Message::Writer { .. } | Message::LogMark { .. } => 3,
             _ => 1,
         }
     }
@@ -342,7 +352,8 @@ impl Message {
             Message::Ping { .. }
             | Message::Pong { .. }
             | Message::PolicyHash { .. }
-            | Message::Writer { .. } => {}
+            | Message::Writer { .. }
+            | Message::LogMark { .. } => {}
             Message::Prune { origins } | Message::Graft { origins } => {
                 check_len("origins", origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
             }

@@ -82,6 +82,15 @@ fn samples() -> Vec<(&'static str, Message)> {
         ),
         ("pong", Message::Pong { nonce: 42 }),
         ("policy_hash", Message::PolicyHash { hash: [10; 32] }),
+        ("writer", Message::Writer { writer: [11; 16] }),
+        (
+            "log_mark",
+            Message::LogMark {
+                origin: [12; 16],
+                contiguous: 300,
+                hash: [13; 32],
+            },
+        ),
         (
             "goodbye",
             Message::Goodbye(Goodbye {

@@ -166,6 +166,16 @@ pub struct Summary {
     pub stores_restored: u64,
     /// Acknowledged writes that no other node held when their store was lost.
     pub lost_with_store: u64,
+    /// Stores that took a new writer while running, as peers showed them behind or beside
+    /// their own log (only when stores reuse writers, a sabotage).
+    pub writers_superseded: u64,
+    /// Documents whose writes of a node's own, taken out by a collision, were written again.
+    pub writes_reissued: u64,
+    /// Changes refused by the rule for colliding changes, on every node.
+    pub changes_refused: u64,
+    /// Acknowledged changes refused by the rule for colliding changes and not written again
+    /// (their author lost them too); only when stores reuse writers (a sabotage).
+    pub acknowledged_refused: u64,
     /// Fields in conflict at the end, each resolved alike by every node under every policy
     /// of `checked_policies`.
     pub conflicts_at_end: u64,
@@ -545,6 +555,8 @@ impl Sim {
         self.summary.changes_sent = total(|stats| stats.changes_sent);
         self.summary.changes_pushed = total(|stats| stats.changes_pushed);
         self.summary.duplicates_received = total(|stats| stats.duplicates);
+        // Since each node's last restart: a restart begins its counters again.
+        self.summary.changes_refused = total(|stats| stats.changes_refused.values().sum());
         if let Some(per_delivery) = (self.summary.changes_sent * 1000).checked_div(deliveries) {
             self.summary.copies_per_node_reached_milli = per_delivery;
         }
@@ -589,8 +601,10 @@ impl Sim {
         if let Some(error) = node.driver.stats().last_error.clone() {
             return Err(self.violation(format!("node {index}: engine step failed: {error}")));
         }
+        let mut superseded = None;
         for output in outputs {
             match output {
+                Output::WriterSuperseded { reason, .. } => superseded = Some(reason),
                 Output::Send {
                     peer,
                     connection,
@@ -610,6 +624,73 @@ impl Sim {
                 Output::Applied { .. } => {}
             }
         }
+        if let Some(reason) = superseded {
+            self.take_new_writer(index, &reason)?;
+        }
+        let node = &self.nodes[index];
+        if node.docs.pending_reissues() > 0 && node.driver.engine().superseded().is_none() {
+            self.reissue(index)?;
+        }
+        Ok(())
+    }
+
+    /// Writes again what node `index` wrote and a collision took out, as `concord run` does;
+    /// the acknowledged changes they stand for are now the new ones.
+    fn reissue(&mut self, index: usize) -> Result<(), Violation> {
+        let time_ms = self.node_now(index).as_millis() as i64;
+        let done = match self.nodes[index].docs.reissue_pending(time_ms) {
+            Ok(done) => done,
+            Err(error) => return Err(self.violation(format!("node {index}: {error}"))),
+        };
+        for reissued in done {
+            self.summary.writes_reissued += 1;
+            self.record_trace(format!(
+                "{} node {index} writes {} again: {:?}",
+                self.now_ms, reissued.id, reissued.change
+            ));
+            for entry in &mut self.acknowledged {
+                if reissued.replaces.contains(&entry.1) {
+                    match reissued.change {
+                        Some(change) => entry.1 = change,
+                        // The document already shows what it wrote: nothing to follow.
+                        None => entry.0 = usize::MAX,
+                    }
+                }
+            }
+            self.acknowledged.retain(|entry| entry.0 != usize::MAX);
+        }
+        self.step(index, vec![Input::LocalWrites])
+    }
+
+    /// Whether stores made again reuse their former writer (a sabotage of the tests).
+    fn reusing_writers(&self) -> bool {
+        #[cfg(test)]
+        return self.sabotage.reuse_writer;
+        #[cfg(not(test))]
+        false
+    }
+
+    /// A peer showed that node `index`'s own log is not its store's alone: as `concord run`
+    /// does, the store takes a new writer. Only a store that reused its former writer can
+    /// get here; anywhere else it means a change left before it was durable.
+    fn take_new_writer(&mut self, index: usize, reason: &str) -> Result<(), Violation> {
+        if !self.reusing_writers() {
+            return Err(self.violation(format!(
+                "node {index}: {reason} (a change of its own left before it was durable?)"
+            )));
+        }
+        let fresh = self.random_node_id();
+        self.summary.writers_superseded += 1;
+        self.record_trace(format!(
+            "{} node {index} takes writer {fresh}: {reason}",
+            self.now_ms
+        ));
+        let node = &mut self.nodes[index];
+        if let Err(error) = node.docs.switch_writer(node.id, fresh) {
+            return Err(self.violation(format!("node {index}: {error}")));
+        }
+        node.writer = fresh;
+        node.driver.set_writer(fresh, &node.docs);
         Ok(())
     }
 
@@ -1081,8 +1162,13 @@ impl Sim {
                 writer = self.nodes[index].writer;
             }
             let node = &self.nodes[index];
-            if let Err(error) = concord::store::new_incarnation(&node.store, node.id, writer) {
-                return Err(self.violation(format!("node {index}: {error}")));
+            // A backup under the reused writer already names it.
+            let named = concord::store::incarnation::current_writer(&node.store)
+                .is_ok_and(|current| current == Some(writer));
+            if !named {
+                if let Err(error) = concord::store::new_incarnation(&node.store, node.id, writer) {
+                    return Err(self.violation(format!("node {index}: {error}")));
+                }
             }
             self.record_trace(format!("{} node {index} writes as {writer}", self.now_ms));
             self.nodes[index].writer = writer;
@@ -1451,9 +1537,24 @@ impl Sim {
 
     /// After convergence: no acknowledged change is missing, and deletes stayed deleted unless
     /// re-created by a write causally after them.
-    fn check_history(&self) -> Result<(), Violation> {
-        for (record, hash, was_delete, by) in &self.acknowledged {
-            let id = &self.ids[*record];
+    fn check_history(&mut self) -> Result<(), Violation> {
+        for (record, hash, was_delete, by) in self.acknowledged.clone() {
+            let id = &self.ids[record];
+            let was_delete = &was_delete;
+            // A store made again under its old writer (a sabotage) writes changes that may
+            // lose to what its former self wrote: refused everywhere, and written again only
+            // if their author still holds them when it learns.
+            let refused = self.reusing_writers()
+                && self.nodes.iter().any(|node| {
+                    node.docs
+                        .refused_contains(&id.to_doc_key(), &hash)
+                        .unwrap_or(false)
+                });
+            if refused {
+                self.summary.acknowledged_refused += 1;
+                continue;
+            }
+            let hash = &hash;
             let check = self.nodes[0].docs.read(id, |doc| {
                 if !document::holds_change(doc, hash) {
                     return Err(format!(
@@ -1572,21 +1673,53 @@ mod tests {
         assert!(seeds_to_find_with(sabotage, &params, 20) <= 20);
     }
 
-    #[test]
-    fn the_checks_find_a_store_made_again_under_its_old_writer() {
-        let sabotage = Sabotage {
-            reuse_writer: true,
-            ..Sabotage::default()
-        };
-        // Stores lost often, and backups often, so that a node writes again under a writer
-        // and sequence that its former self already used.
-        let params = Params {
+    /// Stores lost often, and backups often, so that a node writes again under a writer and
+    /// sequence that its former self already used.
+    fn reusing_params() -> Params {
+        Params {
             crash_percent: 6,
             store_loss_percent: 100,
             backup_permille: 100,
             ..Params::default()
+        }
+    }
+
+    #[test]
+    fn stores_made_again_under_their_old_writer_are_contained() {
+        // The sabotage writes colliding changes (a store made again under its old writer, as
+        // a copy restored by hand does): peers show the node its own log, it takes a new
+        // writer, colliding changes are decided alike everywhere, and what it lost to them it
+        // writes again. Nothing acknowledged is lost beyond what no other node held.
+        let sabotage = Sabotage {
+            reuse_writer: true,
+            ..Sabotage::default()
         };
-        assert!(seeds_to_find_with(sabotage, &params, 30) <= 30);
+        let params = reusing_params();
+        let (mut superseded, mut refused, mut reissued, mut lost) = (0, 0, 0, 0);
+        for seed in 0..12 {
+            let summary = run_sabotaged(seed, &params, sabotage)
+                .unwrap_or_else(|violation| panic!("{violation}"));
+            superseded += summary.writers_superseded;
+            refused += summary.changes_refused;
+            reissued += summary.writes_reissued;
+            lost += summary.acknowledged_refused;
+        }
+        eprintln!(
+            "{superseded} new writers, {refused} changes refused, {reissued} documents written \
+             again, {lost} acknowledged changes refused whose author no longer held them"
+        );
+        assert!(superseded > 0, "no store found its own log elsewhere");
+        assert!(refused + reissued > 0, "no change ever collided");
+    }
+
+    #[test]
+    fn the_checks_find_collisions_decided_by_arrival() {
+        let sabotage = Sabotage {
+            reuse_writer: true,
+            first_arrival_stands: true,
+            ..Sabotage::default()
+        };
+        assert!(seeds_to_find_with(sabotage, &reusing_params(), 30) <= 30);
     }
 
     #[test]

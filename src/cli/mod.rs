@@ -78,6 +78,14 @@ enum Command {
     /// List rows the adapters quarantined, one JSON object per line: binding, direction,
     /// key, error, attempts, next retry.
     Errors,
+    /// List changes this node refused, one JSON object per line: record, change, actor,
+    /// sequence, reason (`duplicate_sequence`: another change with the same actor and
+    /// sequence stands; `depends_on_refused`), the change that stands instead, its clock.
+    Refused {
+        /// Most changes listed.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
     /// List changes with the node, source and time that wrote them, one JSON object per
     /// line, earliest first (by the writers' clocks); every filter given must hold.
     Audit {
@@ -423,6 +431,19 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 .errors()
                 .context("is the node running? (`concord run`)")?;
             for row in answer["errors"].as_array().cloned().unwrap_or_default() {
+                writeln!(out, "{row}")?;
+            }
+        }
+        Command::Refused { limit } => {
+            let rows = match target(cli.data)? {
+                Target::Local(node) => node.refused_changes(limit)?,
+                Target::Remote(client) => {
+                    let answer = client.refused()?;
+                    let rows = answer["refused"].as_array().cloned().unwrap_or_default();
+                    rows.into_iter().take(limit).collect()
+                }
+            };
+            for row in rows {
                 writeln!(out, "{row}")?;
             }
         }

@@ -251,6 +251,10 @@ impl ApiClient {
     pub fn errors(&self) -> Result<Value> {
         self.answer(None, self.agent.get(&self.url("/v1/errors")).call())
     }
+
+    pub fn refused(&self) -> Result<Value> {
+        self.answer(None, self.agent.get(&self.url("/v1/refused")).call())
+    }
 }
 
 /// Percent-encodes everything but unreserved characters, for a key inside a URL path.

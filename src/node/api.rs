@@ -133,6 +133,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
+        .route("/v1/refused", get(refused))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(turns, take_turns))
@@ -554,6 +555,16 @@ async fn errors(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErr
     .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
     .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
     Ok(Json(json!({ "errors": rows })))
+}
+
+async fn refused(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    let node = shared.node.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || node.refused_changes(crate::store::REFUSED_LISTED_MAX))
+            .await
+            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    Ok(Json(json!({ "refused": refused })))
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

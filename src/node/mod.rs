@@ -373,7 +373,7 @@ impl Node {
         node: NodeId,
         source: &str,
     ) -> Result<ActorId, NodeError> {
-        let writer = docs.node();
+        let writer = docs.writer();
         let (index, new) = docs.source_index(source)?;
         let actor = writer.actor(index);
         docs.name_writer(&actor, source, &config.node.name);
@@ -396,6 +396,27 @@ impl Node {
         Ok(actor)
     }
 
+    /// Refused changes as `concord refused` lists them, one JSON object each: record, change,
+    /// actor, sequence, reason, the change that stands instead, and the change's clock.
+    pub fn refused_changes(&self, limit: usize) -> Result<Vec<Json>, NodeError> {
+        let entries = self.docs.refused_changes(limit)?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let change = automerge::Change::from_bytes(entry.refused.change.clone()).ok();
+                json!({
+                    "record": String::from_utf8_lossy(&entry.doc_key),
+                    "change": entry.hash.to_string(),
+                    "actor": change.as_ref().map(|change| change.actor_id().to_hex_string()),
+                    "seq": change.as_ref().map(automerge::Change::seq),
+                    "reason": entry.refused.reason.as_str(),
+                    "instead": ChangeHash(entry.refused.instead).to_string(),
+                    "hlc": entry.refused.hlc,
+                })
+            })
+            .collect())
+    }
+
     /// The node's identity: its certificate's id, kept in `node.id`.
     pub fn id(&self) -> NodeId {
         self.id
@@ -405,7 +426,26 @@ impl Node {
     /// actors. It differs from [`Node::id`] for every store made since incarnations, and a
     /// store made again (lost, or restored from a backup) gets a new one.
     pub fn writer(&self) -> NodeId {
-        self.docs.node()
+        self.docs.writer()
+    }
+
+    /// Makes the store write under a new writer from now on, and enters every source's actor
+    /// under it in the actor registry: for a store found behind or beside what its peers hold
+    /// of its own log (`reason` says which). What it wrote before stays its own, under the
+    /// former writer, and what peers hold of that comes back like any other origin's log.
+    pub fn new_incarnation(&self, reason: &str) -> Result<NodeId, NodeError> {
+        let fresh = NodeId::random().map_err(NodeError::Random)?;
+        let former = self.docs.switch_writer(self.id, fresh)?;
+        tracing::warn!(
+            node = %self.id,
+            %former,
+            writer = %fresh,
+            "{reason}: this node now writes under a new writer"
+        );
+        for (source, _) in self.docs.sources()? {
+            Self::register_source(&self.docs, &self.config, self.id, &source)?;
+        }
+        Ok(fresh)
     }
 
     /// The conflict policies reads are resolved by.

@@ -89,6 +89,11 @@ pub struct Status {
     /// The writer this node's store writes under (a new one whenever the store was made
     /// again): the origin of its own log.
     pub writer: String,
+    /// The writers this node's store wrote under before its current one.
+    pub former_writers: Vec<String>,
+    /// Why the store last took a new writer while running (a peer held more of its own log,
+    /// or another change at one of its places), if it did.
+    pub new_writer_reason: Option<String>,
     pub name: String,
     pub cluster: String,
     pub listen: String,
@@ -144,6 +149,9 @@ pub struct EngineStats {
     /// `conflicts` by collection and by the policy that resolves them; what the counted
     /// fields do not cover is under collection and policy `_other`.
     pub conflicts_by_policy: Vec<ConflictCount>,
+    /// Changes refused by the rule for colliding changes, by reason (`concord refused` lists
+    /// them); their senders stay connected.
+    pub changes_refused: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -187,6 +195,11 @@ impl EngineStats {
         let stats = engine.stats();
         Self {
             conflicts_by_policy,
+            changes_refused: stats
+                .changes_refused
+                .iter()
+                .map(|(reason, count)| ((*reason).to_owned(), *count))
+                .collect(),
             held_now: engine.held_now(),
             held_dropped: stats.held_dropped,
             requests_dropped: stats.requests_dropped,
@@ -332,6 +345,12 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         status: Mutex::new(Status {
             node: node.id().to_string(),
             writer: node.writer().to_string(),
+            former_writers: node
+                .documents()
+                .former_writers()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             name: config.node.name.clone(),
             cluster: hex::encode(cluster),
             listen: transport
@@ -529,15 +548,65 @@ async fn drive_engine(
             panic!("sabotage: the engine task dies on purpose at the first local write");
         }
         let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
-        carry_out(&shared, outputs);
+        if let Some(reason) = carry_out(&shared, outputs) {
+            take_new_writer(&shared, &mut driver, &reason);
+        }
+        if node.documents().pending_reissues() > 0 && driver.engine().superseded().is_none() {
+            reissue(&shared);
+        }
         let waiting = events.len();
         refresh_status(&shared, &driver, &mut backlog, waiting);
     }
 }
 
-fn carry_out(shared: &Shared, outputs: Vec<Output>) {
+/// A peer showed that this node's own log is not its store's alone: the store takes a new
+/// writer before anything more is written under the old one, and the old one's log comes
+/// back from the peers that hold it. If that fails (the disk), writes are refused until it
+/// succeeds: the next summary asks again.
+fn take_new_writer(shared: &Shared, driver: &mut Driver, reason: &str) {
+    let node = &shared.node;
+    match tokio::task::block_in_place(|| node.new_incarnation(reason)) {
+        Ok(writer) => {
+            tokio::task::block_in_place(|| driver.set_writer(writer, node.documents()));
+            let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.writer = writer.to_string();
+            status.former_writers = node
+                .documents()
+                .former_writers()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            status.new_writer_reason = Some(reason.to_owned());
+        }
+        Err(error) => {
+            tracing::error!(%error, "could not take a new writer");
+        }
+    }
+}
+
+/// Writes again what this node wrote and a collision took out, under its current writer.
+fn reissue(shared: &Shared) {
+    let node = &shared.node;
+    match tokio::task::block_in_place(|| node.documents().reissue_pending(super::now_ms())) {
+        Ok(done) => {
+            if !done.is_empty() {
+                shared.local_writes.wrote();
+            }
+        }
+        Err(error) => tracing::error!(%error, "could not write again what a collision took out"),
+    }
+}
+
+/// Carries out the driver's outputs; returns why the store must take a new writer, if a peer
+/// showed it.
+fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
+    let mut superseded = None;
     for output in outputs {
         match output {
+            Output::WriterSuperseded { peer, reason } => {
+                tracing::warn!(%peer, "{reason}");
+                superseded = Some(reason);
+            }
             Output::Send {
                 peer,
                 connection,
@@ -568,6 +637,7 @@ fn carry_out(shared: &Shared, outputs: Vec<Output>) {
             }
         }
     }
+    superseded
 }
 
 /// Which peers keep up with this node's own writes, and whether writers are pushed back.
@@ -862,6 +932,17 @@ pub fn metrics_text(shared: &Shared) -> String {
     for (name, help, value) in gauges {
         text.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+    text.push_str("# HELP concord_changes_refused_total Changes refused: they collide with another change of the same actor and sequence, or depend on a refused one.\n# TYPE concord_changes_refused_total counter\n");
+    for reason in [
+        crate::store::RefusalReason::DuplicateSequence,
+        crate::store::RefusalReason::DependsOnRefused,
+    ] {
+        let reason = reason.as_str();
+        let count = engine.changes_refused.get(reason).copied().unwrap_or(0);
+        text.push_str(&format!(
+            "concord_changes_refused_total{{reason=\"{reason}\"}} {count}\n"
         ));
     }
     let (cached, cached_bytes) = shared.node.documents().cache_usage();

@@ -17,10 +17,11 @@ use lru::LruCache;
 
 use super::digest::DigestTree;
 use super::group_commit::GroupCommit;
+use super::incarnation::Writers;
 use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
-use crate::record::origin::{check_source_name, NODE_ID_BYTES, SOURCES_PER_NODE_MAX};
+use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
 use crate::record::stamp::{self, ChangeStamp};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
 
@@ -179,6 +180,8 @@ impl DocCache {
 }
 
 pub(super) struct Inner {
+    /// The writer this store writes under now, and those it wrote under before.
+    pub(super) writers: Writers,
     pub(super) cache: DocCache,
     pub(super) next_log_sequence: u64,
     /// How much of each origin's log this store holds.
@@ -187,6 +190,10 @@ pub(super) struct Inner {
     pub(super) digest: DigestTree,
     /// Live records in user collections, kept up to date on every commit.
     pub(super) live_records: u64,
+    /// Refused changes kept with their bytes, and those bytes (see [`super::collision`]).
+    pub(super) refused: super::refused::RefusedUsage,
+    /// Documents with writes of this node's own waiting to be written again.
+    pub(super) reissues: BTreeSet<Vec<u8>>,
 }
 
 /// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
@@ -246,7 +253,6 @@ pub struct DocStore<S: Store> {
     pub(super) store: S,
     #[cfg(feature = "sabotage")]
     pub(super) sabotage: crate::Sabotage,
-    node: NodeId,
     config: DocStoreConfig,
     inner: Mutex<Inner>,
     group_commit: GroupCommit,
@@ -258,7 +264,7 @@ pub struct DocStore<S: Store> {
 pub struct WriteSession<'a, S: Store> {
     pub(super) docs: &'a DocStore<S>,
     pub(super) inner: MutexGuard<'a, Inner>,
-    batch: Batch,
+    pub(super) batch: Batch,
     /// Documents this session touched, taken out of the cache until commit (see
     /// [`WriteSession::document`]).
     working: BTreeMap<Vec<u8>, Loaded>,
@@ -269,75 +275,11 @@ pub struct WriteSession<'a, S: Store> {
     heads_changed: Vec<(Vec<u8>, Vec<ChangeHash>, Vec<ChangeHash>)>,
     /// Change in the number of live records, applied to `Inner::live_records` on commit.
     live_delta: i64,
-}
-
-/// How a store's incarnation came to be, as [`claim_writer`] found it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Incarnation {
-    /// The store was already claimed: it goes on writing under its writer.
-    Continued,
-    /// The store was empty: a new writer was drawn for it.
-    Created,
-    /// A store made before incarnations: it writes under its node's id, as it always did.
-    Legacy,
-}
-
-/// The writer `owner` writes under in `store`: the store's own, or, for an empty store,
-/// `fresh` (drawn at random by the caller), so that a store that was lost and made again never
-/// writes under an actor and sequence that its lost self already used. A store that belongs
-/// to another node is refused.
-pub fn claim_writer<S: Store>(
-    store: &S,
-    owner: NodeId,
-    fresh: NodeId,
-) -> Result<(NodeId, Incarnation), StoreError> {
-    let owner_key = layout::meta_key(layout::META_OWNER);
-    let writer_key = layout::meta_key(layout::META_NODE_ID);
-    let stored_writer = match store.get(&writer_key)? {
-        Some(bytes) => Some(NodeId(
-            <[u8; NODE_ID_BYTES]>::try_from(bytes.as_slice())
-                .map_err(|_| StoreError::Corrupt("the store's writer id".to_owned()))?,
-        )),
-        None => None,
-    };
-    match (store.get(&owner_key)?, stored_writer) {
-        (Some(stored), _) if stored != owner.0 => Err(StoreError::WrongNode {
-            stored: hex::encode(stored),
-            expected: owner.to_string(),
-        }),
-        (Some(_), Some(writer)) => Ok((writer, Incarnation::Continued)),
-        (None, Some(writer)) if writer != owner => Err(StoreError::WrongNode {
-            stored: writer.to_string(),
-            expected: owner.to_string(),
-        }),
-        (None, Some(writer)) => {
-            let mut batch = Batch::default();
-            batch.put(owner_key, owner.0.to_vec());
-            store.apply(batch)?;
-            store.flush()?;
-            Ok((writer, Incarnation::Legacy))
-        }
-        (_, None) => {
-            new_incarnation(store, owner, fresh)?;
-            Ok((fresh, Incarnation::Created))
-        }
-    }
-}
-
-/// Makes `writer` (new, drawn at random by the caller) the writer of `store`, which belongs to
-/// `owner`: from now on the store writes under it, its log starting at 1. What it wrote before
-/// stays, as the log of another origin. For a store brought back from a backup, whose old
-/// writer its peers may have seen further than the backup reaches.
-pub fn new_incarnation<S: Store>(
-    store: &S,
-    owner: NodeId,
-    writer: NodeId,
-) -> Result<(), StoreError> {
-    let mut batch = Batch::default();
-    batch.put(layout::meta_key(layout::META_OWNER), owner.0.to_vec());
-    batch.put(layout::meta_key(layout::META_NODE_ID), writer.0.to_vec());
-    store.apply(batch)?;
-    store.flush()
+    /// Changes refused in this session, and their bytes kept; applied to `Inner` on commit.
+    pub(super) refused_now: std::collections::HashSet<ChangeHash>,
+    pub(super) refused_delta: super::refused::RefusedUsage,
+    /// Documents given writes to issue again in this session, applied to `Inner` on commit.
+    pub(super) reissues_now: BTreeSet<Vec<u8>>,
 }
 
 impl<S: Store> DocStore<S> {
@@ -391,17 +333,21 @@ impl<S: Store> DocStore<S> {
             Some((key, _)) => layout::log_sequence(&key)? + 1,
             None => 1,
         };
+        let writers = Writers::load(&store, node)?;
+        let (refused, reissues) = super::refused::scan(&store)?;
         Ok(Self {
             store,
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
-            node,
             inner: Mutex::new(Inner {
+                writers,
                 cache: DocCache::new(config.cache_documents, config.cache_bytes),
                 next_log_sequence,
                 origins,
                 digest,
                 live_records,
+                refused,
+                reissues,
             }),
             config,
             group_commit: GroupCommit::default(),
@@ -409,9 +355,51 @@ impl<S: Store> DocStore<S> {
         })
     }
 
-    /// The writer this store writes under: the origin of its own log (see [`claim_writer`]).
-    pub fn node(&self) -> NodeId {
-        self.node
+    /// The writer this store writes under now: the origin of its own log (see
+    /// [`super::incarnation`]).
+    pub fn writer(&self) -> NodeId {
+        self.inner().writers.current
+    }
+
+    /// Whether `writer` is, or was, this store's: its changes are this node's own.
+    pub fn owns_writer(&self, writer: &NodeId) -> bool {
+        self.inner().writers.owns(writer)
+    }
+
+    /// Every writer this store had before its current one.
+    pub fn former_writers(&self) -> Vec<NodeId> {
+        self.inner().writers.former.iter().copied().collect()
+    }
+
+    /// Makes `fresh` (drawn at random by the caller) this store's writer from now on, for the
+    /// store of `owner`: its own log starts again at 1 under it, and writes made with an
+    /// actor of a former writer are made with the same source under `fresh`. For a store
+    /// found behind, or beside, what its peers hold of its own log. Durable when it returns.
+    pub fn switch_writer(&self, owner: NodeId, fresh: NodeId) -> Result<NodeId, StoreError> {
+        let mut inner = self.inner();
+        let old = inner.writers.current;
+        super::incarnation::new_incarnation(&self.store, owner, fresh)?;
+        inner.writers.former.insert(old);
+        inner.writers.current = fresh;
+        let next = match self.store.last_in_prefix(&layout::log_prefix(&fresh))? {
+            Some((key, _)) => layout::log_sequence(&key)? + 1,
+            None => 1,
+        };
+        inner.next_log_sequence = next;
+        drop(inner);
+        let mut writers = self
+            .writers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let renamed: Vec<(ActorId, (String, String))> = writers
+            .iter()
+            .filter_map(|(actor, names)| {
+                let (writer, index) = NodeId::split_actor(actor)?;
+                (writer == old).then(|| (fresh.actor(index), names.clone()))
+            })
+            .collect();
+        writers.extend(renamed);
+        Ok(old)
     }
 
     /// Documents held loaded now, and the memory they are taken to hold.
@@ -496,6 +484,24 @@ impl<S: Store> DocStore<S> {
         Ok((index, true))
     }
 
+    /// Every source registered on this node, with its index.
+    pub fn sources(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        let prefix = layout::meta_key(layout::META_SOURCE_PREFIX);
+        let mut sources = Vec::new();
+        for (key, value) in self
+            .store
+            .scan_prefix(&prefix, None, SOURCES_PER_NODE_MAX)?
+        {
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let index: [u8; 2] = value
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("source {name:?} index")))?;
+            sources.push((name, u16::from_be_bytes(index)));
+        }
+        Ok(sources)
+    }
+
     /// Starts a write session.
     pub fn session(&self) -> WriteSession<'_, S> {
         let inner = self.inner();
@@ -509,6 +515,9 @@ impl<S: Store> DocStore<S> {
             places: std::collections::HashSet::new(),
             heads_changed: Vec::new(),
             live_delta: 0,
+            refused_now: std::collections::HashSet::new(),
+            refused_delta: super::refused::RefusedUsage::default(),
+            reissues_now: BTreeSet::new(),
         }
     }
 
@@ -777,6 +786,15 @@ impl<S: Store> WriteSession<'_, S> {
     ) -> Result<(T, WriteOutcome), StoreError> {
         let doc_key = id.to_doc_key();
         let docs = self.docs;
+        // A writer handed an actor before the store took a new writer writes as the same
+        // source under the new one: no change is ever made under a superseded writer.
+        let current = self.inner.writers.current;
+        let actor = &match NodeId::split_actor(actor) {
+            Some((writer, index)) if writer != current && self.inner.writers.owns(&writer) => {
+                current.actor(index)
+            }
+            _ => actor.clone(),
+        };
         let loaded = self.document(&doc_key)?;
         let stamp = docs.stamp(actor, &loaded.doc, time_ms);
         let before = loaded.doc.get_heads();
@@ -913,6 +931,27 @@ impl<S: Store> WriteSession<'_, S> {
         doc_key: &[u8],
         new: Vec<NewChange>,
     ) -> Result<Vec<ChangeHash>, StoreError> {
+        self.queue_changes(doc_key, new, false)
+    }
+
+    /// Replaces the session's copy of a document with `doc` (rebuilt without changes that
+    /// were refused) and queues its stored form whole: a new snapshot, no appended changes.
+    pub(super) fn replace_document(
+        &mut self,
+        doc_key: &[u8],
+        doc: Automerge,
+    ) -> Result<(), StoreError> {
+        self.document(doc_key)?.doc = doc;
+        self.queue_changes(doc_key, Vec::new(), true)?;
+        Ok(())
+    }
+
+    fn queue_changes(
+        &mut self,
+        doc_key: &[u8],
+        new: Vec<NewChange>,
+        force_snapshot: bool,
+    ) -> Result<Vec<ChangeHash>, StoreError> {
         let compact_after_changes = self.docs.config.compact_after_changes as usize;
         let loaded = self
             .working
@@ -930,7 +969,8 @@ impl<S: Store> WriteSession<'_, S> {
         self.live_delta += i64::from(is_live) - i64::from(was_live);
         let mut places = Vec::with_capacity(new.len());
         // Changes that a compaction folds into the snapshot anyway are not encoded one by one.
-        let compacting = stored.changes.len() + new.len() >= compact_after_changes;
+        let compacting =
+            force_snapshot || stored.changes.len() + new.len() >= compact_after_changes;
         for change in new {
             places.push((change.hash, change.place));
             if compacting {
@@ -1001,7 +1041,7 @@ impl<S: Store> WriteSession<'_, S> {
             LogPlace::Local => {
                 let sequence = self.next_log_sequence;
                 self.next_log_sequence += 1;
-                (self.docs.node, sequence)
+                (self.inner.writers.current, sequence)
             }
             LogPlace::Remote { origin, sequence } => (origin, sequence),
         };
@@ -1069,6 +1109,10 @@ impl<S: Store> WriteSession<'_, S> {
             for (doc_key, old, new) in std::mem::take(&mut self.heads_changed) {
                 self.inner.digest.update(&doc_key, &old, &new);
             }
+            let refused = std::mem::take(&mut self.refused_delta);
+            self.inner.refused.add(refused);
+            let reissues = std::mem::take(&mut self.reissues_now);
+            self.inner.reissues.extend(reissues);
             let live = self.inner.live_records as i64 + self.live_delta;
             assert!(live >= 0, "the live-record count never goes below zero");
             self.inner.live_records = live as u64;

@@ -8,6 +8,7 @@
 //! | `D` | document key | [`StoredDoc`]: heads, record state, snapshot, appended changes |
 //! | `S` | document key | a snapshot too large to keep inside its `D` value |
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
+//! | `R` | change hash (32 bytes), document key | [`RefusedChange`]: a change refused here |
 //!
 //! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]). A small
 //! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
@@ -23,6 +24,7 @@ pub const TAG_META: u8 = b'M';
 pub const TAG_DOC: u8 = b'D';
 pub const TAG_SNAPSHOT: u8 = b'S';
 pub const TAG_LOG: u8 = b'L';
+pub const TAG_REFUSED: u8 = b'R';
 
 /// The writer this store's incarnation writes under: the origin of its log and the first 16
 /// bytes of its actors. Named `node_id` since stores made before incarnations wrote under
@@ -31,12 +33,17 @@ pub const META_NODE_ID: &[u8] = b"node_id";
 /// The node (its certificate's id) this store belongs to. A store without it was made before
 /// incarnations: its writer is its node's id.
 pub const META_OWNER: &[u8] = b"owner";
+/// The writers this store wrote under before its current one (16 bytes each, oldest first).
+pub const META_FORMER_WRITERS: &[u8] = b"former_writers";
 /// The store's format version (big-endian u32): what layout its keys and values follow.
 pub const META_FORMAT: &[u8] = b"format";
 /// The format this build writes and the newest it reads. A store without the key was made
 /// before the format was recorded, with this same layout.
 pub const STORE_FORMAT_VERSION: u32 = 1;
 pub const META_SOURCE_PREFIX: &[u8] = b"source/";
+/// Writes of this node's own that a collision took out of a document, to be written again
+/// under its current writer: `reissue/` then the document key, valued [`Reissue`].
+pub const META_REISSUE_PREFIX: &[u8] = b"reissue/";
 
 pub fn meta_key(name: &[u8]) -> Vec<u8> {
     tagged(TAG_META, name)
@@ -76,6 +83,18 @@ pub fn log_sequence(key: &[u8]) -> Result<u64, StoreError> {
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or_else(|| StoreError::Corrupt(format!("log key {key:?} is too short")))?;
     Ok(u64::from_be_bytes(tail))
+}
+
+pub fn refused_key(hash: &ChangeHash, doc: &[u8]) -> Vec<u8> {
+    let mut key = tagged(TAG_REFUSED, &hash.0);
+    key.extend_from_slice(doc);
+    key
+}
+
+pub fn reissue_key(doc: &[u8]) -> Vec<u8> {
+    let mut name = META_REISSUE_PREFIX.to_vec();
+    name.extend_from_slice(doc);
+    meta_key(&name)
 }
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
@@ -148,6 +167,48 @@ impl StoredDoc {
 pub struct LogEntry {
     pub doc_key: Vec<u8>,
     pub hash: [u8; 32],
+}
+
+/// Why a change was refused (see [`super::collision`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// Another change with the same actor and sequence number stands: the rule picked it.
+    DuplicateSequence,
+    /// It depends on a refused change.
+    DependsOnRefused,
+}
+
+impl RefusalReason {
+    /// The label of `concord_changes_refused_total` and of `concord refused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DuplicateSequence => "duplicate_sequence",
+            Self::DependsOnRefused => "depends_on_refused",
+        }
+    }
+}
+
+/// A change refused here: kept so that the log can still serve its place (other nodes decide
+/// about it alike, and their marks must move past it), and listed by `concord refused`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedChange {
+    pub reason: RefusalReason,
+    /// The change that stands instead (for a duplicate sequence), or the refused dependency.
+    pub instead: [u8; 32],
+    /// The refused change's own clock (its stamp's, ms since the Unix epoch).
+    pub hlc: u64,
+    /// The change itself; empty once refused changes kept their bytes past their budget.
+    pub change: Vec<u8>,
+}
+
+/// Writes of this node's own to one document that lost a collision: each effect (as history
+/// shows it) with the source that made it, oldest first, written again as one new change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reissue {
+    /// (source index, effect as JSON: `{"action", "set", "removed"}`).
+    pub effects: Vec<(u16, String)>,
+    /// The hashes of the changes taken out that this write stands for.
+    pub replaces: Vec<[u8; 32]>,
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {

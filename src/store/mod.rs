@@ -15,23 +15,31 @@
 //!   applied before it survives a crash (sled's contract, kept by `MemoryStore` too);
 //! - a document read back from disk is checked against its recorded heads.
 
+mod collision;
 pub mod digest;
 mod documents;
 mod group_commit;
+pub mod incarnation;
 pub mod layout;
 mod memory;
+mod refused;
 mod replication;
 mod sled_store;
 
 pub use documents::{
-    claim_writer, new_incarnation, DocStore, DocStoreConfig, Durability, ImportOutcome,
-    Incarnation, OriginProgress, StoredRecord, WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT,
-    CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
-    COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES,
+    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord,
+    WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT,
+    CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP,
+    LOADED_DOCUMENT_BYTES,
 };
+pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, Snapshot, StoredDoc};
+pub use layout::{RefusalReason, RefusedChange};
 pub use memory::MemoryStore;
-pub use replication::{ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict};
+pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
+pub use replication::{
+    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome,
+};
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
 use crate::record::RecordError;

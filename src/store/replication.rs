@@ -11,9 +11,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::{Change, ChangeHash, ReadDoc};
 
+use super::collision;
 use super::digest::{self, Aggregate};
 use super::documents::{for_each_entry, LogPlace, NewChange};
-use super::layout;
+use super::layout::{self, RefusalReason};
 use super::{DocStore, Durability, Store, StoreError};
 use crate::record::{document, NodeId, RecordId};
 
@@ -46,6 +47,44 @@ pub struct ApplyReport {
     pub invalid: Vec<(LoggedChange, String)>,
     /// Fields that became conflicting (concurrent values) with these changes.
     pub conflicts: Vec<NewConflict>,
+    /// Changes refused by the rule for colliding changes (see [`super::collision`]), this
+    /// batch's and those a change of it took out, with why.
+    pub refused: Vec<RefusalReason>,
+    /// A change refused or taken out was written under this store's current writer: another
+    /// store writes under it too, or this one was brought back from an older copy. The node
+    /// must take a new writer (and then write again what it lost: [`DocStore::reissue_pending`]).
+    pub own_writer_shared: bool,
+    /// Changes that came with a log place this store holds with another change: applied
+    /// without a place, by the rule for colliding changes.
+    pub places_taken: usize,
+}
+
+/// The hash of a change in Automerge's binary format.
+fn change_hash_of(bytes: &[u8]) -> Option<ChangeHash> {
+    layout::change_hash(bytes).or_else(|| {
+        Change::from_bytes(bytes.to_vec())
+            .ok()
+            .map(|change| change.hash())
+    })
+}
+
+/// What became of changes fetched for a document outside the log.
+#[derive(Debug, Default)]
+pub struct UnloggedOutcome {
+    /// Changes new here, applied.
+    pub new: usize,
+    /// Changes refused, with why (see [`ApplyReport::refused`]).
+    pub refused: Vec<RefusalReason>,
+    /// See [`ApplyReport::own_writer_shared`].
+    pub own_writer_shared: bool,
+}
+
+/// What became of one change tried alone against a document.
+enum Tried {
+    Applied,
+    /// Refused (now or before): only its log place is kept.
+    Refused,
+    Invalid(String),
 }
 
 /// A field that became conflicting as a remote change was applied.
@@ -71,6 +110,19 @@ impl<S: Store> DocStore<S> {
             .origins
             .get(origin)
             .map_or(0, |progress| progress.contiguous)
+    }
+
+    /// The hash of the change at `(origin, sequence)` of the log, if held.
+    pub fn log_hash(
+        &self,
+        origin: &NodeId,
+        sequence: u64,
+    ) -> Result<Option<ChangeHash>, StoreError> {
+        let Some(value) = self.backend().get(&layout::log_key(origin, sequence))? else {
+            return Ok(None);
+        };
+        let entry: layout::LogEntry = layout::decode("log entry", &value)?;
+        Ok(Some(ChangeHash(entry.hash)))
     }
 
     /// Entries of `origin`'s log after `after`, with their change bytes: at most `limit`, and
@@ -119,18 +171,32 @@ impl<S: Store> DocStore<S> {
             let change = match appended {
                 Some(change) => change,
                 None => {
-                    let mut inner = self.inner();
-                    let loaded = self.loaded(&mut inner, &entry.doc_key)?;
-                    loaded
-                        .doc
-                        .get_change_by_hash(&hash)
-                        .ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "log entry {origin}:{sequence} names a change its document lacks"
-                            ))
-                        })?
-                        .raw_bytes()
-                        .to_vec()
+                    let held = {
+                        let mut inner = self.inner();
+                        let loaded = self.loaded(&mut inner, &entry.doc_key)?;
+                        loaded
+                            .doc
+                            .get_change_by_hash(&hash)
+                            .map(|change| change.raw_bytes().to_vec())
+                    };
+                    match held {
+                        Some(change) => change,
+                        // A change refused here keeps its place, and is served from where
+                        // refused changes are kept: its receiver decides about it alike.
+                        None => match self.refused_bytes(&entry.doc_key, &hash)? {
+                            Some(change) => change,
+                            None if self.refused_contains(&entry.doc_key, &hash)? => {
+                                // Refused past the budget for keeping refused changes.
+                                continue;
+                            }
+                            None => {
+                                return Err(StoreError::Corrupt(format!(
+                                    "log entry {origin}:{sequence} names a change its document \
+                                     lacks"
+                                )))
+                            }
+                        },
+                    }
                 }
             };
             bytes += change.len();
@@ -154,11 +220,30 @@ impl<S: Store> DocStore<S> {
         let mut groups: Vec<(Vec<u8>, Group)> = Vec::new();
         let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut seen: HashSet<(NodeId, u64)> = HashSet::new();
+        let mut places_taken: Vec<LoggedChange> = Vec::new();
         for logged in changes {
-            if session.log_holds(&logged.origin, logged.sequence)
-                || !seen.insert((logged.origin, logged.sequence))
-            {
+            let place = (logged.origin, logged.sequence);
+            if !seen.insert(place) {
                 report.duplicates += 1;
+                continue;
+            }
+            if session.log_holds(&logged.origin, logged.sequence) {
+                // The same place with another change is no duplicate: two stores wrote under
+                // one writer. The change goes on without a place, by the rule for colliding
+                // changes.
+                let held = if session.places.contains(&place) {
+                    None
+                } else {
+                    self.log_hash(&logged.origin, logged.sequence)?
+                };
+                if held.is_some_and(|held| change_hash_of(&logged.change) != Some(held)) {
+                    if logged.origin == session.inner.writers.current {
+                        report.own_writer_shared = true;
+                    }
+                    places_taken.push(logged);
+                } else {
+                    report.duplicates += 1;
+                }
                 continue;
             }
             if let Err(error) = RecordId::from_doc_key(&logged.doc_key) {
@@ -184,6 +269,29 @@ impl<S: Store> DocStore<S> {
             self.apply_group(&mut session, &doc_key, group, &mut report)?;
         }
         session.commit(Durability::Deferred)?;
+        report.places_taken = places_taken.len();
+        let mut by_doc: BTreeMap<Vec<u8>, Vec<LoggedChange>> = BTreeMap::new();
+        for logged in places_taken {
+            by_doc
+                .entry(logged.doc_key.clone())
+                .or_default()
+                .push(logged);
+        }
+        for (doc_key, logged) in by_doc {
+            let changes = logged.iter().map(|change| change.change.clone()).collect();
+            match self.apply_unlogged(&doc_key, changes) {
+                Ok(outcome) => {
+                    report.refused.extend(outcome.refused);
+                    report.own_writer_shared |= outcome.own_writer_shared;
+                }
+                Err(StoreError::InvalidDocument(reason)) => {
+                    for change in logged {
+                        report.invalid.push((change, reason.clone()));
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
         Ok(report)
     }
 
@@ -295,7 +403,23 @@ impl<S: Store> DocStore<S> {
                 session.queue_log_entry(doc_key, &change.hash(), place);
                 continue;
             }
-            let _ = change;
+            // A change that waits on a refused one is refused too, not asked for forever.
+            if let Some(dependency) = self.refused_dependency(session, doc_key, &change)? {
+                session.refuse(
+                    doc_key,
+                    &change,
+                    RefusalReason::DependsOnRefused,
+                    dependency,
+                );
+                report.refused.push(RefusalReason::DependsOnRefused);
+                self.note_own_writer(session, &change, report);
+                let place = LogPlace::Remote {
+                    origin: logged.origin,
+                    sequence: logged.sequence,
+                };
+                session.queue_log_entry(doc_key, &change.hash(), place);
+                continue;
+            }
             report.missing_dependencies.push(logged);
         }
         if ready.is_empty() {
@@ -316,20 +440,21 @@ impl<S: Store> DocStore<S> {
         {
             ready
         } else {
-            // One of them is invalid: start again from the stored document and apply them one
-            // at a time, so that only the invalid ones are refused.
+            // One of them is invalid, or collides with a change held: start again from the
+            // stored document and apply them one at a time, so that only those are refused.
             session.forget(doc_key);
-            let loaded = session.document(doc_key)?;
             let mut applied = Vec::with_capacity(ready.len());
             for (logged, change) in ready {
-                match loaded.doc.apply_changes([change.clone()]) {
-                    Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => {
-                        applied.push((logged, change));
+                match self.try_one(session, doc_key, &change, report)? {
+                    Tried::Applied => applied.push((logged, change)),
+                    Tried::Refused => {
+                        let place = LogPlace::Remote {
+                            origin: logged.origin,
+                            sequence: logged.sequence,
+                        };
+                        session.queue_log_entry(doc_key, &change.hash(), place);
                     }
-                    Ok(()) => report
-                        .invalid
-                        .push((logged, "its dependencies were refused".to_owned())),
-                    Err(error) => report.invalid.push((logged, error.to_string())),
+                    Tried::Invalid(reason) => report.invalid.push((logged, reason)),
                 }
             }
             applied
@@ -381,6 +506,128 @@ impl<S: Store> DocStore<S> {
         Ok(())
     }
 
+    /// A dependency of `change` that was refused here, if any.
+    fn refused_dependency(
+        &self,
+        session: &super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        change: &Change,
+    ) -> Result<Option<ChangeHash>, StoreError> {
+        for dependency in change.deps() {
+            if session.refused_holds(doc_key, dependency)? {
+                return Ok(Some(*dependency));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Marks the report if `change` was written under this store's current writer.
+    fn note_own_writer(
+        &self,
+        session: &super::WriteSession<'_, S>,
+        change: &Change,
+        report: &mut ApplyReport,
+    ) {
+        let current = session.inner.writers.current;
+        if NodeId::split_actor(change.actor_id()).is_some_and(|(writer, _)| writer == current) {
+            report.own_writer_shared = true;
+        }
+    }
+
+    /// Applies one change to the session's copy of a document, by the rule for colliding
+    /// changes when the document holds another with its actor and sequence (see
+    /// [`super::collision`]): the change that loses is refused, and a change held that loses
+    /// is taken out with everything that depends on it, this node's own effects among them
+    /// queued to be written again.
+    fn try_one(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        change: &Change,
+        report: &mut ApplyReport,
+    ) -> Result<Tried, StoreError> {
+        if session.refused_holds(doc_key, &change.hash())? {
+            return Ok(Tried::Refused);
+        }
+        if let Some(dependency) = self.refused_dependency(session, doc_key, change)? {
+            session.refuse(doc_key, change, RefusalReason::DependsOnRefused, dependency);
+            report.refused.push(RefusalReason::DependsOnRefused);
+            self.note_own_writer(session, change, report);
+            return Ok(Tried::Refused);
+        }
+        let writers = session.inner.writers.clone();
+        let loaded = session.document(doc_key)?;
+        let held = match loaded.doc.apply_changes([change.clone()]) {
+            Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => {
+                return Ok(Tried::Applied)
+            }
+            Ok(()) => return Ok(Tried::Invalid("its dependencies were refused".to_owned())),
+            Err(automerge::AutomergeError::DuplicateSeqNumber(seq, actor)) => {
+                match collision::held_at(&loaded.doc, &actor, seq) {
+                    Some(held) => held,
+                    None => {
+                        return Ok(Tried::Invalid(format!(
+                            "actor {actor} already has sequence {seq} in this document"
+                        )))
+                    }
+                }
+            }
+            Err(error) => return Ok(Tried::Invalid(error.to_string())),
+        };
+        #[cfg(feature = "sabotage")]
+        let stands =
+            collision::stands_against(change, &held) && !self.sabotage.first_arrival_stands;
+        #[cfg(not(feature = "sabotage"))]
+        let stands = collision::stands_against(change, &held);
+        if !stands {
+            session.refuse(
+                doc_key,
+                change,
+                RefusalReason::DuplicateSequence,
+                held.hash(),
+            );
+            report.refused.push(RefusalReason::DuplicateSequence);
+            self.note_own_writer(session, change, report);
+            return Ok(Tried::Refused);
+        }
+        // The change held loses: out it goes, with what depends on it, and what this node's
+        // own writers did in those changes is kept to be written again.
+        let (rebuilt, removed) = collision::without(&loaded.doc, &[held.hash()])?;
+        let mut effects = Vec::new();
+        let mut replaces = Vec::new();
+        for taken in &removed {
+            if let Some((writer, source)) = NodeId::split_actor(taken.actor_id()) {
+                if writers.owns(&writer) {
+                    effects.push((
+                        source,
+                        document::describe_change(&loaded.doc, taken.deps(), taken.hash()),
+                    ));
+                    replaces.push(taken.hash());
+                }
+            }
+        }
+        for (index, taken) in removed.iter().enumerate() {
+            let (reason, instead) = if index == 0 {
+                (RefusalReason::DuplicateSequence, change.hash())
+            } else {
+                (RefusalReason::DependsOnRefused, held.hash())
+            };
+            self.note_own_writer(session, taken, report);
+            session.refuse(doc_key, taken, reason, instead);
+            report.refused.push(reason);
+        }
+        session.replace_document(doc_key, rebuilt)?;
+        if !effects.is_empty() {
+            session.queue_reissue(doc_key, effects, replaces)?;
+        }
+        let loaded = session.document(doc_key)?;
+        match loaded.doc.apply_changes([change.clone()]) {
+            Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => Ok(Tried::Applied),
+            Ok(()) => Ok(Tried::Invalid("its dependencies were refused".to_owned())),
+            Err(error) => Ok(Tried::Invalid(error.to_string())),
+        }
+    }
+
     /// Changes of a document that are not ancestors of `have` (hashes it does not know are
     /// ignored), in dependency order: as many as fit in `bytes_max` bytes and `limit` changes.
     /// Says whether that is all of them.
@@ -414,13 +661,13 @@ impl<S: Store> DocStore<S> {
     }
 
     /// Applies changes fetched for a document outside the log (dependencies asked for), in
-    /// any order: each is applied once its dependencies are. Returns how many were new. Not
-    /// yet durable when it returns, as [`DocStore::apply_remote`].
+    /// any order: each is applied once its dependencies are, colliding ones by the rule (see
+    /// [`super::collision`]). Not yet durable when it returns, as [`DocStore::apply_remote`].
     pub fn apply_unlogged(
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<UnloggedOutcome, StoreError> {
         if RecordId::from_doc_key(doc_key).is_err() {
             return Err(StoreError::InvalidDocument(format!(
                 "{:?} is not a record id",
@@ -435,8 +682,14 @@ impl<S: Store> DocStore<S> {
             );
         }
         let mut session = self.session();
+        let mut fresh = Vec::with_capacity(parsed.len());
+        for change in parsed {
+            if !session.refused_holds(doc_key, &change.hash())? {
+                fresh.push(change);
+            }
+        }
         let loaded = session.document(doc_key)?;
-        let mut pending: Vec<Change> = parsed
+        let mut pending: Vec<Change> = fresh
             .into_iter()
             .filter(|change| !document::holds_change(&loaded.doc, &change.hash()))
             .collect();
@@ -459,12 +712,54 @@ impl<S: Store> DocStore<S> {
             ready_hashes.extend(now_ready.iter().map(Change::hash));
             ready.extend(now_ready);
         }
-        if ready.is_empty() {
-            return Ok(0);
+        let mut report = ApplyReport::default();
+        // What waits on a refused change is refused too.
+        for change in pending {
+            if let Some(dependency) = self.refused_dependency(&session, doc_key, &change)? {
+                session.refuse(
+                    doc_key,
+                    &change,
+                    RefusalReason::DependsOnRefused,
+                    dependency,
+                );
+                report.refused.push(RefusalReason::DependsOnRefused);
+                self.note_own_writer(&session, &change, &mut report);
+            }
         }
-        let outcome = session.apply_and_queue(doc_key, ready, LogPlace::Unlogged)?;
+        let mut outcome = UnloggedOutcome::default();
+        if !ready.is_empty() {
+            match session.apply_and_queue(doc_key, ready.clone(), LogPlace::Unlogged) {
+                Ok(applied) => outcome.new = applied.new_changes,
+                Err(StoreError::InvalidDocument(_)) => {
+                    // A change collides with one held, or is invalid: one at a time, from the
+                    // stored document.
+                    session.forget(doc_key);
+                    let mut applied = Vec::new();
+                    for change in ready {
+                        match self.try_one(&mut session, doc_key, &change, &mut report)? {
+                            Tried::Applied => applied.push(NewChange {
+                                hash: change.hash(),
+                                place: LogPlace::Unlogged,
+                                bytes: Some(change.raw_bytes().to_vec()),
+                            }),
+                            Tried::Refused => {}
+                            Tried::Invalid(reason) => {
+                                return Err(StoreError::InvalidDocument(reason));
+                            }
+                        }
+                    }
+                    outcome.new = applied.len();
+                    if !applied.is_empty() {
+                        session.queue_new_changes(doc_key, applied)?;
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        outcome.refused = report.refused;
+        outcome.own_writer_shared = report.own_writer_shared;
         session.commit(Durability::Deferred)?;
-        Ok(outcome.new_changes)
+        Ok(outcome)
     }
 
     /// A document's heads (empty if never written).
@@ -520,13 +815,23 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         hashes: &[ChangeHash],
     ) -> Result<Vec<ChangeHash>, StoreError> {
-        let mut inner = self.inner();
-        let loaded = self.loaded(&mut inner, doc_key)?;
-        Ok(hashes
-            .iter()
-            .filter(|hash| !document::holds_change(&loaded.doc, hash))
-            .copied()
-            .collect())
+        let missing: Vec<ChangeHash> = {
+            let mut inner = self.inner();
+            let loaded = self.loaded(&mut inner, doc_key)?;
+            hashes
+                .iter()
+                .filter(|hash| !document::holds_change(&loaded.doc, hash))
+                .copied()
+                .collect()
+        };
+        // A change refused here is known, not missing: asking for it again would repeat.
+        let mut unknown = Vec::with_capacity(missing.len());
+        for hash in missing {
+            if !self.refused_contains(doc_key, &hash)? {
+                unknown.push(hash);
+            }
+        }
+        Ok(unknown)
     }
 
     /// The document key stored under a log entry, for checks and tests.

@@ -92,6 +92,10 @@ pub enum Output {
         from: NodeId,
         changes: Vec<LoggedChange>,
     },
+    /// The store's writer must be replaced before the node writes again (see
+    /// [`super::Action::WriterSuperseded`]): the shell draws a new one, makes the store write
+    /// under it, and calls [`Driver::set_writer`].
+    WriterSuperseded { peer: NodeId, reason: String },
 }
 
 /// Counters of the driver itself, for status and metrics.
@@ -147,6 +151,16 @@ impl Driver {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The store writes under `writer` from now on: its own log is pushed from the start.
+    pub fn set_writer(&mut self, writer: NodeId, replica: &impl Replica) {
+        self.engine.set_writer(writer, replica);
+        self.local_cursor = replica
+            .origin_marks()
+            .into_iter()
+            .find(|(origin, _)| *origin == writer)
+            .map_or(0, |(_, mark)| mark);
     }
 
     pub fn stats(&self) -> &DriverStats {
@@ -346,6 +360,9 @@ impl Driver {
                         }
                         Action::Applied { from, changes } => {
                             applied.push(Output::Applied { from, changes });
+                        }
+                        Action::WriterSuperseded { peer, reason } => {
+                            outputs.push(Output::WriterSuperseded { peer, reason });
                         }
                     }
                 }

@@ -57,7 +57,10 @@ pub use outbound::{OUTBOX_BYTES_MAX, OUTBOX_MESSAGES_MAX, RECENT_CHANGES_BYTES_M
 
 use crate::record::NodeId;
 use crate::store::digest::Aggregate;
-use crate::store::{ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, Store, StoreError};
+use crate::store::{
+    ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, RefusalReason, Store, StoreError,
+    UnloggedOutcome,
+};
 use held::Held;
 use outbound::{Peer, RecentChanges};
 
@@ -84,6 +87,8 @@ pub const CONFLICT_FIELDS_COUNTED_MAX: usize = 1024;
 /// use it over a memory store.
 pub trait Replica {
     fn origin_marks(&self) -> Vec<(NodeId, u64)>;
+    /// The hash of the change at `(origin, sequence)` of the log, if held.
+    fn log_hash(&self, origin: &NodeId, sequence: u64) -> Result<Option<ChangeHash>, StoreError>;
     /// Entries of `origin`'s log after `after`: at most `limit`, and no more once `bytes_max`
     /// bytes of changes are gathered.
     fn log_after(
@@ -106,7 +111,11 @@ pub trait Replica {
     ) -> Result<(Vec<Vec<u8>>, bool), StoreError>;
     /// Applies changes fetched for a document outside the log; durable only after
     /// [`Replica::sync`].
-    fn apply_unlogged(&self, doc_key: &[u8], changes: Vec<Vec<u8>>) -> Result<usize, StoreError>;
+    fn apply_unlogged(
+        &self,
+        doc_key: &[u8],
+        changes: Vec<Vec<u8>>,
+    ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
     fn digest(&self, prefix: &str) -> Option<Aggregate>;
     fn leaf_documents(
@@ -126,6 +135,9 @@ pub trait Replica {
 impl<S: Store> Replica for DocStore<S> {
     fn origin_marks(&self) -> Vec<(NodeId, u64)> {
         DocStore::origin_marks(self)
+    }
+    fn log_hash(&self, origin: &NodeId, sequence: u64) -> Result<Option<ChangeHash>, StoreError> {
+        DocStore::log_hash(self, origin, sequence)
     }
     fn log_after(
         &self,
@@ -148,7 +160,11 @@ impl<S: Store> Replica for DocStore<S> {
     ) -> Result<(Vec<Vec<u8>>, bool), StoreError> {
         DocStore::document_changes(self, doc_key, have, limit, bytes_max)
     }
-    fn apply_unlogged(&self, doc_key: &[u8], changes: Vec<Vec<u8>>) -> Result<usize, StoreError> {
+    fn apply_unlogged(
+        &self,
+        doc_key: &[u8],
+        changes: Vec<Vec<u8>>,
+    ) -> Result<UnloggedOutcome, StoreError> {
         DocStore::apply_unlogged(self, doc_key, changes)
     }
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
@@ -237,6 +253,10 @@ pub enum Action {
         from: NodeId,
         changes: Vec<LoggedChange>,
     },
+    /// This node's own log, as `peer` holds it, is ahead of or beside the store's: the store
+    /// was brought back from an older copy, or another store writes under the same writer.
+    /// The node must write under a new writer ([`Engine::set_writer`]) before it writes again.
+    WriterSuperseded { peer: NodeId, reason: String },
 }
 
 /// Counters for metrics and tests.
@@ -265,6 +285,12 @@ pub struct Stats {
     /// Repair digests sent, and documents found out of step by them.
     pub repair_rounds: u64,
     pub repair_documents: u64,
+    /// Changes refused by the rule for colliding changes, by reason
+    /// ([`crate::store::RefusalReason::as_str`]); their senders are not disconnected.
+    pub changes_refused: BTreeMap<&'static str, u64>,
+    /// Changes that came with a log place held here by another change (two stores wrote
+    /// under one writer): applied without a place, by the same rule.
+    pub log_places_taken: u64,
     /// Fields that became conflicting as changes from peers were applied.
     pub conflicts: u64,
     /// The same by (collection, field), for the first [`CONFLICT_FIELDS_COUNTED_MAX`] pairs
@@ -305,6 +331,11 @@ pub struct Engine {
     recent: RecentChanges,
     /// Changes were applied since the store was last made durable.
     unsynced: bool,
+    /// Why the writer must be replaced, once a peer showed it (reported once per writer).
+    superseded: Option<String>,
+    /// This node's own log is durable up to here: nothing above it is sent, since a change
+    /// that left and was then lost in a crash would see its place written again.
+    own_durable: u64,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -328,6 +359,8 @@ impl Engine {
             balanced: None,
             recent: RecentChanges::default(),
             unsynced: false,
+            superseded: None,
+            own_durable: 0,
         }
     }
 
@@ -342,6 +375,91 @@ impl Engine {
     /// The origin of this node's own log.
     pub fn writer(&self) -> NodeId {
         self.config.writer
+    }
+
+    /// The store writes under `writer` from now on. The former writer becomes an origin like
+    /// any other: what peers hold of it beyond this store is caught up from them. Peers are
+    /// told (version 3).
+    pub fn set_writer(&mut self, writer: NodeId, replica: &impl Replica) {
+        assert!(writer != self.config.writer, "a new writer differs");
+        self.config.writer = writer;
+        self.superseded = None;
+        self.own_durable = 0;
+        for state in self.peers.values_mut() {
+            if state.ready && state.version >= 3 {
+                state.outbox.writer = true;
+            }
+        }
+        self.balanced = None;
+        self.rebalance(replica, None);
+    }
+
+    /// Why this node's writer must be replaced, if a peer showed it.
+    pub fn superseded(&self) -> Option<&str> {
+        self.superseded.as_deref()
+    }
+
+    /// A peer showed that this node's own log is not the store's alone: reported once.
+    fn supersede(&mut self, peer: NodeId, reason: String, actions: &mut Vec<Action>) {
+        if self.superseded.is_some() {
+            return;
+        }
+        tracing::warn!(%peer, writer = %self.config.writer, "{reason}");
+        self.superseded = Some(reason.clone());
+        actions.push(Action::WriterSuperseded { peer, reason });
+    }
+
+    fn count_refused(&mut self, refused: &[RefusalReason]) {
+        for reason in refused {
+            *self
+                .stats
+                .changes_refused
+                .entry(reason.as_str())
+                .or_default() += 1;
+        }
+    }
+
+    /// A change under this node's current writer that it did not write, or one of its own
+    /// that lost to such a change, came from `peer`.
+    fn own_writer_shared(&mut self, peer: NodeId, actions: &mut Vec<Action>) {
+        let reason = format!(
+            "a change from {peer} collides with this node's own under its writer: another \
+             store writes under it, or this one was brought back from an older copy"
+        );
+        self.supersede(peer, reason, actions);
+    }
+
+    /// What `peer` said of this node's own log (its `LogMark`, or its summary's mark for it):
+    /// more than the store holds, or another change at the same place, means the store is not
+    /// the only history of its writer.
+    fn check_own_log(
+        &mut self,
+        peer: NodeId,
+        contiguous: u64,
+        hash: Option<ChangeHash>,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let writer = self.config.writer;
+        let own = replica
+            .origin_marks()
+            .into_iter()
+            .find(|(origin, _)| *origin == writer)
+            .map_or(0, |(_, mark)| mark);
+        if contiguous > own {
+            let reason = format!(
+                "peer {peer} holds this node's own log up to {contiguous} and the store only up to {own}: the store was brought back from an older copy, or lost"
+            );
+            self.supersede(peer, reason, actions);
+        } else if let Some(hash) = hash.filter(|_| contiguous > 0) {
+            if replica.log_hash(&writer, contiguous)? != Some(hash) {
+                let reason = format!(
+                    "peer {peer} holds another change at place {contiguous} of this node's own log: another store writes under the same writer"
+                );
+                self.supersede(peer, reason, actions);
+            }
+        }
+        Ok(())
     }
 
     /// Whether `peer` resolves conflicts as this node does, as far as it said.
@@ -470,13 +588,25 @@ impl Engine {
         actions.push(Action::Disconnect(peer, goodbye(reason, detail)));
     }
 
-    /// Makes what was applied durable before anything that depends on it leaves the node.
+    /// Makes what was applied durable before anything that depends on it leaves the node,
+    /// and notes how far this node's own log is durable: writers acknowledged concurrently
+    /// may have applied entries not yet flushed, and those stay here until they are.
     pub fn make_durable(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
-        if self.unsynced {
-            replica.sync()?;
-            self.unsynced = false;
-        }
+        let writer = self.config.writer;
+        let own = replica
+            .origin_marks()
+            .into_iter()
+            .find(|(origin, _)| *origin == writer)
+            .map_or(0, |(_, mark)| mark);
+        replica.sync()?;
+        self.unsynced = false;
+        self.own_durable = own;
         Ok(())
+    }
+
+    /// How far this node's own log is known durable (see [`Engine::make_durable`]).
+    pub fn own_durable(&self) -> u64 {
+        self.own_durable
     }
 
     fn summary(&self, replica: &impl Replica) -> Message {
@@ -537,11 +667,51 @@ impl Engine {
                         }
                     }
                 }
+                // Tell the peer how far its own log is held here, so that a peer brought
+                // back from an older copy learns it before it writes much.
+                let contiguous = replica
+                    .origin_marks()
+                    .into_iter()
+                    .find(|(origin, _)| *origin == writer)
+                    .map_or(0, |(_, mark)| mark);
+                if contiguous > 0 {
+                    if let Some(hash) = replica.log_hash(&writer, contiguous)? {
+                        self.queue_message(
+                            peer,
+                            Message::LogMark {
+                                origin: writer.0,
+                                contiguous,
+                                hash: hash.0,
+                            },
+                        );
+                    }
+                }
+            }
+            Message::LogMark {
+                origin,
+                contiguous,
+                hash,
+            } => {
+                if NodeId(origin) == self.config.writer {
+                    let hash = Some(ChangeHash(hash));
+                    self.check_own_log(peer, contiguous, hash, replica, actions)?;
+                }
             }
             // Before the handshake nothing else counts; over a network that reorders, such a
             // message is ignored rather than taken for malice (the summaries resend its content).
             _ if !ready => {}
-            Message::Summary(summary) => self.receive_summary(peer, summary, replica),
+            Message::Summary(summary) => {
+                let writer = self.config.writer;
+                let own = summary
+                    .origins
+                    .iter()
+                    .find(|mark| NodeId(mark.origin) == writer)
+                    .map(|mark| mark.contiguous);
+                if let Some(contiguous) = own {
+                    self.check_own_log(peer, contiguous, None, replica, actions)?;
+                }
+                self.receive_summary(peer, summary, replica)
+            }
             Message::Changes(changes) => {
                 self.receive_changes(now, peer, changes, replica, actions)?
             }
@@ -759,15 +929,20 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let doc_key = answer.doc.into_bytes();
-        let new = match replica.apply_unlogged(&doc_key, answer.changes) {
-            Ok(new) => new,
+        let outcome = match replica.apply_unlogged(&doc_key, answer.changes) {
+            Ok(outcome) => outcome,
             Err(StoreError::InvalidDocument(detail)) => {
                 self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
                 return Ok(());
             }
             Err(error) => return Err(error),
         };
-        self.unsynced |= new > 0;
+        let new = outcome.new;
+        self.unsynced |= new > 0 || !outcome.refused.is_empty();
+        self.count_refused(&outcome.refused);
+        if outcome.own_writer_shared {
+            self.own_writer_shared(peer, actions);
+        }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
         for entry in held {
@@ -790,6 +965,11 @@ impl Engine {
     ) -> Result<(), StoreError> {
         let report = replica.apply_remote(changes)?;
         self.unsynced = true;
+        self.count_refused(&report.refused);
+        self.stats.log_places_taken += report.places_taken as u64;
+        if report.own_writer_shared {
+            self.own_writer_shared(from, actions);
+        }
         self.stats.duplicates += report.duplicates as u64;
         self.stats.conflicts += report.conflicts.len() as u64;
         for conflict in report.conflicts {

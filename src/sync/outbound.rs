@@ -445,8 +445,18 @@ impl Engine {
             }
             state.turn = Some(origin);
             let mut after = state.sent.get(&origin).copied().unwrap_or(0);
+            // Of this node's own log, only what is durable leaves.
+            let last = if origin == self.config.writer {
+                self.own_durable
+            } else {
+                u64::MAX
+            };
             let mut fill = None;
             while fill.is_none() {
+                if after >= last {
+                    fill = Some(Fill::Exhausted);
+                    break;
+                }
                 let left = per_message - shipped_changes.len();
                 if left == 0 {
                     fill = Some(Fill::Full);
@@ -463,6 +473,10 @@ impl Engine {
                     break;
                 }
                 for change in page {
+                    if change.sequence > last {
+                        fill = Some(Fill::Exhausted);
+                        break;
+                    }
                     let entry = shipped(&change);
                     let size = entry.encoded_len();
                     if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES

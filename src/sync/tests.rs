@@ -111,6 +111,9 @@ impl Network {
                     self.cut(at, other);
                 }
                 Output::Applied { .. } => {}
+                Output::WriterSuperseded { reason, .. } => {
+                    panic!("node {at:?}: no store here is restored or shared: {reason}")
+                }
             }
         }
     }

@@ -1,0 +1,404 @@
+//! Refused changes and the writes issued again after a collision: how the store keeps them
+//! (see [`super::collision`] for the rule that decides).
+//!
+//! Guarantees: a refusal, the document rebuilt without the changes it took out, and the
+//! effects queued to be written again commit in one atomic batch; a refused change stays
+//! refused across restarts; the bytes kept are bounded ([`REFUSED_CHANGES_MAX`],
+//! [`REFUSED_BYTES_MAX`]).
+
+use std::collections::BTreeSet;
+
+use automerge::{Change, ChangeHash};
+use serde_json::{Map, Value as Json};
+
+use super::collision::{REFUSED_BYTES_MAX, REFUSED_CHANGES_MAX};
+use super::documents::for_each_entry;
+use super::layout::{self, RefusalReason, RefusedChange, Reissue};
+use super::{DocStore, Durability, Store, StoreError, WriteSession};
+use crate::record::document::{self, ChangeEffect, RecordWrite};
+use crate::record::{NodeId, RecordId};
+
+/// Refused changes kept with their bytes, and how many bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusedUsage {
+    pub changes: usize,
+    pub bytes: usize,
+}
+
+impl RefusedUsage {
+    pub fn add(&mut self, other: Self) {
+        self.changes += other.changes;
+        self.bytes += other.bytes;
+    }
+}
+
+/// What [`DocStore::refused_changes`] lists of one refused change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEntry {
+    pub hash: ChangeHash,
+    pub doc_key: Vec<u8>,
+    pub refused: RefusedChange,
+}
+
+/// A write of this node's own, issued again ([`DocStore::reissue_pending`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reissued {
+    pub id: RecordId,
+    /// The changes of this node's own that a collision took out and this one stands for.
+    pub replaces: Vec<ChangeHash>,
+    /// The new change, or `None` when the document already shows what they wrote.
+    pub change: Option<ChangeHash>,
+}
+
+/// Most refused changes [`DocStore::refused_changes`] lists at once.
+pub const REFUSED_LISTED_MAX: usize = 10_000;
+
+/// What a store holds of refused changes and queued writes, read when it opens.
+pub(super) fn scan<S: Store>(store: &S) -> Result<(RefusedUsage, BTreeSet<Vec<u8>>), StoreError> {
+    let mut usage = RefusedUsage::default();
+    for_each_entry(store, &[layout::TAG_REFUSED], |_, value| {
+        let refused: RefusedChange = layout::decode("refused change", value)?;
+        if !refused.change.is_empty() {
+            usage.changes += 1;
+            usage.bytes += refused.change.len();
+        }
+        Ok(())
+    })?;
+    let mut reissues = BTreeSet::new();
+    let prefix = layout::meta_key(layout::META_REISSUE_PREFIX);
+    for_each_entry(store, &prefix, |key, _| {
+        reissues.insert(key[prefix.len()..].to_vec());
+        Ok(())
+    })?;
+    Ok((usage, reissues))
+}
+
+impl<S: Store> WriteSession<'_, S> {
+    /// Whether `hash` of `doc_key` was refused here (in this session or before).
+    pub(super) fn refused_holds(
+        &self,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+    ) -> Result<bool, StoreError> {
+        if self.refused_now.contains(hash) {
+            return Ok(true);
+        }
+        Ok(self
+            .docs
+            .backend()
+            .get(&layout::refused_key(hash, doc_key))?
+            .is_some())
+    }
+
+    /// Records `change` of `doc_key` as refused for `reason`, `instead` standing for it.
+    pub(super) fn refuse(
+        &mut self,
+        doc_key: &[u8],
+        change: &Change,
+        reason: RefusalReason,
+        instead: ChangeHash,
+    ) {
+        let hash = change.hash();
+        if !self.refused_now.insert(hash) {
+            return;
+        }
+        let usage = self.inner.refused;
+        let size = change.raw_bytes().len();
+        let kept = usage.changes + self.refused_delta.changes < REFUSED_CHANGES_MAX
+            && usage.bytes + self.refused_delta.bytes + size <= REFUSED_BYTES_MAX;
+        if kept {
+            self.refused_delta.add(RefusedUsage {
+                changes: 1,
+                bytes: size,
+            });
+        }
+        let refused = RefusedChange {
+            reason,
+            instead: instead.0,
+            hlc: crate::record::stamp::ChangeStamp::of_change(change.message(), change.timestamp())
+                .hlc,
+            change: if kept {
+                change.raw_bytes().to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        tracing::warn!(
+            doc = %String::from_utf8_lossy(doc_key),
+            %hash,
+            actor = %change.actor_id(),
+            seq = change.seq(),
+            reason = reason.as_str(),
+            %instead,
+            "a change was refused"
+        );
+        self.batch.put(
+            layout::refused_key(&hash, doc_key),
+            layout::encode(&refused),
+        );
+    }
+
+    /// Queues the effects of this node's own changes that a collision took out of `doc_key`
+    /// (each with the source index that wrote it), to be written again.
+    pub(super) fn queue_reissue(
+        &mut self,
+        doc_key: &[u8],
+        effects: Vec<(u16, ChangeEffect)>,
+        replaces: Vec<ChangeHash>,
+    ) -> Result<(), StoreError> {
+        let key = layout::reissue_key(doc_key);
+        let mut reissue: Reissue = match self.docs.backend().get(&key)? {
+            Some(bytes) => layout::decode("queued write", &bytes)?,
+            None => Reissue::default(),
+        };
+        for (source, effect) in effects {
+            let json = serde_json::to_string(&effect).expect("an effect serializes");
+            reissue.effects.push((source, json));
+        }
+        reissue.replaces.extend(replaces.iter().map(|hash| hash.0));
+        self.batch.put(key, layout::encode(&reissue));
+        self.reissues_now.insert(doc_key.to_vec());
+        Ok(())
+    }
+}
+
+/// The write that does again what `effect` did (as history shows it), within a transaction.
+fn redo(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    effect: &Json,
+) -> Result<bool, crate::record::RecordError> {
+    // A write with nothing to do leaves the transaction empty: Automerge then makes no change.
+    let action = effect["action"].as_str().unwrap_or("update");
+    if action == "delete" {
+        return document::apply_delete(tx);
+    }
+    let set: Map<String, Json> = effect["set"].as_object().cloned().unwrap_or_default();
+    let remove: Vec<String> = effect["removed"]
+        .as_array()
+        .map(|fields| {
+            fields
+                .iter()
+                .filter_map(|field| field.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let write = RecordWrite {
+        set: set.into_iter().collect(),
+        remove,
+        replace: false,
+    };
+    document::apply_write(tx, &write)?;
+    Ok(true)
+}
+
+impl<S: Store> DocStore<S> {
+    /// Whether change `hash` of `doc_key` was refused here.
+    pub fn refused_contains(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
+        Ok(self
+            .backend()
+            .get(&layout::refused_key(hash, doc_key))?
+            .is_some())
+    }
+
+    /// The bytes of refused change `hash` of `doc_key`, if they were kept.
+    pub(super) fn refused_bytes(
+        &self,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(value) = self.backend().get(&layout::refused_key(hash, doc_key))? else {
+            return Ok(None);
+        };
+        let refused: RefusedChange = layout::decode("refused change", &value)?;
+        Ok((!refused.change.is_empty()).then_some(refused.change))
+    }
+
+    /// Refused changes, at most `limit` (bounded by [`REFUSED_LISTED_MAX`]), in hash order.
+    pub fn refused_changes(&self, limit: usize) -> Result<Vec<RefusedEntry>, StoreError> {
+        let limit = limit.min(REFUSED_LISTED_MAX);
+        let mut found = Vec::new();
+        let prefix = [layout::TAG_REFUSED];
+        let mut after: Option<Vec<u8>> = None;
+        while found.len() < limit {
+            let page = self.backend().scan_prefix(
+                &prefix,
+                after.as_deref(),
+                (limit - found.len()).min(super::documents::SCAN_PAGE_ENTRIES),
+            )?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for (key, value) in page {
+                let Some(hash) = key
+                    .get(1..33)
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+                else {
+                    return Err(StoreError::Corrupt("a refused change's key".to_owned()));
+                };
+                found.push(RefusedEntry {
+                    hash: ChangeHash(hash),
+                    doc_key: key[33..].to_vec(),
+                    refused: layout::decode("refused change", &value)?,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Refused changes kept with their bytes, and those bytes.
+    pub fn refused_usage(&self) -> RefusedUsage {
+        self.inner().refused
+    }
+
+    /// Documents with writes of this node's own waiting to be written again.
+    pub fn pending_reissues(&self) -> usize {
+        self.inner().reissues.len()
+    }
+
+    /// Writes again, as new changes under the current writer, what this node's own writers
+    /// wrote and a collision took out (see [`super::collision`]): each effect as the same
+    /// source did it, one change a document, durable when this returns. Call it only once the
+    /// store writes under a writer that is its own alone.
+    pub fn reissue_pending(&self, time_ms: i64) -> Result<Vec<Reissued>, StoreError> {
+        let pending: Vec<Vec<u8>> = self.inner().reissues.iter().cloned().collect();
+        let mut done = Vec::with_capacity(pending.len());
+        for doc_key in pending {
+            let key = layout::reissue_key(&doc_key);
+            let reissue: Reissue = match self.backend().get(&key)? {
+                Some(bytes) => layout::decode("queued write", &bytes)?,
+                None => Reissue::default(),
+            };
+            let id = RecordId::from_doc_key(&doc_key)
+                .map_err(|error| StoreError::Corrupt(format!("queued write's record: {error}")))?;
+            let writer: NodeId = self.writer();
+            let source = reissue.effects.first().map_or(0, |(source, _)| *source);
+            let effects: Vec<Json> = reissue
+                .effects
+                .iter()
+                .filter_map(|(_, json)| serde_json::from_str(json).ok())
+                .collect();
+            let mut session = self.session();
+            let (_, outcome) = session.write(&id, &writer.actor(source), time_ms, |tx| {
+                let mut changed = false;
+                for effect in &effects {
+                    changed |= redo(tx, effect)?;
+                }
+                Ok(changed)
+            })?;
+            session.batch.remove(key);
+            session.commit(Durability::Durable)?;
+            self.inner().reissues.remove(&doc_key);
+            tracing::warn!(
+                record = %id,
+                change = ?outcome.change,
+                "a write of this node's own that lost a collision was written again"
+            );
+            done.push(Reissued {
+                id,
+                replaces: reissue
+                    .replaces
+                    .iter()
+                    .map(|hash| ChangeHash(*hash))
+                    .collect(),
+                change: outcome.change,
+            });
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::document::apply_write;
+    use crate::store::{DocStoreConfig, LoggedChange, MemoryStore};
+    use serde_json::json;
+
+    fn write(docs: &DocStore<MemoryStore>, id: &RecordId, value: i64, time_ms: i64) -> ChangeHash {
+        let write = RecordWrite {
+            set: vec![("credit".to_owned(), json!(value))],
+            ..Default::default()
+        };
+        let actor = docs.writer().actor(0);
+        let (_, outcome) = docs
+            .write(id, &actor, time_ms, Durability::Durable, |tx| {
+                apply_write(tx, &write)
+            })
+            .unwrap();
+        outcome.change.unwrap()
+    }
+
+    /// Every entry of `from`'s log after `after`, as a peer would send them.
+    fn log_of(from: &DocStore<MemoryStore>, origin: NodeId, after: u64) -> Vec<LoggedChange> {
+        from.log_after(&origin, after, 100, usize::MAX).unwrap()
+    }
+
+    fn credit(docs: &DocStore<MemoryStore>, id: &RecordId) -> Option<Json> {
+        docs.read(id, document::read)
+            .unwrap()
+            .and_then(|fields| fields.get("credit").cloned())
+    }
+
+    #[test]
+    fn two_copies_of_one_store_agree_and_the_loser_writes_again_under_a_new_writer() {
+        let owner = NodeId([1; 16]);
+        let writer = NodeId([2; 16]);
+        let id = RecordId::parse("customers/1").unwrap();
+        // One store, then a copy of it byte for byte: both write under one writer.
+        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
+        write(&a, &id, 1, 1_000);
+        let b_store = a.backend().durable_copy();
+        let b = DocStore::open(b_store, writer, DocStoreConfig::default()).unwrap();
+        let early = write(&a, &id, 0, 2_000);
+        let late = write(&b, &id, 42, 3_000);
+        // Each receives the other's change at the same log place.
+        let at_a = a.apply_remote(log_of(&b, writer, 1)).unwrap();
+        let at_b = b.apply_remote(log_of(&a, writer, 1)).unwrap();
+        a.sync().unwrap();
+        b.sync().unwrap();
+        for report in [&at_a, &at_b] {
+            assert!(
+                report.own_writer_shared && report.invalid.is_empty(),
+                "{report:?}"
+            );
+            assert_eq!(report.places_taken, 1);
+            assert_eq!(report.refused, vec![RefusalReason::DuplicateSequence]);
+        }
+        // The earlier stands on both; the later is refused on both.
+        assert_eq!(credit(&a, &id), Some(json!(0)));
+        assert_eq!(credit(&b, &id), Some(json!(0)));
+        assert_eq!(a.heads(&id.to_doc_key()).unwrap(), vec![early]);
+        assert_eq!(b.heads(&id.to_doc_key()).unwrap(), vec![early]);
+        for docs in [&a, &b] {
+            let refused = docs.refused_changes(10).unwrap();
+            assert_eq!(refused.len(), 1);
+            assert_eq!(refused[0].hash, late);
+            assert_eq!(refused[0].refused.instead, early.0);
+            assert!(docs.refused_contains(&id.to_doc_key(), &late).unwrap());
+        }
+        // The log still serves the refused change at its place, so marks move on.
+        let served = log_of(&b, writer, 1);
+        assert_eq!(layout::change_hash(&served[0].change), Some(late));
+        // b lost its own write: it takes a new writer, then writes it again.
+        assert_eq!(a.pending_reissues(), 0);
+        assert_eq!(b.pending_reissues(), 1);
+        let fresh = NodeId([3; 16]);
+        b.switch_writer(owner, fresh).unwrap();
+        let done = b.reissue_pending(4_000).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].replaces, vec![late]);
+        assert_eq!(credit(&b, &id), Some(json!(42)));
+        assert_eq!(b.pending_reissues(), 0);
+        // It reaches a as any write does, and both agree.
+        a.apply_remote(log_of(&b, fresh, 0)).unwrap();
+        assert_eq!(credit(&a, &id), Some(json!(42)));
+        assert_eq!(
+            a.heads(&id.to_doc_key()).unwrap(),
+            b.heads(&id.to_doc_key()).unwrap()
+        );
+        // A refused change sent again changes nothing.
+        let again = a.apply_remote(log_of(&b, writer, 1)).unwrap();
+        assert!(again.refused.is_empty() && again.invalid.is_empty());
+    }
+}
