@@ -11,6 +11,7 @@ mod table_demo;
 
 use std::ffi::OsString;
 use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -172,6 +173,38 @@ enum Command {
     },
     /// Merge a saved Automerge document into a record.
     Import { id: String, file: PathBuf },
+    /// Copy a node's store, with its node.id and config, to FILE: through its API while the
+    /// node runs (it goes on taking writes), directly while it is stopped. The file is checked
+    /// once written; it holds the node's records, so it is readable by its owner only.
+    Backup {
+        /// The node's data dir (default: --data).
+        dir: Option<PathBuf>,
+        /// Where to write the backup.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Bring a backup back into DIR, as a new incarnation that catches up from its peers
+    /// what was written since. DIR is the node's stopped data dir (its store is kept aside,
+    /// with --replace), or a new dir made with --ca, which issues the node a new certificate.
+    Restore {
+        file: PathBuf,
+        dir: PathBuf,
+        /// The cluster CA dir, to restore onto a machine that lost the data dir.
+        #[arg(long, value_name = "CA_DIR")]
+        ca: Option<PathBuf>,
+        /// Put the backup in place of DIR's store (which is kept as store.replaced-<time>).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Salvage what a damaged store still holds (the node stopped), and take the rest from
+    /// peers once it runs: the damaged store is kept as store.damaged-<time>.
+    Recover {
+        /// The node's data dir (default: --data).
+        dir: Option<PathBuf>,
+    },
+    /// (Internal: the copy `recover` runs in a child process.)
+    #[command(name = "__salvage-copy", hide = true)]
+    SalvageCopy { from: PathBuf, to: PathBuf },
     /// Write many records from JSON lines (one object per line), durably, in batches.
     Load {
         collection: String,
@@ -329,6 +362,42 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 .build()
                 .context("cannot start the async runtime")?;
             runtime.block_on(concord::node::runtime::run(node, shutdown_signal()))?;
+        }
+        Command::Backup { dir, output } => {
+            let dir = dir.map_or_else(|| data_dir(cli.data), Ok)?;
+            backup(&dir, &output, out)?;
+        }
+        Command::Restore {
+            file,
+            dir,
+            ca,
+            replace,
+        } => {
+            let progress = spinner("{spinner} restoring: {msg}");
+            let report = concord::node::maintenance::restore(
+                &file,
+                &dir,
+                ca.as_deref(),
+                replace,
+                |what, count| progress.set_message(format!("{count} {what}")),
+            )?;
+            progress.finish_and_clear();
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        }
+        Command::Recover { dir } => {
+            let dir = dir.map_or_else(|| data_dir(cli.data), Ok)?;
+            let exe =
+                std::env::current_exe().context("cannot find this program to run the salvage")?;
+            let command = vec![exe.into_os_string(), OsString::from("__salvage-copy")];
+            let progress = spinner("{spinner} recovering: {msg}");
+            let report = concord::node::maintenance::recover(&dir, &command, |what, count| {
+                progress.set_message(format!("{count} {what}"))
+            })?;
+            progress.finish_and_clear();
+            writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        }
+        Command::SalvageCopy { from, to } => {
+            concord::node::maintenance::salvage_copy(&from, &to, std::io::stdout())?;
         }
         Command::Status => {
             let dir = data_dir(cli.data)?;
@@ -730,6 +799,75 @@ fn parse_assignments(assignments: &[String]) -> Result<RecordWrite> {
     }
     write.check()?;
     Ok(write)
+}
+
+/// A spinner on stderr that shows `template`.
+fn spinner(template: &str) -> indicatif::ProgressBar {
+    let progress = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template(template).expect("the progress template is valid"),
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress
+}
+
+/// `concord backup`: through the API while the node runs, from the store while it is stopped;
+/// into `FILE.partial`, checked, then renamed to `output`.
+fn backup(dir: &Path, output: &Path, out: &mut dyn Write) -> Result<()> {
+    let partial = output.with_extension("partial");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(concord::files::FILE_MODE)
+        .open(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    let progress = spinner("{spinner} backing up: {msg}");
+    let show = |bytes: u64| progress.set_message(format!("{} MiB", bytes / (1024 * 1024)));
+    let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+    let written = match concord::node::maintenance::backup(dir, &mut writer, show) {
+        Ok(_) => Ok(()),
+        Err(concord::node::maintenance::MaintenanceError::Refused(_)) => {
+            // The node runs: its API streams the backup.
+            remote::ApiClient::for_data_dir(dir)?.backup(&mut writer, show)
+        }
+        Err(error) => Err(error.into()),
+    };
+    let written = written.and_then(|()| {
+        writer.flush()?;
+        writer
+            .into_inner()
+            .map_err(|error| error.into_error())?
+            .sync_all()?;
+        Ok(())
+    });
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(error);
+    }
+    // Read back whole before it takes the name asked for.
+    let check = std::fs::File::open(&partial)?;
+    let records = concord::store::backup::read_backup(
+        std::io::BufReader::with_capacity(1 << 20, check),
+        |_| {},
+        |_| Ok(()),
+        |bytes| progress.set_message(format!("checking: {} MiB", bytes / (1024 * 1024))),
+    );
+    progress.finish_and_clear();
+    let records = match records {
+        Ok(records) => records,
+        Err(error) => {
+            let _ = std::fs::remove_file(&partial);
+            bail!("the backup did not read back whole: {error}");
+        }
+    };
+    std::fs::rename(&partial, output)?;
+    let bytes = std::fs::metadata(output)?.len();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({"file": output.display().to_string(), "records": records, "bytes": bytes})
+    )?;
+    Ok(())
 }
 
 fn load(

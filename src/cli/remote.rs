@@ -252,6 +252,45 @@ impl ApiClient {
         self.answer(None, self.agent.get(&self.url("/v1/errors")).call())
     }
 
+    /// Streams the node's backup into `out`; `progress` is told the bytes so far.
+    pub fn backup(&self, out: &mut dyn std::io::Write, progress: impl Fn(u64)) -> Result<()> {
+        // No overall timeout: a backup takes as long as the store is large.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        let mut response = agent
+            .get(&self.url("/v1/backup"))
+            .call()
+            .with_context(|| format!("cannot reach the node's API at {}", self.base))?;
+        if response.status().as_u16() != 200 {
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            let value: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+            bail!(
+                "{}",
+                value
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("the node refused the backup")
+            );
+        }
+        let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let read = std::io::Read::read(&mut reader, &mut buffer)
+                .context("the backup stream broke off")?;
+            if read == 0 {
+                break;
+            }
+            out.write_all(&buffer[..read])?;
+            total += read as u64;
+            progress(total);
+        }
+        Ok(())
+    }
+
     pub fn refused(&self) -> Result<Value> {
         self.answer(None, self.agent.get(&self.url("/v1/refused")).call())
     }

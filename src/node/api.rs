@@ -11,7 +11,7 @@
 //! "value": V}`, `GET /v1/status`, `GET /v1/errors` (rows the adapters
 //! quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found), 413 (a body or a write over its limit: nothing was stored), 503 (the node
-//! cannot keep up just now; `Retry-After` says when to try again) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
+//! cannot keep up just now; `Retry-After` says when to try again) 507 (the disk is full: writes resume by themselves once it has room) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
 
@@ -134,6 +134,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/v1/refused", get(refused))
+        .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(turns, take_turns))
@@ -215,6 +216,14 @@ impl From<NodeError> for ApiError {
             | NodeError::UnknownVersion { .. }
             | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
                 StatusCode::BAD_REQUEST
+            }
+            NodeError::Store(StoreError::DiskFull(_) | StoreError::Closed) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            NodeError::Store(StoreError::Backend(sled::Error::Io(io)))
+                if super::disk::is_disk_full(io) =>
+            {
+                StatusCode::INSUFFICIENT_STORAGE
             }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -565,6 +574,100 @@ async fn refused(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiEr
             .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
             .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
     Ok(Json(json!({ "refused": refused })))
+}
+
+/// Backups streamed at once: each reads the whole store.
+pub const BACKUPS_AT_ONCE: usize = 1;
+/// Chunks of a backup between the store and the connection, at most, and their size: a
+/// backup of any store holds about a MiB in memory.
+const BACKUP_CHUNKS_IN_FLIGHT: usize = 16;
+const BACKUP_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Hands what is written to it on to a bounded channel, in chunks; fails once the receiver
+/// is gone (the client went away), which stops the backup.
+struct ChunkWriter {
+    chunk: Vec<u8>,
+    sender: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(BACKUP_CHUNK_BYTES));
+        self.sender
+            .blocking_send(Ok(bytes::Bytes::from(chunk)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.chunk.extend_from_slice(bytes);
+        if self.chunk.len() >= BACKUP_CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// The receiving end of a backup's chunks, as a body stream.
+struct ChunkStream(tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>);
+
+impl futures_core::Stream for ChunkStream {
+    type Item = std::io::Result<bytes::Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(context)
+    }
+}
+
+/// `GET /v1/backup`: the store in the backup format, streamed while the node goes on.
+async fn backup(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let Ok(turn) = shared.backups.clone().try_acquire_owned() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a backup is being taken already".to_owned(),
+        ));
+    };
+    let node = shared.node.clone();
+    let files = super::maintenance::backup_files(node.dir())
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        let mut writer = ChunkWriter {
+            chunk: Vec::with_capacity(BACKUP_CHUNK_BYTES),
+            sender: sender.clone(),
+        };
+        let written = crate::store::backup::write_backup(
+            node.documents().backend(),
+            &files,
+            &mut writer,
+            |_| {},
+        );
+        match written {
+            Ok(records) => tracing::info!(records, "backup streamed"),
+            Err(error) => {
+                tracing::warn!(%error, "backup stopped");
+                // The stream ends in an error, so the client sees the backup is not whole.
+                let _ = sender.blocking_send(Err(std::io::Error::other(error.to_string())));
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(ChunkStream(receiver)),
+    )
+        .into_response())
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -7,6 +7,8 @@
 //! its actor is entered in the actor registry (`_actors`), which replicates like any record.
 
 pub mod api;
+pub mod disk;
+pub mod maintenance;
 pub mod runtime;
 
 use std::collections::HashMap;
@@ -57,6 +59,15 @@ pub enum NodeError {
     Random(getrandom::Error),
     #[error("the store in {path} is in use by another process (is `concord run` serving it?)")]
     Locked { path: PathBuf },
+    #[error(
+        "the store in {path} is damaged ({detail}): `concord recover {dir}` salvages what it \
+         still holds, and its peers send the rest"
+    )]
+    StoreDamaged {
+        path: PathBuf,
+        dir: String,
+        detail: String,
+    },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -257,6 +268,11 @@ pub struct Node {
     id: NodeId,
     docs: DocStore<SledStore>,
     api_actor: ActorId,
+    /// The disk under the data dir.
+    disk: disk::Disk,
+    /// The store was opened with its disk short of room (its reserve given up): it is opened
+    /// again before writes resume.
+    opened_short_of_room: std::sync::atomic::AtomicBool,
     /// The conflict policies of `config`, ready to resolve reads with.
     policies: crate::policy::Policies,
 }
@@ -340,7 +356,47 @@ impl Node {
                 message: error.to_string(),
             })?;
         let store_path = dir.join(STORE_DIR);
-        let backend = open_store(&store_path, config.store.page_cache_mib * 1024 * 1024)?;
+        let damaged = |detail: String| NodeError::StoreDamaged {
+            path: store_path.clone(),
+            dir: dir.display().to_string(),
+            detail,
+        };
+        // sled panics on some damaged files instead of failing.
+        let cache_bytes = config.store.page_cache_mib * 1024 * 1024;
+        let disk = disk::Disk::new(dir);
+        // sled writes as it opens (a snapshot of its page table), and a write cut short by a
+        // full disk leaves that snapshot unreadable: on a nearly full disk the reserve makes
+        // room first, so that the node opens and serves reads.
+        let short_of_room = disk.check().is_ok_and(|state| state.refusal().is_some());
+        if short_of_room && disk.release() {
+            tracing::warn!("the disk is nearly full: its reserve was given up to open the store");
+        }
+        let open_on_disk = || match open_store(&store_path, cache_bytes) {
+            // sled writes as it opens: on a full disk the reserve makes room for it, so that
+            // the node serves reads.
+            Err(NodeError::Store(StoreError::Backend(sled::Error::Io(error))))
+                if disk::is_disk_full(&error) && disk.release() =>
+            {
+                tracing::warn!("the disk is full: its reserve was given up to open the store");
+                open_store(&store_path, cache_bytes)
+            }
+            other => other,
+        };
+        let backend = std::panic::catch_unwind(open_on_disk)
+            .map_err(|panic| {
+                let detail = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "sled panicked opening it".to_owned());
+                damaged(detail)
+            })?
+            .map_err(|error| match error {
+                NodeError::Store(StoreError::Backend(sled::Error::Corruption { .. })) => {
+                    damaged(error.to_string())
+                }
+                other => other,
+            })?;
         crate::files::restrict_tree(&store_path).map_err(io_error(&store_path))?;
         let store_config = DocStoreConfig {
             cache_documents: NonZeroUsize::new(config.store.cache_documents)
@@ -353,15 +409,27 @@ impl Node {
         if incarnation == crate::store::Incarnation::Created {
             tracing::info!(node = %id, %writer, "a new store: its changes are written under a new writer");
         }
-        let docs = DocStore::open(backend, writer, store_config)?;
+        let docs = DocStore::open(backend, writer, store_config).map_err(|error| match error {
+            StoreError::Corrupt(_) | StoreError::Backend(sled::Error::Corruption { .. }) => {
+                damaged(error.to_string())
+            }
+            other => other.into(),
+        })?;
         let api_actor = Self::register_source(&docs, &config, id, API_SOURCE)?;
         let policies = crate::policy::Policies::from_config(&config.policies)?;
+        // Writes wait while the disk is nearly full; reads go on.
+        if let Ok(state) = disk.check() {
+            docs.refuse_writes(state.refusal());
+            docs.set_room(state.room());
+        }
         Ok(Self {
             dir: dir.to_owned(),
             config,
             id,
             docs,
             api_actor,
+            disk,
+            opened_short_of_room: std::sync::atomic::AtomicBool::new(short_of_room),
             policies,
         })
     }
@@ -446,6 +514,23 @@ impl Node {
             Self::register_source(&self.docs, &self.config, self.id, &source)?;
         }
         Ok(fresh)
+    }
+
+    /// The disk under the data dir.
+    pub fn disk(&self) -> &disk::Disk {
+        &self.disk
+    }
+
+    /// Whether the store was opened with its disk short of room, and not opened again since.
+    pub fn opened_short_of_room(&self) -> bool {
+        self.opened_short_of_room
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The store was opened again with room on its disk.
+    pub fn note_room_again(&self) {
+        self.opened_short_of_room
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The conflict policies reads are resolved by.

@@ -49,6 +49,11 @@ pub const OWN_BACKLOG_LET_GO: u64 = 5 * OWN_BACKLOG_CHANGES_MAX;
 pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// How often `run` checks that the engine task and the bindings are alive.
 const WATCHDOG_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the disk's free space is checked.
+const DISK_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the disk watch looks whether to stop, and how long shutdown waits for it.
+const DISK_WATCH_STOP_POLL: Duration = Duration::from_millis(50);
+const DISK_WATCH_STOP_WAIT: Duration = Duration::from_secs(5);
 
 const _: () =
     assert!(ENGINE_QUEUE_CALM < ENGINE_QUEUE_BUSY && ENGINE_QUEUE_BUSY < ENGINE_QUEUE_EVENTS);
@@ -106,6 +111,10 @@ pub struct Status {
     pub overloaded: Option<String>,
     /// Writes refused with 503 since start, because the node could not keep up.
     pub writes_refused: u64,
+    /// Why the node is degraded (its disk is full, or a write to its store failed), if it is:
+    /// writes are refused with 507 meanwhile, and resume by themselves.
+    pub degraded: Option<String>,
+    pub disk_free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +155,8 @@ pub struct EngineStats {
     /// Engine steps that failed (store errors), and the last error.
     pub step_errors: u64,
     pub last_error: Option<String>,
+    /// Connections this node's engine closed (malformed messages, handshakes not finished).
+    pub disconnects: u64,
     /// `conflicts` by collection and by the policy that resolves them; what the counted
     /// fields do not cover is under collection and policy `_other`.
     pub conflicts_by_policy: Vec<ConflictCount>,
@@ -205,6 +216,7 @@ impl EngineStats {
             requests_dropped: stats.requests_dropped,
             changes_unsendable: stats.changes_unsendable,
             step_errors: driver.step_errors,
+            disconnects: driver.disconnects,
             last_error: driver.last_error.clone(),
             changes_sent: stats.changes_sent,
             changes_received: stats.changes_received,
@@ -237,6 +249,10 @@ pub struct Shared {
     pub started: Instant,
     /// The status of each adapter binding, kept up to date by its thread.
     pub bindings: Vec<Arc<Mutex<crate::adapters::BindingStatus>>>,
+    /// Backups streamed at once (`GET /v1/backup`): each reads the whole store.
+    pub backups: Arc<tokio::sync::Semaphore>,
+    /// Free bytes on the data dir's disk, as last checked.
+    pub disk_free_bytes: AtomicU64,
 }
 
 /// Notices kept for slow subscribers of applied changes.
@@ -278,6 +294,7 @@ pub async fn run(
                 if let Some(failure) = running.failure() {
                     break Some(failure);
                 }
+
             }
         }
     };
@@ -291,9 +308,105 @@ pub async fn run(
     }
 }
 
+/// Refuses writes while the disk is nearly full, and once it has room again opens the store
+/// anew if a write to it failed meanwhile (sled refuses writes until then), under a new writer:
+/// a change of its own log may have been written and lost at a place it writes again.
+///
+/// It runs on a thread of its own: sled can block in a write on a disk that filled, and the
+/// node's shutdown and watchdog must not wait on that.
+fn watch_disk(shared: &Shared) {
+    let node = &shared.node;
+    let docs = node.documents();
+    let refusal = match node.disk().check() {
+        Ok(state) => {
+            shared
+                .disk_free_bytes
+                .store(state.free_bytes, Ordering::Relaxed);
+            docs.set_room(state.room());
+            state.refusal()
+        }
+        Err(error) => Some(format!("the disk's free space cannot be read: {error}")),
+    };
+    let was_refused = docs.write_refusal().is_some();
+    match (&refusal, was_refused) {
+        (Some(reason), false) => {
+            tracing::warn!("{reason}");
+            docs.refuse_writes(refusal.clone());
+        }
+        (Some(_), true) => docs.refuse_writes(refusal.clone()),
+        (None, _) => {
+            // Room again. sled may have failed a write of its own meanwhile, or the store was
+            // opened short of room: opened anew before any write is let through, so that no
+            // write meets a store that cannot make it durable.
+            if was_refused || docs.failed() || node.opened_short_of_room() {
+                if let Err(error) = docs.reopen() {
+                    tracing::error!(%error, "the store could not be opened again");
+                    return;
+                }
+                node.note_room_again();
+                docs.refuse_writes(None);
+                if let Err(error) =
+                    node.new_incarnation("the store was opened again after its disk was full")
+                {
+                    // Writes wait until the next check tries again.
+                    tracing::error!(%error, "could not take a new writer");
+                    docs.refuse_writes(Some(format!(
+                        "the store could not take a new writer: {error}"
+                    )));
+                    return;
+                }
+                tracing::info!("the disk has room again: writes resume");
+            }
+            docs.refuse_writes(None);
+        }
+    }
+}
+
+/// Checks the disk every [`DISK_CHECK_INTERVAL`] on a thread of its own until `stop` is set.
+fn spawn_disk_watch(
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let spawned = std::thread::Builder::new()
+        .name("concord-disk".to_owned())
+        .spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Acquire) {
+                if Instant::now() >= next {
+                    watch_disk(&shared);
+                    next = Instant::now() + DISK_CHECK_INTERVAL;
+                }
+                std::thread::sleep(DISK_WATCH_STOP_POLL);
+            }
+        });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            tracing::error!(%error, "the disk watch could not start");
+            None
+        }
+    }
+}
+
+/// Why the node is degraded now (writes refused, or its store failed a write), if it is.
+pub fn degraded(shared: &Shared) -> Option<String> {
+    let docs = shared.node.documents();
+    docs.write_refusal()
+        .or_else(|| docs.room_exhausted())
+        .or_else(|| {
+            docs.failed().then(|| {
+                "a write to the store's disk failed: writes resume once the disk has room"
+                    .to_owned()
+            })
+        })
+}
+
 /// A started node: its shared handles, and what [`Running::stop`] needs.
 pub struct Running {
     pub shared: Arc<Shared>,
+    /// Set to stop the disk watch thread.
+    stop_disk_watch: Arc<AtomicBool>,
+    disk_watch: Option<std::thread::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     engine_task: tokio::task::JoinHandle<()>,
     stop_engine: Option<tokio::sync::oneshot::Sender<()>>,
@@ -361,6 +474,8 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
             ..Status::default()
         }),
         local_writes,
+        backups: Arc::new(tokio::sync::Semaphore::new(super::api::BACKUPS_AT_ONCE)),
+        disk_free_bytes: AtomicU64::new(0),
         overloaded: AtomicBool::new(false),
         engine_alive: AtomicBool::new(true),
         writes_refused: AtomicU64::new(0),
@@ -401,8 +516,12 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         }
     });
 
+    let stop_disk_watch = Arc::new(AtomicBool::new(false));
+    let disk_watch = spawn_disk_watch(shared.clone(), stop_disk_watch.clone());
     Ok(Running {
         shared,
+        stop_disk_watch,
+        disk_watch,
         tasks,
         engine_task,
         stop_engine: Some(stop_engine),
@@ -446,6 +565,8 @@ impl Running {
     pub async fn stop(self) -> Result<(), NodeError> {
         let Running {
             shared,
+            stop_disk_watch,
+            disk_watch,
             tasks,
             engine_task,
             stop_engine,
@@ -453,6 +574,17 @@ impl Running {
             stop_api,
             bindings,
         } = self;
+        stop_disk_watch.store(true, Ordering::Release);
+        if let Some(disk_watch) = disk_watch {
+            // It holds the node: the store stays open until it is gone.
+            let deadline = Instant::now() + DISK_WATCH_STOP_WAIT;
+            while !disk_watch.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(DISK_WATCH_STOP_POLL).await;
+            }
+            if !disk_watch.is_finished() {
+                tracing::warn!("the disk watch did not stop in time");
+            }
+        }
         for binding in bindings {
             tokio::task::block_in_place(|| binding.stop());
         }
@@ -511,6 +643,11 @@ async fn drive_engine(
     let node = shared.node.clone();
     let mut backlog = Backlog::default();
     loop {
+        // The store may have taken a new writer outside this task (it was opened again).
+        let writer = node.writer();
+        if writer != driver.engine().writer() {
+            tokio::task::block_in_place(|| driver.set_writer(writer, node.documents()));
+        }
         let now = shared.started.elapsed();
         let deadline = driver
             .poll_timeout()
@@ -768,6 +905,8 @@ impl Shared {
                     .clone()
             })
             .collect();
+        status.degraded = degraded(self);
+        status.disk_free_bytes = self.disk_free_bytes.load(Ordering::Relaxed);
         status
     }
 }
@@ -825,6 +964,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_frames_overflowed_total",
             "Frames refused by a full connection queue (a bug; the connection is closed).",
             relaxed(&stats.frames_overflowed),
+        ),
+        (
+            "concord_peer_disconnects_total",
+            "Connections the engine closed: malformed messages, handshakes not finished in time.",
+            engine.disconnects,
         ),
         (
             "concord_engine_step_errors_total",
@@ -945,6 +1089,16 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_changes_refused_total{{reason=\"{reason}\"}} {count}\n"
         ));
     }
+    text.push_str("# HELP concord_degraded 1 while writes are refused because the disk is full or a write to the store failed.\n# TYPE concord_degraded gauge\n");
+    text.push_str(&format!(
+        "concord_degraded {}\n",
+        u8::from(status.degraded.is_some())
+    ));
+    text.push_str("# HELP concord_disk_free_bytes Free bytes on the data dir's disk, as last checked.\n# TYPE concord_disk_free_bytes gauge\n");
+    text.push_str(&format!(
+        "concord_disk_free_bytes {}\n",
+        status.disk_free_bytes
+    ));
     let (cached, cached_bytes) = shared.node.documents().cache_usage();
     text.push_str("# HELP concord_document_cache_documents Documents held loaded.\n# TYPE concord_document_cache_documents gauge\n");
     text.push_str(&format!("concord_document_cache_documents {cached}\n"));

@@ -258,7 +258,17 @@ pub struct DocStore<S: Store> {
     group_commit: GroupCommit,
     /// Source and site names of this node's writers, stamped on their changes.
     writers: Mutex<std::collections::HashMap<ActorId, (String, String)>>,
+    /// Why every write is refused now (the disk is nearly full), if it is.
+    write_refusal: Mutex<Option<String>>,
+    /// Bytes writes may still take on disk before they are refused, as the disk was last
+    /// measured ([`DocStore::set_room`]); unbounded until then.
+    room: std::sync::atomic::AtomicI64,
 }
+
+/// What a batch is taken to cost on disk, per byte of its keys and values: sled writes each
+/// to its log, then again when it compacts.
+const DISK_BYTES_PER_BATCH_BYTE: i64 = 2;
+const ROOM_EXHAUSTED: &str = "the disk is full: writes resume by themselves once there is room";
 
 /// Edits to many documents, committed as one atomic batch. Holds the store's lock.
 pub struct WriteSession<'a, S: Store> {
@@ -325,34 +335,89 @@ impl<S: Store> DocStore<S> {
                 store.flush()?;
             }
         }
-        // The log says where this node's sequence continues and how much of every origin is
-        // held; no counter is rewritten on every write.
-        let origins = scan_origins(&store)?;
-        let (digest, live_records) = scan_documents(&store)?;
-        let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&node))? {
-            Some((key, _)) => layout::log_sequence(&key)? + 1,
-            None => 1,
-        };
-        let writers = Writers::load(&store, node)?;
-        let (refused, reissues) = super::refused::scan(&store)?;
+        let inner = scan_inner(&store, node, &config)?;
         Ok(Self {
             store,
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
-            inner: Mutex::new(Inner {
-                writers,
-                cache: DocCache::new(config.cache_documents, config.cache_bytes),
-                next_log_sequence,
-                origins,
-                digest,
-                live_records,
-                refused,
-                reissues,
-            }),
+            inner: Mutex::new(inner),
             config,
             group_commit: GroupCommit::default(),
             writers: Mutex::new(std::collections::HashMap::new()),
+            write_refusal: Mutex::new(None),
+            room: std::sync::atomic::AtomicI64::new(i64::MAX),
         })
+    }
+
+    /// Opens the store again (after a write to disk failed, sled refuses writes from then on)
+    /// and reads back what it holds: what was applied and never made durable is gone, as after
+    /// a crash, and no write that was acknowledged is among it. The caller gives the store a
+    /// new writer afterwards, since a change of its own log may have been written and lost at
+    /// a place it now writes again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut inner = self.inner();
+        self.store.reopen()?;
+        let writer = inner.writers.current;
+        *inner = scan_inner(&self.store, writer, &self.config)?;
+        self.group_commit.forget_undurable();
+        Ok(())
+    }
+
+    /// Whether a write to disk failed: writes fail until [`DocStore::reopen`].
+    pub fn failed(&self) -> bool {
+        self.store.failed()
+    }
+
+    /// Refuses every write with `reason` (the disk is nearly full), or accepts them again.
+    pub fn refuse_writes(&self, reason: Option<String>) {
+        *self
+            .write_refusal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reason;
+    }
+
+    /// Sets the bytes writes may take on disk from now on before they are refused (the disk's
+    /// free space less its reserve), so that between two measurements writes cannot run the
+    /// disk dry.
+    pub fn set_room(&self, bytes: u64) {
+        self.room.store(
+            i64::try_from(bytes).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// Takes `bytes` of batch from the room writes have; refuses them if there is none.
+    fn take_room(&self, bytes: usize) -> Result<(), StoreError> {
+        let cost = i64::try_from(bytes)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(DISK_BYTES_PER_BATCH_BYTE);
+        let left = self
+            .room
+            .fetch_sub(cost, std::sync::atomic::Ordering::AcqRel);
+        if left == i64::MAX {
+            self.room
+                .store(i64::MAX, std::sync::atomic::Ordering::Release);
+            return Ok(());
+        }
+        if left < cost {
+            return Err(StoreError::DiskFull(ROOM_EXHAUSTED.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Why writes wait for the disk to be measured again, if they do: they took all the room
+    /// it had when last measured.
+    pub fn room_exhausted(&self) -> Option<String> {
+        (self.room.load(std::sync::atomic::Ordering::Acquire) <= 0)
+            .then(|| ROOM_EXHAUSTED.to_owned())
+    }
+
+    /// Why writes are refused now, if they are.
+    pub fn write_refusal(&self) -> Option<String> {
+        self.write_refusal
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The writer this store writes under now: the origin of its own log (see
@@ -686,39 +751,77 @@ impl<S: Store> DocStore<S> {
             return Ok(Loaded::empty());
         };
         let stored: StoredDoc = layout::decode("document", &bytes)?;
-        let corrupt = |what: String| {
-            StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)))
-        };
-        let mut doc = match &stored.snapshot {
-            Snapshot::None => Automerge::new(),
-            Snapshot::Inline(snapshot) => {
-                Automerge::load(snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
-            }
-            Snapshot::External => {
-                let snapshot = self
-                    .store
-                    .get(&layout::snapshot_key(doc_key))?
-                    .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
-                Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
-            }
-        };
-        let changes = stored
-            .changes
-            .iter()
-            .map(|bytes| {
-                Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        doc.apply_changes(changes)
-            .map_err(|e| corrupt(format!("applying changes: {e}")))?;
+        let (doc, heads_match) = load_document(&self.store, doc_key, &stored)?;
         // Check after reading back: the document must be exactly what was recorded.
-        let mut heads = doc.get_heads();
-        heads.sort_unstable();
-        if heads != stored.change_hashes() {
-            return Err(corrupt("its heads do not match its changes".to_owned()));
+        if !heads_match {
+            return Err(StoreError::Corrupt(format!(
+                "{}: its heads do not match its changes",
+                String::from_utf8_lossy(doc_key)
+            )));
         }
         Ok(Loaded { doc, stored })
     }
+}
+
+/// The document `stored` describes, from its snapshot and appended changes; and whether its
+/// heads are the ones recorded.
+pub(super) fn load_document<S: Store>(
+    store: &S,
+    doc_key: &[u8],
+    stored: &StoredDoc,
+) -> Result<(Automerge, bool), StoreError> {
+    let corrupt =
+        |what: String| StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)));
+    let mut doc = match &stored.snapshot {
+        Snapshot::None => Automerge::new(),
+        Snapshot::Inline(snapshot) => {
+            Automerge::load(snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+        }
+        Snapshot::External => {
+            let snapshot = store
+                .get(&layout::snapshot_key(doc_key))?
+                .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
+            Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+        }
+    };
+    let changes = stored
+        .changes
+        .iter()
+        .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    doc.apply_changes(changes)
+        .map_err(|e| corrupt(format!("applying changes: {e}")))?;
+    let mut heads = doc.get_heads();
+    heads.sort_unstable();
+    Ok((doc, heads == stored.change_hashes()))
+}
+
+/// What a store holds, read back into the state a [`DocStore`] keeps in memory. The log says
+/// where the writer's sequence continues and how much of every origin is held; no counter is
+/// rewritten on every write.
+fn scan_inner<S: Store>(
+    store: &S,
+    writer: NodeId,
+    config: &DocStoreConfig,
+) -> Result<Inner, StoreError> {
+    let origins = scan_origins(store)?;
+    let (digest, live_records) = scan_documents(store)?;
+    let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&writer))? {
+        Some((key, _)) => layout::log_sequence(&key)? + 1,
+        None => 1,
+    };
+    let writers = Writers::load(store, writer)?;
+    let (refused, reissues) = super::refused::scan(store)?;
+    Ok(Inner {
+        writers,
+        cache: DocCache::new(config.cache_documents, config.cache_bytes),
+        next_log_sequence,
+        origins,
+        digest,
+        live_records,
+        refused,
+        reissues,
+    })
 }
 
 /// Calls `visit` with every entry whose key starts with `prefix`, in key order, one page of
@@ -1097,6 +1200,10 @@ impl<S: Store> WriteSession<'_, S> {
         let ticket = if batch.is_empty() {
             None
         } else {
+            if let Some(reason) = self.docs.write_refusal() {
+                return Err(StoreError::DiskFull(reason));
+            }
+            self.docs.take_room(batch.bytes())?;
             self.docs.store.apply(batch)?;
             self.inner.next_log_sequence = self.next_log_sequence;
             for (origin, sequence) in std::mem::take(&mut self.places) {

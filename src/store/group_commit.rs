@@ -15,6 +15,8 @@ struct State {
     written: u64,
     /// Every ticket up to this one is durable.
     durable: u64,
+    /// Tickets up to this one that were not durable when the store was opened again are lost.
+    lost: u64,
     flushing: bool,
 }
 
@@ -43,6 +45,14 @@ impl GroupCommit {
         self.state().written
     }
 
+    /// Forgets the batches applied and never made durable (the store lost them when it was
+    /// opened again): their writers were told of the failure already.
+    pub fn forget_undurable(&self) {
+        let mut state = self.state();
+        state.lost = state.written;
+        self.flushed.notify_all();
+    }
+
     /// Returns once `ticket` is durable, running `flush` if nobody else is.
     pub fn wait_durable(
         &self,
@@ -53,6 +63,9 @@ impl GroupCommit {
         loop {
             if state.durable >= ticket {
                 return Ok(());
+            }
+            if state.lost >= ticket {
+                return Err(StoreError::Closed);
             }
             if state.flushing {
                 state = self
@@ -67,7 +80,7 @@ impl GroupCommit {
             let result = flush();
             state = self.state();
             state.flushing = false;
-            if result.is_ok() {
+            if result.is_ok() && state.lost < target {
                 state.durable = state.durable.max(target);
             }
             self.flushed.notify_all();

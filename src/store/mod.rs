@@ -15,6 +15,7 @@
 //!   applied before it survives a crash (sled's contract, kept by `MemoryStore` too);
 //! - a document read back from disk is checked against its recorded heads.
 
+pub mod backup;
 mod collision;
 pub mod digest;
 mod documents;
@@ -24,6 +25,7 @@ pub mod layout;
 mod memory;
 mod refused;
 mod replication;
+pub mod salvage;
 mod sled_store;
 
 pub use documents::{
@@ -70,6 +72,14 @@ impl Batch {
         self.operations.len()
     }
 
+    /// Bytes of the keys and values it writes.
+    pub fn bytes(&self) -> usize {
+        self.operations
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum()
+    }
+
     pub fn into_operations(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         self.operations
     }
@@ -99,6 +109,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Bytes the store occupies on disk (0 for memory).
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// Whether a write to disk failed, after which the store refuses writes until it is
+    /// opened again ([`Store::reopen`]).
+    fn failed(&self) -> bool {
+        false
+    }
+
+    /// Opens the store again from what is durable: what was applied and never flushed is lost,
+    /// as in a crash. For a store whose disk had space freed after it filled.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Why a store operation failed.
@@ -108,6 +130,10 @@ pub enum StoreError {
     Backend(#[from] sled::Error),
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    #[error("the store is closed (it is being opened again after a write failed)")]
+    Closed,
+    #[error("{0}")]
+    DiskFull(String),
     #[error(transparent)]
     Record(#[from] RecordError),
     #[error("not an Automerge document: {0}")]

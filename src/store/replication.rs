@@ -477,6 +477,8 @@ impl<S: Store> DocStore<S> {
         }
         let mut new = Vec::with_capacity(applied.len());
         for (logged, change) in &applied {
+            // A change new here under this store's own writer was written by another store.
+            self.note_own_writer(session, change, report);
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,

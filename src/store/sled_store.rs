@@ -3,8 +3,15 @@
 //! One tree, so that a batch touching a document, its heads, its changes and the log is one
 //! `apply_batch`, which sled applies atomically. sled's guarantee is the one the store passes
 //! on: if `flush` succeeds, all previous writes will be recovered after a crash.
+//!
+//! sled refuses every write for good once one of its writes to disk failed (a full disk, most
+//! often), though reads go on. [`SledStore::reopen`] drops the database and opens it again
+//! from what is durable, so that a node whose disk had space freed writes again without a
+//! restart; what was applied and never flushed is gone then, as after a crash.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use super::{Batch, KeyValue, Store, StoreError};
 
@@ -12,24 +19,74 @@ use super::{Batch, KeyValue, Store, StoreError};
 pub const PAGE_CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 pub struct SledStore {
-    db: sled::Db,
+    path: PathBuf,
+    cache_bytes: u64,
+    /// `None` only between closing and opening again in [`SledStore::reopen`].
+    db: RwLock<Option<sled::Db>>,
+    /// A write to disk failed: sled refuses writes until the database is opened again.
+    failed: AtomicBool,
+}
+
+fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    Ok(sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::HighThroughput)
+        .open()?)
 }
 
 impl SledStore {
     /// Opens (creating if needed) the store in `path`, with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
-        Ok(Self { db })
+        let db = open_db(path, cache_bytes)?;
+        Ok(Self {
+            path: path.to_owned(),
+            cache_bytes,
+            db: RwLock::new(Some(db)),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    fn db(&self) -> Result<RwLockReadGuard<'_, Option<sled::Db>>, StoreError> {
+        let guard = self
+            .db
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed);
+        }
+        Ok(guard)
+    }
+
+    /// Once a write failed, sled's own writes may block for good (waiting on a buffer that
+    /// never reaches the disk): later writes fail at once instead, until the store is opened
+    /// again.
+    fn refuse_if_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StoreError::DiskFull(
+                "a write to the store's disk failed: writes resume once the disk has room"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Notes a write error: sled refuses every later write once one failed on disk.
+    fn written<T>(&self, result: sled::Result<T>) -> Result<T, StoreError> {
+        result.map_err(|error| {
+            if matches!(error, sled::Error::Io(_)) {
+                self.failed.store(true, Ordering::Release);
+            }
+            error.into()
+        })
     }
 }
 
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get(key)?.map(|value| value.to_vec()))
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
+        Ok(db.get(key)?.map(|value| value.to_vec()))
     }
 
     fn scan_prefix(
@@ -38,12 +95,14 @@ impl Store for SledStore {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
         let mut entries = Vec::new();
         let iter = match after {
-            Some(after) => self
-                .db
-                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
-            None => self.db.range::<&[u8], _>(prefix..),
+            Some(after) => {
+                db.range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            }
+            None => db.range::<&[u8], _>(prefix..),
         };
         for entry in iter {
             let (key, value) = entry?;
@@ -56,7 +115,9 @@ impl Store for SledStore {
     }
 
     fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        match self.db.scan_prefix(prefix).next_back() {
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
+        match db.scan_prefix(prefix).next_back() {
             Some(entry) => {
                 let (key, value) = entry?;
                 Ok(Some((key.to_vec(), value.to_vec())))
@@ -66,6 +127,7 @@ impl Store for SledStore {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        self.refuse_if_failed()?;
         let mut sled_batch = sled::Batch::default();
         for (key, value) in batch.into_operations() {
             match value {
@@ -73,16 +135,38 @@ impl Store for SledStore {
                 None => sled_batch.remove(key),
             }
         }
-        self.db.apply_batch(sled_batch)?;
-        Ok(())
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
+        self.written(db.apply_batch(sled_batch))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.refuse_if_failed()?;
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
+        self.written(db.flush()).map(|_| ())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
+        let db = self.db()?;
+        let db = db.as_ref().expect("checked by db()");
+        Ok(db.size_on_disk()?)
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self
+            .db
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Closed first: sled locks its files while open.
+        drop(db.take());
+        let opened = open_db(&self.path, self.cache_bytes)?;
+        *db = Some(opened);
+        self.failed.store(false, Ordering::Release);
+        Ok(())
     }
 }

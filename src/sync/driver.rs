@@ -108,6 +108,9 @@ pub struct DriverStats {
     pub local_changes: u64,
     /// Frames the engine produced that could not be encoded (a bug; the peer is closed).
     pub frames_unencodable: u64,
+    /// Connections the engine closed (a malformed message, a handshake not finished in time,
+    /// a second hello): never for a change refused by the rule for colliding changes.
+    pub disconnects: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -350,6 +353,7 @@ impl Driver {
                 for action in actions {
                     match action {
                         Action::Disconnect(peer, goodbye) => {
+                            self.stats.disconnects += 1;
                             if let Some(link) = self.links.remove(&peer) {
                                 outputs.push(Output::Disconnect {
                                     peer,

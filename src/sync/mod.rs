@@ -382,6 +382,10 @@ impl Engine {
     /// told (version 3).
     pub fn set_writer(&mut self, writer: NodeId, replica: &impl Replica) {
         assert!(writer != self.config.writer, "a new writer differs");
+        // What the old writer wrote beyond what was durable never left, and may be lost (the
+        // store was opened again): it must not leave now that it is an origin like others.
+        self.recent
+            .forget_after(&self.config.writer, self.own_durable);
         self.config.writer = writer;
         self.superseded = None;
         self.own_durable = 0;

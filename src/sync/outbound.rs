@@ -169,6 +169,24 @@ impl RecentChanges {
     fn get(&self, origin: &NodeId, sequence: u64) -> Option<&LoggedChange> {
         self.changes.get(&(*origin, sequence))
     }
+
+    /// Forgets `origin`'s changes after `sequence`: they never became durable here.
+    pub(crate) fn forget_after(&mut self, origin: &NodeId, sequence: u64) {
+        let forgotten: Vec<(NodeId, u64)> = self
+            .changes
+            .range((*origin, sequence + 1)..=(*origin, u64::MAX))
+            .map(|(place, _)| *place)
+            .collect();
+        for place in &forgotten {
+            if let Some(change) = self.changes.remove(place) {
+                self.bytes -= change.change.len() + change.doc_key.len();
+            }
+        }
+        if !forgotten.is_empty() {
+            self.order.retain(|place| self.changes.contains_key(place));
+        }
+        assert!(self.changes.len() == self.order.len());
+    }
 }
 
 fn shipped(change: &LoggedChange) -> ShippedChange {

@@ -1,0 +1,533 @@
+//! Backup, restore and recovery of a node's store: what an operator does after a disk dies.
+//!
+//! - [`backup`] copies a stopped node's store, and `GET /v1/backup` a running one's, in the
+//!   backup format ([`crate::store::backup`]), with the node's `node.id` and `concord.toml`
+//!   (not its TLS key: a restore onto a new disk issues a new certificate from the CA).
+//! - [`restore`] brings a backup back into a data dir as a new incarnation: the copy is
+//!   checked and mended ([`crate::store::salvage`]), the store takes a new writer, and the
+//!   node catches up from its peers what was written after the backup, its own writes among
+//!   them.
+//! - [`recover`] salvages what a damaged store still holds: sled may refuse, panic or hang on a
+//!   damaged file, so the copy runs in a child process ([`salvage_copy`], reading each part of
+//!   the key space forward, then backward from its end, so one bad page costs only the keys
+//!   in it), watched and stopped if it makes no progress; what it copied is checked and
+//!   mended, takes a new writer, and replaces the damaged store, kept aside.
+//!
+//! Guarantees: nothing replaces a store until its replacement is whole and checked; the store
+//! replaced is moved aside, never deleted; a running node's store is never touched.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::{NodeError, NODE_ID_FILE, STORE_DIR, TLS_DIR};
+use crate::config::{Config, CONFIG_FILE};
+use crate::net::tls;
+use crate::record::NodeId;
+use crate::store::backup::{self, BackupError, Record};
+use crate::store::salvage::{self, SalvageReport};
+use crate::store::{layout, Batch, SledStore, Store, StoreError};
+
+/// Store entries written per batch while restoring or salvaging.
+const COPY_BATCH_ENTRIES: usize = 1000;
+/// How long the salvage child may go without copying anything before it is stopped (sled can
+/// loop forever on a damaged file).
+pub const SALVAGE_STALL_MAX: Duration = Duration::from_secs(20);
+/// How long the salvage child may take to open the damaged store (a large store takes a
+/// while to open even when whole).
+pub const SALVAGE_OPEN_MAX: Duration = Duration::from_secs(60);
+/// The key spaces of a store, each salvaged forward and then backward.
+const KEY_SPACES: [u8; 5] = [
+    layout::TAG_META,
+    layout::TAG_DOC,
+    layout::TAG_SNAPSHOT,
+    layout::TAG_LOG,
+    layout::TAG_REFUSED,
+];
+/// Files of a data dir that a backup carries.
+const BACKUP_FILES: [&str; 2] = [NODE_ID_FILE, CONFIG_FILE];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Node(Box<NodeError>),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<NodeError> for MaintenanceError {
+    fn from(error: NodeError) -> Self {
+        Self::Node(Box::new(error))
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MaintenanceError + '_ {
+    move |source| MaintenanceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The files a backup of `dir` carries beside its store.
+pub fn backup_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, MaintenanceError> {
+    BACKUP_FILES
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let contents = std::fs::read(&path).map_err(io(&path))?;
+            Ok(((*name).to_owned(), contents))
+        })
+        .collect()
+}
+
+/// Whether the store in `dir` is locked by a running node (without opening it with sled,
+/// which a damaged store can hang).
+fn store_in_use(dir: &Path) -> Result<bool, MaintenanceError> {
+    let db = dir.join(STORE_DIR).join("db");
+    let file = match std::fs::File::open(&db) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => {
+            return Err(MaintenanceError::Io {
+                path: db,
+                source: error,
+            })
+        }
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(error)) => Err(MaintenanceError::Io {
+            path: db,
+            source: error,
+        }),
+    }
+}
+
+fn refuse_if_running(dir: &Path) -> Result<(), MaintenanceError> {
+    if store_in_use(dir)? {
+        return Err(MaintenanceError::Refused(format!(
+            "the node in {} is running: stop it first (a running node is backed up with \
+             `concord backup` through its API)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes a backup of the stopped node in `dir` to `out`; `progress` is told the bytes
+/// written so far. Returns the records written.
+pub fn backup(
+    dir: &Path,
+    out: impl Write,
+    progress: impl FnMut(u64),
+) -> Result<u64, MaintenanceError> {
+    if !dir.join(CONFIG_FILE).exists() {
+        return Err(NodeError::NotInitialized(dir.to_owned()).into());
+    }
+    let config = Config::load(&dir.join(CONFIG_FILE)).map_err(NodeError::from)?;
+    if store_in_use(dir)? {
+        return Err(MaintenanceError::Refused(format!(
+            "the node in {} is running: a running node is backed up through its API",
+            dir.display()
+        )));
+    }
+    let files = backup_files(dir)?;
+    let store = SledStore::open(
+        &dir.join(STORE_DIR),
+        config.store.page_cache_mib * 1024 * 1024,
+    )?;
+    Ok(backup::write_backup(&store, &files, out, progress)?)
+}
+
+/// What [`restore`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    pub node: String,
+    /// The writer the restored store writes under: a new one.
+    pub writer: String,
+    pub entries: u64,
+    pub checked: SalvageReport,
+    /// Where the store it replaced was kept, if there was one.
+    pub replaced: Option<PathBuf>,
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// The node id a data dir, or a backup's `node.id`, names.
+fn parse_node_id(text: &[u8], what: &Path) -> Result<NodeId, MaintenanceError> {
+    String::from_utf8_lossy(text)
+        .trim()
+        .parse::<NodeId>()
+        .map_err(|error| {
+            NodeError::BadIdentity {
+                path: what.to_owned(),
+                message: error.to_string(),
+            }
+            .into()
+        })
+}
+
+/// Makes `store` whole and checked, under a new writer for `owner`.
+fn check_and_reincarnate(
+    store: &SledStore,
+    owner: NodeId,
+    progress: &mut impl FnMut(&str, u64),
+) -> Result<(SalvageReport, NodeId), MaintenanceError> {
+    let checked = salvage::check_and_mend(store, &mut *progress)?;
+    let writer = NodeId::random().map_err(NodeError::Random)?;
+    crate::store::new_incarnation(store, owner, writer)?;
+    Ok((checked, writer))
+}
+
+/// Brings the backup `file` back into the data dir `dir` as a new incarnation (see the module
+/// doc). An existing data dir must be the same node's, stopped; its store is kept aside, and
+/// only with `replace`. Without a data dir, `ca` issues the node a new certificate.
+pub fn restore(
+    file: &Path,
+    dir: &Path,
+    ca: Option<&Path>,
+    replace: bool,
+    mut progress: impl FnMut(&str, u64),
+) -> Result<RestoreReport, MaintenanceError> {
+    let existing = dir.join(CONFIG_FILE).exists();
+    let store_path = dir.join(STORE_DIR);
+    if existing {
+        refuse_if_running(dir)?;
+        if store_path.exists() && !replace {
+            return Err(MaintenanceError::Refused(format!(
+                "{} holds a store: pass --replace to put the backup in its place (it is kept \
+                 aside as {STORE_DIR}.replaced-<time>)",
+                dir.display()
+            )));
+        }
+    } else if ca.is_none() {
+        return Err(MaintenanceError::Refused(format!(
+            "{} is not a data dir: pass --ca CA_DIR to restore the node there with a new \
+             certificate, or restore into its data dir",
+            dir.display()
+        )));
+    } else {
+        crate::files::create_private_dir(dir).map_err(io(dir))?;
+    }
+    // Into a store of its own first: nothing replaces the current one until it is whole.
+    let restoring = dir.join(format!("{STORE_DIR}.restoring"));
+    if restoring.exists() {
+        std::fs::remove_dir_all(&restoring).map_err(io(&restoring))?;
+    }
+    let store = SledStore::open(&restoring, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let input = std::fs::File::open(file).map_err(io(file))?;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut batch = Batch::default();
+    let mut entries = 0u64;
+    let outcome = backup::read_backup(
+        std::io::BufReader::with_capacity(1 << 20, input),
+        |_| {},
+        |record| {
+            match record {
+                Record::Entry(key, value) => {
+                    batch.put(key, value);
+                    entries += 1;
+                    if batch.len() >= COPY_BATCH_ENTRIES {
+                        store.apply(std::mem::take(&mut batch))?;
+                    }
+                }
+                Record::File(name, contents) => files.push((name, contents)),
+            }
+            Ok(())
+        },
+        |bytes| progress("bytes read", bytes),
+    );
+    if let Err(error) = outcome {
+        drop(store);
+        let _ = std::fs::remove_dir_all(&restoring);
+        return Err(error.into());
+    }
+    store.apply(batch)?;
+    store.flush()?;
+    let file_named = |name: &str| {
+        files
+            .iter()
+            .find(|(file, _)| file == name)
+            .map(|(_, contents)| contents.clone())
+            .ok_or_else(|| MaintenanceError::Refused(format!("the backup holds no {name}")))
+    };
+    let backed_up = parse_node_id(&file_named(NODE_ID_FILE)?, file)?;
+    if existing {
+        let id_path = dir.join(NODE_ID_FILE);
+        let ours = parse_node_id(&std::fs::read(&id_path).map_err(io(&id_path))?, &id_path)?;
+        if ours != backed_up {
+            return Err(MaintenanceError::Refused(format!(
+                "the backup is of node {backed_up}, and {} is node {ours}",
+                dir.display()
+            )));
+        }
+    } else {
+        let ca = ca.expect("checked above");
+        crate::files::write_private(&dir.join(NODE_ID_FILE), &file_named(NODE_ID_FILE)?)
+            .map_err(io(dir))?;
+        tls::issue_node_certificate(ca, &backed_up, &dir.join(TLS_DIR)).map_err(NodeError::from)?;
+        // The config last: its presence marks a complete data dir.
+        crate::files::write_private(&dir.join(CONFIG_FILE), &file_named(CONFIG_FILE)?)
+            .map_err(io(dir))?;
+    }
+    let (checked, writer) = check_and_reincarnate(&store, backed_up, &mut progress)?;
+    drop(store);
+    let replaced = put_in_place(dir, &restoring, "replaced")?;
+    Ok(RestoreReport {
+        node: backed_up.to_string(),
+        writer: writer.to_string(),
+        entries,
+        checked,
+        replaced,
+    })
+}
+
+/// Moves `dir`'s store aside (as `store.<what>-<time>`) and `new` into its place.
+fn put_in_place(dir: &Path, new: &Path, what: &str) -> Result<Option<PathBuf>, MaintenanceError> {
+    let store_path = dir.join(STORE_DIR);
+    let aside = if store_path.exists() {
+        let aside = dir.join(format!("{STORE_DIR}.{what}-{}", unix_seconds()));
+        std::fs::rename(&store_path, &aside).map_err(io(&store_path))?;
+        Some(aside)
+    } else {
+        None
+    };
+    std::fs::rename(new, &store_path).map_err(io(new))?;
+    crate::files::restrict_tree(&store_path).map_err(io(&store_path))?;
+    Ok(aside)
+}
+
+/// What [`salvage_copy`] copied.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CopyReport {
+    pub entries: u64,
+    /// Key spaces whose reading stopped at a damaged part.
+    pub damaged_spaces: u64,
+}
+
+/// Copies every key of the (possibly damaged) store `from` that still reads into the new store
+/// `to`: each key space forward until an error, then backward from its end down to where the
+/// forward pass stopped. Flushes as it goes, so whatever it copied before a panic or a hang
+/// survives. Prints `copied N` lines to `out` as it makes progress. Meant for a child process
+/// (see [`recover`]).
+pub fn salvage_copy(
+    from: &Path,
+    to: &Path,
+    mut out: impl Write,
+) -> Result<CopyReport, MaintenanceError> {
+    let target = SledStore::open(to, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let source = sled::Config::new()
+        .path(from)
+        .open()
+        .map_err(StoreError::from)?;
+    let _ = writeln!(out, "opened");
+    let _ = out.flush();
+    let mut report = CopyReport::default();
+    let mut batch = Batch::default();
+    let flush_batch = |batch: &mut Batch, report: &CopyReport, out: &mut dyn Write| {
+        target.apply(std::mem::take(batch))?;
+        target.flush()?;
+        let _ = writeln!(out, "copied {}", report.entries);
+        let _ = out.flush();
+        Ok::<(), MaintenanceError>(())
+    };
+    for tag in KEY_SPACES {
+        let start = [tag];
+        let end = [tag + 1];
+        let mut last_forward: Option<Vec<u8>> = None;
+        let mut damaged = false;
+        for entry in source.range(start.as_slice()..end.as_slice()) {
+            match entry {
+                Ok((key, value)) => {
+                    last_forward = Some(key.to_vec());
+                    batch.put(key.to_vec(), value.to_vec());
+                    report.entries += 1;
+                    if batch.len() >= COPY_BATCH_ENTRIES {
+                        flush_batch(&mut batch, &report, &mut out)?;
+                    }
+                }
+                Err(error) => {
+                    let _ = writeln!(out, "damaged {} forward: {error}", tag as char);
+                    damaged = true;
+                    break;
+                }
+            }
+        }
+        if damaged {
+            report.damaged_spaces += 1;
+            for entry in source.range(start.as_slice()..end.as_slice()).rev() {
+                match entry {
+                    Ok((key, value)) => {
+                        if last_forward
+                            .as_deref()
+                            .is_some_and(|last| key.as_ref() <= last)
+                        {
+                            break;
+                        }
+                        batch.put(key.to_vec(), value.to_vec());
+                        report.entries += 1;
+                        if batch.len() >= COPY_BATCH_ENTRIES {
+                            flush_batch(&mut batch, &report, &mut out)?;
+                        }
+                    }
+                    Err(error) => {
+                        let _ = writeln!(out, "damaged {} backward: {error}", tag as char);
+                        break;
+                    }
+                }
+            }
+        }
+        flush_batch(&mut batch, &report, &mut out)?;
+    }
+    Ok(report)
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecoverReport {
+    /// Store entries the salvage copied, and how its run ended.
+    pub copied: u64,
+    pub copy: String,
+    pub checked: SalvageReport,
+    pub writer: String,
+    /// Where the damaged store was kept.
+    pub damaged: Option<PathBuf>,
+}
+
+/// Salvages the damaged store of the stopped node in `dir` (see the module doc), running the
+/// copy as `salvage_command` (this program, with its hidden salvage subcommand and the two
+/// store paths appended). `progress` is told the entries copied so far.
+pub fn recover(
+    dir: &Path,
+    salvage_command: &[std::ffi::OsString],
+    mut progress: impl FnMut(&str, u64),
+) -> Result<RecoverReport, MaintenanceError> {
+    if !dir.join(CONFIG_FILE).exists() {
+        return Err(NodeError::NotInitialized(dir.to_owned()).into());
+    }
+    refuse_if_running(dir)?;
+    let id_path = dir.join(NODE_ID_FILE);
+    let owner = parse_node_id(&std::fs::read(&id_path).map_err(io(&id_path))?, &id_path)?;
+    let store_path = dir.join(STORE_DIR);
+    let salvaged = dir.join(format!("{STORE_DIR}.salvaged"));
+    if salvaged.exists() {
+        std::fs::remove_dir_all(&salvaged).map_err(io(&salvaged))?;
+    }
+    let (copied, how) = if store_path.exists() {
+        run_salvage_child(salvage_command, &store_path, &salvaged, &mut progress)?
+    } else {
+        (0, "no store to salvage".to_owned())
+    };
+    // What the child copied is a store of its own making, flushed as it went.
+    let store = SledStore::open(&salvaged, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let (checked, writer) = check_and_reincarnate(&store, owner, &mut progress)?;
+    drop(store);
+    let damaged = put_in_place(dir, &salvaged, "damaged")?;
+    Ok(RecoverReport {
+        copied,
+        copy: how,
+        checked,
+        writer: writer.to_string(),
+        damaged,
+    })
+}
+
+/// Runs the salvage copy in a child process, stopping it once it makes no progress for
+/// [`SALVAGE_STALL_MAX`]. Returns the entries it said it copied and how it ended.
+fn run_salvage_child(
+    command: &[std::ffi::OsString],
+    from: &Path,
+    to: &Path,
+    progress: &mut impl FnMut(&str, u64),
+) -> Result<(u64, String), MaintenanceError> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| MaintenanceError::Refused("no salvage command".to_owned()))?;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .arg(from)
+        .arg(to)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(io(Path::new(program)))?;
+    let stdout = child.stdout.take().expect("piped above");
+    let (lines, seen) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut copied = 0u64;
+    let mut opened = false;
+    let mut last_progress = Instant::now();
+    let mut notes = Vec::new();
+    let ended = loop {
+        match seen.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if line == "opened" {
+                    opened = true;
+                    last_progress = Instant::now();
+                } else if let Some(count) =
+                    line.strip_prefix("copied ").and_then(|n| n.parse().ok())
+                {
+                    if count > copied {
+                        copied = count;
+                        last_progress = Instant::now();
+                        progress("entries copied", copied);
+                    }
+                } else if notes.len() < 16 {
+                    notes.push(line);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map_err(io(Path::new(program)))?;
+                break if status.success() {
+                    "complete".to_owned()
+                } else {
+                    format!("the copy stopped early ({status})")
+                };
+            }
+        }
+        let allowed = if opened {
+            SALVAGE_STALL_MAX
+        } else {
+            SALVAGE_OPEN_MAX
+        };
+        if last_progress.elapsed() >= allowed {
+            let _ = child.kill();
+            let _ = child.wait();
+            break format!(
+                "the copy made no progress for {} s and was stopped",
+                allowed.as_secs()
+            );
+        }
+    };
+    let _ = reader.join();
+    let mut how = ended;
+    if !notes.is_empty() {
+        how.push_str(&format!("; {}", notes.join("; ")));
+    }
+    Ok((copied, how))
+}
