@@ -11,6 +11,11 @@
 //! and prints the highest rate at which lag stays bounded (the baseline it is measured beside
 //! is the first step's, in the same run); a long run at 80% of it shows whether RSS and lag
 //! stay flat: `cargo bench --bench soak -- --rate R --seconds 1800`.
+//! `cargo bench --bench soak -- --backup [--fill-seconds 120] [--rate 1000]` fills the
+//! cluster, then takes `concord backup` of one node while writers go on at `--rate`, printing
+//! the time, the file's size and the memory of the node (against its own before the backup)
+//! and of the backup process; then stops that node, restores the backup over its store,
+//! starts it, and waits until every acknowledged record is on every node again.
 
 mod common;
 
@@ -41,9 +46,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let temp = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::start(temp.path());
+    let mut cluster = cluster;
     if args.iter().any(|arg| arg == "--capacity") {
         let step = flag(&args, "--step-seconds", 60);
         capacity(&cluster, step);
+    } else if args.iter().any(|arg| arg == "--backup") {
+        let fill = flag(&args, "--fill-seconds", 120);
+        let rate = flag(&args, "--rate", 1000);
+        backup(&mut cluster, temp.path(), fill, rate);
     } else {
         let rate = flag(&args, "--rate", 500);
         let seconds = flag(&args, "--seconds", 300);
@@ -93,6 +103,22 @@ fn concord(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `concord run` on `dir`, its log in `dir/run.log`.
+fn spawn_node(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("run.log"))
+        .expect("log");
+    Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["--data", dir.to_str().expect("utf-8"), "run"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("concord run")
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -133,26 +159,23 @@ impl Cluster {
             let mut config = concord::config::Config::load(&path).expect("config");
             config.store.page_cache_mib = 8;
             std::fs::write(&path, config.to_toml()).expect("config written");
-            let log = std::fs::File::create(dir.join("run.log")).expect("log");
-            let child = Command::new(env!("CARGO_BIN_EXE_concord"))
-                .args(["--data", dir.to_str().expect("utf-8"), "run"])
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("concord run");
+            let child = spawn_node(&dir);
             nodes.push(Node { dir, api, child });
         }
         let cluster = Self { nodes };
+        cluster.await_mesh();
+        cluster
+    }
+
+    fn await_mesh(&self) {
         let start = Instant::now();
-        while !cluster.nodes.iter().all(|node| {
+        while !self.nodes.iter().all(|node| {
             node.status()
                 .is_some_and(|status| status["peers"].as_array().is_some_and(|p| p.len() == 2))
         }) {
             assert!(start.elapsed() < Duration::from_secs(30), "no full mesh");
             std::thread::sleep(Duration::from_millis(100));
         }
-        cluster
     }
 
     fn stop(mut self) {
@@ -504,4 +527,126 @@ fn capacity(cluster: &Cluster, step_seconds: usize) {
         "capacity: {capacity} writes/s with lag bounded (80%: {})",
         capacity * 4 / 5
     );
+}
+
+/// A backup of a node taking writes, then a restore of it over its store (see the module doc).
+fn backup(cluster: &mut Cluster, parent: &Path, fill_seconds: usize, rate: usize) {
+    println!("soak backup: 3 nodes, page cache 8 MiB, filled for {fill_seconds} s, then {rate} writes/s during the backup");
+    let filled = load(
+        cluster,
+        1500,
+        Duration::from_secs(fill_seconds as u64),
+        0,
+        100,
+        false,
+    );
+    cluster.converge(&filled);
+    let records = cluster.nodes[0].list("soak").len();
+    let node_rss_before = cluster.nodes[0].rss_mib();
+    let store_bytes: u64 = dir_bytes(&cluster.nodes[0].dir.join("store"));
+    println!(
+        "filled: {records} records on every node; n0's store {:.0} MiB on disk, n0 RSS {node_rss_before:.0} MiB",
+        store_bytes as f64 / 1048576.0
+    );
+    // Writers on all three nodes during the backup, which starts 5 s into their load.
+    let file = parent.join("n0.backup");
+    let n0 = cluster.nodes[0].dir.clone();
+    let node_pid = cluster.nodes[0].child.id().to_string();
+    let writing = std::thread::scope(|scope| {
+        let writers =
+            scope.spawn(|| load(cluster, rate, Duration::from_secs(60), 1 << 40, 70, false));
+        std::thread::sleep(Duration::from_secs(5));
+        let start = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args([
+                "backup",
+                n0.to_str().expect("utf-8"),
+                "-o",
+                file.to_str().expect("utf-8"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("concord backup");
+        let pid = child.id().to_string();
+        let (mut cli_peak, mut node_peak) = (0.0f64, 0.0f64);
+        while child.try_wait().expect("wait").is_none() {
+            cli_peak = cli_peak.max(common::memory_mib(&pid, "VmHWM"));
+            node_peak = node_peak.max(common::memory_mib(&node_pid, "VmRSS"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = start.elapsed();
+        let output = child.wait_with_output().expect("backup output");
+        assert!(output.status.success(), "concord backup failed");
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        let outcome = writers.join().expect("writers");
+        (took, cli_peak, node_peak, report, outcome)
+    });
+    let (took, cli_peak, node_peak, report, during) = writing;
+    let size = std::fs::metadata(&file).expect("backup file").len();
+    println!("| | figure |");
+    println!("|---|---|");
+    println!(
+        "| backup of n0 (through its API, writers on) | {:.1} s, {:.0} MiB file, {} |",
+        took.as_secs_f64(),
+        size as f64 / 1048576.0,
+        report.trim()
+    );
+    println!(
+        "| n0's RSS: before / peak during the backup | {node_rss_before:.0} / {node_peak:.0} MiB |"
+    );
+    println!("| the backup process's peak RSS | {cli_peak:.0} MiB |");
+    println!(
+        "| writes during the 60 s around it | {} offered, {} acknowledged ({:.0}/s), {} refused, {} failed |",
+        during.offered, during.accepted, during.accepted as f64 / during.seconds, during.refused, during.failed
+    );
+    cluster.converge(&during);
+    // n0 stops; the backup goes back in place of its store; n0 starts and catches up.
+    let node = &mut cluster.nodes[0];
+    let _ = Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status();
+    node.child.wait().expect("wait");
+    let start = Instant::now();
+    concord(&[
+        "restore",
+        file.to_str().expect("utf-8"),
+        node.dir.to_str().expect("utf-8"),
+        "--replace",
+    ]);
+    let restore_took = start.elapsed();
+    node.child = spawn_node(&node.dir);
+    cluster.await_mesh();
+    let start = Instant::now();
+    let mut all = filled;
+    all.created.extend(during.created);
+    let took = cluster.converge(&all);
+    println!(
+        "| restore over n0's store | {:.1} s |",
+        restore_took.as_secs_f64()
+    );
+    println!(
+        "| n0 started on it, until no lag anywhere and every acknowledged record on every node | {:.1} s (lists checked {:.1} s after start) |",
+        took.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                pending.push(entry.path());
+            }
+        } else {
+            total += metadata.len();
+        }
+    }
+    total
 }

@@ -202,9 +202,13 @@ enum Command {
         /// The node's data dir (default: --data).
         dir: Option<PathBuf>,
     },
-    /// (Internal: the copy `recover` runs in a child process.)
+    /// (Internal: the copy `recover` runs in a child process, one key space at a time.)
     #[command(name = "__salvage-copy", hide = true)]
-    SalvageCopy { from: PathBuf, to: PathBuf },
+    SalvageCopy {
+        from: PathBuf,
+        to: PathBuf,
+        space: char,
+    },
     /// Write many records from JSON lines (one object per line), durably, in batches.
     Load {
         collection: String,
@@ -396,8 +400,9 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             progress.finish_and_clear();
             writeln!(out, "{}", serde_json::to_string(&report)?)?;
         }
-        Command::SalvageCopy { from, to } => {
-            concord::node::maintenance::salvage_copy(&from, &to, std::io::stdout())?;
+        Command::SalvageCopy { from, to, space } => {
+            let space = u8::try_from(space).context("a key space is one ASCII letter")?;
+            concord::node::maintenance::salvage_copy(&from, &to, space, std::io::stdout())?;
         }
         Command::Status => {
             let dir = data_dir(cli.data)?;

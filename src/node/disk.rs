@@ -1,8 +1,9 @@
 //! The disk under a node's data dir: writes stop before it fills, and start again by
 //! themselves once it has room.
 //!
-//! A node keeps a reserve file (`store.reserve`, a twentieth of the filesystem, between 1 and
-//! 64 MiB) beside its store. While the filesystem has less free space than the reserve, the
+//! A node keeps a reserve file (`store.reserve`, a twentieth of the filesystem, between 4 and
+//! 64 MiB) beside its store: sled needs room of its own to write its log and compact it, and
+//! a write it cannot make can leave it waiting for good. While the filesystem has less free space than the reserve, the
 //! node refuses writes (HTTP 507, `concord` exits 1) and says so in `/v1/status` and
 //! `/metrics`, so the store itself rarely meets a full disk. If it does anyway (another
 //! program filled it), sled refuses writes from then on, and the node opens the store again
@@ -20,7 +21,7 @@ use fs2::FileExt;
 /// The reserve file inside a data dir.
 pub const RESERVE_FILE: &str = "store.reserve";
 /// Bounds of the reserve: a twentieth of the filesystem, between these.
-pub const RESERVE_BYTES_MIN: u64 = 1024 * 1024;
+pub const RESERVE_BYTES_MIN: u64 = 4 * 1024 * 1024;
 pub const RESERVE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 const RESERVE_SHARE: u64 = 20;
 

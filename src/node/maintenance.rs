@@ -319,14 +319,106 @@ pub struct CopyReport {
     pub damaged_spaces: u64,
 }
 
-/// Copies every key of the (possibly damaged) store `from` that still reads into the new store
-/// `to`: each key space forward until an error, then backward from its end down to where the
-/// forward pass stopped. Flushes as it goes, so whatever it copied before a panic or a hang
-/// survives. Prints `copied N` lines to `out` as it makes progress. Meant for a child process
-/// (see [`recover`]).
+/// What [`salvage_range`] hands each key and value it reads.
+type CopyEntry<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), MaintenanceError> + 'a;
+
+/// How deep [`salvage_copy`] splits a key range around damaged pages: each level halves what
+/// is left between the last key read going forward and the last read going backward.
+const SALVAGE_SPLITS_MAX: u32 = 32;
+
+/// The key halfway between `low` and `high` (taken as big-endian numbers, the shorter padded
+/// with zeros), or `None` if there is none strictly between them.
+fn key_between(low: &[u8], high: &[u8]) -> Option<Vec<u8>> {
+    let length = low.len().max(high.len()) + 1;
+    let pad = |key: &[u8]| {
+        let mut padded = key.to_vec();
+        padded.resize(length, 0);
+        padded
+    };
+    let (low, high) = (pad(low), pad(high));
+    // (low + high) / 2, byte by byte from the most significant.
+    let mut sum = vec![0u16; length];
+    let mut carry = 0u16;
+    for index in (0..length).rev() {
+        let total = u16::from(low[index]) + u16::from(high[index]) + carry;
+        sum[index] = total & 0xff;
+        carry = total >> 8;
+    }
+    let mut middle = vec![0u8; length];
+    let mut remainder = carry;
+    for index in 0..length {
+        let value = (remainder << 8) | sum[index];
+        middle[index] = (value / 2) as u8;
+        remainder = value % 2;
+    }
+    (middle.as_slice() > low.as_slice() && middle.as_slice() < high.as_slice()).then_some(middle)
+}
+
+/// Copies what reads of `from`'s keys in `[low, high)`: forward until an error, then backward
+/// from `high` until an error, then, between where the two stopped (a damaged page or more),
+/// the same again on each half, `depth` levels down.
+fn salvage_range(
+    source: &sled::Db,
+    low: Vec<u8>,
+    high: Vec<u8>,
+    depth: u32,
+    copy: &mut CopyEntry<'_>,
+    out: &mut dyn Write,
+) -> Result<(), MaintenanceError> {
+    let mut forward_stop: Option<Vec<u8>> = None;
+    for entry in source.range(low.as_slice()..high.as_slice()) {
+        match entry {
+            Ok((key, value)) => {
+                copy(&key, &value)?;
+                forward_stop = Some(key.to_vec());
+            }
+            Err(error) => {
+                let _ = writeln!(
+                    out,
+                    "damaged after {:?}: {error}",
+                    forward_stop.as_deref().map(String::from_utf8_lossy)
+                );
+                let gap_low = forward_stop.unwrap_or_else(|| low.clone());
+                let mut backward_stop: Option<Vec<u8>> = None;
+                for entry in source.range(gap_low.as_slice()..high.as_slice()).rev() {
+                    match entry {
+                        Ok((key, value)) => {
+                            if key.as_ref() <= gap_low.as_slice() {
+                                return Ok(());
+                            }
+                            copy(&key, &value)?;
+                            backward_stop = Some(key.to_vec());
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let gap_high = backward_stop.unwrap_or_else(|| high.clone());
+                if depth >= SALVAGE_SPLITS_MAX {
+                    return Ok(());
+                }
+                let Some(middle) = key_between(&gap_low, &gap_high) else {
+                    return Ok(());
+                };
+                // The key just after the last one read: where the rest of the gap starts.
+                let mut after_low = gap_low.clone();
+                after_low.push(0);
+                salvage_range(source, middle.clone(), gap_high, depth + 1, copy, out)?;
+                return salvage_range(source, after_low, middle, depth + 1, copy, out);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies every key of key space `space` (a tag of [`layout`]) of the (possibly damaged) store
+/// `from` that still reads into the store `to`, reading around damaged pages
+/// ([`salvage_range`]). Flushes as
+/// it goes, so whatever it copied before a panic or a hang survives. Prints `copied N` lines
+/// to `out` as it makes progress. Meant for a child process (see [`recover`]).
 pub fn salvage_copy(
     from: &Path,
     to: &Path,
+    space: u8,
     mut out: impl Write,
 ) -> Result<CopyReport, MaintenanceError> {
     let target = SledStore::open(to, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
@@ -338,61 +430,37 @@ pub fn salvage_copy(
     let _ = out.flush();
     let mut report = CopyReport::default();
     let mut batch = Batch::default();
-    let flush_batch = |batch: &mut Batch, report: &CopyReport, out: &mut dyn Write| {
-        target.apply(std::mem::take(batch))?;
-        target.flush()?;
-        let _ = writeln!(out, "copied {}", report.entries);
-        let _ = out.flush();
-        Ok::<(), MaintenanceError>(())
+    let mut lines = Vec::new();
+    let mut copy = |key: &[u8], value: &[u8]| -> Result<(), MaintenanceError> {
+        batch.put(key.to_vec(), value.to_vec());
+        report.entries += 1;
+        if batch.len() >= COPY_BATCH_ENTRIES {
+            target.apply(std::mem::take(&mut batch))?;
+            target.flush()?;
+            let _ = writeln!(out, "copied {}", report.entries);
+            let _ = out.flush();
+        }
+        Ok(())
     };
-    for tag in KEY_SPACES {
-        let start = [tag];
-        let end = [tag + 1];
-        let mut last_forward: Option<Vec<u8>> = None;
-        let mut damaged = false;
-        for entry in source.range(start.as_slice()..end.as_slice()) {
-            match entry {
-                Ok((key, value)) => {
-                    last_forward = Some(key.to_vec());
-                    batch.put(key.to_vec(), value.to_vec());
-                    report.entries += 1;
-                    if batch.len() >= COPY_BATCH_ENTRIES {
-                        flush_batch(&mut batch, &report, &mut out)?;
-                    }
-                }
-                Err(error) => {
-                    let _ = writeln!(out, "damaged {} forward: {error}", tag as char);
-                    damaged = true;
-                    break;
-                }
-            }
+    salvage_range(
+        &source,
+        vec![space],
+        vec![space + 1],
+        0,
+        &mut copy,
+        &mut lines,
+    )?;
+    if !lines.is_empty() {
+        report.damaged_spaces += 1;
+        let notes = String::from_utf8_lossy(&lines).into_owned();
+        if let Some(first) = notes.lines().next() {
+            let _ = writeln!(out, "space {}: {first}", space as char);
         }
-        if damaged {
-            report.damaged_spaces += 1;
-            for entry in source.range(start.as_slice()..end.as_slice()).rev() {
-                match entry {
-                    Ok((key, value)) => {
-                        if last_forward
-                            .as_deref()
-                            .is_some_and(|last| key.as_ref() <= last)
-                        {
-                            break;
-                        }
-                        batch.put(key.to_vec(), value.to_vec());
-                        report.entries += 1;
-                        if batch.len() >= COPY_BATCH_ENTRIES {
-                            flush_batch(&mut batch, &report, &mut out)?;
-                        }
-                    }
-                    Err(error) => {
-                        let _ = writeln!(out, "damaged {} backward: {error}", tag as char);
-                        break;
-                    }
-                }
-            }
-        }
-        flush_batch(&mut batch, &report, &mut out)?;
     }
+    target.apply(std::mem::take(&mut batch))?;
+    target.flush()?;
+    let _ = writeln!(out, "copied {}", report.entries);
+    let _ = out.flush();
     Ok(report)
 }
 
@@ -427,11 +495,26 @@ pub fn recover(
     if salvaged.exists() {
         std::fs::remove_dir_all(&salvaged).map_err(io(&salvaged))?;
     }
-    let (copied, how) = if store_path.exists() {
-        run_salvage_child(salvage_command, &store_path, &salvaged, &mut progress)?
+    // A child for each key space: one that sled makes hang costs only that space.
+    let mut copied = 0u64;
+    let mut how = Vec::new();
+    if store_path.exists() {
+        for space in KEY_SPACES {
+            let (count, ended) = run_salvage_child(
+                salvage_command,
+                &store_path,
+                &salvaged,
+                space,
+                copied,
+                &mut progress,
+            )?;
+            copied += count;
+            how.push(format!("{}: {ended}", space as char));
+        }
     } else {
-        (0, "no store to salvage".to_owned())
-    };
+        how.push("no store to salvage".to_owned());
+    }
+    let how = how.join("; ");
     // What the child copied is a store of its own making, flushed as it went.
     let store = SledStore::open(&salvaged, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
     let (checked, writer) = check_and_reincarnate(&store, owner, &mut progress)?;
@@ -452,6 +535,8 @@ fn run_salvage_child(
     command: &[std::ffi::OsString],
     from: &Path,
     to: &Path,
+    space: u8,
+    copied_before: u64,
     progress: &mut impl FnMut(&str, u64),
 ) -> Result<(u64, String), MaintenanceError> {
     let (program, args) = command
@@ -461,6 +546,7 @@ fn run_salvage_child(
         .args(args)
         .arg(from)
         .arg(to)
+        .arg((space as char).to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -494,7 +580,7 @@ fn run_salvage_child(
                     if count > copied {
                         copied = count;
                         last_progress = Instant::now();
-                        progress("entries copied", copied);
+                        progress("entries copied", copied_before + copied);
                     }
                 } else if notes.len() < 16 {
                     notes.push(line);
@@ -530,4 +616,26 @@ fn run_salvage_child(
         how.push_str(&format!("; {}", notes.join("; ")));
     }
     Ok((copied, how))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_between_two_keys_sorts_between_them() {
+        for (low, high) in [
+            (&b"D"[..], &b"E"[..]),
+            (b"Dt/r1", b"Dt/r9"),
+            (b"Dt/r1", b"Dt/r1\x00\x01"),
+            (b"L\x00\x00\xff", b"L\x00\x01\x00"),
+        ] {
+            let middle = key_between(low, high).unwrap();
+            assert!(
+                middle.as_slice() > low && middle.as_slice() < high,
+                "{middle:?}"
+            );
+        }
+        assert_eq!(key_between(b"a", b"a"), None);
+    }
 }

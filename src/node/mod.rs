@@ -270,9 +270,7 @@ pub struct Node {
     api_actor: ActorId,
     /// The disk under the data dir.
     disk: disk::Disk,
-    /// The store was opened with its disk short of room (its reserve given up): it is opened
-    /// again before writes resume.
-    opened_short_of_room: std::sync::atomic::AtomicBool,
+
     /// The conflict policies of `config`, ready to resolve reads with.
     policies: crate::policy::Policies,
 }
@@ -429,7 +427,7 @@ impl Node {
             docs,
             api_actor,
             disk,
-            opened_short_of_room: std::sync::atomic::AtomicBool::new(short_of_room),
+
             policies,
         })
     }
@@ -519,18 +517,6 @@ impl Node {
     /// The disk under the data dir.
     pub fn disk(&self) -> &disk::Disk {
         &self.disk
-    }
-
-    /// Whether the store was opened with its disk short of room, and not opened again since.
-    pub fn opened_short_of_room(&self) -> bool {
-        self.opened_short_of_room
-            .load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The store was opened again with room on its disk.
-    pub fn note_room_again(&self) {
-        self.opened_short_of_room
-            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// The conflict policies reads are resolved by.

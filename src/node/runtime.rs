@@ -335,15 +335,13 @@ fn watch_disk(shared: &Shared) {
         }
         (Some(_), true) => docs.refuse_writes(refusal.clone()),
         (None, _) => {
-            // Room again. sled may have failed a write of its own meanwhile, or the store was
-            // opened short of room: opened anew before any write is let through, so that no
-            // write meets a store that cannot make it durable.
-            if was_refused || docs.failed() || node.opened_short_of_room() {
+            // Room again. If a write to the store failed meanwhile (sled refuses every write
+            // after one failed), the store is opened anew before any write is let through.
+            if docs.failed() {
                 if let Err(error) = docs.reopen() {
                     tracing::error!(%error, "the store could not be opened again");
                     return;
                 }
-                node.note_room_again();
                 docs.refuse_writes(None);
                 if let Err(error) =
                     node.new_incarnation("the store was opened again after its disk was full")
@@ -355,6 +353,8 @@ fn watch_disk(shared: &Shared) {
                     )));
                     return;
                 }
+            }
+            if was_refused {
                 tracing::info!("the disk has room again: writes resume");
             }
             docs.refuse_writes(None);
@@ -554,6 +554,9 @@ impl Running {
     pub fn failure(&self) -> Option<String> {
         if self.engine_task.is_finished() {
             return Some("the replication engine stopped unexpectedly".to_owned());
+        }
+        if let Some(stuck) = self.shared.node.documents().backend().stuck() {
+            return Some(stuck);
         }
         self.bindings
             .iter()

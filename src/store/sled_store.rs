@@ -25,7 +25,13 @@ pub struct SledStore {
     db: RwLock<Option<sled::Db>>,
     /// A write to disk failed: sled refuses writes until the database is opened again.
     failed: AtomicBool,
+    /// sled did not close within [`CLOSE_WAIT`] when it was to be opened again: it is stuck
+    /// waiting on a write that will not come, and only a new process can open the store.
+    stuck: AtomicBool,
 }
+
+/// How long reopening waits for sled to close (it flushes as it closes).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     Ok(sled::Config::new()
@@ -36,6 +42,16 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
 }
 
 impl SledStore {
+    /// Why the store can no longer be used in this process, if it cannot.
+    pub fn stuck(&self) -> Option<String> {
+        self.stuck.load(Ordering::Acquire).then(|| {
+            "the store could not be opened again after a write to its disk failed (sled is \
+             waiting on a write that will not come): the node stops, and a restart opens the \
+             store"
+                .to_owned()
+        })
+    }
+
     /// Opens (creating if needed) the store in `path`, with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = open_db(path, cache_bytes)?;
@@ -44,6 +60,7 @@ impl SledStore {
             cache_bytes,
             db: RwLock::new(Some(db)),
             failed: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
         })
     }
 
@@ -158,14 +175,38 @@ impl Store for SledStore {
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut db = self
+        // Closed first: sled locks its files while open. It flushes as it closes, and after a
+        // write failed it may wait for good: it closes on a thread of its own, given a while.
+        let stuck = || {
+            self.stuck.store(true, Ordering::Release);
+            StoreError::Closed
+        };
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
+        let old = loop {
+            if let Ok(mut db) = self.db.try_write() {
+                break db.take();
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(stuck());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        if let Some(old) = old {
+            let (closed, done) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                drop(old);
+                let _ = closed.send(());
+            });
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if done.recv_timeout(left).is_err() {
+                return Err(stuck());
+            }
+        }
+        let opened = open_db(&self.path, self.cache_bytes)?;
+        *self
             .db
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Closed first: sled locks its files while open.
-        drop(db.take());
-        let opened = open_db(&self.path, self.cache_bytes)?;
-        *db = Some(opened);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(opened);
         self.failed.store(false, Ordering::Release);
         Ok(())
     }
