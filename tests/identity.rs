@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::cluster::{eventually, TestNode};
+use common::cluster::{eventually, start_mesh, TestNode};
 use serde_json::json;
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -22,14 +22,10 @@ fn writer_of(node: &TestNode) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_whose_store_was_lost_gets_its_writes_back_and_its_new_writes_replicate() {
     let temp = tempfile::tempdir().unwrap();
-    let ca = temp.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
-    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
-    let mut c = TestNode::create(temp.path(), "c", &ca, &[a.listen, b.listen]);
-    a.start().await;
-    b.start().await;
-    c.start().await;
+    let [mut a, mut b, mut c]: [TestNode; 3] = start_mesh(temp.path(), &["a", "b", "c"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     const BEFORE: usize = 200;
     for i in 0..BEFORE {
         a.put(&format!("t/a{i}"), json!({"n": i}));
@@ -167,14 +163,10 @@ fn disconnects(nodes: &[&TestNode]) -> u64 {
 async fn a_node_restored_from_a_backup_taken_under_load_gets_back_every_write() {
     use common::{concord_bare, ok};
     let temp = tempfile::tempdir().unwrap();
-    let ca = temp.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
-    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
-    let mut c = TestNode::create(temp.path(), "c", &ca, &[a.listen, b.listen]);
-    a.start().await;
-    b.start().await;
-    c.start().await;
+    let [mut a, mut b, mut c]: [TestNode; 3] = start_mesh(temp.path(), &["a", "b", "c"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     for i in 0..300 {
         a.put(&format!("t/before{i}"), json!({"n": i}));
     }
@@ -299,12 +291,10 @@ fn damage(dir: &std::path::Path, without_snapshot: bool) {
 async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest() {
     use common::{concord_bare, ok};
     let temp = tempfile::tempdir().unwrap();
-    let ca = temp.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
-    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
-    a.start().await;
-    b.start().await;
+    let [mut a, mut b]: [TestNode; 2] = start_mesh(temp.path(), &["a", "b"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     const RECORDS: usize = 3000;
     for i in 0..RECORDS {
         a.put(&format!("t/r{i}"), json!({"n": i, "pad": "x".repeat(200)}));
@@ -370,14 +360,10 @@ async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest() {
 async fn a_copied_data_dir_writing_under_the_same_writer_is_contained() {
     use common::{concord, ok};
     let temp = tempfile::tempdir().unwrap();
-    let ca = temp.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut site1 = TestNode::create(temp.path(), "site1", &ca, &[]);
-    let mut x = TestNode::create(temp.path(), "x", &ca, &[site1.listen]);
-    let mut y = TestNode::create(temp.path(), "y", &ca, &[site1.listen, x.listen]);
-    site1.start().await;
-    x.start().await;
-    y.start().await;
+    let [mut site1, mut x, mut y]: [TestNode; 3] = start_mesh(temp.path(), &["site1", "x", "y"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     site1.put("customers/1", json!({"credit": 1, "name": "Ada"}));
     eventually("customers/1 everywhere", WITHIN, || {
         x.get("customers/1").is_some() && y.get("customers/1").is_some()

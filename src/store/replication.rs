@@ -404,15 +404,7 @@ impl<S: Store> DocStore<S> {
                 continue;
             }
             // A change that waits on a refused one is refused too, not asked for forever.
-            if let Some(dependency) = self.refused_dependency(session, doc_key, &change)? {
-                session.refuse(
-                    doc_key,
-                    &change,
-                    RefusalReason::DependsOnRefused,
-                    dependency,
-                );
-                report.refused.push(RefusalReason::DependsOnRefused);
-                self.note_own_writer(session, &change, report);
+            if self.refuse_if_dependency_refused(session, doc_key, &change, report)? {
                 let place = LogPlace::Remote {
                     origin: logged.origin,
                     sequence: logged.sequence,
@@ -508,19 +500,28 @@ impl<S: Store> DocStore<S> {
         Ok(())
     }
 
-    /// A dependency of `change` that was refused here, if any.
-    fn refused_dependency(
+    /// Refuses `change` if one of its dependencies was refused here; says whether it did.
+    fn refuse_if_dependency_refused(
         &self,
-        session: &super::WriteSession<'_, S>,
+        session: &mut super::WriteSession<'_, S>,
         doc_key: &[u8],
         change: &Change,
-    ) -> Result<Option<ChangeHash>, StoreError> {
+        report: &mut ApplyReport,
+    ) -> Result<bool, StoreError> {
         for dependency in change.deps() {
             if session.refused_holds(doc_key, dependency)? {
-                return Ok(Some(*dependency));
+                session.refuse(
+                    doc_key,
+                    change,
+                    RefusalReason::DependsOnRefused,
+                    *dependency,
+                );
+                report.refused.push(RefusalReason::DependsOnRefused);
+                self.note_own_writer(session, change, report);
+                return Ok(true);
             }
         }
-        Ok(None)
+        Ok(false)
     }
 
     /// Marks the report if `change` was written under this store's current writer.
@@ -551,10 +552,7 @@ impl<S: Store> DocStore<S> {
         if session.refused_holds(doc_key, &change.hash())? {
             return Ok(Tried::Refused);
         }
-        if let Some(dependency) = self.refused_dependency(session, doc_key, change)? {
-            session.refuse(doc_key, change, RefusalReason::DependsOnRefused, dependency);
-            report.refused.push(RefusalReason::DependsOnRefused);
-            self.note_own_writer(session, change, report);
+        if self.refuse_if_dependency_refused(session, doc_key, change, report)? {
             return Ok(Tried::Refused);
         }
         let writers = session.inner.writers.clone();
@@ -717,16 +715,7 @@ impl<S: Store> DocStore<S> {
         let mut report = ApplyReport::default();
         // What waits on a refused change is refused too.
         for change in pending {
-            if let Some(dependency) = self.refused_dependency(&session, doc_key, &change)? {
-                session.refuse(
-                    doc_key,
-                    &change,
-                    RefusalReason::DependsOnRefused,
-                    dependency,
-                );
-                report.refused.push(RefusalReason::DependsOnRefused);
-                self.note_own_writer(&session, &change, &mut report);
-            }
+            self.refuse_if_dependency_refused(&mut session, doc_key, &change, &mut report)?;
         }
         let mut outcome = UnloggedOutcome::default();
         if !ready.is_empty() {

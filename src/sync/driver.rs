@@ -132,11 +132,7 @@ impl Driver {
     /// A driver for `engine`, whose node's own log was sent to peers up to nothing yet.
     pub fn new(engine: Engine, replica: &impl Replica) -> Self {
         let own = engine.writer();
-        let local_cursor = replica
-            .origin_marks()
-            .into_iter()
-            .find(|(origin, _)| *origin == own)
-            .map_or(0, |(_, mark)| mark);
+        let local_cursor = replica.origin_mark(&own);
         Self::with_queue_bytes(engine, local_cursor, PEER_QUEUE_BYTES)
     }
 
@@ -159,11 +155,7 @@ impl Driver {
     /// The store writes under `writer` from now on: its own log is pushed from the start.
     pub fn set_writer(&mut self, writer: NodeId, replica: &impl Replica) {
         self.engine.set_writer(writer, replica);
-        self.local_cursor = replica
-            .origin_marks()
-            .into_iter()
-            .find(|(origin, _)| *origin == writer)
-            .map_or(0, |(_, mark)| mark);
+        self.local_cursor = replica.origin_mark(&writer);
     }
 
     pub fn stats(&self) -> &DriverStats {
@@ -417,11 +409,7 @@ impl Driver {
         if full {
             // A bulk write: the rest goes from the store, as peers take it; the engine only
             // needs to know the log grew.
-            let mark = replica
-                .origin_marks()
-                .into_iter()
-                .find(|(origin, _)| *origin == own)
-                .map_or(self.local_cursor, |(_, mark)| mark);
+            let mark = replica.origin_mark(&own);
             if mark > self.local_cursor {
                 let newest = replica.log_after(&own, mark - 1, 1, 1);
                 match newest {

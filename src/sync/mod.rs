@@ -87,6 +87,8 @@ pub const CONFLICT_FIELDS_COUNTED_MAX: usize = 1024;
 /// use it over a memory store.
 pub trait Replica {
     fn origin_marks(&self) -> Vec<(NodeId, u64)>;
+    /// The sequence up to which `origin`'s whole log is held (0 for an origin not held).
+    fn origin_mark(&self, origin: &NodeId) -> u64;
     /// The hash of the change at `(origin, sequence)` of the log, if held.
     fn log_hash(&self, origin: &NodeId, sequence: u64) -> Result<Option<ChangeHash>, StoreError>;
     /// Entries of `origin`'s log after `after`: at most `limit`, and no more once `bytes_max`
@@ -135,6 +137,9 @@ pub trait Replica {
 impl<S: Store> Replica for DocStore<S> {
     fn origin_marks(&self) -> Vec<(NodeId, u64)> {
         DocStore::origin_marks(self)
+    }
+    fn origin_mark(&self, origin: &NodeId) -> u64 {
+        DocStore::origin_mark(self, origin)
     }
     fn log_hash(&self, origin: &NodeId, sequence: u64) -> Result<Option<ChangeHash>, StoreError> {
         DocStore::log_hash(self, origin, sequence)
@@ -445,11 +450,7 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let writer = self.config.writer;
-        let own = replica
-            .origin_marks()
-            .into_iter()
-            .find(|(origin, _)| *origin == writer)
-            .map_or(0, |(_, mark)| mark);
+        let own = replica.origin_mark(&writer);
         if contiguous > own {
             let reason = format!(
                 "peer {peer} holds this node's own log up to {contiguous} and the store only up to {own}: the store was brought back from an older copy, or lost"
@@ -597,11 +598,7 @@ impl Engine {
     /// may have applied entries not yet flushed, and those stay here until they are.
     pub fn make_durable(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
         let writer = self.config.writer;
-        let own = replica
-            .origin_marks()
-            .into_iter()
-            .find(|(origin, _)| *origin == writer)
-            .map_or(0, |(_, mark)| mark);
+        let own = replica.origin_mark(&writer);
         replica.sync()?;
         self.unsynced = false;
         self.own_durable = own;
@@ -673,11 +670,7 @@ impl Engine {
                 }
                 // Tell the peer how far its own log is held here, so that a peer brought
                 // back from an older copy learns it before it writes much.
-                let contiguous = replica
-                    .origin_marks()
-                    .into_iter()
-                    .find(|(origin, _)| *origin == writer)
-                    .map_or(0, |(_, mark)| mark);
+                let contiguous = replica.origin_mark(&writer);
                 if contiguous > 0 {
                     if let Some(hash) = replica.log_hash(&writer, contiguous)? {
                         self.queue_message(

@@ -259,6 +259,21 @@ impl TestNode {
     }
 }
 
+/// A cluster CA in `parent/ca` and one started node per name, each dialing those before it.
+pub async fn start_mesh(parent: &Path, names: &[&str]) -> Vec<TestNode> {
+    let ca = parent.join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for name in names {
+        let peers: Vec<SocketAddr> = nodes.iter().map(|node| node.listen).collect();
+        nodes.push(TestNode::create(parent, name, &ca, &peers));
+    }
+    for node in &mut nodes {
+        node.start().await;
+    }
+    nodes
+}
+
 /// Polls until every node returns the same value for every id, or panics after `timeout`.
 pub async fn converge(nodes: &[&TestNode], ids: &[&str], timeout: Duration) -> Duration {
     let start = Instant::now();
