@@ -741,12 +741,32 @@ fn load_writes_json_lines_and_refuses_bad_lines() {
         get_json(&node, "people/two"),
         json!({"id": "two", "name": "Grace"})
     );
-    std::fs::write(&input, "{\"id\": 3}\n{\"name\": \"no key\"}\n").unwrap();
+    std::fs::write(
+        &input,
+        "{\"id\": 3}\n{\"name\": \"no key\"}\nnot json\n{\"id\": 4}\n",
+    )
+    .unwrap();
+    // The first bad line stops the load, naming it; the lines before it are loaded.
     refused(
         concord(&node, &["load", "people", input.to_str().unwrap()]),
         1,
         "line 2",
     );
+    assert_eq!(get_json(&node, "people/3"), json!({"id": 3}));
+    assert_eq!(concord(&node, &["get", "people/4"]).status.code(), Some(2));
+    // --skip-bad names each bad line, loads the rest and sums up.
+    let skipping = concord(
+        &node,
+        &["load", "people", input.to_str().unwrap(), "--skip-bad"],
+    );
+    let said = stderr(&skipping);
+    assert!(skipping.status.success(), "{said}");
+    assert!(said.contains("line 2") && said.contains("line 3"), "{said}");
+    assert!(
+        said.contains("loaded 2 records; skipped 2 bad lines"),
+        "{said}"
+    );
+    assert_eq!(get_json(&node, "people/4"), json!({"id": 4}));
 }
 
 #[test]

@@ -223,6 +223,10 @@ enum Command {
         /// Print `COLLECTION/KEY` for every record once it is durable.
         #[arg(long)]
         ack: bool,
+        /// Report each bad line (with its number) and load the rest; without it the load
+        /// stops at the first bad line, with every line before it loaded.
+        #[arg(long)]
+        skip_bad: bool,
     },
     /// Two sites keep one table in step (hq on PostgreSQL where a server answers, else
     /// SQLite; depot on SQLite), edited at both while depot is offline. `--partition`: three
@@ -264,6 +268,10 @@ enum Target {
 
 fn target(data: Option<PathBuf>) -> Result<Target> {
     let dir = data_dir(data)?;
+    // A running node holds its store's lock: through its API at once, without waiting.
+    if concord::node::store_in_use(&dir)? {
+        return Ok(Target::Remote(remote::ApiClient::for_data_dir(&dir)?));
+    }
     match Node::open(&dir) {
         Ok(node) => Ok(Target::Local(Box::new(node))),
         Err(NodeError::Locked { .. }) => Ok(Target::Remote(remote::ApiClient::for_data_dir(&dir)?)),
@@ -534,6 +542,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             }
             let mut write = parse_assignments(&assignments)?;
             write.replace = replace;
+            // As PATCH does: an object merges into the one the field holds.
+            write.merge = !replace;
             match target(cli.data)? {
                 Target::Local(node) => {
                     node.put(&id, &write)?;
@@ -658,6 +668,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             key_field,
             batch,
             ack,
+            skip_bad,
         } => {
             let collection = Collection::new_user(&collection)?;
             if batch == 0 || batch > LOAD_BATCH_RECORDS_MAX {
@@ -671,7 +682,13 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 )),
                 _ => Box::new(std::io::stdin().lock()),
             };
-            load(&target, &collection, input, &key_field, batch, ack, out)?;
+            let options = LoadOptions {
+                key_field,
+                batch_records: batch,
+                ack,
+                skip_bad,
+            };
+            load(&target, &collection, input, &options, out)?;
         }
         Command::Demo { dir, cli: true, .. } => demo::run(dir, out)?,
         Command::Demo {
@@ -875,64 +892,146 @@ fn backup(dir: &Path, output: &Path, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
+/// How `concord load` goes about it.
+struct LoadOptions {
+    key_field: String,
+    batch_records: usize,
+    ack: bool,
+    skip_bad: bool,
+}
+
+/// Bytes of encoded writes `load` sends a running node in one batch at most: half of what
+/// one request may carry, so that a batch of records near the largest still fits.
+const LOAD_BATCH_BYTES_MAX: usize = concord::node::api::REQUEST_BYTES_MAX / 2;
+/// Bad lines `load --skip-bad` names on stderr, one by one; past this it only counts them.
+const LOAD_BAD_LINES_SHOWN: usize = 100;
+
+/// Records read so far, waiting to be written together.
+#[derive(Default)]
+struct LoadBatch {
+    records: Vec<(RecordId, RecordWrite)>,
+    /// Their encodings for a running node's batch endpoint, and those bytes.
+    encoded: Vec<Json>,
+    bytes: usize,
+}
+
+impl LoadBatch {
+    fn write(&mut self, target: &Target) -> Result<()> {
+        match target {
+            Target::Local(node) => {
+                node.put_many(self.records.iter().map(|(id, write)| (id, write)))?;
+            }
+            // A running node takes the batch through its API, durable by one flush.
+            Target::Remote(api) => api.put_batch(&self.encoded)?,
+        }
+        Ok(())
+    }
+}
+
 fn load(
     target: &Target,
     collection: &Collection,
     input: Box<dyn BufRead>,
-    key_field: &str,
-    batch_records: usize,
-    ack: bool,
+    options: &LoadOptions,
     out: &mut dyn Write,
 ) -> Result<()> {
     let progress = indicatif::ProgressBar::new_spinner().with_style(
         indicatif::ProgressStyle::with_template("{spinner} {pos} records loaded ({per_sec})")
             .expect("the progress template is valid"),
     );
-    let mut batch: Vec<(RecordId, RecordWrite)> = Vec::with_capacity(batch_records);
+    let mut batch = LoadBatch::default();
     let mut lines = input.lines();
     let mut line_number = 0usize;
     let mut loaded = 0u64;
+    let mut bad = 0usize;
+    let mut stop: Option<anyhow::Error> = None;
     loop {
         let line = lines.next().transpose().context("cannot read input")?;
         if let Some(line) = &line {
             line_number += 1;
-            if line.len() > LOAD_LINE_BYTES_MAX {
-                bail!("line {line_number}: longer than {LOAD_LINE_BYTES_MAX} bytes");
-            }
-            if !line.trim().is_empty() {
-                let record = parse_load_line(collection, line, key_field)
-                    .with_context(|| format!("line {line_number}"))?;
-                batch.push(record);
-            }
-        }
-        if batch.len() >= batch_records || (line.is_none() && !batch.is_empty()) {
-            match target {
-                Target::Local(node) => {
-                    node.put_many(batch.iter().map(|(id, write)| (id, write)))?;
+            let parsed = if line.len() > LOAD_LINE_BYTES_MAX {
+                Err(anyhow::anyhow!("longer than {LOAD_LINE_BYTES_MAX} bytes"))
+            } else if line.trim().is_empty() {
+                Ok(None)
+            } else {
+                parse_load_line(collection, line, &options.key_field).map(Some)
+            };
+            match parsed {
+                Ok(Some((id, write))) => {
+                    if matches!(target, Target::Remote(_)) {
+                        let entry = serde_json::json!({
+                            "id": id.to_string(),
+                            "fields": write.set.iter().cloned().collect::<Map<_, _>>(),
+                            "replace": true,
+                        });
+                        let size = entry.to_string().len();
+                        if !batch.encoded.is_empty() && batch.bytes + size > LOAD_BATCH_BYTES_MAX {
+                            flush_load_batch(
+                                target,
+                                &mut batch,
+                                &mut loaded,
+                                &progress,
+                                options,
+                                out,
+                            )?;
+                        }
+                        batch.bytes += size;
+                        batch.encoded.push(entry);
+                    }
+                    batch.records.push((id, write));
                 }
-                // A running node takes them one by one through its API, each durable.
-                Target::Remote(api) => {
-                    for (id, write) in &batch {
-                        api.put(id, write)?;
+                Ok(None) => {}
+                Err(error) if options.skip_bad => {
+                    bad += 1;
+                    if bad <= LOAD_BAD_LINES_SHOWN {
+                        progress.suspend(|| eprintln!("line {line_number}: {error:#} (skipped)"));
                     }
                 }
-            }
-            loaded += batch.len() as u64;
-            progress.set_position(loaded);
-            if ack {
-                for (id, _) in &batch {
-                    writeln!(out, "{id}")?;
+                Err(error) => {
+                    stop = Some(error.context(format!(
+                        "line {line_number} (the lines before it are loaded; --skip-bad loads \
+                         the rest)"
+                    )));
                 }
-                out.flush()?;
             }
-            batch.clear();
         }
-        if line.is_none() {
+        let last = line.is_none() || stop.is_some();
+        if batch.records.len() >= options.batch_records || (last && !batch.records.is_empty()) {
+            flush_load_batch(target, &mut batch, &mut loaded, &progress, options, out)?;
+        }
+        if last {
             break;
         }
     }
     progress.finish_and_clear();
-    tracing::info!(records = loaded, "load finished");
+    if let Some(error) = stop {
+        return Err(error);
+    }
+    if bad > 0 {
+        eprintln!("loaded {loaded} records; skipped {bad} bad lines");
+    }
+    tracing::info!(records = loaded, bad, "load finished");
+    Ok(())
+}
+
+fn flush_load_batch(
+    target: &Target,
+    batch: &mut LoadBatch,
+    loaded: &mut u64,
+    progress: &indicatif::ProgressBar,
+    options: &LoadOptions,
+    out: &mut dyn Write,
+) -> Result<()> {
+    batch.write(target)?;
+    *loaded += batch.records.len() as u64;
+    progress.set_position(*loaded);
+    if options.ack {
+        for (id, _) in &batch.records {
+            writeln!(out, "{id}")?;
+        }
+        out.flush()?;
+    }
+    *batch = LoadBatch::default();
     Ok(())
 }
 

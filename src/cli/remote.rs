@@ -95,6 +95,16 @@ impl ApiClient {
         Ok(())
     }
 
+    /// Writes `writes` (each a `POST /v1/batch` entry, already encoded) in one batch.
+    pub fn put_batch(&self, writes: &[Value]) -> Result<()> {
+        let body = serde_json::json!({ "writes": writes });
+        self.answer(
+            None,
+            self.agent.post(&self.url("/v1/batch")).send_json(body),
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, id: &RecordId) -> Result<Value> {
         self.answer(
             Some(id),

@@ -8,11 +8,12 @@
 //! `GET /v1/audit` (`?collection=&record=&source=&node=&since=&until=&limit=`: changes with
 //! their node, source and time), `GET /v1/conflicts` (`?collection=&limit=`), `POST
 //! /v1/records/{collection}/{key}/resolve` with `{"field": F, "pick": N}` or `{"field": F,
-//! "value": V}`, `GET /v1/status`, `GET /v1/errors` (rows the adapters
+//! "value": V}`, `POST /v1/batch` with `{"writes": [{"id": "COLLECTION/KEY", "fields": {...},
+//! "replace": false}, ...]}` (many writes, one flush, all or none), `GET /v1/status`, `GET /v1/errors` (rows the adapters
 //! quarantined), `GET /metrics`. Bodies are JSON; errors are `{"error": "..."}` with 400 (bad id or value),
 //! 404 (not found), 413 (a body or a write over its limit: nothing was stored), 503 (the node
 //! cannot keep up just now; `Retry-After` says when to try again) 507 (the disk is full: writes resume by themselves once it has room) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
-//! removes the field). Store calls block, so they run on the blocking pool; a write returns
+//! removes the field; nested objects merge key by key). Store calls block, so they run on the blocking pool; a write returns
 //! once durable, then wakes the engine to ship it.
 
 use std::sync::Arc;
@@ -134,6 +135,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/v1/refused", get(refused))
+        .route("/v1/batch", axum::routing::post(batch))
         .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
@@ -228,6 +230,13 @@ impl From<NodeError> for ApiError {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, error.to_string())
+    }
+}
+
+impl ApiError {
+    /// The same error, said of write `index` of a batch.
+    fn at(self, index: usize) -> Self {
+        Self(self.0, format!("write {index}: {}", self.1))
     }
 }
 
@@ -348,15 +357,67 @@ async fn patch_record(
 ) -> Result<Json<Value>, ApiError> {
     let Json(body) = body?;
     let id = record_id(&collection, &key)?;
-    let mut patch = RecordWrite::default();
-    for (field, value) in body {
-        if value.is_null() {
-            patch.remove.push(field);
-        } else {
-            patch.set.push((field, value));
-        }
+    write(shared, id, RecordWrite::merge_patch(body)).await
+}
+
+/// Most writes one `POST /v1/batch` carries.
+pub const BATCH_WRITES_MAX: usize = 10_000;
+
+#[derive(Deserialize)]
+struct BatchWrite {
+    /// `COLLECTION/KEY`.
+    id: String,
+    fields: Map<String, Value>,
+    /// Replace the record with exactly `fields` (as PUT), instead of merging them in (as
+    /// PATCH).
+    #[serde(default)]
+    replace: bool,
+}
+
+#[derive(Deserialize)]
+struct BatchBody {
+    writes: Vec<BatchWrite>,
+}
+
+/// `POST /v1/batch`: many writes, durable together by one flush, all or none: a write that
+/// breaks a rule refuses the batch, naming it by its index.
+async fn batch(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Json<BatchBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body?;
+    if body.writes.len() > BATCH_WRITES_MAX {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a batch of {} writes is over the limit of {BATCH_WRITES_MAX}",
+                body.writes.len()
+            ),
+        ));
     }
-    write(shared, id, patch).await
+    let mut writes = Vec::with_capacity(body.writes.len());
+    for (index, entry) in body.writes.into_iter().enumerate() {
+        let id = RecordId::parse_user(&entry.id)
+            .map_err(|error| bad_request(format!("write {index}: {error}")))?;
+        let write = if entry.replace {
+            RecordWrite::replace_with(entry.fields)
+        } else {
+            RecordWrite::merge_patch(entry.fields)
+        };
+        write
+            .check()
+            .map_err(|error| ApiError::from(NodeError::from(error)).at(index))?;
+        writes.push((id, write));
+    }
+    let node = shared.node.clone();
+    let count = writes.len();
+    let changed = writing(
+        &shared,
+        move || node.put_many(writes.iter().map(|(id, write)| (id, write))),
+        |changed| *changed > 0,
+    )
+    .await?;
+    Ok(Json(json!({"written": count, "changed": changed})))
 }
 
 async fn delete_record(

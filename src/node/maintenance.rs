@@ -89,32 +89,8 @@ pub fn backup_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, MaintenanceErr
         .collect()
 }
 
-/// Whether the store in `dir` is locked by a running node (without opening it with sled,
-/// which a damaged store can hang).
-fn store_in_use(dir: &Path) -> Result<bool, MaintenanceError> {
-    let db = dir.join(STORE_DIR).join("db");
-    let file = match std::fs::File::open(&db) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => {
-            return Err(MaintenanceError::Io {
-                path: db,
-                source: error,
-            })
-        }
-    };
-    match file.try_lock() {
-        Ok(()) => Ok(false),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
-        Err(std::fs::TryLockError::Error(error)) => Err(MaintenanceError::Io {
-            path: db,
-            source: error,
-        }),
-    }
-}
-
 fn refuse_if_running(dir: &Path) -> Result<(), MaintenanceError> {
-    if store_in_use(dir)? {
+    if super::store_in_use(dir)? {
         return Err(MaintenanceError::Refused(format!(
             "the node in {} is running: stop it first (a running node is backed up with \
              `concord backup` through its API)",
@@ -135,7 +111,7 @@ pub fn backup(
         return Err(NodeError::NotInitialized(dir.to_owned()).into());
     }
     let config = Config::load(&dir.join(CONFIG_FILE)).map_err(NodeError::from)?;
-    if store_in_use(dir)? {
+    if super::store_in_use(dir)? {
         return Err(MaintenanceError::Refused(format!(
             "the node in {} is running: a running node is backed up through its API",
             dir.display()

@@ -908,6 +908,22 @@ impl Node {
 /// go of its file lock shortly after the last handle is dropped).
 const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Whether the store in `dir` is locked by a running node, by its lock alone: no waiting, and
+/// without opening it with sled (which a damaged store can hang).
+pub fn store_in_use(dir: &Path) -> Result<bool, NodeError> {
+    let db = dir.join(STORE_DIR).join("db");
+    let file = match std::fs::File::open(&db) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(io_error(&db)(error)),
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(error)) => Err(io_error(&db)(error)),
+    }
+}
+
 fn open_store(path: &Path, cache_bytes: u64) -> Result<SledStore, NodeError> {
     let start = std::time::Instant::now();
     loop {

@@ -46,6 +46,10 @@ pub struct RecordWrite {
     pub remove: Vec<String>,
     /// Remove every field not named in `set`.
     pub replace: bool,
+    /// An object in `set` is a JSON merge patch (RFC 7396) of the field: merged key by key
+    /// into the object the field holds (a `null` removes a key), so that sites editing
+    /// different keys of one object all keep their edits. Otherwise it replaces the field.
+    pub merge: bool,
 }
 
 impl RecordWrite {
@@ -55,7 +59,25 @@ impl RecordWrite {
             set: fields.into_iter().collect(),
             remove: Vec::new(),
             replace: true,
+            merge: false,
         }
+    }
+
+    /// The write a JSON merge patch (RFC 7396) of the record makes: each field given is set,
+    /// an object merged into the one the field holds, and a field given as `null` removed.
+    pub fn merge_patch(patch: Map<String, Json>) -> Self {
+        let mut write = Self {
+            merge: true,
+            ..Self::default()
+        };
+        for (field, value) in patch {
+            if value.is_null() {
+                write.remove.push(field);
+            } else {
+                write.set.push((field, value));
+            }
+        }
+        write
     }
 
     /// Checks field names and values against the rules and limits.
@@ -227,6 +249,10 @@ pub fn apply_write<T: Transactable + ReadDoc>(
         RecordState::Live => {}
     }
     for (field, value) in &write.set {
+        if let (true, Json::Object(patch)) = (write.merge, value) {
+            merge_into(tx, &ROOT, field, patch)?;
+            continue;
+        }
         // The conflict check only for an equal value: a different one is written anyway.
         if field_json(tx, field, None).as_ref() != Some(value)
             || tx.get_all(ROOT, field.as_str())?.len() > 1
@@ -240,6 +266,62 @@ pub fn apply_write<T: Transactable + ReadDoc>(
         }
     }
     Ok(())
+}
+
+/// Merges `patch` into the map at `key` of `parent` (RFC 7396): each key of the patch is set
+/// in the map, an object merged into the object there, a `null` removing the key. Where `key`
+/// holds no map (or several, concurrently), the patch, its `null`s left out, becomes the map.
+fn merge_into<T: Transactable + ReadDoc>(
+    tx: &mut T,
+    parent: &automerge::ObjId,
+    key: &str,
+    patch: &Map<String, Json>,
+) -> Result<(), RecordError> {
+    let existing = match tx.get_all(parent, key)?.as_slice() {
+        [(automerge::Value::Object(automerge::ObjType::Map), id)] => Some(id.clone()),
+        _ => None,
+    };
+    let Some(map) = existing else {
+        put_value(tx, parent, key, &without_nulls(patch))?;
+        return Ok(());
+    };
+    for (inner, value) in patch {
+        match value {
+            Json::Null => {
+                if tx.get(&map, inner.as_str())?.is_some() {
+                    tx.delete(&map, inner.as_str())?;
+                }
+            }
+            Json::Object(nested) => merge_into(tx, &map, inner, nested)?,
+            other => {
+                let current = tx
+                    .get(&map, inner.as_str())?
+                    .and_then(|(value, id)| value_json(tx, &value, &id, None));
+                if current.as_ref() != Some(other) || tx.get_all(&map, inner.as_str())?.len() > 1 {
+                    put_value(tx, &map, inner, other)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `patch` with its `null`s taken out, at every depth: what a merge patch makes of a key that
+/// held no object.
+fn without_nulls(patch: &Map<String, Json>) -> Json {
+    Json::Object(
+        patch
+            .iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(key, value)| {
+                let value = match value {
+                    Json::Object(nested) => without_nulls(nested),
+                    other => other.clone(),
+                };
+                (key.clone(), value)
+            })
+            .collect(),
+    )
 }
 
 /// Deletes the record: tombstone plus removal of every field. Returns whether it was live.
@@ -368,6 +450,70 @@ mod tests {
         let mut tx = doc.transaction();
         assert!(apply_delete(&mut tx).unwrap());
         tx.commit();
+    }
+
+    fn patch(doc: &mut Automerge, patch: Json) {
+        let write = RecordWrite::merge_patch(patch.as_object().unwrap().clone());
+        write.check().unwrap();
+        let mut tx = doc.transaction();
+        apply_write(&mut tx, &write).unwrap();
+        tx.commit();
+    }
+
+    #[test]
+    fn a_patch_merges_nested_objects_as_rfc_7396_says() {
+        let mut doc = Automerge::new();
+        write(
+            &mut doc,
+            json!({"a": {"x": 1, "y": 2, "z": {"deep": 1}}, "b": 1}),
+        );
+        patch(
+            &mut doc,
+            json!({"a": {"y": 3, "x": null, "z": {"more": 2}}, "b": null, "c": [1]}),
+        );
+        assert_eq!(
+            Json::Object(read(&doc).unwrap()),
+            json!({"a": {"y": 3, "z": {"deep": 1, "more": 2}}, "c": [1]})
+        );
+        // A key that held no object takes the patch, its nulls left out.
+        patch(&mut doc, json!({"c": {"k": 1, "gone": null}}));
+        assert_eq!(read(&doc).unwrap()["c"], json!({"k": 1}));
+        // The RFC's own example.
+        let mut doc = Automerge::new();
+        write(
+            &mut doc,
+            json!({"title": "Goodbye!", "author": {"givenName": "John", "familyName": "Doe"},
+                   "tags": ["example", "sample"], "content": "This will be unchanged"}),
+        );
+        patch(
+            &mut doc,
+            json!({"title": "Hello!", "phoneNumber": "+01-123-456-7890",
+                   "author": {"familyName": null}, "tags": ["example"]}),
+        );
+        assert_eq!(
+            Json::Object(read(&doc).unwrap()),
+            json!({"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"],
+                   "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"})
+        );
+    }
+
+    #[test]
+    fn two_sites_patching_different_keys_of_one_object_both_keep_their_edit() {
+        let mut paris = Automerge::new();
+        paris.set_actor(ActorId::from(vec![1u8; 18]));
+        write(
+            &mut paris,
+            json!({"address": {"city": "Paris", "street": "Rue A"}}),
+        );
+        let mut tokyo = paris.fork();
+        tokyo.set_actor(ActorId::from(vec![2u8; 18]));
+        patch(&mut paris, json!({"address": {"street": "Rue B"}}));
+        patch(&mut tokyo, json!({"address": {"zip": "75001"}}));
+        paris.merge(&mut tokyo).unwrap();
+        tokyo.merge(&mut paris).unwrap();
+        let expected = json!({"address": {"city": "Paris", "street": "Rue B", "zip": "75001"}});
+        assert_eq!(Json::Object(read(&paris).unwrap()), expected);
+        assert_eq!(Json::Object(read(&tokyo).unwrap()), expected);
     }
 
     #[test]
@@ -518,6 +664,7 @@ mod tests {
                     set: vec![(format!("f{field}"), json!(value))],
                     remove: Vec::new(),
                     replace: matches!(op, Op::Replace(..)),
+                    merge: false,
                 };
                 apply_write(&mut tx, &write).unwrap();
             }

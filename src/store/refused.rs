@@ -185,7 +185,7 @@ fn redo(
     let write = RecordWrite {
         set: set.into_iter().collect(),
         remove,
-        replace: false,
+        ..RecordWrite::default()
     };
     document::apply_write(tx, &write)?;
     Ok(true)
