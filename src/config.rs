@@ -215,7 +215,20 @@ impl Default for NetworkSection {
 pub struct NodeSection {
     /// A readable name for the node, shown in history and status.
     pub name: String,
+    /// How far ahead of this node's clock a change may be stamped, in ms: one stamped further
+    /// ahead (a writer whose clock runs ahead) waits until it no longer is, or is refused at
+    /// import.
+    #[serde(default = "clock_ahead_max_ms_default")]
+    pub clock_ahead_max_ms: u64,
 }
+
+fn clock_ahead_max_ms_default() -> u64 {
+    crate::sync::CLOCK_AHEAD_MAX_DEFAULT.as_millis() as u64
+}
+
+/// Bounds of `node.clock_ahead_max_ms`: from a tenth of a second to an hour.
+pub const CLOCK_AHEAD_MAX_MS_MIN: u64 = 100;
+pub const CLOCK_AHEAD_MAX_MS_MAX: u64 = 3_600_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -257,6 +270,7 @@ impl Config {
         Self {
             node: NodeSection {
                 name: name.to_owned(),
+                clock_ahead_max_ms: clock_ahead_max_ms_default(),
             },
             cluster: None,
             network: NetworkSection::default(),
@@ -290,6 +304,13 @@ impl Config {
         {
             return Err(format!(
                 "node.name {name:?} must be 1-{NODE_NAME_BYTES_MAX} bytes without control characters"
+            ));
+        }
+        let bound = self.node.clock_ahead_max_ms;
+        if !(CLOCK_AHEAD_MAX_MS_MIN..=CLOCK_AHEAD_MAX_MS_MAX).contains(&bound) {
+            return Err(format!(
+                "node.clock_ahead_max_ms = {bound} must be between {CLOCK_AHEAD_MAX_MS_MIN} and \
+                 {CLOCK_AHEAD_MAX_MS_MAX}"
             ));
         }
         if let Some(cluster) = &self.cluster {

@@ -36,6 +36,8 @@ pub struct Sabotage {
     /// Of two colliding changes, the one a node received first stands there, whatever the
     /// rule says: nodes that received them in different orders disagree.
     pub first_arrival_stands: bool,
+    /// Changes from peers are applied however far ahead of the node's clock they are stamped.
+    pub no_clock_bound: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

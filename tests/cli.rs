@@ -886,3 +886,96 @@ fn writes_over_the_change_limit_are_refused_with_the_limit_named() {
     let record = get_json(&data, "t/large");
     assert_eq!(record["blob"].as_str().unwrap().len(), 3_000_000);
 }
+
+/// A saved Automerge document that `edit` writes, stamped `hlc` ms (as Concord stamps).
+fn document(edit: impl FnOnce(&mut automerge::transaction::Transaction<'_>), hlc: u64) -> Vec<u8> {
+    use automerge::transaction::CommitOptions;
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    edit(&mut tx);
+    tx.commit_with(
+        CommitOptions::default()
+            .with_message(format!("{{\"hlc\":{hlc}}}"))
+            .with_time((hlc / 1000) as i64),
+    );
+    doc.save()
+}
+
+#[test]
+fn import_refuses_documents_that_break_the_rules_and_stores_nothing() {
+    use automerge::transaction::Transactable;
+    let temp = tempfile::tempdir().unwrap();
+    let node = init_node(temp.path(), "a");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let deep = |tx: &mut automerge::transaction::Transaction<'_>| {
+        let mut object = automerge::ROOT;
+        for level in 0..41 {
+            object = tx
+                .put_object(&object, format!("l{level}"), automerge::ObjType::Map)
+                .unwrap();
+        }
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "an empty field name",
+            document(|tx| tx.put(automerge::ROOT, "", 1).unwrap(), now),
+            "must not be empty",
+        ),
+        ("nesting 41 deep", document(deep, now), "nested deeper"),
+        (
+            "a field of Concord's own",
+            document(|tx| tx.put(automerge::ROOT, "@evil", 1).unwrap(), now),
+            "reserved",
+        ),
+        (
+            "a tombstone that is not a boolean",
+            document(
+                |tx| tx.put(automerge::ROOT, "@deleted", "yes").unwrap(),
+                now,
+            ),
+            "boolean",
+        ),
+        (
+            "a change stamped an hour ahead",
+            document(
+                |tx| tx.put(automerge::ROOT, "credit", 1).unwrap(),
+                now + 3_600_000,
+            ),
+            "later than this node accepts",
+        ),
+    ];
+    for (what, bytes, said) in cases {
+        let file = temp.path().join("bad.automerge");
+        std::fs::write(&file, bytes).unwrap();
+        let output = concord(&node, &["import", "c/bad", file.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1), "{what}: {}", stderr(&output));
+        let message = stderr(&output);
+        assert!(message.contains(said), "{what}: {message}");
+        assert_eq!(
+            message.trim().lines().count(),
+            1,
+            "{what}: one line: {message}"
+        );
+        // Nothing of it was stored.
+        assert_eq!(
+            concord(&node, &["get", "c/bad"]).status.code(),
+            Some(2),
+            "{what}"
+        );
+    }
+    // A good document still imports, and the clock of the next write is this node's own.
+    let file = temp.path().join("good.automerge");
+    std::fs::write(
+        &file,
+        document(|tx| tx.put(automerge::ROOT, "credit", 1).unwrap(), now),
+    )
+    .unwrap();
+    ok(concord(
+        &node,
+        &["import", "c/good", file.to_str().unwrap()],
+    ));
+    assert_eq!(get_json(&node, "c/good"), json!({"credit": 1}));
+}

@@ -52,8 +52,13 @@ struct Args {
     /// Per mille of a node's workload steps that back its store up first.
     #[arg(long, default_value_t = 20)]
     backup_permille: u64,
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 500)]
     skew_ms_max: u64,
+    /// Percent of runs in which one node's clock runs --far-ahead-ms ahead of the others'.
+    #[arg(long, default_value_t = 20)]
+    far_ahead_percent: u64,
+    #[arg(long, default_value_t = 10_000)]
+    far_ahead_ms: u64,
     #[arg(long, default_value_t = 1)]
     edge_offices: usize,
     /// Bytes a connection's send queue holds before the engine waits for room.
@@ -102,6 +107,8 @@ fn main() -> ExitCode {
         && args.steps <= concord_sim::STEPS_MAX
         && args.edge_offices < args.nodes
         && args.crash_percent + args.partition_percent <= 100
+        && args.far_ahead_percent <= 100
+        && args.far_ahead_ms <= 3_600_000
         && args.store_loss_percent <= 100
         && args.backup_permille <= 1000
         && args.drop_percent <= 100
@@ -143,6 +150,8 @@ fn main() -> ExitCode {
             store_loss_percent: args.store_loss_percent,
             backup_permille: args.backup_permille,
             skew_ms_max: args.skew_ms_max,
+            far_ahead_percent: args.far_ahead_percent,
+            far_ahead_ms: args.far_ahead_ms,
             edge_offices: args.edge_offices.min(nodes - 1),
             queue_bytes: args.queue_bytes,
             slow_link_percent: args.slow_link_percent,
@@ -200,6 +209,7 @@ fn main() -> ExitCode {
     let (mut large, mut refused, mut bursts, mut waits) = (0u64, 0u64, 0u64, 0u64);
     let (mut pushed, mut duplicates) = (0u64, 0u64);
     let (mut stores_lost, mut stores_restored, mut lost_with_store) = (0u64, 0u64, 0u64);
+    let (mut far_ahead, mut ahead) = (0u64, 0u64);
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for (seed, outcome) in outcomes {
@@ -218,6 +228,8 @@ fn main() -> ExitCode {
                 refused += summary.refused_writes;
                 bursts += summary.burst_writes;
                 waits += summary.queue_full_waits;
+                far_ahead += u64::from(summary.far_ahead);
+                ahead += summary.changes_ahead;
                 stores_lost += summary.stores_lost;
                 stores_restored += summary.stores_restored;
                 lost_with_store += summary.lost_with_store;
@@ -239,8 +251,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
                 );
                 return ExitCode::from(1);
             }
@@ -262,6 +274,7 @@ fn main() -> ExitCode {
     println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
     println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
+    println!("runs with a node whose clock ran {} ms ahead: {far_ahead}; changes that waited for their receiver's clock: {ahead}", args.far_ahead_ms);
     println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet, lost with them: {lost_with_store}");
     println!("faults injected:");
     for (kind, count) in &faults {

@@ -216,9 +216,9 @@ impl From<NodeError> for ApiError {
             | NodeError::NoConflict { .. }
             | NodeError::NoCandidate { .. }
             | NodeError::UnknownVersion { .. }
-            | NodeError::Store(crate::store::StoreError::InvalidDocument(_)) => {
-                StatusCode::BAD_REQUEST
-            }
+            | NodeError::Store(crate::store::StoreError::InvalidDocument(_))
+            | NodeError::Store(StoreError::Record(_))
+            | NodeError::Store(StoreError::ClockAhead { .. }) => StatusCode::BAD_REQUEST,
             NodeError::Store(StoreError::DiskFull(_) | StoreError::Closed) => {
                 StatusCode::INSUFFICIENT_STORAGE
             }

@@ -514,6 +514,14 @@ impl Node {
         Ok(fresh)
     }
 
+    /// The latest clock a change from elsewhere may carry now: this node's clock and the
+    /// bound its config allows.
+    pub fn accept_until_ms(&self) -> u64 {
+        u64::try_from(now_ms())
+            .unwrap_or(0)
+            .saturating_add(self.config.node.clock_ahead_max_ms)
+    }
+
     /// The disk under the data dir.
     pub fn disk(&self) -> &disk::Disk {
         &self.disk
@@ -900,7 +908,7 @@ impl Node {
                 size_max: IMPORT_BYTES_MAX,
             });
         }
-        Ok(self.docs.import(id, bytes)?)
+        Ok(self.docs.import(id, bytes, self.accept_until_ms())?)
     }
 }
 

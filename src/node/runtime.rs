@@ -132,6 +132,9 @@ pub struct PeerStatus {
     /// Whether the peer keeps up with this node's own writes (then it holds writers back if
     /// it falls far behind).
     pub keeping_up: bool,
+    /// Changes from the peer stamped further ahead of this node's clock than it accepts, on
+    /// this connection: the two clocks disagree.
+    pub changes_ahead: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -163,6 +166,9 @@ pub struct EngineStats {
     /// Changes refused by the rule for colliding changes, by reason (`concord refused` lists
     /// them); their senders stay connected.
     pub changes_refused: BTreeMap<String, u64>,
+    /// Changes from peers not applied yet: stamped further ahead of this node's clock than
+    /// `node.clock_ahead_max_ms` (they are sent again until they are not).
+    pub changes_ahead: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -211,6 +217,7 @@ impl EngineStats {
                 .iter()
                 .map(|(reason, count)| ((*reason).to_owned(), *count))
                 .collect(),
+            changes_ahead: stats.changes_ahead,
             held_now: engine.held_now(),
             held_dropped: stats.held_dropped,
             requests_dropped: stats.requests_dropped,
@@ -497,6 +504,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
     engine_config.writer = node.writer();
     engine_config.policy_hash = node.policies().hash();
+    engine_config.clock_ahead_max = Duration::from_millis(config.node.clock_ahead_max_ms);
     let driver = Driver::new(Engine::new(engine_config), node.documents());
     let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
     let engine_task = tokio::spawn(drive_engine(
@@ -687,6 +695,7 @@ async fn drive_engine(
         {
             panic!("sabotage: the engine task dies on purpose at the first local write");
         }
+        driver.set_clock(u64::try_from(super::now_ms()).unwrap_or(0));
         let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
         if let Some(reason) = carry_out(&shared, outputs) {
             take_new_writer(&shared, &mut driver, &reason);
@@ -857,6 +866,7 @@ fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiti
             policies: engine.peer_policies(&peer).as_str(),
             queued_bytes: driver.queued(&peer),
             keeping_up: backlog.keeping_up.contains(&peer),
+            changes_ahead: engine.peer_changes_ahead(&peer),
         })
         .collect();
     let mut status = shared
@@ -967,6 +977,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_frames_overflowed_total",
             "Frames refused by a full connection queue (a bug; the connection is closed).",
             relaxed(&stats.frames_overflowed),
+        ),
+        (
+            "concord_changes_clock_ahead_total",
+            "Changes from peers stamped further ahead of this node's clock than it accepts (not applied until they are not).",
+            engine.changes_ahead,
         ),
         (
             "concord_peer_disconnects_total",

@@ -324,6 +324,34 @@ fn without_nulls(patch: &Map<String, Json>) -> Json {
     )
 }
 
+/// Checks a whole document by the rules a write follows (field names, values, nesting), as a
+/// document that came from elsewhere must be: of Concord's own fields it may hold only the
+/// tombstone, a boolean. Every value of a field in conflict is checked.
+pub fn check_document<D: ReadDoc>(doc: &D) -> Result<(), RecordError> {
+    for field in doc.keys(ROOT) {
+        let values = doc.get_all(ROOT, field.as_str())?;
+        if field.starts_with(RESERVED_FIELD_PREFIX) {
+            if field != DELETED_KEY {
+                return Err(RecordError::ReservedField { field });
+            }
+            let boolean = values
+                .iter()
+                .all(|(value, _)| matches!(value, Value::Scalar(scalar) if matches!(scalar.as_ref(), automerge::ScalarValue::Boolean(_))));
+            if !boolean {
+                return Err(RecordError::NotABoolean { field });
+            }
+            continue;
+        }
+        check_field_name(&field)?;
+        for (value, id) in &values {
+            if let Some(json) = value_json(doc, value, id, None) {
+                check_value(&field, &json)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Deletes the record: tombstone plus removal of every field. Returns whether it was live.
 pub fn apply_delete<T: Transactable + ReadDoc>(tx: &mut T) -> Result<bool, RecordError> {
     if state(tx) != RecordState::Live {

@@ -38,4 +38,8 @@ pub enum RecordError {
     TooManyValues { count: usize, count_max: usize },
     #[error("automerge: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    #[error("field {field:?} is reserved for Concord and may not be written")]
+    ReservedField { field: String },
+    #[error("field {field:?} must be a boolean")]
+    NotABoolean { field: String },
 }

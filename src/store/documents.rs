@@ -603,11 +603,21 @@ impl<S: Store> DocStore<S> {
     }
 
     /// Merges a saved Automerge document (from any implementation) into the record.
-    pub fn import(&self, id: &RecordId, bytes: &[u8]) -> Result<ImportOutcome, StoreError> {
+    /// Merges a saved Automerge document from elsewhere into `id`, by the rules every way in
+    /// follows: no change stamped past `accept_until_ms` (ms since the Unix epoch: this node's
+    /// clock and the bound it allows), no change over the size limit, and the merged record
+    /// must hold only what a write could have put there ([`document::check_document`]).
+    /// Nothing is stored otherwise.
+    pub fn import(
+        &self,
+        id: &RecordId,
+        bytes: &[u8],
+        accept_until_ms: u64,
+    ) -> Result<ImportOutcome, StoreError> {
         let incoming = Automerge::load(bytes)
             .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
         let mut session = self.session();
-        let outcome = session.merge(id, &incoming)?;
+        let outcome = session.merge(id, &incoming, accept_until_ms)?;
         session.commit(Durability::Durable)?;
         Ok(outcome)
     }
@@ -967,6 +977,7 @@ impl<S: Store> WriteSession<'_, S> {
         &mut self,
         id: &RecordId,
         incoming: &Automerge,
+        accept_until_ms: u64,
     ) -> Result<ImportOutcome, StoreError> {
         let doc_key = id.to_doc_key();
         let loaded = self.document(&doc_key)?;
@@ -980,7 +991,24 @@ impl<S: Store> WriteSession<'_, S> {
                 size_max: CHANGE_BYTES_MAX,
             });
         }
-        self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)
+        if let Some(ahead) = incoming_changes
+            .iter()
+            .find(|change| super::replication::clock_of(change) > accept_until_ms)
+        {
+            return Err(StoreError::ClockAhead {
+                change: ahead.hash().to_string(),
+                clock_ms: super::replication::clock_of(ahead),
+                accept_until_ms,
+            });
+        }
+        let outcome = self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)?;
+        let loaded = self.document(&doc_key)?;
+        if let Err(error) = document::check_document(&loaded.doc) {
+            // Nothing of it is kept: the session's copy goes, unwritten.
+            self.abandon(&doc_key);
+            return Err(error.into());
+        }
+        Ok(outcome)
     }
 
     /// Applies changes to the session's copy of a document and queues whichever of them were
@@ -1164,6 +1192,17 @@ impl<S: Store> WriteSession<'_, S> {
             .get(origin)
             .is_some_and(|progress| progress.holds(sequence))
             || self.places.contains(&(*origin, sequence))
+    }
+
+    /// Drops the session's copy of a document and everything queued for it, so that the
+    /// session commits nothing of it (a merge found it breaks a rule).
+    pub(super) fn abandon(&mut self, doc_key: &[u8]) {
+        self.working.remove(doc_key);
+        self.heads_changed.retain(|(key, _, _)| key != doc_key);
+        self.batch = Batch::default();
+        self.places.clear();
+        self.live_delta = 0;
+        self.next_log_sequence = self.inner.next_log_sequence;
     }
 
     /// Drops the session's copy of a document that nothing was queued for yet, as after an

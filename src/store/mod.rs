@@ -132,6 +132,16 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed (it is being opened again after a write failed)")]
     Closed,
+    #[error(
+        "change {change} is stamped {} ms later than this node accepts (its clock plus \
+         `clock_ahead_max_ms`): a writer's clock runs ahead; nothing was stored",
+        clock_ms.saturating_sub(*accept_until_ms)
+    )]
+    ClockAhead {
+        change: String,
+        clock_ms: u64,
+        accept_until_ms: u64,
+    },
     #[error("{0}")]
     DiskFull(String),
     #[error(transparent)]

@@ -353,8 +353,8 @@ mod tests {
         let early = write(&a, &id, 0, 2_000);
         let late = write(&b, &id, 42, 3_000);
         // Each receives the other's change at the same log place.
-        let at_a = a.apply_remote(log_of(&b, writer, 1)).unwrap();
-        let at_b = b.apply_remote(log_of(&a, writer, 1)).unwrap();
+        let at_a = a.apply_remote(log_of(&b, writer, 1), u64::MAX).unwrap();
+        let at_b = b.apply_remote(log_of(&a, writer, 1), u64::MAX).unwrap();
         a.sync().unwrap();
         b.sync().unwrap();
         for report in [&at_a, &at_b] {
@@ -391,14 +391,14 @@ mod tests {
         assert_eq!(credit(&b, &id), Some(json!(42)));
         assert_eq!(b.pending_reissues(), 0);
         // It reaches a as any write does, and both agree.
-        a.apply_remote(log_of(&b, fresh, 0)).unwrap();
+        a.apply_remote(log_of(&b, fresh, 0), u64::MAX).unwrap();
         assert_eq!(credit(&a, &id), Some(json!(42)));
         assert_eq!(
             a.heads(&id.to_doc_key()).unwrap(),
             b.heads(&id.to_doc_key()).unwrap()
         );
         // A refused change sent again changes nothing.
-        let again = a.apply_remote(log_of(&b, writer, 1)).unwrap();
+        let again = a.apply_remote(log_of(&b, writer, 1), u64::MAX).unwrap();
         assert!(again.refused.is_empty() && again.invalid.is_empty());
     }
 }

@@ -16,6 +16,7 @@ use super::digest::{self, Aggregate};
 use super::documents::{for_each_entry, LogPlace, NewChange};
 use super::layout::{self, RefusalReason};
 use super::{DocStore, Durability, Store, StoreError};
+use crate::record::stamp::ChangeStamp;
 use crate::record::{document, NodeId, RecordId};
 
 /// One change with its place in its origin's log.
@@ -57,6 +58,14 @@ pub struct ApplyReport {
     /// Changes that came with a log place this store holds with another change: applied
     /// without a place, by the rule for colliding changes.
     pub places_taken: usize,
+    /// Changes stamped further ahead of this node's clock than it accepts: nothing was written
+    /// for these (their senders send them again).
+    pub ahead: Vec<LoggedChange>,
+}
+
+/// A change's clock: its stamp's, in ms since the Unix epoch.
+pub fn clock_of(change: &Change) -> u64 {
+    ChangeStamp::of_change(change.message(), change.timestamp()).hlc
 }
 
 /// The hash of a change in Automerge's binary format.
@@ -77,6 +86,8 @@ pub struct UnloggedOutcome {
     pub refused: Vec<RefusalReason>,
     /// See [`ApplyReport::own_writer_shared`].
     pub own_writer_shared: bool,
+    /// Changes left out, stamped further ahead of this node's clock than it accepts.
+    pub ahead: usize,
 }
 
 /// What became of one change tried alone against a document.
@@ -214,7 +225,14 @@ impl<S: Store> DocStore<S> {
     /// document are applied together, in one Automerge call, and the document is saved once.
     /// Not yet durable when it returns: the caller makes it so ([`DocStore::sync`]) before
     /// anything that depends on these changes leaves the node.
-    pub fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError> {
+    /// A change whose clock is past `accept_until_ms` (ms since the Unix epoch: the receiver's
+    /// clock and the bound it allows) is not applied, nor given its place: it is handed back in
+    /// [`ApplyReport::ahead`], and its sender sends it again, until it is no longer ahead.
+    pub fn apply_remote(
+        &self,
+        changes: Vec<LoggedChange>,
+        accept_until_ms: u64,
+    ) -> Result<ApplyReport, StoreError> {
         let mut report = ApplyReport::default();
         let mut session = self.session();
         let mut groups: Vec<(Vec<u8>, Group)> = Vec::new();
@@ -257,6 +275,10 @@ impl<S: Store> DocStore<S> {
                     continue;
                 }
             };
+            if clock_of(&change) > accept_until_ms {
+                report.ahead.push(logged);
+                continue;
+            }
             match group_of.get(&logged.doc_key) {
                 Some(&index) => groups[index].1.push((logged, change)),
                 None => {
@@ -279,7 +301,7 @@ impl<S: Store> DocStore<S> {
         }
         for (doc_key, logged) in by_doc {
             let changes = logged.iter().map(|change| change.change.clone()).collect();
-            match self.apply_unlogged(&doc_key, changes) {
+            match self.apply_unlogged(&doc_key, changes, accept_until_ms) {
                 Ok(outcome) => {
                     report.refused.extend(outcome.refused);
                     report.own_writer_shared |= outcome.own_writer_shared;
@@ -667,6 +689,7 @@ impl<S: Store> DocStore<S> {
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
+        accept_until_ms: u64,
     ) -> Result<UnloggedOutcome, StoreError> {
         if RecordId::from_doc_key(doc_key).is_err() {
             return Err(StoreError::InvalidDocument(format!(
@@ -683,7 +706,12 @@ impl<S: Store> DocStore<S> {
         }
         let mut session = self.session();
         let mut fresh = Vec::with_capacity(parsed.len());
+        let mut ahead = 0;
         for change in parsed {
+            if clock_of(&change) > accept_until_ms {
+                ahead += 1;
+                continue;
+            }
             if !session.refused_holds(doc_key, &change.hash())? {
                 fresh.push(change);
             }
@@ -749,6 +777,7 @@ impl<S: Store> DocStore<S> {
         }
         outcome.refused = report.refused;
         outcome.own_writer_shared = report.own_writer_shared;
+        outcome.ahead = ahead;
         session.commit(Durability::Deferred)?;
         Ok(outcome)
     }

@@ -152,6 +152,11 @@ impl Driver {
         &self.engine
     }
 
+    /// The wall clock now, ms since the Unix epoch (see [`Engine::set_clock`]).
+    pub fn set_clock(&mut self, wall_ms: u64) {
+        self.engine.set_clock(wall_ms);
+    }
+
     /// The store writes under `writer` from now on: its own log is pushed from the start.
     pub fn set_writer(&mut self, writer: NodeId, replica: &impl Replica) {
         self.engine.set_writer(writer, replica);

@@ -79,6 +79,12 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often each peer is sent a repair digest. Summaries already catch everything the logs
 /// hold, so repair only has to find what they missed (a truncated log, a bug): a slow beat.
 pub const REPAIR_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// How far ahead of this node's clock a change may be stamped, unless the config says
+/// otherwise: further ahead, it waits until it no longer is. CockroachDB's `max-offset` is the
+/// model; a change stamped ahead would push every later write to its record ahead too, and
+/// win under `lww` until the world caught up with it.
+pub const CLOCK_AHEAD_MAX_DEFAULT: Duration = Duration::from_secs(2);
+
 /// (collection, field) pairs whose conflicts are counted apart, so a stream of ever-new field
 /// names cannot grow the counters without bound.
 pub const CONFLICT_FIELDS_COUNTED_MAX: usize = 1024;
@@ -101,7 +107,13 @@ pub trait Replica {
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError>;
     /// Applies changes from a peer; durable only after [`Replica::sync`].
-    fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError>;
+    /// Applies changes from a peer (none stamped past `accept_until_ms`); durable only after
+    /// [`Replica::sync`].
+    fn apply_remote(
+        &self,
+        changes: Vec<LoggedChange>,
+        accept_until_ms: u64,
+    ) -> Result<ApplyReport, StoreError>;
     /// A document's changes that are not ancestors of `have`, within `limit` changes and
     /// `bytes_max` bytes; and whether that is all of them.
     fn document_changes(
@@ -117,6 +129,7 @@ pub trait Replica {
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
+        accept_until_ms: u64,
     ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
     fn digest(&self, prefix: &str) -> Option<Aggregate>;
@@ -153,8 +166,12 @@ impl<S: Store> Replica for DocStore<S> {
     ) -> Result<Vec<LoggedChange>, StoreError> {
         DocStore::log_after(self, origin, after, limit, bytes_max)
     }
-    fn apply_remote(&self, changes: Vec<LoggedChange>) -> Result<ApplyReport, StoreError> {
-        DocStore::apply_remote(self, changes)
+    fn apply_remote(
+        &self,
+        changes: Vec<LoggedChange>,
+        accept_until_ms: u64,
+    ) -> Result<ApplyReport, StoreError> {
+        DocStore::apply_remote(self, changes, accept_until_ms)
     }
     fn document_changes(
         &self,
@@ -169,8 +186,9 @@ impl<S: Store> Replica for DocStore<S> {
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
+        accept_until_ms: u64,
     ) -> Result<UnloggedOutcome, StoreError> {
-        DocStore::apply_unlogged(self, doc_key, changes)
+        DocStore::apply_unlogged(self, doc_key, changes, accept_until_ms)
     }
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
@@ -214,6 +232,9 @@ pub struct Config {
     pub changes_per_message: usize,
     /// [`crate::policy::Policies::hash`] of this node, sent to peers that speak version 2.
     pub policy_hash: [u8; 32],
+    /// How far ahead of this node's clock ([`Engine::set_clock`]) a change from a peer may be
+    /// stamped: further ahead, it is not applied until it no longer is.
+    pub clock_ahead_max: Duration,
     /// Deliberate bugs (simulator tests only).
     #[cfg(feature = "sabotage")]
     pub sabotage: crate::Sabotage,
@@ -230,6 +251,7 @@ impl Config {
             repair_interval: REPAIR_INTERVAL_DEFAULT,
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
             policy_hash: crate::policy::Policies::default().hash(),
+            clock_ahead_max: CLOCK_AHEAD_MAX_DEFAULT,
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
         }
@@ -296,6 +318,8 @@ pub struct Stats {
     /// Changes that came with a log place held here by another change (two stores wrote
     /// under one writer): applied without a place, by the same rule.
     pub log_places_taken: u64,
+    /// Changes not applied yet, stamped further ahead of this node's clock than it accepts.
+    pub changes_ahead: u64,
     /// Fields that became conflicting as changes from peers were applied.
     pub conflicts: u64,
     /// The same by (collection, field), for the first [`CONFLICT_FIELDS_COUNTED_MAX`] pairs
@@ -341,6 +365,9 @@ pub struct Engine {
     /// This node's own log is durable up to here: nothing above it is sent, since a change
     /// that left and was then lost in a crash would see its place written again.
     own_durable: u64,
+    /// The wall clock, ms since the Unix epoch, as the shell last said (`None`: no bound on
+    /// how far ahead changes may be stamped).
+    clock_ms: Option<u64>,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -366,6 +393,7 @@ impl Engine {
             unsynced: false,
             superseded: None,
             own_durable: 0,
+            clock_ms: None,
         }
     }
 
@@ -403,6 +431,23 @@ impl Engine {
         self.rebalance(replica, None);
     }
 
+    /// The wall clock now, ms since the Unix epoch: changes stamped further ahead of it than
+    /// [`Config::clock_ahead_max`] are not applied yet. Handed in, as all time is.
+    pub fn set_clock(&mut self, wall_ms: u64) {
+        self.clock_ms = Some(wall_ms);
+    }
+
+    /// The latest clock a change may carry to be applied now.
+    fn accept_until(&self) -> u64 {
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage.no_clock_bound {
+            return u64::MAX;
+        }
+        self.clock_ms.map_or(u64::MAX, |clock| {
+            clock.saturating_add(self.config.clock_ahead_max.as_millis() as u64)
+        })
+    }
+
     /// Why this node's writer must be replaced, if a peer showed it.
     pub fn superseded(&self) -> Option<&str> {
         self.superseded.as_deref()
@@ -416,6 +461,30 @@ impl Engine {
         tracing::warn!(%peer, writer = %self.config.writer, "{reason}");
         self.superseded = Some(reason.clone());
         actions.push(Action::WriterSuperseded { peer, reason });
+    }
+
+    /// `count` changes from `peer` were stamped too far ahead of this node's clock.
+    fn note_ahead(&mut self, peer: NodeId, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.stats.changes_ahead += count as u64;
+        if let Some(state) = self.peers.get_mut(&peer) {
+            if state.changes_ahead == 0 {
+                tracing::warn!(
+                    %peer,
+                    "changes from this peer are stamped more than {:?} ahead of this node's \
+                     clock: they wait until they are not (compare the nodes' clocks)",
+                    self.config.clock_ahead_max
+                );
+            }
+            state.changes_ahead += count as u64;
+        }
+    }
+
+    /// Changes from `peer` stamped too far ahead of this node's clock, on this connection.
+    pub fn peer_changes_ahead(&self, peer: &NodeId) -> u64 {
+        self.peers.get(peer).map_or(0, |state| state.changes_ahead)
     }
 
     fn count_refused(&mut self, refused: &[RefusalReason]) {
@@ -926,7 +995,7 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let doc_key = answer.doc.into_bytes();
-        let outcome = match replica.apply_unlogged(&doc_key, answer.changes) {
+        let outcome = match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until()) {
             Ok(outcome) => outcome,
             Err(StoreError::InvalidDocument(detail)) => {
                 self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
@@ -937,6 +1006,7 @@ impl Engine {
         let new = outcome.new;
         self.unsynced |= new > 0 || !outcome.refused.is_empty();
         self.count_refused(&outcome.refused);
+        self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
         }
@@ -960,10 +1030,11 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
-        let report = replica.apply_remote(changes)?;
+        let report = replica.apply_remote(changes, self.accept_until())?;
         self.unsynced = true;
         self.count_refused(&report.refused);
         self.stats.log_places_taken += report.places_taken as u64;
+        self.note_ahead(from, report.ahead.len());
         if report.own_writer_shared {
             self.own_writer_shared(from, actions);
         }

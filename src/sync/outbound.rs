@@ -120,6 +120,8 @@ pub(super) struct Peer {
     pub(super) pruned: BTreeSet<NodeId>,
     /// Origins we asked this peer not to relay to us.
     pub(super) pruned_by_us: BTreeSet<NodeId>,
+    /// Changes from the peer stamped too far ahead of this node's clock.
+    pub(super) changes_ahead: u64,
     pub(super) outbox: Outbox,
 }
 

@@ -622,7 +622,9 @@ fn repair_finds_documents_the_summaries_missed() {
         let (changes, _) = scratch
             .document_changes(key.as_bytes(), &[], 100, usize::MAX)
             .unwrap();
-        target.apply_unlogged(key.as_bytes(), changes).unwrap();
+        target
+            .apply_unlogged(key.as_bytes(), changes, u64::MAX)
+            .unwrap();
     };
     plant(&net.nodes[0].docs, "c/hidden-a");
     plant(&net.nodes[0].docs, "c/3");
@@ -1001,4 +1003,39 @@ fn messages_that_arrive_together_are_applied_as_batches_within_the_message_limit
     let keys: Vec<String> = (0..12_000).map(|index| format!("c/{index}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     net.assert_converged(&keys);
+}
+
+#[test]
+fn a_change_stamped_far_ahead_waits_for_the_receivers_clock() {
+    let mut net = Network::new(2);
+    // Node 0's clock runs an hour ahead of node 1's.
+    let hour_ms = 3_600_000u64;
+    net.nodes[0].driver.set_clock(hour_ms);
+    net.nodes[1].driver.set_clock(1_000);
+    let id = RecordId::parse("t/1").unwrap();
+    let actor = net.nodes[0].id.actor(0);
+    let write = RecordWrite {
+        set: vec![("credit".to_owned(), json!(1))],
+        ..Default::default()
+    };
+    net.nodes[0]
+        .docs
+        .write(&id, &actor, hour_ms as i64, Durability::Durable, |tx| {
+            document::apply_write(tx, &write)
+        })
+        .unwrap();
+    net.step(0, vec![Input::LocalWrites]);
+    net.connect(0, 1);
+    net.settle();
+    // Not applied, not logged: node 1 waits, and counts it.
+    assert_eq!(net.record(1, "t/1").1, None);
+    assert!(net.nodes[1].engine().stats().changes_ahead > 0);
+    assert!(net.nodes[1].engine().peer_changes_ahead(&net.nodes[0].id) > 0);
+    assert_eq!(net.nodes[1].docs.origin_mark(&net.nodes[0].id), 0);
+    // Once node 1's clock is within the bound of the stamp, the change is taken.
+    net.nodes[1]
+        .driver
+        .set_clock(hour_ms - CLOCK_AHEAD_MAX_DEFAULT.as_millis() as u64);
+    net.settle();
+    net.assert_converged(&["t/1"]);
 }
