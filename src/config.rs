@@ -13,6 +13,8 @@ use crate::store::{CACHE_DOCUMENTS_MAX, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_MAX
 pub const CONFIG_FILE: &str = "concord.toml";
 /// Longest node name, in bytes.
 pub const NODE_NAME_BYTES_MAX: usize = 64;
+// A name that config accepts must fit the hello that carries it.
+const _: () = assert!(NODE_NAME_BYTES_MAX <= concord_proto::NODE_NAME_BYTES_MAX);
 /// Largest sled page cache one may configure, in MiB.
 pub const PAGE_CACHE_MIB_MAX: u64 = 64 * 1024;
 
@@ -256,10 +258,10 @@ impl Default for StoreSection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -281,9 +283,9 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Self::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),

@@ -28,18 +28,31 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
 }
 
-/// Writes `contents` to `path`, replacing it, readable by the owner only.
+/// Writes `contents` to `path`, replacing it, readable by the owner only. The file is
+/// written beside `path` and renamed over it, so a crash leaves the old contents or the new,
+/// never a part.
 pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(FILE_MODE)
-        .open(path)?;
-    // An existing file keeps its mode on open: set it.
+        .open(&partial)?;
+    // A file left from an earlier attempt keeps its mode on open: set it.
     file.set_permissions(Permissions::from_mode(FILE_MODE))?;
     file.write_all(contents)?;
-    file.sync_all()
+    file.sync_all()?;
+    std::fs::rename(&partial, path)?;
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Makes `dir` and everything under it owner-only (dirs 0700, files 0600).

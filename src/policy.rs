@@ -367,7 +367,22 @@ fn field_values<'a>(
                 Some(heads) => doc.get_all_at(ROOT, field.as_str(), heads),
                 None => doc.get_all(ROOT, field.as_str()),
             };
-            let values = values.ok().filter(|values| !values.is_empty())?;
+            let mut values = values.ok().filter(|values| !values.is_empty())?;
+            if values.len() > 1 {
+                // Candidates in the order they were written (by clock, then actor), the same for
+                // every field and on every node, so that `resolve --pick N` means one thing.
+                values.sort_by_cached_key(|(_, id)| {
+                    let hlc = doc
+                        .hash_for_opid(id)
+                        .and_then(|hash| ChangeStamp::of_hash(doc, &hash))
+                        .map_or(0, |stamp| stamp.hlc);
+                    let actor = match id {
+                        ObjId::Id(_, actor, _) => actor.to_hex_string(),
+                        ObjId::Root => String::new(),
+                    };
+                    (hlc, actor)
+                });
+            }
             Some((field, values))
         })
 }
@@ -554,6 +569,7 @@ mod tests {
             hlc,
             src: Some(writer.source.to_owned()),
             site: Some(writer.site.to_owned()),
+            reverts: None,
         };
         let mut tx = doc.transaction();
         let write = RecordWrite {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cluster::{eventually, TestNode};
-use concord::config::{AdapterKind, BindingSection, Config, Direction};
+use concord::config::{AdapterKind, BindingSection, Config, Direction, PolicyKind};
 use serde_json::{json, Value};
 
 const SERVER_URL: &str = "postgres://postgres@127.0.0.1:5432";
@@ -686,5 +686,278 @@ async fn a_row_over_the_change_limit_is_quarantined_and_holds_up_nothing() {
         .execute("INSERT INTO customers (id, name) VALUES (4, 'later')", [])
         .unwrap();
     eventually("a later row", WAIT, || node.get("customers/4").is_some()).await;
+    node.stop().await;
+}
+
+/// The offline-edit scenario: `b` is down while its SQLite row is edited; then the same row is
+/// edited in PostgreSQL at `a`, later; then `b` starts. Run under `policy` on both nodes.
+/// Returns the two nodes (running) and the SQLite file.
+async fn offline_edit(
+    parent: &Path,
+    database: &TestDatabase,
+    policy: PolicyKind,
+) -> (TestNode, TestNode, PathBuf) {
+    let (mut a, mut b, file) = two_sites(parent, database, Direction::Both).await;
+    database
+        .client()
+        .batch_execute("INSERT INTO customers (id, name, email) VALUES (1, 'Ada', 'old@x')")
+        .unwrap();
+    eventually("the row reaches b's table", WAIT, || {
+        sqlite_row(&file, 1).is_some_and(|row| row["email"] == json!("old@x"))
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+    let rule = concord::config::PolicySection {
+        collection: "customers".to_owned(),
+        field: None,
+        policy,
+        order: Vec::new(),
+        script: None,
+    };
+    a.set_policies(vec![rule.clone()]);
+    b.set_policies(vec![rule]);
+    a.start().await;
+    // While b is down: its table first, then PostgreSQL at a, 300 ms later.
+    sqlite(&file)
+        .execute(
+            "UPDATE customers SET email = 'sqlite@offline' WHERE id = 1",
+            [],
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    database
+        .client()
+        .batch_execute("UPDATE customers SET email = 'postgres@later' WHERE id = 1")
+        .unwrap();
+    eventually("a takes PostgreSQL's edit", WAIT, || {
+        a.get("customers/1")
+            .is_some_and(|record| record["email"] == json!("postgres@later"))
+    })
+    .await;
+    b.start().await;
+    (a, b, file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_made_offline_keeps_its_place_in_time() {
+    let Some(database) = TestDatabase::create("offline_edit") else {
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    // Under lww the later edit wins on both tables, whichever site made it.
+    let (mut a, mut b, file) = offline_edit(temp.path(), &database, PolicyKind::Lww).await;
+    eventually("both tables show the later edit", WAIT, || {
+        sqlite_row(&file, 1).is_some_and(|row| row["email"] == json!("postgres@later"))
+            && pg_text(&database, "SELECT email FROM customers WHERE id = 1").as_deref()
+                == Some("postgres@later")
+    })
+    .await;
+    // The two edits were concurrent: a conflict lww settled, on both nodes alike.
+    for node in [&a, &b] {
+        let conflicts = node.conflicts("customers");
+        let email = conflicts
+            .iter()
+            .find(|conflict| conflict["field"] == json!("email"))
+            .unwrap_or_else(|| panic!("{}: no conflict on email: {conflicts:?}", node.name));
+        assert_eq!(email["rule"], json!("lww"), "{email}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_made_offline_is_a_conflict_listed_on_both_nodes_under_manual() {
+    let Some(database) = TestDatabase::create("offline_manual") else {
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let (mut a, mut b, _file) = offline_edit(temp.path(), &database, PolicyKind::Manual).await;
+    eventually("the conflict is listed on both nodes", WAIT, || {
+        [&a, &b].iter().all(|node| {
+            node.conflicts("customers").iter().any(|conflict| {
+                conflict["field"] == json!("email") && conflict["pending"] == json!(true)
+            })
+        })
+    })
+    .await;
+    let listed: Vec<Value> = [&a, &b]
+        .iter()
+        .map(|node| node.conflicts("customers")[0]["candidates"].clone())
+        .collect();
+    assert_eq!(listed[0], listed[1], "both nodes list the same candidates");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A saved Automerge document whose root holds `fields`, stamped now (as Concord stamps).
+fn automerge_document(fields: &[(&str, automerge::ScalarValue)]) -> Vec<u8> {
+    use automerge::transaction::{CommitOptions, Transactable};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    for (field, value) in fields {
+        tx.put(automerge::ROOT, *field, value.clone()).unwrap();
+    }
+    tx.commit_with(
+        CommitOptions::default()
+            .with_message(format!("{{\"hlc\":{now}}}"))
+            .with_time((now / 1000) as i64),
+    );
+    doc.save()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dates_and_bytes_round_trip_exactly_through_postgres_and_sqlite() {
+    let Some(database) = TestDatabase::create("dates_bytes") else {
+        return;
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let (mut a, mut b, file) = two_sites(temp.path(), &database, Direction::Both).await;
+    // An out write leaves a field the record lacks to the column's default.
+    database
+        .client()
+        .batch_execute("ALTER TABLE customers ALTER COLUMN email SET DEFAULT 'unknown@example.com'")
+        .unwrap();
+
+    // 2026-11-26T10:00:00.123Z and three bytes, as Automerge Date and Bytes, imported at a.
+    const JOINED_MS: i64 = 1_795_687_200_123;
+    let bytes = vec![0x00, 0xff, 0x10];
+    let document = automerge_document(&[
+        ("name", automerge::ScalarValue::Str("Ada".into())),
+        ("joined", automerge::ScalarValue::Timestamp(JOINED_MS)),
+        ("photo", automerge::ScalarValue::Bytes(bytes.clone())),
+    ]);
+    let path = temp.path().join("typed.automerge");
+    std::fs::write(&path, document).unwrap();
+    common::ok(common::concord(
+        &a.dir,
+        &["import", "customers/7", path.to_str().unwrap()],
+    ));
+    // The record reads them as PostgreSQL writes them.
+    let record = a.get("customers/7").unwrap();
+    assert_eq!(record["joined"], json!("2026-11-26T10:00:00.123+00:00"));
+    assert_eq!(record["photo"], json!("\\x00ff10"));
+
+    // PostgreSQL holds the same instant and bytes, and the column default.
+    eventually("the row reaches PostgreSQL", WAIT, || {
+        pg_text(&database, "SELECT name FROM customers WHERE id = 7").is_some()
+    })
+    .await;
+    let pg = |sql: &str| pg_text(&database, sql).unwrap_or_default();
+    assert_eq!(
+        pg("SELECT (extract(epoch FROM joined) * 1000)::bigint::text FROM customers WHERE id = 7"),
+        JOINED_MS.to_string()
+    );
+    assert_eq!(
+        pg("SELECT encode(photo, 'hex') FROM customers WHERE id = 7"),
+        "00ff10"
+    );
+    assert_eq!(
+        pg("SELECT email FROM customers WHERE id = 7"),
+        "unknown@example.com"
+    );
+
+    // SQLite holds the instant as text and the bytes as a blob.
+    eventually("the row reaches SQLite", WAIT, || {
+        sqlite_row(&file, 7).is_some_and(|row| row["name"] == json!("Ada"))
+    })
+    .await;
+    // The default filled PostgreSQL's row only: the record still has no email.
+    assert_eq!(sqlite_row(&file, 7).unwrap()["email"], Value::Null);
+    assert!(a.get("customers/7").unwrap().get("email").is_none());
+    let (joined, photo_type, photo): (String, String, Vec<u8>) = sqlite(&file)
+        .query_row(
+            "SELECT joined, typeof(photo), photo FROM customers WHERE id = 7",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(joined, "2026-11-26T10:00:00.123+00:00");
+    assert_eq!(photo_type, "blob");
+    assert_eq!(photo, bytes);
+
+    // Back: an edit of another column in SQLite leaves both exactly as they were in
+    // PostgreSQL.
+    sqlite(&file)
+        .execute("UPDATE customers SET name = 'Ada L.' WHERE id = 7", [])
+        .unwrap();
+    eventually("the SQLite edit reaches PostgreSQL", WAIT, || {
+        pg_text(&database, "SELECT name FROM customers WHERE id = 7").as_deref() == Some("Ada L.")
+    })
+    .await;
+    assert_eq!(
+        pg("SELECT (extract(epoch FROM joined) * 1000)::bigint::text FROM customers WHERE id = 7"),
+        JOINED_MS.to_string()
+    );
+    assert_eq!(
+        pg("SELECT encode(photo, 'hex') FROM customers WHERE id = 7"),
+        "00ff10"
+    );
+    assert_eq!(b.get("customers/7").unwrap()["photo"], json!("\\x00ff10"));
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_made_again_under_its_binding_is_refilled_on_request() {
+    let parent = tempfile::tempdir().unwrap();
+    let ca = parent.path().join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut node = TestNode::create(parent.path(), "n", &ca, &[]);
+    let file = sqlite_file(&node.dir);
+    add_binding(
+        &node,
+        binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::Both),
+    );
+    node.start().await;
+    for id in 1..=3 {
+        node.put(
+            &format!("customers/{id}"),
+            json!({"name": format!("c{id}")}),
+        );
+    }
+    eventually("the records fill the table", WAIT, || {
+        (1..=3).all(|id| sqlite_row(&file, id).is_some())
+    })
+    .await;
+    // The table is dropped and made again, empty, with a default for email.
+    sqlite(&file)
+        .execute_batch(&format!(
+            "DROP TABLE customers; {}",
+            SQLITE_TABLE.replace("email TEXT,", "email TEXT DEFAULT 'none',")
+        ))
+        .unwrap();
+    let name = binding_status(&node)["name"].as_str().unwrap().to_owned();
+    let said = common::ok(common::concord(&node.dir, &["refill", &name]));
+    assert!(said.contains("loads again"), "{said}");
+    eventually("the table is filled again", WAIT, || {
+        (1..=3).all(|id| {
+            sqlite_row(&file, id).is_some_and(|row| {
+                row["name"] == json!(format!("c{id}")) && row["email"] == json!("none")
+            })
+        })
+    })
+    .await;
+    // Its triggers are back: an edit of the new table reaches the record.
+    sqlite(&file)
+        .execute("UPDATE customers SET name = 'edited' WHERE id = 2", [])
+        .unwrap();
+    eventually("the edit reaches the record", WAIT, || {
+        node.get("customers/2")
+            .is_some_and(|record| record["name"] == json!("edited"))
+    })
+    .await;
+    // An unknown binding is refused with the names there are.
+    let output = common::concord(&node.dir, &["refill", "nope"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        common::stderr(&output).contains(&name),
+        "{}",
+        common::stderr(&output)
+    );
     node.stop().await;
 }

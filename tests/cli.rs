@@ -178,7 +178,16 @@ fn get_at_a_version_and_revert_to_it_and_back() {
     let history = ok(concord(&node, &["history", "c/1"]));
     assert_eq!(history.lines().count(), 4);
     let revert_version: Value = serde_json::from_str(history.lines().last().unwrap()).unwrap();
-    assert_eq!(revert_version["action"], json!("recreate"));
+    assert_eq!(
+        revert_version["action"],
+        json!("revert"),
+        "{revert_version}"
+    );
+    assert_eq!(
+        revert_version["reverts"],
+        json!(versions[0]),
+        "{revert_version}"
+    );
     // The revert is a version too; reverting to the delete deletes again, and reverting to
     // the revert brings it back.
     ok(concord(&node, &["revert", "c/1", "--to", &versions[2]]));

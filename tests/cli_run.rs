@@ -268,3 +268,103 @@ fn a_node_whose_engine_dies_stops_rather_than_take_writes_it_cannot_replicate() 
     assert!(ok(concord(&data, &["get", "c/1"])).contains("Ada"));
     assert_eq!(terminate(&mut node), Some(0));
 }
+
+#[test]
+fn a_node_joins_its_cluster_later_says_when_it_runs_and_names_what_it_cannot_reach() {
+    let temp = tempfile::tempdir().unwrap();
+    let ca = temp.path().join("ca");
+    ok(concord_bare(&["ca", "init", ca.to_str().unwrap()]));
+    let a = temp.path().join("a");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    ok(concord_bare(&[
+        "init",
+        a.to_str().unwrap(),
+        "--name",
+        "a",
+        "--listen",
+        &listen,
+        "--api",
+        &format!("127.0.0.1:{}", free_port()),
+        "--peer",
+        &nowhere,
+    ]));
+    ok(concord(&a, &["put", "t/1", "n=1"]));
+    // Made without --ca: run says what to do, and doing it works, keeping id and records.
+    let refused = concord(&a, &["run"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("--ca"), "{}", stderr(&refused));
+    let id = std::fs::read_to_string(a.join("node.id")).unwrap();
+    ok(concord_bare(&[
+        "init",
+        a.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read_to_string(a.join("node.id")).unwrap(), id);
+    // Once joined, init refuses as before.
+    let again = concord_bare(&["init", a.to_str().unwrap(), "--ca", ca.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("already"), "{}", stderr(&again));
+
+    // Without RUST_LOG, run says that it runs and where.
+    let log = std::fs::File::create(a.join("run.log")).unwrap();
+    let mut node = Command::new(common::concord_binary())
+        .args(["--data", a.to_str().unwrap(), "run"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until("the node serves", || {
+        concord(&a, &["status"]).status.success()
+    });
+    assert!(
+        run_log(&a).contains(&format!("running: peers connect to {listen}")),
+        "{}",
+        run_log(&a)
+    );
+    assert!(ok(concord(&a, &["get", "t/1"])).contains('1'));
+    // Status names the configured peer it cannot reach.
+    wait_until("status names the unreachable peer", || {
+        let status = ok(concord(&a, &["status"]));
+        status.contains("0 connected, 1 unreachable") && status.contains(&nowhere)
+    });
+
+    // A second node on the same listen address: one line, naming the listener, said once.
+    let b = temp.path().join("b");
+    ok(concord_bare(&[
+        "init",
+        b.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--api",
+        &format!("127.0.0.1:{}", free_port()),
+    ]));
+    let taken = concord(&b, &["run"]);
+    assert_eq!(taken.status.code(), Some(1));
+    let said = stderr(&taken);
+    let error: Vec<&str> = said
+        .lines()
+        .filter(|line| line.starts_with("error"))
+        .collect();
+    assert_eq!(error.len(), 1, "{said}");
+    assert!(
+        error[0].contains("network.listen") && error[0].contains(&listen),
+        "{said}"
+    );
+    let reason = "in use";
+    assert_eq!(error[0].matches(reason).count(), 1, "{said}");
+
+    // export writes to stdout with "-" or with no file.
+    for args in [&["export", "t/1", "-"][..], &["export", "t/1"][..]] {
+        let output = concord(&a, args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(automerge::Automerge::load(&output.stdout).is_ok());
+    }
+
+    assert_eq!(terminate(&mut node), Some(0));
+    assert!(run_log(&a).contains("node a stopped"), "{}", run_log(&a));
+}

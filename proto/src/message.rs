@@ -19,6 +19,17 @@ pub const DOC_KEY_BYTES_MAX: usize = 321;
 pub const NODE_NAME_BYTES_MAX: usize = 64;
 /// Longest free-text detail in a goodbye.
 pub const DETAIL_BYTES_MAX: usize = 1024;
+
+/// Shortens `text` to at most `bytes_max` bytes, at a character boundary.
+pub fn clip_text(text: &mut String, bytes_max: usize) {
+    if text.len() > bytes_max {
+        let mut end = bytes_max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
 /// Most origins one summary lists.
 pub const ORIGINS_PER_SUMMARY_MAX: usize = 4096;
 /// Most changes one message carries.

@@ -278,3 +278,13 @@ fn the_largest_change_fits_a_frame_alone() {
     });
     assert!(over.check().is_err());
 }
+
+#[test]
+fn clipped_text_ends_at_a_character_boundary() {
+    let mut text = "é".repeat(10);
+    concord_proto::clip_text(&mut text, 5);
+    assert_eq!(text, "éé");
+    let mut short = "ok".to_owned();
+    concord_proto::clip_text(&mut short, 5);
+    assert_eq!(short, "ok");
+}

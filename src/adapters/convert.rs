@@ -139,6 +139,13 @@ impl ColumnKind {
                 hex::decode(hex_digits).map_err(|_| format!("{text:?} is not bytes"))?;
                 text.clone()
             }
+            (Self::Text, value @ (Json::Object(_) | Json::Array(_))) => {
+                return Err(format!(
+                    "a JSON {} does not fit a text column: declare the column JSON (SQLite: \
+                     `JSON`, PostgreSQL: `jsonb`) to keep objects and arrays",
+                    json_type(value)
+                ))
+            }
             (kind, value) => scalar_text(value).ok_or_else(|| {
                 format!("a JSON {} does not fit a {kind:?} column", json_type(value))
             })?,
@@ -204,6 +211,12 @@ pub fn text_to_bytes(text: &str) -> Result<Vec<u8>, String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_object_for_a_text_column_says_to_declare_it_json() {
+        let error = ColumnKind::Text.to_text(&json!({"a": 1})).unwrap_err();
+        assert!(error.contains("declare the column JSON"), "{error}");
+    }
 
     #[test]
     fn each_kind_round_trips_through_text() {

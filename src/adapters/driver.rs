@@ -85,12 +85,13 @@ pub struct Mapping {
     pub key: Vec<usize>,
 }
 
-/// A row to write into its record: key, the row as it is now (`None`: gone), and the columns
-/// to take from it (`None`: all).
+/// A row to write into its record: key, the row as it is now (`None`: gone), the columns to
+/// take from it (`None`: all), and when it changed (ms since the Unix epoch; `None`: now).
 type CapturedRow = (
     Vec<String>,
     Option<Vec<TextValue>>,
     Option<BTreeSet<String>>,
+    Option<i64>,
 );
 
 /// A running binding.
@@ -224,6 +225,43 @@ pub fn prepare(config: &BindingSection, table: &mut dyn Table) -> Result<Mapping
 /// Starts a binding: checks it against its table at once when the database answers (a bad
 /// binding fails here, naming what is wrong), then runs it on its own thread. A database that
 /// does not answer yet is retried with backoff by the thread.
+/// The store's state key of binding `binding`'s `what` (load progress, marks).
+fn state_key(binding: &str, what: &str) -> Vec<u8> {
+    format!("adapter/{binding}/{what}").into_bytes()
+}
+
+/// Has the binding named `name` load again, as when it first started: records into its
+/// table (a binding that writes it) and rows into records (one that reads it). For a table
+/// that was dropped and made again under the binding. What already matches is left as it
+/// is. A running binding starts on it at its next round, a stopped one when it starts.
+pub fn refill(node: &Node, name: &str) -> Result<(), AdapterError> {
+    let Some(config) = node
+        .config()
+        .bindings
+        .iter()
+        .find(|binding| binding.name() == name)
+    else {
+        let names: Vec<String> = node.config().bindings.iter().map(|b| b.name()).collect();
+        return Err(AdapterError::Config(format!(
+            "there is no binding {name:?} (this node has: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        )));
+    };
+    let mut session = node.documents().session();
+    if config.direction.reads_table() {
+        session.remove_state(&state_key(name, "load_in"));
+    }
+    if config.direction.writes_table() {
+        session.remove_state(&state_key(name, "load_out"));
+    }
+    session.commit(Durability::Durable)?;
+    Ok(())
+}
+
 pub fn start(
     config: &BindingSection,
     node: Arc<Node>,
@@ -269,6 +307,12 @@ pub fn start(
         mapping: None,
         own_changes: Default::default(),
     };
+    // What the table changed while the node was down is captured before the node exchanges
+    // anything with its peers: written on the record as the node last saw it, such a change
+    // is concurrent with the edits made elsewhere meanwhile, as it was.
+    if let Some((table, mapping)) = connected.as_mut() {
+        runner.capture_pending(table.as_mut(), mapping);
+    }
     let thread = std::thread::Builder::new()
         .name(format!("binding-{name}"))
         .spawn(move || runner.run(connected))
@@ -303,6 +347,10 @@ struct OwnChanges {
     hashes: std::collections::HashSet<[u8; 32]>,
     order: std::collections::VecDeque<[u8; 32]>,
 }
+
+/// Capture rounds made at start before the node talks to its peers, at most; what is left
+/// is captured by the binding's thread.
+const PENDING_CAPTURE_ROUNDS_MAX: usize = 1000;
 
 /// Own changes remembered per binding (32 bytes each, twice).
 const OWN_CHANGES_MAX: usize = 100_000;
@@ -342,7 +390,7 @@ impl Runner {
     }
 
     fn state_name(&self, what: &str) -> Vec<u8> {
-        format!("adapter/{}/{what}", self.name).into_bytes()
+        state_key(&self.name, what)
     }
 
     fn run(&mut self, mut connected: Option<(Box<dyn Table>, Mapping)>) {
@@ -404,6 +452,29 @@ impl Runner {
         }
     }
 
+    /// Captures every change the table holds pending, now, on this thread (see [`start`]).
+    fn capture_pending(&mut self, table: &mut dyn Table, mapping: &Mapping) {
+        if !self.config.direction.reads_table() {
+            return;
+        }
+        match self.load_progress("load_in") {
+            Ok(progress) if progress.done => {}
+            // A table not loaded yet is loaded by the binding's thread.
+            _ => return,
+        }
+        self.mapping = Some(mapping.clone());
+        for _ in 0..PENDING_CAPTURE_ROUNDS_MAX {
+            match self.capture(table) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(error) => {
+                    tracing::warn!(binding = %self.name, %error, "capturing the table's pending changes");
+                    return;
+                }
+            }
+        }
+    }
+
     fn disconnected(&self, error: &AdapterError) {
         let mut status = self.status();
         status.state = "disconnected".to_owned();
@@ -427,6 +498,7 @@ impl Runner {
             let progress = self.load_progress("load_in")?;
             if !progress.done {
                 self.status().state = "loading".to_owned();
+                self.prepare_for_load(table, &progress)?;
                 return self.load_in_page(table, progress).map(|()| true);
             }
         }
@@ -434,6 +506,7 @@ impl Runner {
             let progress = self.load_progress("load_out")?;
             if !progress.done {
                 self.status().state = "loading".to_owned();
+                self.prepare_for_load(table, &progress)?;
                 return self.load_out_page(table, progress).map(|()| true);
             }
         }
@@ -447,6 +520,19 @@ impl Runner {
         }
         self.retry(table)?;
         Ok(busy)
+    }
+
+    /// A load that begins (first start, or `refill` for a table made again) checks the table
+    /// and installs its triggers again: a table dropped and made again lost them.
+    fn prepare_for_load(
+        &mut self,
+        table: &mut dyn Table,
+        progress: &LoadProgress,
+    ) -> Result<(), AdapterError> {
+        if progress.after.is_none() {
+            self.mapping = Some(prepare(&self.config, table)?);
+        }
+        Ok(())
     }
 
     fn load_progress(&self, what: &str) -> Result<LoadProgress, AdapterError> {
@@ -505,7 +591,10 @@ impl Runner {
         let now = now_ms();
         let mut written = 0u64;
         let mut bad = Vec::new();
-        for (key, row, only) in rows {
+        for (key, row, only, at) in rows {
+            // When the row changed, by the database's clock, never later than now: a change
+            // made while the node was down keeps its place in time.
+            let time = at.map_or(now, |at| at.min(now));
             let id = match self.record_id(&key) {
                 Ok(id) => id,
                 Err(error) => {
@@ -516,7 +605,7 @@ impl Runner {
             let outcome = match row {
                 Some(row) => match self.write_of_row(&row, only.as_ref()) {
                     Ok(write) => session
-                        .write(&id, &self.actor, now, |tx| {
+                        .write(&id, &self.actor, time, |tx| {
                             document::apply_write(tx, &write)
                         })
                         .map(|(_, outcome)| outcome),
@@ -526,7 +615,7 @@ impl Runner {
                     }
                 },
                 None => session
-                    .write(&id, &self.actor, now, |tx| document::apply_delete(tx))
+                    .write(&id, &self.actor, time, |tx| document::apply_delete(tx))
                     .map(|(_, outcome)| outcome),
             };
             match outcome {
@@ -575,7 +664,7 @@ impl Runner {
         }
         let keyed: Vec<CapturedRow> = rows
             .into_iter()
-            .map(|row| (self.key_of_row(&row), Some(row), None))
+            .map(|row| (self.key_of_row(&row), Some(row), None, None))
             .collect();
         self.write_rows(keyed, Some(("load_in", &progress)))?;
         let loaded = {
@@ -641,8 +730,15 @@ impl Runner {
         // list) means every column.
         let mut changed: std::collections::BTreeMap<Vec<String>, Option<BTreeSet<String>>> =
             std::collections::BTreeMap::new();
+        // The latest time of change of each key: the record's change keeps it.
+        let mut changed_at: std::collections::BTreeMap<Vec<String>, i64> =
+            std::collections::BTreeMap::new();
         let mut order = Vec::new();
         for change in &captured {
+            if let Some(at) = change.at_ms {
+                let latest = changed_at.entry(change.key.clone()).or_insert(at);
+                *latest = (*latest).max(at);
+            }
             let columns = change.columns.as_ref().map(|c| c.iter().cloned().collect());
             match changed.get_mut(&change.key) {
                 None => {
@@ -659,7 +755,8 @@ impl Runner {
         let mut rows = Vec::with_capacity(order.len());
         for (key, row) in order.into_iter().zip(now) {
             let only = changed.remove(&key).flatten();
-            rows.push((key, row, only));
+            let at = changed_at.get(&key).copied();
+            rows.push((key, row, only, at));
         }
         self.write_rows(rows, None)?;
         let ids: Vec<i64> = captured.iter().map(|change| change.id).collect();
@@ -909,7 +1006,7 @@ impl Runner {
                 }
             };
             let row = table.read(&parts)?;
-            self.write_rows(vec![(parts, row, None)], None)?;
+            self.write_rows(vec![(parts, row, None, None)], None)?;
             // A row that wrote cleanly leaves the quarantine; one that failed again was
             // put back above with a longer backoff.
             let name = self.entry_name("quarantine", "in", &key);

@@ -77,6 +77,10 @@ pub struct Captured {
     /// (every column). Only these are written into the record, so a column the table has not
     /// caught up on yet never overwrites a newer value merged from another site.
     pub columns: Option<Vec<String>>,
+    /// When the row changed, ms since the Unix epoch, by the database's clock: the change
+    /// made of it keeps that time (an edit made while the node was down keeps its place in
+    /// time). `None` for a change row written before the time was kept.
+    pub at_ms: Option<i64>,
 }
 
 /// A record to write to the table: `row` is `None` to delete, else one value per mapped

@@ -134,6 +134,7 @@ CREATE TABLE IF NOT EXISTS {schema}.{changes} (
     columns text[]
 );
 ALTER TABLE {schema}.{changes} ADD COLUMN IF NOT EXISTS columns text[];
+ALTER TABLE {schema}.{changes} ADD COLUMN IF NOT EXISTS changed_at timestamptz DEFAULT clock_timestamp();
 CREATE INDEX IF NOT EXISTS {changes_index} ON {schema}.{changes} (relation, key);
 CREATE OR REPLACE FUNCTION {schema}._concord_capture() RETURNS trigger LANGUAGE plpgsql AS $concord$
 DECLARE
@@ -247,12 +248,30 @@ CREATE OR REPLACE TRIGGER _concord_capture
                 Ok(Applied::Deleted)
             }
             (Some(values), None) => {
-                let parameters: Vec<&(dyn postgres::types::ToSql + Sync)> = values
-                    .iter()
-                    .map(|value| value as &(dyn postgres::types::ToSql + Sync))
-                    .collect();
+                // Only the columns the record fills: the others take their defaults.
+                let mut names = Vec::new();
+                let mut marks = Vec::new();
+                let mut parameters: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::new();
+                for (column, value) in this.columns.iter().zip(values) {
+                    if value.is_none() {
+                        continue;
+                    }
+                    names.push(quote(&column.name));
+                    parameters.push(value);
+                    marks.push(format!("${}::text::{}", parameters.len(), column.sql_type));
+                }
+                let sql = if names.is_empty() {
+                    format!("INSERT INTO {} DEFAULT VALUES", this.qualified)
+                } else {
+                    format!(
+                        "INSERT INTO {} ({}) VALUES ({})",
+                        this.qualified,
+                        names.join(", "),
+                        marks.join(", ")
+                    )
+                };
                 transaction
-                    .execute(&this.insert, &parameters)
+                    .execute(&sql, &parameters)
                     .map_err(|error| db_message(&error))?;
                 Ok(Applied::Inserted)
             }
@@ -317,26 +336,12 @@ struct TableSql {
     key_condition: String,
     select_for_update: String,
     pending: String,
-    insert: String,
     delete: String,
 }
 
 impl PostgresTable {
     fn statements(&self) -> TableSql {
         let key_condition = self.key_condition(1);
-        let insert_values = self
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(index, column)| format!("${}::text::{}", index + 1, column.sql_type))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let names = self
-            .columns
-            .iter()
-            .map(|column| quote(&column.name))
-            .collect::<Vec<_>>()
-            .join(", ");
         TableSql {
             qualified: self.qualified.clone(),
             relation: self.relation.clone(),
@@ -351,10 +356,6 @@ impl PostgresTable {
                 "SELECT 1 FROM {}.{} WHERE relation = $1 AND key = $2 LIMIT 1",
                 quote(&self.schema),
                 quote(CHANGES_TABLE)
-            ),
-            insert: format!(
-                "INSERT INTO {} ({names}) VALUES ({insert_values})",
-                self.qualified
             ),
             delete: format!("DELETE FROM {} WHERE {key_condition}", self.qualified),
             key_condition,
@@ -445,7 +446,8 @@ impl Table for PostgresTable {
 
     fn captured(&mut self, limit: usize) -> Result<Vec<Captured>, AdapterError> {
         let sql = format!(
-            "SELECT id, key, columns FROM {}.{} WHERE relation = $1 ORDER BY id LIMIT $2",
+            "SELECT id, key, columns, (extract(epoch FROM changed_at) * 1000)::bigint \
+             FROM {}.{} WHERE relation = $1 ORDER BY id LIMIT $2",
             quote(&self.schema),
             quote(CHANGES_TABLE)
         );
@@ -465,6 +467,7 @@ impl Table for PostgresTable {
                 columns: row
                     .get::<_, Option<Vec<Option<String>>>>(2)
                     .map(|columns| columns.into_iter().flatten().collect()),
+                at_ms: row.get::<_, Option<i64>>(3),
             })
             .collect())
     }

@@ -174,22 +174,27 @@ impl SqliteTable {
                 Ok(Applied::Deleted)
             }
             (Some(values), None) => {
-                let bound = self
-                    .columns
-                    .iter()
-                    .zip(values)
-                    .map(|(column, value)| Self::value_of(column.kind, value))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let marks = vec!["?"; bound.len()].join(", ");
-                self.connection
-                    .execute(
-                        &format!(
-                            "INSERT INTO {} ({}) VALUES ({marks})",
-                            quote(&self.table),
-                            self.select_list()
-                        ),
-                        params_from_iter(bound.iter()),
+                // Only the columns the record fills: the others take their defaults.
+                let mut names = Vec::new();
+                let mut bound = Vec::new();
+                for (column, value) in self.columns.iter().zip(values) {
+                    if value.is_some() {
+                        names.push(quote(&column.name));
+                        bound.push(Self::value_of(column.kind, value)?);
+                    }
+                }
+                let sql = if names.is_empty() {
+                    format!("INSERT INTO {} DEFAULT VALUES", quote(&self.table))
+                } else {
+                    format!(
+                        "INSERT INTO {} ({}) VALUES ({})",
+                        quote(&self.table),
+                        names.join(", "),
+                        vec!["?"; bound.len()].join(", ")
                     )
+                };
+                self.connection
+                    .execute(&sql, params_from_iter(bound.iter()))
                     .map_err(error)?;
                 Ok(Applied::Inserted)
             }
@@ -294,7 +299,7 @@ impl Table for SqliteTable {
         let changes = quote(CHANGES_TABLE);
         let applying = quote(APPLYING_TABLE);
         let mut sql = format!(
-            "CREATE TABLE IF NOT EXISTS {changes} (id INTEGER PRIMARY KEY AUTOINCREMENT, relation TEXT NOT NULL, key TEXT NOT NULL, columns TEXT);\n\
+            "CREATE TABLE IF NOT EXISTS {changes} (id INTEGER PRIMARY KEY AUTOINCREMENT, relation TEXT NOT NULL, key TEXT NOT NULL, columns TEXT, changed_at INTEGER);\n\
              CREATE INDEX IF NOT EXISTS {} ON {changes} (relation, key);\n\
              CREATE TABLE IF NOT EXISTS {applying} (marker INTEGER);\n",
             quote(&format!("{CHANGES_TABLE}_relation_key"))
@@ -311,9 +316,11 @@ impl Table for SqliteTable {
             let table = quote(&self.table);
             let relation = self.table.replace('\'', "''");
             let guard = format!("WHEN NOT EXISTS (SELECT 1 FROM {applying})");
+            // The row's time of change, in ms, by the database's clock.
+            let now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
             let insert = |row: &str| {
                 format!(
-                    "INSERT INTO {changes} (relation, key) VALUES ('{relation}', {});",
+                    "INSERT INTO {changes} (relation, key, changed_at) VALUES ('{relation}', {}, {now_ms});",
                     key_of(row)
                 )
             };
@@ -333,8 +340,8 @@ impl Table for SqliteTable {
                 (
                     "UPDATE",
                     format!(
-                        "INSERT INTO {changes} (relation, key, columns) VALUES ('{relation}', {}, json_array({changed})); \
-                         INSERT INTO {changes} (relation, key) SELECT '{relation}', {} WHERE {} IS NOT {};",
+                        "INSERT INTO {changes} (relation, key, columns, changed_at) VALUES ('{relation}', {}, json_array({changed}), {now_ms}); \
+                         INSERT INTO {changes} (relation, key, changed_at) SELECT '{relation}', {}, {now_ms} WHERE {} IS NOT {};",
                         key_of("NEW"),
                         key_of("OLD"),
                         key_of("OLD"),
@@ -350,6 +357,21 @@ impl Table for SqliteTable {
                 ));
             }
         }
+        // A change table made before the time of change was kept gets the column.
+        let columns_now: Vec<String> = self
+            .connection
+            .prepare(&format!(
+                "SELECT name FROM pragma_table_info('{CHANGES_TABLE}')"
+            ))
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| row.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap_or_default();
+        if !columns_now.is_empty() && !columns_now.iter().any(|name| name == "changed_at") {
+            sql = format!("ALTER TABLE {changes} ADD COLUMN changed_at INTEGER;\n{sql}");
+        }
         self.connection.execute_batch(&sql).map_err(|error| {
             AdapterError::Config(format!(
                 "cannot install the capture triggers on {}: {error}",
@@ -362,7 +384,7 @@ impl Table for SqliteTable {
         let mut statement = self
             .connection
             .prepare_cached(&format!(
-                "SELECT id, key, columns FROM {} WHERE relation = ?1 ORDER BY id LIMIT ?2",
+                "SELECT id, key, columns, changed_at FROM {} WHERE relation = ?1 ORDER BY id LIMIT ?2",
                 quote(CHANGES_TABLE)
             ))
             .map_err(database("reading captured changes"))?;
@@ -372,13 +394,14 @@ impl Table for SqliteTable {
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, Option<String>>(2)?,
+                    row.get::<_, Option<i64>>(3)?,
                 ))
             })
             .map_err(database("reading captured changes"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(database("reading captured changes"))?;
         rows.into_iter()
-            .map(|(id, key, columns)| {
+            .map(|(id, key, columns, at_ms)| {
                 let parts: Vec<Option<String>> = serde_json::from_str(&key).map_err(|error| {
                     AdapterError::Database(format!("captured key {key:?}: {error}"))
                 })?;
@@ -398,6 +421,7 @@ impl Table for SqliteTable {
                     id,
                     key: parts.into_iter().map(Option::unwrap_or_default).collect(),
                     columns,
+                    at_ms,
                 })
             })
             .collect()

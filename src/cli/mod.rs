@@ -79,6 +79,13 @@ enum Command {
     /// List rows the adapters quarantined, one JSON object per line: binding, direction,
     /// key, error, attempts, next retry.
     Errors,
+    /// Have a binding load again as when it first started: records into its table, rows
+    /// into records. For a table dropped and made again under the binding; rows that match
+    /// their record are left as they are.
+    Refill {
+        /// The binding's name (`concord status` lists them).
+        binding: String,
+    },
     /// List changes this node refused, one JSON object per line: record, change, actor,
     /// sequence, reason (`duplicate_sequence`: another change with the same actor and
     /// sequence stands; `depends_on_refused`), the change that stands instead, its clock.
@@ -165,13 +172,19 @@ enum Command {
     List { collection: String },
     /// Print a record's changes, one JSON object per line: actor, origin, time, effect.
     History { id: String },
-    /// Write a record's Automerge document (saved bytes) to a file ("-" for stdout).
+    /// Write a record's Automerge document (saved bytes) to FILE, or to stdout when FILE is
+    /// "-" or not given.
     Export {
         id: String,
+        /// Where to write it ("-": stdout).
+        #[arg(value_name = "FILE", conflicts_with = "output")]
+        file: Option<PathBuf>,
+        /// The same as FILE.
         #[arg(short, long, value_name = "FILE")]
-        output: PathBuf,
+        output: Option<PathBuf>,
     },
-    /// Merge a saved Automerge document into a record.
+    /// Merge a saved Automerge document (FILE, "-" for stdin) into a record. The document
+    /// passes the rules of a write, and its changes the clock bound, or nothing is stored.
     Import { id: String, file: PathBuf },
     /// Copy a node's store, with its node.id and config, to FILE: through its API while the
     /// node runs (it goes on taking writes), directly while it is stopped. The file is checked
@@ -305,7 +318,7 @@ where
                 error.downcast_ref::<NodeError>(),
                 Some(NodeError::NotFound(_))
             );
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_text(&error));
             if not_found {
                 ExitCode::from(2)
             } else {
@@ -373,7 +386,18 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(concord::node::runtime::run(node, shutdown_signal()))?;
+            let config = node.config().clone();
+            let (id, name) = (node.id(), config.node.name.clone());
+            runtime.block_on(async {
+                let running = concord::node::runtime::start(node).await?;
+                eprintln!(
+                    "concord: node {name} ({id}) running: peers connect to {}, the API is at \
+                     http://{}; Ctrl-C or SIGTERM stops it",
+                    config.network.listen, config.network.api
+                );
+                running.run_until(shutdown_signal()).await
+            })?;
+            eprintln!("concord: node {name} stopped");
         }
         Command::Backup { dir, output } => {
             let dir = dir.map_or_else(|| data_dir(cli.data), Ok)?;
@@ -507,6 +531,15 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             };
             writeln!(out, "{id} {field} = {value}")?;
         }
+        Command::Refill { binding } => {
+            match target(cli.data)? {
+                Target::Local(node) => concord::adapters::driver::refill(&node, &binding)?,
+                Target::Remote(api) => {
+                    api.refill(&binding)?;
+                }
+            }
+            writeln!(out, "binding {binding} loads again")?;
+        }
         Command::Errors => {
             let dir = data_dir(cli.data)?;
             let answer = remote::ApiClient::for_data_dir(&dir)?
@@ -553,15 +586,12 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Get { id, at } => {
             let id = RecordId::parse_user(&id)?;
-            let version = at
-                .as_deref()
-                .map(concord::node::parse_version)
-                .transpose()?;
-            let fields = match (target(cli.data)?, version) {
+            let fields = match (target(cli.data)?, at) {
                 (Target::Local(node), None) => {
                     Json::Object(node.get(&id)?.ok_or(NodeError::NotFound(id))?)
                 }
                 (Target::Local(node), Some(version)) => {
+                    let version = node.resolve_version(&id, &version)?;
                     Json::Object(node.get_at(&id, &version)?.ok_or(NodeError::NotFound(id))?)
                 }
                 (Target::Remote(api), None) => api.get(&id)?,
@@ -571,13 +601,15 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Revert { id, to } => {
             let id = RecordId::parse_user(&id)?;
-            let version = concord::node::parse_version(&to)?;
             let changed = match target(cli.data)? {
-                Target::Local(node) => node.revert(&id, &version)?,
-                Target::Remote(api) => api.revert(&id, &version)?,
+                Target::Local(node) => {
+                    let version = node.resolve_version(&id, &to)?;
+                    node.revert(&id, &version)?
+                }
+                Target::Remote(api) => api.revert(&id, &to)?,
             };
             if !changed {
-                writeln!(out, "{id} is already as it was at {version}")?;
+                writeln!(out, "{id} is already as it was at {to}")?;
             }
         }
         Command::Delete { id } => {
@@ -633,7 +665,8 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 }
             }
         }
-        Command::Export { id, output } => {
+        Command::Export { id, file, output } => {
+            let output = file.or(output).unwrap_or_else(|| PathBuf::from("-"));
             let id = RecordId::parse(&id)?;
             let bytes = match target(cli.data)? {
                 Target::Local(node) => node.export(&id)?,
@@ -648,8 +681,27 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Import { id, file } => {
             let id = RecordId::parse_user(&id)?;
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let bytes = if file == Path::new("-") {
+                use std::io::Read;
+                let mut bytes = Vec::new();
+                std::io::Read::take(
+                    std::io::stdin().lock(),
+                    concord::node::IMPORT_BYTES_MAX as u64 + 1,
+                )
+                .read_to_end(&mut bytes)
+                .context("cannot read stdin")?;
+                bytes
+            } else {
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            if bytes.len() > concord::node::IMPORT_BYTES_MAX {
+                bail!(
+                    "{} is over the limit of {} bytes for one import; nothing \
+                     was stored",
+                    file.display(),
+                    concord::node::IMPORT_BYTES_MAX
+                );
+            }
             let new_changes = match target(cli.data)? {
                 Target::Local(node) => {
                     node.import(&id, &bytes)
@@ -743,15 +795,61 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "listen   {}", text("listen"))?;
     writeln!(out, "records  {}", status["records"])?;
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
-    writeln!(out, "peers    {}", peers.len())?;
-    for peer in peers {
+    let unreachable = status["unreachable"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "peers    {} connected, {} unreachable",
+        peers.len(),
+        unreachable.len()
+    )?;
+    let field = |value: &Json, key: &str| value[key].as_str().unwrap_or("?").to_owned();
+    for peer in &peers {
+        let lag = peer["lag"]
+            .as_u64()
+            .map_or("not known yet".to_owned(), |lag| format!("{lag} changes"));
         writeln!(
             out,
-            "  {} at {}: {}, lag {}",
-            peer["node"].as_str().unwrap_or("?"),
-            peer["address"].as_str().unwrap_or("?"),
-            peer["state"].as_str().unwrap_or("?"),
-            peer["lag"]
+            "  {} ({}) at {}: {}, lag {lag}, policies {}",
+            field(peer, "name"),
+            field(peer, "node"),
+            field(peer, "address"),
+            field(peer, "state"),
+            field(peer, "policies"),
+        )?;
+    }
+    for peer in &unreachable {
+        let node = peer["node"]
+            .as_str()
+            .map_or(String::new(), |node| format!(" (node {node})"));
+        writeln!(
+            out,
+            "  unreachable {}{node}: {} ({} attempts failed in a row)",
+            field(peer, "address"),
+            field(peer, "error"),
+            peer["failures"]
+        )?;
+    }
+    for peer in peers.iter().filter(|peer| peer["policies"] == "differ") {
+        writeln!(
+            out,
+            "warning  {}'s conflict policies differ from this node's: the same records resolve \
+             to different values there (compare [[policies]] in concord.toml)",
+            field(peer, "name")
+        )?;
+    }
+    for peer in peers
+        .iter()
+        .filter(|peer| peer["changes_ahead"].as_u64().unwrap_or(0) > 0)
+    {
+        writeln!(
+            out,
+            "warning  {} sent {} changes stamped ahead of this node's clock by more than \
+             node.clock_ahead_max_ms: the two clocks disagree (check NTP on both)",
+            field(peer, "name"),
+            peer["changes_ahead"]
         )?;
     }
     let engine = &status["engine"];
@@ -763,6 +861,14 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         engine["changes_applied"],
         engine["duplicates"]
     )?;
+    for (key, what) in [
+        ("degraded", "degraded (writes refused with 507)"),
+        ("overloaded", "overloaded (writes refused with 503)"),
+    ] {
+        if let Some(reason) = status[key].as_str() {
+            writeln!(out, "warning  {what}: {reason}")?;
+        }
+    }
     for binding in status["bindings"].as_array().cloned().unwrap_or_default() {
         let text = |key: &str| binding[key].as_str().unwrap_or("?").to_owned();
         writeln!(
@@ -781,6 +887,23 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// An error and its causes on one line, each said once: many errors already name their
+/// cause in their own text, and the chain would repeat it.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
 }
 
 /// Reads `FIELD=PATH` into `FIELD=CONTENTS`, refusing a file larger than a request may be.
@@ -984,7 +1107,9 @@ fn load(
                 Err(error) if options.skip_bad => {
                     bad += 1;
                     if bad <= LOAD_BAD_LINES_SHOWN {
-                        progress.suspend(|| eprintln!("line {line_number}: {error:#} (skipped)"));
+                        progress.suspend(|| {
+                            eprintln!("line {line_number}: {} (skipped)", error_text(&error))
+                        });
                     }
                 }
                 Err(error) => {

@@ -68,7 +68,13 @@ impl ApiClient {
             200..=299 => Ok(value),
             404 => match id {
                 Some(id) => Err(NodeError::NotFound(id.clone()).into()),
-                None => bail!("not found"),
+                None => bail!(
+                    "{}",
+                    value
+                        .get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("not found")
+                ),
             },
             _ => bail!(
                 "{}",
@@ -112,19 +118,23 @@ impl ApiClient {
         )
     }
 
-    pub fn get_at(&self, id: &RecordId, version: &automerge::ChangeHash) -> Result<Value> {
-        let url = format!("{}?at={version}", self.url(&Self::record_path(id)));
+    pub fn get_at(&self, id: &RecordId, version: &str) -> Result<Value> {
+        let url = format!(
+            "{}?at={}",
+            self.url(&Self::record_path(id)),
+            urlencode(version)
+        );
         self.answer(Some(id), self.agent.get(&url).call())
     }
 
     /// Whether the revert changed anything.
-    pub fn revert(&self, id: &RecordId, version: &automerge::ChangeHash) -> Result<bool> {
+    pub fn revert(&self, id: &RecordId, version: &str) -> Result<bool> {
         let url = self.url(&format!("{}/revert", Self::record_path(id)));
         let answer = self.answer(
             Some(id),
             self.agent
                 .post(&url)
-                .send_json(serde_json::json!({"to": version.to_string()})),
+                .send_json(serde_json::json!({ "to": version })),
         )?;
         Ok(answer["changed"].as_bool().unwrap_or(true))
     }
@@ -299,6 +309,11 @@ impl ApiClient {
             progress(total);
         }
         Ok(())
+    }
+
+    pub fn refill(&self, binding: &str) -> Result<Value> {
+        let url = self.url(&format!("/v1/bindings/{}/refill", urlencode(binding)));
+        self.answer(None, self.agent.post(&url).send_empty())
     }
 
     pub fn refused(&self) -> Result<Value> {

@@ -56,14 +56,25 @@ const DIAL_SERVER_NAME: &str = "peer.node.concord";
 /// Ports tried by [`free_loopback_port`] before it gives up.
 const FREE_PORT_TRIES_MAX: usize = 32;
 
+/// Lowest port [`free_loopback_port`] picks.
+const FREE_PORT_LOW: u16 = 10_000;
+
 /// A loopback port free for both UDP (QUIC) and TCP (the API) right now, for demos and tests
-/// that start several nodes on one machine.
+/// that start several nodes on one machine. It lies below the kernel's ephemeral range, so
+/// that a node restarted on it does not find it taken by some client's outgoing connection.
 pub fn free_loopback_port() -> std::io::Result<u16> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > FREE_PORT_LOW + 1_000)
+        .unwrap_or(32_768);
+    let mut jitter = Jitter::new();
+    let span = f64::from(ephemeral_low - FREE_PORT_LOW);
     for _ in 0..FREE_PORT_TRIES_MAX {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let port = FREE_PORT_LOW + (jitter.unit() * span) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return Ok(port);
         }
     }
@@ -103,11 +114,24 @@ pub struct TransportStats {
     pub handshakes_refused: AtomicU64,
 }
 
+/// How dialing one configured peer address goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DialState {
+    /// The node that answered at this address the last time a handshake completed.
+    pub peer: Option<NodeId>,
+    /// Why the last attempt failed, if it did.
+    pub last_error: Option<String>,
+    /// Attempts that failed since the last one that did not.
+    pub failures: u64,
+}
+
 /// The connections of one node.
 pub struct Transport {
     node: NodeId,
     endpoint: quinn::Endpoint,
     links: Mutex<BTreeMap<NodeId, PeerLink>>,
+    /// One entry per configured peer address: bounded by the config.
+    dials: Mutex<BTreeMap<SocketAddr, DialState>>,
     events: mpsc::Sender<Input>,
     next_connection: AtomicU64,
     pub stats: TransportStats,
@@ -128,10 +152,10 @@ fn transport_config() -> quinn::TransportConfig {
 pub enum TransportError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen for peers on {address} (network.listen): {error}")]
     Bind {
         address: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("quic config: {0}")]
     Config(String),
@@ -159,15 +183,16 @@ impl Transport {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(Arc::new(transport_config()));
         let mut endpoint =
-            quinn::Endpoint::server(server, listen).map_err(|source| TransportError::Bind {
+            quinn::Endpoint::server(server, listen).map_err(|error| TransportError::Bind {
                 address: listen,
-                source,
+                error,
             })?;
         endpoint.set_default_client_config(client);
         Ok(Arc::new(Self {
             node: tls.node,
             endpoint,
             links: Mutex::new(BTreeMap::new()),
+            dials: Mutex::new(BTreeMap::new()),
             events,
             next_connection: AtomicU64::new(1),
             stats: TransportStats::default(),
@@ -184,6 +209,32 @@ impl Transport {
             .iter()
             .map(|(peer, link)| (*peer, link.address))
             .collect()
+    }
+
+    /// Each configured peer address this node dials, and how dialing it goes.
+    pub fn dials(&self) -> Vec<(SocketAddr, DialState)> {
+        lock(&self.dials)
+            .iter()
+            .map(|(address, state)| (*address, state.clone()))
+            .collect()
+    }
+
+    fn dialed(&self, address: SocketAddr, outcome: Result<Option<NodeId>, &str>) {
+        let mut dials = lock(&self.dials);
+        let state = dials.entry(address).or_default();
+        match outcome {
+            Ok(peer) => {
+                state.peer = peer;
+                state.last_error = None;
+                state.failures = 0;
+            }
+            Err(error) => {
+                let mut error = error.to_owned();
+                concord_proto::clip_text(&mut error, concord_proto::DETAIL_BYTES_MAX);
+                state.last_error = Some(error);
+                state.failures += 1;
+            }
+        }
     }
 
     /// Queues a frame on `peer`'s connection `connection`. A frame for a connection that is
@@ -288,6 +339,7 @@ impl Transport {
     pub async fn dial_loop(self: Arc<Self>, address: SocketAddr) {
         let mut backoff = DIAL_BACKOFF_MIN;
         let mut jitter = Jitter::new();
+        lock(&self.dials).entry(address).or_default();
         loop {
             let attempt = match self.endpoint.connect(address, DIAL_SERVER_NAME) {
                 Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
@@ -299,12 +351,14 @@ impl Transport {
             match attempt {
                 Ok(connection) => {
                     backoff = DIAL_BACKOFF_MIN;
+                    self.dialed(address, Ok(peer_node(&connection)));
                     self.clone().serve(connection, true, None).await;
                 }
                 Err(error) => {
                     self.stats
                         .handshakes_refused
                         .fetch_add(1, Ordering::Relaxed);
+                    self.dialed(address, Err(&error));
                     tracing::debug!(%address, %error, "dial failed");
                 }
             }

@@ -32,10 +32,10 @@ pub const NODE_KEY_FILE: &str = "node.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0} already holds a cluster CA")]
     CaExists(PathBuf),
@@ -50,16 +50,16 @@ pub enum TlsError {
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+    std::fs::read_to_string(path).map_err(|error| TlsError::Io {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
-    let io = |source| TlsError::Io {
+    let io = |error| TlsError::Io {
         path: path.to_owned(),
-        source,
+        error,
     };
     if private {
         crate::files::write_private(path, contents.as_bytes()).map_err(io)
@@ -78,9 +78,9 @@ pub fn create_ca(dir: &Path) -> Result<[u8; 16], TlsError> {
     if dir.join(CA_CERT_FILE).exists() {
         return Err(TlsError::CaExists(dir.to_owned()));
     }
-    crate::files::create_private_dir(dir).map_err(|source| TlsError::Io {
+    crate::files::create_private_dir(dir).map_err(|error| TlsError::Io {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     let mut cluster = [0u8; 16];
     getrandom::fill(&mut cluster).map_err(|error| TlsError::Verifier(error.to_string()))?;
@@ -143,9 +143,9 @@ pub fn issue_node_certificate(
     name.push(DnType::CommonName, format!("Concord node {node}"));
     params.distinguished_name = name;
     let cert = params.signed_by(&key, &issuer)?;
-    crate::files::create_private_dir(tls_dir).map_err(|source| TlsError::Io {
+    crate::files::create_private_dir(tls_dir).map_err(|error| TlsError::Io {
         path: tls_dir.to_owned(),
-        source,
+        error,
     })?;
     write(&tls_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
     write(&tls_dir.join(CA_CERT_FILE), &ca_cert_pem, false)?;

@@ -17,6 +17,7 @@
 //! once durable, then wakes the engine to ship it.
 
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -135,6 +136,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/v1/refused", get(refused))
+        .route(
+            "/v1/bindings/{name}/refill",
+            axum::routing::post(refill_binding),
+        )
         .route("/v1/batch", axum::routing::post(batch))
         .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics))
@@ -297,7 +302,7 @@ async fn get_record(
     let node = shared.node.clone();
     let fields = blocking(move || {
         let fields = match query.at {
-            Some(version) => node.get_at(&id, &super::parse_version(&version)?)?,
+            Some(version) => node.get_at(&id, &node.resolve_version(&id, &version)?)?,
             None => node.get(&id)?,
         };
         fields.ok_or(NodeError::NotFound(id))
@@ -319,11 +324,10 @@ async fn revert_record(
 ) -> Result<Json<Value>, ApiError> {
     let Json(body) = body?;
     let id = record_id(&collection, &key)?;
-    let version = super::parse_version(&body.to)?;
     let node = shared.node.clone();
     let changed = writing(
         &shared,
-        move || node.revert(&id, &version),
+        move || node.revert(&id, &node.resolve_version(&id, &body.to)?),
         |changed| *changed,
     )
     .await?;
@@ -624,7 +628,38 @@ async fn errors(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErr
     .await
     .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
     .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    // The times as RFC 3339 too, for people; the ms fields stay for programs.
+    let rfc3339 = |ms: u64| {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    };
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            let (first_seen, next_retry) = (rfc3339(row.first_seen_ms), rfc3339(row.next_retry_ms));
+            let mut value = json!(row);
+            value["first_seen"] = json!(first_seen);
+            value["next_retry"] = json!(next_retry);
+            value
+        })
+        .collect();
     Ok(Json(json!({ "errors": rows })))
+}
+
+async fn refill_binding(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = shared.node.clone();
+    tokio::task::spawn_blocking(move || crate::adapters::driver::refill(&node, &name))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|error| match error {
+            crate::adapters::AdapterError::Config(message) => {
+                ApiError(StatusCode::NOT_FOUND, message)
+            }
+            other => ApiError(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        })?;
+    Ok(Json(json!({ "refilling": true })))
 }
 
 async fn refused(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {

@@ -55,10 +55,10 @@ pub enum MaintenanceError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Refused(String),
@@ -71,9 +71,9 @@ impl From<NodeError> for MaintenanceError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MaintenanceError + '_ {
-    move |source| MaintenanceError::Io {
+    move |error| MaintenanceError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 

@@ -23,6 +23,7 @@ use serde_json::{json, Map, Value as Json};
 use crate::config::{Config, ConfigError, CONFIG_FILE};
 use crate::net::tls;
 use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
+use crate::record::stamp::ChangeStamp;
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId, RecordWrite};
 use crate::store::{DocStore, DocStoreConfig, Durability, ImportOutcome, SledStore, StoreError};
 
@@ -39,10 +40,16 @@ pub const HISTORY_CHANGES_MAX: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    #[error("cannot listen for {what} on {address}: {error}")]
+    Listen {
+        what: &'static str,
+        address: String,
+        error: std::io::Error,
     },
     #[error("{0} is already a Concord data dir")]
     AlreadyInitialized(PathBuf),
@@ -82,7 +89,10 @@ pub enum NodeError {
     NotFound(RecordId),
     #[error("address {0:?} does not resolve")]
     Address(String),
-    #[error("this node has no cluster certificate: create it with `concord init DIR --ca CA_DIR`")]
+    #[error(
+        "this node has no cluster certificate: give it one with `concord init DIR --ca CA_DIR` \
+         (it keeps the node's id and records)"
+    )]
     NoCluster,
     #[error("transport: {0}")]
     Transport(String),
@@ -115,9 +125,9 @@ impl From<crate::record::RecordIdError> for NodeError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
-    move |source| NodeError::Io {
+    move |error| NodeError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -130,6 +140,9 @@ pub fn parse_version(text: &str) -> Result<ChangeHash, NodeError> {
     text.parse()
         .map_err(|_| NodeError::BadVersion(text.to_owned()))
 }
+
+/// Shortest prefix of a version's hash that names it, as `history` shows it may be shortened.
+pub const VERSION_PREFIX_HEX_MIN: usize = 8;
 
 /// A time as an audit takes it (RFC 3339, `Z` or no zone meaning UTC), in Unix seconds.
 pub fn parse_time(text: &str) -> Result<i64, NodeError> {
@@ -297,7 +310,12 @@ impl Node {
         let name = options.name.as_deref();
         let config_path = dir.join(CONFIG_FILE);
         if config_path.exists() {
-            return Err(NodeError::AlreadyInitialized(dir.to_owned()));
+            return match &options.ca {
+                Some(ca_dir) if Config::load(&config_path)?.cluster.is_none() => {
+                    Self::join_cluster(dir, ca_dir)
+                }
+                _ => Err(NodeError::AlreadyInitialized(dir.to_owned())),
+            };
         }
         crate::files::create_private_dir(dir).map_err(io_error(dir))?;
         let id = NodeId::random().map_err(NodeError::Random)?;
@@ -330,6 +348,25 @@ impl Node {
         let node = Self::open(dir)?;
         node.docs.sync()?;
         Ok(node)
+    }
+
+    /// Gives a node made without a cluster (`init` without `--ca`) its certificate from the
+    /// cluster CA in `ca_dir`, keeping its id, store and settings.
+    fn join_cluster(dir: &Path, ca_dir: &Path) -> Result<Self, NodeError> {
+        let config_path = dir.join(CONFIG_FILE);
+        let node = Self::open(dir)?;
+        let cluster = tls::read_cluster_id(ca_dir)?;
+        tls::issue_node_certificate(ca_dir, &node.id(), &dir.join(TLS_DIR))?;
+        // The section is added to the file as it is, so that what the user wrote in it stays.
+        let mut text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("\n[cluster]\nid = \"{}\"\n", hex::encode(cluster)));
+        crate::files::write_private(&config_path, text.as_bytes())
+            .map_err(io_error(&config_path))?;
+        drop(node);
+        Self::open(dir)
     }
 
     /// Opens the node in `dir`.
@@ -612,18 +649,62 @@ impl Node {
         })
     }
 
+    /// The version of `id` that `text` names: a whole hash, or a prefix of at least
+    /// [`VERSION_PREFIX_HEX_MIN`] hex digits that one change of the record's history alone
+    /// starts with.
+    pub fn resolve_version(&self, id: &RecordId, text: &str) -> Result<ChangeHash, NodeError> {
+        let text = text.trim().to_ascii_lowercase();
+        if text.len() == 64 {
+            return parse_version(&text);
+        }
+        if text.len() < VERSION_PREFIX_HEX_MIN
+            || text.len() > 64
+            || !text.bytes().all(|byte| byte.is_ascii_hexdigit())
+        {
+            return Err(NodeError::BadVersion(text));
+        }
+        let matching: Vec<ChangeHash> = self.docs.read(id, |doc| {
+            doc.get_changes(&[])
+                .iter()
+                .map(automerge::Change::hash)
+                .filter(|hash| hash.to_string().starts_with(&text))
+                .collect()
+        })?;
+        match matching.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(NodeError::UnknownVersion {
+                id: id.clone(),
+                version: text,
+            }),
+            _ => Err(NodeError::BadVersion(format!(
+                "{text} (it starts {} versions of {id}: give more of it)",
+                matching.len()
+            ))),
+        }
+    }
+
     /// Writes a new change that makes the record what it was at `version`: exactly its
     /// fields then, or deleted if it was deleted then. It replicates like any write and is
     /// itself a version that can be reverted to. Returns whether anything changed.
     pub fn revert(&self, id: &RecordId, version: &ChangeHash) -> Result<bool, NodeError> {
-        match self.get_at(id, version)? {
-            Some(fields) => self.put(id, &RecordWrite::replace_with(fields)),
-            None => match self.delete(id) {
-                Ok(()) => Ok(true),
-                Err(NodeError::NotFound(_)) => Ok(false),
-                Err(error) => Err(error),
-            },
-        }
+        let then = self.get_at(id, version)?;
+        let mut session = self.docs.session();
+        let (_, outcome) = match then {
+            Some(fields) => {
+                let write = RecordWrite::replace_with(fields);
+                write.check()?;
+                session.write_reverting(id, &self.api_actor, now_ms(), Some(*version), |tx| {
+                    document::apply_write(tx, &write)
+                })?
+            }
+            None => {
+                session.write_reverting(id, &self.api_actor, now_ms(), Some(*version), |tx| {
+                    document::apply_delete(tx).map(|_| ())
+                })?
+            }
+        };
+        session.commit(Durability::Durable)?;
+        Ok(outcome.change.is_some())
     }
 
     /// Deletes a live record; `NotFound` otherwise.
@@ -677,7 +758,12 @@ impl Node {
                 .iter()
                 .take(HISTORY_CHANGES_MAX)
                 .map(|change| {
-                    let effect = document::describe_change(doc, change.deps(), change.hash());
+                    let mut effect = document::describe_change(doc, change.deps(), change.hash());
+                    let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
+                    if let Some(version) = stamp.reverts {
+                        effect.action = "revert";
+                        effect.reverts = Some(version);
+                    }
                     (
                         change.hash(),
                         change.actor_id().clone(),

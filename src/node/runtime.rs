@@ -105,6 +105,8 @@ pub struct Status {
     /// SHA-256 of this node's conflict policies, hex: equal on nodes that resolve alike.
     pub policy_hash: String,
     pub peers: Vec<PeerStatus>,
+    /// Configured peers (`network.peers`) this node cannot reach now.
+    pub unreachable: Vec<UnreachablePeer>,
     pub engine: EngineStats,
     pub bindings: Vec<crate::adapters::BindingStatus>,
     /// Whether writers are being pushed back now (`/v1` writes answer 503), and why.
@@ -117,9 +119,22 @@ pub struct Status {
     pub disk_free_bytes: u64,
 }
 
+/// A configured peer address whose last dial failed, and that is not connected otherwise.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnreachablePeer {
+    pub address: String,
+    /// The node that answered there before, if one ever did.
+    pub node: Option<String>,
+    pub error: String,
+    /// Attempts that failed in a row (they go on, with backoff up to a few seconds).
+    pub failures: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerStatus {
     pub node: String,
+    /// The peer's `node.name`, as it gave it.
+    pub name: String,
     pub address: String,
     pub state: &'static str,
     /// Log entries held here that the peer's last summary did not cover.
@@ -291,27 +306,37 @@ pub async fn run(
     node: Arc<Node>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeError> {
-    let running = start(node).await?;
-    tokio::pin!(shutdown);
-    let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
-    let failure = loop {
-        tokio::select! {
-            () = &mut shutdown => break None,
-            _ = watchdog.tick() => {
-                if let Some(failure) = running.failure() {
-                    break Some(failure);
-                }
+    start(node).await?.run_until(shutdown).await
+}
 
+impl Running {
+    /// Runs the started node until `shutdown` completes, as [`run`].
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        let running = self;
+        tokio::pin!(shutdown);
+        let mut watchdog = tokio::time::interval(WATCHDOG_INTERVAL);
+        let failure = loop {
+            tokio::select! {
+                () = &mut shutdown => break None,
+                _ = watchdog.tick() => {
+                    if let Some(failure) = running.failure() {
+                        break Some(failure);
+                    }
+
+                }
             }
+        };
+        if let Some(failure) = &failure {
+            tracing::error!(%failure, "stopping the node");
         }
-    };
-    if let Some(failure) = &failure {
-        tracing::error!(%failure, "stopping the node");
-    }
-    running.stop().await?;
-    match failure {
-        Some(failure) => Err(NodeError::Failed(failure)),
-        None => Ok(()),
+        running.stop().await?;
+        match failure {
+            Some(failure) => Err(NodeError::Failed(failure)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -455,9 +480,10 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let api_listener =
         tokio::net::TcpListener::bind(api)
             .await
-            .map_err(|source| NodeError::Io {
-                path: api.to_string().into(),
-                source,
+            .map_err(|error| NodeError::Listen {
+                what: "the API (network.api)",
+                address: api.to_string(),
+                error,
             })?;
     let shared = Arc::new(Shared {
         node: node.clone(),
@@ -856,6 +882,7 @@ fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiti
         .into_iter()
         .map(|(peer, address)| PeerStatus {
             node: peer.to_string(),
+            name: engine.peer_name(&peer).to_owned(),
             address: address.to_string(),
             state: if ready.contains(&peer) {
                 "ready"
@@ -868,12 +895,32 @@ fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiti
             keeping_up: backlog.keeping_up.contains(&peer),
             changes_ahead: engine.peer_changes_ahead(&peer),
         })
+        .collect::<Vec<_>>();
+    let unreachable = shared
+        .transport
+        .dials()
+        .into_iter()
+        .filter_map(|(address, dial)| {
+            let error = dial.last_error?;
+            let connected = dial.peer.is_some_and(|node| {
+                peers
+                    .iter()
+                    .any(|peer: &PeerStatus| peer.node == node.to_string())
+            });
+            (!connected).then(|| UnreachablePeer {
+                address: address.to_string(),
+                node: dial.peer.map(|node| node.to_string()),
+                error,
+                failures: dial.failures,
+            })
+        })
         .collect();
     let mut status = shared
         .status
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     status.peers = peers;
+    status.unreachable = unreachable;
     status.overloaded = overloaded;
     status.writes_refused = shared.writes_refused.load(Ordering::Relaxed);
     // This runs after every engine step: the counts by policy are worked out again only

@@ -404,6 +404,9 @@ pub struct ChangeEffect {
     pub set: Map<String, Json>,
     /// Fields removed (not listed for a delete, which removes them all).
     pub removed: Vec<String>,
+    /// For a revert (`action` is then `revert`): the version it brought the record back to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
 }
 
 /// Describes the effect of the change `hash`, whose dependencies are `deps`.
@@ -447,6 +450,7 @@ pub fn describe_change(
         }
     }
     ChangeEffect {
+        reverts: None,
         action,
         set,
         removed: if action == "delete" {

@@ -26,6 +26,9 @@ pub struct ChangeStamp {
     /// The name of the node (site) that wrote it, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// The version (a change hash, hex) this change brought the record back to, for a revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverts: Option<String>,
 }
 
 impl ChangeStamp {
@@ -46,6 +49,7 @@ impl ChangeStamp {
                     .saturating_mul(1000),
                 src: None,
                 site: None,
+                reverts: None,
             })
     }
 
@@ -80,6 +84,7 @@ mod tests {
             hlc: 1_764_000_000_123,
             src: Some("erp".into()),
             site: Some("paris".into()),
+            reverts: None,
         };
         assert_eq!(ChangeStamp::of_change(Some(&stamp.to_message()), 0), stamp);
         let foreign = ChangeStamp::of_change(Some("fixed a typo"), 1_764_000_000);

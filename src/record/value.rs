@@ -163,17 +163,48 @@ pub fn to_json(value: &hydrate::Value) -> Json {
     }
 }
 
+/// The JSON of an Automerge scalar. A `Timestamp` (a date, in ms since the Unix epoch) is the
+/// ISO 8601 text PostgreSQL gives a `timestamptz` in UTC (`2026-11-26T10:00:00.5+00:00`), and
+/// `Bytes` the `\x` and hex that `bytea` uses, so that both land in typed columns as what they
+/// are and come back from them the same.
 pub fn scalar_to_json(scalar: &ScalarValue) -> Json {
     match scalar {
         ScalarValue::Null | ScalarValue::Unknown { .. } => Json::Null,
         ScalarValue::Boolean(b) => Json::Bool(*b),
         ScalarValue::Str(s) => Json::String(s.to_string()),
-        ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Json::Number((*i).into()),
+        ScalarValue::Int(i) => Json::Number((*i).into()),
+        ScalarValue::Timestamp(ms) => Json::String(timestamp_text(*ms)),
         ScalarValue::Uint(u) => Json::Number((*u).into()),
         ScalarValue::F64(f) => Number::from_f64(*f).map_or(Json::Null, Json::Number),
         ScalarValue::Counter(counter) => Json::Number(i64::from(counter).into()),
-        ScalarValue::Bytes(bytes) => Json::String(hex::encode(bytes)),
+        ScalarValue::Bytes(bytes) => Json::String(format!("\\x{}", hex::encode(bytes))),
     }
+}
+
+/// A time in ms since the Unix epoch as ISO 8601 in UTC, fractions of a second only as far as
+/// they go (`2026-11-26T10:00:00.5+00:00`). Before 1970 or past 9999 it is the number of ms.
+pub fn timestamp_text(ms: i64) -> String {
+    let Ok(since) = u64::try_from(ms) else {
+        return ms.to_string();
+    };
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(since);
+    let text = humantime::format_rfc3339_millis(time).to_string();
+    // `2026-11-26T10:00:00.500Z`: the fraction trimmed, the zone as PostgreSQL writes it.
+    let Some(base) = text.strip_suffix('Z') else {
+        return ms.to_string();
+    };
+    let base = match base.split_once('.') {
+        Some((seconds, fraction)) => {
+            let fraction = fraction.trim_end_matches('0');
+            if fraction.is_empty() {
+                seconds.to_owned()
+            } else {
+                format!("{seconds}.{fraction}")
+            }
+        }
+        None => base.to_owned(),
+    };
+    format!("{base}+00:00")
 }
 
 #[cfg(test)]
@@ -196,6 +227,23 @@ mod tests {
         tx.commit();
         assert_eq!(to_json(&doc.hydrate(None)), value);
         assert_eq!(doc.length(ROOT), 7);
+    }
+
+    #[test]
+    fn dates_and_bytes_read_as_postgresql_writes_them() {
+        assert_eq!(
+            scalar_to_json(&ScalarValue::Timestamp(1_764_151_200_500)),
+            json!("2025-11-26T10:00:00.5+00:00")
+        );
+        assert_eq!(
+            scalar_to_json(&ScalarValue::Timestamp(1_764_151_200_000)),
+            json!("2025-11-26T10:00:00+00:00")
+        );
+        assert_eq!(
+            scalar_to_json(&ScalarValue::Bytes(vec![0xde, 0xad, 0xbe, 0xef])),
+            json!("\\xdeadbeef")
+        );
+        assert_eq!(scalar_to_json(&ScalarValue::Counter(5.into())), json!(5));
     }
 
     #[test]

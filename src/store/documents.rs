@@ -496,6 +496,7 @@ impl<S: Store> DocStore<S> {
             hlc: stamp::next_hlc(doc, wall_ms),
             src: names.as_ref().map(|(source, _)| source.clone()),
             site: names.map(|(_, site)| site),
+            reverts: None,
         }
     }
 
@@ -897,6 +898,19 @@ impl<S: Store> WriteSession<'_, S> {
         time_ms: i64,
         edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
     ) -> Result<(T, WriteOutcome), StoreError> {
+        self.write_reverting(id, actor, time_ms, None, edit)
+    }
+
+    /// [`WriteSession::write`], for a change that brings the record back to `reverts` (a
+    /// version of its history): its stamp says so, and history shows it as a revert.
+    pub fn write_reverting<T>(
+        &mut self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_ms: i64,
+        reverts: Option<ChangeHash>,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, RecordError>,
+    ) -> Result<(T, WriteOutcome), StoreError> {
         let doc_key = id.to_doc_key();
         let docs = self.docs;
         // A writer handed an actor before the store took a new writer writes as the same
@@ -909,7 +923,8 @@ impl<S: Store> WriteSession<'_, S> {
             _ => actor.clone(),
         };
         let loaded = self.document(&doc_key)?;
-        let stamp = docs.stamp(actor, &loaded.doc, time_ms);
+        let mut stamp = docs.stamp(actor, &loaded.doc, time_ms);
+        stamp.reverts = reverts.map(|version| version.to_string());
         let before = loaded.doc.get_heads();
         loaded.doc.set_actor(actor.clone());
         let mut transaction = loaded.doc.transaction();
@@ -1340,6 +1355,7 @@ mod tests {
             hlc,
             src: Some("erp".into()),
             site: Some("paris".into()),
+            reverts: None,
         };
         assert_eq!(
             stamps,

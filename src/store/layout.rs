@@ -224,6 +224,15 @@ const AUTOMERGE_MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// The chunk type of an uncompressed change.
 const CHANGE_CHUNK_TYPE: u8 = 1;
 
+/// The checksum in a change chunk's header (the first four bytes of its hash), if the bytes
+/// are a chunk: equal for the same change, without hashing it.
+pub fn change_checksum(bytes: &[u8]) -> Option<[u8; 4]> {
+    if bytes.len() <= 9 || bytes[..4] != AUTOMERGE_MAGIC {
+        return None;
+    }
+    bytes[4..8].try_into().ok()
+}
+
 /// The hash of a change in Automerge's binary format, without parsing it: SHA-256 of the
 /// chunk after the magic bytes and checksum (Automerge's own definition). `None` if the bytes
 /// are not an uncompressed change chunk.

@@ -401,4 +401,48 @@ mod tests {
         let again = a.apply_remote(log_of(&b, writer, 1), u64::MAX).unwrap();
         assert!(again.refused.is_empty() && again.invalid.is_empty());
     }
+
+    #[test]
+    fn two_changes_at_one_place_in_one_batch_collide_by_the_rule() {
+        let writer = NodeId([2; 16]);
+        let id = RecordId::parse("customers/1").unwrap();
+        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
+        write(&a, &id, 1, 1_000);
+        let b = DocStore::open(
+            a.backend().durable_copy(),
+            writer,
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        let early = write(&a, &id, 0, 2_000);
+        let late = write(&b, &id, 42, 3_000);
+        // A third store that holds the first change gets both at once, the later first.
+        let c = DocStore::open(
+            MemoryStore::new(),
+            NodeId([9; 16]),
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        c.apply_remote(log_of(&a, writer, 0)[..1].to_vec(), u64::MAX)
+            .unwrap();
+        let mut both = log_of(&b, writer, 1);
+        both.extend(log_of(&a, writer, 1));
+        let report = c.apply_remote(both.clone(), u64::MAX).unwrap();
+        c.sync().unwrap();
+        assert_eq!(
+            report.refused,
+            vec![RefusalReason::DuplicateSequence],
+            "{report:?}"
+        );
+        assert_eq!(credit(&c, &id), Some(json!(0)));
+        assert_eq!(c.heads(&id.to_doc_key()).unwrap(), vec![early]);
+        assert!(c.refused_contains(&id.to_doc_key(), &late).unwrap());
+        // The same change twice in one batch is a duplicate, not a collision.
+        let twice = vec![both[0].clone(), both[0].clone()];
+        let report = c.apply_remote(twice, u64::MAX).unwrap();
+        assert!(
+            report.refused.is_empty() && report.invalid.is_empty(),
+            "{report:?}"
+        );
+    }
 }

@@ -372,7 +372,7 @@ pub struct Engine {
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
     let mut detail = detail.into();
-    detail.truncate(concord_proto::DETAIL_BYTES_MAX);
+    concord_proto::clip_text(&mut detail, concord_proto::DETAIL_BYTES_MAX);
     Goodbye { reason, detail }
 }
 
@@ -537,6 +537,11 @@ impl Engine {
     }
 
     /// Whether `peer` resolves conflicts as this node does, as far as it said.
+    /// The name `peer` gave in its hello; empty until it said hello.
+    pub fn peer_name(&self, peer: &NodeId) -> &str {
+        self.peers.get(peer).map_or("", |state| state.name.as_str())
+    }
+
     pub fn peer_policies(&self, peer: &NodeId) -> PeerPolicies {
         self.peers
             .get(peer)
@@ -862,6 +867,7 @@ impl Engine {
         } else {
             if let Some(state) = self.peers.get_mut(&peer) {
                 state.ready = true;
+                state.name = hello.node_name;
                 state.version = hello.version_max.min(PROTOCOL_VERSION);
                 state.outbox.policy_hash = state.version >= 2;
                 state.outbox.writer = state.version >= 3;

@@ -97,6 +97,8 @@ pub(super) struct Peer {
     pub(super) policies: PeerPolicies,
     /// The origin the peer's own log is written under, as it said (version 3).
     pub(super) writer: Option<NodeId>,
+    /// The name the peer gave in its hello (its `node.name`; bounded by the wire format).
+    pub(super) name: String,
     /// When the connection came up: the handshake must complete within `HANDSHAKE_TIMEOUT`.
     pub(super) connected_at: Duration,
     /// The peer's first summary arrived: until then no log is streamed to it, since what it

@@ -246,6 +246,24 @@ impl TestNode {
         }
     }
 
+    /// Every conflicting field of `collection`, as `/v1/conflicts` lists them, across records.
+    pub fn conflicts(&self, collection: &str) -> Vec<Value> {
+        let mut response = Self::agent()
+            .get(format!(
+                "http://{}/v1/conflicts?collection={collection}",
+                self.api
+            ))
+            .call()
+            .unwrap();
+        let report: Value = response.body_mut().read_json().unwrap();
+        report["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|record| record["fields"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
     /// The value of the series `name` (with its labels, if any) in `/metrics`, 0 if absent.
     pub fn metric(&self, name: &str) -> u64 {
         let mut response = Self::agent()
