@@ -531,6 +531,15 @@ async fn a_bad_row_is_quarantined_while_the_others_flow() {
         text.contains("\"key\":\"1\"") && text.contains("CHECK"),
         "{text}"
     );
+    // Its times are RFC 3339 too, for people.
+    let row: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for time in ["first_seen", "next_retry"] {
+        let said = row[time].as_str().unwrap_or_default();
+        assert!(
+            humantime::parse_rfc3339(said).is_ok(),
+            "{time}: {said:?} in {text}"
+        );
+    }
     // Fixed at the source, the row goes through on a retry.
     pg.batch_execute("UPDATE customers SET credit = 1 WHERE id = 1")
         .unwrap();
