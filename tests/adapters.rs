@@ -232,6 +232,20 @@ async fn two_sites(
     (a, b, file)
 }
 
+/// One node, running, bound `direction` to a SQLite file in its data dir.
+async fn sqlite_node(parent: &Path, direction: Direction) -> (TestNode, PathBuf) {
+    let ca = parent.join("ca");
+    concord::net::tls::create_ca(&ca).unwrap();
+    let mut node = TestNode::create(parent, "n", &ca, &[]);
+    let file = sqlite_file(&node.dir);
+    add_binding(
+        &node,
+        binding(AdapterKind::Sqlite, file.to_str().unwrap(), direction),
+    );
+    node.start().await;
+    (node, file)
+}
+
 fn binding_status(node: &TestNode) -> Value {
     node.status().unwrap()["bindings"][0].clone()
 }
@@ -659,15 +673,7 @@ async fn a_composite_key_captures_whole_batches_and_keys_with_commas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_over_the_change_limit_is_quarantined_and_holds_up_nothing() {
     let parent = tempfile::tempdir().unwrap();
-    let ca = parent.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut node = TestNode::create(parent.path(), "n", &ca, &[]);
-    let file = sqlite_file(&node.dir);
-    add_binding(
-        &node,
-        binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::In),
-    );
-    node.start().await;
+    let (mut node, file) = sqlite_node(parent.path(), Direction::In).await;
     let connection = sqlite(&file);
     connection
         .execute(
@@ -914,15 +920,7 @@ async fn dates_and_bytes_round_trip_exactly_through_postgres_and_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_table_made_again_under_its_binding_is_refilled_on_request() {
     let parent = tempfile::tempdir().unwrap();
-    let ca = parent.path().join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut node = TestNode::create(parent.path(), "n", &ca, &[]);
-    let file = sqlite_file(&node.dir);
-    add_binding(
-        &node,
-        binding(AdapterKind::Sqlite, file.to_str().unwrap(), Direction::Both),
-    );
-    node.start().await;
+    let (mut node, file) = sqlite_node(parent.path(), Direction::Both).await;
     for id in 1..=3 {
         node.put(
             &format!("customers/{id}"),
