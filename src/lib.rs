@@ -13,6 +13,7 @@ pub mod net;
 pub mod node;
 pub mod policy;
 pub mod record;
+pub mod scope;
 pub mod store;
 pub mod sync;
 

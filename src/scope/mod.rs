@@ -1,0 +1,751 @@
+//! Scopes: what each node may read and write, as the cluster authority grants it.
+//!
+//! The holder of the cluster CA key is the authority. It signs, with that key, a *grant* per
+//! node (the collections it may read and write, each optionally narrowed to the records whose
+//! field has a given value) and *revocations* (a node whose changes stop counting past a
+//! cut-off). A node honours a grant or a revocation only if its signature verifies against the
+//! cluster CA certificate it holds and it names this cluster, so no node can grant itself more.
+//!
+//! This module owns the signed formats, their signing and checking, and the rule that judges
+//! a change. It guarantees that the rule is a pure function of its inputs (the change's author,
+//! its actor and sequence, its record as of the change's dependencies and as the change leaves
+//! it, and the set of verified grants and revocations), so every node that judges the same
+//! change against the same set decides alike, whenever the set reached it.
+//!
+//! The rule:
+//! - With no grants in force at all, every node reads and writes everything (a cluster that
+//!   never granted anything behaves as before scopes). A node without a grant of its own reads
+//!   and writes everything too: the authority narrows a node by granting it.
+//! - Of several grants for one node, the one issued last counts (ties: the larger signature
+//!   bytes), so granting again replaces a grant.
+//! - A node may read a record when a read scope of its grant names the record's collection and
+//!   its filter, if any, holds for the record's fields (a field equal to the value, compared as
+//!   JSON).
+//! - A change by a node with a grant is allowed when a write scope names the collection and its
+//!   filter holds both for the record as of the change's dependencies (unless the record did
+//!   not exist or was deleted there) and for the record as the change leaves it (unless the
+//!   change deletes it). So a site that may write `customers:region=paris` can create, edit and
+//!   delete Paris customers, but can neither edit another region's nor move one of its own out.
+//! - A change whose actor belongs to a revoked node is refused when its sequence is past the
+//!   cut-off the revocation names for that actor (an actor it does not name: past 0), whatever
+//!   grant the node had; one at or before it is judged by the grant as above.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use crate::record::{Collection, NodeId};
+
+/// Version of the signed bodies this build writes and reads.
+pub const SCOPE_FORMAT_VERSION: u16 = 1;
+/// Most read scopes, and most write scopes, one grant holds.
+pub const SCOPES_PER_GRANT_MAX: usize = 64;
+/// Longest field name a filter names (as a record's field names).
+pub const FILTER_FIELD_BYTES_MAX: usize = crate::record::document::FIELD_NAME_BYTES_MAX;
+/// Longest filter value, as JSON text.
+pub const FILTER_VALUE_BYTES_MAX: usize = 256;
+/// Most actors one revocation names a cut-off for.
+pub const CUT_OFFS_MAX: usize = 1024;
+/// Largest signed grant or revocation, encoded: every bound above fits in it.
+pub const SIGNED_BYTES_MAX: usize = 128 * 1024;
+
+const _: () = assert!(
+    2 * SCOPES_PER_GRANT_MAX * (64 + FILTER_FIELD_BYTES_MAX + FILTER_VALUE_BYTES_MAX + 8) + 1024
+        <= SIGNED_BYTES_MAX
+);
+const _: () = assert!(CUT_OFFS_MAX * (18 + 10) + 1024 <= SIGNED_BYTES_MAX);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScopeError {
+    #[error("{0:?} is not a scope: give COLLECTION or COLLECTION:FIELD=VALUE")]
+    BadScope(String),
+    #[error("scope {scope:?}: {reason}")]
+    BadPart { scope: String, reason: String },
+    #[error(
+        "a grant holds at most {SCOPES_PER_GRANT_MAX} read and {SCOPES_PER_GRANT_MAX} write scopes"
+    )]
+    TooManyScopes,
+    #[error("a revocation names at most {CUT_OFFS_MAX} actors")]
+    TooManyCutOffs,
+    #[error("the signature does not verify against the cluster CA")]
+    BadSignature,
+    #[error("signed for cluster {0}, not this one")]
+    OtherCluster(String),
+    #[error("format version {0} is not known to this build (it knows {SCOPE_FORMAT_VERSION})")]
+    UnknownVersion(u16),
+    #[error("not a signed grant or revocation: {0}")]
+    Malformed(String),
+    #[error("the cluster CA: {0}")]
+    Authority(String),
+}
+
+/// A collection, optionally narrowed to the records whose `field` equals a value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scope {
+    pub collection: String,
+    pub filter: Option<Filter>,
+}
+
+/// A field and the value it must have, kept as its JSON text (one spelling per value, so that
+/// the signed bytes of a grant are the same wherever it is made).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    pub field: String,
+    pub value_json: String,
+}
+
+impl Scope {
+    /// Reads `COLLECTION` or `COLLECTION:FIELD=VALUE`; VALUE is JSON when it is valid JSON
+    /// (`7`, `true`, `"x"`), a string otherwise, as `concord put` takes values.
+    pub fn parse(text: &str) -> Result<Self, ScopeError> {
+        let bad_part = |reason: String| ScopeError::BadPart {
+            scope: text.to_owned(),
+            reason,
+        };
+        let (collection, filter) = match text.split_once(':') {
+            None => (text, None),
+            Some((collection, filter)) => {
+                let Some((field, value)) = filter.split_once('=') else {
+                    return Err(ScopeError::BadScope(text.to_owned()));
+                };
+                crate::record::document::check_field_name(field)
+                    .map_err(|error| bad_part(error.to_string()))?;
+                let value: Json =
+                    serde_json::from_str(value).unwrap_or_else(|_| Json::String(value.to_owned()));
+                if value.is_object() || value.is_array() || value.is_null() {
+                    return Err(bad_part(
+                        "a filter's value is a string, number or boolean".to_owned(),
+                    ));
+                }
+                let value_json = value.to_string();
+                if value_json.len() > FILTER_VALUE_BYTES_MAX {
+                    return Err(bad_part(format!(
+                        "a filter's value is at most {FILTER_VALUE_BYTES_MAX} bytes"
+                    )));
+                }
+                (
+                    collection,
+                    Some(Filter {
+                        field: field.to_owned(),
+                        value_json,
+                    }),
+                )
+            }
+        };
+        Collection::new_user(collection).map_err(|error| bad_part(error.to_string()))?;
+        Ok(Self {
+            collection: collection.to_owned(),
+            filter,
+        })
+    }
+
+    /// Whether this scope covers a record of `collection` whose fields are `fields`.
+    pub fn covers(&self, collection: &str, fields: &Map<String, Json>) -> bool {
+        self.collection == collection
+            && self.filter.as_ref().is_none_or(|filter| {
+                fields
+                    .get(&filter.field)
+                    .and_then(|value| serde_json::to_string(value).ok())
+                    .is_some_and(|text| text == filter.value_json)
+            })
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.filter {
+            None => write!(out, "{}", self.collection),
+            Some(filter) => {
+                // A string value is written bare, as it is given.
+                let value = match serde_json::from_str::<Json>(&filter.value_json) {
+                    Ok(Json::String(text)) if serde_json::from_str::<Json>(&text).is_err() => text,
+                    _ => filter.value_json.clone(),
+                };
+                write!(out, "{}:{}={value}", self.collection, filter.field)
+            }
+        }
+    }
+}
+
+/// What the authority grants one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub cluster: [u8; 16],
+    pub node: [u8; 16],
+    pub read: Vec<Scope>,
+    pub write: Vec<Scope>,
+    /// When it was issued (ms since the Unix epoch, the authority's clock): the latest counts.
+    pub issued_ms: u64,
+}
+
+/// The authority's word that a node's changes stop counting past a cut-off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub cluster: [u8; 16],
+    pub node: [u8; 16],
+    /// Per actor (18 bytes: a writer and a source) of the node: the last sequence number that
+    /// still counts.
+    pub cut_off: Vec<(Vec<u8>, u64)>,
+    pub issued_ms: u64,
+}
+
+/// What is signed: a version, then the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum Body {
+    Grant(Grant),
+    Revocation(Revocation),
+}
+
+/// A body and the authority's signature over its bytes (ECDSA P-256 with SHA-256, ASN.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub version: u16,
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl Signed {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("a signed body encodes")
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ScopeError> {
+        if bytes.len() > SIGNED_BYTES_MAX {
+            return Err(ScopeError::Malformed(format!(
+                "{} bytes, over {SIGNED_BYTES_MAX}",
+                bytes.len()
+            )));
+        }
+        postcard::from_bytes(bytes).map_err(|error| ScopeError::Malformed(error.to_string()))
+    }
+}
+
+/// Signs with the cluster CA key in `ca_dir`.
+pub struct Authority {
+    key: ring::signature::EcdsaKeyPair,
+    cluster: [u8; 16],
+}
+
+impl Authority {
+    pub fn open(ca_dir: &Path) -> Result<Self, ScopeError> {
+        let cluster = crate::net::tls::read_cluster_id(ca_dir)
+            .map_err(|error| ScopeError::Authority(error.to_string()))?;
+        let path = ca_dir.join(crate::net::tls::CA_KEY_FILE);
+        let pem = std::fs::read_to_string(&path)
+            .map_err(|error| ScopeError::Authority(format!("{}: {error}", path.display())))?;
+        let key = rcgen::KeyPair::from_pem(&pem)
+            .map_err(|error| ScopeError::Authority(format!("{}: {error}", path.display())))?;
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key.serialize_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|error| ScopeError::Authority(format!("{}: {error}", path.display())))?;
+        Ok(Self { key, cluster })
+    }
+
+    pub fn cluster(&self) -> [u8; 16] {
+        self.cluster
+    }
+
+    /// The grant of `read` and `write` to `node`, signed.
+    pub fn grant(
+        &self,
+        node: NodeId,
+        read: Vec<Scope>,
+        write: Vec<Scope>,
+        issued_ms: u64,
+    ) -> Result<Signed, ScopeError> {
+        if read.len() > SCOPES_PER_GRANT_MAX || write.len() > SCOPES_PER_GRANT_MAX {
+            return Err(ScopeError::TooManyScopes);
+        }
+        self.sign(&Body::Grant(Grant {
+            cluster: self.cluster,
+            node: node.0,
+            read,
+            write,
+            issued_ms,
+        }))
+    }
+
+    /// The revocation of `node`, its changes counting up to `cut_off` per actor, signed.
+    pub fn revoke(
+        &self,
+        node: NodeId,
+        cut_off: BTreeMap<Vec<u8>, u64>,
+        issued_ms: u64,
+    ) -> Result<Signed, ScopeError> {
+        if cut_off.len() > CUT_OFFS_MAX {
+            return Err(ScopeError::TooManyCutOffs);
+        }
+        self.sign(&Body::Revocation(Revocation {
+            cluster: self.cluster,
+            node: node.0,
+            cut_off: cut_off.into_iter().collect(),
+            issued_ms,
+        }))
+    }
+
+    fn sign(&self, body: &Body) -> Result<Signed, ScopeError> {
+        let body = postcard::to_stdvec(body).expect("a body encodes");
+        let signature = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), &body)
+            .map_err(|error| ScopeError::Authority(error.to_string()))?;
+        let signed = Signed {
+            version: SCOPE_FORMAT_VERSION,
+            body,
+            signature: signature.as_ref().to_vec(),
+        };
+        assert!(signed.to_bytes().len() <= SIGNED_BYTES_MAX);
+        Ok(signed)
+    }
+}
+
+/// Checks signatures against the cluster CA certificate a node holds.
+pub struct Verifier {
+    public_key: Vec<u8>,
+    cluster: [u8; 16],
+}
+
+/// A signed body that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    Grant(Grant),
+    Revocation(Revocation),
+}
+
+impl Verifier {
+    /// From the cluster CA certificate (PEM) and the cluster id.
+    pub fn new(ca_cert_pem: &str, cluster: [u8; 16]) -> Result<Self, ScopeError> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(ca_cert_pem.as_bytes())
+            .map_err(|error| ScopeError::Authority(error.to_string()))?;
+        let certificate = pem
+            .parse_x509()
+            .map_err(|error| ScopeError::Authority(error.to_string()))?;
+        Ok(Self {
+            public_key: certificate.public_key().subject_public_key.data.to_vec(),
+            cluster,
+        })
+    }
+
+    pub fn verify(&self, signed: &Signed) -> Result<Verified, ScopeError> {
+        if signed.version != SCOPE_FORMAT_VERSION {
+            return Err(ScopeError::UnknownVersion(signed.version));
+        }
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &self.public_key,
+        )
+        .verify(&signed.body, &signed.signature)
+        .map_err(|_| ScopeError::BadSignature)?;
+        let body: Body = postcard::from_bytes(&signed.body)
+            .map_err(|error| ScopeError::Malformed(error.to_string()))?;
+        let (cluster, verified) = match body {
+            Body::Grant(grant) => (grant.cluster, Verified::Grant(grant)),
+            Body::Revocation(revocation) => (revocation.cluster, Verified::Revocation(revocation)),
+        };
+        if cluster != self.cluster {
+            return Err(ScopeError::OtherCluster(hex::encode(cluster)));
+        }
+        Ok(verified)
+    }
+}
+
+/// Why a change is refused by the rule (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The author's grant names no write scope for the record as it was or as it is left.
+    OutsideGrant,
+    /// The author was revoked, and the change is past the cut-off for its actor.
+    Revoked,
+}
+
+impl Refusal {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::OutsideGrant => "outside_grant",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+/// The verified grants and revocations in force: per node, the grant issued last, and every
+/// revocation (the earliest cut-off per actor counts, so a later revocation never lets in what
+/// an earlier one kept out).
+#[derive(Debug, Clone, Default)]
+pub struct Scopes {
+    grants: BTreeMap<NodeId, (Grant, Vec<u8>)>,
+    cut_offs: BTreeMap<NodeId, BTreeMap<Vec<u8>, u64>>,
+}
+
+impl Scopes {
+    /// Takes in a verified grant or revocation with its signature (the tie-break).
+    pub fn insert(&mut self, verified: Verified, signature: &[u8]) {
+        match verified {
+            Verified::Grant(grant) => {
+                let node = NodeId(grant.node);
+                let newer = self.grants.get(&node).is_none_or(|(held, held_signature)| {
+                    (grant.issued_ms, signature) > (held.issued_ms, held_signature.as_slice())
+                });
+                if newer {
+                    self.grants.insert(node, (grant, signature.to_vec()));
+                }
+            }
+            Verified::Revocation(revocation) => {
+                let cut_offs = self.cut_offs.entry(NodeId(revocation.node)).or_default();
+                if cut_offs.is_empty() {
+                    // First revocation: actors it does not name count up to 0.
+                    cut_offs.extend(revocation.cut_off);
+                } else {
+                    // Later ones only narrow: an actor keeps the smaller cut-off, and one the
+                    // earlier revocation did not name stays at 0.
+                    for (actor, cut) in cut_offs.iter_mut() {
+                        if let Some((_, other)) =
+                            revocation.cut_off.iter().find(|(a, _)| a == actor)
+                        {
+                            *cut = (*cut).min(*other);
+                        } else {
+                            *cut = 0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The grant in force for `node`, if it has one.
+    pub fn grant(&self, node: &NodeId) -> Option<&Grant> {
+        self.grants.get(node).map(|(grant, _)| grant)
+    }
+
+    pub fn is_revoked(&self, node: &NodeId) -> bool {
+        self.cut_offs.contains_key(node)
+    }
+
+    /// Whether `node` may read a record of `collection` with `fields`.
+    pub fn may_read(&self, node: &NodeId, collection: &str, fields: &Map<String, Json>) -> bool {
+        if self.is_revoked(node) {
+            return false;
+        }
+        self.grant(node).is_none_or(|grant| {
+            grant
+                .read
+                .iter()
+                .any(|scope| scope.covers(collection, fields))
+        })
+    }
+
+    /// Judges a change by `author`, written under `actor` at `sequence`, to a record of
+    /// `collection` that was `before` as of the change's dependencies and is `after` once it
+    /// is applied to them (`None`: missing or deleted).
+    pub fn judge_write(
+        &self,
+        author: &NodeId,
+        actor: &[u8],
+        sequence: u64,
+        collection: &str,
+        before: Option<&Map<String, Json>>,
+        after: Option<&Map<String, Json>>,
+    ) -> Result<(), Refusal> {
+        if let Some(cut_offs) = self.cut_offs.get(author) {
+            if sequence > cut_offs.get(actor).copied().unwrap_or(0) {
+                return Err(Refusal::Revoked);
+            }
+        }
+        let Some(grant) = self.grant(author) else {
+            return Ok(());
+        };
+        let allowed = |fields: Option<&Map<String, Json>>| match fields {
+            None => grant
+                .write
+                .iter()
+                .any(|scope| scope.collection == collection),
+            Some(fields) => grant
+                .write
+                .iter()
+                .any(|scope| scope.covers(collection, fields)),
+        };
+        if allowed(before) && allowed(after) {
+            Ok(())
+        } else {
+            Err(Refusal::OutsideGrant)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fields(value: Json) -> Map<String, Json> {
+        value.as_object().unwrap().clone()
+    }
+
+    fn new_authority(dir: &Path) -> (Authority, Verifier) {
+        let cluster = crate::net::tls::create_ca(dir).unwrap();
+        let authority = Authority::open(dir).unwrap();
+        let pem = std::fs::read_to_string(dir.join(crate::net::tls::CA_CERT_FILE)).unwrap();
+        (authority, Verifier::new(&pem, cluster).unwrap())
+    }
+
+    fn scopes(list: &[&str]) -> Vec<Scope> {
+        list.iter()
+            .map(|text| Scope::parse(text).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn scopes_parse_and_print_as_given() {
+        for text in [
+            "customers",
+            "customers:region=paris",
+            "orders:open=true",
+            "t:n=7",
+        ] {
+            assert_eq!(Scope::parse(text).unwrap().to_string(), text);
+        }
+        let quoted = Scope::parse("t:code=\"7\"").unwrap();
+        assert_eq!(quoted.filter.as_ref().unwrap().value_json, "\"7\"");
+        assert_eq!(quoted.to_string(), "t:code=\"7\"");
+        for bad in [
+            "",
+            "Bad Name",
+            "c:region",
+            "c:@x=1",
+            "c:f={\"a\":1}",
+            "c:f=null",
+        ] {
+            assert!(Scope::parse(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("c:f={}", "v".repeat(FILTER_VALUE_BYTES_MAX));
+        assert!(Scope::parse(&long).is_err());
+    }
+
+    #[test]
+    fn a_grant_verifies_only_as_signed_by_this_cluster_s_authority() {
+        let temp = tempfile::tempdir().unwrap();
+        let (authority, verifier) = new_authority(&temp.path().join("ca"));
+        let node = NodeId([7; 16]);
+        let signed = authority
+            .grant(
+                node,
+                scopes(&["customers:region=paris"]),
+                scopes(&["customers"]),
+                1,
+            )
+            .unwrap();
+        let decoded = Signed::from_bytes(&signed.to_bytes()).unwrap();
+        let Verified::Grant(grant) = verifier.verify(&decoded).unwrap() else {
+            panic!("a grant");
+        };
+        assert_eq!(grant.node, node.0);
+        assert_eq!(grant.read, scopes(&["customers:region=paris"]));
+        // A body changed after signing does not verify.
+        let mut tampered = signed.clone();
+        let last = tampered.body.len() - 1;
+        tampered.body[last] ^= 1;
+        assert_eq!(verifier.verify(&tampered), Err(ScopeError::BadSignature));
+        // Nor one signed by another cluster's CA.
+        let (other, other_verifier) = new_authority(&temp.path().join("other"));
+        let foreign = other.grant(node, Vec::new(), Vec::new(), 1).unwrap();
+        assert_eq!(verifier.verify(&foreign), Err(ScopeError::BadSignature));
+        assert!(other_verifier.verify(&foreign).is_ok());
+        // An unknown version is refused before anything else.
+        let mut future = signed;
+        future.version = SCOPE_FORMAT_VERSION + 1;
+        assert!(matches!(
+            verifier.verify(&future),
+            Err(ScopeError::UnknownVersion(_))
+        ));
+        assert!(Signed::from_bytes(&[0xff; 8]).is_err());
+    }
+
+    #[test]
+    fn the_rule_reads_and_writes_by_grant_and_filter() {
+        let temp = tempfile::tempdir().unwrap();
+        let (authority, verifier) = new_authority(&temp.path().join("ca"));
+        let (hq, paris) = (NodeId([1; 16]), NodeId([2; 16]));
+        let mut in_force = Scopes::default();
+        let paris_customer = fields(json!({"name": "Ada", "region": "paris"}));
+        let tokyo_customer = fields(json!({"name": "Kei", "region": "tokyo"}));
+        let actor = paris.actor(0).to_bytes().to_vec();
+        // No grants: everyone reads and writes everything.
+        assert!(in_force.may_read(&paris, "customers", &tokyo_customer));
+        assert_eq!(
+            in_force.judge_write(&paris, &actor, 1, "customers", None, Some(&tokyo_customer)),
+            Ok(())
+        );
+        let granted = authority
+            .grant(
+                paris,
+                scopes(&["customers:region=paris", "products"]),
+                scopes(&["customers:region=paris"]),
+                10,
+            )
+            .unwrap();
+        in_force.insert(verifier.verify(&granted).unwrap(), &granted.signature);
+        assert!(in_force.may_read(&paris, "customers", &paris_customer));
+        assert!(!in_force.may_read(&paris, "customers", &tokyo_customer));
+        assert!(in_force.may_read(&paris, "products", &fields(json!({}))));
+        assert!(!in_force.may_read(&paris, "orders", &fields(json!({}))));
+        // hq has no grant of its own: it reads and writes everything.
+        assert!(in_force.may_read(&hq, "customers", &tokyo_customer));
+        let judge = |scopes: &Scopes,
+                     before: Option<&Map<String, Json>>,
+                     after: Option<&Map<String, Json>>| {
+            scopes.judge_write(&paris, &actor, 1, "customers", before, after)
+        };
+        assert_eq!(
+            judge(&in_force, None, Some(&paris_customer)),
+            Ok(()),
+            "create"
+        );
+        assert_eq!(
+            judge(&in_force, Some(&paris_customer), Some(&paris_customer)),
+            Ok(()),
+            "edit"
+        );
+        assert_eq!(
+            judge(&in_force, Some(&paris_customer), None),
+            Ok(()),
+            "delete"
+        );
+        assert_eq!(
+            judge(&in_force, None, Some(&tokyo_customer)),
+            Err(Refusal::OutsideGrant),
+            "another region's"
+        );
+        assert_eq!(
+            judge(&in_force, Some(&paris_customer), Some(&tokyo_customer)),
+            Err(Refusal::OutsideGrant),
+            "moving one out"
+        );
+        assert_eq!(
+            judge(&in_force, Some(&tokyo_customer), None),
+            Err(Refusal::OutsideGrant),
+            "deleting another region's"
+        );
+        assert_eq!(
+            in_force.judge_write(&paris, &actor, 1, "products", None, None),
+            Err(Refusal::OutsideGrant),
+            "read-only collection"
+        );
+        // Granting again replaces the grant; an older grant arriving late changes nothing.
+        let wider = authority
+            .grant(paris, scopes(&["customers"]), scopes(&["customers"]), 20)
+            .unwrap();
+        in_force.insert(verifier.verify(&wider).unwrap(), &wider.signature);
+        in_force.insert(verifier.verify(&granted).unwrap(), &granted.signature);
+        assert_eq!(judge(&in_force, None, Some(&tokyo_customer)), Ok(()));
+        assert!(in_force.may_read(&paris, "customers", &tokyo_customer));
+    }
+
+    #[test]
+    fn a_revocation_keeps_what_came_before_its_cut_off_and_only_narrows() {
+        let temp = tempfile::tempdir().unwrap();
+        let (authority, verifier) = new_authority(&temp.path().join("ca"));
+        let node = NodeId([3; 16]);
+        let (first, second) = (
+            node.actor(0).to_bytes().to_vec(),
+            node.actor(1).to_bytes().to_vec(),
+        );
+        let mut in_force = Scopes::default();
+        let revoked = authority
+            .revoke(
+                node,
+                BTreeMap::from([(first.clone(), 5), (second.clone(), 9)]),
+                1,
+            )
+            .unwrap();
+        in_force.insert(verifier.verify(&revoked).unwrap(), &revoked.signature);
+        let judge = |scopes: &Scopes, actor: &[u8], sequence| {
+            scopes.judge_write(&node, actor, sequence, "t", None, Some(&fields(json!({}))))
+        };
+        assert_eq!(judge(&in_force, &first, 5), Ok(()));
+        assert_eq!(judge(&in_force, &first, 6), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, &second, 9), Ok(()));
+        let unnamed = node.actor(2).to_bytes().to_vec();
+        assert_eq!(judge(&in_force, &unnamed, 1), Err(Refusal::Revoked));
+        assert!(!in_force.may_read(&node, "t", &fields(json!({}))));
+        // A later revocation with larger cut-offs lets nothing more in.
+        let later = authority
+            .revoke(
+                node,
+                BTreeMap::from([(first.clone(), 50), (second.clone(), 4)]),
+                2,
+            )
+            .unwrap();
+        in_force.insert(verifier.verify(&later).unwrap(), &later.signature);
+        assert_eq!(judge(&in_force, &first, 6), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, &second, 5), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, &second, 4), Ok(()));
+    }
+
+    #[test]
+    fn decisions_do_not_depend_on_the_order_grants_and_revocations_arrive_in() {
+        let temp = tempfile::tempdir().unwrap();
+        let (authority, verifier) = new_authority(&temp.path().join("ca"));
+        let node = NodeId([4; 16]);
+        let actor = node.actor(0).to_bytes().to_vec();
+        let signed = [
+            authority
+                .grant(node, scopes(&["c:r=a"]), scopes(&["c:r=a"]), 5)
+                .unwrap(),
+            authority
+                .grant(node, scopes(&["c"]), scopes(&["c:r=b"]), 9)
+                .unwrap(),
+            authority
+                .grant(node, scopes(&["c"]), scopes(&["c"]), 9)
+                .unwrap(),
+            authority
+                .revoke(node, BTreeMap::from([(actor.clone(), 7)]), 11)
+                .unwrap(),
+            authority
+                .revoke(node, BTreeMap::from([(actor.clone(), 3)]), 12)
+                .unwrap(),
+        ];
+        let records = [
+            fields(json!({"r": "a"})),
+            fields(json!({"r": "b"})),
+            fields(json!({"r": "c"})),
+        ];
+        let decide = |order: &[usize]| {
+            let mut in_force = Scopes::default();
+            for &index in order {
+                let item = &signed[index];
+                in_force.insert(verifier.verify(item).unwrap(), &item.signature);
+            }
+            let mut decisions = Vec::new();
+            for sequence in 1..10 {
+                for before in &records {
+                    for after in &records {
+                        decisions.push(in_force.judge_write(
+                            &node,
+                            &actor,
+                            sequence,
+                            "c",
+                            Some(before),
+                            Some(after),
+                        ));
+                    }
+                }
+            }
+            decisions
+        };
+        let first = decide(&[0, 1, 2, 3, 4]);
+        for order in [
+            [4, 3, 2, 1, 0],
+            [2, 0, 4, 1, 3],
+            [3, 1, 0, 4, 2],
+            [1, 4, 3, 0, 2],
+        ] {
+            assert_eq!(decide(&order), first, "{order:?}");
+        }
+        // Without the revocations, the two grants issued at once resolve alike too.
+        assert_eq!(decide(&[1, 2]), decide(&[2, 1]));
+    }
+}
