@@ -8,7 +8,7 @@
 //!
 //! This module owns the signed formats, their signing and checking, and the rule that judges
 //! a change. It guarantees that the rule is a pure function of its inputs (the change's author,
-//! its actor and sequence, its record as of the change's dependencies and as the change leaves
+//! its place in its origin's log, its record as of the change's dependencies and as the change leaves
 //! it, and the set of verified grants and revocations), so every node that judges the same
 //! change against the same set decides alike, whenever the set reached it.
 //!
@@ -26,9 +26,14 @@
 //!   not exist or was deleted there) and for the record as the change leaves it (unless the
 //!   change deletes it). So a site that may write `customers:region=paris` can create, edit and
 //!   delete Paris customers, but can neither edit another region's nor move one of its own out.
-//! - A change whose actor belongs to a revoked node is refused when its sequence is past the
-//!   cut-off the revocation names for that actor (an actor it does not name: past 0), whatever
-//!   grant the node had; one at or before it is judged by the grant as above.
+//! - A change by a revoked node counts only at a place in its origin's replication log (a
+//!   writer of that node, and a sequence number in that writer's log, from 1) at or before the
+//!   cut-off the revocation names for that writer (a writer it does not name: nothing counts);
+//!   one past it, or one that comes with no place (fetched outside the log), is refused,
+//!   whatever grant the node had. One at or before it is judged by the grant as above. The
+//!   cut-off is the highest place the authority's node held of each writer when it revoked;
+//!   Automerge's own sequence numbers are per document, so they cannot name one cut-off for a
+//!   whole node.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,7 +51,7 @@ pub const SCOPES_PER_GRANT_MAX: usize = 64;
 pub const FILTER_FIELD_BYTES_MAX: usize = crate::record::document::FIELD_NAME_BYTES_MAX;
 /// Longest filter value, as JSON text.
 pub const FILTER_VALUE_BYTES_MAX: usize = 256;
-/// Most actors one revocation names a cut-off for.
+/// Most writers one revocation names a cut-off for.
 pub const CUT_OFFS_MAX: usize = 1024;
 /// Largest signed grant or revocation, encoded: every bound above fits in it.
 pub const SIGNED_BYTES_MAX: usize = 128 * 1024;
@@ -55,7 +60,7 @@ const _: () = assert!(
     2 * SCOPES_PER_GRANT_MAX * (64 + FILTER_FIELD_BYTES_MAX + FILTER_VALUE_BYTES_MAX + 8) + 1024
         <= SIGNED_BYTES_MAX
 );
-const _: () = assert!(CUT_OFFS_MAX * (18 + 10) + 1024 <= SIGNED_BYTES_MAX);
+const _: () = assert!(CUT_OFFS_MAX * (16 + 10) + 1024 <= SIGNED_BYTES_MAX);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScopeError {
@@ -67,7 +72,7 @@ pub enum ScopeError {
         "a grant holds at most {SCOPES_PER_GRANT_MAX} read and {SCOPES_PER_GRANT_MAX} write scopes"
     )]
     TooManyScopes,
-    #[error("a revocation names at most {CUT_OFFS_MAX} actors")]
+    #[error("a revocation names at most {CUT_OFFS_MAX} writers")]
     TooManyCutOffs,
     #[error("the signature does not verify against the cluster CA")]
     BadSignature,
@@ -185,9 +190,9 @@ pub struct Grant {
 pub struct Revocation {
     pub cluster: [u8; 16],
     pub node: [u8; 16],
-    /// Per actor (18 bytes: a writer and a source) of the node: the last sequence number that
-    /// still counts.
-    pub cut_off: Vec<(Vec<u8>, u64)>,
+    /// Per writer of the node (the origin of its log): the last place in that log that still
+    /// counts.
+    pub cut_off: Vec<([u8; 16], u64)>,
     pub issued_ms: u64,
 }
 
@@ -270,11 +275,11 @@ impl Authority {
         }))
     }
 
-    /// The revocation of `node`, its changes counting up to `cut_off` per actor, signed.
+    /// The revocation of `node`, its changes counting up to `cut_off` per writer, signed.
     pub fn revoke(
         &self,
         node: NodeId,
-        cut_off: BTreeMap<Vec<u8>, u64>,
+        cut_off: BTreeMap<NodeId, u64>,
         issued_ms: u64,
     ) -> Result<Signed, ScopeError> {
         if cut_off.len() > CUT_OFFS_MAX {
@@ -283,7 +288,10 @@ impl Authority {
         self.sign(&Body::Revocation(Revocation {
             cluster: self.cluster,
             node: node.0,
-            cut_off: cut_off.into_iter().collect(),
+            cut_off: cut_off
+                .into_iter()
+                .map(|(writer, place)| (writer.0, place))
+                .collect(),
             issued_ms,
         }))
     }
@@ -359,7 +367,8 @@ impl Verifier {
 pub enum Refusal {
     /// The author's grant names no write scope for the record as it was or as it is left.
     OutsideGrant,
-    /// The author was revoked, and the change is past the cut-off for its actor.
+    /// The author was revoked, and the change is past the cut-off for its writer (or came
+    /// with no place in a log).
     Revoked,
 }
 
@@ -373,12 +382,12 @@ impl Refusal {
 }
 
 /// The verified grants and revocations in force: per node, the grant issued last, and every
-/// revocation (the earliest cut-off per actor counts, so a later revocation never lets in what
+/// revocation (the earliest cut-off per writer counts, so a later revocation never lets in what
 /// an earlier one kept out).
 #[derive(Debug, Clone, Default)]
 pub struct Scopes {
     grants: BTreeMap<NodeId, (Grant, Vec<u8>)>,
-    cut_offs: BTreeMap<NodeId, BTreeMap<Vec<u8>, u64>>,
+    cut_offs: BTreeMap<NodeId, BTreeMap<[u8; 16], u64>>,
 }
 
 impl Scopes {
@@ -397,14 +406,14 @@ impl Scopes {
             Verified::Revocation(revocation) => {
                 let cut_offs = self.cut_offs.entry(NodeId(revocation.node)).or_default();
                 if cut_offs.is_empty() {
-                    // First revocation: actors it does not name count up to 0.
+                    // First revocation: a writer it does not name counts nothing.
                     cut_offs.extend(revocation.cut_off);
                 } else {
-                    // Later ones only narrow: an actor keeps the smaller cut-off, and one the
-                    // earlier revocation did not name stays at 0.
-                    for (actor, cut) in cut_offs.iter_mut() {
+                    // Later ones only narrow: a writer keeps the smaller cut-off, and one the
+                    // earlier revocation did not name stays at nothing (0).
+                    for (writer, cut) in cut_offs.iter_mut() {
                         if let Some((_, other)) =
-                            revocation.cut_off.iter().find(|(a, _)| a == actor)
+                            revocation.cut_off.iter().find(|(named, _)| named == writer)
                         {
                             *cut = (*cut).min(*other);
                         } else {
@@ -438,20 +447,23 @@ impl Scopes {
         })
     }
 
-    /// Judges a change by `author`, written under `actor` at `sequence`, to a record of
+    /// Judges a change by `author` at `place` (its origin, a writer of the author, and its
+    /// sequence in that writer's log; `None` when it came without one) to a record of
     /// `collection` that was `before` as of the change's dependencies and is `after` once it
     /// is applied to them (`None`: missing or deleted).
     pub fn judge_write(
         &self,
         author: &NodeId,
-        actor: &[u8],
-        sequence: u64,
+        place: Option<(NodeId, u64)>,
         collection: &str,
         before: Option<&Map<String, Json>>,
         after: Option<&Map<String, Json>>,
     ) -> Result<(), Refusal> {
         if let Some(cut_offs) = self.cut_offs.get(author) {
-            if sequence > cut_offs.get(actor).copied().unwrap_or(0) {
+            let counts = place.is_some_and(|(writer, sequence)| {
+                cut_offs.get(&writer.0).is_some_and(|cut| sequence <= *cut)
+            });
+            if !counts {
                 return Err(Refusal::Revoked);
             }
         }
@@ -572,11 +584,11 @@ mod tests {
         let mut in_force = Scopes::default();
         let paris_customer = fields(json!({"name": "Ada", "region": "paris"}));
         let tokyo_customer = fields(json!({"name": "Kei", "region": "tokyo"}));
-        let actor = paris.actor(0).to_bytes().to_vec();
+        let place = Some((NodeId([20; 16]), 1));
         // No grants: everyone reads and writes everything.
         assert!(in_force.may_read(&paris, "customers", &tokyo_customer));
         assert_eq!(
-            in_force.judge_write(&paris, &actor, 1, "customers", None, Some(&tokyo_customer)),
+            in_force.judge_write(&paris, place, "customers", None, Some(&tokyo_customer)),
             Ok(())
         );
         let granted = authority
@@ -597,7 +609,7 @@ mod tests {
         let judge = |scopes: &Scopes,
                      before: Option<&Map<String, Json>>,
                      after: Option<&Map<String, Json>>| {
-            scopes.judge_write(&paris, &actor, 1, "customers", before, after)
+            scopes.judge_write(&paris, place, "customers", before, after)
         };
         assert_eq!(
             judge(&in_force, None, Some(&paris_customer)),
@@ -630,7 +642,7 @@ mod tests {
             "deleting another region's"
         );
         assert_eq!(
-            in_force.judge_write(&paris, &actor, 1, "products", None, None),
+            in_force.judge_write(&paris, place, "products", None, None),
             Err(Refusal::OutsideGrant),
             "read-only collection"
         );
@@ -649,40 +661,39 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let (authority, verifier) = new_authority(&temp.path().join("ca"));
         let node = NodeId([3; 16]);
-        let (first, second) = (
-            node.actor(0).to_bytes().to_vec(),
-            node.actor(1).to_bytes().to_vec(),
-        );
+        // Two writers of the node (two incarnations of its store).
+        let (first, second) = (NodeId([30; 16]), NodeId([31; 16]));
         let mut in_force = Scopes::default();
         let revoked = authority
-            .revoke(
-                node,
-                BTreeMap::from([(first.clone(), 5), (second.clone(), 9)]),
-                1,
-            )
+            .revoke(node, BTreeMap::from([(first, 5), (second, 9)]), 1)
             .unwrap();
         in_force.insert(verifier.verify(&revoked).unwrap(), &revoked.signature);
-        let judge = |scopes: &Scopes, actor: &[u8], sequence| {
-            scopes.judge_write(&node, actor, sequence, "t", None, Some(&fields(json!({}))))
+        let judge = |scopes: &Scopes, place: Option<(NodeId, u64)>| {
+            scopes.judge_write(&node, place, "t", None, Some(&fields(json!({}))))
         };
-        assert_eq!(judge(&in_force, &first, 5), Ok(()));
-        assert_eq!(judge(&in_force, &first, 6), Err(Refusal::Revoked));
-        assert_eq!(judge(&in_force, &second, 9), Ok(()));
-        let unnamed = node.actor(2).to_bytes().to_vec();
-        assert_eq!(judge(&in_force, &unnamed, 1), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, Some((first, 5))), Ok(()));
+        assert_eq!(judge(&in_force, Some((first, 6))), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, Some((second, 9))), Ok(()));
+        assert_eq!(
+            judge(&in_force, Some((NodeId([32; 16]), 1))),
+            Err(Refusal::Revoked),
+            "a writer the revocation does not name"
+        );
+        assert_eq!(judge(&in_force, None), Err(Refusal::Revoked), "no place");
         assert!(!in_force.may_read(&node, "t", &fields(json!({}))));
+        // Another node is not touched.
+        assert_eq!(
+            in_force.judge_write(&NodeId([8; 16]), None, "t", None, None),
+            Ok(())
+        );
         // A later revocation with larger cut-offs lets nothing more in.
         let later = authority
-            .revoke(
-                node,
-                BTreeMap::from([(first.clone(), 50), (second.clone(), 4)]),
-                2,
-            )
+            .revoke(node, BTreeMap::from([(first, 50), (second, 4)]), 2)
             .unwrap();
         in_force.insert(verifier.verify(&later).unwrap(), &later.signature);
-        assert_eq!(judge(&in_force, &first, 6), Err(Refusal::Revoked));
-        assert_eq!(judge(&in_force, &second, 5), Err(Refusal::Revoked));
-        assert_eq!(judge(&in_force, &second, 4), Ok(()));
+        assert_eq!(judge(&in_force, Some((first, 6))), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, Some((second, 5))), Err(Refusal::Revoked));
+        assert_eq!(judge(&in_force, Some((second, 4))), Ok(()));
     }
 
     #[test]
@@ -690,7 +701,7 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let (authority, verifier) = new_authority(&temp.path().join("ca"));
         let node = NodeId([4; 16]);
-        let actor = node.actor(0).to_bytes().to_vec();
+        let writer = NodeId([40; 16]);
         let signed = [
             authority
                 .grant(node, scopes(&["c:r=a"]), scopes(&["c:r=a"]), 5)
@@ -702,10 +713,10 @@ mod tests {
                 .grant(node, scopes(&["c"]), scopes(&["c"]), 9)
                 .unwrap(),
             authority
-                .revoke(node, BTreeMap::from([(actor.clone(), 7)]), 11)
+                .revoke(node, BTreeMap::from([(writer, 7)]), 11)
                 .unwrap(),
             authority
-                .revoke(node, BTreeMap::from([(actor.clone(), 3)]), 12)
+                .revoke(node, BTreeMap::from([(writer, 3)]), 12)
                 .unwrap(),
         ];
         let records = [
@@ -725,8 +736,7 @@ mod tests {
                     for after in &records {
                         decisions.push(in_force.judge_write(
                             &node,
-                            &actor,
-                            sequence,
+                            Some((writer, sequence)),
                             "c",
                             Some(before),
                             Some(after),
