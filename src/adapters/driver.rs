@@ -628,7 +628,7 @@ impl Runner {
                 // A row whose record could never be sent (over the change limit) is set aside
                 // like any row that makes no record; nothing of it was stored.
                 Err(StoreError::Record(error)) => bad.push((id.key.to_string(), error.to_string())),
-                Err(error @ StoreError::ChangeTooLarge { .. }) => {
+                Err(error @ (StoreError::ChangeTooLarge { .. } | StoreError::OutsideGrant(_))) => {
                     bad.push((id.key.to_string(), error.to_string()))
                 }
                 Err(error) => return Err(error.into()),

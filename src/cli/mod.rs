@@ -79,6 +79,25 @@ enum Command {
     /// List rows the adapters quarantined, one JSON object per line: binding, direction,
     /// key, error, attempts, next retry.
     Errors,
+    /// Grant a node read and write access, signed with the cluster CA key: it replicates,
+    /// and replaces the node's earlier grant. A scope is COLLECTION or COLLECTION:FIELD=VALUE
+    /// (the records whose field has that value). This build checks a node's own writes
+    /// against its grant; it does not yet filter what peers send or check what they receive.
+    Grant {
+        /// The node's name or id.
+        node: String,
+        /// The cluster CA dir (its key signs the grant).
+        #[arg(long, value_name = "CA_DIR")]
+        ca: PathBuf,
+        /// Scopes it may read, comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "SCOPE")]
+        read: Vec<String>,
+        /// Scopes it may write, comma-separated.
+        #[arg(long, value_delimiter = ',', value_name = "SCOPE")]
+        write: Vec<String>,
+    },
+    /// List the grants in force, one JSON object per line: node, read, write, issued, signer.
+    Grants,
     /// Have a binding load again as when it first started: records into its table, rows
     /// into records. For a table dropped and made again under the binding; rows that match
     /// their record are left as they are.
@@ -531,6 +550,52 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             };
             writeln!(out, "{id} {field} = {value}")?;
         }
+        Command::Grant {
+            node,
+            ca,
+            read,
+            write,
+        } => {
+            let parse = |list: &[String]| -> Result<Vec<concord::scope::Scope>> {
+                list.iter()
+                    .filter(|text| !text.is_empty())
+                    .map(|text| Ok(concord::scope::Scope::parse(text)?))
+                    .collect()
+            };
+            let (read, write) = (parse(&read)?, parse(&write)?);
+            let authority = concord::scope::Authority::open(&ca)?;
+            let issued = u64::try_from(concord::node::now_ms()).unwrap_or(0);
+            match target(cli.data)? {
+                Target::Local(local) => {
+                    let id = local.node_named(&node)?;
+                    let signed = authority.grant(id, read, write, issued)?;
+                    local.add_signed(&signed.to_bytes())?;
+                    writeln!(out, "granted node {id}")?;
+                }
+                Target::Remote(api) => {
+                    let id: concord::record::NodeId = api.node_named(&node)?["node"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .context("the node answered with no node id")?;
+                    let signed = authority.grant(id, read, write, issued)?;
+                    api.add_signed(&signed.to_bytes())?;
+                    writeln!(out, "granted node {id}")?;
+                }
+            }
+        }
+        Command::Grants => {
+            let grants = match target(cli.data)? {
+                Target::Local(local) => local.grants(),
+                Target::Remote(api) => api.grants()?["grants"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            for grant in grants {
+                writeln!(out, "{grant}")?;
+            }
+        }
         Command::Refill { binding } => {
             match target(cli.data)? {
                 Target::Local(node) => concord::adapters::driver::refill(&node, &binding)?,
@@ -861,6 +926,24 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         engine["changes_applied"],
         engine["duplicates"]
     )?;
+    let this_node = text("node");
+    for grant in status["grants"].as_array().cloned().unwrap_or_default() {
+        let node = field(&grant, "node");
+        let whose = if node == this_node {
+            " (this node)"
+        } else {
+            ""
+        };
+        if grant["revoked"] == Json::Bool(true) {
+            writeln!(out, "revoked  {node}{whose}")?;
+        } else {
+            writeln!(
+                out,
+                "grant    {node}{whose}: read {}, write {}",
+                grant["read"], grant["write"]
+            )?;
+        }
+    }
     for (key, what) in [
         ("degraded", "degraded (writes refused with 507)"),
         ("overloaded", "overloaded (writes refused with 503)"),

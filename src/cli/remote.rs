@@ -311,6 +311,26 @@ impl ApiClient {
         Ok(())
     }
 
+    pub fn node_named(&self, name: &str) -> Result<Value> {
+        let url = self.url(&format!("/v1/nodes/{}", urlencode(name)));
+        self.answer(None, self.agent.get(&url).call())
+    }
+
+    pub fn grants(&self) -> Result<Value> {
+        self.answer(None, self.agent.get(&self.url("/v1/grants")).call())
+    }
+
+    pub fn add_signed(&self, bytes: &[u8]) -> Result<Value> {
+        let url = self.url("/v1/grants");
+        self.answer(
+            None,
+            self.agent
+                .post(&url)
+                .header("content-type", "application/octet-stream")
+                .send(bytes),
+        )
+    }
+
     pub fn refill(&self, binding: &str) -> Result<Value> {
         let url = self.url(&format!("/v1/bindings/{}/refill", urlencode(binding)));
         self.answer(None, self.agent.post(&url).send_empty())

@@ -136,6 +136,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/errors", get(errors))
         .route("/v1/refused", get(refused))
+        .route("/v1/grants", get(grants).post(add_signed))
+        .route("/v1/nodes/{name}", get(node_named))
         .route(
             "/v1/bindings/{name}/refill",
             axum::routing::post(refill_binding),
@@ -207,6 +209,7 @@ impl From<NodeError> for ApiError {
     fn from(error: NodeError) -> Self {
         let status = match &error {
             NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Store(StoreError::OutsideGrant(_)) => StatusCode::FORBIDDEN,
             NodeError::TooLarge { .. }
             | NodeError::Record(RecordError::WriteTooLarge { .. })
             | NodeError::Record(RecordError::TooManyValues { .. })
@@ -516,6 +519,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
         .and_then(Result::ok);
     let mut value = serde_json::to_value(status).unwrap_or_default();
     value["records"] = json!(records);
+    value["grants"] = json!(shared.node.grants());
     Json(value)
 }
 
@@ -643,6 +647,42 @@ async fn errors(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErr
         })
         .collect();
     Ok(Json(json!({ "errors": rows })))
+}
+
+async fn node_named(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let node = shared.node.clone();
+    let id = tokio::task::spawn_blocking(move || node.node_named(&name))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|error| match error {
+            NodeError::UnknownNode(_) => ApiError(StatusCode::NOT_FOUND, error.to_string()),
+            other => other.into(),
+        })?;
+    Ok(Json(json!({ "node": id.to_string() })))
+}
+
+async fn grants(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({ "grants": shared.node.grants() }))
+}
+
+/// A signed grant or revocation (its bytes, as `concord grant` makes them), stored once it
+/// verifies against the cluster CA.
+async fn add_signed(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let node = shared.node.clone();
+    tokio::task::spawn_blocking(move || node.add_signed(&body))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|error| match error {
+            NodeError::Scope(scope) => ApiError(StatusCode::BAD_REQUEST, scope.to_string()),
+            other => other.into(),
+        })?;
+    Ok(Json(json!({ "stored": true })))
 }
 
 async fn refill_binding(

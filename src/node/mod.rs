@@ -14,6 +14,7 @@ pub mod runtime;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, ChangeHash};
@@ -51,6 +52,10 @@ pub enum NodeError {
         address: String,
         error: std::io::Error,
     },
+    #[error(transparent)]
+    Scope(#[from] crate::scope::ScopeError),
+    #[error("no node named {0:?} is known here (give its id, as `concord status` shows it)")]
+    UnknownNode(String),
     #[error("{0} is already a Concord data dir")]
     AlreadyInitialized(PathBuf),
     #[error("{0} is not a Concord data dir (run `concord init {0}` first)")]
@@ -286,6 +291,60 @@ pub struct Node {
 
     /// The conflict policies of `config`, ready to resolve reads with.
     policies: crate::policy::Policies,
+    /// Checks grants and revocations against the cluster CA (none without a cluster).
+    verifier: Option<crate::scope::Verifier>,
+    /// The grants and revocations in force, as `_grants` held them when last read.
+    scopes: Arc<RwLock<crate::scope::Scopes>>,
+}
+
+/// Judges this node's own writes by its grant (see [`crate::scope`]).
+struct GrantDoor {
+    node: NodeId,
+    scopes: Arc<RwLock<crate::scope::Scopes>>,
+}
+
+impl crate::store::WriteDoor for GrantDoor {
+    fn judges(&self, collection: &str) -> bool {
+        let scopes = self
+            .scopes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Concord's own collections (the actor registry, grants) are judged by their own rules.
+        !collection.starts_with('_')
+            && (scopes.grant(&self.node).is_some() || scopes.is_revoked(&self.node))
+    }
+
+    fn judge(
+        &self,
+        collection: &str,
+        before: Option<&Map<String, Json>>,
+        after: Option<&Map<String, Json>>,
+    ) -> Result<(), String> {
+        let scopes = self
+            .scopes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if scopes.is_revoked(&self.node) {
+            return Err("this node was revoked by the cluster authority: it writes nothing".into());
+        }
+        scopes
+            .judge_write(&self.node, None, collection, before, after)
+            .map_err(|_| {
+                let write: Vec<String> = scopes
+                    .grant(&self.node)
+                    .map(|grant| grant.write.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default();
+                format!(
+                    "this node's grant does not let it write that record of {collection} \
+                     (it may write: {})",
+                    if write.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        write.join(", ")
+                    }
+                )
+            })
+    }
 }
 
 impl Node {
@@ -457,16 +516,128 @@ impl Node {
             docs.refuse_writes(state.refusal());
             docs.set_room(state.room());
         }
-        Ok(Self {
+        let verifier = match config.cluster_id() {
+            Some(cluster) => {
+                let path = dir.join(TLS_DIR).join(tls::CA_CERT_FILE);
+                let pem = std::fs::read_to_string(&path).map_err(io_error(&path))?;
+                Some(crate::scope::Verifier::new(&pem, cluster)?)
+            }
+            None => None,
+        };
+        let scopes = Arc::new(RwLock::new(crate::scope::Scopes::default()));
+        docs.set_door(Arc::new(GrantDoor {
+            node: id,
+            scopes: scopes.clone(),
+        }));
+        let node = Self {
             dir: dir.to_owned(),
             config,
             id,
             docs,
             api_actor,
             disk,
-
             policies,
-        })
+            verifier,
+            scopes,
+        };
+        node.refresh_scopes()?;
+        Ok(node)
+    }
+
+    /// Reads the grants and revocations `_grants` holds again, keeping those that verify.
+    pub fn refresh_scopes(&self) -> Result<(), NodeError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(());
+        };
+        let collection = Collection::new(crate::scope::GRANTS_COLLECTION)?;
+        let mut scopes = crate::scope::Scopes::default();
+        let page = self.list(&collection, None, crate::scope::GRANT_RECORDS_MAX)?;
+        for (key, fields) in page.records {
+            let signed = fields
+                .get("signed")
+                .and_then(Json::as_str)
+                .and_then(|text| hex::decode(text).ok())
+                .ok_or_else(|| crate::scope::ScopeError::Malformed("no signed bytes".into()))
+                .and_then(|bytes| crate::scope::Signed::from_bytes(&bytes));
+            match signed.and_then(|signed| Ok((verifier.verify(&signed)?, signed))) {
+                Ok((verified, signed)) => scopes.insert(verified, &signed.signature),
+                Err(error) => {
+                    tracing::warn!(grant = %key, %error, "a grant or revocation that does not count")
+                }
+            }
+        }
+        *self
+            .scopes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = scopes;
+        Ok(())
+    }
+
+    /// Stores a signed grant or revocation (it replicates like any record) once it verifies.
+    pub fn add_signed(&self, bytes: &[u8]) -> Result<crate::scope::Verified, NodeError> {
+        let verifier = self.verifier.as_ref().ok_or(NodeError::NoCluster)?;
+        let signed = crate::scope::Signed::from_bytes(bytes)?;
+        let verified = verifier.verify(&signed)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        let id = RecordId::new(
+            Collection::new(crate::scope::GRANTS_COLLECTION)?,
+            Key::new(&hex::encode(digest.as_ref()))?,
+        );
+        let write = RecordWrite {
+            set: vec![("signed".to_owned(), Json::String(hex::encode(bytes)))],
+            ..RecordWrite::default()
+        };
+        self.docs
+            .write(&id, &self.api_actor, now_ms(), Durability::Durable, |tx| {
+                document::apply_write(tx, &write)
+            })?;
+        self.refresh_scopes()?;
+        Ok(verified)
+    }
+
+    /// The node named `name` (its `node.name`, as the actor registry holds it), or the node
+    /// whose id `name` is.
+    pub fn node_named(&self, name: &str) -> Result<NodeId, NodeError> {
+        if let Ok(id) = name.parse::<NodeId>() {
+            return Ok(id);
+        }
+        let registry = Collection::new(ACTOR_REGISTRY_COLLECTION)?;
+        let mut after: Option<Key> = None;
+        loop {
+            let page = self.list(&registry, after.as_ref(), crate::store::SCAN_PAGE_ENTRIES)?;
+            for (_, fields) in &page.records {
+                if fields.get("node_name").and_then(Json::as_str) == Some(name) {
+                    if let Some(id) = fields
+                        .get("node")
+                        .and_then(Json::as_str)
+                        .and_then(|text| text.parse::<NodeId>().ok())
+                    {
+                        return Ok(id);
+                    }
+                }
+            }
+            match page.last_seen {
+                Some(last) => after = Some(last),
+                None => return Err(NodeError::UnknownNode(name.to_owned())),
+            }
+        }
+    }
+
+    /// The grants in force and the revoked nodes, one JSON object each.
+    pub fn grants(&self) -> Vec<Json> {
+        let scopes = self
+            .scopes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        scopes.describe()
+    }
+
+    /// The grants and revocations in force.
+    pub fn scopes(&self) -> crate::scope::Scopes {
+        self.scopes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// The actor of `source` on this node, entered in the actor registry the first time.

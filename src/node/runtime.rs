@@ -59,6 +59,9 @@ const _: () =
     assert!(ENGINE_QUEUE_CALM < ENGINE_QUEUE_BUSY && ENGINE_QUEUE_BUSY < ENGINE_QUEUE_EVENTS);
 const _: () = assert!(KEEPING_UP_CHANGES < OWN_BACKLOG_CHANGES_MAX);
 
+/// How often a running node reads its grants and revocations again.
+const SCOPES_REFRESH: Duration = Duration::from_secs(1);
+
 /// Writes made on this node that the engine has not been told of yet.
 #[derive(Debug, Default)]
 pub struct LocalWrites {
@@ -523,6 +526,19 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(transport.clone().accept_loop()));
+    // Grants and revocations arrive from peers like records: read them again every second.
+    let scoped = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(SCOPES_REFRESH);
+        loop {
+            every.tick().await;
+            let node = scoped.clone();
+            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || node.refresh_scopes()).await
+            {
+                tracing::warn!(%error, "reading the grants");
+            }
+        }
+    }));
     for peer in &config.network.peers {
         let address = resolve(peer)?;
         tasks.push(tokio::spawn(transport.clone().dial_loop(address)));

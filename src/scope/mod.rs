@@ -43,6 +43,11 @@ use serde_json::{Map, Value as Json};
 
 use crate::record::{Collection, NodeId};
 
+/// The collection that holds signed grants and revocations, each under the SHA-256 of its
+/// bytes (so two never overwrite each other), in a field `signed` (hex).
+pub const GRANTS_COLLECTION: &str = "_grants";
+/// Most grants and revocations a node reads from [`GRANTS_COLLECTION`].
+pub const GRANT_RECORDS_MAX: usize = 10_000;
 /// Version of the signed bodies this build writes and reads.
 pub const SCOPE_FORMAT_VERSION: u16 = 1;
 /// Most read scopes, and most write scopes, one grant holds.
@@ -428,6 +433,44 @@ impl Scopes {
     /// The grant in force for `node`, if it has one.
     pub fn grant(&self, node: &NodeId) -> Option<&Grant> {
         self.grants.get(node).map(|(grant, _)| grant)
+    }
+
+    /// The grants in force and the revoked nodes, one JSON object each: `node`, then `read`,
+    /// `write` and `issued` (RFC 3339) for a grant, or `revoked: true` and `cut_off` (per
+    /// writer, the last log place that counts).
+    pub fn describe(&self) -> Vec<Json> {
+        let issued = |ms: u64| {
+            humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        };
+        let mut described: Vec<Json> = self
+            .grants
+            .iter()
+            .map(|(node, (grant, _))| {
+                serde_json::json!({
+                    "node": node.to_string(),
+                    "read": grant.read.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "write": grant.write.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "issued": issued(grant.issued_ms),
+                    "signer": "cluster CA",
+                })
+            })
+            .collect();
+        for (node, cut_offs) in &self.cut_offs {
+            let cut_off: Map<String, Json> = cut_offs
+                .iter()
+                .map(|(writer, place)| (NodeId(*writer).to_string(), Json::from(*place)))
+                .collect();
+            described.push(serde_json::json!({
+                "node": node.to_string(),
+                "revoked": true,
+                "cut_off": cut_off,
+                "signer": "cluster CA",
+            }));
+        }
+        described
     }
 
     pub fn is_revoked(&self, node: &NodeId) -> bool {

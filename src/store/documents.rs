@@ -69,6 +69,22 @@ impl Default for DocStoreConfig {
     }
 }
 
+/// Judges this node's own writes before they are stored, by the scopes its grant allows: one
+/// check for every way a write comes in (API, CLI, import of a write, adapters), since they
+/// all write through [`WriteSession::write`].
+pub trait WriteDoor: Send + Sync {
+    /// Whether writes to `collection` are judged at all (if not, the record is not read).
+    fn judges(&self, collection: &str) -> bool;
+    /// Why a write that leaves a record of `collection` as `after`, from `before` (`None`:
+    /// missing or deleted), is refused, if it is.
+    fn judge(
+        &self,
+        collection: &str,
+        before: Option<&serde_json::Map<String, serde_json::Value>>,
+        after: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<(), String>;
+}
+
 /// When a commit returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -263,6 +279,8 @@ pub struct DocStore<S: Store> {
     /// Bytes writes may still take on disk before they are refused, as the disk was last
     /// measured ([`DocStore::set_room`]); unbounded until then.
     room: std::sync::atomic::AtomicI64,
+    /// What judges this node's own writes, once the node set it.
+    door: Mutex<Option<std::sync::Arc<dyn WriteDoor>>>,
 }
 
 /// What a batch is taken to cost on disk, per byte of its keys and values: sled writes each
@@ -346,7 +364,23 @@ impl<S: Store> DocStore<S> {
             writers: Mutex::new(std::collections::HashMap::new()),
             write_refusal: Mutex::new(None),
             room: std::sync::atomic::AtomicI64::new(i64::MAX),
+            door: Mutex::new(None),
         })
+    }
+
+    /// Has `door` judge every write of this node's own from now on.
+    pub fn set_door(&self, door: std::sync::Arc<dyn WriteDoor>) {
+        *self
+            .door
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(door);
+    }
+
+    fn door(&self) -> Option<std::sync::Arc<dyn WriteDoor>> {
+        self.door
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Opens the store again (after a write to disk failed, sled refuses writes from then on)
@@ -950,6 +984,24 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
+        if let Some(door) = docs
+            .door()
+            .filter(|door| door.judges(id.collection.as_str()))
+        {
+            let was = loaded.doc.fork_at(&before).map_err(|error| {
+                StoreError::Corrupt(format!("reading a record before: {error}"))
+            })?;
+            let verdict = door.judge(
+                id.collection.as_str(),
+                document::read(&was).as_ref(),
+                document::read(&loaded.doc).as_ref(),
+            );
+            if let Err(reason) = verdict {
+                // Refused: the document goes back to what it was, and nothing was queued.
+                loaded.doc = was;
+                return Err(StoreError::OutsideGrant(reason));
+            }
+        }
         let bytes = loaded
             .doc
             .get_change_by_hash(&hash)

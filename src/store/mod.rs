@@ -29,10 +29,10 @@ pub mod salvage;
 mod sled_store;
 
 pub use documents::{
-    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord,
+    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord, WriteDoor,
     WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT,
     CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP,
-    LOADED_DOCUMENT_BYTES,
+    LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
 };
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, Snapshot, StoredDoc};
@@ -130,6 +130,9 @@ pub enum StoreError {
     Backend(#[from] sled::Error),
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    /// A write of this node's own that its grant does not allow (see [`crate::scope`]).
+    #[error("{0}")]
+    OutsideGrant(String),
     #[error("the store is closed (it is being opened again after a write failed)")]
     Closed,
     #[error(

@@ -1,0 +1,136 @@
+//! Grants on real nodes over QUIC: signed with the cluster CA key by `concord grant`, they
+//! replicate, and a node's own writes outside its grant are refused at the door (API 403, CLI
+//! exit 1 with one line) while a node without a grant writes as before. A grant signed by
+//! another cluster's CA is refused and stored nowhere.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{eventually, start_mesh, TestNode};
+use common::{concord, ok, stderr};
+use serde_json::{json, Value};
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+fn grants(node: &TestNode) -> Vec<Value> {
+    node.status()
+        .and_then(|status| status["grants"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_writes_only_what_its_grant_allows_and_the_grant_replicates() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut hq, mut paris]: [TestNode; 2] = start_mesh(temp.path(), &["hq", "paris"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    let ca = temp.path().join("ca");
+    let paris_id = std::fs::read_to_string(paris.dir.join("node.id")).unwrap();
+    let paris_id = paris_id.trim();
+    // Before any grant, paris writes anything.
+    paris.put("customers/0", json!({"region": "tokyo"}));
+
+    // Granted at hq (through its API, by name once hq knows paris), it reaches paris.
+    eventually("hq knows paris by name", WITHIN, || {
+        concord(
+            &hq.dir,
+            &[
+                "grant",
+                "paris",
+                "--ca",
+                ca.to_str().unwrap(),
+                "--read",
+                "customers:region=paris,products",
+                "--write",
+                "customers:region=paris",
+            ],
+        )
+        .status
+        .success()
+    })
+    .await;
+    let listed = ok(concord(&hq.dir, &["grants"]));
+    let grant: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(grant["node"], json!(paris_id));
+    assert_eq!(grant["read"], json!(["customers:region=paris", "products"]));
+    assert_eq!(grant["write"], json!(["customers:region=paris"]));
+    assert!(grant["issued"].is_string() && grant["signer"].is_string());
+    eventually("the grant reaches paris", WITHIN, || {
+        grants(&paris)
+            .iter()
+            .any(|grant| grant["node"] == json!(paris_id))
+    })
+    .await;
+
+    // paris: its own region yes; another region, or moving one out, no (403, one line).
+    paris.put("customers/1", json!({"name": "Ada", "region": "paris"}));
+    let (code, answer) = paris.put_body(
+        "customers/2",
+        serde_json::to_vec(&json!({"name": "Kei", "region": "tokyo"})).unwrap(),
+    );
+    assert_eq!(code, 403, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("customers:region=paris"),
+        "{answer}"
+    );
+    let moved = concord(&paris.dir, &["put", "customers/1", "region=tokyo"]);
+    assert_eq!(moved.status.code(), Some(1));
+    assert_eq!(
+        stderr(&moved).trim().lines().count(),
+        1,
+        "{}",
+        stderr(&moved)
+    );
+    assert!(stderr(&moved).contains("grant"), "{}", stderr(&moved));
+    assert_eq!(
+        paris.get("customers/1").unwrap()["region"],
+        json!("paris"),
+        "nothing of a refused write is stored"
+    );
+    assert_eq!(paris.get("customers/2"), None);
+    // A collection it may only read: no.
+    let (code, _) = paris.put_body("products/1", b"{\"name\": \"x\"}".to_vec());
+    assert_eq!(code, 403);
+
+    // hq has no grant: it writes anything, and paris's allowed write reached it.
+    hq.put("customers/3", json!({"region": "tokyo"}));
+    eventually("paris's write reaches hq", WITHIN, || {
+        hq.get("customers/1").is_some()
+    })
+    .await;
+
+    // Status names the grant, on both.
+    let status = ok(concord(&paris.dir, &["status"]));
+    assert!(status.contains("(this node)"), "{status}");
+
+    // A grant signed by another cluster's CA is refused and stored nowhere.
+    let other_ca = temp.path().join("other-ca");
+    concord::net::tls::create_ca(&other_ca).unwrap();
+    let forged = concord(
+        &paris.dir,
+        &[
+            "grant",
+            paris_id,
+            "--ca",
+            other_ca.to_str().unwrap(),
+            "--read",
+            "customers",
+            "--write",
+            "customers",
+        ],
+    );
+    assert_eq!(forged.status.code(), Some(1));
+    assert!(stderr(&forged).contains("signature"), "{}", stderr(&forged));
+    let (code, _) = paris.put_body(
+        "customers/2",
+        serde_json::to_vec(&json!({"region": "tokyo"})).unwrap(),
+    );
+    assert_eq!(code, 403, "the forged grant gave nothing");
+    hq.stop().await;
+    paris.stop().await;
+}
