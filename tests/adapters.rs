@@ -968,3 +968,45 @@ async fn a_table_made_again_under_its_binding_is_refilled_on_request() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_outside_the_node_s_grant_is_quarantined_and_the_others_flow() {
+    let parent = tempfile::tempdir().unwrap();
+    let (mut node, file) = sqlite_node(parent.path(), Direction::In).await;
+    let id = std::fs::read_to_string(node.dir.join("node.id")).unwrap();
+    let ca = parent.path().join("ca");
+    common::ok(common::concord(
+        &node.dir,
+        &[
+            "grant",
+            id.trim(),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--read",
+            "customers",
+            "--write",
+            "customers:email=ok@example.com",
+        ],
+    ));
+    sqlite(&file)
+        .execute_batch(
+            "INSERT INTO customers (id, name, email) VALUES (1, 'in', 'ok@example.com'), \
+             (2, 'out', 'other@example.com')",
+        )
+        .unwrap();
+    eventually("the row the grant allows flows", WAIT, || {
+        node.get("customers/1").is_some()
+    })
+    .await;
+    eventually("the other is quarantined", WAIT, || {
+        binding_status(&node)["quarantined"] == json!(1)
+    })
+    .await;
+    assert_eq!(node.get("customers/2"), None);
+    let errors = common::stdout(&common::concord(&node.dir, &["errors"]));
+    assert!(
+        errors.contains("\"key\":\"2\"") && errors.contains("grant"),
+        "{errors}"
+    );
+    node.stop().await;
+}
