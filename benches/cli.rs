@@ -17,19 +17,9 @@ use std::time::{Duration, Instant};
 const CONCORD: &str = env!("CARGO_BIN_EXE_concord");
 
 fn concord(data: &Path, args: &[&str]) -> std::process::Output {
-    let output = Command::new(CONCORD)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .env_remove("CONCORD_DATA")
-        .output()
-        .expect("concord runs");
-    assert!(
-        output.status.success(),
-        "concord {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    let mut all = vec!["--data", data.to_str().expect("a UTF-8 path")];
+    all.extend_from_slice(args);
+    common::concord(&all)
 }
 
 fn free_port() -> u16 {
@@ -102,22 +92,18 @@ fn main() {
     concord::net::tls::create_ca(&ca).expect("a CA");
     let data = temp.path().join("node");
     let api = format!("127.0.0.1:{}", free_port());
-    let output = Command::new(CONCORD)
-        .args([
-            "init",
-            data.to_str().expect("a UTF-8 path"),
-            "--name",
-            "bench",
-            "--ca",
-            ca.to_str().expect("a UTF-8 path"),
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--api",
-            &api,
-        ])
-        .output()
-        .expect("concord init runs");
-    assert!(output.status.success());
+    common::concord(&[
+        "init",
+        data.to_str().expect("a UTF-8 path"),
+        "--name",
+        "bench",
+        "--ca",
+        ca.to_str().expect("a UTF-8 path"),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--api",
+        &api,
+    ]);
 
     // Load into the stopped node: the store opened directly.
     let offline_file = temp.path().join("offline.jsonl");

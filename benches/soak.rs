@@ -91,16 +91,7 @@ struct Cluster {
 }
 
 fn concord(args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_concord"))
-        .args(args)
-        .output()
-        .expect("concord runs");
-    assert!(
-        output.status.success(),
-        "concord {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    String::from_utf8_lossy(&common::concord(args).stdout).into_owned()
 }
 
 /// `concord run` on `dir`, its log in `dir/run.log`.

@@ -3,7 +3,24 @@
 // Each bench compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+/// Runs the release `concord` with `args` (no `CONCORD_DATA` from the caller's shell), and
+/// stops the bench with its stderr if it fails.
+pub fn concord(args: &[&str]) -> Output {
+    let output = Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(args)
+        .env_remove("CONCORD_DATA")
+        .output()
+        .expect("concord runs");
+    assert!(
+        output.status.success(),
+        "concord {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
 
 /// The number after `name` on the command line, or `default`.
 pub fn flag(args: &[String], name: &str, default: usize) -> usize {

@@ -14,7 +14,7 @@ pub mod runtime;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::{ActorId, ChangeHash};
@@ -295,6 +295,16 @@ pub struct Node {
     verifier: Option<crate::scope::Verifier>,
     /// The grants and revocations in force, as `_grants` held them when last read.
     scopes: Arc<RwLock<crate::scope::Scopes>>,
+    /// Each record of `_grants` judged so far, by key: what verified, or `None`.
+    grants_judged: Mutex<HashMap<String, Option<JudgedGrant>>>,
+}
+
+/// A grant or revocation that verified, and its signature (the tie-break between grants).
+type JudgedGrant = (crate::scope::Verified, Vec<u8>);
+
+/// The key of a signed grant or revocation in `_grants`: the SHA-256 of its bytes, hex.
+fn grant_key(signed: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, signed).as_ref())
 }
 
 /// Judges this node's own writes by its grant (see [`crate::scope`]).
@@ -539,6 +549,7 @@ impl Node {
             policies,
             verifier,
             scopes,
+            grants_judged: Mutex::new(HashMap::new()),
         };
         node.refresh_scopes()?;
         Ok(node)
@@ -550,21 +561,48 @@ impl Node {
             return Ok(());
         };
         let collection = Collection::new(crate::scope::GRANTS_COLLECTION)?;
-        let mut scopes = crate::scope::Scopes::default();
-        let page = self.list(&collection, None, crate::scope::GRANT_RECORDS_MAX)?;
-        for (key, fields) in page.records {
-            let signed = fields
-                .get("signed")
-                .and_then(Json::as_str)
-                .and_then(|text| hex::decode(text).ok())
-                .ok_or_else(|| crate::scope::ScopeError::Malformed("no signed bytes".into()))
-                .and_then(|bytes| crate::scope::Signed::from_bytes(&bytes));
-            match signed.and_then(|signed| Ok((verifier.verify(&signed)?, signed))) {
-                Ok((verified, signed)) => scopes.insert(verified, &signed.signature),
-                Err(error) => {
-                    tracing::warn!(grant = %key, %error, "a grant or revocation that does not count")
-                }
+        let stored =
+            self.docs
+                .scan_collection(&collection, None, crate::scope::GRANT_RECORDS_MAX)?;
+        let mut judged = self
+            .grants_judged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Each record holds the bytes its key is the SHA-256 of: once judged, it is judged for
+        // good, and only records new since the last time are read and verified.
+        for record in stored {
+            let key = record.id.key.to_string();
+            if judged.contains_key(&key)
+                || record.stored.record_state() != document::RecordState::Live
+            {
+                continue;
             }
+            let signed = self
+                .get(&record.id)?
+                .and_then(|fields| {
+                    fields
+                        .get("signed")
+                        .and_then(Json::as_str)
+                        .map(str::to_owned)
+                })
+                .and_then(|text| hex::decode(text).ok())
+                .filter(|bytes| grant_key(bytes) == key)
+                .ok_or_else(|| {
+                    crate::scope::ScopeError::Malformed(
+                        "no signed bytes whose SHA-256 is the record's key".into(),
+                    )
+                })
+                .and_then(|bytes| crate::scope::Signed::from_bytes(&bytes));
+            let verdict =
+                signed.and_then(|signed| Ok((verifier.verify(&signed)?, signed.signature)));
+            if let Err(error) = &verdict {
+                tracing::warn!(grant = %key, %error, "a grant or revocation that does not count");
+            }
+            judged.insert(key, verdict.ok());
+        }
+        let mut scopes = crate::scope::Scopes::default();
+        for (verified, signature) in judged.values().flatten() {
+            scopes.insert(verified.clone(), signature);
         }
         *self
             .scopes
@@ -578,10 +616,9 @@ impl Node {
         let verifier = self.verifier.as_ref().ok_or(NodeError::NoCluster)?;
         let signed = crate::scope::Signed::from_bytes(bytes)?;
         let verified = verifier.verify(&signed)?;
-        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
         let id = RecordId::new(
             Collection::new(crate::scope::GRANTS_COLLECTION)?,
-            Key::new(&hex::encode(digest.as_ref()))?,
+            Key::new(&grant_key(bytes))?,
         );
         let write = RecordWrite {
             set: vec![("signed".to_owned(), Json::String(hex::encode(bytes)))],

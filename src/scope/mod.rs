@@ -66,6 +66,10 @@ const _: () = assert!(
         <= SIGNED_BYTES_MAX
 );
 const _: () = assert!(CUT_OFFS_MAX * (16 + 10) + 1024 <= SIGNED_BYTES_MAX);
+// A signed item is stored as hex in one record of `_grants`, whose change must fit a frame.
+const _: () = assert!(2 * SIGNED_BYTES_MAX + 4096 <= crate::record::document::CHANGE_BYTES_MAX);
+// And it comes in through the API in one request body.
+const _: () = assert!(SIGNED_BYTES_MAX <= crate::node::api::REQUEST_BYTES_MAX);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScopeError {

@@ -279,8 +279,9 @@ pub struct DocStore<S: Store> {
     /// Bytes writes may still take on disk before they are refused, as the disk was last
     /// measured ([`DocStore::set_room`]); unbounded until then.
     room: std::sync::atomic::AtomicI64,
-    /// What judges this node's own writes, once the node set it.
-    door: Mutex<Option<std::sync::Arc<dyn WriteDoor>>>,
+    /// What judges this node's own writes, once the node set it (once: read without a lock
+    /// on every write).
+    door: std::sync::OnceLock<std::sync::Arc<dyn WriteDoor>>,
 }
 
 /// What a batch is taken to cost on disk, per byte of its keys and values: sled writes each
@@ -364,23 +365,14 @@ impl<S: Store> DocStore<S> {
             writers: Mutex::new(std::collections::HashMap::new()),
             write_refusal: Mutex::new(None),
             room: std::sync::atomic::AtomicI64::new(i64::MAX),
-            door: Mutex::new(None),
+            door: std::sync::OnceLock::new(),
         })
     }
 
-    /// Has `door` judge every write of this node's own from now on.
+    /// Has `door` judge every write of this node's own from now on. A store has one door;
+    /// setting another is a bug.
     pub fn set_door(&self, door: std::sync::Arc<dyn WriteDoor>) {
-        *self
-            .door
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(door);
-    }
-
-    fn door(&self) -> Option<std::sync::Arc<dyn WriteDoor>> {
-        self.door
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        assert!(self.door.set(door).is_ok(), "a store's door is set once");
     }
 
     /// Opens the store again (after a write to disk failed, sled refuses writes from then on)
@@ -985,20 +977,20 @@ impl<S: Store> WriteSession<'_, S> {
             ));
         };
         if let Some(door) = docs
-            .door()
+            .door
+            .get()
             .filter(|door| door.judges(id.collection.as_str()))
         {
-            let was = loaded.doc.fork_at(&before).map_err(|error| {
-                StoreError::Corrupt(format!("reading a record before: {error}"))
-            })?;
             let verdict = door.judge(
                 id.collection.as_str(),
-                document::read(&was).as_ref(),
+                document::read_at(&loaded.doc, Some(&before)).as_ref(),
                 document::read(&loaded.doc).as_ref(),
             );
             if let Err(reason) = verdict {
                 // Refused: the document goes back to what it was, and nothing was queued.
-                loaded.doc = was;
+                loaded.doc = loaded.doc.fork_at(&before).map_err(|error| {
+                    StoreError::Corrupt(format!("undoing a refused change: {error}"))
+                })?;
                 return Err(StoreError::OutsideGrant(reason));
             }
         }
