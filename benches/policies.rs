@@ -48,6 +48,7 @@ fn write(doc: &mut Automerge, node: u8, source: &str, wall_ms: u64, set: Vec<(St
         hlc,
         src: Some(source.to_owned()),
         site: Some(format!("site-{node}")),
+        node: None,
         reverts: None,
     };
     let mut tx = doc.transaction();

@@ -39,6 +39,9 @@ pub struct Sabotage {
     pub first_arrival_stands: bool,
     /// Changes from peers are applied however far ahead of the node's clock they are stamped.
     pub no_clock_bound: bool,
+    /// The node's own writes skip the check against its grant, as a modified node's would:
+    /// its peers must refuse what it writes outside it.
+    pub skip_scope_checks: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

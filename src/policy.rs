@@ -569,6 +569,7 @@ mod tests {
             hlc,
             src: Some(writer.source.to_owned()),
             site: Some(writer.site.to_owned()),
+            node: None,
             reverts: None,
         };
         let mut tx = doc.transaction();

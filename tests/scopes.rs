@@ -134,3 +134,131 @@ async fn a_node_writes_only_what_its_grant_allows_and_the_grant_replicates() {
     hq.stop().await;
     paris.stop().await;
 }
+
+/// The refused changes `node` lists (`GET /v1/refused`).
+fn refused(node: &TestNode) -> Vec<Value> {
+    let answer = ureq::get(format!("http://{}/v1/refused", node.api))
+        .call()
+        .ok()
+        .and_then(|mut response| response.body_mut().read_json::<Value>().ok());
+    answer
+        .and_then(|answer| answer["refused"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+fn node_id(node: &TestNode) -> String {
+    std::fs::read_to_string(node.dir.join("node.id"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Grants `name` read and write on `customers:region=REGION` through `at`'s API.
+async fn grant_region(at: &TestNode, name: &str, region: &str, ca: &std::path::Path) {
+    let scope = format!("customers:region={region}");
+    eventually(&format!("{name} is granted {scope}"), WITHIN, || {
+        concord(
+            &at.dir,
+            &[
+                "grant",
+                name,
+                "--ca",
+                ca.to_str().unwrap(),
+                "--read",
+                &scope,
+                "--write",
+                &scope,
+            ],
+        )
+        .status
+        .success()
+    })
+    .await;
+}
+
+#[cfg(feature = "sabotage")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_receiver_refuses_what_a_modified_node_writes_outside_its_grant() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut hq, mut paris, mut tokyo]: [TestNode; 3] =
+        start_mesh(temp.path(), &["hq", "paris", "tokyo"])
+            .await
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+    let ca = temp.path().join("ca");
+    grant_region(&hq, "paris", "paris", &ca).await;
+    grant_region(&hq, "tokyo", "tokyo", &ca).await;
+    for node in [&paris, &tokyo] {
+        eventually("both grants reach every node", WITHIN, || {
+            grants(node).len() == 2
+        })
+        .await;
+    }
+    hq.put("customers/1", json!({"name": "Ada", "region": "paris"}));
+    eventually("hq's customer reaches paris", WITHIN, || {
+        paris.get("customers/1").is_some()
+    })
+    .await;
+
+    // paris, modified so that it skips its own checks, writes outside its grant.
+    paris.stop().await;
+    paris
+        .start_sabotaged(concord::Sabotage {
+            skip_scope_checks: true,
+            ..concord::Sabotage::default()
+        })
+        .await;
+    paris.put("customers/2", json!({"name": "Kei", "region": "tokyo"}));
+    let moved = concord(&paris.dir, &["put", "customers/1", "region=tokyo"]);
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    // And within it, which every node takes.
+    paris.put("customers/3", json!({"name": "Lou", "region": "paris"}));
+    for node in [&hq, &tokyo] {
+        eventually("paris's allowed write arrives", WITHIN, || {
+            node.get("customers/3").is_some()
+        })
+        .await;
+        eventually(
+            "both forbidden changes are refused and counted",
+            WITHIN,
+            || node.metric("concord_changes_refused_total{reason=\"outside_grant\"}") >= 2,
+        )
+        .await;
+        assert_eq!(node.get("customers/2"), None, "a tokyo customer by paris");
+        assert_eq!(
+            node.get("customers/1").unwrap()["region"],
+            json!("paris"),
+            "paris moved a customer out of its region"
+        );
+        let listed = refused(node);
+        let paris_id = node_id(&paris);
+        for record in ["customers/1", "customers/2"] {
+            assert!(
+                listed.iter().any(|entry| entry["record"] == json!(record)
+                    && entry["reason"] == json!("outside_grant")
+                    && entry["author"] == json!(paris_id)),
+                "{record} in {listed:?}"
+            );
+        }
+    }
+    // The honest nodes agree on every document, and hq's later edit reaches them all.
+    hq.put(
+        "customers/1",
+        json!({"name": "Ada Lovelace", "region": "paris"}),
+    );
+    common::cluster::converge(
+        &[&hq, &tokyo],
+        &["customers/1", "customers/2", "customers/3"],
+        WITHIN,
+    )
+    .await;
+    eventually("hq's edit reaches paris too", WITHIN, || {
+        paris
+            .get("customers/1")
+            .is_some_and(|record| record["name"] == json!("Ada Lovelace"))
+    })
+    .await;
+    for node in [&mut hq, &mut paris, &mut tokyo] {
+        node.stop().await;
+    }
+}

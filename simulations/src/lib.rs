@@ -382,7 +382,7 @@ fn open_docs(
     // whichever writer its store has.
     let site = id.to_string()[..8].to_owned();
     for (index, source) in WRITER_SOURCES.iter().enumerate() {
-        docs.name_writer(&writer.actor(index as u16), source, &site);
+        docs.name_writer(&writer.actor(index as u16), source, &site, id);
     }
     #[cfg(test)]
     docs.set_sabotage(sabotage);

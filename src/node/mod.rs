@@ -307,53 +307,81 @@ fn grant_key(signed: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, signed).as_ref())
 }
 
-/// Judges this node's own writes by its grant (see [`crate::scope`]).
+/// Judges every change by its author's grant (see [`crate::scope`]): this node's own writes,
+/// and what comes from peers.
 struct GrantDoor {
     node: NodeId,
     scopes: Arc<RwLock<crate::scope::Scopes>>,
 }
 
-impl crate::store::WriteDoor for GrantDoor {
-    fn judges(&self, collection: &str) -> bool {
-        let scopes = self
-            .scopes
+impl GrantDoor {
+    fn scopes(&self) -> std::sync::RwLockReadGuard<'_, crate::scope::Scopes> {
+        self.scopes
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Concord's own collections (the actor registry, grants) are judged by their own rules.
-        !collection.starts_with('_')
-            && (scopes.grant(&self.node).is_some() || scopes.is_revoked(&self.node))
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn refusal_reason(refusal: crate::scope::Refusal) -> crate::store::RefusalReason {
+    match refusal {
+        crate::scope::Refusal::OutsideGrant => crate::store::RefusalReason::OutsideGrant,
+        crate::scope::Refusal::Revoked => crate::store::RefusalReason::Revoked,
+    }
+}
+
+impl crate::store::WriteDoor for GrantDoor {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    fn verdict(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+    ) -> Option<Result<(), crate::store::RefusalReason>> {
+        self.scopes()
+            .verdict(author, place, collection)
+            .map(|verdict| verdict.map_err(refusal_reason))
     }
 
     fn judge(
         &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
         collection: &str,
         before: Option<&Map<String, Json>>,
         after: Option<&Map<String, Json>>,
-    ) -> Result<(), String> {
-        let scopes = self
-            .scopes
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if scopes.is_revoked(&self.node) {
-            return Err("this node was revoked by the cluster authority: it writes nothing".into());
+    ) -> Result<(), crate::store::RefusalReason> {
+        self.scopes()
+            .judge_change(author, place, collection, before, after)
+            .map_err(refusal_reason)
+    }
+
+    fn explain(&self, reason: crate::store::RefusalReason, collection: &str) -> String {
+        let scopes = self.scopes();
+        if reason == crate::store::RefusalReason::Revoked || scopes.is_revoked(&self.node) {
+            return "this node was revoked by the cluster authority: it writes nothing".into();
         }
-        scopes
-            .judge_write(&self.node, None, collection, before, after)
-            .map_err(|_| {
-                let write: Vec<String> = scopes
-                    .grant(&self.node)
-                    .map(|grant| grant.write.iter().map(ToString::to_string).collect())
-                    .unwrap_or_default();
-                format!(
-                    "this node's grant does not let it write that record of {collection} \
-                     (it may write: {})",
-                    if write.is_empty() {
-                        "nothing".to_owned()
-                    } else {
-                        write.join(", ")
-                    }
-                )
-            })
+        if collection.starts_with('_') {
+            return format!(
+                "{collection} is Concord's own: a signed grant there is never changed nor \
+                 deleted, and an actor's entry is written only by its node"
+            );
+        }
+        let write: Vec<String> = scopes
+            .grant(&self.node)
+            .map(|grant| grant.write.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        format!(
+            "this node's grant does not let it write that record of {collection} \
+             (it may write: {})",
+            if write.is_empty() {
+                "nothing".to_owned()
+            } else {
+                write.join(", ")
+            }
+        )
     }
 }
 
@@ -440,6 +468,29 @@ impl Node {
 
     /// Opens the node in `dir`.
     pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        #[cfg(feature = "sabotage")]
+        return Self::open_sabotaged(
+            dir,
+            crate::Sabotage {
+                skip_scope_checks: crate::sabotage_from_env("CONCORD_SABOTAGE_SKIP_SCOPE_CHECKS"),
+                ..crate::Sabotage::default()
+            },
+        );
+        #[cfg(not(feature = "sabotage"))]
+        Self::open_inner(dir)
+    }
+
+    /// [`Node::open`] with deliberate bugs switched on, for tests that show the other nodes
+    /// hold against a modified one (a `sabotage` build only).
+    #[cfg(feature = "sabotage")]
+    pub fn open_sabotaged(dir: &Path, sabotage: crate::Sabotage) -> Result<Self, NodeError> {
+        Self::open_inner(dir, sabotage)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        #[cfg(feature = "sabotage")] sabotage: crate::Sabotage,
+    ) -> Result<Self, NodeError> {
         let config_path = dir.join(CONFIG_FILE);
         if !config_path.exists() {
             return Err(NodeError::NotInitialized(dir.to_owned()));
@@ -513,12 +564,16 @@ impl Node {
         if incarnation == crate::store::Incarnation::Created {
             tracing::info!(node = %id, %writer, "a new store: its changes are written under a new writer");
         }
-        let docs = DocStore::open(backend, writer, store_config).map_err(|error| match error {
-            StoreError::Corrupt(_) | StoreError::Backend(sled::Error::Corruption { .. }) => {
-                damaged(error.to_string())
-            }
-            other => other.into(),
-        })?;
+        #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
+        let mut docs =
+            DocStore::open(backend, writer, store_config).map_err(|error| match error {
+                StoreError::Corrupt(_) | StoreError::Backend(sled::Error::Corruption { .. }) => {
+                    damaged(error.to_string())
+                }
+                other => other.into(),
+            })?;
+        #[cfg(feature = "sabotage")]
+        docs.set_sabotage(sabotage);
         let api_actor = Self::register_source(&docs, &config, id, API_SOURCE)?;
         let policies = crate::policy::Policies::from_config(&config.policies)?;
         // Writes wait while the disk is nearly full; reads go on.
@@ -687,7 +742,7 @@ impl Node {
         let writer = docs.writer();
         let (index, new) = docs.source_index(source)?;
         let actor = writer.actor(index);
-        docs.name_writer(&actor, source, &config.node.name);
+        docs.name_writer(&actor, source, &config.node.name, node);
         let entry = RecordId::new(
             Collection::new(ACTOR_REGISTRY_COLLECTION)?,
             Key::new(&actor.to_hex_string())?,
@@ -720,8 +775,14 @@ impl Node {
                     "change": entry.hash.to_string(),
                     "actor": change.as_ref().map(|change| change.actor_id().to_hex_string()),
                     "seq": change.as_ref().map(automerge::Change::seq),
+                    "author": change.as_ref().and_then(|change| {
+                        ChangeStamp::of_change(change.message(), change.timestamp())
+                            .author()
+                            .map(|author| author.to_string())
+                    }),
                     "reason": entry.refused.reason.as_str(),
-                    "instead": ChangeHash(entry.refused.instead).to_string(),
+                    "instead": (entry.refused.instead != [0; 32])
+                        .then(|| ChangeHash(entry.refused.instead).to_string()),
                     "hlc": entry.refused.hlc,
                 })
             })

@@ -1159,10 +1159,12 @@ pub fn metrics_text(shared: &Shared) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
         ));
     }
-    text.push_str("# HELP concord_changes_refused_total Changes refused: they collide with another change of the same actor and sequence, or depend on a refused one.\n# TYPE concord_changes_refused_total counter\n");
+    text.push_str("# HELP concord_changes_refused_total Changes refused: they collide with another change of the same actor and sequence, depend on a refused one, lie outside their author's grant, or come from a revoked node past its cut-off.\n# TYPE concord_changes_refused_total counter\n");
     for reason in [
         crate::store::RefusalReason::DuplicateSequence,
         crate::store::RefusalReason::DependsOnRefused,
+        crate::store::RefusalReason::OutsideGrant,
+        crate::store::RefusalReason::Revoked,
     ] {
         let reason = reason.as_str();
         let count = engine.changes_refused.get(reason).copied().unwrap_or(0);

@@ -26,6 +26,10 @@ pub struct ChangeStamp {
     /// The name of the node (site) that wrote it, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// The id of the node that wrote it (hex): its *author*, whose grant the change is judged
+    /// by on every node that receives it (see [`crate::scope`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The version (a change hash, hex) this change brought the record back to, for a revert.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverts: Option<String>,
@@ -49,8 +53,14 @@ impl ChangeStamp {
                     .saturating_mul(1000),
                 src: None,
                 site: None,
+                node: None,
                 reverts: None,
             })
+    }
+
+    /// The node that wrote the change, as its stamp names it.
+    pub fn author(&self) -> Option<crate::record::NodeId> {
+        self.node.as_deref().and_then(|node| node.parse().ok())
     }
 
     /// The stamp of change `hash` in `doc`, if the document holds it.
@@ -84,6 +94,7 @@ mod tests {
             hlc: 1_764_000_000_123,
             src: Some("erp".into()),
             site: Some("paris".into()),
+            node: None,
             reverts: None,
         };
         assert_eq!(ChangeStamp::of_change(Some(&stamp.to_message()), 0), stamp);

@@ -41,6 +41,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
+use crate::record::origin::ACTOR_REGISTRY_COLLECTION;
 use crate::record::{Collection, NodeId};
 
 /// The collection that holds signed grants and revocations, each under the SHA-256 of its
@@ -492,6 +493,90 @@ impl Scopes {
                 .iter()
                 .any(|scope| scope.covers(collection, fields))
         })
+    }
+
+    /// Whether no grant and no revocation is in force: then every change is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.grants.is_empty() && self.cut_offs.is_empty()
+    }
+
+    /// The verdict on a change by `author` (`None`: its stamp names no node) at `place` to a
+    /// record of `collection`, when it does not depend on the record; `None` when it does (see
+    /// [`Scopes::judge_change`]).
+    pub fn verdict(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+    ) -> Option<Result<(), Refusal>> {
+        if self.is_empty() {
+            return Some(Ok(()));
+        }
+        if let Some(cut_offs) = author.and_then(|author| self.cut_offs.get(author)) {
+            let counts = place.is_some_and(|(writer, sequence)| {
+                cut_offs.get(&writer.0).is_some_and(|cut| sequence <= *cut)
+            });
+            if !counts {
+                return Some(Err(Refusal::Revoked));
+            }
+        }
+        if collection == GRANTS_COLLECTION || collection == ACTOR_REGISTRY_COLLECTION {
+            return None;
+        }
+        match author {
+            // A change that names no author is taken as one by a node granted nothing, once
+            // anything is granted: otherwise leaving the name out would lift every grant.
+            None if self.grants.is_empty() => Some(Ok(())),
+            None => Some(Err(Refusal::OutsideGrant)),
+            Some(author) if self.grant(author).is_none() => Some(Ok(())),
+            Some(_) => None,
+        }
+    }
+
+    /// Judges a change by `author` at `place` to a record of `collection`, `before`
+    /// as of its dependencies and `after` once applied to them (`None`: missing or deleted).
+    /// Beside [`Scopes::judge_write`], Concord's own collections have rules of their own,
+    /// whoever writes: a signed grant in [`GRANTS_COLLECTION`] is never deleted nor changed
+    /// (its signature is what counts, so anyone may add one), and an entry of the actor
+    /// registry is written only by the node it names, which never changes.
+    pub fn judge_change(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+        before: Option<&Map<String, Json>>,
+        after: Option<&Map<String, Json>>,
+    ) -> Result<(), Refusal> {
+        if let Some(verdict) = self.verdict(author, place, collection) {
+            return verdict;
+        }
+        let field = |fields: Option<&Map<String, Json>>, name: &str| {
+            fields.and_then(|fields| fields.get(name)).cloned()
+        };
+        let allowed = match collection {
+            GRANTS_COLLECTION => {
+                after.is_some()
+                    && (before.is_none() || field(before, "signed") == field(after, "signed"))
+            }
+            ACTOR_REGISTRY_COLLECTION => {
+                let named = author.map(|author| Json::from(author.to_string()));
+                after.is_some()
+                    && named.is_some()
+                    && field(after, "node") == named
+                    && (before.is_none() || field(before, "node") == named)
+            }
+            _ => {
+                let Some(author) = author else {
+                    return Err(Refusal::OutsideGrant);
+                };
+                return self.judge_write(author, place, collection, before, after);
+            }
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(Refusal::OutsideGrant)
+        }
     }
 
     /// Judges a change by `author` at `place` (its origin, a writer of the author, and its

@@ -106,6 +106,7 @@ mod tests {
             hlc,
             src: None,
             site: None,
+            node: None,
             reverts: None,
         };
         let (hash, _) = tx.commit_with(CommitOptions::default().with_message(stamp.to_message()));

@@ -18,7 +18,9 @@ use lru::LruCache;
 use super::digest::DigestTree;
 use super::group_commit::GroupCommit;
 use super::incarnation::Writers;
-use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
+use super::layout::{
+    self, LogEntry, RefusalReason, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX,
+};
 use super::{Batch, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
 use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
@@ -69,20 +71,34 @@ impl Default for DocStoreConfig {
     }
 }
 
-/// Judges this node's own writes before they are stored, by the scopes its grant allows: one
-/// check for every way a write comes in (API, CLI, import of a write, adapters), since they
-/// all write through [`WriteSession::write`].
+/// Judges every change before it is stored, by the scopes its author's grant allows (see
+/// [`crate::scope`]): this node's own writes (API, CLI, imports, adapters: they all write
+/// through [`WriteSession::write`] or merge), and changes from peers, relayed or fetched, by
+/// the same rule, so every node decides alike about a change.
 pub trait WriteDoor: Send + Sync {
-    /// Whether writes to `collection` are judged at all (if not, the record is not read).
-    fn judges(&self, collection: &str) -> bool;
-    /// Why a write that leaves a record of `collection` as `after`, from `before` (`None`:
-    /// missing or deleted), is refused, if it is.
+    /// This node's id: the author of its own writes.
+    fn node(&self) -> NodeId;
+    /// The verdict on a change by `author` (`None`: it names none) at `place` (its origin's
+    /// log place; `None` for a write of this node's own or a change fetched outside the log)
+    /// to a record of `collection`, when it does not depend on the record; `None` when it does.
+    fn verdict(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+    ) -> Option<Result<(), RefusalReason>>;
+    /// The verdict on such a change that leaves a record of `collection` as `after`,
+    /// from `before` (`None`: missing or deleted).
     fn judge(
         &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
         collection: &str,
         before: Option<&serde_json::Map<String, serde_json::Value>>,
         after: Option<&serde_json::Map<String, serde_json::Value>>,
-    ) -> Result<(), String>;
+    ) -> Result<(), RefusalReason>;
+    /// Why this node may not write that record of `collection`, in a sentence for its user.
+    fn explain(&self, reason: RefusalReason, collection: &str) -> String;
 }
 
 /// When a commit returns.
@@ -272,8 +288,8 @@ pub struct DocStore<S: Store> {
     config: DocStoreConfig,
     inner: Mutex<Inner>,
     group_commit: GroupCommit,
-    /// Source and site names of this node's writers, stamped on their changes.
-    writers: Mutex<std::collections::HashMap<ActorId, (String, String)>>,
+    /// Source and site names of this node's writers, and the node, stamped on their changes.
+    writers: Mutex<std::collections::HashMap<ActorId, (String, String, NodeId)>>,
     /// Why every write is refused now (the disk is nearly full), if it is.
     write_refusal: Mutex<Option<String>>,
     /// Bytes writes may still take on disk before they are refused, as the disk was last
@@ -281,7 +297,7 @@ pub struct DocStore<S: Store> {
     room: std::sync::atomic::AtomicI64,
     /// What judges this node's own writes, once the node set it (once: read without a lock
     /// on every write).
-    door: std::sync::OnceLock<std::sync::Arc<dyn WriteDoor>>,
+    pub(super) door: std::sync::OnceLock<std::sync::Arc<dyn WriteDoor>>,
 }
 
 /// What a batch is taken to cost on disk, per byte of its keys and values: sled writes each
@@ -482,7 +498,7 @@ impl<S: Store> DocStore<S> {
             .writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let renamed: Vec<(ActorId, (String, String))> = writers
+        let renamed: Vec<(ActorId, (String, String, NodeId))> = writers
             .iter()
             .filter_map(|(actor, names)| {
                 let (writer, index) = NodeId::split_actor(actor)?;
@@ -498,15 +514,15 @@ impl<S: Store> DocStore<S> {
         self.inner().cache.usage()
     }
 
-    /// Names the source and site of `actor`: its changes are stamped with them from now on
-    /// (see [`crate::record::stamp`]). Bounded by the sources a node may register.
-    pub fn name_writer(&self, actor: &ActorId, source: &str, site: &str) {
+    /// Names the source, site and node of `actor`: its changes are stamped with them from now
+    /// on (see [`crate::record::stamp`]). Bounded by the sources a node may register.
+    pub fn name_writer(&self, actor: &ActorId, source: &str, site: &str, node: NodeId) {
         let mut writers = self
             .writers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if writers.len() < SOURCES_PER_NODE_MAX || writers.contains_key(actor) {
-            writers.insert(actor.clone(), (source.to_owned(), site.to_owned()));
+            writers.insert(actor.clone(), (source.to_owned(), site.to_owned(), node));
         }
     }
 
@@ -520,10 +536,21 @@ impl<S: Store> DocStore<S> {
             .cloned();
         ChangeStamp {
             hlc: stamp::next_hlc(doc, wall_ms),
-            src: names.as_ref().map(|(source, _)| source.clone()),
-            site: names.map(|(_, site)| site),
+            src: names.as_ref().map(|(source, _, _)| source.clone()),
+            site: names.as_ref().map(|(_, site, _)| site.clone()),
+            node: names.map(|(_, _, node)| node.to_string()),
             reverts: None,
         }
+    }
+
+    /// Whether this node's own writes pass its door (a `sabotage` build can skip it, as a
+    /// modified node would).
+    pub(super) fn checks_own_writes(&self) -> bool {
+        #[cfg(feature = "sabotage")]
+        if self.sabotage.skip_scope_checks {
+            return false;
+        }
+        true
     }
 
     /// Switches deliberate bugs on (simulator tests only).
@@ -976,22 +1003,26 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
-        if let Some(door) = docs
-            .door
-            .get()
-            .filter(|door| door.judges(id.collection.as_str()))
-        {
-            let verdict = door.judge(
-                id.collection.as_str(),
-                document::read_at(&loaded.doc, Some(&before)).as_ref(),
-                document::read(&loaded.doc).as_ref(),
-            );
+        if let Some(door) = docs.door.get().filter(|_| docs.checks_own_writes()) {
+            let node = door.node();
+            let collection = id.collection.as_str();
+            let verdict = door
+                .verdict(Some(&node), None, collection)
+                .unwrap_or_else(|| {
+                    door.judge(
+                        Some(&node),
+                        None,
+                        collection,
+                        document::read_at(&loaded.doc, Some(&before)).as_ref(),
+                        document::read(&loaded.doc).as_ref(),
+                    )
+                });
             if let Err(reason) = verdict {
                 // Refused: the document goes back to what it was, and nothing was queued.
                 loaded.doc = loaded.doc.fork_at(&before).map_err(|error| {
                     StoreError::Corrupt(format!("undoing a refused change: {error}"))
                 })?;
-                return Err(StoreError::OutsideGrant(reason));
+                return Err(StoreError::OutsideGrant(door.explain(reason, collection)));
             }
         }
         let bytes = loaded
@@ -1039,6 +1070,7 @@ impl<S: Store> WriteSession<'_, S> {
         accept_until_ms: u64,
     ) -> Result<ImportOutcome, StoreError> {
         let doc_key = id.to_doc_key();
+        let docs = self.docs;
         let loaded = self.document(&doc_key)?;
         let incoming_changes = loaded.doc.get_changes_added(incoming);
         if let Some(oversized) = incoming_changes
@@ -1059,6 +1091,26 @@ impl<S: Store> WriteSession<'_, S> {
                 clock_ms: super::replication::clock_of(ahead),
                 accept_until_ms,
             });
+        }
+        // Each change is judged by its author's grant, as every node it reaches will judge it.
+        let judged: Vec<(Option<(NodeId, u64)>, &Change)> = incoming_changes
+            .iter()
+            .map(|change| (None, change))
+            .collect();
+        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged);
+        if let Some((change, (reason, _))) = verdicts.and_then(|verdicts| {
+            incoming_changes
+                .iter()
+                .zip(verdicts)
+                .find_map(|(change, verdict)| verdict.err().map(|refusal| (change, refusal)))
+        }) {
+            let author = ChangeStamp::of_change(change.message(), change.timestamp()).author();
+            return Err(StoreError::OutsideGrant(format!(
+                "change {} by {}: {}",
+                change.hash(),
+                author.map_or_else(|| "no named node".to_owned(), |author| author.to_string()),
+                reason.as_str().replace('_', " ")
+            )));
         }
         let outcome = self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)?;
         let loaded = self.document(&doc_key)?;
@@ -1369,7 +1421,7 @@ mod tests {
         let node = NodeId::random().unwrap();
         let docs = open(MemoryStore::new(), node, 4);
         let actor = node.actor(0);
-        docs.name_writer(&actor, "erp", "paris");
+        docs.name_writer(&actor, "erp", "paris", node);
         let id = RecordId::parse("c/1").unwrap();
         let write = |time_ms: i64, value: i64| {
             let write = RecordWrite {
@@ -1399,6 +1451,7 @@ mod tests {
             hlc,
             src: Some("erp".into()),
             site: Some("paris".into()),
+            node: Some(node.to_string()),
             reverts: None,
         };
         assert_eq!(

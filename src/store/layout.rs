@@ -176,6 +176,10 @@ pub enum RefusalReason {
     DuplicateSequence,
     /// It depends on a refused change.
     DependsOnRefused,
+    /// Its author's grant does not let it write that record (see [`crate::scope`]).
+    OutsideGrant,
+    /// Its author was revoked, and it is past the cut-off (or came without a log place).
+    Revoked,
 }
 
 impl RefusalReason {
@@ -184,6 +188,8 @@ impl RefusalReason {
         match self {
             Self::DuplicateSequence => "duplicate_sequence",
             Self::DependsOnRefused => "depends_on_refused",
+            Self::OutsideGrant => "outside_grant",
+            Self::Revoked => "revoked",
         }
     }
 }

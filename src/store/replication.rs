@@ -428,6 +428,21 @@ impl<S: Store> DocStore<S> {
             .iter()
             .filter_map(|&index| slots[index].take())
             .collect();
+        let (ready, refused) = self.admit(
+            session,
+            doc_key,
+            ready,
+            |logged| Some((logged.origin, logged.sequence)),
+            report,
+        )?;
+        for (logged, change) in refused {
+            // Refused by its author's grant: its log place is kept, as for any refused change.
+            let place = LogPlace::Remote {
+                origin: logged.origin,
+                sequence: logged.sequence,
+            };
+            session.queue_log_entry(doc_key, &change.hash(), place);
+        }
         for (logged, change) in slots.into_iter().flatten() {
             #[cfg(feature = "sabotage")]
             if self.sabotage.drop_held_changes {
@@ -533,6 +548,141 @@ impl<S: Store> DocStore<S> {
             .applied
             .extend(applied.into_iter().map(|(logged, _)| logged));
         Ok(())
+    }
+
+    /// The verdicts of the door (see [`super::WriteDoor`]) on changes from elsewhere to the
+    /// document `doc` of `doc_key`, each with its log place if it has one, in dependency order:
+    /// each judged by its author's grant against the record as of its dependencies and as it
+    /// leaves them, and one that depends on a refused change refused for that (`instead`: the
+    /// refused dependency). `None` when there is no door or nothing is refused.
+    pub(super) fn judge_incoming(
+        &self,
+        doc: &automerge::Automerge,
+        doc_key: &[u8],
+        changes: &[(Option<(NodeId, u64)>, &Change)],
+    ) -> Option<Vec<Result<(), (RefusalReason, ChangeHash)>>> {
+        let door = self.door.get()?;
+        let doc_key_text = String::from_utf8_lossy(doc_key);
+        let collection = doc_key_text.split('/').next().unwrap_or_default();
+        let mut early = Vec::with_capacity(changes.len());
+        let mut decided = true;
+        for (place, change) in changes {
+            let author = ChangeStamp::of_change(change.message(), change.timestamp()).author();
+            let verdict = door.verdict(author.as_ref(), *place, collection);
+            decided &= verdict.is_some_and(|verdict| verdict.is_ok());
+            early.push((author, verdict));
+        }
+        if decided {
+            return None;
+        }
+        // The record as of each change's dependencies needs the changes admitted before it: a
+        // scratch copy of the document takes them in.
+        let mut scratch: Option<automerge::Automerge> = None;
+        let mut refused: HashSet<ChangeHash> = HashSet::new();
+        let mut verdicts = Vec::with_capacity(changes.len());
+        for ((place, change), (author, verdict)) in changes.iter().zip(early) {
+            if let Some(dependency) = change
+                .deps()
+                .iter()
+                .find(|dependency| refused.contains(dependency))
+            {
+                refused.insert(change.hash());
+                verdicts.push(Err((RefusalReason::DependsOnRefused, *dependency)));
+                continue;
+            }
+            let scratch = scratch.get_or_insert_with(|| doc.clone());
+            let heads = scratch.get_heads();
+            // Whether the change is in `scratch` already, judged on top of it.
+            let mut taken_in = false;
+            let verdict = match verdict {
+                Some(verdict) => verdict,
+                None if heads == change.deps() => {
+                    // Its dependencies are the document as it stands: the common case.
+                    let before = document::read(&*scratch);
+                    let _ = scratch.apply_changes([(*change).clone()]);
+                    taken_in = true;
+                    let after = document::read(&*scratch);
+                    door.judge(
+                        author.as_ref(),
+                        *place,
+                        collection,
+                        before.as_ref(),
+                        after.as_ref(),
+                    )
+                }
+                None => {
+                    let before = document::read_at(&*scratch, Some(change.deps()));
+                    let after = scratch.fork_at(change.deps()).ok().and_then(|mut fork| {
+                        let _ = fork.apply_changes([(*change).clone()]);
+                        document::read(&fork)
+                    });
+                    door.judge(
+                        author.as_ref(),
+                        *place,
+                        collection,
+                        before.as_ref(),
+                        after.as_ref(),
+                    )
+                }
+            };
+            match verdict {
+                Ok(()) => {
+                    if !taken_in {
+                        let _ = scratch.apply_changes([(*change).clone()]);
+                    }
+                    verdicts.push(Ok(()));
+                }
+                Err(reason) => {
+                    if taken_in {
+                        if let Ok(undone) = scratch.fork_at(&heads) {
+                            *scratch = undone;
+                        }
+                    }
+                    refused.insert(change.hash());
+                    verdicts.push(Err((reason, ChangeHash([0; 32]))));
+                }
+            }
+        }
+        if refused.is_empty() {
+            return None;
+        }
+        Some(verdicts)
+    }
+
+    /// Judges `ready` (changes to one document from elsewhere, in dependency order) by the
+    /// door, records those it refuses as refused, and returns the rest, then the refused ones.
+    fn admit<T>(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        ready: Vec<(T, Change)>,
+        place_of: impl Fn(&T) -> Option<(NodeId, u64)>,
+        report: &mut ApplyReport,
+    ) -> Result<(Vec<(T, Change)>, Vec<(T, Change)>), StoreError> {
+        let verdicts = {
+            let loaded = session.document(doc_key)?;
+            let judged: Vec<(Option<(NodeId, u64)>, &Change)> = ready
+                .iter()
+                .map(|(item, change)| (place_of(item), change))
+                .collect();
+            self.judge_incoming(&loaded.doc, doc_key, &judged)
+        };
+        let Some(verdicts) = verdicts else {
+            return Ok((ready, Vec::new()));
+        };
+        let mut admitted = Vec::with_capacity(ready.len());
+        let mut refused = Vec::new();
+        for ((item, change), verdict) in ready.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(()) => admitted.push((item, change)),
+                Err((reason, instead)) => {
+                    session.refuse(doc_key, &change, reason, instead);
+                    report.refused.push(reason);
+                    refused.push((item, change));
+                }
+            }
+        }
+        Ok((admitted, refused))
     }
 
     /// Refuses `change` if one of its dependencies was refused here; says whether it did.
@@ -758,6 +908,14 @@ impl<S: Store> DocStore<S> {
         for change in pending {
             self.refuse_if_dependency_refused(&mut session, doc_key, &change, &mut report)?;
         }
+        let (admitted, _) = self.admit(
+            &mut session,
+            doc_key,
+            ready.into_iter().map(|change| ((), change)).collect(),
+            |_| None,
+            &mut report,
+        )?;
+        let ready: Vec<Change> = admitted.into_iter().map(|(_, change)| change).collect();
         let mut outcome = UnloggedOutcome::default();
         if !ready.is_empty() {
             match session.apply_and_queue(doc_key, ready.clone(), LogPlace::Unlogged) {

@@ -67,7 +67,18 @@ impl TestNode {
     }
 
     pub async fn start(&mut self) {
-        let node = Arc::new(Node::open(&self.dir).unwrap());
+        self.start_node(Node::open(&self.dir).unwrap()).await;
+    }
+
+    /// Starts this node with deliberate bugs switched on (a `sabotage` build only).
+    #[cfg(feature = "sabotage")]
+    pub async fn start_sabotaged(&mut self, sabotage: concord::Sabotage) {
+        self.start_node(Node::open_sabotaged(&self.dir, sabotage).unwrap())
+            .await;
+    }
+
+    async fn start_node(&mut self, node: Node) {
+        let node = Arc::new(node);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             concord::node::runtime::run(node, async {
