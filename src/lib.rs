@@ -42,6 +42,8 @@ pub struct Sabotage {
     /// The node's own writes skip the check against its grant, as a modified node's would:
     /// its peers must refuse what it writes outside it.
     pub skip_scope_checks: bool,
+    /// Changes from peers are applied whatever their authors' grants and revocations say.
+    pub receivers_admit_everything: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

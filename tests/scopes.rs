@@ -262,3 +262,84 @@ async fn every_receiver_refuses_what_a_modified_node_writes_outside_its_grant() 
         node.stop().await;
     }
 }
+
+fn connected_to(node: &TestNode, peer: &TestNode) -> bool {
+    let id = node_id(peer);
+    node.status()
+        .and_then(|status| status["peers"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .any(|entry| entry["node"] == json!(id))
+}
+
+#[cfg(feature = "sabotage")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_node_is_cut_off_and_its_changes_past_the_cut_off_count_nowhere() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut hq, mut paris, mut tokyo]: [TestNode; 3] =
+        start_mesh(temp.path(), &["hq", "paris", "tokyo"])
+            .await
+            .try_into()
+            .unwrap_or_else(|_| unreachable!());
+    let ca = temp.path().join("ca");
+    tokyo.put("customers/1", json!({"name": "early", "region": "tokyo"}));
+    for node in [&hq, &paris] {
+        eventually("tokyo's write arrives", WITHIN, || {
+            node.get("customers/1").is_some() && connected_to(node, &tokyo)
+        })
+        .await;
+    }
+
+    // Revoked at hq: within seconds no node keeps a connection to tokyo.
+    let revoked = ok(concord(
+        &hq.dir,
+        &["revoke", "tokyo", "--ca", ca.to_str().unwrap()],
+    ));
+    assert!(revoked.starts_with("revoked node"), "{revoked}");
+    let start = std::time::Instant::now();
+    eventually(
+        "hq and paris close tokyo's connections",
+        Duration::from_secs(5),
+        || !connected_to(&hq, &tokyo) && !connected_to(&paris, &tokyo),
+    )
+    .await;
+    eprintln!("disconnected {:?} after the revocation", start.elapsed());
+    let status = ok(concord(&paris.dir, &["status"]));
+    assert!(status.contains("revoked"), "{status}");
+
+    // Modified so that it skips its own checks, tokyo writes on: it cannot reconnect, and
+    // its change, carried by hand to paris, is refused there.
+    tokyo.stop().await;
+    tokyo
+        .start_sabotaged(concord::Sabotage {
+            skip_scope_checks: true,
+            ..concord::Sabotage::default()
+        })
+        .await;
+    tokyo.put("customers/2", json!({"name": "late", "region": "tokyo"}));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!connected_to(&hq, &tokyo) && !connected_to(&paris, &tokyo));
+    assert!(!connected_to(&tokyo, &hq) && !connected_to(&tokyo, &paris));
+    tokyo.stop().await;
+    let file = temp.path().join("late.automerge");
+    ok(concord(
+        &tokyo.dir,
+        &["export", "customers/2", file.to_str().unwrap()],
+    ));
+    let imported = concord(
+        &paris.dir,
+        &["import", "customers/2", file.to_str().unwrap()],
+    );
+    assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
+    assert!(
+        stderr(&imported).contains("revoked"),
+        "{}",
+        stderr(&imported)
+    );
+    for node in [&hq, &paris] {
+        assert_eq!(node.get("customers/2"), None);
+        assert_eq!(node.get("customers/1").unwrap()["name"], json!("early"));
+    }
+    hq.stop().await;
+    paris.stop().await;
+}

@@ -73,6 +73,10 @@ struct Args {
     /// Per mille of steps that update one record up to --burst-writes-max times in a row.
     #[arg(long, default_value_t = 10)]
     burst_permille: u64,
+    /// Percent of runs with grants (by region), a node modified to ignore its own grant, and
+    /// its revocation.
+    #[arg(long, default_value_t = 30)]
+    scoped_percent: u64,
     #[arg(long, default_value_t = 600)]
     burst_writes_max: u64,
     /// Runs in parallel (threads). Each run is deterministic on its own; the summary is the
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         && args.slow_link_percent <= 100
         && args.large_value_permille <= 1000
         && args.burst_permille <= 1000
+        && args.scoped_percent <= 100
         && args.burst_writes_max <= concord_sim::STEPS_MAX
         && args.queue_bytes > 0;
     if !valid {
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
             large_value_permille: args.large_value_permille,
             burst_permille: args.burst_permille,
             burst_writes_max: args.burst_writes_max,
+            scoped_percent: args.scoped_percent,
             ..Params::default()
         }
     };
@@ -210,6 +216,9 @@ fn main() -> ExitCode {
     let (mut pushed, mut duplicates) = (0u64, 0u64);
     let (mut stores_lost, mut stores_restored, mut lost_with_store) = (0u64, 0u64, 0u64);
     let (mut far_ahead, mut ahead) = (0u64, 0u64);
+    let (mut scoped, mut scope_refused, mut forged, mut forged_refused, mut revoked) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut cut_off = 0u64;
     let mut converge_ms: Vec<u64> = Vec::new();
     let mut by_size: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     for (seed, outcome) in outcomes {
@@ -230,6 +239,12 @@ fn main() -> ExitCode {
                 waits += summary.queue_full_waits;
                 far_ahead += u64::from(summary.far_ahead);
                 ahead += summary.changes_ahead;
+                scoped += u64::from(summary.scoped);
+                scope_refused += summary.scope_refused_writes;
+                forged += summary.forged_writes;
+                forged_refused += summary.forged_refused;
+                revoked += u64::from(summary.revoked);
+                cut_off += summary.acknowledged_cut_off;
                 stores_lost += summary.stores_lost;
                 stores_restored += summary.stores_restored;
                 lost_with_store += summary.lost_with_store;
@@ -251,8 +266,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {} --scoped-percent {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max, args.scoped_percent
                 );
                 return ExitCode::from(1);
             }
@@ -276,6 +291,7 @@ fn main() -> ExitCode {
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
     println!("runs with a node whose clock ran {} ms ahead: {far_ahead}; changes that waited for their receiver's clock: {ahead}", args.far_ahead_ms);
     println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet, lost with them: {lost_with_store}");
+    println!("runs with grants: {scoped} ({revoked} revoked a node mid-run); own writes refused at the door: {scope_refused}; changes by a node modified to ignore its grant: {forged}, of which every other node left out exactly the {forged_refused} the rule refuses; acknowledged writes made on top of changes a revocation cut off, gone with them: {cut_off}");
     println!("faults injected:");
     for (kind, count) in &faults {
         println!("  {kind}: {count}");

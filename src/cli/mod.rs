@@ -98,6 +98,16 @@ enum Command {
     },
     /// List the grants in force, one JSON object per line: node, read, write, issued, signer.
     Grants,
+    /// Revoke a node: every node closes and refuses its connections and takes none of its
+    /// changes past a cut-off, per writer of the node, at how far this node holds its log now
+    /// (its changes up to there stay). Signed with the cluster CA key; it replicates.
+    Revoke {
+        /// The node's name or id.
+        node: String,
+        /// The cluster CA dir (its key signs the revocation).
+        #[arg(long, value_name = "CA_DIR")]
+        ca: PathBuf,
+    },
     /// Have a binding load again as when it first started: records into its table, rows
     /// into records. For a table dropped and made again under the binding; rows that match
     /// their record are left as they are.
@@ -106,8 +116,10 @@ enum Command {
         binding: String,
     },
     /// List changes this node refused, one JSON object per line: record, change, actor,
-    /// sequence, reason (`duplicate_sequence`: another change with the same actor and
-    /// sequence stands; `depends_on_refused`), the change that stands instead, its clock.
+    /// sequence, author, reason (`duplicate_sequence`: another change with the same actor and
+    /// sequence stands; `depends_on_refused`; `outside_grant`: its author's grant does not
+    /// allow it; `revoked`: its author was revoked and it is past the cut-off), the change
+    /// that stands instead, its clock.
     Refused {
         /// Most changes listed.
         #[arg(long, default_value_t = 1000)]
@@ -584,6 +596,48 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 }
             }
         }
+        Command::Revoke { node, ca } => {
+            let authority = concord::scope::Authority::open(&ca)?;
+            let issued = u64::try_from(concord::node::now_ms()).unwrap_or(0);
+            let (id, cut_off) = match target(cli.data)? {
+                Target::Local(local) => {
+                    let id = local.node_named(&node)?;
+                    let cut_off = local.writers_of(id)?;
+                    local.add_signed(&authority.revoke(id, cut_off.clone(), issued)?.to_bytes())?;
+                    (id, cut_off)
+                }
+                Target::Remote(api) => {
+                    let answer = api.node_named(&node)?;
+                    let id: concord::record::NodeId = answer["node"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .context("the node answered with no node id")?;
+                    let mut cut_off = std::collections::BTreeMap::new();
+                    for (writer, mark) in answer["writers"].as_object().into_iter().flatten() {
+                        let writer: concord::record::NodeId = writer
+                            .parse()
+                            .context("the node answered with a bad writer id")?;
+                        cut_off.insert(writer, mark.as_u64().unwrap_or(0));
+                    }
+                    api.add_signed(&authority.revoke(id, cut_off.clone(), issued)?.to_bytes())?;
+                    (id, cut_off)
+                }
+            };
+            let cut_off: Vec<String> = cut_off
+                .iter()
+                .map(|(writer, place)| format!("{writer}:{place}"))
+                .collect();
+            writeln!(
+                out,
+                "revoked node {id}; its changes count up to {}",
+                if cut_off.is_empty() {
+                    "none".to_owned()
+                } else {
+                    cut_off.join(", ")
+                }
+            )?;
+        }
         Command::Grants => {
             let grants = match target(cli.data)? {
                 Target::Local(local) => local.grants(),
@@ -859,6 +913,20 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "cluster  {}", text("cluster"))?;
     writeln!(out, "listen   {}", text("listen"))?;
     writeln!(out, "records  {}", status["records"])?;
+    // A node's standing in the status: its grant, none (it reads and writes all), or revoked.
+    let standing = |node: &Json| {
+        if node["revoked"] == Json::Bool(true) {
+            "revoked".to_owned()
+        } else if node["grant"].is_null() {
+            "reads and writes all".to_owned()
+        } else {
+            format!(
+                "grant read {} write {}",
+                node["grant"]["read"], node["grant"]["write"]
+            )
+        }
+    };
+    writeln!(out, "scope    {}", standing(status))?;
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     let unreachable = status["unreachable"]
         .as_array()
@@ -877,12 +945,13 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
             .map_or("not known yet".to_owned(), |lag| format!("{lag} changes"));
         writeln!(
             out,
-            "  {} ({}) at {}: {}, lag {lag}, policies {}",
+            "  {} ({}) at {}: {}, lag {lag}, policies {}, {}",
             field(peer, "name"),
             field(peer, "node"),
             field(peer, "address"),
             field(peer, "state"),
             field(peer, "policies"),
+            standing(peer),
         )?;
     }
     for peer in &unreachable {

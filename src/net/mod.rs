@@ -18,7 +18,7 @@
 pub mod relay;
 pub mod tls;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +102,10 @@ struct PeerLink {
     address: SocketAddr,
 }
 
+/// The QUIC close code and reason a revoked node's connections are closed with.
+const REVOKED_CLOSE_CODE: u32 = 3;
+const REVOKED_CLOSE_REASON: &[u8] = b"revoked by the cluster authority";
+
 /// Counters for status and metrics.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -134,6 +138,8 @@ pub struct Transport {
     dials: Mutex<BTreeMap<SocketAddr, DialState>>,
     events: mpsc::Sender<Input>,
     next_connection: AtomicU64,
+    /// Nodes the cluster authority revoked: their connections are closed and refused.
+    revoked: Mutex<BTreeSet<NodeId>>,
     pub stats: TransportStats,
 }
 
@@ -195,6 +201,7 @@ impl Transport {
             dials: Mutex::new(BTreeMap::new()),
             events,
             next_connection: AtomicU64::new(1),
+            revoked: Mutex::new(BTreeSet::new()),
             stats: TransportStats::default(),
         }))
     }
@@ -280,6 +287,24 @@ impl Transport {
         {
             link.connection.close(0u32.into(), b"closed");
         }
+    }
+
+    /// Takes `revoked` as the nodes revoked now: connections to them close at once, and new
+    /// ones are refused.
+    pub fn set_revoked(&self, revoked: BTreeSet<NodeId>) {
+        let mut held = lock(&self.revoked);
+        if *held == revoked {
+            return;
+        }
+        let mut links = lock(&self.links);
+        for peer in &revoked {
+            if let Some(link) = links.remove(peer) {
+                tracing::warn!(%peer, "closed the connection of a node revoked by the cluster authority");
+                link.connection
+                    .close(REVOKED_CLOSE_CODE.into(), REVOKED_CLOSE_REASON);
+            }
+        }
+        *held = revoked;
     }
 
     /// Closes every connection with a goodbye, as at shutdown.
@@ -384,6 +409,14 @@ impl Transport {
         };
         if peer == self.node {
             connection.close(1u32.into(), b"connected to itself");
+            return;
+        }
+        if lock(&self.revoked).contains(&peer) {
+            self.stats
+                .handshakes_refused
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, %address, "refused a node revoked by the cluster authority");
+            connection.close(REVOKED_CLOSE_CODE.into(), REVOKED_CLOSE_REASON);
             return;
         }
         let streams = if dialer {

@@ -519,7 +519,34 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
         .and_then(Result::ok);
     let mut value = serde_json::to_value(status).unwrap_or_default();
     value["records"] = json!(records);
-    value["grants"] = json!(shared.node.grants());
+    let grants = shared.node.grants();
+    // Each node's standing: its grant (none: it reads and writes everything), or revoked.
+    let standing = |node: &Value| {
+        let grant = grants
+            .iter()
+            .find(|grant| &grant["node"] == node && grant["revoked"] != json!(true));
+        let revoked = grants
+            .iter()
+            .any(|grant| &grant["node"] == node && grant["revoked"] == json!(true));
+        (
+            grant.map_or(
+                Value::Null,
+                |grant| json!({"read": grant["read"], "write": grant["write"]}),
+            ),
+            revoked,
+        )
+    };
+    let (grant, revoked) = standing(&value["node"]);
+    value["grant"] = grant;
+    value["revoked"] = json!(revoked);
+    if let Some(peers) = value["peers"].as_array_mut() {
+        for peer in peers {
+            let (grant, revoked) = standing(&peer["node"]);
+            peer["grant"] = grant;
+            peer["revoked"] = json!(revoked);
+        }
+    }
+    value["grants"] = json!(grants);
     Json(value)
 }
 
@@ -654,14 +681,22 @@ async fn node_named(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let node = shared.node.clone();
-    let id = tokio::task::spawn_blocking(move || node.node_named(&name))
-        .await
-        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
-        .map_err(|error| match error {
-            NodeError::UnknownNode(_) => ApiError(StatusCode::NOT_FOUND, error.to_string()),
-            other => other.into(),
-        })?;
-    Ok(Json(json!({ "node": id.to_string() })))
+    let found = tokio::task::spawn_blocking(move || {
+        let id = node.node_named(&name)?;
+        Ok::<_, NodeError>((id, node.writers_of(id)?))
+    })
+    .await
+    .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+    .map_err(|error| match error {
+        NodeError::UnknownNode(_) => ApiError(StatusCode::NOT_FOUND, error.to_string()),
+        other => other.into(),
+    })?;
+    let (id, writers) = found;
+    let writers: serde_json::Map<String, Value> = writers
+        .into_iter()
+        .map(|(writer, mark)| (writer.to_string(), json!(mark)))
+        .collect();
+    Ok(Json(json!({ "node": id.to_string(), "writers": writers })))
 }
 
 async fn grants(State(shared): State<Arc<Shared>>) -> Json<Value> {

@@ -11,7 +11,7 @@ pub mod disk;
 pub mod maintenance;
 pub mod runtime;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -307,84 +307,6 @@ fn grant_key(signed: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, signed).as_ref())
 }
 
-/// Judges every change by its author's grant (see [`crate::scope`]): this node's own writes,
-/// and what comes from peers.
-struct GrantDoor {
-    node: NodeId,
-    scopes: Arc<RwLock<crate::scope::Scopes>>,
-}
-
-impl GrantDoor {
-    fn scopes(&self) -> std::sync::RwLockReadGuard<'_, crate::scope::Scopes> {
-        self.scopes
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-fn refusal_reason(refusal: crate::scope::Refusal) -> crate::store::RefusalReason {
-    match refusal {
-        crate::scope::Refusal::OutsideGrant => crate::store::RefusalReason::OutsideGrant,
-        crate::scope::Refusal::Revoked => crate::store::RefusalReason::Revoked,
-    }
-}
-
-impl crate::store::WriteDoor for GrantDoor {
-    fn node(&self) -> NodeId {
-        self.node
-    }
-
-    fn verdict(
-        &self,
-        author: Option<&NodeId>,
-        place: Option<(NodeId, u64)>,
-        collection: &str,
-    ) -> Option<Result<(), crate::store::RefusalReason>> {
-        self.scopes()
-            .verdict(author, place, collection)
-            .map(|verdict| verdict.map_err(refusal_reason))
-    }
-
-    fn judge(
-        &self,
-        author: Option<&NodeId>,
-        place: Option<(NodeId, u64)>,
-        collection: &str,
-        before: Option<&Map<String, Json>>,
-        after: Option<&Map<String, Json>>,
-    ) -> Result<(), crate::store::RefusalReason> {
-        self.scopes()
-            .judge_change(author, place, collection, before, after)
-            .map_err(refusal_reason)
-    }
-
-    fn explain(&self, reason: crate::store::RefusalReason, collection: &str) -> String {
-        let scopes = self.scopes();
-        if reason == crate::store::RefusalReason::Revoked || scopes.is_revoked(&self.node) {
-            return "this node was revoked by the cluster authority: it writes nothing".into();
-        }
-        if collection.starts_with('_') {
-            return format!(
-                "{collection} is Concord's own: a signed grant there is never changed nor \
-                 deleted, and an actor's entry is written only by its node"
-            );
-        }
-        let write: Vec<String> = scopes
-            .grant(&self.node)
-            .map(|grant| grant.write.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
-        format!(
-            "this node's grant does not let it write that record of {collection} \
-             (it may write: {})",
-            if write.is_empty() {
-                "nothing".to_owned()
-            } else {
-                write.join(", ")
-            }
-        )
-    }
-}
-
 impl Node {
     /// Creates a data dir with its config and identity. Fails if `dir` already holds one.
     pub fn init(dir: &Path, name: Option<&str>) -> Result<NodeId, NodeError> {
@@ -590,10 +512,7 @@ impl Node {
             None => None,
         };
         let scopes = Arc::new(RwLock::new(crate::scope::Scopes::default()));
-        docs.set_door(Arc::new(GrantDoor {
-            node: id,
-            scopes: scopes.clone(),
-        }));
+        docs.set_door(Arc::new(crate::scope::ScopeDoor::new(id, scopes.clone())));
         let node = Self {
             dir: dir.to_owned(),
             config,
@@ -659,10 +578,52 @@ impl Node {
         for (verified, signature) in judged.values().flatten() {
             scopes.insert(verified.clone(), signature);
         }
-        *self
-            .scopes
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = scopes;
+        drop(judged);
+        // A node revoked itself is cut off: it keeps what it holds as it was.
+        let cut_offs = scopes.without_node(&self.id).cut_offs();
+        let cut_offs_before = std::mem::replace(
+            &mut *self
+                .scopes
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            scopes,
+        )
+        .without_node(&self.id)
+        .cut_offs();
+        // A revocation new here (or narrower) counts for what arrived before it too: the
+        // revoked node's changes past the cut-off come out, as every node leaves them out.
+        if cut_offs != cut_offs_before {
+            // A writer of a revoked node that its revocation does not name counts nothing.
+            let mut cut_offs = cut_offs;
+            for node in self.scopes().revoked() {
+                if node == self.id {
+                    continue;
+                }
+                for writer in self.writers_of(node)?.into_keys() {
+                    cut_offs.entry(writer).or_insert(0);
+                }
+            }
+            let mut own = false;
+            for (writer, cut_off) in cut_offs {
+                let (taken_out, own_here) = self.docs.take_out_past(&writer, cut_off)?;
+                own |= own_here;
+                if taken_out > 0 {
+                    tracing::warn!(
+                        %writer,
+                        cut_off,
+                        taken_out,
+                        "took out changes of a revoked node past its cut-off"
+                    );
+                }
+            }
+            if own {
+                // Its next change would reuse a sequence number of one taken out.
+                self.new_incarnation(
+                    "a revocation took out changes of this node's own written on top of the \
+                     revoked node's",
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -713,6 +674,38 @@ impl Node {
                 None => return Err(NodeError::UnknownNode(name.to_owned())),
             }
         }
+    }
+
+    /// The writers of node `id` (the origins of its log, from the actor registry, and its
+    /// own id for a store made before incarnations), each with how far this node holds its
+    /// log: the cut-off a revocation made here names.
+    pub fn writers_of(&self, id: NodeId) -> Result<BTreeMap<NodeId, u64>, NodeError> {
+        let registry = Collection::new(ACTOR_REGISTRY_COLLECTION)?;
+        let mut writers = BTreeMap::new();
+        let mut after: Option<Key> = None;
+        loop {
+            let page = self.list(&registry, after.as_ref(), crate::store::SCAN_PAGE_ENTRIES)?;
+            for (_, fields) in &page.records {
+                let text = |name: &str| fields.get(name).and_then(Json::as_str);
+                if text("node") != Some(id.to_string().as_str()) {
+                    continue;
+                }
+                if let Some(writer) = text("writer").and_then(|text| text.parse::<NodeId>().ok()) {
+                    if writers.len() < crate::scope::CUT_OFFS_MAX {
+                        writers.insert(writer, self.docs.origin_mark(&writer));
+                    }
+                }
+            }
+            match page.last_seen {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        let legacy = self.docs.origin_mark(&id);
+        if legacy > 0 {
+            writers.insert(id, legacy);
+        }
+        Ok(writers)
     }
 
     /// The grants in force and the revoked nodes, one JSON object each.

@@ -527,15 +527,19 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(transport.clone().accept_loop()));
     // Grants and revocations arrive from peers like records: read them again every second.
+    // A revoked node's connections close at once and are refused from then on.
     let scoped = node.clone();
+    let guarded = transport.clone();
+    transport.set_revoked(node.scopes().revoked());
     tasks.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(SCOPES_REFRESH);
         loop {
             every.tick().await;
             let node = scoped.clone();
-            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || node.refresh_scopes()).await
-            {
-                tracing::warn!(%error, "reading the grants");
+            match tokio::task::spawn_blocking(move || node.refresh_scopes()).await {
+                Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
+                Ok(Ok(())) => guarded.set_revoked(scoped.scopes().revoked()),
+                Err(_) => {}
             }
         }
     }));
@@ -737,6 +741,17 @@ async fn drive_engine(
         {
             panic!("sabotage: the engine task dies on purpose at the first local write");
         }
+        // The store took a new writer outside the engine (a revocation took out changes of
+        // this node's own): the engine follows it before anything more leaves.
+        if node.writer() != driver.engine().writer() {
+            let writer = node.writer();
+            follow_writer(
+                &shared,
+                &mut driver,
+                writer,
+                "a revocation took out changes of this node's own",
+            );
+        }
         driver.set_clock(u64::try_from(super::now_ms()).unwrap_or(0));
         let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
         if let Some(reason) = carry_out(&shared, outputs) {
@@ -757,22 +772,31 @@ async fn drive_engine(
 fn take_new_writer(shared: &Shared, driver: &mut Driver, reason: &str) {
     let node = &shared.node;
     match tokio::task::block_in_place(|| node.new_incarnation(reason)) {
-        Ok(writer) => {
-            tokio::task::block_in_place(|| driver.set_writer(writer, node.documents()));
-            let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
-            status.writer = writer.to_string();
-            status.former_writers = node
-                .documents()
-                .former_writers()
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            status.new_writer_reason = Some(reason.to_owned());
-        }
+        Ok(writer) => follow_writer(shared, driver, writer, reason),
         Err(error) => {
             tracing::error!(%error, "could not take a new writer");
         }
     }
+}
+
+/// The engine writes under the store's new `writer` from now on, and status says why.
+fn follow_writer(
+    shared: &Shared,
+    driver: &mut Driver,
+    writer: crate::record::NodeId,
+    reason: &str,
+) {
+    let node = &shared.node;
+    tokio::task::block_in_place(|| driver.set_writer(writer, node.documents()));
+    let mut status = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+    status.writer = writer.to_string();
+    status.former_writers = node
+        .documents()
+        .former_writers()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    status.new_writer_reason = Some(reason.to_owned());
 }
 
 /// Writes again what this node wrote and a collision took out, under its current writer.

@@ -37,6 +37,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
@@ -478,6 +479,30 @@ impl Scopes {
         described
     }
 
+    /// Every revoked node's writers, each with its cut-off: the last place of its log that
+    /// counts.
+    pub fn cut_offs(&self) -> BTreeMap<NodeId, u64> {
+        self.cut_offs
+            .values()
+            .flat_map(|cut_offs| cut_offs.iter())
+            .map(|(writer, cut)| (NodeId(*writer), *cut))
+            .collect()
+    }
+
+    /// These scopes without anything granted to or revoked of `node`: how a node modified to
+    /// ignore its own grant sees them (the simulator's).
+    pub fn without_node(&self, node: &NodeId) -> Self {
+        let mut without = self.clone();
+        without.grants.remove(node);
+        without.cut_offs.remove(node);
+        without
+    }
+
+    /// The nodes revoked.
+    pub fn revoked(&self) -> std::collections::BTreeSet<NodeId> {
+        self.cut_offs.keys().copied().collect()
+    }
+
     pub fn is_revoked(&self, node: &NodeId) -> bool {
         self.cut_offs.contains_key(node)
     }
@@ -617,6 +642,89 @@ impl Scopes {
         } else {
             Err(Refusal::OutsideGrant)
         }
+    }
+}
+
+/// The store's door (see [`crate::store::WriteDoor`]): judges every change by its author's grant,
+/// a node's own writes and what comes from peers, by the rule of [`Scopes`]. The node and the
+/// simulator both use it.
+pub struct ScopeDoor {
+    node: NodeId,
+    scopes: Arc<RwLock<Scopes>>,
+}
+
+impl ScopeDoor {
+    pub fn new(node: NodeId, scopes: Arc<RwLock<Scopes>>) -> Self {
+        Self { node, scopes }
+    }
+
+    fn scopes(&self) -> std::sync::RwLockReadGuard<'_, Scopes> {
+        self.scopes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn refusal_reason(refusal: Refusal) -> crate::store::RefusalReason {
+    match refusal {
+        Refusal::OutsideGrant => crate::store::RefusalReason::OutsideGrant,
+        Refusal::Revoked => crate::store::RefusalReason::Revoked,
+    }
+}
+
+impl crate::store::WriteDoor for ScopeDoor {
+    fn node(&self) -> NodeId {
+        self.node
+    }
+
+    fn verdict(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+    ) -> Option<Result<(), crate::store::RefusalReason>> {
+        self.scopes()
+            .verdict(author, place, collection)
+            .map(|verdict| verdict.map_err(refusal_reason))
+    }
+
+    fn judge(
+        &self,
+        author: Option<&NodeId>,
+        place: Option<(NodeId, u64)>,
+        collection: &str,
+        before: Option<&Map<String, Json>>,
+        after: Option<&Map<String, Json>>,
+    ) -> Result<(), crate::store::RefusalReason> {
+        self.scopes()
+            .judge_change(author, place, collection, before, after)
+            .map_err(refusal_reason)
+    }
+
+    fn explain(&self, reason: crate::store::RefusalReason, collection: &str) -> String {
+        let scopes = self.scopes();
+        if reason == crate::store::RefusalReason::Revoked || scopes.is_revoked(&self.node) {
+            return "this node was revoked by the cluster authority: it writes nothing".into();
+        }
+        if collection.starts_with('_') {
+            return format!(
+                "{collection} is Concord's own: a signed grant there is never changed nor \
+                 deleted, and an actor's entry is written only by its node"
+            );
+        }
+        let write: Vec<String> = scopes
+            .grant(&self.node)
+            .map(|grant| grant.write.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        format!(
+            "this node's grant does not let it write that record of {collection} \
+             (it may write: {})",
+            if write.is_empty() {
+                "nothing".to_owned()
+            } else {
+                write.join(", ")
+            }
+        )
     }
 }
 

@@ -1097,12 +1097,15 @@ impl<S: Store> WriteSession<'_, S> {
             .iter()
             .map(|change| (None, change))
             .collect();
-        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged);
-        if let Some((change, (reason, _))) = verdicts.and_then(|verdicts| {
+        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, false);
+        if let Some((change, reason)) = verdicts.and_then(|verdicts| {
             incoming_changes
                 .iter()
                 .zip(verdicts)
-                .find_map(|(change, verdict)| verdict.err().map(|refusal| (change, refusal)))
+                .find_map(|(change, verdict)| match verdict {
+                    super::replication::Verdict::Refuse(reason, _) => Some((change, reason)),
+                    _ => None,
+                })
         }) {
             let author = ChangeStamp::of_change(change.message(), change.timestamp()).author();
             return Err(StoreError::OutsideGrant(format!(

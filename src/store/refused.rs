@@ -46,8 +46,11 @@ pub struct Reissued {
     pub id: RecordId,
     /// The changes of this node's own that a collision took out and this one stands for.
     pub replaces: Vec<ChangeHash>,
-    /// The new change, or `None` when the document already shows what they wrote.
+    /// The new change, or `None` when the document already shows what they wrote (or it
+    /// could not be written: `refused`).
     pub change: Option<ChangeHash>,
+    /// Why it could not be written again: the record is now outside this node's grant.
+    pub refused: Option<String>,
 }
 
 /// Most refused changes [`DocStore::refused_changes`] lists at once.
@@ -74,6 +77,60 @@ pub(super) fn scan<S: Store>(store: &S) -> Result<(RefusedUsage, BTreeSet<Vec<u8
 }
 
 impl<S: Store> WriteSession<'_, S> {
+    /// Takes `revoked` (changes of a revoked node past its cut-off) out of the session's copy
+    /// of a document, with what depends on them, refusing them; what this node's own writers
+    /// did in the dependents is queued to be written again. Says how many came out, and
+    /// whether one was written under the store's current writer: then the store must take a
+    /// new writer before it writes again (its next change would reuse a sequence number of
+    /// one taken out, which other nodes may still hold).
+    pub(super) fn take_out(
+        &mut self,
+        doc_key: &[u8],
+        revoked: &[ChangeHash],
+    ) -> Result<(usize, bool), StoreError> {
+        let writers = self.inner.writers.clone();
+        let loaded = self.document(doc_key)?;
+        let held: Vec<ChangeHash> = revoked
+            .iter()
+            .filter(|hash| document::holds_change(&loaded.doc, hash))
+            .copied()
+            .collect();
+        let Some(first) = held.first().copied() else {
+            return Ok((0, false));
+        };
+        let (rebuilt, removed) = super::collision::without(&loaded.doc, &held)?;
+        let mut effects = Vec::new();
+        let mut replaces = Vec::new();
+        for taken in &removed {
+            if let Some((taken_writer, source)) = NodeId::split_actor(taken.actor_id()) {
+                if writers.owns(&taken_writer) && !held.contains(&taken.hash()) {
+                    effects.push((
+                        source,
+                        document::describe_change(&loaded.doc, taken.deps(), taken.hash()),
+                    ));
+                    replaces.push(taken.hash());
+                }
+            }
+        }
+        for taken in &removed {
+            let (reason, instead) = if held.contains(&taken.hash()) {
+                (RefusalReason::Revoked, ChangeHash([0; 32]))
+            } else {
+                (RefusalReason::DependsOnRefused, first)
+            };
+            self.refuse(doc_key, taken, reason, instead);
+        }
+        let own = removed.iter().any(|taken| {
+            NodeId::split_actor(taken.actor_id())
+                .is_some_and(|(writer, _)| writer == writers.current)
+        });
+        self.replace_document(doc_key, rebuilt)?;
+        if !effects.is_empty() {
+            self.queue_reissue(doc_key, effects, replaces)?;
+        }
+        Ok((removed.len(), own))
+    }
+
     /// Whether `hash` of `doc_key` was refused here (in this session or before).
     pub(super) fn refused_holds(
         &self,
@@ -251,6 +308,44 @@ impl<S: Store> DocStore<S> {
         self.inner().refused
     }
 
+    /// Takes out of their documents the changes held at places of `writer`'s log past
+    /// `cut_off` (a revoked node's writer: they count nowhere), refusing them as revoked, and
+    /// what depends on them too; what this node's own writers did in those is queued to be
+    /// written again ([`DocStore::reissue_pending`]). Their log places stay. Durable when it
+    /// returns; says how many changes were taken out, and whether one was written under the
+    /// store's current writer (then the store must take a new writer before it writes again).
+    pub fn take_out_past(
+        &self,
+        writer: &NodeId,
+        cut_off: u64,
+    ) -> Result<(usize, bool), StoreError> {
+        let mut by_doc: std::collections::BTreeMap<Vec<u8>, Vec<ChangeHash>> =
+            std::collections::BTreeMap::new();
+        let mut after = cut_off;
+        loop {
+            let page = self.log_entries(writer, after, super::SCAN_PAGE_ENTRIES)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = *last;
+            for (_, entry) in page {
+                by_doc
+                    .entry(entry.doc_key)
+                    .or_default()
+                    .push(ChangeHash(entry.hash));
+            }
+        }
+        let (mut taken_out, mut own) = (0, false);
+        for (doc_key, revoked) in by_doc {
+            let mut session = self.session();
+            let (count, own_here) = session.take_out(&doc_key, &revoked)?;
+            session.commit(Durability::Durable)?;
+            taken_out += count;
+            own |= own_here;
+        }
+        Ok((taken_out, own))
+    }
+
     /// Documents with writes of this node's own waiting to be written again.
     pub fn pending_reissues(&self) -> usize {
         self.inner().reissues.len()
@@ -279,13 +374,40 @@ impl<S: Store> DocStore<S> {
                 .filter_map(|(_, json)| serde_json::from_str(json).ok())
                 .collect();
             let mut session = self.session();
-            let (_, outcome) = session.write(&id, &writer.actor(source), time_ms, |tx| {
+            let written = session.write(&id, &writer.actor(source), time_ms, |tx| {
                 let mut changed = false;
                 for effect in &effects {
                     changed |= redo(tx, effect)?;
                 }
                 Ok(changed)
-            })?;
+            });
+            let outcome = match written {
+                Ok((_, outcome)) => outcome,
+                Err(StoreError::OutsideGrant(reason)) => {
+                    // The record moved out of what this node may write since: the write
+                    // cannot be made again, and is dropped.
+                    session.batch.remove(key);
+                    session.commit(Durability::Durable)?;
+                    self.inner().reissues.remove(&doc_key);
+                    tracing::warn!(
+                        record = %id,
+                        %reason,
+                        "a write of this node's own that was taken out cannot be written again"
+                    );
+                    done.push(Reissued {
+                        id,
+                        replaces: reissue
+                            .replaces
+                            .iter()
+                            .map(|hash| ChangeHash(*hash))
+                            .collect(),
+                        change: None,
+                        refused: Some(reason),
+                    });
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             session.batch.remove(key);
             session.commit(Durability::Durable)?;
             self.inner().reissues.remove(&doc_key);
@@ -302,6 +424,7 @@ impl<S: Store> DocStore<S> {
                     .map(|hash| ChangeHash(*hash))
                     .collect(),
                 change: outcome.change,
+                refused: None,
             });
         }
         Ok(done)

@@ -29,6 +29,20 @@ pub struct LoggedChange {
     pub change: Vec<u8>,
 }
 
+/// What the door says of a change from elsewhere (see [`DocStore::judge_incoming`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Admit,
+    /// Not applied now, nor refused: it is decided once it comes with its log place.
+    Wait,
+    /// Refused for this reason (`instead`: the refused change it depends on, if that is why).
+    Refuse(RefusalReason, ChangeHash),
+}
+
+/// Of changes judged by the door: those admitted, then those refused, each with its item (the
+/// ones that wait are neither).
+type Admitted<T> = (Vec<(T, Change)>, Vec<(T, Change)>);
+
 /// One document's changes in a batch from a peer, parsed, in arrival order.
 type Group = Vec<(LoggedChange, Change)>;
 
@@ -55,6 +69,9 @@ pub struct ApplyReport {
     /// store writes under it too, or this one was brought back from an older copy. The node
     /// must take a new writer (and then write again what it lost: [`DocStore::reissue_pending`]).
     pub own_writer_shared: bool,
+    /// A revocation took out a change written under this store's current writer: the node
+    /// must take a new writer before it writes again (and then write again what it lost).
+    pub own_writes_taken_out: bool,
     /// Changes that came with a log place this store holds with another change: applied
     /// without a place, by the rule for colliding changes.
     pub places_taken: usize,
@@ -345,7 +362,20 @@ impl<S: Store> DocStore<S> {
         let mut duplicates = Vec::new();
         for (logged, change) in group {
             if document::holds_change(&loaded.doc, &change.hash()) {
-                duplicates.push((logged, change.hash()));
+                // Held already, fetched before its place came: its place may show that it
+                // is past a revoked node's cut-off, and then it comes out.
+                let revoked = self.door.get().is_some_and(|door| {
+                    let author =
+                        ChangeStamp::of_change(change.message(), change.timestamp()).author();
+                    let collection = String::from_utf8_lossy(doc_key);
+                    let collection = collection.split('/').next().unwrap_or_default();
+                    door.verdict(
+                        author.as_ref(),
+                        Some((logged.origin, logged.sequence)),
+                        collection,
+                    ) == Some(Err(RefusalReason::Revoked))
+                });
+                duplicates.push((logged, change.hash(), revoked));
             } else {
                 fresh.push((logged, change));
             }
@@ -412,16 +442,54 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         fresh: Group,
         order: &[usize],
-        duplicates: Vec<(LoggedChange, ChangeHash)>,
+        duplicates: Vec<(LoggedChange, ChangeHash, bool)>,
         report: &mut ApplyReport,
     ) -> Result<(), StoreError> {
-        for (logged, hash) in duplicates {
+        let mut revoked = Vec::new();
+        self.apply_ordered_noting(
+            session,
+            doc_key,
+            fresh,
+            order,
+            duplicates,
+            &mut revoked,
+            report,
+        )?;
+        // Held changes whose place came now, past a revoked node's cut-off, come out last,
+        // with whatever this batch applied on top of them.
+        if !revoked.is_empty() {
+            let (taken_out, own) = session.take_out(doc_key, &revoked)?;
+            report
+                .refused
+                .extend(std::iter::repeat_n(RefusalReason::Revoked, taken_out));
+            report.own_writes_taken_out |= own;
+        }
+        Ok(())
+    }
+
+    /// [`DocStore::apply_ordered`] but the take-out: notes in `revoked` the duplicates that
+    /// came with a place past a revoked node's cut-off.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_ordered_noting(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        fresh: Group,
+        order: &[usize],
+        duplicates: Vec<(LoggedChange, ChangeHash, bool)>,
+        revoked: &mut Vec<ChangeHash>,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
+        for (logged, hash, past_cut_off) in duplicates {
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
             session.queue_log_entry(doc_key, &hash, place);
             report.duplicates += 1;
+            if past_cut_off {
+                revoked.push(hash);
+            }
         }
         let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
         let ready: Vec<(LoggedChange, Change)> = order
@@ -555,12 +623,20 @@ impl<S: Store> DocStore<S> {
     /// each judged by its author's grant against the record as of its dependencies and as it
     /// leaves them, and one that depends on a refused change refused for that (`instead`: the
     /// refused dependency). `None` when there is no door or nothing is refused.
+    /// With `wait_for_place`, a change of a revoked node that came without its log place (and
+    /// what depends on it) is neither admitted nor refused: it waits until it comes with its
+    /// place, which decides it, as on every other node.
     pub(super) fn judge_incoming(
         &self,
         doc: &automerge::Automerge,
         doc_key: &[u8],
         changes: &[(Option<(NodeId, u64)>, &Change)],
-    ) -> Option<Vec<Result<(), (RefusalReason, ChangeHash)>>> {
+        wait_for_place: bool,
+    ) -> Option<Vec<Verdict>> {
+        #[cfg(feature = "sabotage")]
+        if self.sabotage.receivers_admit_everything && wait_for_place {
+            return None;
+        }
         let door = self.door.get()?;
         let doc_key_text = String::from_utf8_lossy(doc_key);
         let collection = doc_key_text.split('/').next().unwrap_or_default();
@@ -579,6 +655,7 @@ impl<S: Store> DocStore<S> {
         // scratch copy of the document takes them in.
         let mut scratch: Option<automerge::Automerge> = None;
         let mut refused: HashSet<ChangeHash> = HashSet::new();
+        let mut waiting: HashSet<ChangeHash> = HashSet::new();
         let mut verdicts = Vec::with_capacity(changes.len());
         for ((place, change), (author, verdict)) in changes.iter().zip(early) {
             if let Some(dependency) = change
@@ -587,7 +664,18 @@ impl<S: Store> DocStore<S> {
                 .find(|dependency| refused.contains(dependency))
             {
                 refused.insert(change.hash());
-                verdicts.push(Err((RefusalReason::DependsOnRefused, *dependency)));
+                verdicts.push(Verdict::Refuse(
+                    RefusalReason::DependsOnRefused,
+                    *dependency,
+                ));
+                continue;
+            }
+            let unplaced_revoked = wait_for_place
+                && place.is_none()
+                && matches!(verdict, Some(Err(RefusalReason::Revoked)));
+            if unplaced_revoked || change.deps().iter().any(|dep| waiting.contains(dep)) {
+                waiting.insert(change.hash());
+                verdicts.push(Verdict::Wait);
                 continue;
             }
             let scratch = scratch.get_or_insert_with(|| doc.clone());
@@ -630,7 +718,7 @@ impl<S: Store> DocStore<S> {
                     if !taken_in {
                         let _ = scratch.apply_changes([(*change).clone()]);
                     }
-                    verdicts.push(Ok(()));
+                    verdicts.push(Verdict::Admit);
                 }
                 Err(reason) => {
                     if taken_in {
@@ -639,11 +727,11 @@ impl<S: Store> DocStore<S> {
                         }
                     }
                     refused.insert(change.hash());
-                    verdicts.push(Err((reason, ChangeHash([0; 32]))));
+                    verdicts.push(Verdict::Refuse(reason, ChangeHash([0; 32])));
                 }
             }
         }
-        if refused.is_empty() {
+        if refused.is_empty() && waiting.is_empty() {
             return None;
         }
         Some(verdicts)
@@ -658,14 +746,14 @@ impl<S: Store> DocStore<S> {
         ready: Vec<(T, Change)>,
         place_of: impl Fn(&T) -> Option<(NodeId, u64)>,
         report: &mut ApplyReport,
-    ) -> Result<(Vec<(T, Change)>, Vec<(T, Change)>), StoreError> {
+    ) -> Result<Admitted<T>, StoreError> {
         let verdicts = {
             let loaded = session.document(doc_key)?;
             let judged: Vec<(Option<(NodeId, u64)>, &Change)> = ready
                 .iter()
                 .map(|(item, change)| (place_of(item), change))
                 .collect();
-            self.judge_incoming(&loaded.doc, doc_key, &judged)
+            self.judge_incoming(&loaded.doc, doc_key, &judged, true)
         };
         let Some(verdicts) = verdicts else {
             return Ok((ready, Vec::new()));
@@ -674,8 +762,9 @@ impl<S: Store> DocStore<S> {
         let mut refused = Vec::new();
         for ((item, change), verdict) in ready.into_iter().zip(verdicts) {
             match verdict {
-                Ok(()) => admitted.push((item, change)),
-                Err((reason, instead)) => {
+                Verdict::Admit => admitted.push((item, change)),
+                Verdict::Wait => {}
+                Verdict::Refuse(reason, instead) => {
                     session.refuse(doc_key, &change, reason, instead);
                     report.refused.push(reason);
                     refused.push((item, change));

@@ -1044,6 +1044,15 @@ impl Engine {
         if report.own_writer_shared {
             self.own_writer_shared(from, actions);
         }
+        if report.own_writes_taken_out {
+            self.supersede(
+                from,
+                "a revocation took out changes of this node's own written on top of the \
+                 revoked node's: it writes them again under a new writer"
+                    .to_owned(),
+                actions,
+            );
+        }
         self.stats.duplicates += report.duplicates as u64;
         self.stats.conflicts += report.conflicts.len() as u64;
         for conflict in report.conflicts {
