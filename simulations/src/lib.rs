@@ -1941,9 +1941,15 @@ impl Sim {
     /// After convergence: no acknowledged change is missing, and deletes stayed deleted unless
     /// re-created by a write causally after them.
     fn check_history(&mut self) -> Result<(), Violation> {
-        for (record, hash, was_delete, by) in self.acknowledged.clone() {
+        let acknowledged = self.acknowledged.clone();
+        for (record, hash, was_delete, by) in acknowledged.iter().copied() {
             let id = &self.ids[record];
-            let was_delete = &was_delete;
+            // A delete written again in one change with a later write of its node (both taken
+            // out by a collision or a revocation) is followed by that write.
+            let was_delete = &(was_delete
+                && !acknowledged
+                    .iter()
+                    .any(|(_, other, delete, _)| *other == hash && !delete));
             // A store made again under its old writer (a sabotage) writes changes that may
             // lose to what its former self wrote: refused everywhere, and written again only
             // if their author still holds them when it learns.

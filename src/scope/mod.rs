@@ -29,11 +29,16 @@
 //! - A change by a revoked node counts only at a place in its origin's replication log (a
 //!   writer of that node, and a sequence number in that writer's log, from 1) at or before the
 //!   cut-off the revocation names for that writer (a writer it does not name: nothing counts);
-//!   one past it, or one that comes with no place (fetched outside the log), is refused,
-//!   whatever grant the node had. One at or before it is judged by the grant as above. The
-//!   cut-off is the highest place the authority's node held of each writer when it revoked;
-//!   Automerge's own sequence numbers are per document, so they cannot name one cut-off for a
-//!   whole node.
+//!   one past it is refused, whatever grant the node had; one that comes with no place
+//!   (fetched outside the log) waits until it comes with its place, except in an import,
+//!   which is refused. One at or before it is judged by the grant as above. The cut-off is
+//!   the highest place the revoking node held of each writer when it revoked; Automerge's
+//!   own sequence numbers are per document, so they cannot name one cut-off for a whole node.
+//!   A node that receives a revocation takes out what it already held past the cut-off, with
+//!   what was written on top of it, so it holds what a node that received the revocation
+//!   first holds.
+//! - A change names its author in its stamp ([`crate::record::stamp`]); one that names none
+//!   is judged, once anything is granted, as one by a node granted nothing.
 
 use std::collections::BTreeMap;
 use std::path::Path;
