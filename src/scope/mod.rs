@@ -682,6 +682,10 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.node
     }
 
+    fn is_open(&self) -> bool {
+        self.scopes().is_empty()
+    }
+
     fn verdict(
         &self,
         author: Option<&NodeId>,

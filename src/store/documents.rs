@@ -78,6 +78,8 @@ impl Default for DocStoreConfig {
 pub trait WriteDoor: Send + Sync {
     /// This node's id: the author of its own writes.
     fn node(&self) -> NodeId;
+    /// Whether nothing is granted nor revoked: then every change is allowed, unread.
+    fn is_open(&self) -> bool;
     /// The verdict on a change by `author` (`None`: it names none) at `place` (its origin's
     /// log place; `None` for a write of this node's own or a change fetched outside the log)
     /// to a record of `collection`, when it does not depend on the record; `None` when it does.

@@ -381,41 +381,28 @@ impl<S: Store> DocStore<S> {
                 }
                 Ok(changed)
             });
-            let outcome = match written {
-                Ok((_, outcome)) => outcome,
-                Err(StoreError::OutsideGrant(reason)) => {
-                    // The record moved out of what this node may write since: the write
-                    // cannot be made again, and is dropped.
-                    session.batch.remove(key);
-                    session.commit(Durability::Durable)?;
-                    self.inner().reissues.remove(&doc_key);
-                    tracing::warn!(
-                        record = %id,
-                        %reason,
-                        "a write of this node's own that was taken out cannot be written again"
-                    );
-                    done.push(Reissued {
-                        id,
-                        replaces: reissue
-                            .replaces
-                            .iter()
-                            .map(|hash| ChangeHash(*hash))
-                            .collect(),
-                        change: None,
-                        refused: Some(reason),
-                    });
-                    continue;
-                }
+            let (change, refused) = match written {
+                Ok((_, outcome)) => (outcome.change, None),
+                // The record moved out of what this node may write since: the write cannot
+                // be made again, and is dropped.
+                Err(StoreError::OutsideGrant(reason)) => (None, Some(reason)),
                 Err(error) => return Err(error),
             };
             session.batch.remove(key);
             session.commit(Durability::Durable)?;
             self.inner().reissues.remove(&doc_key);
-            tracing::warn!(
-                record = %id,
-                change = ?outcome.change,
-                "a write of this node's own that lost a collision was written again"
-            );
+            match &refused {
+                None => tracing::warn!(
+                    record = %id,
+                    ?change,
+                    "a write of this node's own that was taken out was written again"
+                ),
+                Some(reason) => tracing::warn!(
+                    record = %id,
+                    %reason,
+                    "a write of this node's own that was taken out cannot be written again"
+                ),
+            }
             done.push(Reissued {
                 id,
                 replaces: reissue
@@ -423,8 +410,8 @@ impl<S: Store> DocStore<S> {
                     .iter()
                     .map(|hash| ChangeHash(*hash))
                     .collect(),
-                change: outcome.change,
-                refused: None,
+                change,
+                refused,
             });
         }
         Ok(done)

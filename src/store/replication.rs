@@ -364,17 +364,21 @@ impl<S: Store> DocStore<S> {
             if document::holds_change(&loaded.doc, &change.hash()) {
                 // Held already, fetched before its place came: its place may show that it
                 // is past a revoked node's cut-off, and then it comes out.
-                let revoked = self.door.get().is_some_and(|door| {
-                    let author =
-                        ChangeStamp::of_change(change.message(), change.timestamp()).author();
-                    let collection = String::from_utf8_lossy(doc_key);
-                    let collection = collection.split('/').next().unwrap_or_default();
-                    door.verdict(
-                        author.as_ref(),
-                        Some((logged.origin, logged.sequence)),
-                        collection,
-                    ) == Some(Err(RefusalReason::Revoked))
-                });
+                let revoked = self
+                    .door
+                    .get()
+                    .filter(|door| !door.is_open())
+                    .is_some_and(|door| {
+                        let author =
+                            ChangeStamp::of_change(change.message(), change.timestamp()).author();
+                        let collection = String::from_utf8_lossy(doc_key);
+                        let collection = collection.split('/').next().unwrap_or_default();
+                        door.verdict(
+                            author.as_ref(),
+                            Some((logged.origin, logged.sequence)),
+                            collection,
+                        ) == Some(Err(RefusalReason::Revoked))
+                    });
                 duplicates.push((logged, change.hash(), revoked));
             } else {
                 fresh.push((logged, change));
@@ -445,16 +449,12 @@ impl<S: Store> DocStore<S> {
         duplicates: Vec<(LoggedChange, ChangeHash, bool)>,
         report: &mut ApplyReport,
     ) -> Result<(), StoreError> {
-        let mut revoked = Vec::new();
-        self.apply_ordered_noting(
-            session,
-            doc_key,
-            fresh,
-            order,
-            duplicates,
-            &mut revoked,
-            report,
-        )?;
+        let revoked: Vec<ChangeHash> = duplicates
+            .iter()
+            .filter(|(_, _, past_cut_off)| *past_cut_off)
+            .map(|(_, hash, _)| *hash)
+            .collect();
+        self.apply_ordered_changes(session, doc_key, fresh, order, duplicates, report)?;
         // Held changes whose place came now, past a revoked node's cut-off, come out last,
         // with whatever this batch applied on top of them.
         if !revoked.is_empty() {
@@ -467,29 +467,23 @@ impl<S: Store> DocStore<S> {
         Ok(())
     }
 
-    /// [`DocStore::apply_ordered`] but the take-out: notes in `revoked` the duplicates that
-    /// came with a place past a revoked node's cut-off.
-    #[allow(clippy::too_many_arguments)]
-    fn apply_ordered_noting(
+    /// [`DocStore::apply_ordered`] but the take-out.
+    fn apply_ordered_changes(
         &self,
         session: &mut super::WriteSession<'_, S>,
         doc_key: &[u8],
         fresh: Group,
         order: &[usize],
         duplicates: Vec<(LoggedChange, ChangeHash, bool)>,
-        revoked: &mut Vec<ChangeHash>,
         report: &mut ApplyReport,
     ) -> Result<(), StoreError> {
-        for (logged, hash, past_cut_off) in duplicates {
+        for (logged, hash, _) in duplicates {
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
             session.queue_log_entry(doc_key, &hash, place);
             report.duplicates += 1;
-            if past_cut_off {
-                revoked.push(hash);
-            }
         }
         let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
         let ready: Vec<(LoggedChange, Change)> = order
@@ -637,7 +631,7 @@ impl<S: Store> DocStore<S> {
         if self.sabotage.receivers_admit_everything && wait_for_place {
             return None;
         }
-        let door = self.door.get()?;
+        let door = self.door.get().filter(|door| !door.is_open())?;
         let doc_key_text = String::from_utf8_lossy(doc_key);
         let collection = doc_key_text.split('/').next().unwrap_or_default();
         let mut early = Vec::with_capacity(changes.len());
