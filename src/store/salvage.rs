@@ -125,7 +125,7 @@ pub fn check_and_mend<S: Store>(
         report.log_entries += 1;
         let keep = layout::log_origin(key).is_ok()
             && layout::log_sequence(key).is_ok()
-            && layout::decode::<LogEntry>("log entry", value)
+            && layout::decode_log_entry(value)
                 .is_ok_and(|entry| held.contains(&short(&entry.hash)));
         if !keep {
             report.log_entries_dropped += 1;
@@ -185,6 +185,7 @@ mod tests {
         let entry = LogEntry {
             doc_key: b"t/r0".to_vec(),
             hash: [9; 32],
+            tags: Vec::new(),
         };
         batch.put(layout::log_key(&writer, 999), layout::encode(&entry));
         batch.put(layout::doc_key(b"t/r1"), b"garbage".to_vec());

@@ -31,6 +31,13 @@ pub const RECENT_CHANGES_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// asked again (a held change expires and asks again; repair runs again).
 pub const OUTBOX_MESSAGES_MAX: usize = 1024;
 pub const OUTBOX_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Places of changes not yet logged tracked per peer and origin (see [`Peer::unsettled`]);
+/// past it, covers from that peer for that origin do not count until those are logged.
+pub const UNSETTLED_PLACES_MAX: usize = 4096;
+/// Log entries looked through for one message to a peer whose grant narrows what it reads:
+/// entries outside the grant cost no bytes, so without this bound one poll could look through
+/// a whole log.
+pub const ENTRIES_LOOKED_THROUGH_MAX: usize = 8192;
 /// Largest frame, header included: a message never asks for more room than this.
 const FRAME_WITH_HEADER_BYTES_MAX: usize = FRAME_HEADER_BYTES + FRAME_BYTES_MAX;
 /// Bytes a `Changes` message adds around its changes: variant and count.
@@ -55,6 +62,9 @@ pub(super) struct Outbox {
     pub(super) prune: BTreeSet<NodeId>,
     pub(super) graft: BTreeSet<NodeId>,
     pub(super) pong: Option<u64>,
+    /// Per origin, the range of its log looked through for this peer past what was sent:
+    /// said with `Covered` once the changes sent of it are on their way.
+    pub(super) covered: BTreeMap<NodeId, (u64, u64)>,
     messages: VecDeque<Message>,
     messages_bytes: usize,
     documents: VecDeque<DocumentRequest>,
@@ -69,6 +79,7 @@ impl Outbox {
             && self.prune.is_empty()
             && self.graft.is_empty()
             && self.pong.is_none()
+            && self.covered.is_empty()
             && self.messages.is_empty()
             && self.documents.is_empty()
     }
@@ -124,6 +135,13 @@ pub(super) struct Peer {
     pub(super) pruned_by_us: BTreeSet<NodeId>,
     /// Changes from the peer stamped too far ahead of this node's clock.
     pub(super) changes_ahead: u64,
+    /// Per origin, the places of changes the peer sent that are not logged here yet (held
+    /// for their dependencies, stamped ahead): a `Covered` from it moves the mark only up to
+    /// the first of them. At most [`UNSETTLED_PLACES_MAX`] per origin.
+    pub(super) unsettled: BTreeMap<NodeId, BTreeSet<u64>>,
+    /// Origins with more such places than were tracked: no cover from the peer counts for
+    /// them until those tracked are logged.
+    pub(super) unsettled_overflow: BTreeSet<NodeId>,
     pub(super) outbox: Outbox,
 }
 
@@ -239,7 +257,12 @@ impl Engine {
         let message = match self.next_control(peer, room, replica)? {
             Some(message) => Some(message),
             None if self.control_waiting(&peer) => None,
-            None => self.next_changes(peer, room, replica)?,
+            None => match self.next_changes(peer, room, replica)? {
+                Some(message) => Some(message),
+                // Looking through the logs found nothing the peer may read, only a cover.
+                None if self.control_waiting(&peer) => self.next_control(peer, room, replica)?,
+                None => None,
+            },
         };
         if let Some(message) = &message {
             #[cfg(feature = "sabotage")]
@@ -357,6 +380,29 @@ impl Engine {
             }
             return Ok(Some(message));
         }
+        if !state.outbox.covered.is_empty() {
+            let ranges: Vec<concord_proto::CoveredRange> = state
+                .outbox
+                .covered
+                .iter()
+                .take(ORIGINS_PER_SUMMARY_MAX)
+                .map(|(origin, (after, through))| concord_proto::CoveredRange {
+                    origin: origin.0,
+                    after: *after,
+                    through: *through,
+                })
+                .collect();
+            let message = Message::Covered { ranges };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            for _ in 0..ORIGINS_PER_SUMMARY_MAX {
+                if state.outbox.covered.pop_first().is_none() {
+                    break;
+                }
+            }
+            return Ok(Some(message));
+        }
         if let Some(nonce) = state.outbox.pong {
             let message = Message::Pong { nonce };
             if !fits(&message) {
@@ -455,6 +501,13 @@ impl Engine {
             None => state.wanted.iter().copied().collect(),
         };
         origins.dedup();
+        // A peer whose grant narrows what it reads is sent only that, and told with `Covered`
+        // how far each log was looked through for it; it is sent the logs of other origins
+        // only by a node that reads at least all it reads, so that every cover is true.
+        let narrowed = !replica.reads_all(&peer);
+        let serves_others = replica.reads_at_least(&self.config.node, &peer);
+        let covers = narrowed && state.version >= 4;
+        let mut looked_through = 0usize;
         let mut shipped_changes: Vec<ShippedChange> = Vec::new();
         let mut used = 0usize;
         let mut pushed = 0u64;
@@ -466,7 +519,12 @@ impl Engine {
                 continue;
             }
             state.turn = Some(origin);
+            if origin != self.config.writer && !serves_others {
+                state.wanted.remove(&origin);
+                continue;
+            }
             let mut after = state.sent.get(&origin).copied().unwrap_or(0);
+            let started = after;
             // Of this node's own log, only what is durable leaves.
             let last = if origin == self.config.writer {
                 self.own_durable
@@ -483,6 +541,75 @@ impl Engine {
                 if left == 0 {
                     fill = Some(Fill::Full);
                     break;
+                }
+                if narrowed {
+                    if looked_through >= ENTRIES_LOOKED_THROUGH_MAX {
+                        fill = Some(Fill::Full);
+                        break;
+                    }
+                    let limit = left.max(ENTRIES_LOOKED_THROUGH_MAX / 8);
+                    let (page, through) = replica.log_readable_after(
+                        &peer,
+                        &origin,
+                        after,
+                        limit,
+                        budget.saturating_sub(used),
+                    )?;
+                    looked_through += limit;
+                    if page.is_empty() {
+                        if through <= after {
+                            fill = Some(Fill::Exhausted);
+                            break;
+                        }
+                        // Nothing the peer may read up to there.
+                        after = through.min(last);
+                        continue;
+                    }
+                    let skipped_through = page.first().map_or(through, |change| change.sequence - 1);
+                    after = after.max(skipped_through.min(last));
+                    let mut fits_all = true;
+                    for change in page {
+                        if change.sequence > last {
+                            fill = Some(Fill::Exhausted);
+                            fits_all = false;
+                            break;
+                        }
+                        let entry = shipped(&change);
+                        let size = entry.encoded_len();
+                        if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES
+                            > FRAME_WITH_HEADER_BYTES_MAX
+                        {
+                            tracing::error!(
+                                origin = %change.origin,
+                                sequence = change.sequence,
+                                size,
+                                "a log entry is larger than any frame and is skipped"
+                            );
+                            self.stats.changes_unsendable += 1;
+                            after = change.sequence;
+                            continue;
+                        }
+                        if used + size > budget {
+                            waits_for_room = shipped_changes.is_empty();
+                            fill = Some(Fill::Full);
+                            fits_all = false;
+                            break;
+                        }
+                        used += size;
+                        after = change.sequence;
+                        shipped_changes.push(entry);
+                        if shipped_changes.len() == per_message {
+                            fill = Some(Fill::Full);
+                            fits_all = false;
+                            break;
+                        }
+                    }
+                    if fits_all {
+                        // What the page looked through past its last change is outside the
+                        // peer's grant too.
+                        after = after.max(through.min(last));
+                    }
+                    continue;
                 }
                 let from_memory = self.recent.get(&origin, after + 1).cloned();
                 let in_memory = from_memory.is_some();
@@ -532,6 +659,14 @@ impl Engine {
             }
             let state = self.peers.get_mut(&peer).expect("looked up above");
             state.sent.insert(origin, after);
+            if covers && after > started {
+                let range = state.outbox.covered.entry(origin).or_insert((started, after));
+                if range.1 == started {
+                    range.1 = after;
+                } else {
+                    *range = (started, after);
+                }
+            }
             match fill {
                 Some(Fill::Exhausted) => {
                     state.wanted.remove(&origin);
@@ -540,6 +675,7 @@ impl Engine {
             }
         }
         if waits_for_room || shipped_changes.is_empty() {
+            // A cover may be due (nothing the peer may read was found): it goes next.
             return Ok(None);
         }
         self.stats.changes_pushed += pushed;
