@@ -213,51 +213,51 @@ async fn every_receiver_refuses_what_a_modified_node_writes_outside_its_grant() 
     paris.put("customers/2", json!({"name": "Kei", "region": "tokyo"}));
     let moved = concord(&paris.dir, &["put", "customers/1", "region=tokyo"]);
     assert!(moved.status.success(), "{}", stderr(&moved));
-    // And within it, which every node takes.
+    // And within it, which hq takes (tokyo may not read it).
     paris.put("customers/3", json!({"name": "Lou", "region": "paris"}));
-    for node in [&hq, &tokyo] {
-        eventually("paris's allowed write arrives", WITHIN, || {
-            node.get("customers/3").is_some()
-        })
-        .await;
-        eventually(
-            "both forbidden changes are refused and counted",
-            WITHIN,
-            || node.metric("concord_changes_refused_total{reason=\"outside_grant\"}") >= 2,
-        )
-        .await;
-        assert_eq!(node.get("customers/2"), None, "a tokyo customer by paris");
-        assert_eq!(
-            node.get("customers/1").unwrap()["region"],
-            json!("paris"),
-            "paris moved a customer out of its region"
-        );
-        let listed = refused(node);
-        let paris_id = node_id(&paris);
-        for record in ["customers/1", "customers/2"] {
-            assert!(
-                listed.iter().any(|entry| entry["record"] == json!(record)
-                    && entry["reason"] == json!("outside_grant")
-                    && entry["author"] == json!(paris_id)),
-                "{record} in {listed:?}"
-            );
-        }
-    }
-    // The honest nodes agree on every document, and hq's later edit reaches them all.
-    hq.put(
-        "customers/1",
-        json!({"name": "Ada Lovelace", "region": "paris"}),
-    );
-    common::cluster::converge(
-        &[&hq, &tokyo],
-        &["customers/1", "customers/2", "customers/3"],
+    eventually("paris's allowed write arrives at hq", WITHIN, || {
+        hq.get("customers/3").is_some()
+    })
+    .await;
+    // tokyo may read both changes as paris wrote them: it refuses them if paris sends them
+    // itself, and is never sent them if they reach it through hq, which refused them and
+    // forwards to an office only what it holds; either way it holds neither record.
+    eventually(
+        "both forbidden changes are refused and counted",
         WITHIN,
+        || hq.metric("concord_changes_refused_total{reason=\"outside_grant\"}") >= 2,
     )
     .await;
-    eventually("hq's edit reaches paris too", WITHIN, || {
+    assert_eq!(hq.get("customers/2"), None, "a tokyo customer by paris");
+    assert_eq!(
+        hq.get("customers/1").unwrap()["region"],
+        json!("paris"),
+        "paris moved a customer out of its region"
+    );
+    let listed = refused(&hq);
+    let paris_id = node_id(&paris);
+    for record in ["customers/1", "customers/2"] {
+        assert!(
+            listed.iter().any(|entry| entry["record"] == json!(record)
+                && entry["reason"] == json!("outside_grant")
+                && entry["author"] == json!(paris_id)),
+            "{record} in {listed:?}"
+        );
+    }
+    for record in ["customers/1", "customers/2", "customers/3"] {
+        assert_eq!(tokyo.get(record), None, "{record} at tokyo");
+    }
+    // hq's later edit of a paris record still reaches paris. (customers/1 is not used: paris
+    // holds its own forbidden move of it, which hq's edit does not see, so whether the record
+    // still lies in paris's region there depends on how the concurrent writes resolve.)
+    hq.put(
+        "customers/3",
+        json!({"name": "Lou Reed", "region": "paris"}),
+    );
+    eventually("hq's edit reaches paris", WITHIN, || {
         paris
-            .get("customers/1")
-            .is_some_and(|record| record["name"] == json!("Ada Lovelace"))
+            .get("customers/3")
+            .is_some_and(|record| record["name"] == json!("Lou Reed"))
     })
     .await;
     for node in [&mut hq, &mut paris, &mut tokyo] {

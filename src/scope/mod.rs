@@ -590,7 +590,11 @@ impl Scopes {
             return Some(true);
         };
         let mut unknown = false;
-        for scope in grant.read.iter().filter(|scope| scope.collection == collection) {
+        for scope in grant
+            .read
+            .iter()
+            .filter(|scope| scope.collection == collection)
+        {
             let Some(filter) = &scope.filter else {
                 return Some(true);
             };

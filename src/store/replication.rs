@@ -253,7 +253,10 @@ impl<S: Store> DocStore<S> {
                             None if last.as_ref().is_some_and(|(_, stored)| stored.is_none()) => {
                                 // Withdrawn here (it left this node's read scope): only this
                                 // node's own changes to it are kept.
-                                match self.backend().get(&layout::kept_key(&entry.doc_key, &hash))? {
+                                match self
+                                    .backend()
+                                    .get(&layout::kept_key(&entry.doc_key, &hash))?
+                                {
                                     Some(change) => change,
                                     None => {
                                         looked_through = sequence;

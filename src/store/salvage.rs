@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use super::documents::{for_each_entry, load_document};
-use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
+use super::layout::{self, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::{document, RecordId};
 
@@ -158,6 +158,7 @@ mod tests {
     use super::*;
     use crate::record::document::{apply_write, RecordWrite};
     use crate::record::NodeId;
+    use crate::store::layout::LogEntry;
     use crate::store::{DocStore, DocStoreConfig, Durability, MemoryStore};
     use serde_json::json;
 

@@ -1030,7 +1030,9 @@ impl Engine {
         if state.unsettled_overflow.contains(&origin) {
             // Places were not tracked: nothing is covered until they are settled.
             if state.unsettled.get(&origin).is_none_or(|places| {
-                places.iter().all(|place| replica.log_holds(&origin, *place))
+                places
+                    .iter()
+                    .all(|place| replica.log_holds(&origin, *place))
             }) {
                 state.unsettled_overflow.remove(&origin);
                 state.unsettled.remove(&origin);
@@ -1055,7 +1057,11 @@ impl Engine {
 
     /// Notes the places of changes from `from` that were not logged here (see
     /// [`outbound::Peer::unsettled`]).
-    fn note_unsettled<'a>(&mut self, from: NodeId, changes: impl Iterator<Item = &'a LoggedChange>) {
+    fn note_unsettled<'a>(
+        &mut self,
+        from: NodeId,
+        changes: impl Iterator<Item = &'a LoggedChange>,
+    ) {
         let Some(state) = self.peers.get_mut(&from) else {
             return;
         };

@@ -565,7 +565,8 @@ impl Engine {
                         after = through.min(last);
                         continue;
                     }
-                    let skipped_through = page.first().map_or(through, |change| change.sequence - 1);
+                    let skipped_through =
+                        page.first().map_or(through, |change| change.sequence - 1);
                     after = after.max(skipped_through.min(last));
                     let mut fits_all = true;
                     for change in page {
@@ -660,7 +661,11 @@ impl Engine {
             let state = self.peers.get_mut(&peer).expect("looked up above");
             state.sent.insert(origin, after);
             if covers && after > started {
-                let range = state.outbox.covered.entry(origin).or_insert((started, after));
+                let range = state
+                    .outbox
+                    .covered
+                    .entry(origin)
+                    .or_insert((started, after));
                 if range.1 == started {
                     range.1 = after;
                 } else {
