@@ -253,7 +253,14 @@ pub(super) struct Inner {
 pub struct OriginProgress {
     pub contiguous: u64,
     pub above: BTreeSet<u64>,
+    /// Runs `(after, through]` a sender covered above the contiguous mark, by `after`: the
+    /// mark moves over one once it reaches it. In memory only, at most
+    /// [`COVERED_RUNS_TRACKED_MAX`]: one forgotten is covered again after the next summary.
+    pub covered_above: std::collections::BTreeMap<u64, u64>,
 }
+
+/// Most covered runs kept above a gap, per origin.
+pub const COVERED_RUNS_TRACKED_MAX: usize = 1024;
 
 /// Most sequence numbers tracked above a gap, per origin. Past it the highest are forgotten:
 /// they stay in the log, only the contiguous mark may lag, so peers send them again.
@@ -271,8 +278,43 @@ impl OriginProgress {
         }
         self.contiguous = through;
         self.above = self.above.split_off(&(through + 1));
-        while self.above.remove(&(self.contiguous + 1)) {
-            self.contiguous += 1;
+        self.advance();
+    }
+
+    /// Counts the entries of `(after, through]` as held: at once if the mark reaches `after`,
+    /// else once it does.
+    pub fn cover_run(&mut self, after: u64, through: u64) {
+        if through <= self.contiguous {
+            return;
+        }
+        if after <= self.contiguous {
+            self.cover(through);
+            return;
+        }
+        let run = self.covered_above.entry(after).or_insert(through);
+        *run = (*run).max(through);
+        if self.covered_above.len() > COVERED_RUNS_TRACKED_MAX {
+            self.covered_above.pop_last();
+        }
+    }
+
+    /// Moves the mark over the entries and covered runs that follow it.
+    fn advance(&mut self) {
+        loop {
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+            let Some((&after, &through)) = self.covered_above.first_key_value() else {
+                return;
+            };
+            if after > self.contiguous {
+                return;
+            }
+            self.covered_above.pop_first();
+            if through > self.contiguous {
+                self.contiguous = through;
+                self.above = self.above.split_off(&(through + 1));
+            }
         }
     }
 
@@ -282,9 +324,7 @@ impl OriginProgress {
         }
         if sequence == self.contiguous + 1 {
             self.contiguous = sequence;
-            while self.above.remove(&(self.contiguous + 1)) {
-                self.contiguous += 1;
-            }
+            self.advance();
         } else {
             self.above.insert(sequence);
             if self.above.len() > GAP_SEQUENCES_TRACKED_MAX {

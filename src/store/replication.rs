@@ -333,18 +333,19 @@ impl<S: Store> DocStore<S> {
             .is_some_and(|progress| progress.holds(sequence))
     }
 
-    /// A sender's word that, of `origin`'s log after `after` up to `through`, this node was
-    /// sent every change it may read: the mark moves to `through` if it stands at `after` or
-    /// beyond (else a gap below is still being filled, and the sender says it again from the
-    /// mark this node reports). Kept across restarts.
+    /// A sender's word that nothing of `origin`'s log after `after` up to `through` is this
+    /// node's to read: the mark moves to `through` if it stands at `after` or beyond, else
+    /// once it gets there (see [`super::documents::OriginProgress::cover_run`]). The mark a
+    /// cover moved is kept across restarts.
     pub fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
         let mut inner = self.inner();
         let progress = inner.origins.entry(*origin).or_default();
-        if progress.contiguous < after || progress.contiguous >= through {
+        let before = progress.contiguous;
+        progress.cover_run(after, through);
+        let mark = progress.contiguous;
+        if mark == before {
             return Ok(false);
         }
-        progress.cover(through);
-        let mark = progress.contiguous;
         drop(inner);
         let mut batch = super::Batch::default();
         batch.put(layout::cover_key(origin), mark.to_be_bytes().to_vec());
@@ -398,15 +399,21 @@ impl<S: Store> DocStore<S> {
                 } else {
                     self.log_hash(&logged.origin, logged.sequence)?
                 };
+                let covered_here = held.is_none() && !session.places.contains(&place);
                 if held.is_some_and(|held| change_hash_of(&logged.change) != Some(held)) {
                     if logged.origin == session.inner.writers.current {
                         report.own_writer_shared = true;
                     }
                     places_taken.push(logged);
-                } else {
-                    report.duplicates += 1;
+                    continue;
                 }
-                continue;
+                if !covered_here {
+                    report.duplicates += 1;
+                    continue;
+                }
+                // A place a sender covered (it judged the change outside this node's grant
+                // by the record as it held it then), and another sends the change: it is
+                // applied and logged there like any other; held already, it is a duplicate.
             }
             if let Err(error) = RecordId::from_doc_key(&logged.doc_key) {
                 report.invalid.push((logged, error.to_string()));

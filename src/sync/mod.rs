@@ -1015,8 +1015,8 @@ impl Engine {
         self.rebalance(replica, (!shrunk).then_some(&changed));
     }
 
-    /// A peer covered a range of an origin's log for this node: the mark moves to its end,
-    /// or to the first change from that peer not logged yet, if one is below it.
+    /// A peer covered a run of an origin's log for this node (nothing in it is this node's
+    /// to read): the mark moves over it, now or once it reaches the run.
     fn receive_cover(
         &mut self,
         peer: NodeId,
@@ -1024,55 +1024,15 @@ impl Engine {
         replica: &impl Replica,
     ) -> Result<(), StoreError> {
         let origin = NodeId(range.origin);
-        let Some(state) = self.peers.get_mut(&peer) else {
-            return Ok(());
-        };
-        if state.unsettled_overflow.contains(&origin) {
-            // Places were not tracked: nothing is covered until they are settled.
-            if state.unsettled.get(&origin).is_none_or(|places| {
-                places
-                    .iter()
-                    .all(|place| replica.log_holds(&origin, *place))
-            }) {
-                state.unsettled_overflow.remove(&origin);
-                state.unsettled.remove(&origin);
-            }
+        if !self.peers.contains_key(&peer) {
             return Ok(());
         }
-        let mut through = range.through;
-        if let Some(places) = state.unsettled.get_mut(&origin) {
-            places.retain(|place| !replica.log_holds(&origin, *place));
-            if let Some(first) = places.first() {
-                through = through.min(first - 1);
-            }
-            if places.is_empty() {
-                state.unsettled.remove(&origin);
-            }
-        }
-        if through > range.after && replica.cover(&origin, range.after, through)? {
+        // A run names only places the peer skipped, never one it sent: a change still on its
+        // way, held or lost is not covered by it.
+        if range.through > range.after && replica.cover(&origin, range.after, range.through)? {
             self.rebalance(replica, Some(&BTreeSet::from([origin])));
         }
         Ok(())
-    }
-
-    /// Notes the places of changes from `from` that were not logged here (see
-    /// [`outbound::Peer::unsettled`]).
-    fn note_unsettled<'a>(
-        &mut self,
-        from: NodeId,
-        changes: impl Iterator<Item = &'a LoggedChange>,
-    ) {
-        let Some(state) = self.peers.get_mut(&from) else {
-            return;
-        };
-        for change in changes {
-            let places = state.unsettled.entry(change.origin).or_default();
-            if places.len() < outbound::UNSETTLED_PLACES_MAX {
-                places.insert(change.sequence);
-            } else {
-                state.unsettled_overflow.insert(change.origin);
-            }
-        }
     }
 
     fn receive_changes(
@@ -1179,14 +1139,6 @@ impl Engine {
                 by_field.insert(pair, 1);
             }
         }
-        self.note_unsettled(
-            from,
-            report
-                .missing_dependencies
-                .iter()
-                .chain(&report.ahead)
-                .chain(report.invalid.iter().map(|(change, _)| change)),
-        );
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");
             self.disconnect(actions, from, GoodbyeReason::Malformed, detail);

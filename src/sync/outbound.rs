@@ -31,9 +31,9 @@ pub const RECENT_CHANGES_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// asked again (a held change expires and asks again; repair runs again).
 pub const OUTBOX_MESSAGES_MAX: usize = 1024;
 pub const OUTBOX_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Places of changes not yet logged tracked per peer and origin (see [`Peer::unsettled`]);
-/// past it, covers from that peer for that origin do not count until those are logged.
-pub const UNSETTLED_PLACES_MAX: usize = 4096;
+/// Runs of log places skipped for a peer (outside its grant) waiting to be said with
+/// `Covered`; a fill stops once this many wait, so none is ever dropped.
+pub const COVERED_RANGES_MAX: usize = 256;
 /// Log entries looked through for one message to a peer whose grant narrows what it reads:
 /// entries outside the grant cost no bytes, so without this bound one poll could look through
 /// a whole log.
@@ -62,9 +62,11 @@ pub(super) struct Outbox {
     pub(super) prune: BTreeSet<NodeId>,
     pub(super) graft: BTreeSet<NodeId>,
     pub(super) pong: Option<u64>,
-    /// Per origin, the range of its log looked through for this peer past what was sent:
-    /// said with `Covered` once the changes sent of it are on their way.
-    pub(super) covered: BTreeMap<NodeId, (u64, u64)>,
+    /// Runs `(after, through]` of logs looked through for this peer and skipped (outside its
+    /// grant), said with `Covered`. A run never holds a place sent: a change lost or
+    /// overtaken on the way is not covered, so the peer's mark stops at it until it comes
+    /// again. At most [`COVERED_RANGES_MAX`].
+    pub(super) covered: Vec<(NodeId, u64, u64)>,
     messages: VecDeque<Message>,
     messages_bytes: usize,
     documents: VecDeque<DocumentRequest>,
@@ -135,13 +137,6 @@ pub(super) struct Peer {
     pub(super) pruned_by_us: BTreeSet<NodeId>,
     /// Changes from the peer stamped too far ahead of this node's clock.
     pub(super) changes_ahead: u64,
-    /// Per origin, the places of changes the peer sent that are not logged here yet (held
-    /// for their dependencies, stamped ahead): a `Covered` from it moves the mark only up to
-    /// the first of them. At most [`UNSETTLED_PLACES_MAX`] per origin.
-    pub(super) unsettled: BTreeMap<NodeId, BTreeSet<u64>>,
-    /// Origins with more such places than were tracked: no cover from the peer counts for
-    /// them until those tracked are logged.
-    pub(super) unsettled_overflow: BTreeSet<NodeId>,
     pub(super) outbox: Outbox,
 }
 
@@ -381,12 +376,10 @@ impl Engine {
             return Ok(Some(message));
         }
         if !state.outbox.covered.is_empty() {
-            let ranges: Vec<concord_proto::CoveredRange> = state
-                .outbox
-                .covered
+            let take = state.outbox.covered.len().min(ORIGINS_PER_SUMMARY_MAX);
+            let ranges: Vec<concord_proto::CoveredRange> = state.outbox.covered[..take]
                 .iter()
-                .take(ORIGINS_PER_SUMMARY_MAX)
-                .map(|(origin, (after, through))| concord_proto::CoveredRange {
+                .map(|(origin, after, through)| concord_proto::CoveredRange {
                     origin: origin.0,
                     after: *after,
                     through: *through,
@@ -396,11 +389,7 @@ impl Engine {
             if !fits(&message) {
                 return Ok(None);
             }
-            for _ in 0..ORIGINS_PER_SUMMARY_MAX {
-                if state.outbox.covered.pop_first().is_none() {
-                    break;
-                }
-            }
+            state.outbox.covered.drain(..take);
             return Ok(Some(message));
         }
         if let Some(nonce) = state.outbox.pong {
@@ -524,7 +513,6 @@ impl Engine {
                 continue;
             }
             let mut after = state.sent.get(&origin).copied().unwrap_or(0);
-            let started = after;
             // Of this node's own log, only what is durable leaves.
             let last = if origin == self.config.writer {
                 self.own_durable
@@ -543,7 +531,11 @@ impl Engine {
                     break;
                 }
                 if narrowed {
-                    if looked_through >= ENTRIES_LOOKED_THROUGH_MAX {
+                    let state = self.peers.get_mut(&peer).expect("looked up above");
+                    let covered = &mut state.outbox.covered;
+                    if looked_through >= ENTRIES_LOOKED_THROUGH_MAX
+                        || covers && covered.len() >= COVERED_RANGES_MAX
+                    {
                         fill = Some(Fill::Full);
                         break;
                     }
@@ -556,18 +548,21 @@ impl Engine {
                         budget.saturating_sub(used),
                     )?;
                     looked_through += limit;
+                    let mut skip = |from: u64, to: u64| {
+                        if covers && to > from {
+                            note_skipped(covered, origin, from, to);
+                        }
+                    };
                     if page.is_empty() {
                         if through <= after {
                             fill = Some(Fill::Exhausted);
                             break;
                         }
                         // Nothing the peer may read up to there.
+                        skip(after, through.min(last));
                         after = through.min(last);
                         continue;
                     }
-                    let skipped_through =
-                        page.first().map_or(through, |change| change.sequence - 1);
-                    after = after.max(skipped_through.min(last));
                     let mut fits_all = true;
                     for change in page {
                         if change.sequence > last {
@@ -587,6 +582,7 @@ impl Engine {
                                 "a log entry is larger than any frame and is skipped"
                             );
                             self.stats.changes_unsendable += 1;
+                            skip(after, change.sequence);
                             after = change.sequence;
                             continue;
                         }
@@ -596,6 +592,8 @@ impl Engine {
                             fits_all = false;
                             break;
                         }
+                        // What the page looked through before it is outside the peer's grant.
+                        skip(after, change.sequence - 1);
                         used += size;
                         after = change.sequence;
                         shipped_changes.push(entry);
@@ -608,6 +606,7 @@ impl Engine {
                     if fits_all {
                         // What the page looked through past its last change is outside the
                         // peer's grant too.
+                        skip(after, through.min(last));
                         after = after.max(through.min(last));
                     }
                     continue;
@@ -660,18 +659,6 @@ impl Engine {
             }
             let state = self.peers.get_mut(&peer).expect("looked up above");
             state.sent.insert(origin, after);
-            if covers && after > started {
-                let range = state
-                    .outbox
-                    .covered
-                    .entry(origin)
-                    .or_insert((started, after));
-                if range.1 == started {
-                    range.1 = after;
-                } else {
-                    *range = (started, after);
-                }
-            }
             match fill {
                 Some(Fill::Exhausted) => {
                     state.wanted.remove(&origin);
@@ -730,4 +717,16 @@ impl Engine {
             .documents
             .push_back(DocumentRequest { doc, have });
     }
+}
+
+/// Adds the run `(after, through]` of `origin`'s log to the runs to cover, joined to the last
+/// one when it goes on from it.
+fn note_skipped(covered: &mut Vec<(NodeId, u64, u64)>, origin: NodeId, after: u64, through: u64) {
+    if let Some(last) = covered.last_mut() {
+        if last.0 == origin && last.2 == after {
+            last.2 = through;
+            return;
+        }
+    }
+    covered.push((origin, after, through));
 }
