@@ -147,13 +147,6 @@ pub enum Message {
     Covered {
         ranges: Vec<CoveredRange>,
     },
-    /// (Version 4.) Documents the receiver holds that, as the sender holds them, its grant
-    /// does not let it read: sent only by a node that reads at least what the receiver reads
-    /// (the receiver checks), found by repair. The receiver drops its copy (keeping what it
-    /// wrote itself for its log); the records stay wherever they may be read.
-    Withdraw {
-        docs: Vec<String>,
-    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,7 +282,7 @@ impl Message {
         match self {
             Message::PolicyHash { .. } => 2,
             Message::Writer { .. } | Message::LogMark { .. } => 3,
-            Message::Covered { .. } | Message::Withdraw { .. } => 4,
+            Message::Covered { .. } => 4,
             _ => 1,
         }
     }
@@ -397,12 +390,6 @@ impl Message {
                     return Err(ProtoError::Malformed(
                         "a covered range ends where it starts or before".to_owned(),
                     ));
-                }
-            }
-            Message::Withdraw { docs } => {
-                check_len("documents", docs.len(), DOCUMENTS_PER_HEADS_MAX)?;
-                for doc in docs {
-                    check_doc(doc)?;
                 }
             }
         }

@@ -102,12 +102,6 @@ fn samples() -> Vec<(&'static str, Message)> {
             },
         ),
         (
-            "withdraw",
-            Message::Withdraw {
-                docs: vec!["c/1".to_owned()],
-            },
-        ),
-        (
             "goodbye",
             Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::WrongCluster,

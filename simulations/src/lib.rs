@@ -663,9 +663,7 @@ impl Sim {
             if (self.now_ms - healed_at) % 1000 < 100 && self.converged()? {
                 break;
             }
-            // A narrowed node that a relay judged out of scope for a change (by the record as
-            // the relay held it) is healed by repair: two rounds on top, as after a lost store.
-            let mut budget = if self.summary.stores_lost > 0 || self.has_partial_replicas() {
+            let mut budget = if self.summary.stores_lost > 0 {
                 CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX
             } else {
                 CONVERGE_SIM_MS_MAX
@@ -1371,13 +1369,7 @@ impl Sim {
             let present = self.nodes[index]
                 .docs
                 .read(&self.ids[record], |doc| document::holds_change(doc, &hash));
-            // A record that left the node's read scope keeps only its own changes, for its log.
-            let kept = || {
-                self.nodes[index]
-                    .docs
-                    .keeps_own_change(&self.ids[record].to_doc_key(), &hash)
-            };
-            if !matches!(present, Ok(true)) && !matches!(kept(), Ok(true)) {
+            if !matches!(present, Ok(true)) {
                 return Err(self.violation(format!(
                     "node {index} lost acknowledged change {hash} of {} in a crash",
                     self.ids[record]
@@ -1624,19 +1616,8 @@ impl Sim {
                 .filter(|(_, mark)| *mark > 0)
                 .collect()
         };
-        // Among the nodes that read every record: a narrowed node's marks say only how far
-        // senders covered each log for it, and it relays no other origin's log to a wider
-        // node (what it holds is checked record by record below).
-        let reads_all = |node: &SimNode| {
-            self.scoped
-                .as_ref()
-                .is_none_or(|scoped| scoped.scopes().reads_all(&node.id))
-        };
         let marks = held(&self.nodes[0]);
-        if self.nodes[1..]
-            .iter()
-            .any(|node| reads_all(node) && held(node) != marks)
-        {
+        if self.nodes[1..].iter().any(|node| held(node) != marks) {
             return Ok(false);
         }
         for record in 0..self.ids.len() {
@@ -1711,18 +1692,6 @@ impl Sim {
             Some(fields) if scopes.may_read(&node, COLLECTION, fields) => held == *full,
             Some(_) => held.0.is_empty(),
             None => held.0.is_empty() || held == *full,
-        })
-    }
-
-    /// Whether some node's grant narrows what it reads to some records of a collection.
-    fn has_partial_replicas(&self) -> bool {
-        self.scoped.as_ref().is_some_and(|scoped| {
-            let scopes = scoped.scopes();
-            self.nodes.iter().any(|node| {
-                scopes
-                    .grant(&node.id)
-                    .is_some_and(|grant| grant.read.iter().any(|read| read.filter.is_some()))
-            })
         })
     }
 

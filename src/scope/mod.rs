@@ -822,15 +822,6 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.scopes().reads_at_least(wider, narrower)
     }
 
-    fn read_scopes_key(&self, reader: &NodeId) -> String {
-        let scopes = self.scopes();
-        let reads: Vec<String> = scopes
-            .grant(reader)
-            .map(|grant| grant.read.iter().map(Scope::to_string).collect())
-            .unwrap_or_default();
-        format!("{}:{}", scopes.is_revoked(reader), reads.join(","))
-    }
-
     fn explain(&self, reason: crate::store::RefusalReason, collection: &str) -> String {
         let scopes = self.scopes();
         if reason == crate::store::RefusalReason::Revoked || scopes.is_revoked(&self.node) {

@@ -119,9 +119,6 @@ pub trait WriteDoor: Send + Sync {
     fn reads_all(&self, reader: &NodeId) -> bool;
     /// Whether `wider` may read every record that `narrower` may read.
     fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
-    /// A text that changes whenever what `reader` may read changes (its read scopes, or
-    /// its revocation).
-    fn read_scopes_key(&self, reader: &NodeId) -> String;
 }
 
 /// When a commit returns.
@@ -249,24 +246,6 @@ pub(super) struct Inner {
     pub(super) refused: super::refused::RefusedUsage,
     /// Documents with writes of this node's own waiting to be written again.
     pub(super) reissues: BTreeSet<Vec<u8>>,
-    /// Bumped by every commit that changes a document's heads: what a scoped digest was
-    /// computed at ([`DocStore::scoped_digest`]).
-    pub(super) digest_generation: u64,
-    /// Repair digests of what a narrowed reader may read, at most
-    /// [`SCOPED_DIGESTS_CACHED_MAX`], the latest last.
-    pub(super) scoped_digests: Vec<ScopedDigest>,
-}
-
-/// Most scoped repair digests kept (one per narrowed peer in repair).
-pub const SCOPED_DIGESTS_CACHED_MAX: usize = 16;
-
-/// The repair digest of the documents one reader may read, as this store held them at a
-/// generation, under that reader's read scopes.
-pub(super) struct ScopedDigest {
-    pub(super) reader: NodeId,
-    pub(super) generation: u64,
-    pub(super) scopes: String,
-    pub(super) tree: std::sync::Arc<DigestTree>,
 }
 
 /// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
@@ -1010,8 +989,6 @@ fn scan_inner<S: Store>(
         live_records,
         refused,
         reissues,
-        digest_generation: 0,
-        scoped_digests: Vec::new(),
     })
 }
 
@@ -1371,7 +1348,23 @@ impl<S: Store> WriteSession<'_, S> {
         stored.set_heads(&heads);
         let was_live = counts_as_live(doc_key, stored.record_state());
         if withdraw {
-            self.drop_document(doc_key, old_heads, was_live);
+            self.heads_changed
+                .push((doc_key.to_vec(), old_heads, Vec::new()));
+            self.live_delta -= i64::from(was_live);
+            // What this node wrote itself stays where its log can serve it.
+            for change in loaded.doc.get_changes(&[]) {
+                let own = NodeId::split_actor(change.actor_id())
+                    .is_some_and(|(writer, _)| self.inner.writers.owns(&writer));
+                if own {
+                    self.batch.put(
+                        layout::kept_key(doc_key, &change.hash()),
+                        change.raw_bytes().to_vec(),
+                    );
+                }
+            }
+            self.batch.remove(layout::doc_key(doc_key));
+            self.batch.remove(layout::snapshot_key(doc_key));
+            self.withdrawn.insert(doc_key.to_vec());
             for change in new {
                 self.queue_log_entry(doc_key, &change.hash, change.place, &tags);
             }
@@ -1433,44 +1426,6 @@ impl<S: Store> WriteSession<'_, S> {
     /// first time the session touches it, and kept here until commit. Neither an eviction nor
     /// a reload from the store, which does not hold this session's writes yet, can then lose
     /// what the session did to it.
-    /// Takes a document out of this store because this node may not read it (see
-    /// [`DocStore::withdraw`]): its stored form goes, what this node wrote itself stays where
-    /// its log can serve it.
-    fn drop_document(&mut self, doc_key: &[u8], old_heads: Vec<ChangeHash>, was_live: bool) {
-        self.heads_changed
-            .push((doc_key.to_vec(), old_heads, Vec::new()));
-        self.live_delta -= i64::from(was_live);
-        let loaded = self
-            .working
-            .get(doc_key)
-            .expect("the caller took the document into the session");
-        for change in loaded.doc.get_changes(&[]) {
-            let own = NodeId::split_actor(change.actor_id())
-                .is_some_and(|(writer, _)| self.inner.writers.owns(&writer));
-            if own {
-                self.batch.put(
-                    layout::kept_key(doc_key, &change.hash()),
-                    change.raw_bytes().to_vec(),
-                );
-            }
-        }
-        self.batch.remove(layout::doc_key(doc_key));
-        self.batch.remove(layout::snapshot_key(doc_key));
-        self.withdrawn.insert(doc_key.to_vec());
-    }
-
-    /// Takes a held document out (see [`DocStore::withdraw`]); false if it is not held.
-    pub(super) fn withdraw(&mut self, doc_key: &[u8]) -> Result<bool, StoreError> {
-        let loaded = self.document(doc_key)?;
-        let old_heads = loaded.stored.change_hashes();
-        if old_heads.is_empty() {
-            return Ok(false);
-        }
-        let was_live = counts_as_live(doc_key, loaded.stored.record_state());
-        self.drop_document(doc_key, old_heads, was_live);
-        Ok(true)
-    }
-
     pub(super) fn document(&mut self, doc_key: &[u8]) -> Result<&mut Loaded, StoreError> {
         if !self.working.contains_key(doc_key) {
             if self.working.len() >= SESSION_DOCUMENTS_MAX {
@@ -1593,11 +1548,7 @@ impl<S: Store> WriteSession<'_, S> {
                     .or_default()
                     .insert(sequence);
             }
-            let heads_changed = std::mem::take(&mut self.heads_changed);
-            if !heads_changed.is_empty() {
-                self.inner.digest_generation += 1;
-            }
-            for (doc_key, old, new) in heads_changed {
+            for (doc_key, old, new) in std::mem::take(&mut self.heads_changed) {
                 self.inner.digest.update(&doc_key, &old, &new);
             }
             let refused = std::mem::take(&mut self.refused_delta);

@@ -702,11 +702,8 @@ impl<S: Store> DocStore<S> {
         }
         let mut new = Vec::with_capacity(applied.len());
         for (logged, change) in &applied {
-            // A change new here under this store's own writer was written by another store,
-            // unless it is one of its own kept from a record it withdrew that came back.
-            if !self.keeps_own_change(doc_key, &change.hash())? {
-                self.note_own_writer(session, change, report);
-            }
+            // A change new here under this store's own writer was written by another store.
+            self.note_own_writer(session, change, report);
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,
@@ -1171,88 +1168,13 @@ impl<S: Store> DocStore<S> {
         self.inner().digest.get(prefix)
     }
 
-    /// The repair aggregate of a bucket over the documents `reader` may read, as they stand
-    /// here ([`DocStore::may_read_document`]); the whole store's when nothing narrows
-    /// `reader`. Built by one scan of the store and kept until a commit changes any heads or
-    /// the reader's scopes change, so a repair round between nodes in step costs no scan.
-    pub fn scoped_digest(
-        &self,
-        reader: &NodeId,
-        prefix: &str,
-    ) -> Result<Option<Aggregate>, StoreError> {
-        let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
-            return Ok(self.digest(prefix));
-        };
-        if door.reads_all(reader) {
-            return Ok(self.digest(prefix));
-        }
-        let scopes = door.read_scopes_key(reader);
-        let generation = {
-            let inner = self.inner();
-            let cached = inner.scoped_digests.iter().find(|cached| {
-                cached.reader == *reader
-                    && cached.generation == inner.digest_generation
-                    && cached.scopes == scopes
-            });
-            if let Some(cached) = cached {
-                return Ok(cached.tree.get(prefix));
-            }
-            inner.digest_generation
-        };
-        let mut tree = digest::DigestTree::default();
-        for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
-            if self.may_read_document(reader, &key[1..])? {
-                let stored: layout::StoredDoc = layout::decode("document", value)?;
-                tree.update(&key[1..], &[], &stored.change_hashes());
-            }
-            Ok(())
-        })?;
-        let aggregate = tree.get(prefix);
-        let mut inner = self.inner();
-        if inner.digest_generation == generation {
-            inner
-                .scoped_digests
-                .retain(|cached| cached.reader != *reader);
-            if inner.scoped_digests.len() >= super::documents::SCOPED_DIGESTS_CACHED_MAX {
-                inner.scoped_digests.remove(0);
-            }
-            inner.scoped_digests.push(super::documents::ScopedDigest {
-                reader: *reader,
-                generation,
-                scopes,
-                tree: std::sync::Arc::new(tree),
-            });
-        }
-        Ok(aggregate)
-    }
-
-    /// Whether a change of this node's own to a document it withdrew is kept for its log.
-    pub fn keeps_own_change(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
-        Ok(self
-            .backend()
-            .get(&layout::kept_key(doc_key, hash))?
-            .is_some())
-    }
-
-    /// Takes a document out of this store: a node that reads at least what this one reads
-    /// found it outside this node's read scope. What this node wrote to it stays, for its
-    /// log. False if it was not held.
-    pub fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
-        let mut session = self.session();
-        let withdrawn = session.withdraw(doc_key)?;
-        session.commit(Durability::Deferred)?;
-        Ok(withdrawn)
-    }
-
     /// Every document in each of `leaves` (leaf buckets) with its heads, at most `limit` per
     /// leaf, by one scan of the store however many leaves are asked for: only needed when
-    /// leaves' fingerprints differ between two nodes. With a `reader`, only the documents it
-    /// may read.
+    /// leaves' fingerprints differ between two nodes.
     pub fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
-        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
         let mut wanted: BTreeMap<usize, usize> = BTreeMap::new();
         let mut found: Vec<(String, Vec<DocumentHeadsEntry>)> = Vec::new();
@@ -1271,12 +1193,8 @@ impl<S: Store> DocStore<S> {
         }
         for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
             if let Some(&index) = wanted.get(&digest::leaf_of(&key[1..])) {
-                let readable = match reader {
-                    Some(reader) => self.may_read_document(reader, &key[1..])?,
-                    None => true,
-                };
                 let documents = &mut found[index].1;
-                if readable && documents.len() < limit {
+                if documents.len() < limit {
                     let stored: layout::StoredDoc = layout::decode("document", value)?;
                     documents.push((key[1..].to_vec(), stored.change_hashes()));
                 }

@@ -152,22 +152,12 @@ pub trait Replica {
         accept_until_ms: u64,
     ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
-    /// A repair bucket's aggregate: of every document held, or with a `reader`, of those it
-    /// may read.
-    fn digest(
-        &self,
-        reader: Option<&NodeId>,
-        prefix: &str,
-    ) -> Result<Option<Aggregate>, StoreError>;
-    /// The documents of leaf buckets, with a `reader` only those it may read.
+    fn digest(&self, prefix: &str) -> Option<Aggregate>;
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
-        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError>;
-    /// Takes out a document a wider peer found outside this node's read scope.
-    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError>;
     fn missing_changes(
         &self,
         doc_key: &[u8],
@@ -248,26 +238,15 @@ impl<S: Store> Replica for DocStore<S> {
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
     }
-    fn digest(
-        &self,
-        reader: Option<&NodeId>,
-        prefix: &str,
-    ) -> Result<Option<Aggregate>, StoreError> {
-        match reader {
-            Some(reader) => DocStore::scoped_digest(self, reader, prefix),
-            None => Ok(DocStore::digest(self, prefix)),
-        }
+    fn digest(&self, prefix: &str) -> Option<Aggregate> {
+        DocStore::digest(self, prefix)
     }
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
-        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
-        DocStore::leaf_documents(self, leaves, limit, reader)
-    }
-    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
-        DocStore::withdraw(self, doc_key)
+        DocStore::leaf_documents(self, leaves, limit)
     }
     fn missing_changes(
         &self,
@@ -378,8 +357,6 @@ pub struct Stats {
     /// Repair digests sent, and documents found out of step by them.
     pub repair_rounds: u64,
     pub repair_documents: u64,
-    /// Documents taken out because a wider peer found them outside this node's read scope.
-    pub withdrawn_documents: u64,
     /// Changes refused by the rule for colliding changes, by reason
     /// ([`crate::store::RefusalReason::as_str`]); their senders are not disconnected.
     pub changes_refused: BTreeMap<&'static str, u64>,
@@ -868,7 +845,6 @@ impl Engine {
                     self.receive_cover(peer, range, replica)?;
                 }
             }
-            Message::Withdraw { docs } => self.receive_withdraw(peer, docs, replica)?,
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
             }
@@ -1114,14 +1090,6 @@ impl Engine {
         self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
-        }
-        // A narrower peer that sent a record which, merged here, it may not read takes its
-        // copy out.
-        let judges =
-            repair::repair_view(replica, &self.config.node, &peer).is_some_and(|view| view.judges);
-        if judges && !replica.may_read_document(&peer, &doc_key)? {
-            let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            self.queue_message(peer, Message::Withdraw { docs: vec![doc] });
         }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
