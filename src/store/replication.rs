@@ -149,7 +149,7 @@ impl<S: Store> DocStore<S> {
         let Some(value) = self.backend().get(&layout::log_key(origin, sequence))? else {
             return Ok(None);
         };
-        let entry = layout::decode_log_entry(&value)?;
+        let entry: layout::LogEntry = layout::decode("log entry", &value)?;
         Ok(Some(ChangeHash(entry.hash)))
     }
 
@@ -163,29 +163,9 @@ impl<S: Store> DocStore<S> {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
-        Ok(self
-            .log_readable_after(None, origin, after, limit, bytes_max)?
-            .0)
-    }
-
-    /// [`DocStore::log_after`] of what `reader` may read (all, for `None`), with the place up
-    /// to which the log was looked through: the entries it skipped, being outside the reader's
-    /// grant, cost neither bytes nor a read of their document (their log entries' tags
-    /// tell, [`layout::LogEntry::tags`]). At most `limit` entries are looked through.
-    pub fn log_readable_after(
-        &self,
-        reader: Option<&NodeId>,
-        origin: &NodeId,
-        after: u64,
-        limit: usize,
-        bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
-        let door = reader.and(self.door.get()).filter(|door| !door.is_open());
-        let reader = reader.filter(|reader| door.is_some_and(|door| !door.reads_all(reader)));
         let mut found = Vec::with_capacity(entries.len());
         let mut bytes = 0usize;
-        let mut looked_through = after;
         // Appended changes are read from their document's stored value, read once for a run of
         // entries of one document; a change compacted into a snapshot needs its document
         // loaded.
@@ -193,18 +173,6 @@ impl<S: Store> DocStore<S> {
         for (sequence, entry) in entries {
             if !found.is_empty() && bytes >= bytes_max {
                 break;
-            }
-            if let (Some(reader), Some(door)) = (reader, door) {
-                let collection = super::documents::collection_of(&entry.doc_key);
-                let readable = match door.may_read_tagged(reader, collection, &entry.tags) {
-                    Some(readable) => readable,
-                    // Logged before a filter named its fields: the record as it stands says.
-                    None => self.may_read_document(reader, &entry.doc_key)?,
-                };
-                if !readable {
-                    looked_through = sequence;
-                    continue;
-                }
             }
             if last
                 .as_ref()
@@ -247,22 +215,7 @@ impl<S: Store> DocStore<S> {
                             Some(change) => change,
                             None if self.refused_contains(&entry.doc_key, &hash)? => {
                                 // Refused past the budget for keeping refused changes.
-                                looked_through = sequence;
                                 continue;
-                            }
-                            None if last.as_ref().is_some_and(|(_, stored)| stored.is_none()) => {
-                                // Withdrawn here (it left this node's read scope): only this
-                                // node's own changes to it are kept.
-                                match self
-                                    .backend()
-                                    .get(&layout::kept_key(&entry.doc_key, &hash))?
-                                {
-                                    Some(change) => change,
-                                    None => {
-                                        looked_through = sequence;
-                                        continue;
-                                    }
-                                }
                             }
                             None => {
                                 return Err(StoreError::Corrupt(format!(
@@ -275,7 +228,6 @@ impl<S: Store> DocStore<S> {
                 }
             };
             bytes += change.len();
-            looked_through = sequence;
             found.push(LoggedChange {
                 origin: *origin,
                 sequence,
@@ -283,74 +235,7 @@ impl<S: Store> DocStore<S> {
                 change,
             });
         }
-        Ok((found, looked_through))
-    }
-
-    /// Whether `reader` may read the document of `doc_key` as it stands here (a missing or
-    /// deleted record only under a scope of its whole collection).
-    pub fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
-        let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
-            return Ok(true);
-        };
-        if door.reads_all(reader) {
-            return Ok(true);
-        }
-        let collection = super::documents::collection_of(doc_key);
-        let whole = door.may_read_tagged(reader, collection, &[Vec::new()]);
-        if let Some(readable) = whole {
-            // Decided by the collection alone.
-            return Ok(readable);
-        }
-        let fields = {
-            let mut inner = self.inner();
-            let loaded = self.loaded(&mut inner, doc_key)?;
-            document::read(&loaded.doc)
-        };
-        Ok(fields.is_some_and(|fields| door.may_read(reader, collection, &fields)))
-    }
-
-    /// Whether `reader` may read every record (no grant narrows it).
-    pub fn reads_all(&self, reader: &NodeId) -> bool {
-        self.door
-            .get()
-            .filter(|door| !door.is_open())
-            .is_none_or(|door| door.reads_all(reader))
-    }
-
-    /// Whether `wider` may read every record `narrower` may read.
-    pub fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
-        self.door
-            .get()
-            .filter(|door| !door.is_open())
-            .is_none_or(|door| door.reads_at_least(wider, narrower))
-    }
-
-    /// Whether the log holds `(origin, sequence)`.
-    pub fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
-        self.inner()
-            .origins
-            .get(origin)
-            .is_some_and(|progress| progress.holds(sequence))
-    }
-
-    /// A sender's word that nothing of `origin`'s log after `after` up to `through` is this
-    /// node's to read: the mark moves to `through` if it stands at `after` or beyond, else
-    /// once it gets there (see [`super::documents::OriginProgress::cover_run`]). The mark a
-    /// cover moved is kept across restarts.
-    pub fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
-        let mut inner = self.inner();
-        let progress = inner.origins.entry(*origin).or_default();
-        let before = progress.contiguous;
-        progress.cover_run(after, through);
-        let mark = progress.contiguous;
-        if mark == before {
-            return Ok(false);
-        }
-        drop(inner);
-        let mut batch = super::Batch::default();
-        batch.put(layout::cover_key(origin), mark.to_be_bytes().to_vec());
-        self.backend().apply(batch)?;
-        Ok(true)
+        Ok(found)
     }
 
     /// Applies changes received from a peer and says what became of each. Changes to one
@@ -399,21 +284,15 @@ impl<S: Store> DocStore<S> {
                 } else {
                     self.log_hash(&logged.origin, logged.sequence)?
                 };
-                let covered_here = held.is_none() && !session.places.contains(&place);
                 if held.is_some_and(|held| change_hash_of(&logged.change) != Some(held)) {
                     if logged.origin == session.inner.writers.current {
                         report.own_writer_shared = true;
                     }
                     places_taken.push(logged);
-                    continue;
-                }
-                if !covered_here {
+                } else {
                     report.duplicates += 1;
-                    continue;
                 }
-                // A place a sender covered (it judged the change outside this node's grant
-                // by the record as it held it then), and another sends the change: it is
-                // applied and logged there like any other; held already, it is a duplicate.
+                continue;
             }
             if let Err(error) = RecordId::from_doc_key(&logged.doc_key) {
                 report.invalid.push((logged, error.to_string()));
@@ -603,7 +482,7 @@ impl<S: Store> DocStore<S> {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            session.queue_log_entry(doc_key, &hash, place, &[]);
+            session.queue_log_entry(doc_key, &hash, place);
             report.duplicates += 1;
         }
         let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
@@ -624,7 +503,7 @@ impl<S: Store> DocStore<S> {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+            session.queue_log_entry(doc_key, &change.hash(), place);
         }
         for (logged, change) in slots.into_iter().flatten() {
             #[cfg(feature = "sabotage")]
@@ -633,7 +512,7 @@ impl<S: Store> DocStore<S> {
                     origin: logged.origin,
                     sequence: logged.sequence,
                 };
-                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+                session.queue_log_entry(doc_key, &change.hash(), place);
                 continue;
             }
             // A change that waits on a refused one is refused too, not asked for forever.
@@ -642,7 +521,7 @@ impl<S: Store> DocStore<S> {
                     origin: logged.origin,
                     sequence: logged.sequence,
                 };
-                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+                session.queue_log_entry(doc_key, &change.hash(), place);
                 continue;
             }
             report.missing_dependencies.push(logged);
@@ -677,7 +556,7 @@ impl<S: Store> DocStore<S> {
                             origin: logged.origin,
                             sequence: logged.sequence,
                         };
-                        session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+                        session.queue_log_entry(doc_key, &change.hash(), place);
                     }
                     Tried::Invalid(reason) => report.invalid.push((logged, reason)),
                 }
@@ -723,7 +602,7 @@ impl<S: Store> DocStore<S> {
                         origin: logged.origin,
                         sequence: logged.sequence + 1,
                     };
-                    session.queue_log_entry(doc_key, &change.hash(), next, &[]);
+                    session.queue_log_entry(doc_key, &change.hash(), next);
                 }
             }
         }
@@ -1238,7 +1117,7 @@ impl<S: Store> DocStore<S> {
         Ok(self
             .backend()
             .get(&layout::log_key(origin, sequence))?
-            .map(|bytes| layout::decode_log_entry(&bytes))
+            .map(|bytes| layout::decode::<layout::LogEntry>("log entry", &bytes))
             .transpose()?
             .map(|entry| entry.doc_key))
     }

@@ -106,27 +106,7 @@ pub trait Replica {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError>;
-    /// [`Replica::log_after`] of what `reader` may read, looking through at most `limit`
-    /// entries, with the place up to which the log was looked through.
-    fn log_readable_after(
-        &self,
-        reader: &NodeId,
-        origin: &NodeId,
-        after: u64,
-        limit: usize,
-        bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError>;
-    /// Whether `reader` may read every record (no grant narrows it).
-    fn reads_all(&self, reader: &NodeId) -> bool;
-    /// Whether `wider` may read every record `narrower` may read.
-    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
-    /// Whether `reader` may read the document as it stands here.
-    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
-    /// Whether the log holds `(origin, sequence)`.
-    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool;
-    /// A sender covered `origin`'s log after `after` up to `through` for this node (see
-    /// [`Message::Covered`]); says whether the mark moved.
-    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError>;
+    /// Applies changes from a peer; durable only after [`Replica::sync`].
     /// Applies changes from a peer (none stamped past `accept_until_ms`); durable only after
     /// [`Replica::sync`].
     fn apply_remote(
@@ -185,31 +165,6 @@ impl<S: Store> Replica for DocStore<S> {
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
         DocStore::log_after(self, origin, after, limit, bytes_max)
-    }
-    fn log_readable_after(
-        &self,
-        reader: &NodeId,
-        origin: &NodeId,
-        after: u64,
-        limit: usize,
-        bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
-        DocStore::log_readable_after(self, Some(reader), origin, after, limit, bytes_max)
-    }
-    fn reads_all(&self, reader: &NodeId) -> bool {
-        DocStore::reads_all(self, reader)
-    }
-    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
-        DocStore::reads_at_least(self, wider, narrower)
-    }
-    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
-        DocStore::may_read_document(self, reader, doc_key)
-    }
-    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
-        DocStore::log_holds(self, origin, sequence)
-    }
-    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
-        DocStore::cover(self, origin, after, through)
     }
     fn apply_remote(
         &self,
@@ -832,18 +787,8 @@ impl Engine {
                 self.receive_changes(now, peer, changes, replica, actions)?
             }
             Message::NeedDocument(need) => {
-                // A peer is given only documents its grant lets it read, as it stands here.
-                if replica.may_read_document(&peer, need.doc.as_bytes())? {
-                    let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
-                    self.queue_document(peer, need.doc, have);
-                } else {
-                    tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
-                }
-            }
-            Message::Covered { ranges } => {
-                for range in ranges {
-                    self.receive_cover(peer, range, replica)?;
-                }
+                let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+                self.queue_document(peer, need.doc, have);
             }
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
@@ -1013,26 +958,6 @@ impl Engine {
             .any(|origin| !reported.contains_key(origin));
         state.reported = reported;
         self.rebalance(replica, (!shrunk).then_some(&changed));
-    }
-
-    /// A peer covered a run of an origin's log for this node (nothing in it is this node's
-    /// to read): the mark moves over it, now or once it reaches the run.
-    fn receive_cover(
-        &mut self,
-        peer: NodeId,
-        range: concord_proto::CoveredRange,
-        replica: &impl Replica,
-    ) -> Result<(), StoreError> {
-        let origin = NodeId(range.origin);
-        if !self.peers.contains_key(&peer) {
-            return Ok(());
-        }
-        // A run names only places the peer skipped, never one it sent: a change still on its
-        // way, held or lost is not covered by it.
-        if range.through > range.after && replica.cover(&origin, range.after, range.through)? {
-            self.rebalance(replica, Some(&BTreeSet::from([origin])));
-        }
-        Ok(())
     }
 
     fn receive_changes(

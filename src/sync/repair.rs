@@ -26,11 +26,6 @@ const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 /// everything else.
 const REPAIR_LISTING_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 16;
 
-/// Whether two nodes may read the same records: repair runs only between such nodes.
-fn same_reads(replica: &impl Replica, one: &NodeId, other: &NodeId) -> bool {
-    replica.reads_at_least(one, other) && replica.reads_at_least(other, one)
-}
-
 impl Engine {
     /// Sends the top of the digest to every ready peer whose summaries are quiet.
     pub(super) fn start_repair(&mut self, replica: &impl Replica) {
@@ -41,9 +36,8 @@ impl Engine {
             .collect();
         let top = self.digest_message(replica, &digest::children(""));
         let mut due = Vec::new();
-        let me = self.config.node;
         for (id, state) in self.peers.iter_mut() {
-            if !state.ready || !state.summarised || !same_reads(replica, &me, id) {
+            if !state.ready || !state.summarised {
                 continue;
             }
             let reported: Vec<(NodeId, u64)> = state
@@ -91,11 +85,6 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
-        if !same_reads(replica, &self.config.node, &peer) {
-            // Digests compare whole stores: between nodes that may read different records
-            // they never agree, and a listing would name records the peer may not read.
-            return Ok(());
-        }
         let mut finer = Vec::new();
         let mut leaves = Vec::new();
         for range in digest_message.ranges {
@@ -155,9 +144,6 @@ impl Engine {
         heads: DocumentHeads,
         replica: &impl Replica,
     ) -> Result<(), StoreError> {
-        if !same_reads(replica, &self.config.node, &peer) {
-            return Ok(());
-        }
         let mut listed = BTreeSet::new();
         for (doc, their_heads) in heads.documents {
             let their_heads: Vec<ChangeHash> =
