@@ -106,7 +106,27 @@ pub trait Replica {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError>;
-    /// Applies changes from a peer; durable only after [`Replica::sync`].
+    /// [`Replica::log_after`] of what `reader` may read, looking through at most `limit`
+    /// entries, with the place up to which the log was looked through.
+    fn log_readable_after(
+        &self,
+        reader: &NodeId,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<LoggedChange>, u64), StoreError>;
+    /// Whether `reader` may read every record (no grant narrows it).
+    fn reads_all(&self, reader: &NodeId) -> bool;
+    /// Whether `wider` may read every record `narrower` may read.
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
+    /// Whether `reader` may read the document as it stands here.
+    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
+    /// Whether the log holds `(origin, sequence)`.
+    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool;
+    /// A sender covered `origin`'s log after `after` up to `through` for this node (see
+    /// [`Message::Covered`]); says whether the mark moved.
+    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError>;
     /// Applies changes from a peer (none stamped past `accept_until_ms`); durable only after
     /// [`Replica::sync`].
     fn apply_remote(
@@ -132,12 +152,22 @@ pub trait Replica {
         accept_until_ms: u64,
     ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
-    fn digest(&self, prefix: &str) -> Option<Aggregate>;
+    /// A repair bucket's aggregate: of every document held, or with a `reader`, of those it
+    /// may read.
+    fn digest(
+        &self,
+        reader: Option<&NodeId>,
+        prefix: &str,
+    ) -> Result<Option<Aggregate>, StoreError>;
+    /// The documents of leaf buckets, with a `reader` only those it may read.
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
+        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError>;
+    /// Takes out a document a wider peer found outside this node's read scope.
+    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError>;
     fn missing_changes(
         &self,
         doc_key: &[u8],
@@ -166,6 +196,31 @@ impl<S: Store> Replica for DocStore<S> {
     ) -> Result<Vec<LoggedChange>, StoreError> {
         DocStore::log_after(self, origin, after, limit, bytes_max)
     }
+    fn log_readable_after(
+        &self,
+        reader: &NodeId,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
+        DocStore::log_readable_after(self, Some(reader), origin, after, limit, bytes_max)
+    }
+    fn reads_all(&self, reader: &NodeId) -> bool {
+        DocStore::reads_all(self, reader)
+    }
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
+        DocStore::reads_at_least(self, wider, narrower)
+    }
+    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
+        DocStore::may_read_document(self, reader, doc_key)
+    }
+    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
+        DocStore::log_holds(self, origin, sequence)
+    }
+    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
+        DocStore::cover(self, origin, after, through)
+    }
     fn apply_remote(
         &self,
         changes: Vec<LoggedChange>,
@@ -193,15 +248,26 @@ impl<S: Store> Replica for DocStore<S> {
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
     }
-    fn digest(&self, prefix: &str) -> Option<Aggregate> {
-        DocStore::digest(self, prefix)
+    fn digest(
+        &self,
+        reader: Option<&NodeId>,
+        prefix: &str,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        match reader {
+            Some(reader) => DocStore::scoped_digest(self, reader, prefix),
+            None => Ok(DocStore::digest(self, prefix)),
+        }
     }
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
+        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
-        DocStore::leaf_documents(self, leaves, limit)
+        DocStore::leaf_documents(self, leaves, limit, reader)
+    }
+    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        DocStore::withdraw(self, doc_key)
     }
     fn missing_changes(
         &self,
@@ -312,6 +378,8 @@ pub struct Stats {
     /// Repair digests sent, and documents found out of step by them.
     pub repair_rounds: u64,
     pub repair_documents: u64,
+    /// Documents taken out because a wider peer found them outside this node's read scope.
+    pub withdrawn_documents: u64,
     /// Changes refused by the rule for colliding changes, by reason
     /// ([`crate::store::RefusalReason::as_str`]); their senders are not disconnected.
     pub changes_refused: BTreeMap<&'static str, u64>,
@@ -787,9 +855,20 @@ impl Engine {
                 self.receive_changes(now, peer, changes, replica, actions)?
             }
             Message::NeedDocument(need) => {
-                let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
-                self.queue_document(peer, need.doc, have);
+                // A peer is given only documents its grant lets it read, as it stands here.
+                if replica.may_read_document(&peer, need.doc.as_bytes())? {
+                    let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+                    self.queue_document(peer, need.doc, have);
+                } else {
+                    tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
+                }
             }
+            Message::Covered { ranges } => {
+                for range in ranges {
+                    self.receive_cover(peer, range, replica)?;
+                }
+            }
+            Message::Withdraw { docs } => self.receive_withdraw(peer, docs, replica)?,
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
             }
@@ -960,6 +1039,26 @@ impl Engine {
         self.rebalance(replica, (!shrunk).then_some(&changed));
     }
 
+    /// A peer covered a run of an origin's log for this node (nothing in it is this node's
+    /// to read): the mark moves over it, now or once it reaches the run.
+    fn receive_cover(
+        &mut self,
+        peer: NodeId,
+        range: concord_proto::CoveredRange,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        let origin = NodeId(range.origin);
+        if !self.peers.contains_key(&peer) {
+            return Ok(());
+        }
+        // A run names only places the peer skipped, never one it sent: a change still on its
+        // way, held or lost is not covered by it.
+        if range.through > range.after && replica.cover(&origin, range.after, range.through)? {
+            self.rebalance(replica, Some(&BTreeSet::from([origin])));
+        }
+        Ok(())
+    }
+
     fn receive_changes(
         &mut self,
         now: Duration,
@@ -1015,6 +1114,14 @@ impl Engine {
         self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
+        }
+        // A narrower peer that sent a record which, merged here, it may not read takes its
+        // copy out.
+        let judges =
+            repair::repair_view(replica, &self.config.node, &peer).is_some_and(|view| view.judges);
+        if judges && !replica.may_read_document(&peer, &doc_key)? {
+            let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            self.queue_message(peer, Message::Withdraw { docs: vec![doc] });
         }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
