@@ -133,6 +133,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("policy_hash", "0000002300020c0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a"),
     ("writer", "0000001300030d0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b"),
     ("covered", "0000001700040f010e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e05ac02"),
+    ("withdraw", "000000080004100103632f31"),
     ("log_mark", "0000003500030e0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0cac020d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d"),
 ];
 

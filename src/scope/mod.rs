@@ -508,6 +508,16 @@ impl Scopes {
         self.cut_offs.keys().copied().collect()
     }
 
+    /// A place of revoked `author`'s log that still counts: one of its writers at its
+    /// cut-off, when that is past 0.
+    pub fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
+        self.cut_offs
+            .get(author)?
+            .iter()
+            .find(|(_, cut)| **cut > 0)
+            .map(|(writer, cut)| (NodeId(*writer), *cut))
+    }
+
     pub fn is_revoked(&self, node: &NodeId) -> bool {
         self.cut_offs.contains_key(node)
     }
@@ -820,6 +830,10 @@ impl crate::store::WriteDoor for ScopeDoor {
 
     fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
         self.scopes().reads_at_least(wider, narrower)
+    }
+
+    fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
+        self.scopes().counted_place(author)
     }
 
     fn read_scopes_key(&self, reader: &NodeId) -> String {

@@ -122,7 +122,12 @@ pub trait WriteDoor: Send + Sync {
     /// A text that changes whenever what `reader` may read changes (its read scopes, or
     /// its revocation).
     fn read_scopes_key(&self, reader: &NodeId) -> String;
+    /// A place of revoked `author`'s log that still counts (its cut-off), if any does.
+    fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)>;
 }
+
+/// Kept changes of one document read per page when a write checks them.
+const KEPT_PAGE_ENTRIES: usize = 256;
 
 /// When a commit returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -765,6 +770,31 @@ impl<S: Store> DocStore<S> {
         }
     }
 
+    /// Whether this store keeps a change of its own to the document (it was withdrawn once)
+    /// that `doc` lacks: written here now, the record would take sequence numbers that change
+    /// already holds.
+    fn lacks_kept_own_change(&self, doc_key: &[u8], doc: &Automerge) -> Result<bool, StoreError> {
+        let prefix = layout::kept_prefix(doc_key);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .backend()
+                .scan_prefix(&prefix, after.as_deref(), KEPT_PAGE_ENTRIES)?;
+            for (key, _) in &page {
+                let Ok(hash) = ChangeHash::try_from(&key[prefix.len()..]) else {
+                    continue;
+                };
+                if !document::holds_change(doc, &hash) {
+                    return Ok(true);
+                }
+            }
+            if page.len() < KEPT_PAGE_ENTRIES {
+                return Ok(false);
+            }
+            after = page.last().map(|(key, _)| key.clone());
+        }
+    }
+
     /// Writes to one document with `actor` at wall-clock time `time_ms` (ms since the Unix
     /// epoch) and commits: a session of one write.
     pub fn write<T>(
@@ -1116,6 +1146,14 @@ impl<S: Store> WriteSession<'_, S> {
             _ => actor.clone(),
         };
         let loaded = self.document(&doc_key)?;
+        if docs.lacks_kept_own_change(&doc_key, &loaded.doc)? {
+            // Automerge numbers an actor's changes per document: written afresh here, the
+            // record would take sequence numbers this node's kept changes to it already hold.
+            return Err(StoreError::OutsideGrant(format!(
+                "{id} was taken out of this node: it lies outside what the node may read, and \
+                 a node that reads it holds it; write it there"
+            )));
+        }
         let mut stamp = docs.stamp(actor, &loaded.doc, time_ms);
         stamp.reverts = reverts.map(|version| version.to_string());
         let before = loaded.doc.get_heads();
@@ -1237,7 +1275,7 @@ impl<S: Store> WriteSession<'_, S> {
             .iter()
             .map(|change| (None, change))
             .collect();
-        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, false);
+        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, super::Unplaced::Refuse);
         if let Some((change, reason)) = verdicts.and_then(|verdicts| {
             incoming_changes
                 .iter()
@@ -1429,10 +1467,6 @@ impl<S: Store> WriteSession<'_, S> {
         Ok(heads)
     }
 
-    /// The session's copy of a document: taken out of the cache (or loaded from the store) the
-    /// first time the session touches it, and kept here until commit. Neither an eviction nor
-    /// a reload from the store, which does not hold this session's writes yet, can then lose
-    /// what the session did to it.
     /// Takes a document out of this store because this node may not read it (see
     /// [`DocStore::withdraw`]): its stored form goes, what this node wrote itself stays where
     /// its log can serve it.
@@ -1454,6 +1488,9 @@ impl<S: Store> WriteSession<'_, S> {
                 );
             }
         }
+        // The log may still name other stores' changes to it, which this store no longer
+        // holds: the mark says why, should the record come back without them.
+        self.batch.put(layout::kept_prefix(doc_key), Vec::new());
         self.batch.remove(layout::doc_key(doc_key));
         self.batch.remove(layout::snapshot_key(doc_key));
         self.withdrawn.insert(doc_key.to_vec());
@@ -1471,6 +1508,10 @@ impl<S: Store> WriteSession<'_, S> {
         Ok(true)
     }
 
+    /// The session's copy of a document: taken out of the cache (or loaded from the store) the
+    /// first time the session touches it, and kept here until commit. Neither an eviction nor
+    /// a reload from the store, which does not hold this session's writes yet, can then lose
+    /// what the session did to it.
     pub(super) fn document(&mut self, doc_key: &[u8]) -> Result<&mut Loaded, StoreError> {
         if !self.working.contains_key(doc_key) {
             if self.working.len() >= SESSION_DOCUMENTS_MAX {

@@ -203,13 +203,20 @@ pub fn decode_log_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
 /// up to which this node holds every entry of that log it may read.
 pub const META_COVER_PREFIX: &[u8] = b"cover/";
 /// This node's own changes to documents it withdrew (they left its read scope), kept so its
-/// log still serves them: `K`, the document key, 0, the change hash.
+/// log still serves them: `K`, the document key, 0, the change hash; and, without a hash,
+/// the mark that the document was withdrawn once.
 pub const TAG_KEPT: u8 = b'K';
 
 pub fn kept_key(doc: &[u8], hash: &ChangeHash) -> Vec<u8> {
+    let mut key = kept_prefix(doc);
+    key.extend_from_slice(&hash.0);
+    key
+}
+
+/// Every key of [`kept_key`] for one document.
+pub fn kept_prefix(doc: &[u8]) -> Vec<u8> {
     let mut key = tagged(TAG_KEPT, doc);
     key.push(0);
-    key.extend_from_slice(&hash.0);
     key
 }
 

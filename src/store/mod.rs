@@ -40,7 +40,7 @@ pub use layout::{RefusalReason, RefusedChange};
 pub use memory::MemoryStore;
 pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
 pub use replication::{
-    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome,
+    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome, Unplaced,
 };
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 

@@ -107,6 +107,21 @@ pub struct UnloggedOutcome {
     pub ahead: usize,
 }
 
+/// What becomes of a change of a revoked node that comes without its log place, whose
+/// place decides whether it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Refused: an import, which no log place ever follows.
+    Refuse,
+    /// Neither admitted nor refused, with what depends on it: it waits until it comes with
+    /// its place, which decides it, as on every other node.
+    Wait,
+    /// Admitted as within the cut-off: a peer that reads every record holds it, so it
+    /// judged it by its place, and the place itself may never come to this narrowed node
+    /// (senders cover what it may not read).
+    Vouched,
+}
+
 /// What became of one change tried alone against a document.
 enum Tried {
     Applied,
@@ -250,25 +265,31 @@ impl<S: Store> DocStore<S> {
                                 looked_through = sequence;
                                 continue;
                             }
-                            None if last.as_ref().is_some_and(|(_, stored)| stored.is_none()) => {
-                                // Withdrawn here (it left this node's read scope): only this
-                                // node's own changes to it are kept.
-                                match self
+                            None => {
+                                // Withdrawn here once (it left this node's read scope): this
+                                // node's own changes to it are kept, even after the record
+                                // came back without one of them.
+                                let kept = self
                                     .backend()
-                                    .get(&layout::kept_key(&entry.doc_key, &hash))?
-                                {
+                                    .get(&layout::kept_key(&entry.doc_key, &hash))?;
+                                match kept {
                                     Some(change) => change,
-                                    None => {
+                                    None if self
+                                        .backend()
+                                        .get(&layout::kept_prefix(&entry.doc_key))?
+                                        .is_some() =>
+                                    {
                                         looked_through = sequence;
                                         continue;
                                     }
+                                    None => {
+                                        return Err(StoreError::Corrupt(format!(
+                                            "log entry {origin}:{sequence} names a change \
+                                             {hash} its document {} lacks",
+                                            String::from_utf8_lossy(&entry.doc_key)
+                                        )))
+                                    }
                                 }
-                            }
-                            None => {
-                                return Err(StoreError::Corrupt(format!(
-                                    "log entry {origin}:{sequence} names a change its document \
-                                     lacks"
-                                )))
                             }
                         },
                     }
@@ -452,7 +473,7 @@ impl<S: Store> DocStore<S> {
         }
         for (doc_key, logged) in by_doc {
             let changes = logged.iter().map(|change| change.change.clone()).collect();
-            match self.apply_unlogged(&doc_key, changes, accept_until_ms) {
+            match self.apply_unlogged(&doc_key, changes, accept_until_ms, Unplaced::Wait) {
                 Ok(outcome) => {
                     report.refused.extend(outcome.refused);
                     report.own_writer_shared |= outcome.own_writer_shared;
@@ -616,6 +637,7 @@ impl<S: Store> DocStore<S> {
             doc_key,
             ready,
             |logged| Some((logged.origin, logged.sequence)),
+            Unplaced::Wait,
             report,
         )?;
         for (logged, change) in refused {
@@ -741,30 +763,35 @@ impl<S: Store> DocStore<S> {
     /// each judged by its author's grant against the record as of its dependencies and as it
     /// leaves them, and one that depends on a refused change refused for that (`instead`: the
     /// refused dependency). `None` when there is no door or nothing is refused.
-    /// With `wait_for_place`, a change of a revoked node that came without its log place (and
-    /// what depends on it) is neither admitted nor refused: it waits until it comes with its
-    /// place, which decides it, as on every other node.
+    /// `unplaced` says what becomes of a change of a revoked node that came without its log
+    /// place (see [`Unplaced`]).
     pub(super) fn judge_incoming(
         &self,
         doc: &automerge::Automerge,
         doc_key: &[u8],
         changes: &[(Option<(NodeId, u64)>, &Change)],
-        wait_for_place: bool,
+        unplaced: Unplaced,
     ) -> Option<Vec<Verdict>> {
         #[cfg(feature = "sabotage")]
-        if self.sabotage.receivers_admit_everything && wait_for_place {
+        if self.sabotage.receivers_admit_everything && unplaced != Unplaced::Refuse {
             return None;
         }
         let door = self.door.get().filter(|door| !door.is_open())?;
         let doc_key_text = String::from_utf8_lossy(doc_key);
         let collection = doc_key_text.split('/').next().unwrap_or_default();
         let mut early = Vec::with_capacity(changes.len());
+        let mut places = Vec::with_capacity(changes.len());
         let mut decided = true;
         for (place, change) in changes {
             let author = ChangeStamp::of_change(change.message(), change.timestamp()).author();
-            let verdict = door.verdict(author.as_ref(), *place, collection);
+            let place = match (place, &author) {
+                (None, Some(author)) if unplaced == Unplaced::Vouched => door.counted_place(author),
+                _ => *place,
+            };
+            let verdict = door.verdict(author.as_ref(), place, collection);
             decided &= verdict.is_some_and(|verdict| verdict.is_ok());
             early.push((author, verdict));
+            places.push(place);
         }
         if decided {
             return None;
@@ -775,7 +802,7 @@ impl<S: Store> DocStore<S> {
         let mut refused: HashSet<ChangeHash> = HashSet::new();
         let mut waiting: HashSet<ChangeHash> = HashSet::new();
         let mut verdicts = Vec::with_capacity(changes.len());
-        for ((place, change), (author, verdict)) in changes.iter().zip(early) {
+        for (((_, change), (author, verdict)), place) in changes.iter().zip(early).zip(&places) {
             if let Some(dependency) = change
                 .deps()
                 .iter()
@@ -788,7 +815,7 @@ impl<S: Store> DocStore<S> {
                 ));
                 continue;
             }
-            let unplaced_revoked = wait_for_place
+            let unplaced_revoked = unplaced == Unplaced::Wait
                 && place.is_none()
                 && matches!(verdict, Some(Err(RefusalReason::Revoked)));
             if unplaced_revoked || change.deps().iter().any(|dep| waiting.contains(dep)) {
@@ -863,6 +890,7 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         ready: Vec<(T, Change)>,
         place_of: impl Fn(&T) -> Option<(NodeId, u64)>,
+        unplaced: Unplaced,
         report: &mut ApplyReport,
     ) -> Result<Admitted<T>, StoreError> {
         let verdicts = {
@@ -871,7 +899,7 @@ impl<S: Store> DocStore<S> {
                 .iter()
                 .map(|(item, change)| (place_of(item), change))
                 .collect();
-            self.judge_incoming(&loaded.doc, doc_key, &judged, true)
+            self.judge_incoming(&loaded.doc, doc_key, &judged, unplaced)
         };
         let Some(verdicts) = verdicts else {
             return Ok((ready, Vec::new()));
@@ -1060,6 +1088,7 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError> {
         if RecordId::from_doc_key(doc_key).is_err() {
             return Err(StoreError::InvalidDocument(format!(
@@ -1120,6 +1149,7 @@ impl<S: Store> DocStore<S> {
             doc_key,
             ready.into_iter().map(|change| ((), change)).collect(),
             |_| None,
+            unplaced,
             &mut report,
         )?;
         let ready: Vec<Change> = admitted.into_iter().map(|(_, change)| change).collect();

@@ -59,7 +59,7 @@ use crate::record::NodeId;
 use crate::store::digest::Aggregate;
 use crate::store::{
     ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, RefusalReason, Store, StoreError,
-    UnloggedOutcome,
+    UnloggedOutcome, Unplaced,
 };
 use held::Held;
 use outbound::{Peer, RecentChanges};
@@ -144,12 +144,13 @@ pub trait Replica {
         bytes_max: usize,
     ) -> Result<(Vec<Vec<u8>>, bool), StoreError>;
     /// Applies changes fetched for a document outside the log; durable only after
-    /// [`Replica::sync`].
+    /// [`Replica::sync`]. `unplaced`: what becomes of a revoked node's changes among them.
     fn apply_unlogged(
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
     /// A repair bucket's aggregate: of every document held, or with a `reader`, of those it
@@ -242,8 +243,9 @@ impl<S: Store> Replica for DocStore<S> {
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError> {
-        DocStore::apply_unlogged(self, doc_key, changes, accept_until_ms)
+        DocStore::apply_unlogged(self, doc_key, changes, accept_until_ms, unplaced)
     }
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
@@ -859,6 +861,18 @@ impl Engine {
                 if replica.may_read_document(&peer, need.doc.as_bytes())? {
                     let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
                     self.queue_document(peer, need.doc, have);
+                } else if repair::repair_view(replica, &self.config.node, &peer)
+                    .is_some_and(|view| view.withdraws)
+                {
+                    // It asks because a change it was sent waits on the record's earlier
+                    // changes, which it will never be given: told to take the record out, it
+                    // also lets that change's place go, and its log moves on.
+                    self.queue_message(
+                        peer,
+                        Message::Withdraw {
+                            docs: vec![need.doc],
+                        },
+                    );
                 } else {
                     tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
                 }
@@ -1051,6 +1065,10 @@ impl Engine {
         if !self.peers.contains_key(&peer) {
             return Ok(());
         }
+        if !replica.reads_at_least(&peer, &self.config.node) {
+            // Only a peer that may read all this node reads knows what of a log is not its.
+            return Ok(());
+        }
         // A run names only places the peer skipped, never one it sent: a change still on its
         // way, held or lost is not covered by it.
         if range.through > range.after && replica.cover(&origin, range.after, range.through)? {
@@ -1100,14 +1118,31 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let doc_key = answer.doc.into_bytes();
-        let outcome = match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until()) {
-            Ok(outcome) => outcome,
-            Err(StoreError::InvalidDocument(detail)) => {
-                self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
-                return Ok(());
-            }
-            Err(error) => return Err(error),
+        // A narrowed node may never be sent a revoked node's change with its place (senders
+        // cover what it may not read, and the record may have been out of its scope then):
+        // a peer that reads every record (it has no grant) vouches for those it holds.
+        let me = self.config.node;
+        if !replica.reads_all(&me) && !replica.reads_at_least(&peer, &me) {
+            // A narrowed node takes records outside the log only from a peer that may read
+            // all it reads: another (a revoked node among them) could hand back a copy that a
+            // wider node took out, stale, round after round.
+            tracing::debug!(%peer, "a document from a peer that does not read all this node reads is ignored");
+            return Ok(());
+        }
+        let unplaced = if !replica.reads_all(&me) && replica.reads_all(&peer) {
+            Unplaced::Vouched
+        } else {
+            Unplaced::Wait
         };
+        let outcome =
+            match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until(), unplaced) {
+                Ok(outcome) => outcome,
+                Err(StoreError::InvalidDocument(detail)) => {
+                    self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
         let new = outcome.new;
         self.unsynced |= new > 0 || !outcome.refused.is_empty();
         self.count_refused(&outcome.refused);
@@ -1117,9 +1152,9 @@ impl Engine {
         }
         // A narrower peer that sent a record which, merged here, it may not read takes its
         // copy out.
-        let judges =
-            repair::repair_view(replica, &self.config.node, &peer).is_some_and(|view| view.judges);
-        if judges && !replica.may_read_document(&peer, &doc_key)? {
+        let withdraws = repair::repair_view(replica, &self.config.node, &peer)
+            .is_some_and(|view| view.withdraws);
+        if withdraws && !replica.may_read_document(&peer, &doc_key)? {
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
             self.queue_message(peer, Message::Withdraw { docs: vec![doc] });
         }

@@ -514,11 +514,16 @@ impl Engine {
             }
             let mut after = state.sent.get(&origin).copied().unwrap_or(0);
             // Of this node's own log, only what is durable leaves.
-            let last = if origin == self.config.writer {
+            let mut last = if origin == self.config.writer {
                 self.own_durable
             } else {
                 u64::MAX
             };
+            if narrowed {
+                // What a narrowed peer is not sent is covered, and a cover must name only
+                // places this node looked at: none past a gap in what it holds of the log.
+                last = last.min(replica.origin_mark(&origin));
+            }
             let mut fill = None;
             while fill.is_none() {
                 if after >= last {
@@ -681,6 +686,12 @@ impl Engine {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
+        if message.introduced_in() > state.version.max(concord_proto::PROTOCOL_VERSION_MIN) {
+            // A peer that agreed an older version could not decode it (before the handshake
+            // only the first version's messages go); what a newer message says only speeds up
+            // what repair and the summaries reach anyway.
+            return;
+        }
         if let Message::NeedDocument(need) = &message {
             let already = state.outbox.messages.iter().any(
                 |queued| matches!(queued, Message::NeedDocument(other) if other.doc == need.doc),

@@ -47,6 +47,10 @@ pub(super) struct RepairView {
     /// This node reads at least what the narrowed peer reads, so it judges what the peer
     /// may hold.
     pub(super) judges: bool,
+    /// This node reads everything (it has no grant), so the peer takes records out on its
+    /// word ([`Message::Withdraw`]): a node granted less, had it been modified to ignore
+    /// its grant, could otherwise make narrowed nodes drop records they may read.
+    pub(super) withdraws: bool,
 }
 
 /// How this node compares with `peer` in repair; `None` when their reads are not strictly
@@ -64,10 +68,12 @@ pub(super) fn repair_view(
     me: &NodeId,
     peer: &NodeId,
 ) -> Option<RepairView> {
-    if replica.reads_all(me) && replica.reads_all(peer) {
+    let reads_all = replica.reads_all(me);
+    if reads_all && replica.reads_all(peer) {
         return Some(RepairView {
             reader: None,
             judges: false,
+            withdraws: false,
         });
     }
     match (
@@ -77,10 +83,12 @@ pub(super) fn repair_view(
         (true, false) => Some(RepairView {
             reader: Some(*peer),
             judges: true,
+            withdraws: reads_all,
         }),
         (false, true) => Some(RepairView {
             reader: None,
             judges: false,
+            withdraws: false,
         }),
         _ => None,
     }
@@ -243,7 +251,7 @@ impl Engine {
             sorted_theirs.sort_unstable();
             let lacking_theirs = !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            if view.judges
+            if view.withdraws
                 && !mine.is_empty()
                 && !lacking_theirs
                 && !replica.may_read_document(&peer, &doc_key)?
@@ -307,14 +315,28 @@ impl Engine {
         replica: &impl Replica,
     ) -> Result<(), StoreError> {
         let me = self.config.node;
-        if replica.reads_all(&me) || !replica.reads_at_least(&peer, &me) {
-            tracing::debug!(%peer, "a withdrawal from a peer that does not read all this node reads is ignored");
+        if replica.reads_all(&me) || !replica.reads_all(&peer) {
+            tracing::debug!(%peer, "a withdrawal from a peer that does not read every record is ignored");
             return Ok(());
         }
+        let mut covered = BTreeSet::new();
         for doc in docs {
             if replica.withdraw(doc.as_bytes())? {
                 self.stats.withdrawn_documents += 1;
             }
+            // Changes held for it wait on earlier changes of a record this node will not be
+            // given: their places count as covered, so the logs they are in move on. Should
+            // the record come back into this node's scope, it comes whole.
+            for held in self.held.take(doc.as_bytes()) {
+                let change = held.change;
+                let after = change.sequence.saturating_sub(1);
+                if replica.cover(&change.origin, after, change.sequence)? {
+                    covered.insert(change.origin);
+                }
+            }
+        }
+        if !covered.is_empty() {
+            self.rebalance(replica, Some(&covered));
         }
         Ok(())
     }
