@@ -139,6 +139,28 @@ pub enum Message {
         contiguous: u64,
         hash: HashBytes,
     },
+    /// (Version 4.) Per origin: of its log after `after` up to `through`, the sender has sent
+    /// every change the receiver may read (in messages before this one); the rest is outside
+    /// the receiver's grant. A receiver whose mark stands at `after` or beyond moves it to
+    /// `through`, so a partial replica's marks advance without a word per change it may not
+    /// read.
+    Covered {
+        ranges: Vec<CoveredRange>,
+    },
+    /// (Version 4.) Documents the receiver holds that, as the sender holds them, its grant
+    /// does not let it read: sent only by a node that reads at least what the receiver reads
+    /// (the receiver checks), found by repair. The receiver drops its copy (keeping what it
+    /// wrote itself for its log); the records stay wherever they may be read.
+    Withdraw {
+        docs: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoveredRange {
+    pub origin: NodeIdBytes,
+    pub after: u64,
+    pub through: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +289,7 @@ impl Message {
         match self {
             Message::PolicyHash { .. } => 2,
             Message::Writer { .. } | Message::LogMark { .. } => 3,
+            Message::Covered { .. } | Message::Withdraw { .. } => 4,
             _ => 1,
         }
     }
@@ -367,6 +390,20 @@ impl Message {
             | Message::LogMark { .. } => {}
             Message::Prune { origins } | Message::Graft { origins } => {
                 check_len("origins", origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
+            }
+            Message::Covered { ranges } => {
+                check_len("ranges", ranges.len(), ORIGINS_PER_SUMMARY_MAX)?;
+                if ranges.iter().any(|range| range.after >= range.through) {
+                    return Err(ProtoError::Malformed(
+                        "a covered range ends where it starts or before".to_owned(),
+                    ));
+                }
+            }
+            Message::Withdraw { docs } => {
+                check_len("documents", docs.len(), DOCUMENTS_PER_HEADS_MAX)?;
+                for doc in docs {
+                    check_doc(doc)?;
+                }
             }
         }
         Ok(())

@@ -92,6 +92,22 @@ fn samples() -> Vec<(&'static str, Message)> {
             },
         ),
         (
+            "covered",
+            Message::Covered {
+                ranges: vec![CoveredRange {
+                    origin: [14; 16],
+                    after: 5,
+                    through: 300,
+                }],
+            },
+        ),
+        (
+            "withdraw",
+            Message::Withdraw {
+                docs: vec!["c/1".to_owned()],
+            },
+        ),
+        (
             "goodbye",
             Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::WrongCluster,
@@ -116,6 +132,8 @@ const GOLDEN: &[(&str, &str)] = &[
     ("graft", "0000001400010b0109090909090909090909090909090909"),
     ("policy_hash", "0000002300020c0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a"),
     ("writer", "0000001300030d0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b"),
+    ("covered", "0000001700040f010e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e05ac02"),
+    ("withdraw", "000000080004100103632f31"),
     ("log_mark", "0000003500030e0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0cac020d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d"),
 ];
 

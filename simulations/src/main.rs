@@ -77,6 +77,10 @@ struct Args {
     /// its revocation.
     #[arg(long, default_value_t = 30)]
     scoped_percent: u64,
+    /// Percent of granted nodes, in a scoped run, whose grant narrows what they read too
+    /// (partial replication); the others read every record.
+    #[arg(long, default_value_t = 0)]
+    partial_reads_percent: u64,
     #[arg(long, default_value_t = 600)]
     burst_writes_max: u64,
     /// Runs in parallel (threads). Each run is deterministic on its own; the summary is the
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
         && args.large_value_permille <= 1000
         && args.burst_permille <= 1000
         && args.scoped_percent <= 100
+        && args.partial_reads_percent <= 100
         && args.burst_writes_max <= concord_sim::STEPS_MAX
         && args.queue_bytes > 0;
     if !valid {
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
             burst_permille: args.burst_permille,
             burst_writes_max: args.burst_writes_max,
             scoped_percent: args.scoped_percent,
+            partial_reads_percent: args.partial_reads_percent,
             ..Params::default()
         }
     };
@@ -266,8 +272,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {} --scoped-percent {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max, args.scoped_percent
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {} --scoped-percent {} --partial-reads-percent {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max, args.scoped_percent, args.partial_reads_percent
                 );
                 return ExitCode::from(1);
             }

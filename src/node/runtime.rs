@@ -166,6 +166,7 @@ pub struct EngineStats {
     pub malformed: u64,
     pub conflicts: u64,
     pub repair_documents: u64,
+    pub withdrawn_documents: u64,
     pub local_changes_pushed: u64,
     /// Changes held for missing dependencies now.
     pub held_now: usize,
@@ -252,6 +253,7 @@ impl EngineStats {
             malformed: stats.malformed,
             conflicts: stats.conflicts,
             repair_documents: stats.repair_documents,
+            withdrawn_documents: stats.withdrawn_documents,
             local_changes_pushed: driver.local_changes,
         }
     }
@@ -1044,6 +1046,12 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_repaired_documents_total",
             "Documents found out of step by the repair digest.",
             engine.repair_documents,
+        ),
+        (
+            "concord_withdrawn_documents_total",
+            "Documents taken out because a peer that reads more found them outside this \
+             node's read scope.",
+            engine.withdrawn_documents,
         ),
         (
             "concord_changes_duplicate_total",

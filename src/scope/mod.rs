@@ -508,6 +508,16 @@ impl Scopes {
         self.cut_offs.keys().copied().collect()
     }
 
+    /// A place of revoked `author`'s log that still counts: one of its writers at its
+    /// cut-off, when that is past 0.
+    pub fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
+        self.cut_offs
+            .get(author)?
+            .iter()
+            .find(|(_, cut)| **cut > 0)
+            .map(|(writer, cut)| (NodeId(*writer), *cut))
+    }
+
     pub fn is_revoked(&self, node: &NodeId) -> bool {
         self.cut_offs.contains_key(node)
     }
@@ -516,6 +526,9 @@ impl Scopes {
     pub fn may_read(&self, node: &NodeId, collection: &str, fields: &Map<String, Json>) -> bool {
         if self.is_revoked(node) {
             return false;
+        }
+        if collection == GRANTS_COLLECTION || collection == ACTOR_REGISTRY_COLLECTION {
+            return true;
         }
         self.grant(node).is_none_or(|grant| {
             grant
@@ -526,6 +539,90 @@ impl Scopes {
     }
 
     /// Whether no grant and no revocation is in force: then every change is allowed.
+    /// Whether `reader` reads every record: nothing narrows it (no grant of its own) and it
+    /// is not revoked.
+    pub fn reads_all(&self, reader: &NodeId) -> bool {
+        !self.is_revoked(reader) && self.grant(reader).is_none()
+    }
+
+    /// Whether `wider` may read every record `narrower` may read, by their grants' scopes
+    /// (a filtered scope is covered by the same one or by its whole collection).
+    pub fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
+        if self.reads_all(wider) || self.is_revoked(narrower) {
+            return true;
+        }
+        if self.is_revoked(wider) {
+            return false;
+        }
+        let (Some(wide), Some(narrow)) = (self.grant(wider), self.grant(narrower)) else {
+            // `narrower` reads all, `wider` does not.
+            return false;
+        };
+        narrow.read.iter().all(|scope| {
+            wide.read.iter().any(|held| {
+                held == scope || held.collection == scope.collection && held.filter.is_none()
+            })
+        })
+    }
+
+    /// The fields that read filters of the grants in force name for records of
+    /// `collection`, sorted: what the log keeps beside each change of such a record.
+    pub fn filter_fields(&self, collection: &str) -> Vec<String> {
+        let mut fields: Vec<String> = self
+            .grants
+            .values()
+            .flat_map(|(grant, _)| grant.read.iter())
+            .filter(|scope| scope.collection == collection)
+            .filter_map(|scope| scope.filter.as_ref().map(|filter| filter.field.clone()))
+            .collect();
+        fields.sort_unstable();
+        fields.dedup();
+        fields
+    }
+
+    /// Whether `reader` may read a record of `collection` that had, at some point, the
+    /// values of one of `tags` (see [`crate::store::ScopeTag`]); `None` when a tag lacks a
+    /// field the reader's grant filters on (it was logged before a grant named it), so only
+    /// the record itself can tell.
+    pub fn may_read_tagged(
+        &self,
+        reader: &NodeId,
+        collection: &str,
+        tags: &[crate::store::ScopeTag],
+    ) -> Option<bool> {
+        if self.is_revoked(reader) {
+            return Some(false);
+        }
+        if collection == GRANTS_COLLECTION || collection == ACTOR_REGISTRY_COLLECTION {
+            return Some(true);
+        }
+        let Some(grant) = self.grant(reader) else {
+            return Some(true);
+        };
+        let mut unknown = false;
+        for scope in grant
+            .read
+            .iter()
+            .filter(|scope| scope.collection == collection)
+        {
+            let Some(filter) = &scope.filter else {
+                return Some(true);
+            };
+            for tag in tags {
+                match tag.iter().find(|(field, _)| *field == filter.field) {
+                    None => unknown = true,
+                    Some((_, Some(value))) if *value == filter.value_json => return Some(true),
+                    Some(_) => {}
+                }
+            }
+        }
+        if unknown || tags.is_empty() && grant.read.iter().any(|s| s.collection == collection) {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.grants.is_empty() && self.cut_offs.is_empty()
     }
@@ -708,6 +805,44 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.scopes()
             .judge_change(author, place, collection, before, after)
             .map_err(refusal_reason)
+    }
+
+    fn filter_fields(&self, collection: &str) -> Vec<String> {
+        self.scopes().filter_fields(collection)
+    }
+
+    fn may_read_tagged(
+        &self,
+        reader: &NodeId,
+        collection: &str,
+        tags: &[crate::store::ScopeTag],
+    ) -> Option<bool> {
+        self.scopes().may_read_tagged(reader, collection, tags)
+    }
+
+    fn may_read(&self, reader: &NodeId, collection: &str, fields: &Map<String, Json>) -> bool {
+        self.scopes().may_read(reader, collection, fields)
+    }
+
+    fn reads_all(&self, reader: &NodeId) -> bool {
+        self.scopes().reads_all(reader)
+    }
+
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
+        self.scopes().reads_at_least(wider, narrower)
+    }
+
+    fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
+        self.scopes().counted_place(author)
+    }
+
+    fn read_scopes_key(&self, reader: &NodeId) -> String {
+        let scopes = self.scopes();
+        let reads: Vec<String> = scopes
+            .grant(reader)
+            .map(|grant| grant.read.iter().map(Scope::to_string).collect())
+            .unwrap_or_default();
+        format!("{}:{}", scopes.is_revoked(reader), reads.join(","))
     }
 
     fn explain(&self, reason: crate::store::RefusalReason, collection: &str) -> String {

@@ -19,7 +19,7 @@ use super::digest::DigestTree;
 use super::group_commit::GroupCommit;
 use super::incarnation::Writers;
 use super::layout::{
-    self, LogEntry, RefusalReason, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX,
+    self, LogEntry, RefusalReason, ScopeTag, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX,
 };
 use super::{Batch, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
@@ -101,7 +101,33 @@ pub trait WriteDoor: Send + Sync {
     ) -> Result<(), RefusalReason>;
     /// Why this node may not write that record of `collection`, in a sentence for its user.
     fn explain(&self, reason: RefusalReason, collection: &str) -> String;
+    /// The fields that read filters name for records of `collection`, sorted: the log keeps
+    /// their values beside each change of such a record ([`layout::LogEntry::tags`]).
+    fn filter_fields(&self, collection: &str) -> Vec<String>;
+    /// Whether `reader` may read a record of `collection` that had one of `tags`' values;
+    /// `None` when the tags do not say (a field they lack).
+    fn may_read_tagged(&self, reader: &NodeId, collection: &str, tags: &[ScopeTag])
+        -> Option<bool>;
+    /// Whether `reader` may read a live record of `collection` whose fields are `fields`.
+    fn may_read(
+        &self,
+        reader: &NodeId,
+        collection: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool;
+    /// Whether `reader` reads every record.
+    fn reads_all(&self, reader: &NodeId) -> bool;
+    /// Whether `wider` may read every record that `narrower` may read.
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
+    /// A text that changes whenever what `reader` may read changes (its read scopes, or
+    /// its revocation).
+    fn read_scopes_key(&self, reader: &NodeId) -> String;
+    /// A place of revoked `author`'s log that still counts (its cut-off), if any does.
+    fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)>;
 }
+
+/// Kept changes of one document read per page when a write checks them.
+const KEPT_PAGE_ENTRIES: usize = 256;
 
 /// When a commit returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +254,24 @@ pub(super) struct Inner {
     pub(super) refused: super::refused::RefusedUsage,
     /// Documents with writes of this node's own waiting to be written again.
     pub(super) reissues: BTreeSet<Vec<u8>>,
+    /// Bumped by every commit that changes a document's heads: what a scoped digest was
+    /// computed at ([`DocStore::scoped_digest`]).
+    pub(super) digest_generation: u64,
+    /// Repair digests of what a narrowed reader may read, at most
+    /// [`SCOPED_DIGESTS_CACHED_MAX`], the latest last.
+    pub(super) scoped_digests: Vec<ScopedDigest>,
+}
+
+/// Most scoped repair digests kept (one per narrowed peer in repair).
+pub const SCOPED_DIGESTS_CACHED_MAX: usize = 16;
+
+/// The repair digest of the documents one reader may read, as this store held them at a
+/// generation, under that reader's read scopes.
+pub(super) struct ScopedDigest {
+    pub(super) reader: NodeId,
+    pub(super) generation: u64,
+    pub(super) scopes: String,
+    pub(super) tree: std::sync::Arc<DigestTree>,
 }
 
 /// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
@@ -235,7 +279,14 @@ pub(super) struct Inner {
 pub struct OriginProgress {
     pub contiguous: u64,
     pub above: BTreeSet<u64>,
+    /// Runs `(after, through]` a sender covered above the contiguous mark, by `after`: the
+    /// mark moves over one once it reaches it. In memory only, at most
+    /// [`COVERED_RUNS_TRACKED_MAX`]: one forgotten is covered again after the next summary.
+    pub covered_above: std::collections::BTreeMap<u64, u64>,
 }
+
+/// Most covered runs kept above a gap, per origin.
+pub const COVERED_RUNS_TRACKED_MAX: usize = 1024;
 
 /// Most sequence numbers tracked above a gap, per origin. Past it the highest are forgotten:
 /// they stay in the log, only the contiguous mark may lag, so peers send them again.
@@ -246,15 +297,60 @@ impl OriginProgress {
         sequence <= self.contiguous || self.above.contains(&sequence)
     }
 
+    /// Counts every entry up to `through` as held (a sender covered them).
+    pub fn cover(&mut self, through: u64) {
+        if through <= self.contiguous {
+            return;
+        }
+        self.contiguous = through;
+        self.above = self.above.split_off(&(through + 1));
+        self.advance();
+    }
+
+    /// Counts the entries of `(after, through]` as held: at once if the mark reaches `after`,
+    /// else once it does.
+    pub fn cover_run(&mut self, after: u64, through: u64) {
+        if through <= self.contiguous {
+            return;
+        }
+        if after <= self.contiguous {
+            self.cover(through);
+            return;
+        }
+        let run = self.covered_above.entry(after).or_insert(through);
+        *run = (*run).max(through);
+        if self.covered_above.len() > COVERED_RUNS_TRACKED_MAX {
+            self.covered_above.pop_last();
+        }
+    }
+
+    /// Moves the mark over the entries and covered runs that follow it.
+    fn advance(&mut self) {
+        loop {
+            while self.above.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+            let Some((&after, &through)) = self.covered_above.first_key_value() else {
+                return;
+            };
+            if after > self.contiguous {
+                return;
+            }
+            self.covered_above.pop_first();
+            if through > self.contiguous {
+                self.contiguous = through;
+                self.above = self.above.split_off(&(through + 1));
+            }
+        }
+    }
+
     pub fn insert(&mut self, sequence: u64) {
         if sequence <= self.contiguous {
             return;
         }
         if sequence == self.contiguous + 1 {
             self.contiguous = sequence;
-            while self.above.remove(&(self.contiguous + 1)) {
-                self.contiguous += 1;
-            }
+            self.advance();
         } else {
             self.above.insert(sequence);
             if self.above.len() > GAP_SEQUENCES_TRACKED_MAX {
@@ -327,6 +423,36 @@ pub struct WriteSession<'a, S: Store> {
     pub(super) refused_delta: super::refused::RefusedUsage,
     /// Documents given writes to issue again in this session, applied to `Inner` on commit.
     pub(super) reissues_now: BTreeSet<Vec<u8>>,
+    /// Per document touched in a collection that read filters narrow, its scope tag as the
+    /// session last saw it: the "before" of its next changes' log entries.
+    tags_before: std::collections::HashMap<Vec<u8>, ScopeTag>,
+    /// Documents withdrawn in this session (they left this node's read scope): not cached.
+    withdrawn: BTreeSet<Vec<u8>>,
+}
+
+/// What the log keeps of a record beside a change: its values of `fields` (see
+/// [`layout::ScopeTag`]).
+pub(super) fn scope_tag(doc: &Automerge, fields: &[String]) -> ScopeTag {
+    let record = document::read(doc);
+    fields
+        .iter()
+        .map(|field| {
+            let value = record
+                .as_ref()
+                .and_then(|record| record.get(field))
+                .and_then(|value| serde_json::to_string(value).ok());
+            (field.clone(), value)
+        })
+        .collect()
+}
+
+/// The collection a document key names.
+pub(super) fn collection_of(doc_key: &[u8]) -> &str {
+    let end = doc_key
+        .iter()
+        .position(|&byte| byte == b'/')
+        .unwrap_or(doc_key.len());
+    std::str::from_utf8(&doc_key[..end]).unwrap_or_default()
 }
 
 impl<S: Store> DocStore<S> {
@@ -639,6 +765,33 @@ impl<S: Store> DocStore<S> {
             refused_now: std::collections::HashSet::new(),
             refused_delta: super::refused::RefusedUsage::default(),
             reissues_now: BTreeSet::new(),
+            tags_before: std::collections::HashMap::new(),
+            withdrawn: BTreeSet::new(),
+        }
+    }
+
+    /// Whether this store keeps a change of its own to the document (it was withdrawn once)
+    /// that `doc` lacks: written here now, the record would take sequence numbers that change
+    /// already holds.
+    fn lacks_kept_own_change(&self, doc_key: &[u8], doc: &Automerge) -> Result<bool, StoreError> {
+        let prefix = layout::kept_prefix(doc_key);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .backend()
+                .scan_prefix(&prefix, after.as_deref(), KEPT_PAGE_ENTRIES)?;
+            for (key, _) in &page {
+                let Ok(hash) = ChangeHash::try_from(&key[prefix.len()..]) else {
+                    continue;
+                };
+                if !document::holds_change(doc, &hash) {
+                    return Ok(true);
+                }
+            }
+            if page.len() < KEPT_PAGE_ENTRIES {
+                return Ok(false);
+            }
+            after = page.last().map(|(key, _)| key.clone());
         }
     }
 
@@ -767,7 +920,7 @@ impl<S: Store> DocStore<S> {
             .map(|(key, value)| {
                 Ok((
                     layout::log_sequence(&key)?,
-                    layout::decode("log entry", &value)?,
+                    layout::decode_log_entry(&value)?,
                 ))
             })
             .collect()
@@ -887,6 +1040,8 @@ fn scan_inner<S: Store>(
         live_records,
         refused,
         reissues,
+        digest_generation: 0,
+        scoped_digests: Vec::new(),
     })
 }
 
@@ -938,6 +1093,19 @@ fn scan_origins<S: Store>(store: &S) -> Result<BTreeMap<NodeId, OriginProgress>,
         origins.entry(origin).or_default().insert(sequence);
         Ok(())
     })?;
+    // Where senders covered the log for this node (what it may read of it is all held).
+    let prefix = layout::cover_prefix();
+    for_each_entry(store, &prefix, |key, value| {
+        let origin = key
+            .get(prefix.len()..)
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+            .ok_or_else(|| StoreError::Corrupt("a cover key".to_owned()))?;
+        let mark = <[u8; 8]>::try_from(value)
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("a cover mark".to_owned()))?;
+        origins.entry(NodeId(origin)).or_default().cover(mark);
+        Ok(())
+    })?;
     Ok(origins)
 }
 
@@ -978,6 +1146,14 @@ impl<S: Store> WriteSession<'_, S> {
             _ => actor.clone(),
         };
         let loaded = self.document(&doc_key)?;
+        if docs.lacks_kept_own_change(&doc_key, &loaded.doc)? {
+            // Automerge numbers an actor's changes per document: written afresh here, the
+            // record would take sequence numbers this node's kept changes to it already hold.
+            return Err(StoreError::OutsideGrant(format!(
+                "{id} was taken out of this node: it lies outside what the node may read, and \
+                 a node that reads it holds it; write it there"
+            )));
+        }
         let mut stamp = docs.stamp(actor, &loaded.doc, time_ms);
         stamp.reverts = reverts.map(|version| version.to_string());
         let before = loaded.doc.get_heads();
@@ -1099,7 +1275,7 @@ impl<S: Store> WriteSession<'_, S> {
             .iter()
             .map(|change| (None, change))
             .collect();
-        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, false);
+        let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, super::Unplaced::Refuse);
         if let Some((change, reason)) = verdicts.and_then(|verdicts| {
             incoming_changes
                 .iter()
@@ -1205,12 +1381,43 @@ impl<S: Store> WriteSession<'_, S> {
             .get_mut(doc_key)
             .expect("the caller took the document into the session");
         let heads = loaded.doc.get_heads();
+        let door = self.docs.door.get().filter(|door| !door.is_open());
+        let collection = collection_of(doc_key);
+        let mut tags = Vec::new();
+        if let Some(door) = door {
+            let fields = door.filter_fields(collection);
+            if !fields.is_empty() {
+                let after = scope_tag(&loaded.doc, &fields);
+                match self.tags_before.insert(doc_key.to_vec(), after.clone()) {
+                    Some(before) if before != after => tags.push(before),
+                    _ => {}
+                }
+                tags.push(after);
+            }
+        }
+        // A record that changes from elsewhere into one this node may not read leaves it
+        // (its own writes never take a record out of its grant: the door refuses them).
+        let withdraw = door.is_some_and(|door| {
+            let node = door.node();
+            !door.reads_all(&node)
+                && new.iter().any(|change| change.place != LogPlace::Local)
+                && document::read(&loaded.doc)
+                    .is_some_and(|fields| !door.may_read(&node, collection, &fields))
+        });
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
         stored.set_heads(&heads);
+        let was_live = counts_as_live(doc_key, stored.record_state());
+        if withdraw {
+            self.drop_document(doc_key, old_heads, was_live);
+            for change in new {
+                self.queue_log_entry(doc_key, &change.hash, change.place, &tags);
+            }
+            return Ok(heads);
+        }
+        self.withdrawn.remove(doc_key);
         self.heads_changed
             .push((doc_key.to_vec(), old_heads, stored.change_hashes()));
-        let was_live = counts_as_live(doc_key, stored.record_state());
         stored.set_record_state(document::state(&loaded.doc));
         let is_live = counts_as_live(doc_key, stored.record_state());
         self.live_delta += i64::from(is_live) - i64::from(was_live);
@@ -1255,9 +1462,50 @@ impl<S: Store> WriteSession<'_, S> {
         self.batch
             .put(layout::doc_key(doc_key), layout::encode(&*stored));
         for (hash, place) in places {
-            self.queue_log_entry(doc_key, &hash, place);
+            self.queue_log_entry(doc_key, &hash, place, &tags);
         }
         Ok(heads)
+    }
+
+    /// Takes a document out of this store because this node may not read it (see
+    /// [`DocStore::withdraw`]): its stored form goes, what this node wrote itself stays where
+    /// its log can serve it.
+    fn drop_document(&mut self, doc_key: &[u8], old_heads: Vec<ChangeHash>, was_live: bool) {
+        self.heads_changed
+            .push((doc_key.to_vec(), old_heads, Vec::new()));
+        self.live_delta -= i64::from(was_live);
+        let loaded = self
+            .working
+            .get(doc_key)
+            .expect("the caller took the document into the session");
+        for change in loaded.doc.get_changes(&[]) {
+            let own = NodeId::split_actor(change.actor_id())
+                .is_some_and(|(writer, _)| self.inner.writers.owns(&writer));
+            if own {
+                self.batch.put(
+                    layout::kept_key(doc_key, &change.hash()),
+                    change.raw_bytes().to_vec(),
+                );
+            }
+        }
+        // The log may still name other stores' changes to it, which this store no longer
+        // holds: the mark says why, should the record come back without them.
+        self.batch.put(layout::kept_prefix(doc_key), Vec::new());
+        self.batch.remove(layout::doc_key(doc_key));
+        self.batch.remove(layout::snapshot_key(doc_key));
+        self.withdrawn.insert(doc_key.to_vec());
+    }
+
+    /// Takes a held document out (see [`DocStore::withdraw`]); false if it is not held.
+    pub(super) fn withdraw(&mut self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        let loaded = self.document(doc_key)?;
+        let old_heads = loaded.stored.change_hashes();
+        if old_heads.is_empty() {
+            return Ok(false);
+        }
+        let was_live = counts_as_live(doc_key, loaded.stored.record_state());
+        self.drop_document(doc_key, old_heads, was_live);
+        Ok(true)
     }
 
     /// The session's copy of a document: taken out of the cache (or loaded from the store) the
@@ -1273,6 +1521,13 @@ impl<S: Store> WriteSession<'_, S> {
                 Some(loaded) => loaded,
                 None => self.docs.load(doc_key)?,
             };
+            if let Some(door) = self.docs.door.get().filter(|door| !door.is_open()) {
+                let fields = door.filter_fields(collection_of(doc_key));
+                if !fields.is_empty() {
+                    self.tags_before
+                        .insert(doc_key.to_vec(), scope_tag(&loaded.doc, &fields));
+                }
+            }
             self.working.insert(doc_key.to_vec(), loaded);
         }
         Ok(self
@@ -1282,7 +1537,13 @@ impl<S: Store> WriteSession<'_, S> {
     }
 
     /// Queues one log entry for `hash` of `doc_key` at `place`.
-    pub(super) fn queue_log_entry(&mut self, doc_key: &[u8], hash: &ChangeHash, place: LogPlace) {
+    pub(super) fn queue_log_entry(
+        &mut self,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+        place: LogPlace,
+        tags: &[ScopeTag],
+    ) {
         let (origin, sequence) = match place {
             LogPlace::Unlogged => return,
             LogPlace::Local => {
@@ -1295,9 +1556,12 @@ impl<S: Store> WriteSession<'_, S> {
         let entry = LogEntry {
             doc_key: doc_key.to_vec(),
             hash: hash.0,
+            tags: tags.to_vec(),
         };
-        self.batch
-            .put(layout::log_key(&origin, sequence), layout::encode(&entry));
+        self.batch.put(
+            layout::log_key(&origin, sequence),
+            layout::encode_log_entry(&entry),
+        );
         self.places.insert((origin, sequence));
     }
 
@@ -1318,6 +1582,8 @@ impl<S: Store> WriteSession<'_, S> {
         self.batch = Batch::default();
         self.places.clear();
         self.live_delta = 0;
+        self.tags_before.remove(doc_key);
+        self.withdrawn.remove(doc_key);
         self.next_log_sequence = self.inner.next_log_sequence;
     }
 
@@ -1368,7 +1634,11 @@ impl<S: Store> WriteSession<'_, S> {
                     .or_default()
                     .insert(sequence);
             }
-            for (doc_key, old, new) in std::mem::take(&mut self.heads_changed) {
+            let heads_changed = std::mem::take(&mut self.heads_changed);
+            if !heads_changed.is_empty() {
+                self.inner.digest_generation += 1;
+            }
+            for (doc_key, old, new) in heads_changed {
                 self.inner.digest.update(&doc_key, &old, &new);
             }
             let refused = std::mem::take(&mut self.refused_delta);
@@ -1381,8 +1651,11 @@ impl<S: Store> WriteSession<'_, S> {
             Some(self.docs.group_commit.ticket())
         };
         // Written: the session's documents go back to the cache, now matching the store.
+        let withdrawn = std::mem::take(&mut self.withdrawn);
         for (doc_key, loaded) in std::mem::take(&mut self.working) {
-            self.inner.cache.put(doc_key, loaded);
+            if !withdrawn.contains(&doc_key) {
+                self.inner.cache.put(doc_key, loaded);
+            }
         }
         let docs = self.docs;
         drop(self);

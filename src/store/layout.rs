@@ -9,6 +9,7 @@
 //! | `S` | document key | a snapshot too large to keep inside its `D` value |
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
 //! | `R` | change hash (32 bytes), document key | [`RefusedChange`]: a change refused here |
+//! | `K` | document key, 0, change hash (32 bytes) | a change of this node's own to a document it withdrew |
 //!
 //! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]). A small
 //! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
@@ -167,6 +168,66 @@ impl StoredDoc {
 pub struct LogEntry {
     pub doc_key: Vec<u8>,
     pub hash: [u8; 32],
+    /// The record's values, before and after the change, of the fields that read filters
+    /// named when it was logged (see [`ScopeTag`]): what lets a sender tell whether a
+    /// receiver may read the change without loading its document. Empty when no filter named
+    /// a field of its collection. Encoded after the fields above, only when not empty, so
+    /// entries logged before tags were kept read as they were ([`encode_log_entry`]).
+    #[serde(skip)]
+    pub tags: Vec<ScopeTag>,
+}
+
+/// A record's values (JSON text; `None` when the field is absent or the record missing or
+/// deleted) of some fields, by field name, sorted: those its collection's read filters name.
+pub type ScopeTag = Vec<(String, Option<String>)>;
+
+pub fn encode_log_entry(entry: &LogEntry) -> Vec<u8> {
+    let mut bytes = encode(entry);
+    if !entry.tags.is_empty() {
+        bytes.extend(encode(&entry.tags));
+    }
+    bytes
+}
+
+pub fn decode_log_entry(bytes: &[u8]) -> Result<LogEntry, StoreError> {
+    let corrupt = |error: postcard::Error| StoreError::Corrupt(format!("log entry: {error}"));
+    let (mut entry, rest): (LogEntry, &[u8]) = postcard::take_from_bytes(bytes).map_err(corrupt)?;
+    if !rest.is_empty() {
+        entry.tags = postcard::from_bytes(rest).map_err(corrupt)?;
+    }
+    Ok(entry)
+}
+
+/// Where a sender's coverage of an origin's log for this node stands (see
+/// [`crate::sync`]): `cover/` then the origin's 16 bytes, valued the sequence (big endian)
+/// up to which this node holds every entry of that log it may read.
+pub const META_COVER_PREFIX: &[u8] = b"cover/";
+/// This node's own changes to documents it withdrew (they left its read scope), kept so its
+/// log still serves them: `K`, the document key, 0, the change hash; and, without a hash,
+/// the mark that the document was withdrawn once.
+pub const TAG_KEPT: u8 = b'K';
+
+pub fn kept_key(doc: &[u8], hash: &ChangeHash) -> Vec<u8> {
+    let mut key = kept_prefix(doc);
+    key.extend_from_slice(&hash.0);
+    key
+}
+
+/// Every key of [`kept_key`] for one document.
+pub fn kept_prefix(doc: &[u8]) -> Vec<u8> {
+    let mut key = tagged(TAG_KEPT, doc);
+    key.push(0);
+    key
+}
+
+pub fn cover_prefix() -> Vec<u8> {
+    meta_key(META_COVER_PREFIX)
+}
+
+pub fn cover_key(origin: &NodeId) -> Vec<u8> {
+    let mut name = META_COVER_PREFIX.to_vec();
+    name.extend_from_slice(&origin.0);
+    meta_key(&name)
 }
 
 /// Why a change was refused (see [`super::collision`]).

@@ -35,12 +35,12 @@ pub use documents::{
     LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
 };
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
-pub use layout::{LogEntry, Snapshot, StoredDoc};
+pub use layout::{LogEntry, ScopeTag, Snapshot, StoredDoc};
 pub use layout::{RefusalReason, RefusedChange};
 pub use memory::MemoryStore;
 pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
 pub use replication::{
-    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome,
+    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome, Unplaced,
 };
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 

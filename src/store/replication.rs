@@ -107,6 +107,21 @@ pub struct UnloggedOutcome {
     pub ahead: usize,
 }
 
+/// What becomes of a change of a revoked node that comes without its log place, whose
+/// place decides whether it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Refused: an import, which no log place ever follows.
+    Refuse,
+    /// Neither admitted nor refused, with what depends on it: it waits until it comes with
+    /// its place, which decides it, as on every other node.
+    Wait,
+    /// Admitted as within the cut-off: a peer that reads every record holds it, so it
+    /// judged it by its place, and the place itself may never come to this narrowed node
+    /// (senders cover what it may not read).
+    Vouched,
+}
+
 /// What became of one change tried alone against a document.
 enum Tried {
     Applied,
@@ -149,7 +164,7 @@ impl<S: Store> DocStore<S> {
         let Some(value) = self.backend().get(&layout::log_key(origin, sequence))? else {
             return Ok(None);
         };
-        let entry: layout::LogEntry = layout::decode("log entry", &value)?;
+        let entry = layout::decode_log_entry(&value)?;
         Ok(Some(ChangeHash(entry.hash)))
     }
 
@@ -163,9 +178,29 @@ impl<S: Store> DocStore<S> {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError> {
+        Ok(self
+            .log_readable_after(None, origin, after, limit, bytes_max)?
+            .0)
+    }
+
+    /// [`DocStore::log_after`] of what `reader` may read (all, for `None`), with the place up
+    /// to which the log was looked through: the entries it skipped, being outside the reader's
+    /// grant, cost neither bytes nor a read of their document (their log entries' tags
+    /// tell, [`layout::LogEntry::tags`]). At most `limit` entries are looked through.
+    pub fn log_readable_after(
+        &self,
+        reader: Option<&NodeId>,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
+        let door = reader.and(self.door.get()).filter(|door| !door.is_open());
+        let reader = reader.filter(|reader| door.is_some_and(|door| !door.reads_all(reader)));
         let mut found = Vec::with_capacity(entries.len());
         let mut bytes = 0usize;
+        let mut looked_through = after;
         // Appended changes are read from their document's stored value, read once for a run of
         // entries of one document; a change compacted into a snapshot needs its document
         // loaded.
@@ -173,6 +208,18 @@ impl<S: Store> DocStore<S> {
         for (sequence, entry) in entries {
             if !found.is_empty() && bytes >= bytes_max {
                 break;
+            }
+            if let (Some(reader), Some(door)) = (reader, door) {
+                let collection = super::documents::collection_of(&entry.doc_key);
+                let readable = match door.may_read_tagged(reader, collection, &entry.tags) {
+                    Some(readable) => readable,
+                    // Logged before a filter named its fields: the record as it stands says.
+                    None => self.may_read_document(reader, &entry.doc_key)?,
+                };
+                if !readable {
+                    looked_through = sequence;
+                    continue;
+                }
             }
             if last
                 .as_ref()
@@ -215,19 +262,41 @@ impl<S: Store> DocStore<S> {
                             Some(change) => change,
                             None if self.refused_contains(&entry.doc_key, &hash)? => {
                                 // Refused past the budget for keeping refused changes.
+                                looked_through = sequence;
                                 continue;
                             }
                             None => {
-                                return Err(StoreError::Corrupt(format!(
-                                    "log entry {origin}:{sequence} names a change its document \
-                                     lacks"
-                                )))
+                                // Withdrawn here once (it left this node's read scope): this
+                                // node's own changes to it are kept, even after the record
+                                // came back without one of them.
+                                let kept = self
+                                    .backend()
+                                    .get(&layout::kept_key(&entry.doc_key, &hash))?;
+                                match kept {
+                                    Some(change) => change,
+                                    None if self
+                                        .backend()
+                                        .get(&layout::kept_prefix(&entry.doc_key))?
+                                        .is_some() =>
+                                    {
+                                        looked_through = sequence;
+                                        continue;
+                                    }
+                                    None => {
+                                        return Err(StoreError::Corrupt(format!(
+                                            "log entry {origin}:{sequence} names a change \
+                                             {hash} its document {} lacks",
+                                            String::from_utf8_lossy(&entry.doc_key)
+                                        )))
+                                    }
+                                }
                             }
                         },
                     }
                 }
             };
             bytes += change.len();
+            looked_through = sequence;
             found.push(LoggedChange {
                 origin: *origin,
                 sequence,
@@ -235,7 +304,74 @@ impl<S: Store> DocStore<S> {
                 change,
             });
         }
-        Ok(found)
+        Ok((found, looked_through))
+    }
+
+    /// Whether `reader` may read the document of `doc_key` as it stands here (a missing or
+    /// deleted record only under a scope of its whole collection).
+    pub fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
+        let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
+            return Ok(true);
+        };
+        if door.reads_all(reader) {
+            return Ok(true);
+        }
+        let collection = super::documents::collection_of(doc_key);
+        let whole = door.may_read_tagged(reader, collection, &[Vec::new()]);
+        if let Some(readable) = whole {
+            // Decided by the collection alone.
+            return Ok(readable);
+        }
+        let fields = {
+            let mut inner = self.inner();
+            let loaded = self.loaded(&mut inner, doc_key)?;
+            document::read(&loaded.doc)
+        };
+        Ok(fields.is_some_and(|fields| door.may_read(reader, collection, &fields)))
+    }
+
+    /// Whether `reader` may read every record (no grant narrows it).
+    pub fn reads_all(&self, reader: &NodeId) -> bool {
+        self.door
+            .get()
+            .filter(|door| !door.is_open())
+            .is_none_or(|door| door.reads_all(reader))
+    }
+
+    /// Whether `wider` may read every record `narrower` may read.
+    pub fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
+        self.door
+            .get()
+            .filter(|door| !door.is_open())
+            .is_none_or(|door| door.reads_at_least(wider, narrower))
+    }
+
+    /// Whether the log holds `(origin, sequence)`.
+    pub fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
+        self.inner()
+            .origins
+            .get(origin)
+            .is_some_and(|progress| progress.holds(sequence))
+    }
+
+    /// A sender's word that nothing of `origin`'s log after `after` up to `through` is this
+    /// node's to read: the mark moves to `through` if it stands at `after` or beyond, else
+    /// once it gets there (see [`super::documents::OriginProgress::cover_run`]). The mark a
+    /// cover moved is kept across restarts.
+    pub fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
+        let mut inner = self.inner();
+        let progress = inner.origins.entry(*origin).or_default();
+        let before = progress.contiguous;
+        progress.cover_run(after, through);
+        let mark = progress.contiguous;
+        if mark == before {
+            return Ok(false);
+        }
+        drop(inner);
+        let mut batch = super::Batch::default();
+        batch.put(layout::cover_key(origin), mark.to_be_bytes().to_vec());
+        self.backend().apply(batch)?;
+        Ok(true)
     }
 
     /// Applies changes received from a peer and says what became of each. Changes to one
@@ -284,15 +420,21 @@ impl<S: Store> DocStore<S> {
                 } else {
                     self.log_hash(&logged.origin, logged.sequence)?
                 };
+                let covered_here = held.is_none() && !session.places.contains(&place);
                 if held.is_some_and(|held| change_hash_of(&logged.change) != Some(held)) {
                     if logged.origin == session.inner.writers.current {
                         report.own_writer_shared = true;
                     }
                     places_taken.push(logged);
-                } else {
-                    report.duplicates += 1;
+                    continue;
                 }
-                continue;
+                if !covered_here {
+                    report.duplicates += 1;
+                    continue;
+                }
+                // A place a sender covered (it judged the change outside this node's grant
+                // by the record as it held it then), and another sends the change: it is
+                // applied and logged there like any other; held already, it is a duplicate.
             }
             if let Err(error) = RecordId::from_doc_key(&logged.doc_key) {
                 report.invalid.push((logged, error.to_string()));
@@ -331,7 +473,7 @@ impl<S: Store> DocStore<S> {
         }
         for (doc_key, logged) in by_doc {
             let changes = logged.iter().map(|change| change.change.clone()).collect();
-            match self.apply_unlogged(&doc_key, changes, accept_until_ms) {
+            match self.apply_unlogged(&doc_key, changes, accept_until_ms, Unplaced::Wait) {
                 Ok(outcome) => {
                     report.refused.extend(outcome.refused);
                     report.own_writer_shared |= outcome.own_writer_shared;
@@ -482,7 +624,7 @@ impl<S: Store> DocStore<S> {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            session.queue_log_entry(doc_key, &hash, place);
+            session.queue_log_entry(doc_key, &hash, place, &[]);
             report.duplicates += 1;
         }
         let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
@@ -495,6 +637,7 @@ impl<S: Store> DocStore<S> {
             doc_key,
             ready,
             |logged| Some((logged.origin, logged.sequence)),
+            Unplaced::Wait,
             report,
         )?;
         for (logged, change) in refused {
@@ -503,7 +646,7 @@ impl<S: Store> DocStore<S> {
                 origin: logged.origin,
                 sequence: logged.sequence,
             };
-            session.queue_log_entry(doc_key, &change.hash(), place);
+            session.queue_log_entry(doc_key, &change.hash(), place, &[]);
         }
         for (logged, change) in slots.into_iter().flatten() {
             #[cfg(feature = "sabotage")]
@@ -512,7 +655,7 @@ impl<S: Store> DocStore<S> {
                     origin: logged.origin,
                     sequence: logged.sequence,
                 };
-                session.queue_log_entry(doc_key, &change.hash(), place);
+                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
                 continue;
             }
             // A change that waits on a refused one is refused too, not asked for forever.
@@ -521,7 +664,7 @@ impl<S: Store> DocStore<S> {
                     origin: logged.origin,
                     sequence: logged.sequence,
                 };
-                session.queue_log_entry(doc_key, &change.hash(), place);
+                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
                 continue;
             }
             report.missing_dependencies.push(logged);
@@ -556,7 +699,7 @@ impl<S: Store> DocStore<S> {
                             origin: logged.origin,
                             sequence: logged.sequence,
                         };
-                        session.queue_log_entry(doc_key, &change.hash(), place);
+                        session.queue_log_entry(doc_key, &change.hash(), place, &[]);
                     }
                     Tried::Invalid(reason) => report.invalid.push((logged, reason)),
                 }
@@ -581,8 +724,11 @@ impl<S: Store> DocStore<S> {
         }
         let mut new = Vec::with_capacity(applied.len());
         for (logged, change) in &applied {
-            // A change new here under this store's own writer was written by another store.
-            self.note_own_writer(session, change, report);
+            // A change new here under this store's own writer was written by another store,
+            // unless it is one of its own kept from a record it withdrew that came back.
+            if !self.keeps_own_change(doc_key, &change.hash())? {
+                self.note_own_writer(session, change, report);
+            }
             let place = LogPlace::Remote {
                 origin: logged.origin,
                 sequence: logged.sequence,
@@ -602,7 +748,7 @@ impl<S: Store> DocStore<S> {
                         origin: logged.origin,
                         sequence: logged.sequence + 1,
                     };
-                    session.queue_log_entry(doc_key, &change.hash(), next);
+                    session.queue_log_entry(doc_key, &change.hash(), next, &[]);
                 }
             }
         }
@@ -617,30 +763,35 @@ impl<S: Store> DocStore<S> {
     /// each judged by its author's grant against the record as of its dependencies and as it
     /// leaves them, and one that depends on a refused change refused for that (`instead`: the
     /// refused dependency). `None` when there is no door or nothing is refused.
-    /// With `wait_for_place`, a change of a revoked node that came without its log place (and
-    /// what depends on it) is neither admitted nor refused: it waits until it comes with its
-    /// place, which decides it, as on every other node.
+    /// `unplaced` says what becomes of a change of a revoked node that came without its log
+    /// place (see [`Unplaced`]).
     pub(super) fn judge_incoming(
         &self,
         doc: &automerge::Automerge,
         doc_key: &[u8],
         changes: &[(Option<(NodeId, u64)>, &Change)],
-        wait_for_place: bool,
+        unplaced: Unplaced,
     ) -> Option<Vec<Verdict>> {
         #[cfg(feature = "sabotage")]
-        if self.sabotage.receivers_admit_everything && wait_for_place {
+        if self.sabotage.receivers_admit_everything && unplaced != Unplaced::Refuse {
             return None;
         }
         let door = self.door.get().filter(|door| !door.is_open())?;
         let doc_key_text = String::from_utf8_lossy(doc_key);
         let collection = doc_key_text.split('/').next().unwrap_or_default();
         let mut early = Vec::with_capacity(changes.len());
+        let mut places = Vec::with_capacity(changes.len());
         let mut decided = true;
         for (place, change) in changes {
             let author = ChangeStamp::of_change(change.message(), change.timestamp()).author();
-            let verdict = door.verdict(author.as_ref(), *place, collection);
+            let place = match (place, &author) {
+                (None, Some(author)) if unplaced == Unplaced::Vouched => door.counted_place(author),
+                _ => *place,
+            };
+            let verdict = door.verdict(author.as_ref(), place, collection);
             decided &= verdict.is_some_and(|verdict| verdict.is_ok());
             early.push((author, verdict));
+            places.push(place);
         }
         if decided {
             return None;
@@ -651,7 +802,7 @@ impl<S: Store> DocStore<S> {
         let mut refused: HashSet<ChangeHash> = HashSet::new();
         let mut waiting: HashSet<ChangeHash> = HashSet::new();
         let mut verdicts = Vec::with_capacity(changes.len());
-        for ((place, change), (author, verdict)) in changes.iter().zip(early) {
+        for (((_, change), (author, verdict)), place) in changes.iter().zip(early).zip(&places) {
             if let Some(dependency) = change
                 .deps()
                 .iter()
@@ -664,7 +815,7 @@ impl<S: Store> DocStore<S> {
                 ));
                 continue;
             }
-            let unplaced_revoked = wait_for_place
+            let unplaced_revoked = unplaced == Unplaced::Wait
                 && place.is_none()
                 && matches!(verdict, Some(Err(RefusalReason::Revoked)));
             if unplaced_revoked || change.deps().iter().any(|dep| waiting.contains(dep)) {
@@ -739,6 +890,7 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         ready: Vec<(T, Change)>,
         place_of: impl Fn(&T) -> Option<(NodeId, u64)>,
+        unplaced: Unplaced,
         report: &mut ApplyReport,
     ) -> Result<Admitted<T>, StoreError> {
         let verdicts = {
@@ -747,7 +899,7 @@ impl<S: Store> DocStore<S> {
                 .iter()
                 .map(|(item, change)| (place_of(item), change))
                 .collect();
-            self.judge_incoming(&loaded.doc, doc_key, &judged, true)
+            self.judge_incoming(&loaded.doc, doc_key, &judged, unplaced)
         };
         let Some(verdicts) = verdicts else {
             return Ok((ready, Vec::new()));
@@ -936,6 +1088,7 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError> {
         if RecordId::from_doc_key(doc_key).is_err() {
             return Err(StoreError::InvalidDocument(format!(
@@ -996,6 +1149,7 @@ impl<S: Store> DocStore<S> {
             doc_key,
             ready.into_iter().map(|change| ((), change)).collect(),
             |_| None,
+            unplaced,
             &mut report,
         )?;
         let ready: Vec<Change> = admitted.into_iter().map(|(_, change)| change).collect();
@@ -1047,13 +1201,88 @@ impl<S: Store> DocStore<S> {
         self.inner().digest.get(prefix)
     }
 
+    /// The repair aggregate of a bucket over the documents `reader` may read, as they stand
+    /// here ([`DocStore::may_read_document`]); the whole store's when nothing narrows
+    /// `reader`. Built by one scan of the store and kept until a commit changes any heads or
+    /// the reader's scopes change, so a repair round between nodes in step costs no scan.
+    pub fn scoped_digest(
+        &self,
+        reader: &NodeId,
+        prefix: &str,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
+            return Ok(self.digest(prefix));
+        };
+        if door.reads_all(reader) {
+            return Ok(self.digest(prefix));
+        }
+        let scopes = door.read_scopes_key(reader);
+        let generation = {
+            let inner = self.inner();
+            let cached = inner.scoped_digests.iter().find(|cached| {
+                cached.reader == *reader
+                    && cached.generation == inner.digest_generation
+                    && cached.scopes == scopes
+            });
+            if let Some(cached) = cached {
+                return Ok(cached.tree.get(prefix));
+            }
+            inner.digest_generation
+        };
+        let mut tree = digest::DigestTree::default();
+        for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
+            if self.may_read_document(reader, &key[1..])? {
+                let stored: layout::StoredDoc = layout::decode("document", value)?;
+                tree.update(&key[1..], &[], &stored.change_hashes());
+            }
+            Ok(())
+        })?;
+        let aggregate = tree.get(prefix);
+        let mut inner = self.inner();
+        if inner.digest_generation == generation {
+            inner
+                .scoped_digests
+                .retain(|cached| cached.reader != *reader);
+            if inner.scoped_digests.len() >= super::documents::SCOPED_DIGESTS_CACHED_MAX {
+                inner.scoped_digests.remove(0);
+            }
+            inner.scoped_digests.push(super::documents::ScopedDigest {
+                reader: *reader,
+                generation,
+                scopes,
+                tree: std::sync::Arc::new(tree),
+            });
+        }
+        Ok(aggregate)
+    }
+
+    /// Whether a change of this node's own to a document it withdrew is kept for its log.
+    pub fn keeps_own_change(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
+        Ok(self
+            .backend()
+            .get(&layout::kept_key(doc_key, hash))?
+            .is_some())
+    }
+
+    /// Takes a document out of this store: a node that reads at least what this one reads
+    /// found it outside this node's read scope. What this node wrote to it stays, for its
+    /// log. False if it was not held.
+    pub fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        let mut session = self.session();
+        let withdrawn = session.withdraw(doc_key)?;
+        session.commit(Durability::Deferred)?;
+        Ok(withdrawn)
+    }
+
     /// Every document in each of `leaves` (leaf buckets) with its heads, at most `limit` per
     /// leaf, by one scan of the store however many leaves are asked for: only needed when
-    /// leaves' fingerprints differ between two nodes.
+    /// leaves' fingerprints differ between two nodes. With a `reader`, only the documents it
+    /// may read.
     pub fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
+        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
         let mut wanted: BTreeMap<usize, usize> = BTreeMap::new();
         let mut found: Vec<(String, Vec<DocumentHeadsEntry>)> = Vec::new();
@@ -1072,8 +1301,12 @@ impl<S: Store> DocStore<S> {
         }
         for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
             if let Some(&index) = wanted.get(&digest::leaf_of(&key[1..])) {
+                let readable = match reader {
+                    Some(reader) => self.may_read_document(reader, &key[1..])?,
+                    None => true,
+                };
                 let documents = &mut found[index].1;
-                if documents.len() < limit {
+                if readable && documents.len() < limit {
                     let stored: layout::StoredDoc = layout::decode("document", value)?;
                     documents.push((key[1..].to_vec(), stored.change_hashes()));
                 }
@@ -1117,7 +1350,7 @@ impl<S: Store> DocStore<S> {
         Ok(self
             .backend()
             .get(&layout::log_key(origin, sequence))?
-            .map(|bytes| layout::decode::<layout::LogEntry>("log entry", &bytes))
+            .map(|bytes| layout::decode_log_entry(&bytes))
             .transpose()?
             .map(|entry| entry.doc_key))
     }

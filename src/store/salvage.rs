@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use super::documents::{for_each_entry, load_document};
-use super::layout::{self, LogEntry, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
+use super::layout::{self, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, Store, StoreError};
 use crate::record::{document, RecordId};
 
@@ -125,7 +125,7 @@ pub fn check_and_mend<S: Store>(
         report.log_entries += 1;
         let keep = layout::log_origin(key).is_ok()
             && layout::log_sequence(key).is_ok()
-            && layout::decode::<LogEntry>("log entry", value)
+            && layout::decode_log_entry(value)
                 .is_ok_and(|entry| held.contains(&short(&entry.hash)));
         if !keep {
             report.log_entries_dropped += 1;
@@ -158,6 +158,7 @@ mod tests {
     use super::*;
     use crate::record::document::{apply_write, RecordWrite};
     use crate::record::NodeId;
+    use crate::store::layout::LogEntry;
     use crate::store::{DocStore, DocStoreConfig, Durability, MemoryStore};
     use serde_json::json;
 
@@ -185,6 +186,7 @@ mod tests {
         let entry = LogEntry {
             doc_key: b"t/r0".to_vec(),
             hash: [9; 32],
+            tags: Vec::new(),
         };
         batch.put(layout::log_key(&writer, 999), layout::encode(&entry));
         batch.put(layout::doc_key(b"t/r1"), b"garbage".to_vec());

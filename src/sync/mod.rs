@@ -59,7 +59,7 @@ use crate::record::NodeId;
 use crate::store::digest::Aggregate;
 use crate::store::{
     ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, RefusalReason, Store, StoreError,
-    UnloggedOutcome,
+    UnloggedOutcome, Unplaced,
 };
 use held::Held;
 use outbound::{Peer, RecentChanges};
@@ -106,7 +106,27 @@ pub trait Replica {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError>;
-    /// Applies changes from a peer; durable only after [`Replica::sync`].
+    /// [`Replica::log_after`] of what `reader` may read, looking through at most `limit`
+    /// entries, with the place up to which the log was looked through.
+    fn log_readable_after(
+        &self,
+        reader: &NodeId,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<LoggedChange>, u64), StoreError>;
+    /// Whether `reader` may read every record (no grant narrows it).
+    fn reads_all(&self, reader: &NodeId) -> bool;
+    /// Whether `wider` may read every record `narrower` may read.
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
+    /// Whether `reader` may read the document as it stands here.
+    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
+    /// Whether the log holds `(origin, sequence)`.
+    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool;
+    /// A sender covered `origin`'s log after `after` up to `through` for this node (see
+    /// [`Message::Covered`]); says whether the mark moved.
+    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError>;
     /// Applies changes from a peer (none stamped past `accept_until_ms`); durable only after
     /// [`Replica::sync`].
     fn apply_remote(
@@ -124,20 +144,31 @@ pub trait Replica {
         bytes_max: usize,
     ) -> Result<(Vec<Vec<u8>>, bool), StoreError>;
     /// Applies changes fetched for a document outside the log; durable only after
-    /// [`Replica::sync`].
+    /// [`Replica::sync`]. `unplaced`: what becomes of a revoked node's changes among them.
     fn apply_unlogged(
         &self,
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError>;
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError>;
-    fn digest(&self, prefix: &str) -> Option<Aggregate>;
+    /// A repair bucket's aggregate: of every document held, or with a `reader`, of those it
+    /// may read.
+    fn digest(
+        &self,
+        reader: Option<&NodeId>,
+        prefix: &str,
+    ) -> Result<Option<Aggregate>, StoreError>;
+    /// The documents of leaf buckets, with a `reader` only those it may read.
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
+        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError>;
+    /// Takes out a document a wider peer found outside this node's read scope.
+    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError>;
     fn missing_changes(
         &self,
         doc_key: &[u8],
@@ -166,6 +197,31 @@ impl<S: Store> Replica for DocStore<S> {
     ) -> Result<Vec<LoggedChange>, StoreError> {
         DocStore::log_after(self, origin, after, limit, bytes_max)
     }
+    fn log_readable_after(
+        &self,
+        reader: &NodeId,
+        origin: &NodeId,
+        after: u64,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
+        DocStore::log_readable_after(self, Some(reader), origin, after, limit, bytes_max)
+    }
+    fn reads_all(&self, reader: &NodeId) -> bool {
+        DocStore::reads_all(self, reader)
+    }
+    fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool {
+        DocStore::reads_at_least(self, wider, narrower)
+    }
+    fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
+        DocStore::may_read_document(self, reader, doc_key)
+    }
+    fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
+        DocStore::log_holds(self, origin, sequence)
+    }
+    fn cover(&self, origin: &NodeId, after: u64, through: u64) -> Result<bool, StoreError> {
+        DocStore::cover(self, origin, after, through)
+    }
     fn apply_remote(
         &self,
         changes: Vec<LoggedChange>,
@@ -187,21 +243,33 @@ impl<S: Store> Replica for DocStore<S> {
         doc_key: &[u8],
         changes: Vec<Vec<u8>>,
         accept_until_ms: u64,
+        unplaced: Unplaced,
     ) -> Result<UnloggedOutcome, StoreError> {
-        DocStore::apply_unlogged(self, doc_key, changes, accept_until_ms)
+        DocStore::apply_unlogged(self, doc_key, changes, accept_until_ms, unplaced)
     }
     fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
         DocStore::heads(self, doc_key)
     }
-    fn digest(&self, prefix: &str) -> Option<Aggregate> {
-        DocStore::digest(self, prefix)
+    fn digest(
+        &self,
+        reader: Option<&NodeId>,
+        prefix: &str,
+    ) -> Result<Option<Aggregate>, StoreError> {
+        match reader {
+            Some(reader) => DocStore::scoped_digest(self, reader, prefix),
+            None => Ok(DocStore::digest(self, prefix)),
+        }
     }
     fn leaf_documents(
         &self,
         leaves: &[String],
         limit: usize,
+        reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
-        DocStore::leaf_documents(self, leaves, limit)
+        DocStore::leaf_documents(self, leaves, limit, reader)
+    }
+    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        DocStore::withdraw(self, doc_key)
     }
     fn missing_changes(
         &self,
@@ -312,6 +380,8 @@ pub struct Stats {
     /// Repair digests sent, and documents found out of step by them.
     pub repair_rounds: u64,
     pub repair_documents: u64,
+    /// Documents taken out because a wider peer found them outside this node's read scope.
+    pub withdrawn_documents: u64,
     /// Changes refused by the rule for colliding changes, by reason
     /// ([`crate::store::RefusalReason::as_str`]); their senders are not disconnected.
     pub changes_refused: BTreeMap<&'static str, u64>,
@@ -787,9 +857,32 @@ impl Engine {
                 self.receive_changes(now, peer, changes, replica, actions)?
             }
             Message::NeedDocument(need) => {
-                let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
-                self.queue_document(peer, need.doc, have);
+                // A peer is given only documents its grant lets it read, as it stands here.
+                if replica.may_read_document(&peer, need.doc.as_bytes())? {
+                    let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+                    self.queue_document(peer, need.doc, have);
+                } else if repair::repair_view(replica, &self.config.node, &peer)
+                    .is_some_and(|view| view.withdraws)
+                {
+                    // It asks because a change it was sent waits on the record's earlier
+                    // changes, which it will never be given: told to take the record out, it
+                    // also lets that change's place go, and its log moves on.
+                    self.queue_message(
+                        peer,
+                        Message::Withdraw {
+                            docs: vec![need.doc],
+                        },
+                    );
+                } else {
+                    tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
+                }
             }
+            Message::Covered { ranges } => {
+                for range in ranges {
+                    self.receive_cover(peer, range, replica)?;
+                }
+            }
+            Message::Withdraw { docs } => self.receive_withdraw(peer, docs, replica)?,
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
             }
@@ -960,6 +1053,30 @@ impl Engine {
         self.rebalance(replica, (!shrunk).then_some(&changed));
     }
 
+    /// A peer covered a run of an origin's log for this node (nothing in it is this node's
+    /// to read): the mark moves over it, now or once it reaches the run.
+    fn receive_cover(
+        &mut self,
+        peer: NodeId,
+        range: concord_proto::CoveredRange,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        let origin = NodeId(range.origin);
+        if !self.peers.contains_key(&peer) {
+            return Ok(());
+        }
+        if !replica.reads_at_least(&peer, &self.config.node) {
+            // Only a peer that may read all this node reads knows what of a log is not its.
+            return Ok(());
+        }
+        // A run names only places the peer skipped, never one it sent: a change still on its
+        // way, held or lost is not covered by it.
+        if range.through > range.after && replica.cover(&origin, range.after, range.through)? {
+            self.rebalance(replica, Some(&BTreeSet::from([origin])));
+        }
+        Ok(())
+    }
+
     fn receive_changes(
         &mut self,
         now: Duration,
@@ -1001,20 +1118,45 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
         let doc_key = answer.doc.into_bytes();
-        let outcome = match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until()) {
-            Ok(outcome) => outcome,
-            Err(StoreError::InvalidDocument(detail)) => {
-                self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
-                return Ok(());
-            }
-            Err(error) => return Err(error),
+        // A narrowed node may never be sent a revoked node's change with its place (senders
+        // cover what it may not read, and the record may have been out of its scope then):
+        // a peer that reads every record (it has no grant) vouches for those it holds.
+        let me = self.config.node;
+        if !replica.reads_all(&me) && !replica.reads_at_least(&peer, &me) {
+            // A narrowed node takes records outside the log only from a peer that may read
+            // all it reads: another (a revoked node among them) could hand back a copy that a
+            // wider node took out, stale, round after round.
+            tracing::debug!(%peer, "a document from a peer that does not read all this node reads is ignored");
+            return Ok(());
+        }
+        let unplaced = if !replica.reads_all(&me) && replica.reads_all(&peer) {
+            Unplaced::Vouched
+        } else {
+            Unplaced::Wait
         };
+        let outcome =
+            match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until(), unplaced) {
+                Ok(outcome) => outcome,
+                Err(StoreError::InvalidDocument(detail)) => {
+                    self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
         let new = outcome.new;
         self.unsynced |= new > 0 || !outcome.refused.is_empty();
         self.count_refused(&outcome.refused);
         self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
+        }
+        // A narrower peer that sent a record which, merged here, it may not read takes its
+        // copy out.
+        let withdraws = repair::repair_view(replica, &self.config.node, &peer)
+            .is_some_and(|view| view.withdraws);
+        if withdraws && !replica.may_read_document(&peer, &doc_key)? {
+            let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            self.queue_message(peer, Message::Withdraw { docs: vec![doc] });
         }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();

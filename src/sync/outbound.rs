@@ -31,6 +31,13 @@ pub const RECENT_CHANGES_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// asked again (a held change expires and asks again; repair runs again).
 pub const OUTBOX_MESSAGES_MAX: usize = 1024;
 pub const OUTBOX_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Runs of log places skipped for a peer (outside its grant) waiting to be said with
+/// `Covered`; a fill stops once this many wait, so none is ever dropped.
+pub const COVERED_RANGES_MAX: usize = 256;
+/// Log entries looked through for one message to a peer whose grant narrows what it reads:
+/// entries outside the grant cost no bytes, so without this bound one poll could look through
+/// a whole log.
+pub const ENTRIES_LOOKED_THROUGH_MAX: usize = 8192;
 /// Largest frame, header included: a message never asks for more room than this.
 const FRAME_WITH_HEADER_BYTES_MAX: usize = FRAME_HEADER_BYTES + FRAME_BYTES_MAX;
 /// Bytes a `Changes` message adds around its changes: variant and count.
@@ -55,6 +62,11 @@ pub(super) struct Outbox {
     pub(super) prune: BTreeSet<NodeId>,
     pub(super) graft: BTreeSet<NodeId>,
     pub(super) pong: Option<u64>,
+    /// Runs `(after, through]` of logs looked through for this peer and skipped (outside its
+    /// grant), said with `Covered`. A run never holds a place sent: a change lost or
+    /// overtaken on the way is not covered, so the peer's mark stops at it until it comes
+    /// again. At most [`COVERED_RANGES_MAX`].
+    pub(super) covered: Vec<(NodeId, u64, u64)>,
     messages: VecDeque<Message>,
     messages_bytes: usize,
     documents: VecDeque<DocumentRequest>,
@@ -69,6 +81,7 @@ impl Outbox {
             && self.prune.is_empty()
             && self.graft.is_empty()
             && self.pong.is_none()
+            && self.covered.is_empty()
             && self.messages.is_empty()
             && self.documents.is_empty()
     }
@@ -239,7 +252,12 @@ impl Engine {
         let message = match self.next_control(peer, room, replica)? {
             Some(message) => Some(message),
             None if self.control_waiting(&peer) => None,
-            None => self.next_changes(peer, room, replica)?,
+            None => match self.next_changes(peer, room, replica)? {
+                Some(message) => Some(message),
+                // Looking through the logs found nothing the peer may read, only a cover.
+                None if self.control_waiting(&peer) => self.next_control(peer, room, replica)?,
+                None => None,
+            },
         };
         if let Some(message) = &message {
             #[cfg(feature = "sabotage")]
@@ -357,6 +375,23 @@ impl Engine {
             }
             return Ok(Some(message));
         }
+        if !state.outbox.covered.is_empty() {
+            let take = state.outbox.covered.len().min(ORIGINS_PER_SUMMARY_MAX);
+            let ranges: Vec<concord_proto::CoveredRange> = state.outbox.covered[..take]
+                .iter()
+                .map(|(origin, after, through)| concord_proto::CoveredRange {
+                    origin: origin.0,
+                    after: *after,
+                    through: *through,
+                })
+                .collect();
+            let message = Message::Covered { ranges };
+            if !fits(&message) {
+                return Ok(None);
+            }
+            state.outbox.covered.drain(..take);
+            return Ok(Some(message));
+        }
         if let Some(nonce) = state.outbox.pong {
             let message = Message::Pong { nonce };
             if !fits(&message) {
@@ -455,6 +490,13 @@ impl Engine {
             None => state.wanted.iter().copied().collect(),
         };
         origins.dedup();
+        // A peer whose grant narrows what it reads is sent only that, and told with `Covered`
+        // how far each log was looked through for it; it is sent the logs of other origins
+        // only by a node that reads at least all it reads, so that every cover is true.
+        let narrowed = !replica.reads_all(&peer);
+        let serves_others = replica.reads_at_least(&self.config.node, &peer);
+        let covers = narrowed && state.version >= 4;
+        let mut looked_through = 0usize;
         let mut shipped_changes: Vec<ShippedChange> = Vec::new();
         let mut used = 0usize;
         let mut pushed = 0u64;
@@ -466,13 +508,22 @@ impl Engine {
                 continue;
             }
             state.turn = Some(origin);
+            if origin != self.config.writer && !serves_others {
+                state.wanted.remove(&origin);
+                continue;
+            }
             let mut after = state.sent.get(&origin).copied().unwrap_or(0);
             // Of this node's own log, only what is durable leaves.
-            let last = if origin == self.config.writer {
+            let mut last = if origin == self.config.writer {
                 self.own_durable
             } else {
                 u64::MAX
             };
+            if narrowed {
+                // What a narrowed peer is not sent is covered, and a cover must name only
+                // places this node looked at: none past a gap in what it holds of the log.
+                last = last.min(replica.origin_mark(&origin));
+            }
             let mut fill = None;
             while fill.is_none() {
                 if after >= last {
@@ -483,6 +534,87 @@ impl Engine {
                 if left == 0 {
                     fill = Some(Fill::Full);
                     break;
+                }
+                if narrowed {
+                    let state = self.peers.get_mut(&peer).expect("looked up above");
+                    let covered = &mut state.outbox.covered;
+                    if looked_through >= ENTRIES_LOOKED_THROUGH_MAX
+                        || covers && covered.len() >= COVERED_RANGES_MAX
+                    {
+                        fill = Some(Fill::Full);
+                        break;
+                    }
+                    let limit = left.max(ENTRIES_LOOKED_THROUGH_MAX / 8);
+                    let (page, through) = replica.log_readable_after(
+                        &peer,
+                        &origin,
+                        after,
+                        limit,
+                        budget.saturating_sub(used),
+                    )?;
+                    looked_through += limit;
+                    let mut skip = |from: u64, to: u64| {
+                        if covers && to > from {
+                            note_skipped(covered, origin, from, to);
+                        }
+                    };
+                    if page.is_empty() {
+                        if through <= after {
+                            fill = Some(Fill::Exhausted);
+                            break;
+                        }
+                        // Nothing the peer may read up to there.
+                        skip(after, through.min(last));
+                        after = through.min(last);
+                        continue;
+                    }
+                    let mut fits_all = true;
+                    for change in page {
+                        if change.sequence > last {
+                            fill = Some(Fill::Exhausted);
+                            fits_all = false;
+                            break;
+                        }
+                        let entry = shipped(&change);
+                        let size = entry.encoded_len();
+                        if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES
+                            > FRAME_WITH_HEADER_BYTES_MAX
+                        {
+                            tracing::error!(
+                                origin = %change.origin,
+                                sequence = change.sequence,
+                                size,
+                                "a log entry is larger than any frame and is skipped"
+                            );
+                            self.stats.changes_unsendable += 1;
+                            skip(after, change.sequence);
+                            after = change.sequence;
+                            continue;
+                        }
+                        if used + size > budget {
+                            waits_for_room = shipped_changes.is_empty();
+                            fill = Some(Fill::Full);
+                            fits_all = false;
+                            break;
+                        }
+                        // What the page looked through before it is outside the peer's grant.
+                        skip(after, change.sequence - 1);
+                        used += size;
+                        after = change.sequence;
+                        shipped_changes.push(entry);
+                        if shipped_changes.len() == per_message {
+                            fill = Some(Fill::Full);
+                            fits_all = false;
+                            break;
+                        }
+                    }
+                    if fits_all {
+                        // What the page looked through past its last change is outside the
+                        // peer's grant too.
+                        skip(after, through.min(last));
+                        after = after.max(through.min(last));
+                    }
+                    continue;
                 }
                 let from_memory = self.recent.get(&origin, after + 1).cloned();
                 let in_memory = from_memory.is_some();
@@ -540,6 +672,7 @@ impl Engine {
             }
         }
         if waits_for_room || shipped_changes.is_empty() {
+            // A cover may be due (nothing the peer may read was found): it goes next.
             return Ok(None);
         }
         self.stats.changes_pushed += pushed;
@@ -553,6 +686,12 @@ impl Engine {
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
         };
+        if message.introduced_in() > state.version.max(concord_proto::PROTOCOL_VERSION_MIN) {
+            // A peer that agreed an older version could not decode it (before the handshake
+            // only the first version's messages go); what a newer message says only speeds up
+            // what repair and the summaries reach anyway.
+            return;
+        }
         if let Message::NeedDocument(need) = &message {
             let already = state.outbox.messages.iter().any(
                 |queued| matches!(queued, Message::NeedDocument(other) if other.doc == need.doc),
@@ -589,4 +728,16 @@ impl Engine {
             .documents
             .push_back(DocumentRequest { doc, have });
     }
+}
+
+/// Adds the run `(after, through]` of `origin`'s log to the runs to cover, joined to the last
+/// one when it goes on from it.
+fn note_skipped(covered: &mut Vec<(NodeId, u64, u64)>, origin: NodeId, after: u64, through: u64) {
+    if let Some(last) = covered.last_mut() {
+        if last.0 == origin && last.2 == after {
+            last.2 = through;
+            return;
+        }
+    }
+    covered.push((origin, after, through));
 }

@@ -104,6 +104,12 @@ impl Engine {
             }
         }
         let states: Vec<&Peer> = ready.iter().map(|peer| &self.peers[peer]).collect();
+        // A peer whose grant reads less than this node's sends it no origin's log but its
+        // own (its covers would not be true for this node): it is never a relay.
+        let serves: Vec<bool> = ready
+            .iter()
+            .map(|peer| replica.reads_at_least(peer, &self.config.node))
+            .collect();
         // Per ready peer (by position): its mark for the origin weighed, and whether it is
         // a source of it now.
         let mut weighed: Vec<(u64, bool)> = Vec::with_capacity(ready.len());
@@ -134,11 +140,19 @@ impl Engine {
                 let best = |sources: bool| {
                     weighed
                         .iter()
-                        .filter(|(_, source)| *source == sources)
-                        .map(|(mark, _)| *mark)
+                        .zip(&serves)
+                        .filter(|((_, source), serves)| *source == sources && **serves)
+                        .map(|((mark, _), _)| *mark)
                         .max()
                 };
-                let keep = current <= RELAYS_PER_ORIGIN && current > 0 && best(false) <= best(true);
+                let sources_serve = weighed
+                    .iter()
+                    .zip(&serves)
+                    .all(|((_, source), serves)| !*source || *serves);
+                let keep = current <= RELAYS_PER_ORIGIN
+                    && current > 0
+                    && sources_serve
+                    && best(false) <= best(true);
                 if keep {
                     for (want, (_, source)) in wanted.iter_mut().zip(&weighed) {
                         *want = *source;
@@ -147,6 +161,7 @@ impl Engine {
                     let mut ranked: Vec<(std::cmp::Reverse<u64>, u64, usize)> = weighed
                         .iter()
                         .enumerate()
+                        .filter(|(position, _)| serves[*position])
                         .map(|(position, (mark, _))| {
                             (
                                 std::cmp::Reverse(*mark),

@@ -1,11 +1,21 @@
 //! Repair: a digest of (document, heads) over buckets of the key space finds documents the
-//! logs missed (a truncated log, a bug), without scanning on either side until a leaf's
+//! logs missed (a truncated log, a bug, a change a relay judged outside a narrowed peer's
+//! grant by the record as it held it), without scanning on either side until a leaf's
 //! fingerprints differ.
 //!
 //! A round runs only towards a peer whose summaries are quiet: its marks equal this node's,
 //! or did not move since the last round. While changes flow, the summaries are what heal, and
 //! digests would differ anyway by whatever is in flight, so comparing them then costs scans
 //! and finds nothing.
+//!
+//! Between nodes whose grants read different records, the wider side digests what the
+//! narrower one may read (by the records as the wider side holds them), the narrower side
+//! everything it holds ([`repair_view`]); nodes whose reads are not nested do not repair each
+//! other. The wider side, finding that the narrower one
+//! holds a record it may not read (the record moved out of its scope by a change it never
+//! received, or was deleted), tells it to take it out ([`Message::Withdraw`]); finding one it
+//! may read and lacks, or holds behind, sends it. So once the wider nodes agree, every
+//! narrowed node ends holding exactly what its grant lets it read, at the same heads.
 
 use std::collections::BTreeSet;
 
@@ -25,6 +35,64 @@ const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 /// Bytes of one leaf's listing: well under a frame, so listings queue without crowding out
 /// everything else.
 const REPAIR_LISTING_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 16;
+/// Documents named in one `Withdraw`.
+const WITHDRAW_DOCUMENTS_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
+
+/// How this node takes part in repair with a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RepairView {
+    /// Whose reads this node's digest and listings cover: every document held (`None`), or
+    /// those the peer may read, as they stand here.
+    pub(super) reader: Option<NodeId>,
+    /// This node reads at least what the narrowed peer reads, so it judges what the peer
+    /// may hold.
+    pub(super) judges: bool,
+    /// This node reads everything (it has no grant), so the peer takes records out on its
+    /// word ([`Message::Withdraw`]): a node granted less, had it been modified to ignore
+    /// its grant, could otherwise make narrowed nodes drop records they may read.
+    pub(super) withdraws: bool,
+}
+
+/// How this node compares with `peer` in repair; `None` when their reads are not strictly
+/// nested (their digests would never agree). Between nodes that read everything, whole
+/// digests. Otherwise the wider side digests what the narrower may read, the narrower
+/// everything it holds, so a record it holds and may not read (moved out of its scope, or
+/// deleted) shows as a difference, and the wider side tells it to take it out.
+///
+/// Two nodes narrowed alike do not repair each other: each holds only what it judged by its
+/// own copies, and a copy one of them holds stale would be handed back to the other after a
+/// wider node took it out, round after round. The wider nodes repair both, so what flows in
+/// repair always flows down the order of reads, and settles once the widest nodes agree.
+pub(super) fn repair_view(
+    replica: &impl Replica,
+    me: &NodeId,
+    peer: &NodeId,
+) -> Option<RepairView> {
+    let reads_all = replica.reads_all(me);
+    if reads_all && replica.reads_all(peer) {
+        return Some(RepairView {
+            reader: None,
+            judges: false,
+            withdraws: false,
+        });
+    }
+    match (
+        replica.reads_at_least(me, peer),
+        replica.reads_at_least(peer, me),
+    ) {
+        (true, false) => Some(RepairView {
+            reader: Some(*peer),
+            judges: true,
+            withdraws: reads_all,
+        }),
+        (false, true) => Some(RepairView {
+            reader: None,
+            judges: false,
+            withdraws: false,
+        }),
+        _ => None,
+    }
+}
 
 impl Engine {
     /// Sends the top of the digest to every ready peer whose summaries are quiet.
@@ -34,12 +102,15 @@ impl Engine {
             .into_iter()
             .filter(|(_, mark)| *mark > 0)
             .collect();
-        let top = self.digest_message(replica, &digest::children(""));
         let mut due = Vec::new();
+        let me = self.config.node;
         for (id, state) in self.peers.iter_mut() {
             if !state.ready || !state.summarised {
                 continue;
             }
+            let Some(view) = repair_view(replica, &me, id) else {
+                continue;
+            };
             let reported: Vec<(NodeId, u64)> = state
                 .reported
                 .iter()
@@ -50,29 +121,39 @@ impl Engine {
             let still = state.reported == state.reported_at_last_repair;
             state.reported_at_last_repair = state.reported.clone();
             if in_step || still {
-                due.push(*id);
+                due.push((*id, view.reader));
             }
         }
-        for peer in due {
-            self.stats.repair_rounds += 1;
-            self.queue_message(peer, top.clone());
+        for (peer, reader) in due {
+            match self.digest_message(replica, reader.as_ref(), &digest::children("")) {
+                Ok(top) => {
+                    self.stats.repair_rounds += 1;
+                    self.queue_message(peer, top);
+                }
+                Err(error) => {
+                    tracing::warn!(%peer, %error, "no repair round: the digest could not be read");
+                }
+            }
         }
     }
 
-    fn digest_message(&self, replica: &impl Replica, prefixes: &[String]) -> Message {
-        let ranges = prefixes
-            .iter()
-            .map(|prefix| {
-                let aggregate = replica.digest(prefix).unwrap_or_default();
-                DigestRange {
-                    start: prefix.clone(),
-                    end: String::new(),
-                    count: aggregate.count,
-                    fingerprint: aggregate.fingerprint,
-                }
-            })
-            .collect();
-        Message::RangeDigest(RangeDigest { ranges })
+    fn digest_message(
+        &self,
+        replica: &impl Replica,
+        reader: Option<&NodeId>,
+        prefixes: &[String],
+    ) -> Result<Message, StoreError> {
+        let mut ranges = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            let aggregate = replica.digest(reader, prefix)?.unwrap_or_default();
+            ranges.push(DigestRange {
+                start: prefix.clone(),
+                end: String::new(),
+                count: aggregate.count,
+                fingerprint: aggregate.fingerprint,
+            });
+        }
+        Ok(Message::RangeDigest(RangeDigest { ranges }))
     }
 
     /// Compares the peer's buckets with ours: matching ones are done; for the others, send the
@@ -85,6 +166,12 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
+        let Some(view) = repair_view(replica, &self.config.node, &peer) else {
+            // Neither reads all the other reads: their digests never agree, and a listing
+            // could name records the peer may not read.
+            return Ok(());
+        };
+        let reader = view.reader.as_ref();
         let mut finer = Vec::new();
         let mut leaves = Vec::new();
         for range in digest_message.ranges {
@@ -97,7 +184,7 @@ impl Engine {
                 );
                 return Ok(());
             };
-            let mine = replica.digest(&range.start).unwrap_or_default();
+            let mine = replica.digest(reader, &range.start)?.unwrap_or_default();
             if mine.count == range.count && mine.fingerprint == range.fingerprint {
                 continue;
             }
@@ -107,7 +194,9 @@ impl Engine {
                 leaves.push(range.start);
             }
         }
-        for (leaf, documents) in replica.leaf_documents(&leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX)? {
+        for (leaf, documents) in
+            replica.leaf_documents(&leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, reader)?
+        {
             let mut listed = Vec::new();
             let mut bytes = 0usize;
             for (doc_key, heads) in documents {
@@ -131,20 +220,25 @@ impl Engine {
             );
         }
         for chunk in finer.chunks(RANGES_PER_DIGEST_MAX) {
-            let message = self.digest_message(replica, chunk);
+            let message = self.digest_message(replica, reader, chunk)?;
             self.queue_message(peer, message);
         }
         Ok(())
     }
 
-    /// The peer's documents in a leaf: ask for what we lack, send what it lacks.
+    /// The peer's documents in a leaf: ask for what we lack, send what it lacks, and tell a
+    /// narrower peer to take out what it may not read.
     pub(super) fn receive_heads(
         &mut self,
         peer: NodeId,
         heads: DocumentHeads,
         replica: &impl Replica,
     ) -> Result<(), StoreError> {
+        let Some(view) = repair_view(replica, &self.config.node, &peer) else {
+            return Ok(());
+        };
         let mut listed = BTreeSet::new();
+        let mut withdraw = Vec::new();
         for (doc, their_heads) in heads.documents {
             let their_heads: Vec<ChangeHash> =
                 their_heads.iter().map(|bytes| ChangeHash(*bytes)).collect();
@@ -155,17 +249,32 @@ impl Engine {
             sorted_mine.sort_unstable();
             let mut sorted_theirs = their_heads.clone();
             sorted_theirs.sort_unstable();
+            let lacking_theirs = !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
+            let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            if view.withdraws
+                && !mine.is_empty()
+                && !lacking_theirs
+                && !replica.may_read_document(&peer, &doc_key)?
+            {
+                // It holds nothing we lack: it may drop its copy.
+                self.stats.repair_documents += 1;
+                withdraw.push(doc);
+                continue;
+            }
             if sorted_mine == sorted_theirs {
                 continue;
             }
             self.stats.repair_documents += 1;
-            let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            if !replica.missing_changes(&doc_key, &their_heads)?.is_empty() {
+            if lacking_theirs {
                 let need = NeedDocument {
                     doc: doc.clone(),
                     have: mine.iter().map(|hash| hash.0).collect(),
                 };
                 self.queue_message(peer, Message::NeedDocument(need));
+            }
+            if view.judges && !replica.may_read_document(&peer, &doc_key)? {
+                // Its changes come first; the next round tells it to take the record out.
+                continue;
             }
             // What the peer lacks of it goes as an answer, sized when there is room.
             let (lacking, _) = replica.document_changes(&doc_key, &their_heads, 1, usize::MAX)?;
@@ -173,8 +282,20 @@ impl Engine {
                 self.queue_document(peer, doc, their_heads);
             }
         }
-        // Documents of ours in that leaf that the peer does not hold at all.
-        let ours = replica.leaf_documents(&[heads.leaf], REPAIR_DOCUMENTS_PER_LEAF_MAX)?;
+        for docs in withdraw.chunks(WITHDRAW_DOCUMENTS_MAX) {
+            self.queue_message(
+                peer,
+                Message::Withdraw {
+                    docs: docs.to_vec(),
+                },
+            );
+        }
+        // Documents of ours in that leaf that the peer does not hold at all (and may read).
+        let ours = replica.leaf_documents(
+            &[heads.leaf],
+            REPAIR_DOCUMENTS_PER_LEAF_MAX,
+            view.reader.as_ref(),
+        )?;
         for (doc_key, _) in ours.into_iter().flat_map(|(_, documents)| documents) {
             if listed.contains(&doc_key) {
                 continue;
@@ -182,6 +303,40 @@ impl Engine {
             self.stats.repair_documents += 1;
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
             self.queue_document(peer, doc, Vec::new());
+        }
+        Ok(())
+    }
+
+    /// A wider peer found documents here that this node may not read.
+    pub(super) fn receive_withdraw(
+        &mut self,
+        peer: NodeId,
+        docs: Vec<String>,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        let me = self.config.node;
+        if replica.reads_all(&me) || !replica.reads_all(&peer) {
+            tracing::debug!(%peer, "a withdrawal from a peer that does not read every record is ignored");
+            return Ok(());
+        }
+        let mut covered = BTreeSet::new();
+        for doc in docs {
+            if replica.withdraw(doc.as_bytes())? {
+                self.stats.withdrawn_documents += 1;
+            }
+            // Changes held for it wait on earlier changes of a record this node will not be
+            // given: their places count as covered, so the logs they are in move on. Should
+            // the record come back into this node's scope, it comes whole.
+            for held in self.held.take(doc.as_bytes()) {
+                let change = held.change;
+                let after = change.sequence.saturating_sub(1);
+                if replica.cover(&change.origin, after, change.sequence)? {
+                    covered.insert(change.origin);
+                }
+            }
+        }
+        if !covered.is_empty() {
+            self.rebalance(replica, Some(&covered));
         }
         Ok(())
     }

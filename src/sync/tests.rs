@@ -623,7 +623,7 @@ fn repair_finds_documents_the_summaries_missed() {
             .document_changes(key.as_bytes(), &[], 100, usize::MAX)
             .unwrap();
         target
-            .apply_unlogged(key.as_bytes(), changes, u64::MAX)
+            .apply_unlogged(key.as_bytes(), changes, u64::MAX, Unplaced::Wait)
             .unwrap();
     };
     plant(&net.nodes[0].docs, "c/hidden-a");
