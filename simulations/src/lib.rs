@@ -63,6 +63,13 @@ pub const CONVERGE_SIM_MS_MAX: u64 = 20_000;
 /// no log any more, and only repair's fingerprints find it. Two repair rounds on top.
 pub const CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX: u64 =
     CONVERGE_SIM_MS_MAX + 2 * concord::sync::REPAIR_INTERVAL_DEFAULT.as_millis() as u64;
+/// The same with partial replicas. A narrowed node that a relay judged out of scope for a
+/// change (by the record as the relay held it) is healed by repair; and a change that only a
+/// narrowed node still holds (its author's store lost) reaches one node that reads everything
+/// in one round and the others from there in the next, as it is in no log. Three rounds on
+/// top: rounds run only towards peers whose summaries are quiet.
+pub const CONVERGE_PARTIAL_SIM_MS_MAX: u64 =
+    CONVERGE_SIM_MS_MAX + 3 * concord::sync::REPAIR_INTERVAL_DEFAULT.as_millis() as u64;
 /// A connection with a link cut one way is given up after this long (QUIC's idle timeout).
 const ONE_WAY_TIMEOUT_MS: u64 = 3_000;
 /// Trace lines kept for a failure report.
@@ -663,9 +670,9 @@ impl Sim {
             if (self.now_ms - healed_at) % 1000 < 100 && self.converged()? {
                 break;
             }
-            // A narrowed node that a relay judged out of scope for a change (by the record as
-            // the relay held it) is healed by repair: two rounds on top, as after a lost store.
-            let mut budget = if self.summary.stores_lost > 0 || self.has_partial_replicas() {
+            let mut budget = if self.has_partial_replicas() {
+                CONVERGE_PARTIAL_SIM_MS_MAX
+            } else if self.summary.stores_lost > 0 {
                 CONVERGE_AFTER_STORE_LOSS_SIM_MS_MAX
             } else {
                 CONVERGE_SIM_MS_MAX
@@ -1726,6 +1733,13 @@ impl Sim {
         })
     }
 
+    /// Whether node `index` reads every record (no grant narrows it, or the run has none).
+    fn reads_all(&self, index: usize) -> bool {
+        self.scoped
+            .as_ref()
+            .is_none_or(|scoped| scoped.scopes().reads_all(&self.nodes[index].id))
+    }
+
     /// Whether node `index` is the one modified to ignore its grant (in a scoped run).
     fn is_modified(&self, index: usize) -> bool {
         self.scoped
@@ -2066,10 +2080,11 @@ impl Sim {
             }
             // Written on top of a revoked node's changes past its cut-off, which come out with
             // them everywhere; its author writes it again if it still holds it (not when its
-            // store was lost before the revocation reached it).
+            // store was lost before the revocation reached it). A narrowed node may never
+            // have been sent it.
             let cut_off = self.summary.revoked
                 && (0..self.nodes.len())
-                    .filter(|index| !self.is_modified(*index))
+                    .filter(|index| !self.is_modified(*index) && self.reads_all(*index))
                     .all(|index| {
                         self.nodes[index]
                             .docs

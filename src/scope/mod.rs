@@ -832,6 +832,10 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.scopes().reads_at_least(wider, narrower)
     }
 
+    fn is_revoked(&self, node: &NodeId) -> bool {
+        self.scopes().is_revoked(node)
+    }
+
     fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
         self.scopes().counted_place(author)
     }

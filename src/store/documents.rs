@@ -122,6 +122,8 @@ pub trait WriteDoor: Send + Sync {
     /// A text that changes whenever what `reader` may read changes (its read scopes, or
     /// its revocation).
     fn read_scopes_key(&self, reader: &NodeId) -> String;
+    /// Whether `node` was revoked.
+    fn is_revoked(&self, node: &NodeId) -> bool;
     /// A place of revoked `author`'s log that still counts (its cut-off), if any does.
     fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)>;
 }
@@ -1395,26 +1397,14 @@ impl<S: Store> WriteSession<'_, S> {
                 tags.push(after);
             }
         }
-        // A record that changes from elsewhere into one this node may not read leaves it
-        // (its own writes never take a record out of its grant: the door refuses them).
-        let withdraw = door.is_some_and(|door| {
-            let node = door.node();
-            !door.reads_all(&node)
-                && new.iter().any(|change| change.place != LogPlace::Local)
-                && document::read(&loaded.doc)
-                    .is_some_and(|fields| !door.may_read(&node, collection, &fields))
-        });
+        // A record that changes from elsewhere into one this node may not read stays until a
+        // node that reads everything, holding every change of it this node holds, tells it to
+        // take it out (see `crate::sync::repair`): this node may be the only one left with
+        // another's change to it (its author's store lost).
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
         stored.set_heads(&heads);
         let was_live = counts_as_live(doc_key, stored.record_state());
-        if withdraw {
-            self.drop_document(doc_key, old_heads, was_live);
-            for change in new {
-                self.queue_log_entry(doc_key, &change.hash, change.place, &tags);
-            }
-            return Ok(heads);
-        }
         self.withdrawn.remove(doc_key);
         self.heads_changed
             .push((doc_key.to_vec(), old_heads, stored.change_hashes()));

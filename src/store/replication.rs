@@ -346,6 +346,14 @@ impl<S: Store> DocStore<S> {
             .is_none_or(|door| door.reads_at_least(wider, narrower))
     }
 
+    /// Whether `node` was revoked.
+    pub fn is_revoked(&self, node: &NodeId) -> bool {
+        self.door
+            .get()
+            .filter(|door| !door.is_open())
+            .is_some_and(|door| door.is_revoked(node))
+    }
+
     /// Whether the log holds `(origin, sequence)`.
     pub fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
         self.inner()

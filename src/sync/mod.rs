@@ -122,6 +122,8 @@ pub trait Replica {
     fn reads_at_least(&self, wider: &NodeId, narrower: &NodeId) -> bool;
     /// Whether `reader` may read the document as it stands here.
     fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
+    /// Whether `node` was revoked.
+    fn is_revoked(&self, node: &NodeId) -> bool;
     /// Whether the log holds `(origin, sequence)`.
     fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool;
     /// A sender covered `origin`'s log after `after` up to `through` for this node (see
@@ -215,6 +217,9 @@ impl<S: Store> Replica for DocStore<S> {
     }
     fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
         DocStore::may_read_document(self, reader, doc_key)
+    }
+    fn is_revoked(&self, node: &NodeId) -> bool {
+        DocStore::is_revoked(self, node)
     }
     fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
         DocStore::log_holds(self, origin, sequence)
@@ -864,15 +869,32 @@ impl Engine {
                 } else if repair::repair_view(replica, &self.config.node, &peer)
                     .is_some_and(|view| view.withdraws)
                 {
-                    // It asks because a change it was sent waits on the record's earlier
-                    // changes, which it will never be given: told to take the record out, it
-                    // also lets that change's place go, and its log moves on.
-                    self.queue_message(
-                        peer,
-                        Message::Withdraw {
-                            docs: vec![need.doc],
-                        },
-                    );
+                    let have: Vec<ChangeHash> =
+                        need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+                    let doc_key = need.doc.as_bytes();
+                    if replica.missing_changes(doc_key, &have)?.is_empty() {
+                        // It asks because a change it was sent waits on the record's earlier
+                        // changes, which it will never be given: told to take the record
+                        // out, it also lets that change's place go, and its log moves on.
+                        self.queue_message(
+                            peer,
+                            Message::Withdraw {
+                                docs: vec![need.doc],
+                            },
+                        );
+                    } else {
+                        // It holds changes of it this node lacks, maybe the last copies
+                        // (their author's store lost): they come here first, and repair
+                        // tells it to take the record out once they have.
+                        let mine = replica.heads(doc_key)?;
+                        self.queue_message(
+                            peer,
+                            Message::NeedDocument(NeedDocument {
+                                doc: need.doc,
+                                have: mine.iter().map(|hash| hash.0).collect(),
+                            }),
+                        );
+                    }
                 } else {
                     tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
                 }
@@ -1122,11 +1144,10 @@ impl Engine {
         // cover what it may not read, and the record may have been out of its scope then):
         // a peer that reads every record (it has no grant) vouches for those it holds.
         let me = self.config.node;
-        if !replica.reads_all(&me) && !replica.reads_at_least(&peer, &me) {
-            // A narrowed node takes records outside the log only from a peer that may read
-            // all it reads: another (a revoked node among them) could hand back a copy that a
-            // wider node took out, stale, round after round.
-            tracing::debug!(%peer, "a document from a peer that does not read all this node reads is ignored");
+        if replica.is_revoked(&peer) && !replica.reads_all(&me) {
+            // A revoked node could hand a narrowed one back, round after round, a stale copy
+            // of a record a wider node took out of it.
+            tracing::debug!(%peer, "a document from a revoked node is ignored");
             return Ok(());
         }
         let unplaced = if !replica.reads_all(&me) && replica.reads_all(&peer) {
@@ -1149,14 +1170,6 @@ impl Engine {
         self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
-        }
-        // A narrower peer that sent a record which, merged here, it may not read takes its
-        // copy out.
-        let withdraws = repair::repair_view(replica, &self.config.node, &peer)
-            .is_some_and(|view| view.withdraws);
-        if withdraws && !replica.may_read_document(&peer, &doc_key)? {
-            let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            self.queue_message(peer, Message::Withdraw { docs: vec![doc] });
         }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
