@@ -60,6 +60,11 @@ impl Held {
         true
     }
 
+    /// Whether anything is held for a document.
+    pub(super) fn holds_for(&self, doc_key: &[u8]) -> bool {
+        self.by_document.contains_key(doc_key)
+    }
+
     /// Everything held for a document.
     pub(super) fn take(&mut self, doc_key: &[u8]) -> Vec<HeldChange> {
         let taken = self.by_document.remove(doc_key).unwrap_or_default();

@@ -1155,6 +1155,7 @@ impl Engine {
         } else {
             Unplaced::Wait
         };
+        let held_before = !replica.heads(&doc_key)?.is_empty();
         let outcome =
             match replica.apply_unlogged(&doc_key, answer.changes, self.accept_until(), unplaced) {
                 Ok(outcome) => outcome,
@@ -1170,6 +1171,18 @@ impl Engine {
         self.note_ahead(peer, outcome.ahead);
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
+        }
+        if !held_before
+            && !replica.reads_all(&me)
+            && !self.held.holds_for(&doc_key)
+            && !replica.may_read_document(&me, &doc_key)?
+        {
+            // A record new here that, merged, this node may not read goes at once: its sender
+            // holds every change of it, and nothing here waits on it.
+            if replica.withdraw(&doc_key)? {
+                self.stats.withdrawn_documents += 1;
+            }
+            return Ok(());
         }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
