@@ -137,6 +137,7 @@ async fn a_node_writes_only_what_its_grant_allows_and_the_grant_replicates() {
     paris.stop().await;
 }
 
+#[cfg(feature = "sabotage")]
 /// The refused changes `node` lists (`GET /v1/refused`).
 fn refused(node: &TestNode) -> Vec<Value> {
     let answer = ureq::get(format!("http://{}/v1/refused", node.api))
@@ -265,6 +266,7 @@ async fn every_receiver_refuses_what_a_modified_node_writes_outside_its_grant() 
     }
 }
 
+#[cfg(feature = "sabotage")]
 fn connected_to(node: &TestNode, peer: &TestNode) -> bool {
     let id = node_id(peer);
     node.status()
