@@ -2042,6 +2042,10 @@ impl Sim {
         if report.is_empty() {
             report.push_str("none found");
         } else {
+            let reads: Vec<bool> = (0..self.nodes.len())
+                .map(|index| self.reads_all(index))
+                .collect();
+            report.push_str(&format!("reads every record: {reads:?}"));
             for (index, node) in self.nodes.iter().enumerate() {
                 report.push_str(&format!(
                     "\nnode {index} writes as {}: {:?}",

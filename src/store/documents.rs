@@ -430,6 +430,9 @@ pub struct WriteSession<'a, S: Store> {
     tags_before: std::collections::HashMap<Vec<u8>, ScopeTag>,
     /// Documents withdrawn in this session (they left this node's read scope): not cached.
     withdrawn: BTreeSet<Vec<u8>>,
+    /// Documents that changes from elsewhere took out of this node's read scope in this
+    /// session: kept until a node that reads everything withdraws them.
+    pub(super) left_scope: BTreeSet<Vec<u8>>,
 }
 
 /// What the log keeps of a record beside a change: its values of `fields` (see
@@ -769,6 +772,7 @@ impl<S: Store> DocStore<S> {
             reissues_now: BTreeSet::new(),
             tags_before: std::collections::HashMap::new(),
             withdrawn: BTreeSet::new(),
+            left_scope: BTreeSet::new(),
         }
     }
 
@@ -1401,6 +1405,19 @@ impl<S: Store> WriteSession<'_, S> {
         // node that reads everything, holding every change of it this node holds, tells it to
         // take it out (see `crate::sync::repair`): this node may be the only one left with
         // another's change to it (its author's store lost).
+        let left_scope = door.is_some_and(|door| {
+            let node = door.node();
+            !door.reads_all(&node)
+                && new.iter().any(|change| change.place != LogPlace::Local)
+                && match document::read(&loaded.doc) {
+                    Some(fields) => !door.may_read(&node, collection, &fields),
+                    // Deleted: kept only under a scope of the whole collection.
+                    None => door.may_read_tagged(&node, collection, &[Vec::new()]) != Some(true),
+                }
+        });
+        if left_scope {
+            self.left_scope.insert(doc_key.to_vec());
+        }
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
         stored.set_heads(&heads);

@@ -54,6 +54,9 @@ pub type DocumentHeadsEntry = (Vec<u8>, Vec<ChangeHash>);
 pub struct ApplyReport {
     /// New here: applied and logged (relay these).
     pub applied: Vec<LoggedChange>,
+    /// Records these changes took out of this narrowed node's read scope: kept until a node
+    /// that reads everything withdraws them.
+    pub left_scope: Vec<Vec<u8>>,
     /// Already held: by log place, or by hash (then only the log place was recorded).
     pub duplicates: usize,
     /// Dependencies not here yet: nothing was written for these.
@@ -470,6 +473,9 @@ impl<S: Store> DocStore<S> {
         for (doc_key, group) in groups {
             self.apply_group(&mut session, &doc_key, group, &mut report)?;
         }
+        report.left_scope = std::mem::take(&mut session.left_scope)
+            .into_iter()
+            .collect();
         session.commit(Durability::Deferred)?;
         report.places_taken = places_taken.len();
         let mut by_doc: BTreeMap<Vec<u8>, Vec<LoggedChange>> = BTreeMap::new();

@@ -124,6 +124,8 @@ pub trait Replica {
     fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
     /// Whether `node` was revoked.
     fn is_revoked(&self, node: &NodeId) -> bool;
+    /// Whether this node refused the change `hash` to the document.
+    fn refused_contains(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError>;
     /// Whether the log holds `(origin, sequence)`.
     fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool;
     /// A sender covered `origin`'s log after `after` up to `through` for this node (see
@@ -220,6 +222,9 @@ impl<S: Store> Replica for DocStore<S> {
     }
     fn is_revoked(&self, node: &NodeId) -> bool {
         DocStore::is_revoked(self, node)
+    }
+    fn refused_contains(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
+        DocStore::refused_contains(self, doc_key, hash)
     }
     fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
         DocStore::log_holds(self, origin, sequence)
@@ -1172,18 +1177,6 @@ impl Engine {
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
         }
-        if !held_before
-            && !replica.reads_all(&me)
-            && !self.held.holds_for(&doc_key)
-            && !replica.may_read_document(&me, &doc_key)?
-        {
-            // A record new here that, merged, this node may not read goes at once: its sender
-            // holds every change of it, and nothing here waits on it.
-            if replica.withdraw(&doc_key)? {
-                self.stats.withdrawn_documents += 1;
-            }
-            return Ok(());
-        }
         let held = self.held.take(&doc_key);
         let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
         for entry in held {
@@ -1191,6 +1184,18 @@ impl Engine {
         }
         for (from, changes) in by_sender {
             self.apply_and_relay(now, from, changes, new > 0, replica, actions)?;
+        }
+        if !held_before
+            && !replica.reads_all(&me)
+            && !self.held.holds_for(&doc_key)
+            && !replica.may_read_document(&me, &doc_key)?
+        {
+            // A record new here that, merged with what waited on it, this node may not read
+            // goes at once: its senders hold every change of it, and nothing here waits on
+            // it (a change refused here may be what would have kept it in scope).
+            if replica.withdraw(&doc_key)? {
+                self.stats.withdrawn_documents += 1;
+            }
         }
         Ok(())
     }
@@ -1231,6 +1236,9 @@ impl Engine {
             } else if by_field.len() < CONFLICT_FIELDS_COUNTED_MAX {
                 by_field.insert(pair, 1);
             }
+        }
+        if !report.left_scope.is_empty() {
+            self.offer_left_scope(&report.left_scope, replica)?;
         }
         if let Some((_, reason)) = report.invalid.first() {
             let detail = format!("invalid change: {reason}");

@@ -508,7 +508,10 @@ impl Engine {
                 continue;
             }
             state.turn = Some(origin);
-            if origin != self.config.writer && !serves_others {
+            // A peer that reads everything is sent every log held here, holes and all: it is
+            // never told a place is covered, and a narrowed node may hold the last entries of
+            // a log whose writer's store was lost.
+            if origin != self.config.writer && narrowed && !serves_others {
                 state.wanted.remove(&origin);
                 continue;
             }

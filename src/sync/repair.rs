@@ -194,8 +194,51 @@ impl Engine {
                 leaves.push(range.start);
             }
         }
+        self.list_leaves(peer, &leaves, reader, replica)?;
+        for chunk in finer.chunks(RANGES_PER_DIGEST_MAX) {
+            let message = self.digest_message(replica, reader, chunk)?;
+            self.queue_message(peer, message);
+        }
+        Ok(())
+    }
+
+    /// Records that changes from elsewhere took out of this narrowed node's scope: each
+    /// node that reads everything is sent this node's listing of their leaves, as in a
+    /// repair round, and withdraws each (or first fetches what of it only this node holds).
+    pub(super) fn offer_left_scope(
+        &mut self,
+        docs: &[Vec<u8>],
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        let leaves: Vec<String> = docs
+            .iter()
+            .map(|doc| digest::leaf_prefix(digest::leaf_of(doc)))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let judges: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|(id, state)| state.ready && state.version >= 4 && replica.reads_all(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in judges {
+            self.list_leaves(peer, &leaves, None, replica)?;
+        }
+        Ok(())
+    }
+
+    /// Queues for `peer` the documents of each leaf held here (those `reader` may read, if
+    /// given) with their heads, every leaf found by one scan of the store.
+    fn list_leaves(
+        &mut self,
+        peer: NodeId,
+        leaves: &[String],
+        reader: Option<&NodeId>,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
         for (leaf, documents) in
-            replica.leaf_documents(&leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, reader)?
+            replica.leaf_documents(leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, reader)?
         {
             let mut listed = Vec::new();
             let mut bytes = 0usize;
@@ -218,10 +261,6 @@ impl Engine {
                     documents: listed,
                 }),
             );
-        }
-        for chunk in finer.chunks(RANGES_PER_DIGEST_MAX) {
-            let message = self.digest_message(replica, reader, chunk)?;
-            self.queue_message(peer, message);
         }
         Ok(())
     }
@@ -251,10 +290,18 @@ impl Engine {
             sorted_theirs.sort_unstable();
             let lacking_theirs = !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
+            // A change refused here (past a revoked node's cut-off, say) that the narrowed
+            // peer took in with a document: its copy goes, to come back without it.
+            let holds_refused = view.withdraws
+                && !lacking_theirs
+                && sorted_mine != sorted_theirs
+                && their_heads.iter().try_fold(false, |found, hash| {
+                    Ok::<bool, StoreError>(found || replica.refused_contains(&doc_key, hash)?)
+                })?;
             if view.withdraws
                 && !mine.is_empty()
                 && !lacking_theirs
-                && !replica.may_read_document(&peer, &doc_key)?
+                && (holds_refused || !replica.may_read_document(&peer, &doc_key)?)
             {
                 // It holds nothing we lack: it may drop its copy.
                 self.stats.repair_documents += 1;
