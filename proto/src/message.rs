@@ -148,9 +148,11 @@ pub enum Message {
         ranges: Vec<CoveredRange>,
     },
     /// (Version 4.) Documents the receiver holds that, as the sender holds them, its grant
-    /// does not let it read: sent only by a node that reads at least what the receiver reads
-    /// (the receiver checks), found by repair. The receiver drops its copy (keeping what it
-    /// wrote itself for its log); the records stay wherever they may be read.
+    /// does not let it read (or whose copy holds a change the sender refused), when the
+    /// sender holds every change of them the receiver holds: sent only by a node that reads
+    /// every record (the receiver checks), found by repair or a `NeedDocument` it may not
+    /// answer. The receiver drops its copy (keeping what it wrote itself for its log); the
+    /// records stay wherever they may be read.
     Withdraw {
         docs: Vec<String>,
     },
