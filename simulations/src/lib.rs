@@ -193,6 +193,9 @@ pub struct Summary {
     /// Changes not applied when they arrived, stamped too far ahead of their receiver's clock
     /// (they are sent again until they are not).
     pub changes_ahead: u64,
+    /// Records narrowed nodes took out on the word of a node that reads everything (since
+    /// each node's last restart).
+    pub withdrawn_documents: u64,
     /// Stores lost whole, and of those, brought back from a backup.
     pub stores_lost: u64,
     pub stores_restored: u64,
@@ -714,6 +717,7 @@ impl Sim {
         // Since each node's last restart: a restart begins its counters again.
         self.summary.changes_refused = total(|stats| stats.changes_refused.values().sum());
         self.summary.changes_ahead = total(|stats| stats.changes_ahead);
+        self.summary.withdrawn_documents = total(|stats| stats.withdrawn_documents);
         if let Some(per_delivery) = (self.summary.changes_sent * 1000).checked_div(deliveries) {
             self.summary.copies_per_node_reached_milli = per_delivery;
         }
@@ -2203,6 +2207,24 @@ mod tests {
             refused += summary.forged_refused;
         }
         assert!(refused > 0 && refused < forged, "{refused} of {forged}");
+    }
+
+    #[test]
+    fn partial_replicas_end_holding_exactly_what_they_may_read() {
+        let params = Params {
+            scoped_percent: 100,
+            partial_reads_percent: 50,
+            ..Params::default()
+        };
+        let mut withdrawn = 0;
+        for seed in 0..30 {
+            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
+            withdrawn += summary.withdrawn_documents;
+        }
+        assert!(
+            withdrawn > 0,
+            "no run moved a record out of a narrowed node's scope"
+        );
     }
 
     #[test]
