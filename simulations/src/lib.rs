@@ -1636,17 +1636,10 @@ impl Sim {
                 .collect()
         };
         // Among the nodes that read every record: a narrowed node's marks say only how far
-        // senders covered each log for it, and it relays no other origin's log to a wider
-        // node (what it holds is checked record by record below).
-        let reads_all = |node: &SimNode| {
-            self.scoped
-                .as_ref()
-                .is_none_or(|scoped| scoped.scopes().reads_all(&node.id))
-        };
+        // senders covered each log for it (what it holds is checked record by record below).
         let marks = held(&self.nodes[0]);
-        if self.nodes[1..]
-            .iter()
-            .any(|node| reads_all(node) && held(node) != marks)
+        if (1..self.nodes.len())
+            .any(|index| self.reads_all(index) && held(&self.nodes[index]) != marks)
         {
             return Ok(false);
         }

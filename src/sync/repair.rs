@@ -292,6 +292,9 @@ impl Engine {
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
             // A change refused here (past a revoked node's cut-off, say) that the narrowed
             // peer took in with a document: its copy goes, to come back without it.
+            // Whether the peer may read the record as it stands here (always, unless this
+            // node judges it).
+            let peer_reads = !view.judges || replica.may_read_document(&peer, &doc_key)?;
             let holds_refused = view.withdraws
                 && !lacking_theirs
                 && sorted_mine != sorted_theirs
@@ -301,7 +304,7 @@ impl Engine {
             if view.withdraws
                 && !mine.is_empty()
                 && !lacking_theirs
-                && (holds_refused || !replica.may_read_document(&peer, &doc_key)?)
+                && (holds_refused || !peer_reads)
             {
                 // It holds nothing we lack: it may drop its copy.
                 self.stats.repair_documents += 1;
@@ -319,7 +322,7 @@ impl Engine {
                 };
                 self.queue_message(peer, Message::NeedDocument(need));
             }
-            if view.judges && !replica.may_read_document(&peer, &doc_key)? {
+            if !peer_reads {
                 // Its changes come first; the next round tells it to take the record out.
                 continue;
             }
