@@ -8,6 +8,10 @@
 //! loopback): changes per second one peer applies from another, and write-to-visible latency
 //! at a steady write rate; the baseline is the same writes on one node with no peer.
 //!
+//! Partial replicas (engine level, three sled-backed nodes): a node granted 1% of the records
+//! (`customers:region=edge`) catching up from a node holding them all, beside a node with no
+//! grant doing the same, from an empty store and after 1% of the records changed.
+//!
 //! Long histories (two `concord run` nodes over QUIC): one record updated N times reaching a
 //! fresh peer, beside N changes spread over N distinct records.
 //!
@@ -46,6 +50,8 @@ fn main() {
     let history = flag(&args, "--history", 50_000);
     println!("replication: {records} records; latency at {rate} writes/s for {seconds} s; a history of {history} changes");
     engine_level(records);
+    partial_replica(records, true);
+    partial_replica(records, false);
     network_level(records / 5, rate, seconds);
     long_history(history);
 }
@@ -350,6 +356,159 @@ fn engine_level(records: usize) {
         reconnect_bytes
     );
     println!("| catch-up after {changed} records changed | {:.1} ms, {:.0} KB ({:.2}x the {:.0} KB of changes) | {:.0} ms, {:.1} MB |", catch_up_time.as_secs_f64() * 1000.0, catch_up_bytes as f64 / 1000.0, catch_up_bytes as f64 / changed_bytes as f64, changed_bytes as f64 / 1000.0, base_catch_up_time.as_secs_f64() * 1000.0, mb(base_catch_up));
+}
+
+/// Every hundredth record is the edge office's.
+const EDGE_EVERY: usize = 100;
+
+fn regional_record(n: usize) -> RecordWrite {
+    let region = if n.is_multiple_of(EDGE_EVERY) {
+        "edge"
+    } else {
+        "other"
+    };
+    let fields = json!({"name": format!("Customer {n}"), "email": format!("customer{n}@example.com"), "balance": n % 100_000, "region": region});
+    RecordWrite::replace_with(fields.as_object().expect("object").clone())
+}
+
+/// A node granted 1% of the records beside one with no grant, each catching up from `hq`
+/// (which holds them all): from an empty store, then after 1% of the records (spread over the
+/// whole key space, so 1% of those are the edge's) changed while they were apart.
+/// With `granted_first` the grant is in force before hq writes (an office granted, then
+/// served); without it hq wrote every record before the grant came (an office added to a
+/// cluster that holds data already), so hq's log holds no read tags for them.
+fn partial_replica(records: usize, granted_first: bool) {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let ca = temp.path().join("ca");
+    let cluster = concord::net::tls::create_ca(&ca).expect("ca");
+    let make = |name: &str| {
+        Node::create(
+            &temp.path().join(name),
+            &InitOptions {
+                name: Some(name.into()),
+                ca: Some(ca.clone()),
+                ..InitOptions::default()
+            },
+        )
+        .expect("node")
+    };
+    let (hq, full, edge) = (make("hq"), make("full"), make("edge"));
+    let scope = concord::scope::Scope::parse("customers:region=edge").expect("scope");
+    let signed = concord::scope::Authority::open(&ca)
+        .expect("authority")
+        .grant(edge.id(), vec![scope.clone()], vec![scope], 1)
+        .expect("grant")
+        .to_bytes();
+    let grant = || {
+        for node in [&hq, &full, &edge] {
+            node.add_signed(&signed).expect("grant verifies");
+        }
+    };
+    if granted_first {
+        grant();
+    }
+    let ids: Vec<RecordId> = (0..records).map(id).collect();
+    let writes: Vec<RecordWrite> = (0..records).map(regional_record).collect();
+    for (ids, writes) in ids.chunks(BATCH).zip(writes.chunks(BATCH)) {
+        hq.put_many(ids.iter().zip(writes.iter())).expect("load");
+    }
+    if !granted_first {
+        grant();
+    }
+    fn side<'a>(node: &'a Node, cluster: [u8; 16], name: &str) -> Side<'a> {
+        Side {
+            id: node.id(),
+            driver: Driver::new(
+                Engine::new(Config::new(cluster, node.id(), name)),
+                node.documents(),
+            ),
+            docs: node.documents(),
+        }
+    }
+    let expected_edge = records.div_ceil(EDGE_EVERY) as u64;
+    let mut figures = Vec::new();
+    for (round, (replica, name)) in [(&full, "full"), (&edge, "edge")].into_iter().enumerate() {
+        let mut sides = [side(&hq, cluster, "hq"), side(replica, cluster, name)];
+        let start = Instant::now();
+        let connect = connect_inputs(&sides);
+        let first_bytes = pump(&mut sides, Duration::ZERO, connect);
+        let first_time = start.elapsed();
+        disconnect(&mut sides);
+        // One in a hundred of them is the edge's (`i * 100` for `i` a multiple of 100).
+        let changed: Vec<usize> = (0..records / 100).map(|i| i * 100 + i % 100).collect();
+        let ids: Vec<RecordId> = changed.iter().map(|n| id(*n)).collect();
+        let writes: Vec<RecordWrite> = changed
+            .iter()
+            .map(|n| RecordWrite {
+                set: vec![("balance".to_owned(), json!((round + 1) * 1_000_000 + n))],
+                ..RecordWrite::default()
+            })
+            .collect();
+        hq.put_many(ids.iter().zip(writes.iter())).expect("updates");
+        let start = Instant::now();
+        let connect = connect_inputs(&sides);
+        let catch_up_bytes = pump(&mut sides, Duration::from_secs(20), connect);
+        let catch_up_time = start.elapsed();
+        figures.push((name, first_time, first_bytes, catch_up_time, catch_up_bytes));
+    }
+    let customers = concord::record::Collection::new("customers").expect("collection");
+    assert_eq!(
+        full.count_live_records().expect("count"),
+        hq.count_live_records().expect("count"),
+        "the full replica holds every record"
+    );
+    let mut after = None;
+    let mut held = 0u64;
+    loop {
+        let page = edge.list(&customers, after.as_ref(), 1000).expect("list");
+        for (key, fields) in &page.records {
+            assert_eq!(
+                fields.get("region"),
+                Some(&json!("edge")),
+                "the edge holds {key} outside its grant"
+            );
+            held += 1;
+        }
+        match page.last_seen {
+            Some(last) => after = Some(last),
+            None => break,
+        }
+    }
+    assert_eq!(
+        held, expected_edge,
+        "the edge holds every record of its grant"
+    );
+
+    let (_, full_first_time, full_first_bytes, full_catch_time, full_catch_bytes) = figures[0];
+    let (_, edge_first_time, edge_first_bytes, edge_catch_time, edge_catch_bytes) = figures[1];
+    let ratio = |part: f64, whole: f64| 100.0 * part / whole;
+    let when = if granted_first {
+        "granted before hq wrote them"
+    } else {
+        "granted after hq wrote them"
+    };
+    println!("\n## Partial replica, {records} records, the edge {when}: {expected_edge} of them (engine level)");
+    println!("| measure | full replica (no grant) | edge (1% granted) | edge / full |");
+    println!("|---|---|---|---|");
+    println!(
+        "| first replication to an empty store | {:.2} s, {:.2} MB | {:.3} s, {:.3} MB | {:.2}% of the time, {:.2}% of the bytes |",
+        full_first_time.as_secs_f64(),
+        mb(full_first_bytes),
+        edge_first_time.as_secs_f64(),
+        mb(edge_first_bytes),
+        ratio(edge_first_time.as_secs_f64(), full_first_time.as_secs_f64()),
+        ratio(edge_first_bytes as f64, full_first_bytes as f64),
+    );
+    println!(
+        "| catch-up after {} records changed | {:.1} ms, {:.1} KB | {:.1} ms, {:.1} KB | {:.2}% of the time, {:.2}% of the bytes |",
+        records / 100,
+        full_catch_time.as_secs_f64() * 1000.0,
+        full_catch_bytes as f64 / 1000.0,
+        edge_catch_time.as_secs_f64() * 1000.0,
+        edge_catch_bytes as f64 / 1000.0,
+        ratio(edge_catch_time.as_secs_f64(), full_catch_time.as_secs_f64()),
+        ratio(edge_catch_bytes as f64, full_catch_bytes as f64),
+    );
 }
 
 fn network_level(records: usize, rate: usize, seconds: usize) {

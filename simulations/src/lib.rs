@@ -199,7 +199,8 @@ pub struct Summary {
     /// Stores lost whole, and of those, brought back from a backup.
     pub stores_lost: u64,
     pub stores_restored: u64,
-    /// Acknowledged writes that no other node held when their store was lost.
+    /// Acknowledged writes that no other node held when their store was lost (a revoked node
+    /// counts for none).
     pub lost_with_store: u64,
     /// Stores that took a new writer while running, as peers showed them behind or beside
     /// their own log (only when stores reuse writers, a sabotage).
@@ -1274,11 +1275,21 @@ impl Sim {
         ));
         self.nodes[index].store = store;
         self.nodes[index].store_lost = true;
-        // Which acknowledged writes survive somewhere: on a node that holds them now (a down
-        // node holds what it made durable), or in the restored backup.
+        for entry in &mut self.acknowledged {
+            if entry.3 == index {
+                entry.3 = index + NODES_MAX;
+            }
+        }
+        self.forget_acknowledged_unheld(Some(index))
+    }
+
+    /// Drops the acknowledged writes no node can hand on any more: held by none but a revoked
+    /// node (nobody takes from it again) or a store just lost (`lost`, read as it is now). A
+    /// down node holds what it made durable.
+    fn forget_acknowledged_unheld(&mut self, lost: Option<usize>) -> Result<(), Violation> {
         let mut holders = Vec::with_capacity(self.nodes.len());
         for (other, node) in self.nodes.iter().enumerate() {
-            let docs = if other == index || !node.up {
+            let docs = if lost == Some(other) || !node.up {
                 // A store brought back from a backup still names the writer it had then.
                 let writer = concord::store::claim_writer(&node.store, node.id, node.writer)
                     .map(|(writer, _)| writer);
@@ -1297,19 +1308,27 @@ impl Sim {
             };
             holders.push(docs);
         }
+        let revoked = self
+            .scoped
+            .as_ref()
+            .and_then(|scoped| scoped.modified)
+            .filter(|_| self.summary.revoked);
         let before = self.acknowledged.len();
         let mut kept = Vec::with_capacity(before);
-        for mut entry in std::mem::take(&mut self.acknowledged) {
-            let (record, hash, _, by) = entry;
-            if by == index {
-                entry.3 = index + NODES_MAX;
-            }
+        for entry in std::mem::take(&mut self.acknowledged) {
+            let (record, hash, _, _) = entry;
             let id = &self.ids[record];
-            let held = self.nodes.iter().zip(&holders).any(|(node, opened)| {
-                let docs = opened.as_ref().unwrap_or(&node.docs);
-                docs.read(id, |doc| document::holds_change(doc, &hash))
-                    .unwrap_or(false)
-            });
+            let held = self
+                .nodes
+                .iter()
+                .zip(&holders)
+                .enumerate()
+                .filter(|(other, _)| revoked != Some(*other))
+                .any(|(_, (node, opened))| {
+                    let docs = opened.as_ref().unwrap_or(&node.docs);
+                    docs.read(id, |doc| document::holds_change(doc, &hash))
+                        .unwrap_or(false)
+                });
             if held {
                 kept.push(entry);
             }
@@ -1653,38 +1672,7 @@ impl Sim {
         }
         // And they hold everything the modified node holds but what it wrote itself and what
         // they refused (written on top of its changes that were cut off).
-        if let Some((scoped, modified)) = self
-            .scoped
-            .as_ref()
-            .and_then(|scoped| Some((scoped, scoped.modified?)))
-        {
-            let forged: BTreeSet<ChangeHash> =
-                scoped.forged.iter().map(|(_, hash, _)| *hash).collect();
-            for id in &self.ids {
-                let hashes = |docs: &DocStore<MemoryStore>| -> BTreeSet<ChangeHash> {
-                    docs.read(id, |doc| {
-                        doc.get_changes(&[])
-                            .iter()
-                            .map(|change| change.hash())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-                };
-                let honest = hashes(&self.nodes[0].docs);
-                let doc_key = id.to_doc_key();
-                if !hashes(&self.nodes[modified].docs).iter().all(|hash| {
-                    forged.contains(hash)
-                        || honest.contains(hash)
-                        || self.nodes[0]
-                            .docs
-                            .refused_contains(&doc_key, hash)
-                            .unwrap_or(false)
-                }) {
-                    return Ok(false);
-                }
-            }
-        }
-        Ok(true)
+        Ok(self.modified_holds_more().is_empty())
     }
 
     /// Whether node `index` holds of `record` what it should once converged, given `full`,
@@ -1771,6 +1759,7 @@ impl Sim {
             "{} node {modified} revoked, its log counting up to {cut_off}",
             self.now_ms
         ));
+        self.forget_acknowledged_unheld(None)?;
         for index in 0..self.nodes.len() {
             if self.nodes[index].up {
                 self.apply_cut_offs(index)?;
@@ -2024,6 +2013,14 @@ impl Sim {
         let origins: BTreeSet<NodeId> =
             all.iter().flat_map(|marks| marks.keys().copied()).collect();
         let mut report = String::new();
+        let modified = self.scoped.as_ref().and_then(|scoped| scoped.modified);
+        for (id, hash, holders) in self.modified_holds_more() {
+            report.push_str(&format!(
+                "{id}: change {} that the modified node {modified:?} holds is neither held nor \
+                 refused by node 0 (held by nodes {holders:?}); ",
+                &hash.to_string()[..8]
+            ));
+        }
         for origin in origins {
             let marks: Vec<u64> = all
                 .iter()
@@ -2052,6 +2049,54 @@ impl Sim {
             }
         }
         Ok(report)
+    }
+
+    /// What the modified node holds that node 0 neither holds nor refused (not counting what it
+    /// forged): each such change with its record and the nodes that hold it. Once the modified
+    /// node is revoked nobody takes anything from it, so a change only it still holds (its
+    /// origin lost its store) is lost with the revocation, not owed.
+    fn modified_holds_more(&self) -> Vec<(RecordId, ChangeHash, Vec<usize>)> {
+        let Some((scoped, modified)) = self
+            .scoped
+            .as_ref()
+            .and_then(|scoped| Some((scoped, scoped.modified?)))
+        else {
+            return Vec::new();
+        };
+        let forged: BTreeSet<ChangeHash> = scoped.forged.iter().map(|(_, hash, _)| *hash).collect();
+        let hashes = |index: usize, id: &RecordId| -> BTreeSet<ChangeHash> {
+            self.nodes[index]
+                .docs
+                .read(id, |doc| {
+                    doc.get_changes(&[])
+                        .iter()
+                        .map(|change| change.hash())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut owed = Vec::new();
+        for id in &self.ids {
+            let honest = hashes(0, id);
+            let doc_key = id.to_doc_key();
+            for hash in hashes(modified, id) {
+                let refused = self.nodes[0]
+                    .docs
+                    .refused_contains(&doc_key, &hash)
+                    .unwrap_or(false);
+                if forged.contains(&hash) || honest.contains(&hash) || refused {
+                    continue;
+                }
+                let holders: Vec<usize> = (0..self.nodes.len())
+                    .filter(|index| hashes(*index, id).contains(&hash))
+                    .collect();
+                if self.summary.revoked && holders == [modified] {
+                    continue;
+                }
+                owed.push((id.clone(), hash, holders));
+            }
+        }
+        owed
     }
 
     /// After convergence: no acknowledged change is missing, and deletes stayed deleted unless

@@ -296,7 +296,7 @@ fn main() -> ExitCode {
     println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
     println!("runs with a node whose clock ran {} ms ahead: {far_ahead}; changes that waited for their receiver's clock: {ahead}", args.far_ahead_ms);
-    println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet, lost with them: {lost_with_store}");
+    println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet (or only a revoked one), lost with them: {lost_with_store}");
     println!("runs with grants: {scoped} ({revoked} revoked a node mid-run); own writes refused at the door: {scope_refused}; changes by a node modified to ignore its grant: {forged}, of which every other node left out exactly the {forged_refused} the rule refuses; acknowledged writes made on top of changes a revocation cut off, gone with them: {cut_off}");
     println!("faults injected:");
     for (kind, count) in &faults {
