@@ -786,17 +786,29 @@ fn three_site_demo_converges() {
     assert!(text.contains("stopped all sites cleanly"), "{text}");
 }
 
-/// The final table of the table demo, as printed: everything after "hq and depot:".
+/// The merged table of the table demo, as printed: from "hq and depot:" to the next section.
 fn merged_table(text: &str) -> &str {
     let start = text
         .find("hq and depot:")
         .unwrap_or_else(|| panic!("{text}"));
-    &text[start..]
+    let end = text[start..]
+        .find("\n## ")
+        .map_or(text.len(), |end| start + end);
+    &text[start..end]
+}
+
+/// The last table the demo prints for the edge office `paris`.
+fn edge_table(text: &str) -> &str {
+    let start = text.rfind("  paris:").unwrap_or_else(|| panic!("{text}"));
+    let end = text[start..]
+        .find("\nstopped")
+        .map_or(text.len(), |end| start + end);
+    &text[start..end]
 }
 
 fn check_table_demo(text: &str) {
     assert!(text.contains("both tables agree"), "{text}");
-    assert!(text.contains("stopped both sites cleanly"), "{text}");
+    assert!(text.contains("stopped every site cleanly"), "{text}");
     let merged = merged_table(text);
     // Customer 1: hq's email and depot's credit, both kept.
     assert!(merged.contains("ada@analytical.org"), "{text}");
@@ -808,6 +820,22 @@ fn check_table_demo(text: &str) {
     assert_eq!(
         text.matches(" 0 captured since the link came back").count(),
         2,
+        "{text}"
+    );
+    // The edge office holds Paris's customers and no other: 1 moved in, 4 moved out, and 7,
+    // which it wrote outside its grant, stayed in its quarantine.
+    assert!(
+        text.contains("paris started and received only customer 4"),
+        "{text}"
+    );
+    let edge = edge_table(text);
+    assert!(edge.contains("Ada Lovelace"), "{text}");
+    assert!(edge.contains("Marie Curie"), "{text}");
+    assert!(edge.contains("Hokusai"), "{text}");
+    assert!(!edge.contains("Katherine Johnson"), "{text}");
+    assert!(!edge.contains("Grace Hopper"), "{text}");
+    assert!(
+        text.contains("customer 7 stays in paris's quarantine"),
         "{text}"
     );
 }

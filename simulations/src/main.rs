@@ -222,6 +222,7 @@ fn main() -> ExitCode {
     let (mut pushed, mut duplicates) = (0u64, 0u64);
     let (mut stores_lost, mut stores_restored, mut lost_with_store) = (0u64, 0u64, 0u64);
     let (mut far_ahead, mut ahead) = (0u64, 0u64);
+    let mut withdrawn = 0u64;
     let (mut scoped, mut scope_refused, mut forged, mut forged_refused, mut revoked) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut cut_off = 0u64;
@@ -249,6 +250,7 @@ fn main() -> ExitCode {
                 scope_refused += summary.scope_refused_writes;
                 forged += summary.forged_writes;
                 forged_refused += summary.forged_refused;
+                withdrawn += summary.withdrawn_documents;
                 revoked += u64::from(summary.revoked);
                 cut_off += summary.acknowledged_cut_off;
                 stores_lost += summary.stores_lost;
@@ -297,7 +299,7 @@ fn main() -> ExitCode {
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");
     println!("runs with a node whose clock ran {} ms ahead: {far_ahead}; changes that waited for their receiver's clock: {ahead}", args.far_ahead_ms);
     println!("stores lost whole: {stores_lost} ({stores_restored} brought back from a backup), each back under a new writer; acknowledged writes no other node held yet (or only a revoked one), lost with them: {lost_with_store}");
-    println!("runs with grants: {scoped} ({revoked} revoked a node mid-run); own writes refused at the door: {scope_refused}; changes by a node modified to ignore its grant: {forged}, of which every other node left out exactly the {forged_refused} the rule refuses; acknowledged writes made on top of changes a revocation cut off, gone with them: {cut_off}");
+    println!("runs with grants: {scoped} ({revoked} revoked a node mid-run); own writes refused at the door: {scope_refused}; changes by a node modified to ignore its grant: {forged}, of which every other node left out exactly the {forged_refused} the rule refuses; acknowledged writes made on top of changes a revocation cut off, gone with them: {cut_off}; records withdrawn from nodes narrowed in what they read: {withdrawn}");
     println!("faults injected:");
     for (kind, count) in &faults {
         println!("  {kind}: {count}");

@@ -380,6 +380,9 @@ struct LoadProgress {
     after: Option<Vec<String>>,
     /// Out: the log marks when the load began; the apply cursor starts there.
     marks: Vec<([u8; 16], u64)>,
+    /// Out: the last withdrawal when the load began; the withdrawal cursor starts there.
+    #[serde(default)]
+    withdrawn: u64,
 }
 
 impl Runner {
@@ -690,6 +693,7 @@ impl Runner {
                 .into_iter()
                 .map(|(origin, mark)| (origin.0, mark))
                 .collect();
+            progress.withdrawn = docs.last_withdrawal();
         }
         let after = match progress.after.as_ref().and_then(|after| after.first()) {
             Some(key) => {
@@ -709,6 +713,10 @@ impl Runner {
         let mut session = docs.session();
         if progress.done {
             session.put_state(&self.state_name("marks"), encode_marks(&progress.marks));
+            session.put_state(
+                &self.state_name("withdrawn"),
+                progress.withdrawn.to_be_bytes().to_vec(),
+            );
         }
         let bytes = serde_json::to_vec(&progress).expect("progress serializes");
         session.put_state(&self.state_name("load_out"), bytes);
@@ -813,13 +821,40 @@ impl Runner {
                 break;
             }
         }
+        // Records that left this node's read scope are gone from the store with no log entry
+        // of their own: the withdrawal feed names them, and their rows go too.
+        let withdrawn_name = self.state_name("withdrawn");
+        let seen = docs
+            .state(&withdrawn_name)?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut withdrawn_to = seen;
+        if ids.len() < APPLY_BATCH_MAX {
+            let withdrawals = docs.withdrawals_after(seen, APPLY_BATCH_MAX - ids.len())?;
+            if withdrawals
+                .first()
+                .is_some_and(|(number, _)| *number > seen + 1)
+            {
+                tracing::warn!(binding = %self.name, missed_from = seen + 1, "the binding fell behind the store's withdrawal feed: rows of some records that left this node's read scope may stay in the table");
+            }
+            more |= withdrawals.len() == APPLY_BATCH_MAX - ids.len();
+            for (number, doc_key) in withdrawals {
+                withdrawn_to = number;
+                if doc_key.starts_with(prefix.as_bytes()) {
+                    if let Ok(id) = RecordId::from_doc_key(&doc_key) {
+                        ids.insert(id);
+                    }
+                }
+            }
+        }
         if !ids.is_empty() {
             let ids: Vec<RecordId> = ids.into_iter().collect();
             self.apply_records(table, &ids)?;
         }
-        if advanced {
+        if advanced || withdrawn_to > seen {
             let mut session = docs.session();
             session.put_state(&name, encode_marks(&marks));
+            session.put_state(&withdrawn_name, withdrawn_to.to_be_bytes().to_vec());
             session.commit(Durability::Deferred)?;
         }
         Ok(more)

@@ -5,7 +5,9 @@
 //! when a server answers (in a database made for the demo and dropped after it), otherwise to
 //! SQLite; `depot` always to SQLite. The one link between them goes through a UDP relay, so
 //! the demo can take `depot` offline. Every edit is plain SQL against a table, as a user's
-//! application would make it; nothing else tells Concord about it.
+//! application would make it; nothing else tells Concord about it. Last, a third site, the edge
+//! office `paris` (SQLite), joins granted only the customers in Paris: its table follows that
+//! scope as customers move in and out, and its row outside the grant stays in its quarantine.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 use concord::config::{AdapterKind, BindingSection, Config, Direction};
 use concord::net::relay::Relay;
 use concord::node::{InitOptions, Node, NodeError};
@@ -249,7 +252,7 @@ pub fn run(options: Options, out: &mut dyn Write) -> Result<()> {
         .build()?;
     writeln!(
         out,
-        "# Concord demo: two sites, one table, edits made offline"
+        "# Concord demo: two sites, one table, edits made offline; then an edge office"
     )?;
     let hq_database = match &options.postgres {
         Some(url) => match Database::postgres(url) {
@@ -323,7 +326,8 @@ fn demo(
             task: None,
         });
     }
-    let outcome = script(runtime, root, &relay, &mut sites, out);
+    let outcome = script(runtime, root, &relay, &mut sites, out)
+        .and_then(|()| edge_office(runtime, root, &ca, hq_listen, &mut sites, out));
     for site in &mut sites {
         if let Some(stop) = site.stop.take() {
             let _ = stop.send(());
@@ -336,7 +340,7 @@ fn demo(
         site.database.remove()?;
     }
     outcome?;
-    writeln!(out, "\nstopped both sites cleanly")?;
+    writeln!(out, "\nstopped every site cleanly")?;
     Ok(())
 }
 
@@ -441,6 +445,163 @@ fn script(
             site.binding_counter("rows_applied"),
             site.binding_counter("rows_captured") - before
         )?;
+    }
+    Ok(())
+}
+
+/// The customers the edge office `paris` may read and write.
+const EDGE_SCOPE: &str = "customers:city=Paris";
+
+/// A third site, `paris`, granted only [`EDGE_SCOPE`]: its table receives Paris's customers
+/// and no other, a customer moved to Paris arrives there and one moved away leaves it, and a
+/// row it writes outside its grant stays in its quarantine.
+fn edge_office(
+    runtime: &tokio::runtime::Runtime,
+    root: &Path,
+    ca: &Path,
+    hq_listen: SocketAddr,
+    sites: &mut Vec<Site>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    writeln!(
+        out,
+        "\n## An edge office, paris, that may read and write only {EDGE_SCOPE}"
+    )?;
+    sites[0].sql("UPDATE customers SET city = 'Paris' WHERE id = 4", out)?;
+    let mut database = Database::sqlite(&root.join("paris.db"))?;
+    database.create_table()?;
+    let api = format!("127.0.0.1:{}", concord::net::free_loopback_port()?);
+    let dir = root.join("paris");
+    let id = Node::init_with(
+        &dir,
+        &InitOptions {
+            name: Some("paris".to_owned()),
+            ca: Some(ca.to_owned()),
+            listen: Some(
+                SocketAddr::from(([127, 0, 0, 1], concord::net::free_loopback_port()?)).to_string(),
+            ),
+            api: Some(api.clone()),
+            peers: vec![hq_listen.to_string()],
+        },
+    )?;
+    let config_path = dir.join("concord.toml");
+    let mut config = Config::load(&config_path)?;
+    config.bindings.push(database.binding());
+    std::fs::write(&config_path, config.to_toml())?;
+    // The grant, signed with the cluster CA key, goes to hq (running: through its API) before
+    // paris first connects, so paris is never sent what it may not read.
+    let hq_dir = root.join(sites[0].name).display().to_string();
+    let (id_text, ca_text) = (id.to_string(), ca.display().to_string());
+    let grant = [
+        "grant", &id_text, "--ca", &ca_text, "--read", EDGE_SCOPE, "--write", EDGE_SCOPE,
+    ];
+    writeln!(out, "  $ concord --data {hq_dir} {}", grant.join(" "))?;
+    let mut args = vec!["concord", "--data", &hq_dir];
+    args.extend(grant);
+    let cli = super::Cli::try_parse_from(&args).context("the grant command does not parse")?;
+    let mut answer = Vec::new();
+    super::execute(cli, &mut answer)?;
+    write!(out, "  {}", String::from_utf8_lossy(&answer))?;
+
+    let node = Arc::new(Node::open(&dir)?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = runtime.spawn(concord::node::runtime::run(node, async {
+        let _ = stopped.await;
+    }));
+    sites.push(Site {
+        name: "paris",
+        database,
+        api: ApiClient::new(&api),
+        stop: Some(stop),
+        task: Some(task),
+    });
+    let started = Instant::now();
+    let ids_at = |site: &mut Site| -> Result<Vec<String>> {
+        Ok(site
+            .database
+            .rows()?
+            .into_iter()
+            .filter_map(|row| row.first().cloned().flatten())
+            .collect())
+    };
+    wait("paris's table to hold Paris's customer", || {
+        Ok(ids_at(&mut sites[2])? == ["4"])
+    })?;
+    writeln!(
+        out,
+        "  paris started and received only customer 4, the one in Paris, {:.0} ms after start",
+        started.elapsed().as_secs_f64() * 1000.0
+    )?;
+    show_table("paris", &sites[2].database.rows()?, out)?;
+
+    writeln!(out, "\n## Customers move in and out of Paris at hq")?;
+    sites[0].sql("UPDATE customers SET city = 'Paris' WHERE id = 1", out)?;
+    let moved = Instant::now();
+    wait("customer 1 to arrive at paris", || {
+        Ok(ids_at(&mut sites[2])?.contains(&"1".to_owned()))
+    })?;
+    writeln!(
+        out,
+        "  customer 1 arrived whole at paris {:.0} ms later",
+        moved.elapsed().as_secs_f64() * 1000.0
+    )?;
+    sites[0].sql("UPDATE customers SET city = 'Lyon' WHERE id = 4", out)?;
+    let moved = Instant::now();
+    wait("customer 4 to leave paris", || {
+        Ok(ids_at(&mut sites[2])? == ["1"])
+    })?;
+    writeln!(
+        out,
+        "  customer 4 left paris's table and store {:.0} ms later (the change that moved it \
+         took it out of paris's scope; hq, which reads everything, confirmed paris held \
+         nothing of it that hq lacks)",
+        moved.elapsed().as_secs_f64() * 1000.0
+    )?;
+    show_table("paris", &sites[2].database.rows()?, out)?;
+
+    writeln!(out, "\n## paris writes inside and outside its grant")?;
+    let quarantined_before = sites[2].binding_counter("quarantined");
+    sites[2].sql(
+        "INSERT INTO customers (id, name, email, city, credit) \
+         VALUES (6, 'Marie Curie', 'marie@example.com', 'Paris', '640.00')",
+        out,
+    )?;
+    sites[2].sql(
+        "INSERT INTO customers (id, name, city, credit) \
+         VALUES (7, 'Hokusai', 'Tokyo', '12.00')",
+        out,
+    )?;
+    wait("customer 6 to reach hq and depot", || {
+        let at = |site: &mut Site| -> Result<bool> { Ok(ids_at(site)?.contains(&"6".to_owned())) };
+        Ok(at(&mut sites[0])? && at(&mut sites[1])?)
+    })?;
+    wait("paris to set customer 7 aside", || {
+        Ok(sites[2].binding_counter("quarantined") > quarantined_before)
+    })?;
+    let errors = sites[2].api.errors()?;
+    let reason = errors["errors"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|row| row["key"] == "7"))
+        .map_or_else(String::new, |row| {
+            row["error"].as_str().unwrap_or_default().to_owned()
+        });
+    writeln!(
+        out,
+        "  customer 6 reached hq and depot; customer 7 stays in paris's quarantine: {reason}"
+    )?;
+    for site in sites.iter_mut().take(2) {
+        if ids_at(site)?.contains(&"7".to_owned()) {
+            bail!(
+                "{} holds customer 7, written outside paris's grant",
+                site.name
+            );
+        }
+    }
+    let (central, edge) = sites.split_at_mut(2);
+    show_table("hq and depot", &central[0].database.rows()?, out)?;
+    show_table("paris", &edge[0].database.rows()?, out)?;
+    if central[0].database.rows()? != central[1].database.rows()? {
+        bail!("hq and depot disagree");
     }
     Ok(())
 }

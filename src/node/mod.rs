@@ -297,7 +297,13 @@ pub struct Node {
     scopes: Arc<RwLock<crate::scope::Scopes>>,
     /// Each record of `_grants` judged so far, by key: what verified, or `None`.
     grants_judged: Mutex<HashMap<String, Option<JudgedGrant>>>,
+    /// Where retagging the log for read filters new since it was logged stands, while it
+    /// runs: the log key to go on after (`Some(None)`: from the start).
+    retag: Mutex<Option<Option<Vec<u8>>>>,
 }
+
+/// Most steps of [`crate::store::DocStore::retag_log_step`] one [`Node::retag_step`] takes.
+pub const RETAG_STEPS_PER_CALL: usize = 64;
 
 /// A grant or revocation that verified, and its signature (the tie-break between grants).
 type JudgedGrant = (crate::scope::Verified, Vec<u8>);
@@ -524,6 +530,7 @@ impl Node {
             verifier,
             scopes,
             grants_judged: Mutex::new(HashMap::new()),
+            retag: Mutex::new(None),
         };
         node.refresh_scopes()?;
         Ok(node)
@@ -579,6 +586,15 @@ impl Node {
             scopes.insert(verified.clone(), signature);
         }
         drop(judged);
+        // A read filter naming a field new here: the log's entries logged before it lack that
+        // field's values, so they are given them (by `retag_step`, in the background).
+        let filters_before = self.scopes().read_filters();
+        if !scopes.read_filters().is_subset(&filters_before) {
+            *self
+                .retag
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(None);
+        }
         // A node revoked itself is cut off: it keeps what it holds as it was.
         let cut_offs = scopes.without_node(&self.id).cut_offs();
         let cut_offs_before = std::mem::replace(
@@ -624,6 +640,40 @@ impl Node {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// Goes on giving log entries the values of the fields read filters name (after a filter
+    /// named a new field), for at most [`RETAG_STEPS_PER_CALL`] steps; returns whether more
+    /// is left. Until it is done, a sender loads a record to judge an entry that lacks them.
+    pub fn retag_step(&self) -> Result<bool, NodeError> {
+        let cursor = || {
+            self.retag
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        // Taken out while the steps run, so a refresh that asks to start over never waits.
+        let Some(mut after) = cursor().take() else {
+            return Ok(false);
+        };
+        for _ in 0..RETAG_STEPS_PER_CALL {
+            let (next, rewritten) = self.docs.retag_log_step(after.as_deref())?;
+            if rewritten > 0 {
+                tracing::debug!(rewritten, "log entries given the values read filters name");
+            }
+            match next {
+                Some(next) => after = Some(next),
+                None => return Ok(cursor().is_some()),
+            }
+        }
+        // A refresh that asked to start over meanwhile wins.
+        cursor().get_or_insert(after);
+        Ok(true)
+    }
+
+    /// Runs [`Node::retag_step`] until the log is done.
+    pub fn retag_all(&self) -> Result<(), NodeError> {
+        while self.retag_step()? {}
         Ok(())
     }
 
@@ -1307,4 +1357,87 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::{Authority, Scope};
+    use serde_json::json;
+
+    #[test]
+    fn entries_logged_before_a_filter_named_their_field_are_tagged_for_it() {
+        let temp = tempfile::tempdir().unwrap();
+        let ca = temp.path().join("ca");
+        crate::net::tls::create_ca(&ca).unwrap();
+        let make = |name: &str| {
+            Node::create(
+                &temp.path().join(name),
+                &InitOptions {
+                    name: Some(name.into()),
+                    ca: Some(ca.clone()),
+                    ..InitOptions::default()
+                },
+            )
+            .unwrap()
+        };
+        let (hq, edge) = (make("hq"), make("edge"));
+        for (key, region) in [("1", "paris"), ("2", "tokyo"), ("3", "paris")] {
+            let write = RecordWrite {
+                set: vec![("region".to_owned(), json!(region))],
+                ..RecordWrite::default()
+            };
+            hq.put(
+                &RecordId::parse(&format!("customers/{key}")).unwrap(),
+                &write,
+            )
+            .unwrap();
+        }
+        let writer = hq.writer();
+        let customers = |docs: &DocStore<SledStore>| {
+            docs.log_entries(&writer, 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter(|(_, entry)| entry.doc_key.starts_with(b"customers/"))
+                .map(|(_, entry)| entry)
+                .collect::<Vec<_>>()
+        };
+        assert!(customers(hq.documents())
+            .iter()
+            .all(|entry| entry.tags.is_empty()));
+
+        let scope = Scope::parse("customers:region=paris").unwrap();
+        let signed = Authority::open(&ca)
+            .unwrap()
+            .grant(edge.id(), vec![scope.clone()], vec![scope], 1)
+            .unwrap();
+        hq.add_signed(&signed.to_bytes()).unwrap();
+        hq.retag_all().unwrap();
+        let tagged = customers(hq.documents());
+        assert_eq!(tagged.len(), 3);
+        for entry in &tagged {
+            let region = if entry.doc_key == b"customers/2" {
+                "\"tokyo\""
+            } else {
+                "\"paris\""
+            };
+            assert_eq!(
+                entry.tags,
+                vec![vec![("region".to_owned(), Some(region.to_owned()))]]
+            );
+        }
+        // The edge is sent the Paris customers, judged by their tags.
+        let (sent, _) = hq
+            .documents()
+            .log_readable_after(Some(&edge.id()), &writer, 0, 100, usize::MAX)
+            .unwrap();
+        let keys: Vec<&[u8]> = sent
+            .iter()
+            .map(|change| change.doc_key.as_slice())
+            .filter(|key| key.starts_with(b"customers/"))
+            .collect();
+        assert_eq!(keys, [&b"customers/1"[..], b"customers/3"]);
+        // Done: a second pass rewrites nothing.
+        assert!(!hq.retag_step().unwrap());
+    }
 }

@@ -538,7 +538,11 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         loop {
             every.tick().await;
             let node = scoped.clone();
-            match tokio::task::spawn_blocking(move || node.refresh_scopes()).await {
+            let refreshed = move || {
+                node.refresh_scopes()?;
+                node.retag_step().map(|_| ())
+            };
+            match tokio::task::spawn_blocking(refreshed).await {
                 Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
                 Ok(Ok(())) => guarded.set_revoked(scoped.scopes().revoked()),
                 Err(_) => {}
@@ -839,6 +843,18 @@ fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
             }
             Output::Applied { from, changes } => {
                 tracing::debug!(%from, count = changes.len(), "applied changes");
+                // A grant or revocation counts from the change that brought it, not from the
+                // next periodic read: what this node is sent next is judged by it.
+                let grants = format!("{}/", crate::scope::GRANTS_COLLECTION);
+                if changes
+                    .iter()
+                    .any(|change| change.doc_key.starts_with(grants.as_bytes()))
+                {
+                    match shared.node.refresh_scopes() {
+                        Ok(()) => shared.transport.set_revoked(shared.node.scopes().revoked()),
+                        Err(error) => tracing::warn!(%error, "reading the grants"),
+                    }
+                }
                 if shared.applied.receiver_count() > 0 {
                     let at = Instant::now();
                     for change in changes {

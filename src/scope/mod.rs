@@ -565,6 +565,18 @@ impl Scopes {
         })
     }
 
+    /// Every (collection, field) a read filter of the grants in force names.
+    pub fn read_filters(&self) -> std::collections::BTreeSet<(String, String)> {
+        self.grants
+            .values()
+            .flat_map(|(grant, _)| grant.read.iter())
+            .filter_map(|scope| {
+                let filter = scope.filter.as_ref()?;
+                Some((scope.collection.clone(), filter.field.clone()))
+            })
+            .collect()
+    }
+
     /// The fields that read filters of the grants in force name for records of
     /// `collection`, sorted: what the log keeps beside each change of such a record.
     pub fn filter_fields(&self, collection: &str) -> Vec<String> {

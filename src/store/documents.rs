@@ -207,6 +207,11 @@ impl DocCache {
         }
     }
 
+    /// The cached document, without making it the most recently used.
+    pub(super) fn peek(&self, doc_key: &[u8]) -> Option<&Loaded> {
+        self.entries.peek(doc_key).map(|(loaded, _)| loaded)
+    }
+
     fn contains(&self, doc_key: &[u8]) -> bool {
         self.entries.contains(doc_key)
     }
@@ -262,7 +267,13 @@ pub(super) struct Inner {
     /// Repair digests of what a narrowed reader may read, at most
     /// [`SCOPED_DIGESTS_CACHED_MAX`], the latest last.
     pub(super) scoped_digests: Vec<ScopedDigest>,
+    /// The sequence the next withdrawn document takes in the withdrawal feed.
+    pub(super) next_withdrawal: u64,
 }
+
+/// Most entries the withdrawal feed keeps ([`DocStore::withdrawals_after`]): each withdrawal
+/// past it takes out the oldest, so a binding that falls this far behind misses some.
+pub const WITHDRAWALS_KEPT_MAX: u64 = 65_536;
 
 /// Most scoped repair digests kept (one per narrowed peer in repair).
 pub const SCOPED_DIGESTS_CACHED_MAX: usize = 16;
@@ -562,7 +573,7 @@ impl<S: Store> DocStore<S> {
     }
 
     /// Takes `bytes` of batch from the room writes have; refuses them if there is none.
-    fn take_room(&self, bytes: usize) -> Result<(), StoreError> {
+    pub(super) fn take_room(&self, bytes: usize) -> Result<(), StoreError> {
         let cost = i64::try_from(bytes)
             .unwrap_or(i64::MAX)
             .saturating_mul(DISK_BYTES_PER_BATCH_BYTE);
@@ -853,6 +864,28 @@ impl<S: Store> DocStore<S> {
         self.store.get(&layout::meta_key(name))
     }
 
+    /// Up to `limit` documents this store withdrew (they left its read scope) after the
+    /// withdrawal numbered `after`, oldest first, each with its number: what a binding follows
+    /// to take their rows out of its table. Only the last [`WITHDRAWALS_KEPT_MAX`] are kept,
+    /// so a first number past `after + 1` means some were missed.
+    pub fn withdrawals_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let from = layout::withdrawal_key(after);
+        self.store
+            .scan_prefix(&[layout::TAG_WITHDRAWAL], Some(&from), limit)?
+            .into_iter()
+            .map(|(key, doc_key)| Ok((layout::withdrawal_sequence(&key)?, doc_key)))
+            .collect()
+    }
+
+    /// The number of the last withdrawal made (0: none yet).
+    pub fn last_withdrawal(&self) -> u64 {
+        self.inner().next_withdrawal - 1
+    }
+
     /// Up to `limit` state entries whose names start with `prefix`, after `after` (a full
     /// name), with their names.
     pub fn states(
@@ -1037,6 +1070,10 @@ fn scan_inner<S: Store>(
     };
     let writers = Writers::load(store, writer)?;
     let (refused, reissues) = super::refused::scan(store)?;
+    let next_withdrawal = match store.last_in_prefix(&[layout::TAG_WITHDRAWAL])? {
+        Some((key, _)) => layout::withdrawal_sequence(&key)? + 1,
+        None => 1,
+    };
     Ok(Inner {
         writers,
         cache: DocCache::new(config.cache_documents, config.cache_bytes),
@@ -1048,6 +1085,7 @@ fn scan_inner<S: Store>(
         reissues,
         digest_generation: 0,
         scoped_digests: Vec::new(),
+        next_withdrawal,
     })
 }
 
@@ -1624,7 +1662,17 @@ impl<S: Store> WriteSession<'_, S> {
 
     /// Applies everything queued as one atomic batch, then waits as `durability` says.
     pub fn commit(mut self, durability: Durability) -> Result<(), StoreError> {
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
+        let mut next_withdrawal = self.inner.next_withdrawal;
+        for doc_key in &self.withdrawn {
+            batch.put(layout::withdrawal_key(next_withdrawal), doc_key.clone());
+            if next_withdrawal > WITHDRAWALS_KEPT_MAX {
+                batch.remove(layout::withdrawal_key(
+                    next_withdrawal - WITHDRAWALS_KEPT_MAX,
+                ));
+            }
+            next_withdrawal += 1;
+        }
         let ticket = if batch.is_empty() {
             None
         } else {
@@ -1634,6 +1682,7 @@ impl<S: Store> WriteSession<'_, S> {
             self.docs.take_room(batch.bytes())?;
             self.docs.store.apply(batch)?;
             self.inner.next_log_sequence = self.next_log_sequence;
+            self.inner.next_withdrawal = next_withdrawal;
             for (origin, sequence) in std::mem::take(&mut self.places) {
                 self.inner
                     .origins
@@ -2069,6 +2118,44 @@ mod tests {
         assert_eq!(
             reopened.log_after(&node, 0, 100, usize::MAX).unwrap().len(),
             10
+        );
+    }
+
+    #[test]
+    fn withdrawals_are_numbered_in_order_and_survive_a_crash() {
+        let store = MemoryStore::new();
+        let node = NodeId::random().unwrap();
+        let docs = open(store.clone(), node, 4);
+        let actor = node.actor(0);
+        let ids: Vec<_> = (0..3)
+            .map(|i| RecordId::parse(&format!("c/{i}")).unwrap())
+            .collect();
+        for id in &ids {
+            set(&docs, id, &actor, "n", 1);
+        }
+        assert_eq!(docs.last_withdrawal(), 0);
+        assert!(docs.withdraw(&ids[2].to_doc_key()).unwrap());
+        assert!(docs.withdraw(&ids[0].to_doc_key()).unwrap());
+        // A document not held is not withdrawn, and takes no number.
+        assert!(!docs.withdraw(b"c/absent").unwrap());
+        assert_eq!(
+            docs.withdrawals_after(0, 10).unwrap(),
+            vec![(1, ids[2].to_doc_key()), (2, ids[0].to_doc_key())]
+        );
+        assert_eq!(
+            docs.withdrawals_after(1, 10).unwrap(),
+            vec![(2, ids[0].to_doc_key())]
+        );
+        // Withdrawals are written without a flush of their own: the next durable write makes
+        // them durable with it.
+        set(&docs, &ids[1], &actor, "n", 2);
+        store.crash(0);
+        let reopened = open(store, node, 4);
+        assert_eq!(reopened.last_withdrawal(), 2);
+        assert!(reopened.withdraw(&ids[1].to_doc_key()).unwrap());
+        assert_eq!(
+            reopened.withdrawals_after(2, 10).unwrap(),
+            vec![(3, ids[1].to_doc_key())]
         );
     }
 }

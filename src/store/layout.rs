@@ -10,6 +10,7 @@
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
 //! | `R` | change hash (32 bytes), document key | [`RefusedChange`]: a change refused here |
 //! | `K` | document key, 0, change hash (32 bytes) | a change of this node's own to a document it withdrew |
+//! | `W` | sequence (u64 big endian) | the key of a document this node withdrew, in the order it did |
 //!
 //! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]). A small
 //! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
@@ -218,6 +219,25 @@ pub fn kept_prefix(doc: &[u8]) -> Vec<u8> {
     let mut key = tagged(TAG_KEPT, doc);
     key.push(0);
     key
+}
+
+/// The documents this node withdrew, in the order it withdrew them (see
+/// [`super::DocStore::withdrawals_after`]): `W`, a sequence from 1 (big endian), valued the
+/// document key.
+pub const TAG_WITHDRAWAL: u8 = b'W';
+
+pub fn withdrawal_key(sequence: u64) -> Vec<u8> {
+    let mut key = vec![TAG_WITHDRAWAL];
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn withdrawal_sequence(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..9)
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+        .filter(|_| key.len() == 9 && key[0] == TAG_WITHDRAWAL)
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt("a withdrawal key is not 9 bytes".into()))
 }
 
 pub fn cover_prefix() -> Vec<u8> {

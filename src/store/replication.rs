@@ -19,6 +19,9 @@ use super::{DocStore, Durability, Store, StoreError};
 use crate::record::stamp::ChangeStamp;
 use crate::record::{document, NodeId, RecordId};
 
+/// Most log entries one step of [`DocStore::retag_log_step`] looks through.
+pub const RETAG_ENTRIES_PER_STEP: usize = 256;
+
 /// One change with its place in its origin's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedChange {
@@ -308,6 +311,78 @@ impl<S: Store> DocStore<S> {
             });
         }
         Ok((found, looked_through))
+    }
+
+    /// One step of giving the log entries logged before a read filter named a field of their
+    /// collection the values of the fields filters name now, so that a sender tells a
+    /// narrowed reader's changes by their tags instead of loading every document (see
+    /// [`DocStore::log_readable_after`]): at most [`RETAG_ENTRIES_PER_STEP`] entries after the
+    /// log key `after`, under the store's lock, so writers wait for one step at most. A
+    /// missing field takes the record's value as it stands here, which is what a sender
+    /// reads from the record when the tag lacks it; the values an entry was logged with stay.
+    /// Returns where the next step starts (`None`: the whole log is done) and how many entries
+    /// were rewritten. Not flushed: an entry a crash loses its new tags for is judged by its
+    /// record again.
+    pub fn retag_log_step(
+        &self,
+        after: Option<&[u8]>,
+    ) -> Result<(Option<Vec<u8>>, usize), StoreError> {
+        let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
+            return Ok((None, 0));
+        };
+        let inner = self.inner();
+        let page = self
+            .backend()
+            .scan_prefix(&[layout::TAG_LOG], after, RETAG_ENTRIES_PER_STEP)?;
+        let mut batch = super::Batch::default();
+        let mut current: HashMap<Vec<u8>, layout::ScopeTag> = HashMap::new();
+        for (key, value) in &page {
+            let mut entry = layout::decode_log_entry(value)?;
+            let fields = door.filter_fields(super::documents::collection_of(&entry.doc_key));
+            let lacks = |tag: &layout::ScopeTag| {
+                fields
+                    .iter()
+                    .any(|field| !tag.iter().any(|(name, _)| name == field))
+            };
+            if fields.is_empty() || !entry.tags.is_empty() && !entry.tags.iter().any(lacks) {
+                continue;
+            }
+            let now = match current.get(&entry.doc_key) {
+                Some(tag) => tag.clone(),
+                None => {
+                    let tag = match inner.cache.peek(&entry.doc_key) {
+                        Some(loaded) => super::documents::scope_tag(&loaded.doc, &fields),
+                        None => {
+                            super::documents::scope_tag(&self.load(&entry.doc_key)?.doc, &fields)
+                        }
+                    };
+                    current.insert(entry.doc_key.clone(), tag.clone());
+                    tag
+                }
+            };
+            if entry.tags.is_empty() {
+                entry.tags.push(now);
+            } else {
+                for tag in &mut entry.tags {
+                    for (field, value) in &now {
+                        if !tag.iter().any(|(name, _)| name == field) {
+                            tag.push((field.clone(), value.clone()));
+                        }
+                    }
+                }
+            }
+            batch.put(key.clone(), layout::encode_log_entry(&entry));
+        }
+        let rewritten = batch.len();
+        if rewritten > 0 {
+            self.take_room(batch.bytes())?;
+            self.backend().apply(batch)?;
+        }
+        drop(inner);
+        let next = (page.len() == RETAG_ENTRIES_PER_STEP)
+            .then(|| page.last().map(|(key, _)| key.clone()))
+            .flatten();
+        Ok((next, rewritten))
     }
 
     /// Whether `reader` may read the document of `doc_key` as it stands here (a missing or
