@@ -538,14 +538,13 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         loop {
             every.tick().await;
             let node = scoped.clone();
+            let transport = guarded.clone();
             let refreshed = move || {
-                node.refresh_scopes()?;
+                refresh_grants(&node, &transport)?;
                 node.retag_step().map(|_| ())
             };
-            match tokio::task::spawn_blocking(refreshed).await {
-                Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
-                Ok(Ok(())) => guarded.set_revoked(scoped.scopes().revoked()),
-                Err(_) => {}
+            if let Ok(Err(error)) = tokio::task::spawn_blocking(refreshed).await {
+                tracing::warn!(%error, "reading the grants");
             }
         }
     }));
@@ -820,6 +819,13 @@ fn reissue(shared: &Shared) {
 
 /// Carries out the driver's outputs; returns why the store must take a new writer, if a peer
 /// showed it.
+/// Reads the grants and revocations again; a revoked node's connections close at once.
+fn refresh_grants(node: &Node, transport: &Transport) -> Result<(), NodeError> {
+    node.refresh_scopes()?;
+    transport.set_revoked(node.scopes().revoked());
+    Ok(())
+}
+
 fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
     let mut superseded = None;
     for output in outputs {
@@ -845,14 +851,11 @@ fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
                 tracing::debug!(%from, count = changes.len(), "applied changes");
                 // A grant or revocation counts from the change that brought it, not from the
                 // next periodic read: what this node is sent next is judged by it.
-                let grants = format!("{}/", crate::scope::GRANTS_COLLECTION);
-                if changes
-                    .iter()
-                    .any(|change| change.doc_key.starts_with(grants.as_bytes()))
-                {
-                    match shared.node.refresh_scopes() {
-                        Ok(()) => shared.transport.set_revoked(shared.node.scopes().revoked()),
-                        Err(error) => tracing::warn!(%error, "reading the grants"),
+                if changes.iter().any(|change| {
+                    crate::store::collection_of(&change.doc_key) == crate::scope::GRANTS_COLLECTION
+                }) {
+                    if let Err(error) = refresh_grants(&shared.node, &shared.transport) {
+                        tracing::warn!(%error, "reading the grants");
                     }
                 }
                 if shared.applied.receiver_count() > 0 {

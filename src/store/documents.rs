@@ -463,7 +463,7 @@ pub(super) fn scope_tag(doc: &Automerge, fields: &[String]) -> ScopeTag {
 }
 
 /// The collection a document key names.
-pub(super) fn collection_of(doc_key: &[u8]) -> &str {
+pub fn collection_of(doc_key: &[u8]) -> &str {
     let end = doc_key
         .iter()
         .position(|&byte| byte == b'/')

@@ -29,10 +29,10 @@ pub mod salvage;
 mod sled_store;
 
 pub use documents::{
-    DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress, StoredRecord, WriteDoor,
-    WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT,
-    CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP,
-    LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
+    collection_of, DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress,
+    StoredRecord, WriteDoor, WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT,
+    CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
+    COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
 };
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, ScopeTag, Snapshot, StoredDoc};

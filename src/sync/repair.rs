@@ -290,11 +290,11 @@ impl Engine {
             sorted_theirs.sort_unstable();
             let lacking_theirs = !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            // A change refused here (past a revoked node's cut-off, say) that the narrowed
-            // peer took in with a document: its copy goes, to come back without it.
             // Whether the peer may read the record as it stands here (always, unless this
             // node judges it).
             let peer_reads = !view.judges || replica.may_read_document(&peer, &doc_key)?;
+            // A change refused here (past a revoked node's cut-off, say) that the narrowed
+            // peer took in with a document: its copy goes, to come back without it.
             let holds_refused = view.withdraws
                 && !lacking_theirs
                 && sorted_mine != sorted_theirs
