@@ -605,6 +605,17 @@ fn malformed_ids_are_refused_with_the_rule() {
     ];
     for (id, rule) in cases {
         for args in [vec!["put", id, "a=1"], vec!["get", id], vec!["delete", id]] {
+            if args[0] == "get" && rule == "reserved" {
+                // Concord's own collections read as `list` and `history` read them.
+                let output = concord(&node, &args);
+                assert_eq!(
+                    output.status.code(),
+                    Some(2),
+                    "{args:?}: {}",
+                    stderr(&output)
+                );
+                continue;
+            }
             let output = concord(&node, &args);
             assert_eq!(output.status.code(), Some(1), "{args:?}");
             let message = stderr(&output);

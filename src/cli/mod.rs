@@ -81,19 +81,20 @@ enum Command {
     Errors,
     /// Grant a node read and write access, signed with the cluster CA key: it replicates,
     /// and replaces the node's earlier grant. A scope is COLLECTION or COLLECTION:FIELD=VALUE
-    /// (the records whose field has that value). This build checks a node's own writes
-    /// against its grant; it does not yet filter what peers send or check what they receive.
+    /// (the records whose field has that value; VALUE is everything after the first `=`,
+    /// commas included). Every node sends the granted node only what it may read, and takes
+    /// from it, or from anyone relaying its changes, only what it may write.
     Grant {
         /// The node's name or id.
         node: String,
         /// The cluster CA dir (its key signs the grant).
         #[arg(long, value_name = "CA_DIR")]
         ca: PathBuf,
-        /// Scopes it may read, comma-separated.
-        #[arg(long, value_delimiter = ',', value_name = "SCOPE")]
+        /// A scope it may read; repeat the flag for more.
+        #[arg(long, value_name = "SCOPE")]
         read: Vec<String>,
-        /// Scopes it may write, comma-separated.
-        #[arg(long, value_delimiter = ',', value_name = "SCOPE")]
+        /// A scope it may write; repeat the flag for more.
+        #[arg(long, value_name = "SCOPE")]
         write: Vec<String>,
     },
     /// List the grants in force, one JSON object per line: node, read, write, issued, signer.
@@ -202,7 +203,16 @@ enum Command {
     /// Print a collection's records, one JSON object per line: {"key": ..., "fields": ...}.
     List { collection: String },
     /// Print a record's changes, one JSON object per line: actor, origin, time, effect.
-    History { id: String },
+    History {
+        id: String,
+        /// Only the changes after this one (a hash from an earlier page, or 8+ of its hex
+        /// digits).
+        #[arg(long, value_name = "VERSION")]
+        after: Option<String>,
+        /// Most changes listed (default: all, up to 100,000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Write a record's Automerge document (saved bytes) to FILE, or to stdout when FILE is
     /// "-" or not given.
     Export {
@@ -569,10 +579,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             write,
         } => {
             let parse = |list: &[String]| -> Result<Vec<concord::scope::Scope>> {
-                list.iter()
-                    .filter(|text| !text.is_empty())
-                    .map(|text| Ok(concord::scope::Scope::parse(text)?))
-                    .collect()
+                list.iter().map(|text| parse_scope(text)).collect()
             };
             let (read, write) = (parse(&read)?, parse(&write)?);
             let authority = concord::scope::Authority::open(&ca)?;
@@ -704,7 +711,9 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Get { id, at } => {
-            let id = RecordId::parse_user(&id)?;
+            // Concord's own collections (`_actors`, `_grants`) read as `list` and `history`
+            // read them; only writing them is reserved.
+            let id = RecordId::parse(&id)?;
             let fields = match (target(cli.data)?, at) {
                 (Target::Local(node), None) => {
                     Json::Object(node.get(&id)?.ok_or(NodeError::NotFound(id))?)
@@ -769,17 +778,40 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 }
             }
         }
-        Command::History { id } => {
+        Command::History { id, after, limit } => {
             let id = RecordId::parse(&id)?;
+            let limit = concord::node::page_limit(
+                limit.unwrap_or(concord::node::HISTORY_CHANGES_MAX),
+                concord::node::HISTORY_CHANGES_MAX,
+            )?;
             match target(cli.data)? {
                 Target::Local(node) => {
-                    for entry in node.history(&id)? {
-                        writeln!(out, "{}", serde_json::to_string(&entry)?)?;
+                    let after = match after {
+                        Some(text) => Some(node.resolve_version(&id, &text)?),
+                        None => None,
+                    };
+                    for entry in node.history_replay(&id, after.as_ref())?.take(limit) {
+                        writeln!(out, "{}", serde_json::to_string(&entry?)?)?;
                     }
                 }
                 Target::Remote(api) => {
-                    for entry in api.history(&id)? {
-                        writeln!(out, "{entry}")?;
+                    // Page by page, each printed as it comes.
+                    let mut after = after;
+                    let mut left = limit;
+                    while left > 0 {
+                        let asked = left.min(HISTORY_PAGE);
+                        let page = api.history(&id, after.as_deref(), asked)?;
+                        for entry in &page {
+                            writeln!(out, "{entry}")?;
+                        }
+                        left = left.saturating_sub(page.len());
+                        if page.len() < asked {
+                            break;
+                        }
+                        after = page
+                            .last()
+                            .and_then(|entry| entry["hash"].as_str())
+                            .map(str::to_owned);
                     }
                 }
             }
@@ -1059,6 +1091,22 @@ fn error_text(error: &anyhow::Error) -> String {
 }
 
 /// Reads `FIELD=PATH` into `FIELD=CONTENTS`, refusing a file larger than a request may be.
+/// One `--read` or `--write` scope. A scope's value is data, so a comma never starts another
+/// scope; a list given the old way, `a,b`, fails as a collection name, and says so.
+fn parse_scope(text: &str) -> Result<concord::scope::Scope> {
+    concord::scope::Scope::parse(text).map_err(|error| {
+        let hint = if text.contains(',') && !text.contains(':') {
+            " (give one scope per flag: --read a --read b)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{error}{hint}")
+    })
+}
+
+/// Changes asked of a running node's API at a time by `concord history`.
+const HISTORY_PAGE: usize = 1000;
+
 fn read_value_file(assignment: &str) -> Result<String> {
     use std::io::Read;
     let Some((field, path)) = assignment.split_once('=') else {

@@ -224,8 +224,12 @@ impl ApiClient {
         Ok((records, next))
     }
 
-    pub fn history(&self, id: &RecordId) -> Result<Vec<Value>> {
-        let path = format!("{}/history", Self::record_path(id));
+    /// One page of the record's history: up to `limit` changes after `after`.
+    pub fn history(&self, id: &RecordId, after: Option<&str>, limit: usize) -> Result<Vec<Value>> {
+        let mut path = format!("{}/history?limit={limit}", Self::record_path(id));
+        if let Some(after) = after {
+            path.push_str(&format!("&after={}", urlencode(after)));
+        }
         let value = self.answer(Some(id), self.agent.get(&self.url(&path)).call())?;
         Ok(value.as_array().cloned().unwrap_or_default())
     }
@@ -312,6 +316,9 @@ impl ApiClient {
     }
 
     pub fn node_named(&self, name: &str) -> Result<Value> {
+        if name.is_empty() {
+            return Err(NodeError::UnknownNode(String::new()).into());
+        }
         let url = self.url(&format!("/v1/nodes/{}", urlencode(name)));
         self.answer(None, self.agent.get(&url).call())
     }

@@ -48,6 +48,11 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// First and largest wait between dial attempts.
 pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// Wait before dialing again a peer that refused this node as revoked: a revocation does not
+/// end, so the peer is asked again only in case this node's word of it was wrong.
+pub const DIAL_REVOKED_WAIT: Duration = Duration::from_secs(60);
+/// How often the refusal of one revoked peer is logged, however often it dials.
+pub const REVOKED_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// QUIC keep-alive and idle timeout: a cut link is noticed within the idle timeout.
 pub const KEEP_ALIVE: Duration = Duration::from_millis(500);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -140,6 +145,11 @@ pub struct Transport {
     next_connection: AtomicU64,
     /// Nodes the cluster authority revoked: their connections are closed and refused.
     revoked: Mutex<BTreeSet<NodeId>>,
+    /// When the refusal of each revoked node was last logged (as many entries as revoked
+    /// nodes dialed, which the grants bound).
+    refusals_logged: Mutex<BTreeMap<NodeId, std::time::Instant>>,
+    /// Set once this node learns the cluster authority revoked it: it dials no more.
+    self_revoked: std::sync::atomic::AtomicBool,
     pub stats: TransportStats,
 }
 
@@ -202,6 +212,8 @@ impl Transport {
             events,
             next_connection: AtomicU64::new(1),
             revoked: Mutex::new(BTreeSet::new()),
+            refusals_logged: Mutex::new(BTreeMap::new()),
+            self_revoked: std::sync::atomic::AtomicBool::new(false),
             stats: TransportStats::default(),
         }))
     }
@@ -296,6 +308,12 @@ impl Transport {
         if *held == revoked {
             return;
         }
+        if revoked.contains(&self.node) && !self.self_revoked.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                "this node was revoked by the cluster authority: it dials its peers no more"
+            );
+        }
+        lock(&self.refusals_logged).retain(|node, _| revoked.contains(node));
         let mut links = lock(&self.links);
         for peer in &revoked {
             if let Some(link) = links.remove(peer) {
@@ -365,7 +383,15 @@ impl Transport {
         let mut backoff = DIAL_BACKOFF_MIN;
         let mut jitter = Jitter::new();
         lock(&self.dials).entry(address).or_default();
+        let mut told_revoked = false;
         loop {
+            if self.self_revoked.load(Ordering::Relaxed) {
+                self.dialed(
+                    address,
+                    Err("this node was revoked by the cluster authority"),
+                );
+                return;
+            }
             let attempt = match self.endpoint.connect(address, DIAL_SERVER_NAME) {
                 Ok(connecting) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
                     Ok(connected) => connected.map_err(|error| error.to_string()),
@@ -375,9 +401,22 @@ impl Transport {
             };
             match attempt {
                 Ok(connection) => {
-                    backoff = DIAL_BACKOFF_MIN;
                     self.dialed(address, Ok(peer_node(&connection)));
-                    self.clone().serve(connection, true, None).await;
+                    let established = self.clone().serve(connection.clone(), true, None).await;
+                    if is_revoked_close(&connection) {
+                        if !std::mem::replace(&mut told_revoked, true) {
+                            tracing::error!(%address, "the peer refuses this node: the cluster authority revoked it");
+                        }
+                        self.dialed(address, Err("the peer refuses this node as revoked"));
+                        tokio::time::sleep(DIAL_REVOKED_WAIT.mul_f64(0.5 + jitter.unit())).await;
+                        continue;
+                    }
+                    if established {
+                        backoff = DIAL_BACKOFF_MIN;
+                    } else {
+                        // Closed before it carried anything: as a failed dial, it backs off.
+                        self.dialed(address, Err("the peer closed the connection at once"));
+                    }
                 }
                 Err(error) => {
                     self.stats
@@ -394,30 +433,28 @@ impl Transport {
     }
 
     /// Runs one authenticated connection until it closes. `handshake` is released once the
-    /// connection's stream is open.
+    /// connection's stream is open. Whether the connection was established (it reached the
+    /// engine) before it closed.
     async fn serve(
         self: Arc<Self>,
         connection: quinn::Connection,
         dialer: bool,
         handshake: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    ) -> bool {
         let address = connection.remote_address();
         let Some(peer) = peer_node(&connection) else {
             tracing::warn!(%address, "refused a peer whose certificate carries no node id");
             connection.close(1u32.into(), b"no node id");
-            return;
+            return false;
         };
         if peer == self.node {
             connection.close(1u32.into(), b"connected to itself");
-            return;
+            return false;
         }
         if lock(&self.revoked).contains(&peer) {
-            self.stats
-                .handshakes_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, %address, "refused a node revoked by the cluster authority");
+            self.refuse_revoked(peer, address);
             connection.close(REVOKED_CLOSE_CODE.into(), REVOKED_CLOSE_REASON);
-            return;
+            return false;
         }
         let streams = if dialer {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.open_bi()).await
@@ -429,12 +466,12 @@ impl Transport {
             Ok(Ok(streams)) => streams,
             Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "connection closed before its stream opened");
-                return;
+                return false;
             }
             Err(_) => {
                 tracing::debug!(%peer, "no stream opened in time");
                 connection.close(1u32.into(), b"no stream");
-                return;
+                return false;
             }
         };
         let dialed_by = if dialer { self.node } else { peer };
@@ -451,7 +488,7 @@ impl Transport {
             },
         ) {
             connection.close(2u32.into(), b"duplicate connection");
-            return;
+            return false;
         }
         tracing::info!(%peer, %address, dialer, "connected");
         let _ = self
@@ -493,6 +530,23 @@ impl Transport {
                 connection: connection_id,
             })
             .await;
+        true
+    }
+
+    /// Counts a revoked node's dial and logs it, once a minute per node at most.
+    fn refuse_revoked(&self, peer: NodeId, address: SocketAddr) {
+        self.stats
+            .handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let mut logged = lock(&self.refusals_logged);
+        let due = logged
+            .get(&peer)
+            .is_none_or(|last| now.duration_since(*last) >= REVOKED_REFUSAL_LOG_INTERVAL);
+        if due {
+            logged.insert(peer, now);
+            tracing::warn!(%peer, %address, "refused a node revoked by the cluster authority (logged once a minute)");
+        }
     }
 
     /// One connection per peer pair: when both dial, the one dialed by the smaller node id
@@ -605,6 +659,16 @@ impl Transport {
             }
         }
     }
+}
+
+/// Whether the peer closed `connection` because the cluster authority revoked this node.
+fn is_revoked_close(connection: &quinn::Connection) -> bool {
+    matches!(
+        connection.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == quinn::VarInt::from_u32(REVOKED_CLOSE_CODE)
+                && close.reason.as_ref() == REVOKED_CLOSE_REASON
+    )
 }
 
 /// The node id in the peer's verified certificate.

@@ -102,6 +102,55 @@ async fn take_turns(
     next.run(request).await
 }
 
+/// Longest text of the framework's own rejections (a bad query, path or header) that an
+/// error answer repeats.
+const REJECTION_TEXT_BYTES_MAX: usize = 4096;
+
+/// A path that names no endpoint. A key holding `/` must be sent encoded (`%2F`), or its
+/// path names no record.
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no endpoint at {}: a record is /v1/records/COLLECTION/KEY, with a `/` inside \
+             the key sent as %2F",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+/// Every error answers `{"error": "..."}`: the framework's own rejections (a query, a path
+/// or a header it could not read) answer in plain text, and are rewritten here.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, REJECTION_TEXT_BYTES_MAX).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut rewritten = ApiError(status, text).into_response();
+    for name in [header::RETRY_AFTER, header::ALLOW] {
+        if let Some(value) = parts.headers.get(&name) {
+            rewritten.headers_mut().insert(name, value.clone());
+        }
+    }
+    rewritten
+}
+
 pub fn router(shared: Arc<Shared>) -> Router {
     let turns = Arc::new(Turns {
         requests: tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX),
@@ -145,6 +194,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/batch", axum::routing::post(batch))
         .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(REQUEST_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(turns, take_turns))
         .with_state(shared)
@@ -180,10 +232,12 @@ impl From<Refusal> for ApiError {
 /// A body that is not the JSON expected, or too large, answered as JSON like every error.
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            return too_large(REQUEST_BYTES_MAX);
-        }
+        let status = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => return too_large(REQUEST_BYTES_MAX),
+            // A body of the wrong shape is as bad a request as one that is not JSON.
+            StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+            status => status,
+        };
         Self(status, rejection.body_text())
     }
 }
@@ -207,44 +261,46 @@ fn too_large(limit: usize) -> ApiError {
 
 impl From<NodeError> for ApiError {
     fn from(error: NodeError) -> Self {
-        let status = match &error {
-            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
-            NodeError::Store(StoreError::OutsideGrant(_)) => StatusCode::FORBIDDEN,
-            NodeError::TooLarge { .. }
-            | NodeError::Record(RecordError::WriteTooLarge { .. })
-            | NodeError::Record(RecordError::TooManyValues { .. })
-            | NodeError::Store(StoreError::ChangeTooLarge { .. })
-            | NodeError::Store(StoreError::Record(RecordError::WriteTooLarge { .. }))
-            | NodeError::Store(StoreError::Record(RecordError::TooManyValues { .. })) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            NodeError::Record(_)
-            | NodeError::BadVersion(_)
-            | NodeError::BadTime(_)
-            | NodeError::NoConflict { .. }
-            | NodeError::NoCandidate { .. }
-            | NodeError::UnknownVersion { .. }
-            | NodeError::Store(crate::store::StoreError::InvalidDocument(_))
-            | NodeError::Store(StoreError::Record(_))
-            | NodeError::Store(StoreError::ClockAhead { .. }) => StatusCode::BAD_REQUEST,
-            NodeError::Store(StoreError::DiskFull(_) | StoreError::Closed) => {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
-            NodeError::Store(StoreError::Backend(sled::Error::Io(io)))
-                if super::disk::is_disk_full(io) =>
-            {
-                StatusCode::INSUFFICIENT_STORAGE
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self(status, error.to_string())
+        let message = error.to_string();
+        Self(status_of(&error), message)
     }
 }
 
-impl ApiError {
-    /// The same error, said of write `index` of a batch.
-    fn at(self, index: usize) -> Self {
-        Self(self.0, format!("write {index}: {}", self.1))
+/// The status an error answers with; a batch's failed write answers as that write would.
+fn status_of(error: &NodeError) -> StatusCode {
+    match error {
+        NodeError::InBatch { error, .. } => status_of(error),
+        NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+        NodeError::Store(StoreError::OutsideGrant(_)) => StatusCode::FORBIDDEN,
+        NodeError::TooLarge { .. }
+        | NodeError::Record(RecordError::WriteTooLarge { .. })
+        | NodeError::Record(RecordError::TooManyValues { .. })
+        | NodeError::Store(StoreError::ChangeTooLarge { .. })
+        | NodeError::Store(StoreError::Record(RecordError::WriteTooLarge { .. }))
+        | NodeError::Store(StoreError::Record(RecordError::TooManyValues { .. })) => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        NodeError::Record(_)
+        | NodeError::BadVersion(_)
+        | NodeError::BadTime(_)
+        | NodeError::ZeroLimit
+        | NodeError::Revoked(_)
+        | NodeError::AlreadyRevoked(_)
+        | NodeError::NoConflict { .. }
+        | NodeError::NoCandidate { .. }
+        | NodeError::UnknownVersion { .. }
+        | NodeError::Store(crate::store::StoreError::InvalidDocument(_))
+        | NodeError::Store(StoreError::Record(_))
+        | NodeError::Store(StoreError::ClockAhead { .. }) => StatusCode::BAD_REQUEST,
+        NodeError::Store(StoreError::DiskFull(_) | StoreError::Closed) => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        NodeError::Store(StoreError::Backend(sled::Error::Io(io)))
+            if super::disk::is_disk_full(io) =>
+        {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -301,7 +357,10 @@ async fn get_record(
     Path((collection, key)): Path<(String, String)>,
     Query(query): Query<GetQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = record_id(&collection, &key)?;
+    // Concord's own collections read as `list` and `history` read them; only writes are
+    // reserved.
+    let collection = Collection::new(&collection).map_err(bad_request)?;
+    let id = RecordId::new(collection, Key::new(&key).map_err(bad_request)?);
     let node = shared.node.clone();
     let fields = blocking(move || {
         let fields = match query.at {
@@ -371,6 +430,7 @@ async fn patch_record(
 pub const BATCH_WRITES_MAX: usize = 10_000;
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchWrite {
     /// `COLLECTION/KEY`.
     id: String,
@@ -382,6 +442,7 @@ struct BatchWrite {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchBody {
     writes: Vec<BatchWrite>,
 }
@@ -411,9 +472,6 @@ async fn batch(
         } else {
             RecordWrite::merge_patch(entry.fields)
         };
-        write
-            .check()
-            .map_err(|error| ApiError::from(NodeError::from(error)).at(index))?;
         writes.push((id, write));
     }
     let node = shared.node.clone();
@@ -458,7 +516,7 @@ async fn list(
     let limit = query
         .limit
         .unwrap_or(LIST_LIMIT_DEFAULT)
-        .clamp(1, LIST_LIMIT_MAX);
+        .min(LIST_LIMIT_MAX);
     let node = shared.node.clone();
     let page = blocking(move || node.list(&collection, after.as_ref(), limit)).await?;
     let records: Vec<Value> = page
@@ -471,14 +529,40 @@ async fn list(
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    /// The last change of the page before (its hash, or 8+ of its hex digits).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Changes one history page lists when the request does not say.
+const HISTORY_LIMIT_DEFAULT: usize = 1000;
+
+/// `GET .../history?after=HASH&limit=N`: a page of the record's changes, in causal order;
+/// the next page is the one after the last hash of this one, and a page shorter than its
+/// limit is the last.
 async fn history(
     State(shared): State<Arc<Shared>>,
     Path((collection, key)): Path<(String, String)>,
+    Query(query): Query<HistoryQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let collection = Collection::new(&collection).map_err(bad_request)?;
     let id = RecordId::new(collection, Key::new(&key).map_err(bad_request)?);
+    let limit = query
+        .limit
+        .unwrap_or(HISTORY_LIMIT_DEFAULT)
+        .min(LIST_LIMIT_MAX);
     let node = shared.node.clone();
-    let entries = blocking(move || node.history(&id)).await?;
+    let entries = blocking(move || {
+        let after = query
+            .after
+            .map(|text| node.resolve_version(&id, &text))
+            .transpose()?;
+        node.history(&id, after.as_ref(), limit)
+    })
+    .await?;
     json_body(&entries)
 }
 

@@ -177,6 +177,29 @@ pub fn restore(
     dir: &Path,
     ca: Option<&Path>,
     replace: bool,
+    progress: impl FnMut(&str, u64),
+) -> Result<RestoreReport, MaintenanceError> {
+    // A restore that fails leaves nothing it made behind: not its half-written store, and
+    // not the data dir it created for a new node.
+    let created = !dir.exists();
+    let restoring = dir.join(format!("{STORE_DIR}.restoring"));
+    let outcome = restore_into(file, dir, ca, replace, &restoring, progress);
+    if outcome.is_err() {
+        if created {
+            let _ = std::fs::remove_dir_all(dir);
+        } else if restoring.exists() {
+            let _ = std::fs::remove_dir_all(&restoring);
+        }
+    }
+    outcome
+}
+
+fn restore_into(
+    file: &Path,
+    dir: &Path,
+    ca: Option<&Path>,
+    replace: bool,
+    restoring: &Path,
     mut progress: impl FnMut(&str, u64),
 ) -> Result<RestoreReport, MaintenanceError> {
     let existing = dir.join(CONFIG_FILE).exists();
@@ -200,11 +223,10 @@ pub fn restore(
         crate::files::create_private_dir(dir).map_err(io(dir))?;
     }
     // Into a store of its own first: nothing replaces the current one until it is whole.
-    let restoring = dir.join(format!("{STORE_DIR}.restoring"));
     if restoring.exists() {
-        std::fs::remove_dir_all(&restoring).map_err(io(&restoring))?;
+        std::fs::remove_dir_all(restoring).map_err(io(restoring))?;
     }
-    let store = SledStore::open(&restoring, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let store = SledStore::open(restoring, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
     let input = std::fs::File::open(file).map_err(io(file))?;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut batch = Batch::default();
@@ -227,11 +249,7 @@ pub fn restore(
         },
         |bytes| progress("bytes read", bytes),
     );
-    if let Err(error) = outcome {
-        drop(store);
-        let _ = std::fs::remove_dir_all(&restoring);
-        return Err(error.into());
-    }
+    outcome?;
     store.apply(batch)?;
     store.flush()?;
     let file_named = |name: &str| {
@@ -262,7 +280,7 @@ pub fn restore(
     }
     let (checked, writer) = check_and_reincarnate(&store, backed_up, &mut progress)?;
     drop(store);
-    let replaced = put_in_place(dir, &restoring, "replaced")?;
+    let replaced = put_in_place(dir, restoring, "replaced")?;
     Ok(RestoreReport {
         node: backed_up.to_string(),
         writer: writer.to_string(),

@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::{ActorId, ChangeHash};
+use automerge::{ActorId, Automerge, ChangeHash};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::config::{Config, ConfigError, CONFIG_FILE};
 use crate::net::tls;
+use crate::record::history::Replay;
 use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
 use crate::record::stamp::ChangeStamp;
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId, RecordWrite};
@@ -38,6 +39,24 @@ pub const TLS_DIR: &str = "tls";
 pub const IMPORT_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most changes `history` lists for one record.
 pub const HISTORY_CHANGES_MAX: usize = 100_000;
+/// Actors whose origin one history replay keeps at hand.
+const HISTORY_ORIGINS_CACHED_MAX: usize = 4096;
+
+/// A record's changes with who wrote them, described one at a time: see [`Node::history`].
+pub struct HistoryReplay<'a> {
+    node: &'a Node,
+    replay: Replay,
+    origins: HashMap<ActorId, Option<Map<String, Json>>>,
+}
+
+impl Iterator for HistoryReplay<'_> {
+    type Item = Result<HistoryEntry, NodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (change, effect) = self.replay.next()?;
+        Some(self.node.history_entry(&mut self.origins, &change, effect))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -56,6 +75,15 @@ pub enum NodeError {
     Scope(#[from] crate::scope::ScopeError),
     #[error("no node named {0:?} is known here (give its id, as `concord status` shows it)")]
     UnknownNode(String),
+    #[error("node {0} is revoked: it takes no grant (a site that returns needs a new node)")]
+    Revoked(NodeId),
+    #[error("node {0} is already revoked")]
+    AlreadyRevoked(NodeId),
+    #[error("a limit of 0 lists nothing: give at least 1")]
+    ZeroLimit,
+    /// Write `index` of a batch (numbered from 0) failed, so the batch stored nothing.
+    #[error("write {index}: {error}")]
+    InBatch { index: usize, error: Box<NodeError> },
     #[error("{0} is already a Concord data dir")]
     AlreadyInitialized(PathBuf),
     #[error("{0} is not a Concord data dir (run `concord init {0}` first)")]
@@ -111,7 +139,7 @@ pub enum NodeError {
     NoConflict { id: RecordId, field: String },
     #[error("there is no candidate {index}: the conflict has {count}, numbered from 0")]
     NoCandidate { index: usize, count: usize },
-    #[error("time {0:?} is not understood: give it as RFC 3339, such as 2026-11-26T10:00:00Z")]
+    #[error("time {0:?} is not understood: give it as RFC 3339, such as 2026-11-26T10:00:00Z or 2026-11-26T11:00:00+01:00")]
     BadTime(String),
     #[error("{id} has no version {version} (see `concord history {id}`)")]
     UnknownVersion { id: RecordId, version: String },
@@ -149,15 +177,22 @@ pub fn parse_version(text: &str) -> Result<ChangeHash, NodeError> {
 /// Shortest prefix of a version's hash that names it, as `history` shows it may be shortened.
 pub const VERSION_PREFIX_HEX_MIN: usize = 8;
 
-/// A time as an audit takes it (RFC 3339, `Z` or no zone meaning UTC), in Unix seconds.
+/// A page's limit as asked: at least 1 (a limit of 0 would list nothing, or one entry where a
+/// floor is applied silently), at most `max` (more is cut to `max`).
+pub fn page_limit(limit: usize, max: usize) -> Result<usize, NodeError> {
+    if limit == 0 {
+        return Err(NodeError::ZeroLimit);
+    }
+    Ok(limit.min(max))
+}
+
+/// A time as every `--since`, `--until` and query takes it: RFC 3339 (a `T`, or the space its
+/// section 5.6 allows, between date and time; a `Z` or any offset), in Unix seconds. Nothing else is taken: a time without its
+/// offset could mean any of them.
 pub fn parse_time(text: &str) -> Result<i64, NodeError> {
-    let time = humantime::parse_rfc3339_weak(text.trim())
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map_err(|_| NodeError::BadTime(text.to_owned()))?;
-    let seconds = time
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| NodeError::BadTime(text.to_owned()))?
-        .as_secs();
-    i64::try_from(seconds).map_err(|_| NodeError::BadTime(text.to_owned()))
+    Ok(time.unix_timestamp())
 }
 
 /// One change in a record's history.
@@ -682,6 +717,18 @@ impl Node {
         let verifier = self.verifier.as_ref().ok_or(NodeError::NoCluster)?;
         let signed = crate::scope::Signed::from_bytes(bytes)?;
         let verified = verifier.verify(&signed)?;
+        let scopes = self.scopes();
+        match &verified {
+            crate::scope::Verified::Grant(grant) if scopes.is_revoked(&NodeId(grant.node)) => {
+                return Err(NodeError::Revoked(NodeId(grant.node)));
+            }
+            crate::scope::Verified::Revocation(revocation)
+                if scopes.is_revoked(&NodeId(revocation.node)) =>
+            {
+                return Err(NodeError::AlreadyRevoked(NodeId(revocation.node)));
+            }
+            _ => {}
+        }
         let id = RecordId::new(
             Collection::new(crate::scope::GRANTS_COLLECTION)?,
             Key::new(&grant_key(bytes))?,
@@ -701,6 +748,9 @@ impl Node {
     /// The node named `name` (its `node.name`, as the actor registry holds it), or the node
     /// whose id `name` is.
     pub fn node_named(&self, name: &str) -> Result<NodeId, NodeError> {
+        if name.is_empty() {
+            return Err(NodeError::UnknownNode(String::new()));
+        }
         if let Ok(id) = name.parse::<NodeId>() {
             return Ok(id);
         }
@@ -918,11 +968,17 @@ impl Node {
         let now = now_ms();
         let mut session = self.docs.session();
         let mut changed = 0;
-        for (id, write) in writes {
-            write.check()?;
-            let (_, outcome) = session.write(id, &self.api_actor, now, |tx| {
-                document::apply_write(tx, write)
-            })?;
+        for (index, (id, write)) in writes.into_iter().enumerate() {
+            let in_batch = |error: NodeError| NodeError::InBatch {
+                index,
+                error: Box::new(error),
+            };
+            write.check().map_err(|error| in_batch(error.into()))?;
+            let (_, outcome) = session
+                .write(id, &self.api_actor, now, |tx| {
+                    document::apply_write(tx, write)
+                })
+                .map_err(|error| in_batch(error.into()))?;
             changed += usize::from(outcome.change.is_some());
         }
         session.commit(Durability::Durable)?;
@@ -1041,6 +1097,7 @@ impl Node {
         after: Option<&Key>,
         limit: usize,
     ) -> Result<ListPage, NodeError> {
+        let limit = page_limit(limit, usize::MAX)?;
         let stored = self.docs.scan_collection(collection, after, limit)?;
         let last = stored.last().map(|record| record.id.key.clone());
         let mut records = Vec::with_capacity(stored.len());
@@ -1063,75 +1120,96 @@ impl Node {
         Ok(self.docs.count_live()?)
     }
 
-    /// Every change of the record, in causal order, with who wrote it and what it did.
-    pub fn history(&self, id: &RecordId) -> Result<Vec<HistoryEntry>, NodeError> {
-        let raw = self.docs.read(id, |doc| {
-            doc.get_changes(&[])
-                .iter()
-                .take(HISTORY_CHANGES_MAX)
-                .map(|change| {
-                    let mut effect = document::describe_change(doc, change.deps(), change.hash());
-                    let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
-                    if let Some(version) = stamp.reverts {
-                        effect.action = "revert";
-                        effect.reverts = Some(version);
-                    }
-                    (
-                        change.hash(),
-                        change.actor_id().clone(),
-                        change.timestamp(),
-                        effect,
-                    )
-                })
-                .collect::<Vec<_>>()
-        })?;
-        if raw.is_empty() {
+    /// Up to `limit` changes of the record after the change `after` (from the first when
+    /// `None`), in causal order, with who wrote them and what they did. One page costs what
+    /// replaying the record up to its end costs, and holds no lock meanwhile.
+    pub fn history(
+        &self,
+        id: &RecordId,
+        after: Option<&ChangeHash>,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, NodeError> {
+        let limit = page_limit(limit, HISTORY_CHANGES_MAX)?;
+        self.history_replay(id, after)?.take(limit).collect()
+    }
+
+    /// Every change of the record after `after`, described one at a time as they are taken.
+    /// The record is copied at once, so the replay holds no lock that other reads wait on.
+    pub fn history_replay(
+        &self,
+        id: &RecordId,
+        after: Option<&ChangeHash>,
+    ) -> Result<HistoryReplay<'_>, NodeError> {
+        let whole = self.docs.read(id, Automerge::clone)?;
+        if whole.get_heads().is_empty() {
             return Err(NodeError::NotFound(id.clone()));
         }
-        let mut origins: HashMap<ActorId, Option<Map<String, Json>>> = HashMap::new();
-        let mut entries = Vec::with_capacity(raw.len());
-        for (hash, actor, time, effect) in raw {
-            if !origins.contains_key(&actor) {
-                let origin = self.actor_origin(&actor)?;
-                origins.insert(actor.clone(), origin);
-            }
-            let origin = origins.get(&actor).cloned().flatten();
-            let text = |field: &str| {
-                origin
-                    .as_ref()
-                    .and_then(|fields| fields.get(field))
-                    .and_then(Json::as_str)
-                    .map(str::to_owned)
-            };
-            let node = text("node")
-                .or_else(|| NodeId::split_actor(&actor).map(|(node, _)| node.to_string()));
-            let seconds = time;
-            let time = u64::try_from(time)
-                .map(|seconds| {
-                    humantime::format_rfc3339_seconds(
-                        UNIX_EPOCH + std::time::Duration::from_secs(seconds),
-                    )
-                    .to_string()
-                })
-                .unwrap_or_default();
-            entries.push(HistoryEntry {
-                hash: hash.to_string(),
-                actor: actor.to_hex_string(),
-                node,
-                node_name: text("node_name"),
-                source: text("source"),
-                time,
-                seconds,
-                effect,
-            });
+        let replay = Replay::new(whole, after).map_err(|unknown| NodeError::UnknownVersion {
+            id: id.clone(),
+            version: unknown.0.to_string(),
+        })?;
+        Ok(HistoryReplay {
+            node: self,
+            replay,
+            origins: HashMap::new(),
+        })
+    }
+
+    /// Who wrote with `actor`, as the actor registry says (looked up once per actor).
+    fn history_entry(
+        &self,
+        origins: &mut HashMap<ActorId, Option<Map<String, Json>>>,
+        change: &automerge::Change,
+        mut effect: document::ChangeEffect,
+    ) -> Result<HistoryEntry, NodeError> {
+        let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
+        if let Some(version) = stamp.reverts {
+            effect.action = "revert";
+            effect.reverts = Some(version);
         }
-        Ok(entries)
+        let actor = change.actor_id();
+        if !origins.contains_key(actor) {
+            if origins.len() >= HISTORY_ORIGINS_CACHED_MAX {
+                origins.clear();
+            }
+            let origin = self.actor_origin(actor)?;
+            origins.insert(actor.clone(), origin);
+        }
+        let origin = origins.get(actor).cloned().flatten();
+        let text = |field: &str| {
+            origin
+                .as_ref()
+                .and_then(|fields| fields.get(field))
+                .and_then(Json::as_str)
+                .map(str::to_owned)
+        };
+        let node =
+            text("node").or_else(|| NodeId::split_actor(actor).map(|(node, _)| node.to_string()));
+        let seconds = change.timestamp();
+        let time = u64::try_from(seconds)
+            .map(|seconds| {
+                humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+                )
+                .to_string()
+            })
+            .unwrap_or_default();
+        Ok(HistoryEntry {
+            hash: change.hash().to_string(),
+            actor: actor.to_hex_string(),
+            node,
+            node_name: text("node_name"),
+            source: text("source"),
+            time,
+            seconds,
+            effect,
+        })
     }
 
     /// Changes to user records (or to `filter.collection`, which may be one of Concord's
     /// own), with node, source and time, filtered.
     pub fn audit(&self, filter: &AuditFilter) -> Result<AuditReport, NodeError> {
-        let limit = filter.limit.clamp(1, AUDIT_ENTRIES_MAX);
+        let limit = page_limit(filter.limit, AUDIT_ENTRIES_MAX)?;
         let (ids, mut truncated) = self.audited_records(filter)?;
         let mut entries: Vec<AuditEntry> = Vec::new();
         let keep_earliest = |entries: &mut Vec<AuditEntry>, truncated: &mut bool| {
@@ -1144,21 +1222,21 @@ impl Node {
             }
         };
         for id in ids {
-            let history = match self.history(&id) {
+            let history = match self.history_replay(&id, None) {
                 Ok(history) => history,
                 Err(NodeError::NotFound(_)) => continue,
                 Err(error) => return Err(error),
             };
             let record = id.to_string();
-            entries.extend(
-                history
-                    .into_iter()
-                    .filter(|change| filter.admits(change))
-                    .map(|change| AuditEntry {
+            for change in history.take(HISTORY_CHANGES_MAX) {
+                let change = change?;
+                if filter.admits(&change) {
+                    entries.push(AuditEntry {
                         record: record.clone(),
                         change,
-                    }),
-            );
+                    });
+                }
+            }
             if entries.len() > 2 * limit {
                 keep_earliest(&mut entries, &mut truncated);
             }
@@ -1179,6 +1257,7 @@ impl Node {
             collection: collection.cloned(),
             ..AuditFilter::default()
         };
+        let limit = page_limit(limit, AUDIT_ENTRIES_MAX)?;
         let (ids, mut truncated) = self.audited_records(&filter)?;
         let mut records = Vec::new();
         for id in ids {
@@ -1189,7 +1268,7 @@ impl Node {
             if fields.is_empty() {
                 continue;
             }
-            if records.len() >= limit.clamp(1, AUDIT_ENTRIES_MAX) {
+            if records.len() >= limit {
                 truncated = true;
                 break;
             }
@@ -1364,6 +1443,31 @@ mod tests {
     use super::*;
     use crate::scope::{Authority, Scope};
     use serde_json::json;
+
+    #[test]
+    fn times_are_rfc_3339_with_any_offset_and_nothing_else() {
+        let utc = parse_time("2026-12-06T00:00:00Z").unwrap();
+        assert_eq!(utc, 1_796_515_200);
+        assert_eq!(parse_time("2026-12-06T01:00:00+01:00").unwrap(), utc);
+        assert_eq!(parse_time("2026-12-05T19:00:00-05:00").unwrap(), utc);
+        assert_eq!(parse_time("2026-12-06T00:00:00.750z").unwrap(), utc);
+        assert_eq!(parse_time("2026-12-06T00:00:00+01:00").unwrap(), utc - 3600);
+        // RFC 3339 lets a space stand for the `T` (the note in its section 5.6).
+        assert_eq!(parse_time("2026-12-06 00:00:00Z").unwrap(), utc);
+        for bad in [
+            "2026-12-06T00:00:00",
+            "2026-12-06 09:00:00",
+            "2026-12-06",
+            "yesterday",
+            "",
+            " 2026-12-06T00:00:00Z",
+        ] {
+            assert!(
+                matches!(parse_time(bad), Err(NodeError::BadTime(_))),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn entries_logged_before_a_filter_named_their_field_are_tagged_for_it() {

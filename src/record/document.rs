@@ -409,7 +409,9 @@ pub struct ChangeEffect {
     pub reverts: Option<String>,
 }
 
-/// Describes the effect of the change `hash`, whose dependencies are `deps`.
+/// Describes the effect of the change `hash`, whose dependencies are `deps`, against the
+/// whole document (each call walks its history: [`super::history::Replay`] describes a whole
+/// history in one pass).
 pub fn describe_change(
     doc: &automerge::Automerge,
     deps: &[ChangeHash],
@@ -418,33 +420,41 @@ pub fn describe_change(
     let after = [hash];
     let before_state = state_at(doc, Some(deps));
     let after_state = state_at(doc, Some(&after));
-    let action = match (before_state, after_state) {
-        (RecordState::Live, RecordState::Deleted) => "delete",
-        (RecordState::Missing, RecordState::Live) => "create",
-        (RecordState::Deleted, RecordState::Live) => "recreate",
-        _ => "update",
-    };
+    let patches = doc.diff(deps, &after);
+    effect_of(doc, before_state, after_state, &patches, Some(&after))
+}
+
+/// The effect of a change that took the record from `before` to `after`, Automerge's
+/// `patches` for it, on `doc` as of `heads` (just after the change; `None`: now).
+pub fn effect_of<D: ReadDoc>(
+    doc: &D,
+    before: RecordState,
+    after: RecordState,
+    patches: &[automerge::Patch],
+    heads: Option<&[ChangeHash]>,
+) -> ChangeEffect {
+    let action = super::history::action(before, after);
     let mut touched = BTreeSet::new();
     let mut removed = BTreeSet::new();
-    for patch in doc.diff(deps, &after) {
+    for patch in patches {
         let root_key = match (patch.path.first(), &patch.action) {
             (Some((_, automerge::Prop::Map(key))), _) => key.clone(),
             (None, automerge::PatchAction::PutMap { key, .. }) => key.clone(),
             (None, automerge::PatchAction::DeleteMap { key }) => {
-                if !key.starts_with(RESERVED_FIELD_PREFIX) {
+                if super::history::is_field(key) {
                     removed.insert(key.clone());
                 }
                 continue;
             }
             _ => continue,
         };
-        if !root_key.starts_with(RESERVED_FIELD_PREFIX) {
+        if super::history::is_field(&root_key) {
             touched.insert(root_key);
         }
     }
     let mut set = Map::new();
     for field in touched {
-        if let Some(value) = field_json(doc, &field, Some(&after)) {
+        if let Some(value) = field_json(doc, &field, heads) {
             removed.remove(&field);
             set.insert(field, value);
         }

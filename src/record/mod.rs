@@ -6,6 +6,7 @@
 //! hands documents in and persists what comes out.
 
 pub mod document;
+pub mod history;
 pub mod id;
 pub mod origin;
 pub mod stamp;

@@ -1,0 +1,341 @@
+//! What a hostile but realistic user tried, each reproduced as it was found and now refused
+//! or answered as the README says: a grant widened by a comma in a value, times with an
+//! offset, limits of 0, errors that were not JSON, a batch body the README showed and the API
+//! refused, reads of Concord's own collections, revoking twice, granting a revoked node, an
+//! empty node name, and a failed restore that left a data dir behind.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::cluster::{start_mesh, TestNode};
+use common::{concord, concord_bare, ok, stderr, stdout};
+use serde_json::{json, Value};
+
+/// A cluster CA and one stopped node in it, named `name`.
+fn node_in_cluster(parent: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ca = parent.join("ca");
+    ok(concord_bare(&["ca", "init", ca.to_str().unwrap()]));
+    let dir = parent.join(name);
+    ok(concord_bare(&[
+        "init",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+        "--ca",
+        ca.to_str().unwrap(),
+    ]));
+    (ca, dir)
+}
+
+fn grant_lines(dir: &Path) -> Vec<Value> {
+    ok(concord(dir, &["grants"]))
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_comma_in_a_scope_value_never_starts_another_scope() {
+    let temp = tempfile::tempdir().unwrap();
+    let (ca, dir) = node_in_cluster(temp.path(), "edge");
+    let ca = ca.to_str().unwrap();
+    // As found: a value with a comma widened the grant to the whole collection `dc`.
+    ok(concord(
+        &dir,
+        &[
+            "grant",
+            "edge",
+            "--ca",
+            ca,
+            "--read",
+            "customers:city=Washington,dc",
+        ],
+    ));
+    let grants = grant_lines(&dir);
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!(grants[0]["read"], json!(["customers:city=Washington,dc"]));
+    // The quoted form names the same value (it failed before).
+    ok(concord(
+        &dir,
+        &[
+            "grant",
+            "edge",
+            "--ca",
+            ca,
+            "--read",
+            "customers:city=\"Washington,dc\"",
+            "--read",
+            "orders",
+        ],
+    ));
+    let grants = grant_lines(&dir);
+    assert_eq!(
+        grants[0]["read"],
+        json!(["customers:city=Washington,dc", "orders"])
+    );
+    // A list given the old way is refused, saying how to give several.
+    let listed = concord(&dir, &["grant", "edge", "--ca", ca, "--read", "gw,c"]);
+    assert_eq!(listed.status.code(), Some(1), "{}", stderr(&listed));
+    assert!(
+        stderr(&listed).contains("one scope per flag"),
+        "{}",
+        stderr(&listed)
+    );
+    // And the help no longer says peers' changes go unchecked.
+    let help = stdout(&concord_bare(&["grant", "--help"]));
+    assert!(!help.contains("does not yet filter"), "{help}");
+    assert!(help.contains("repeat the flag"), "{help}");
+}
+
+#[test]
+fn revoking_twice_granting_a_revoked_node_and_an_empty_name_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let (ca, dir) = node_in_cluster(temp.path(), "hq");
+    let ca = ca.to_str().unwrap();
+    let other = "0123456789abcdef0123456789abcdef";
+    ok(concord(&dir, &["revoke", other, "--ca", ca]));
+    let again = concord(&dir, &["revoke", other, "--ca", ca]);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already revoked"),
+        "{}",
+        stderr(&again)
+    );
+    let granted = concord(&dir, &["grant", other, "--ca", ca, "--read", "customers"]);
+    assert_eq!(granted.status.code(), Some(1), "{}", stderr(&granted));
+    assert!(
+        stderr(&granted).contains("is revoked"),
+        "{}",
+        stderr(&granted)
+    );
+    let listed = grant_lines(&dir);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["revoked"], json!(true));
+    let empty = concord(&dir, &["grant", "", "--ca", ca, "--read", "customers"]);
+    assert_eq!(empty.status.code(), Some(1), "{}", stderr(&empty));
+    assert!(
+        stderr(&empty).contains("no node named \"\""),
+        "{}",
+        stderr(&empty)
+    );
+}
+
+#[test]
+fn a_failed_restore_leaves_no_data_dir_behind() {
+    let temp = tempfile::tempdir().unwrap();
+    let (ca, _) = node_in_cluster(temp.path(), "hq");
+    let bad = temp.path().join("bad.backup");
+    std::fs::write(&bad, b"not a backup at all").unwrap();
+    let target = temp.path().join("restored");
+    let restored = concord_bare(&[
+        "restore",
+        bad.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert_ne!(restored.status.code(), Some(0), "{}", stderr(&restored));
+    assert!(
+        !target.exists(),
+        "a failed restore left {}",
+        target.display()
+    );
+}
+
+/// A raw request: its status, content type and body.
+fn request(node: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, String, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(&node.api).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        node.api,
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
+    (status, content_type, value)
+}
+
+/// Asserts a JSON error with `status` whose text holds `text`.
+fn json_error(answer: (u16, String, Value), status: u16, text: &str) {
+    let (got, content_type, body) = answer;
+    assert_eq!(got, status, "{body}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}: {body}"
+    );
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains(text), "{error:?} lacks {text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_api_error_is_json_with_a_listed_status_and_limits_mean_what_they_say() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut node]: [TestNode; 1] = start_mesh(temp.path(), &["hq"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    for key in 0..3 {
+        node.put(&format!("customers/{key}"), json!({"n": key}));
+    }
+    // `?limit=0` listed one record; now it is refused, as is -1 (plain text before).
+    json_error(
+        request(&node, "GET", "/v1/records/customers?limit=0", None),
+        400,
+        "at least 1",
+    );
+    json_error(
+        request(&node, "GET", "/v1/audit?limit=0", None),
+        400,
+        "at least 1",
+    );
+    json_error(
+        request(&node, "GET", "/v1/records/customers?limit=-1", None),
+        400,
+        "limit",
+    );
+    let (status, _, page) = request(&node, "GET", "/v1/records/customers?limit=2", None);
+    assert_eq!(
+        (status, page["records"].as_array().unwrap().len()),
+        (200, 2)
+    );
+    // A key with an unencoded slash, a wrong method: JSON, not an empty body.
+    json_error(
+        request(&node, "GET", "/v1/records/customers/a/b", None),
+        404,
+        "%2F",
+    );
+    json_error(
+        request(&node, "POST", "/v1/records/customers/1", Some("{}")),
+        405,
+        "POST",
+    );
+    // A body of the wrong shape is a 400 like any bad request, not 422.
+    json_error(
+        request(&node, "PUT", "/v1/records/customers/1", Some("[1]")),
+        400,
+        "",
+    );
+    // Concord's own collections read alike by list, history and get.
+    let (status, _, actors) = request(&node, "GET", "/v1/records/_actors?limit=2", None);
+    assert_eq!(status, 200, "{actors}");
+    let key = actors["records"][0]["key"].as_str().unwrap().to_owned();
+    let (status, _, _) = request(
+        &node,
+        "GET",
+        &format!("/v1/records/_actors/{key}/history"),
+        None,
+    );
+    assert_eq!(status, 200);
+    let (status, _, actor) = request(&node, "GET", &format!("/v1/records/_actors/{key}"), None);
+    assert_eq!(status, 200, "{actor}");
+    assert!(actor["node"].is_string(), "{actor}");
+    // Writing them stays reserved.
+    json_error(
+        request(
+            &node,
+            "PUT",
+            &format!("/v1/records/_actors/{key}"),
+            Some("{\"x\":1}"),
+        ),
+        400,
+        "reserved",
+    );
+    // Times: RFC 3339 with any offset; without one, refused.
+    let (status, _, _) = request(
+        &node,
+        "GET",
+        "/v1/audit?since=2026-12-06T00:00:00%2B01:00",
+        None,
+    );
+    assert_eq!(status, 200);
+    json_error(
+        request(&node, "GET", "/v1/audit?since=2026-12-06T00:00:00", None),
+        400,
+        "RFC 3339",
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_batch_api_takes_the_body_the_readme_shows_and_names_the_failing_write() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut node]: [TestNode; 1] = start_mesh(temp.path(), &["hq"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    node.put("c/1", json!({"name": "Ada", "city": "London"}));
+    // The body the README shows, as written there.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let shown = r#"{"writes": [{"id": "c/1", "fields": {"name": "Ada L"}}, {"id": "c/2", "fields": {"name": "Bea"}, "replace": true}]}"#;
+    assert!(
+        readme.contains(shown),
+        "the README shows another batch body"
+    );
+    let (status, _, answer) = request(&node, "POST", "/v1/batch", Some(shown));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["written"], json!(2));
+    // Merged by default: the field not given stays.
+    assert_eq!(
+        node.get("c/1"),
+        Some(json!({"name": "Ada L", "city": "London"}))
+    );
+    assert_eq!(node.get("c/2"), Some(json!({"name": "Bea"})));
+    // The shape the README showed before, and a field it does not take, are refused by name.
+    json_error(
+        request(
+            &node,
+            "POST",
+            "/v1/batch",
+            Some(r#"{"records": [{"id": "c/3", "fields": {}}]}"#),
+        ),
+        400,
+        "records",
+    );
+    json_error(
+        request(
+            &node,
+            "POST",
+            "/v1/batch",
+            Some(r#"{"writes": [{"id": "c/3", "fields": {"a": 1}, "merge": false}]}"#),
+        ),
+        400,
+        "merge",
+    );
+    // A write the store refuses names its index, and nothing of the batch is stored.
+    let big = "x".repeat(3 * 1024 * 1024);
+    let body = json!({"writes": [
+        {"id": "c/4", "fields": {"a": 1}},
+        {"id": "c/5", "fields": {"a": big, "b": big}},
+    ]})
+    .to_string();
+    let (status, _, answer) = request(&node, "POST", "/v1/batch", Some(&body));
+    assert_eq!(status, 413, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().starts_with("write 1:"),
+        "{answer}"
+    );
+    assert_eq!(node.get("c/4"), None);
+    node.stop().await;
+}
