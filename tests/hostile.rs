@@ -339,3 +339,52 @@ async fn the_batch_api_takes_the_body_the_readme_shows_and_names_the_failing_wri
     assert_eq!(node.get("c/4"), None);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_node_backs_off_and_stops_dialing_once_it_knows() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut hq, mut edge]: [TestNode; 2] = start_mesh(temp.path(), &["hq", "edge"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    let ca = temp.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    common::cluster::eventually("edge and hq connect", Duration::from_secs(20), || {
+        hq.peer_status(&edge)
+            .is_some_and(|peer| peer["state"] == json!("ready"))
+    })
+    .await;
+    common::cluster::eventually("hq knows edge by name", Duration::from_secs(20), || {
+        concord(&hq.dir, &["revoke", "edge", "--ca", ca])
+            .status
+            .success()
+    })
+    .await;
+    // As found, edge redialed about 20 times a second and hq logged each refusal. Now a
+    // refusal it recognizes holds it off for a minute, and one whose reason the TLS handshake
+    // lost backs off as a failed dial (up to 4 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused_before = hq.metric("concord_handshakes_refused_total");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let refused = hq.metric("concord_handshakes_refused_total") - refused_before;
+    assert!(
+        refused <= 3,
+        "edge dialed hq {refused} times in 6 s after its revocation"
+    );
+    let status = edge.status().unwrap();
+    let said = status["unreachable"].to_string();
+    assert!(said.contains("refuses this node as revoked"), "{status}");
+
+    // Once edge holds its own revocation, it dials no more and says why.
+    ok(concord(&edge.dir, &["revoke", "edge", "--ca", ca]));
+    common::cluster::eventually("edge stops dialing", Duration::from_secs(20), || {
+        edge.status().is_some_and(|status| {
+            status["unreachable"]
+                .to_string()
+                .contains("this node was revoked")
+        })
+    })
+    .await;
+    hq.stop().await;
+    edge.stop().await;
+}

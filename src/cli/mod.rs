@@ -795,11 +795,14 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                     }
                 }
                 Target::Remote(api) => {
-                    // Page by page, each printed as it comes.
+                    // Page by page, each printed as it comes: a short first page, so
+                    // the first changes show at once, then long ones.
                     let mut after = after;
                     let mut left = limit;
+                    let mut page_size = HISTORY_FIRST_PAGE;
                     while left > 0 {
-                        let asked = left.min(HISTORY_PAGE);
+                        let asked = left.min(page_size);
+                        page_size = HISTORY_PAGE;
                         let page = api.history(&id, after.as_deref(), asked)?;
                         for entry in &page {
                             writeln!(out, "{entry}")?;
@@ -1104,8 +1107,10 @@ fn parse_scope(text: &str) -> Result<concord::scope::Scope> {
     })
 }
 
-/// Changes asked of a running node's API at a time by `concord history`.
-const HISTORY_PAGE: usize = 1000;
+/// Changes asked of a running node's API by `concord history`: first, then at a time (each
+/// page replays the record up to its end, so long pages keep a long history linear).
+const HISTORY_FIRST_PAGE: usize = 1000;
+const HISTORY_PAGE: usize = concord::node::api::LIST_LIMIT_MAX;
 
 fn read_value_file(assignment: &str) -> Result<String> {
     use std::io::Read;

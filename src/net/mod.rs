@@ -51,6 +51,8 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Wait before dialing again a peer that refused this node as revoked: a revocation does not
 /// end, so the peer is asked again only in case this node's word of it was wrong.
 pub const DIAL_REVOKED_WAIT: Duration = Duration::from_secs(60);
+/// What a revoked node's dials say instead of dialing.
+const SELF_REVOKED: &str = "this node was revoked by the cluster authority: it dials no more";
 /// How often the refusal of one revoked peer is logged, however often it dials.
 pub const REVOKED_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// QUIC keep-alive and idle timeout: a cut link is noticed within the idle timeout.
@@ -110,6 +112,8 @@ struct PeerLink {
 /// The QUIC close code and reason a revoked node's connections are closed with.
 const REVOKED_CLOSE_CODE: u32 = 3;
 const REVOKED_CLOSE_REASON: &[u8] = b"revoked by the cluster authority";
+/// How long a revoked dialer is given to finish its handshake, so the reason reaches it.
+const REVOKED_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Counters for status and metrics.
 #[derive(Debug, Default)]
@@ -312,6 +316,10 @@ impl Transport {
             tracing::error!(
                 "this node was revoked by the cluster authority: it dials its peers no more"
             );
+            // Each dial loop ends when it next wakes; status says why from now on.
+            for state in lock(&self.dials).values_mut() {
+                state.last_error = Some(SELF_REVOKED.to_owned());
+            }
         }
         lock(&self.refusals_logged).retain(|node, _| revoked.contains(node));
         let mut links = lock(&self.links);
@@ -386,10 +394,7 @@ impl Transport {
         let mut told_revoked = false;
         loop {
             if self.self_revoked.load(Ordering::Relaxed) {
-                self.dialed(
-                    address,
-                    Err("this node was revoked by the cluster authority"),
-                );
+                self.dialed(address, Err(SELF_REVOKED));
                 return;
             }
             let attempt = match self.endpoint.connect(address, DIAL_SERVER_NAME) {
@@ -402,8 +407,8 @@ impl Transport {
             match attempt {
                 Ok(connection) => {
                     self.dialed(address, Ok(peer_node(&connection)));
-                    let established = self.clone().serve(connection.clone(), true, None).await;
-                    if is_revoked_close(&connection) {
+                    let ended = self.clone().serve(connection, true, None).await;
+                    if ended == Ended::Revoked {
                         if !std::mem::replace(&mut told_revoked, true) {
                             tracing::error!(%address, "the peer refuses this node: the cluster authority revoked it");
                         }
@@ -411,10 +416,10 @@ impl Transport {
                         tokio::time::sleep(DIAL_REVOKED_WAIT.mul_f64(0.5 + jitter.unit())).await;
                         continue;
                     }
-                    if established {
+                    if ended == Ended::Heard {
                         backoff = DIAL_BACKOFF_MIN;
                     } else {
-                        // Closed before it carried anything: as a failed dial, it backs off.
+                        // Closed before the peer said anything: as a failed dial, it backs off.
                         self.dialed(address, Err("the peer closed the connection at once"));
                     }
                 }
@@ -433,28 +438,35 @@ impl Transport {
     }
 
     /// Runs one authenticated connection until it closes. `handshake` is released once the
-    /// connection's stream is open. Whether the connection was established (it reached the
-    /// engine) before it closed.
+    /// connection's stream is open. Whether the peer was heard on it (it sent a message)
+    /// before it closed: a peer that closes a connection at once, as one that refuses this
+    /// node does (its reason is lost when it closes inside the TLS handshake), is dialed
+    /// again with backoff.
     async fn serve(
         self: Arc<Self>,
         connection: quinn::Connection,
         dialer: bool,
         handshake: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> bool {
+    ) -> Ended {
         let address = connection.remote_address();
         let Some(peer) = peer_node(&connection) else {
             tracing::warn!(%address, "refused a peer whose certificate carries no node id");
             connection.close(1u32.into(), b"no node id");
-            return false;
+            return Ended::Silent;
         };
         if peer == self.node {
             connection.close(1u32.into(), b"connected to itself");
-            return false;
+            return Ended::Silent;
         }
         if lock(&self.revoked).contains(&peer) {
             self.refuse_revoked(peer, address);
+            if !dialer {
+                // Closed inside the TLS handshake, the reason would not reach the dialer
+                // (QUIC drops it there); once the dialer opens its stream, it does.
+                let _ = tokio::time::timeout(REVOKED_CLOSE_WAIT, connection.accept_bi()).await;
+            }
             connection.close(REVOKED_CLOSE_CODE.into(), REVOKED_CLOSE_REASON);
-            return false;
+            return Ended::Silent;
         }
         let streams = if dialer {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.open_bi()).await
@@ -466,12 +478,12 @@ impl Transport {
             Ok(Ok(streams)) => streams,
             Ok(Err(error)) => {
                 tracing::debug!(%peer, %error, "connection closed before its stream opened");
-                return false;
+                return Ended::Silent;
             }
             Err(_) => {
                 tracing::debug!(%peer, "no stream opened in time");
                 connection.close(1u32.into(), b"no stream");
-                return false;
+                return Ended::Silent;
             }
         };
         let dialed_by = if dialer { self.node } else { peer };
@@ -488,7 +500,7 @@ impl Transport {
             },
         ) {
             connection.close(2u32.into(), b"duplicate connection");
-            return false;
+            return Ended::Silent;
         }
         tracing::info!(%peer, %address, dialer, "connected");
         let _ = self
@@ -505,7 +517,7 @@ impl Transport {
             send,
             queue,
         ));
-        self.read_loop(peer, connection_id, &connection, recv).await;
+        let ended = self.read_loop(peer, connection_id, &connection, recv).await;
         writer.abort();
         let removed = {
             let mut links = lock(&self.links);
@@ -530,7 +542,7 @@ impl Transport {
                 connection: connection_id,
             })
             .await;
-        true
+        ended
     }
 
     /// Counts a revoked node's dial and logs it, once a minute per node at most.
@@ -572,15 +584,23 @@ impl Transport {
         connection_id: u64,
         connection: &quinn::Connection,
         mut recv: quinn::RecvStream,
-    ) {
+    ) -> Ended {
         let mut decoder = FrameDecoder::new();
+        let mut heard = false;
         loop {
             let chunk = match recv.read_chunk(READ_CHUNK_BYTES, true).await {
                 Ok(Some(chunk)) => chunk,
-                Ok(None) => return,
+                Ok(None) => return ended(heard),
                 Err(error) => {
                     tracing::debug!(%peer, %error, "stream ended");
-                    return;
+                    if matches!(
+                        &error,
+                        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
+                            if is_revoked(close)
+                    ) {
+                        return Ended::Revoked;
+                    }
+                    return ended(heard);
                 }
             };
             self.stats
@@ -588,24 +608,25 @@ impl Transport {
                 .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
             if let Err(error) = decoder.push(&chunk.bytes) {
                 self.refuse_frame(peer, connection, &error.to_string());
-                return;
+                return ended(heard);
             }
             loop {
                 match decoder.next_message() {
                     Ok(Some(message)) => {
+                        heard = true;
                         let event = Input::Received {
                             peer,
                             connection: connection_id,
                             message,
                         };
                         if self.events.send(event).await.is_err() {
-                            return;
+                            return ended(heard);
                         }
                     }
                     Ok(None) => break,
                     Err(error) => {
                         self.refuse_frame(peer, connection, &error.to_string());
-                        return;
+                        return ended(heard);
                     }
                 }
             }
@@ -661,14 +682,29 @@ impl Transport {
     }
 }
 
-/// Whether the peer closed `connection` because the cluster authority revoked this node.
-fn is_revoked_close(connection: &quinn::Connection) -> bool {
-    matches!(
-        connection.close_reason(),
-        Some(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == quinn::VarInt::from_u32(REVOKED_CLOSE_CODE)
-                && close.reason.as_ref() == REVOKED_CLOSE_REASON
-    )
+/// How a connection ended, as its dialer weighs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The peer never said anything on it: dialed again with backoff.
+    Silent,
+    /// The peer spoke: it was up, and is redialed at once.
+    Heard,
+    /// The peer refused this node as revoked.
+    Revoked,
+}
+
+fn ended(heard: bool) -> Ended {
+    if heard {
+        Ended::Heard
+    } else {
+        Ended::Silent
+    }
+}
+
+/// Whether the peer closed a connection because the cluster authority revoked this node.
+fn is_revoked(close: &quinn::ApplicationClose) -> bool {
+    close.error_code == quinn::VarInt::from_u32(REVOKED_CLOSE_CODE)
+        && close.reason.as_ref() == REVOKED_CLOSE_REASON
 }
 
 /// The node id in the peer's verified certificate.
