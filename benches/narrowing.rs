@@ -289,11 +289,32 @@ fn main() {
     let watch = std::thread::spawn({
         let pid = b.pid();
         let api = b.api.clone();
+        let a_api = a.api.clone();
         move || {
             let b = Site {
                 dir: PathBuf::new(),
                 api,
                 child: None,
+            };
+            let a = Site {
+                dir: PathBuf::new(),
+                api: a_api,
+                child: None,
+            };
+            // How a's status shows b: repairing (caught up or narrowed), or keeping up.
+            let shown = || {
+                let peers = a.status().map(|status| status["peers"].clone());
+                peers
+                    .and_then(|peers| peers.as_array().and_then(|peers| peers.first().cloned()))
+                    .map_or("not connected".to_owned(), |peer| {
+                        if peer["repairing"] == json!(true) {
+                            "repairing".to_owned()
+                        } else if peer["keeping_up"] == json!(true) {
+                            "keeping up".to_owned()
+                        } else {
+                            "behind".to_owned()
+                        }
+                    })
             };
             let mut last = cpu_seconds(pid);
             let mut idle_since: Option<u64> = None;
@@ -303,8 +324,9 @@ fn main() {
                 let percent = (now - last) * 100.0;
                 last = now;
                 println!(
-                    "  {second:>3} s after the grant: b at {percent:5.1}% CPU, holding {} records",
-                    records_at(&b)
+                    "  {second:>3} s after the grant: b at {percent:5.1}% CPU, holding {} records; a shows b {}",
+                    records_at(&b),
+                    shown()
                 );
                 if percent <= IDLE_CPU_PERCENT {
                     if idle_since.is_none() {

@@ -148,8 +148,11 @@ pub struct PeerStatus {
     /// Bytes queued for the peer that the transport has not written yet.
     pub queued_bytes: usize,
     /// Whether the peer keeps up with this node's own writes (then it holds writers back if
-    /// it falls far behind).
+    /// it falls far behind). Not while it is being repaired.
     pub keeping_up: bool,
+    /// Whether repair is exchanging documents with the peer: it is being caught up, or
+    /// narrowed by a new grant (it takes out what it may no longer read).
+    pub repairing: bool,
     /// Changes from the peer stamped further ahead of this node's clock than it accepts, on
     /// this connection: the two clocks disagree.
     pub changes_ahead: u64,
@@ -953,7 +956,8 @@ fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiti
             lag: engine.lag(&peer, &marks),
             policies: engine.peer_policies(&peer).as_str(),
             queued_bytes: driver.queued(&peer),
-            keeping_up: backlog.keeping_up.contains(&peer),
+            keeping_up: backlog.keeping_up.contains(&peer) && !engine.repairing(&peer),
+            repairing: engine.repairing(&peer),
             changes_ahead: engine.peer_changes_ahead(&peer),
         })
         .collect::<Vec<_>>();

@@ -448,6 +448,9 @@ pub struct Engine {
     /// The wall clock, ms since the Unix epoch, as the shell last said (`None`: no bound on
     /// how far ahead changes may be stamped).
     clock_ms: Option<u64>,
+    /// Leaves a peer listed in repair whose documents here are yet to be compared with the
+    /// listing: gathered so that one scan of the store serves many leaves.
+    pending_leaves: repair::PendingLeaves,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -473,6 +476,7 @@ impl Engine {
             unsynced: false,
             superseded: None,
             own_durable: 0,
+            pending_leaves: repair::PendingLeaves::default(),
             clock_ms: None,
         }
     }
@@ -690,6 +694,7 @@ impl Engine {
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
+                self.pending_leaves.remove(&peer);
                 self.stats.held_dropped += self.held.drop_from(&peer) as u64;
                 self.rebalance(replica, None);
             }
@@ -697,7 +702,10 @@ impl Engine {
                 self.receive(now, peer, message, replica, &mut actions)?
             }
             Event::LocalChanges(changes) => self.note_new(&changes),
-            Event::Timeout => self.timeout(now, replica, &mut actions),
+            Event::Timeout => {
+                self.timeout(now, replica, &mut actions);
+                self.compare_pending_leaves(replica)?;
+            }
         }
         Ok(actions)
     }
@@ -711,6 +719,9 @@ impl Engine {
         }
         if self.next_repair.is_some_and(|due| now >= due) {
             self.next_repair = Some(now + self.config.repair_interval);
+            for state in self.peers.values_mut() {
+                state.repairing = std::mem::take(&mut state.repair_found);
+            }
             self.start_repair(replica);
         }
         self.stats.held_dropped += self.held.expire(now) as u64;
@@ -730,6 +741,14 @@ impl Engine {
                 "no hello in time".to_owned(),
             );
         }
+    }
+
+    /// Whether repair found documents to exchange with `peer` in its last rounds: it is
+    /// being caught up or narrowed, not keeping up.
+    pub fn repairing(&self, peer: &NodeId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|state| state.repairing || state.repair_found)
     }
 
     fn disconnect(

@@ -137,6 +137,10 @@ pub(super) struct Peer {
     pub(super) pruned_by_us: BTreeSet<NodeId>,
     /// Changes from the peer stamped too far ahead of this node's clock.
     pub(super) changes_ahead: u64,
+    /// Repair found documents to exchange with the peer since the current round started,
+    /// and did in the round before.
+    pub(super) repair_found: bool,
+    pub(super) repairing: bool,
     pub(super) outbox: Outbox,
 }
 

@@ -17,7 +17,7 @@
 //! may read and lacks, or holds behind, sends it. So once the wider nodes agree, every
 //! narrowed node ends holding exactly what its grant lets it read, at the same heads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::ChangeHash;
 use concord_proto::{
@@ -37,6 +37,14 @@ const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 const REPAIR_LISTING_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 16;
 /// Documents named in one `Withdraw`.
 const WITHDRAW_DOCUMENTS_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
+/// Leaves of one peer's listings gathered before this node's documents in them are found by
+/// one scan of the store (else at the next timeout). A leaf is not a range of the store's
+/// keys, so each lookup scans every document: one per leaf listed made a repair that finds
+/// every leaf different (a node narrowed by a new grant) cost leaves × documents.
+pub(super) const PENDING_LEAVES_MAX: usize = 1024;
+
+/// Per peer, the leaves it listed, each with the documents it listed there.
+pub(super) type PendingLeaves = BTreeMap<NodeId, BTreeMap<String, BTreeSet<Vec<u8>>>>;
 
 /// How this node takes part in repair with a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,14 +315,14 @@ impl Engine {
                 && (holds_refused || !peer_reads)
             {
                 // It holds nothing we lack: it may drop its copy.
-                self.stats.repair_documents += 1;
+                self.found_repair(&peer);
                 withdraw.push(doc);
                 continue;
             }
             if sorted_mine == sorted_theirs {
                 continue;
             }
-            self.stats.repair_documents += 1;
+            self.found_repair(&peer);
             if lacking_theirs {
                 let need = NeedDocument {
                     doc: doc.clone(),
@@ -340,19 +348,61 @@ impl Engine {
                 },
             );
         }
-        // Documents of ours in that leaf that the peer does not hold at all (and may read).
-        let ours = replica.leaf_documents(
-            &[heads.leaf],
-            REPAIR_DOCUMENTS_PER_LEAF_MAX,
-            view.reader.as_ref(),
-        )?;
-        for (doc_key, _) in ours.into_iter().flat_map(|(_, documents)| documents) {
-            if listed.contains(&doc_key) {
-                continue;
+        // Documents of ours in that leaf that the peer does not hold at all (and may read):
+        // found with other leaves' by one scan.
+        let pending = self.pending_leaves.entry(peer).or_default();
+        pending.insert(heads.leaf, listed);
+        if pending.len() >= PENDING_LEAVES_MAX {
+            self.compare_leaves(peer, replica)?;
+        }
+        Ok(())
+    }
+
+    /// Counts a document repair found to exchange with `peer`.
+    fn found_repair(&mut self, peer: &NodeId) {
+        self.stats.repair_documents += 1;
+        if let Some(state) = self.peers.get_mut(peer) {
+            state.repair_found = true;
+        }
+    }
+
+    /// Compares every peer's pending leaves with this node's documents in them.
+    pub(super) fn compare_pending_leaves(
+        &mut self,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        let peers: Vec<NodeId> = self.pending_leaves.keys().copied().collect();
+        for peer in peers {
+            self.compare_leaves(peer, replica)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `peer` the documents of its pending leaves that it did not list (and may read).
+    fn compare_leaves(&mut self, peer: NodeId, replica: &impl Replica) -> Result<(), StoreError> {
+        let Some(pending) = self.pending_leaves.remove(&peer) else {
+            return Ok(());
+        };
+        assert!(pending.len() <= PENDING_LEAVES_MAX);
+        let Some(view) = repair_view(replica, &self.config.node, &peer) else {
+            return Ok(());
+        };
+        if !self.peers.get(&peer).is_some_and(|state| state.ready) {
+            return Ok(());
+        }
+        let leaves: Vec<String> = pending.keys().cloned().collect();
+        let ours =
+            replica.leaf_documents(&leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, view.reader.as_ref())?;
+        for (leaf, documents) in ours {
+            let listed = pending.get(&leaf);
+            for (doc_key, _) in documents {
+                if listed.is_some_and(|listed| listed.contains(&doc_key)) {
+                    continue;
+                }
+                self.found_repair(&peer);
+                let doc = String::from_utf8_lossy(&doc_key).into_owned();
+                self.queue_document(peer, doc, Vec::new());
             }
-            self.stats.repair_documents += 1;
-            let doc = String::from_utf8_lossy(&doc_key).into_owned();
-            self.queue_document(peer, doc, Vec::new());
         }
         Ok(())
     }
