@@ -355,4 +355,18 @@ fn main() {
         None => println!("b still busy {WATCH_SECONDS_MAX} s after the grant"),
     }
     println!("b holds {} records at the end", records_at(&b));
+    for (name, site) in [("a", &a), ("b", &b)] {
+        let engine = site.status().map(|status| status["engine"].clone());
+        let figure = |field: &str| {
+            engine
+                .as_ref()
+                .map_or(Value::Null, |engine| engine[field].clone())
+        };
+        println!(
+            "{name}: documents repaired {}, withdrawn {}, requests dropped (outbox full) {}",
+            figure("repair_documents"),
+            figure("withdrawn_documents"),
+            figure("requests_dropped")
+        );
+    }
 }

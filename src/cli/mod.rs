@@ -322,9 +322,14 @@ enum Target {
 
 fn target(data: Option<PathBuf>) -> Result<Target> {
     let dir = data_dir(data)?;
-    // A running node holds its store's lock: through its API at once, without waiting.
+    // A running node holds its store's lock: through its API at once, without waiting. A
+    // lock held with nothing at the API's address is a store just closed (its threads let go
+    // a moment later): opened below, which waits for the lock.
     if concord::node::store_in_use(&dir)? {
-        return Ok(Target::Remote(remote::ApiClient::for_data_dir(&dir)?));
+        let api = remote::ApiClient::for_data_dir(&dir)?;
+        if api.answers() {
+            return Ok(Target::Remote(api));
+        }
     }
     match Node::open(&dir) {
         Ok(node) => Ok(Target::Local(Box::new(node))),

@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 
 /// How long one API call may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `answers` waits for the API to accept a connection (on loopback, at once).
+const CONNECT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct ApiClient {
     base: String,
@@ -23,6 +25,20 @@ impl ApiClient {
     pub fn for_data_dir(dir: &std::path::Path) -> Result<Self> {
         let config = Config::load(&dir.join(CONFIG_FILE))?;
         Ok(Self::new(&config.network.api))
+    }
+
+    /// Whether something accepts connections at the API's address: a node that runs does;
+    /// a store whose lock a process that just closed it still holds for a moment does not.
+    pub fn answers(&self) -> bool {
+        use std::net::ToSocketAddrs;
+        let address = self.base.trim_start_matches("http://");
+        address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addresses| addresses.next())
+            .is_some_and(|address| {
+                std::net::TcpStream::connect_timeout(&address, CONNECT_PROBE_TIMEOUT).is_ok()
+            })
     }
 
     pub fn new(address: &str) -> Self {
