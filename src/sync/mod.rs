@@ -451,6 +451,11 @@ pub struct Engine {
     /// Leaves a peer listed in repair whose documents here are yet to be compared with the
     /// listing: gathered so that one scan of the store serves many leaves.
     pending_leaves: repair::PendingLeaves,
+    /// Leaves still to list to a peer, as its outbox makes room.
+    pending_listings: repair::PendingListings,
+    /// Documents a narrower peer is to withdraw, gathered into full `Withdraw` messages
+    /// (fewer than one message's worth each; the rest go at the next timeout).
+    pending_withdrawals: BTreeMap<NodeId, Vec<String>>,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -477,6 +482,8 @@ impl Engine {
             superseded: None,
             own_durable: 0,
             pending_leaves: repair::PendingLeaves::default(),
+            pending_listings: repair::PendingListings::default(),
+            pending_withdrawals: BTreeMap::new(),
             clock_ms: None,
         }
     }
@@ -695,6 +702,8 @@ impl Engine {
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);
                 self.pending_leaves.remove(&peer);
+                self.pending_listings.remove(&peer);
+                self.pending_withdrawals.remove(&peer);
                 self.stats.held_dropped += self.held.drop_from(&peer) as u64;
                 self.rebalance(replica, None);
             }
@@ -705,7 +714,14 @@ impl Engine {
             Event::Timeout => {
                 self.timeout(now, replica, &mut actions);
                 self.compare_pending_leaves(replica)?;
+                let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
+                for peer in peers {
+                    self.send_withdrawals(peer, true);
+                }
             }
+        }
+        if !self.pending_listings.is_empty() {
+            self.list_pending_leaves(replica)?;
         }
         Ok(actions)
     }

@@ -86,6 +86,11 @@ impl Outbox {
             && self.documents.is_empty()
     }
 
+    /// How many more small messages fit.
+    pub(super) fn room(&self) -> usize {
+        OUTBOX_MESSAGES_MAX.saturating_sub(self.messages.len())
+    }
+
     /// Queues a small message; false if the outbox is full.
     fn push(&mut self, message: Message) -> bool {
         let size = message.frame_len();

@@ -25,7 +25,7 @@ use concord_proto::{
     DOCUMENTS_PER_HEADS_MAX, MESSAGE_BYTES_MAX, RANGES_PER_DIGEST_MAX,
 };
 
-use super::{Action, Engine, Replica};
+use super::{Action, Engine, Replica, OUTBOX_MESSAGES_MAX};
 use crate::record::NodeId;
 use crate::store::digest;
 use crate::store::StoreError;
@@ -45,6 +45,14 @@ pub(super) const PENDING_LEAVES_MAX: usize = 1024;
 
 /// Per peer, the leaves it listed, each with the documents it listed there.
 pub(super) type PendingLeaves = BTreeMap<NodeId, BTreeMap<String, BTreeSet<Vec<u8>>>>;
+/// Per peer, the leaves still to list to it (and whose reads the listing covers): a round
+/// that finds every leaf different lists them as the peer's outbox makes room, instead of
+/// dropping what does not fit.
+pub(super) type PendingListings = BTreeMap<NodeId, (Option<NodeId>, BTreeSet<String>)>;
+/// Outbox places a listing leaves free for everything else.
+const LISTING_ROOM_KEPT: usize = OUTBOX_MESSAGES_MAX / 4;
+/// Fewest leaves listed at once from the pending ones: each listing scans the store.
+const LISTING_LEAVES_MIN: usize = OUTBOX_MESSAGES_MAX / 4;
 
 /// How this node takes part in repair with a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,7 +245,8 @@ impl Engine {
     }
 
     /// Queues for `peer` the documents of each leaf held here (those `reader` may read, if
-    /// given) with their heads, every leaf found by one scan of the store.
+    /// given) with their heads, every leaf found by one scan of the store; as many leaves
+    /// as its outbox has room for, the rest when it has ([`Engine::list_pending_leaves`]).
     fn list_leaves(
         &mut self,
         peer: NodeId,
@@ -245,8 +254,24 @@ impl Engine {
         reader: Option<&NodeId>,
         replica: &impl Replica,
     ) -> Result<(), StoreError> {
+        let room = self.peers.get(&peer).map_or(0, |state| {
+            state.outbox.room().saturating_sub(LISTING_ROOM_KEPT)
+        });
+        let (now, later) = leaves.split_at(room.min(leaves.len()));
+        if !later.is_empty() {
+            let pending = self
+                .pending_listings
+                .entry(peer)
+                .or_insert_with(|| (reader.copied(), BTreeSet::new()));
+            pending.0 = reader.copied();
+            pending.1.extend(later.iter().cloned());
+            assert!(pending.1.len() <= 1 << (4 * digest::BUCKET_HEX_DIGITS));
+        }
+        if now.is_empty() {
+            return Ok(());
+        }
         for (leaf, documents) in
-            replica.leaf_documents(leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, reader)?
+            replica.leaf_documents(now, REPAIR_DOCUMENTS_PER_LEAF_MAX, reader)?
         {
             let mut listed = Vec::new();
             let mut bytes = 0usize;
@@ -340,13 +365,14 @@ impl Engine {
                 self.queue_document(peer, doc, their_heads);
             }
         }
-        for docs in withdraw.chunks(WITHDRAW_DOCUMENTS_MAX) {
-            self.queue_message(
-                peer,
-                Message::Withdraw {
-                    docs: docs.to_vec(),
-                },
-            );
+        // Gathered across leaves into full messages: one `Withdraw` a leaf would overflow
+        // the peer's outbox when a grant narrows it in every leaf.
+        if !withdraw.is_empty() {
+            self.pending_withdrawals
+                .entry(peer)
+                .or_default()
+                .extend(withdraw);
+            self.send_withdrawals(peer, false);
         }
         // Documents of ours in that leaf that the peer does not hold at all (and may read):
         // found with other leaves' by one scan.
@@ -356,6 +382,47 @@ impl Engine {
             self.compare_leaves(peer, replica)?;
         }
         Ok(())
+    }
+
+    /// Lists pending leaves to each peer whose outbox has room for enough of them.
+    pub(super) fn list_pending_leaves(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
+        let peers: Vec<NodeId> = self.pending_listings.keys().copied().collect();
+        for peer in peers {
+            let room = self.peers.get(&peer).map_or(0, |state| {
+                state.outbox.room().saturating_sub(LISTING_ROOM_KEPT)
+            });
+            let Some((reader, leaves)) = self.pending_listings.get_mut(&peer) else {
+                continue;
+            };
+            if room < LISTING_LEAVES_MIN.min(leaves.len()) {
+                continue;
+            }
+            let reader = *reader;
+            let chunk: Vec<String> = std::iter::from_fn(|| leaves.pop_first())
+                .take(room)
+                .collect();
+            if leaves.is_empty() {
+                self.pending_listings.remove(&peer);
+            }
+            self.list_leaves(peer, &chunk, reader.as_ref(), replica)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `peer` the withdrawals gathered for it, in full messages (and the rest too when
+    /// `all`).
+    pub(super) fn send_withdrawals(&mut self, peer: NodeId, all: bool) {
+        let Some(mut docs) = self.pending_withdrawals.remove(&peer) else {
+            return;
+        };
+        while docs.len() >= WITHDRAW_DOCUMENTS_MAX || (all && !docs.is_empty()) {
+            let rest = docs.split_off(docs.len().min(WITHDRAW_DOCUMENTS_MAX));
+            self.queue_message(peer, Message::Withdraw { docs });
+            docs = rest;
+        }
+        if !docs.is_empty() {
+            self.pending_withdrawals.insert(peer, docs);
+        }
     }
 
     /// Counts a document repair found to exchange with `peer`.
@@ -393,10 +460,18 @@ impl Engine {
         let leaves: Vec<String> = pending.keys().cloned().collect();
         let ours =
             replica.leaf_documents(&leaves, REPAIR_DOCUMENTS_PER_LEAF_MAX, view.reader.as_ref())?;
+        // A wider peer lists only what this node may read: a document here it did not list
+        // and this node may not read is one it holds and judges (this node's own listing
+        // tells it, and it withdraws or fetches it), not one to send it.
+        let me = self.config.node;
+        let narrowed = view.reader.is_none() && !replica.reads_all(&me);
         for (leaf, documents) in ours {
             let listed = pending.get(&leaf);
             for (doc_key, _) in documents {
                 if listed.is_some_and(|listed| listed.contains(&doc_key)) {
+                    continue;
+                }
+                if narrowed && !replica.may_read_document(&me, &doc_key)? {
                     continue;
                 }
                 self.found_repair(&peer);
