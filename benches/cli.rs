@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CONCORD: &str = env!("CARGO_BIN_EXE_concord");
@@ -20,26 +20,6 @@ fn concord(data: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["--data", data.to_str().expect("a UTF-8 path")];
     all.extend_from_slice(args);
     common::concord(&all)
-}
-
-fn free_port() -> u16 {
-    concord::net::free_loopback_port().expect("a free port")
-}
-
-fn spawn(data: &Path) -> Child {
-    Command::new(CONCORD)
-        .args(["--data", data.to_str().expect("a UTF-8 path"), "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("concord run starts")
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 fn wait_serving(data: &Path) {
@@ -52,10 +32,6 @@ fn wait_serving(data: &Path) {
         assert!(begin.elapsed() < Duration::from_secs(30), "node not up");
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
 }
 
 fn lines(path: &Path, records: usize, prefix: &str) {
@@ -91,7 +67,7 @@ fn main() {
     let ca = temp.path().join("ca");
     concord::net::tls::create_ca(&ca).expect("a CA");
     let data = temp.path().join("node");
-    let api = format!("127.0.0.1:{}", free_port());
+    let api = format!("127.0.0.1:{}", common::free_port());
     common::concord(&[
         "init",
         data.to_str().expect("a UTF-8 path"),
@@ -100,7 +76,7 @@ fn main() {
         "--ca",
         ca.to_str().expect("a UTF-8 path"),
         "--listen",
-        &format!("127.0.0.1:{}", free_port()),
+        &format!("127.0.0.1:{}", common::free_port()),
         "--api",
         &api,
     ]);
@@ -112,7 +88,7 @@ fn main() {
     lines(&online_file, records, "on");
     let offline = load_seconds(&data, &offline_file);
 
-    let node = spawn(&data);
+    let node = common::spawn(&data);
     wait_serving(&data);
     // Load into the running node: batches through its API.
     let online = load_seconds(&data, &online_file);
@@ -134,21 +110,21 @@ fn main() {
         let _ = response.body_mut().read_to_string();
         api_ms.push(begin.elapsed().as_secs_f64() * 1000.0);
     }
-    stop(node);
+    common::stop(node);
     for sorted in [&mut cli_ms, &mut api_ms] {
         sorted.sort_by(f64::total_cmp);
     }
     println!("concord get against a running node, {gets} runs:");
     println!(
         "  the CLI (one process each): median {:.1} ms, p90 {:.1} ms, max {:.1} ms",
-        percentile(&cli_ms, 0.5),
-        percentile(&cli_ms, 0.9),
-        percentile(&cli_ms, 1.0)
+        common::percentile(&cli_ms, 0.5),
+        common::percentile(&cli_ms, 0.9),
+        common::percentile(&cli_ms, 1.0)
     );
     println!(
         "  baseline, the API in-process: median {:.2} ms, p90 {:.2} ms",
-        percentile(&api_ms, 0.5),
-        percentile(&api_ms, 0.9)
+        common::percentile(&api_ms, 0.5),
+        common::percentile(&api_ms, 0.9)
     );
     println!("concord load of {records} records:");
     println!(

@@ -12,7 +12,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use concord::node::Node;
@@ -21,26 +21,6 @@ use concord::record::{RecordId, RecordWrite};
 const CONCORD: &str = env!("CARGO_BIN_EXE_concord");
 /// Changes written per batch while the history is made.
 const WRITE_BATCH: usize = 1000;
-
-fn free_port() -> u16 {
-    concord::net::free_loopback_port().expect("a free port")
-}
-
-fn spawn(data: &Path) -> Child {
-    Command::new(CONCORD)
-        .args(["--data", data.to_str().expect("a UTF-8 path"), "run"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("concord run starts")
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
 
 /// Writes `changes` one-field updates to `hot/1`, and one record `cold/1` beside it.
 fn make_history(data: &Path, changes: usize) {
@@ -108,7 +88,7 @@ fn gets(api: &str, mut until: impl FnMut() -> bool) -> Vec<f64> {
 }
 
 fn summary(times: &[f64]) -> String {
-    let at = |fraction: f64| times[((times.len() - 1) as f64 * fraction).round() as usize];
+    let at = |fraction: f64| common::percentile(times, fraction);
     format!(
         "{} GETs: median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         times.len(),
@@ -124,8 +104,8 @@ fn main() {
     let temp = tempfile::tempdir().expect("a temp dir");
     let data = temp.path().join("node");
     let ca = temp.path().join("ca");
-    let api = format!("127.0.0.1:{}", free_port());
-    let listen = format!("127.0.0.1:{}", free_port());
+    let api = format!("127.0.0.1:{}", common::free_port());
+    let listen = format!("127.0.0.1:{}", common::free_port());
     common::concord(&["ca", "init", ca.to_str().expect("a UTF-8 path")]);
     common::concord(&[
         "init",
@@ -138,7 +118,7 @@ fn main() {
         &listen,
     ]);
     make_history(&data, changes);
-    let child = spawn(&data);
+    let child = common::spawn(&data);
     let begin = Instant::now();
     while ureq::get(format!("http://{api}/v1/status")).call().is_err() {
         assert!(begin.elapsed() < Duration::from_secs(30), "node not up");
@@ -199,5 +179,5 @@ fn main() {
         String::from_utf8_lossy(&audit.stdout).lines().count(),
         begin.elapsed().as_secs_f64()
     );
-    stop(child);
+    common::stop(child);
 }

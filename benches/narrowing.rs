@@ -93,14 +93,10 @@ impl Drop for Site {
     }
 }
 
-fn free_port() -> u16 {
-    concord::net::free_loopback_port().expect("a free port")
-}
-
 fn site(parent: &Path, name: &str, ca: &Path, peer: Option<&str>) -> (Site, String) {
     let dir = parent.join(name);
-    let api = format!("127.0.0.1:{}", free_port());
-    let listen = format!("127.0.0.1:{}", free_port());
+    let api = format!("127.0.0.1:{}", common::free_port());
+    let listen = format!("127.0.0.1:{}", common::free_port());
     let mut args = vec![
         "init",
         dir.to_str().expect("a UTF-8 path"),
@@ -222,7 +218,7 @@ fn visibility(a: &Site, b: &Site, prefix: &str, writes: usize) -> Vec<f64> {
 }
 
 fn summary(latencies: &[f64]) -> String {
-    let at = |fraction: f64| latencies[((latencies.len() - 1) as f64 * fraction).round() as usize];
+    let at = |fraction: f64| common::percentile(latencies, fraction);
     format!(
         "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         at(0.5),

@@ -60,3 +60,31 @@ pub fn memory_mib(process: &str, field: &str) -> f64 {
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    concord::net::free_loopback_port().expect("a free port")
+}
+
+/// Starts `concord --data DATA run` (the release binary), its output discarded.
+pub fn spawn(data: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_concord"))
+        .args(["--data", data.to_str().expect("a UTF-8 path"), "run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("concord run starts")
+}
+
+/// Stops a node started by [`spawn`] as Ctrl-C would, and waits for it.
+pub fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// The value at `fraction` (0 to 1) of `sorted`, which is not empty.
+pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
+}

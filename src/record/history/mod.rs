@@ -70,10 +70,11 @@ impl Replay {
             heads: BTreeSet::new(),
             described_whole: 0,
         };
-        for index in 0..next {
-            let change = replay.changes[index].clone();
-            replay.step(&change);
+        let changes = std::mem::take(&mut replay.changes);
+        for change in &changes[..next] {
+            replay.step(change);
         }
+        replay.changes = changes;
         replay.next = next;
         Ok(replay)
     }
