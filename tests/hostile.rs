@@ -388,3 +388,208 @@ async fn a_revoked_node_backs_off_and_stops_dialing_once_it_knows() {
     hq.stop().await;
     edge.stop().await;
 }
+
+/// A request sent for one the README shows: method, path, body, and the status expected.
+type Sent = (&'static str, String, String, u16);
+
+/// The requests the README's text shows, one per inline code span that starts with a method
+/// (the README is read, so a request added there and not here fails this test).
+fn readme_requests() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut text = String::new();
+    let mut fenced = false;
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            text.push_str(line);
+            text.push(' ');
+        }
+    }
+    let methods = ["GET", "PUT", "PATCH", "DELETE", "POST"];
+    let mut requests: Vec<String> = text
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|span| span.contains(" /") && methods.iter().any(|method| span.starts_with(method)))
+        .map(|span| span.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    requests.sort();
+    requests.dedup();
+    requests
+}
+
+/// Sends `method path` with `body` (of `content_type`); the status and the body's bytes.
+fn send(
+    node: &TestNode,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("http://{}{path}", node.api);
+    let request = ureq::http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("content-type", content_type)
+        .body(body.to_vec())
+        .unwrap();
+    let mut response = agent.run(request).unwrap();
+    let status = response.status().as_u16();
+    let bytes = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_vec()
+        .unwrap();
+    (status, bytes)
+}
+
+/// A record `c/9` whose field `address` two writers set at once: a conflict to resolve.
+fn conflicting_record(node: &TestNode) {
+    use automerge::transaction::Transactable;
+    node.put("c/9", json!({"name": "Ada"}));
+    let (status, saved) = send(
+        node,
+        "GET",
+        "/v1/records/c/9/automerge",
+        "application/json",
+        b"",
+    );
+    assert_eq!(status, 200);
+    let base = automerge::Automerge::load(&saved).unwrap();
+    let mut sides = Vec::new();
+    for (actor, address) in [([1u8; 16], "10 Downing St"), ([2u8; 16], "221B Baker St")] {
+        let mut side = base.fork();
+        side.set_actor(automerge::ActorId::from(actor));
+        let mut tx = side.transaction();
+        tx.put(automerge::ROOT, "address", address).unwrap();
+        tx.commit();
+        sides.push(side);
+    }
+    let mut merged = sides.pop().unwrap();
+    merged.merge(&mut sides[0]).unwrap();
+    let (status, answer) = send(
+        node,
+        "POST",
+        "/v1/records/c/9/automerge",
+        "application/octet-stream",
+        &merged.save(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_request_the_readme_shows_is_answered_as_it_says() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut node]: [TestNode; 1] = start_mesh(temp.path(), &["hq"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    node.put("c/0", json!({"name": "Zed"}));
+    conflicting_record(&node);
+    let first_change = {
+        let (status, history) = send(
+            &node,
+            "GET",
+            "/v1/records/c/0/history",
+            "application/json",
+            b"",
+        );
+        assert_eq!(status, 200);
+        let history: Value = serde_json::from_slice(&history).unwrap();
+        history[0]["hash"].as_str().unwrap().to_owned()
+    };
+    let batch = r#"{"writes": [{"id": "c/1", "fields": {"name": "Ada L"}}, {"id": "c/2", "fields": {"name": "Bea"}, "replace": true}]}"#;
+    let json = "application/json";
+    // Each request as the README shows it, with what each one's placeholders stand for here,
+    // and the status it answers. A binding the node does not have is not found, as a JSON
+    // error naming it.
+    let shown: Vec<(&str, Vec<Sent>)> = vec![
+        ("GET/PUT/PATCH/DELETE /v1/records/{collection}/{key}", vec![
+            ("PUT", "/v1/records/c/1".into(), r#"{"name": "Ada", "city": "London"}"#.into(), 200),
+            ("PATCH", "/v1/records/c/1".into(), r#"{"city": null, "tags": {"a": 1}}"#.into(), 200),
+            ("GET", "/v1/records/c/1".into(), String::new(), 200),
+            ("DELETE", "/v1/records/c/1".into(), String::new(), 204),
+        ]),
+        ("POST /v1/batch", vec![("POST", "/v1/batch".into(), batch.into(), 200)]),
+        ("GET /v1/records/{collection}?after=KEY&limit=N", vec![
+            ("GET", "/v1/records/c?after=0&limit=2".into(), String::new(), 200),
+        ]),
+        ("GET /v1/records/{collection}/{key}/history?after=HASH&limit=N", vec![
+            ("GET", format!("/v1/records/c/0/history?after={first_change}&limit=5"), String::new(), 200),
+        ]),
+        ("GET/POST /v1/records/{collection}/{key}/automerge", vec![
+            ("GET", "/v1/records/c/0/automerge".into(), String::new(), 200),
+        ]),
+        ("GET /v1/status", vec![("GET", "/v1/status".into(), String::new(), 200)]),
+        ("GET /metrics", vec![("GET", "/metrics".into(), String::new(), 200)]),
+        ("GET /v1/refused", vec![("GET", "/v1/refused".into(), String::new(), 200)]),
+        ("GET /v1/backup", vec![("GET", "/v1/backup".into(), String::new(), 200)]),
+        ("GET /v1/errors", vec![("GET", "/v1/errors".into(), String::new(), 200)]),
+        ("GET /v1/grants", vec![("GET", "/v1/grants".into(), String::new(), 200)]),
+        ("POST /v1/bindings/{name}/refill", vec![
+            ("POST", "/v1/bindings/orders/refill".into(), String::new(), 404),
+        ]),
+        ("GET /v1/audit?collection=&record=&source=&node=&since=&until=&limit=", vec![
+            ("GET", "/v1/audit?collection=&record=&source=&node=&since=&until=&limit=".into(), String::new(), 200),
+            ("GET", "/v1/audit?collection=c&record=c/0&node=hq&since=2026-01-01T00:00:00%2B01:00&until=2999-01-01T00:00:00Z&limit=5".into(), String::new(), 200),
+        ]),
+        ("GET /v1/conflicts?collection=&limit=", vec![
+            ("GET", "/v1/conflicts?collection=&limit=".into(), String::new(), 200),
+            ("GET", "/v1/conflicts?collection=c&limit=5".into(), String::new(), 200),
+        ]),
+        ("POST /v1/records/{collection}/{key}/resolve", vec![
+            ("POST", "/v1/records/c/9/resolve".into(), r#"{"field": "address", "pick": 1}"#.into(), 200),
+            ("POST", "/v1/records/c/9/resolve".into(), r#"{"field": "address", "value": "10 Downing St"}"#.into(), 200),
+        ]),
+    ];
+    let listed: Vec<String> = shown
+        .iter()
+        .map(|(readme, _)| (*readme).to_owned())
+        .collect();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        readme_requests(),
+        sorted,
+        "the README's requests and this test's differ"
+    );
+    for (readme, sent) in &shown {
+        for (method, path, body, expected) in sent {
+            let (status, answer) = send(&node, method, path, json, body.as_bytes());
+            let text = String::from_utf8_lossy(&answer);
+            assert_eq!(status, *expected, "{readme}: {method} {path}: {text}");
+            if status >= 400 {
+                let error: Value = serde_json::from_slice(&answer).unwrap();
+                assert!(error["error"].is_string(), "{readme}: {text}");
+            }
+        }
+    }
+    // The conflict is settled, with the value the second request gave.
+    assert_eq!(node.get("c/9").unwrap()["address"], json!("10 Downing St"));
+    // The saved document merged back in: `POST .../automerge`.
+    let (_, saved) = send(&node, "GET", "/v1/records/c/0/automerge", json, b"");
+    let (status, answer) = send(
+        &node,
+        "POST",
+        "/v1/records/c/0/automerge",
+        "application/octet-stream",
+        &saved,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    // The error body the README shows.
+    let (status, answer) = send(&node, "GET", "/v1/records/c/absent", json, b"");
+    assert_eq!(status, 404);
+    let error: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(
+        error.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["error"]
+    );
+    node.stop().await;
+}

@@ -795,7 +795,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                         Some(text) => Some(node.resolve_version(&id, &text)?),
                         None => None,
                     };
-                    for entry in node.history_replay(&id, after.as_ref())?.take(limit) {
+                    for entry in node.history_replay(&id, after.as_ref(), Some(limit))? {
                         writeln!(out, "{}", serde_json::to_string(&entry?)?)?;
                     }
                 }

@@ -346,9 +346,28 @@ async fn writing<T: Send + 'static>(
     Ok(outcome)
 }
 
+/// A query parameter given with no value (`?limit=`) counts as not given, as the README
+/// shows queries (`/v1/audit?collection=&record=...`); any other value must parse.
+fn empty_is_none<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    match text.as_deref() {
+        None | Some("") => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|error| serde::de::Error::custom(format!("{text:?}: {error}"))),
+    }
+}
+
 #[derive(Deserialize)]
 struct GetQuery {
     /// A version from the record's history: read the record as it was then.
+    #[serde(default, deserialize_with = "empty_is_none")]
     at: Option<String>,
 }
 
@@ -497,7 +516,9 @@ async fn delete_record(
 
 #[derive(Deserialize)]
 struct ListQuery {
+    #[serde(default, deserialize_with = "empty_is_none")]
     after: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     limit: Option<usize>,
 }
 
@@ -533,7 +554,9 @@ async fn list(
 #[serde(deny_unknown_fields)]
 struct HistoryQuery {
     /// The last change of the page before (its hash, or 8+ of its hex digits).
+    #[serde(default, deserialize_with = "empty_is_none")]
     after: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     limit: Option<usize>,
 }
 
@@ -636,13 +659,20 @@ async fn status(State(shared): State<Arc<Shared>>) -> Json<Value> {
 
 #[derive(Deserialize)]
 struct AuditQuery {
+    #[serde(default, deserialize_with = "empty_is_none")]
     collection: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     record: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     source: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     node: Option<String>,
     /// RFC 3339.
+    #[serde(default, deserialize_with = "empty_is_none")]
     since: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     until: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     limit: Option<usize>,
 }
 
@@ -679,7 +709,9 @@ async fn audit(
 
 #[derive(Deserialize)]
 struct ConflictsQuery {
+    #[serde(default, deserialize_with = "empty_is_none")]
     collection: Option<String>,
+    #[serde(default, deserialize_with = "empty_is_none")]
     limit: Option<usize>,
 }
 

@@ -1130,24 +1130,27 @@ impl Node {
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, NodeError> {
         let limit = page_limit(limit, HISTORY_CHANGES_MAX)?;
-        self.history_replay(id, after)?.take(limit).collect()
+        self.history_replay(id, after, Some(limit))?.collect()
     }
 
-    /// Every change of the record after `after`, described one at a time as they are taken.
-    /// The record is copied at once, so the replay holds no lock that other reads wait on.
+    /// The changes of the record after `after` (every one, or up to `limit`), described one
+    /// at a time as they are taken. The record is copied at once, so the replay holds no lock
+    /// that other reads wait on.
     pub fn history_replay(
         &self,
         id: &RecordId,
         after: Option<&ChangeHash>,
+        limit: Option<usize>,
     ) -> Result<HistoryReplay<'_>, NodeError> {
         let whole = self.docs.read(id, Automerge::clone)?;
         if whole.get_heads().is_empty() {
             return Err(NodeError::NotFound(id.clone()));
         }
-        let replay = Replay::new(whole, after).map_err(|unknown| NodeError::UnknownVersion {
-            id: id.clone(),
-            version: unknown.0.to_string(),
-        })?;
+        let replay =
+            Replay::new(whole, after, limit).map_err(|unknown| NodeError::UnknownVersion {
+                id: id.clone(),
+                version: unknown.0.to_string(),
+            })?;
         Ok(HistoryReplay {
             node: self,
             replay,
@@ -1222,7 +1225,7 @@ impl Node {
             }
         };
         for id in ids {
-            let history = match self.history_replay(&id, None) {
+            let history = match self.history_replay(&id, None, None) {
                 Ok(history) => history,
                 Err(NodeError::NotFound(_)) => continue,
                 Err(error) => return Err(error),

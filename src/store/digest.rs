@@ -12,7 +12,8 @@ use automerge::ChangeHash;
 
 /// Hex digits of a leaf bucket's prefix.
 pub const BUCKET_HEX_DIGITS: usize = 3;
-const LEAVES: usize = 1 << (4 * BUCKET_HEX_DIGITS);
+/// Leaf buckets of the digest.
+pub const LEAVES: usize = 1 << (4 * BUCKET_HEX_DIGITS);
 
 pub type Fingerprint = [u8; 32];
 

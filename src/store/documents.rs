@@ -267,6 +267,8 @@ pub(super) struct Inner {
     /// Repair digests of what a narrowed reader may read, at most
     /// [`SCOPED_DIGESTS_CACHED_MAX`], the latest last.
     pub(super) scoped_digests: Vec<ScopedDigest>,
+    /// A scoped digest being built, page by page, that commits meanwhile keep up to date.
+    pub(super) scoped_building: Option<ScopedBuild>,
     /// The sequence the next withdrawn document takes in the withdrawal feed.
     pub(super) next_withdrawal: u64,
 }
@@ -285,6 +287,21 @@ pub(super) struct ScopedDigest {
     pub(super) generation: u64,
     pub(super) scopes: String,
     pub(super) tree: std::sync::Arc<DigestTree>,
+}
+
+/// A scoped digest being built by [`DocStore::scoped_digest`], one page of the store at a
+/// time under the lock: a commit carries its new heads into it for the documents already
+/// read (those up to `upto`), so the build needs no snapshot of the store and never holds
+/// the lock for more than a page.
+#[derive(Debug)]
+pub(super) struct ScopedBuild {
+    pub(super) reader: NodeId,
+    /// The last document key (its store key, tag included) read into `tree`.
+    pub(super) upto: Vec<u8>,
+    pub(super) tree: DigestTree,
+    /// A commit changed a document the reader reads by its fields: whether the build held
+    /// it before is not known, so the tree is used once and not cached.
+    pub(super) spoiled: bool,
 }
 
 /// Which entries of one origin's log are held: all up to `contiguous`, and `above` beyond it.
@@ -1085,6 +1102,7 @@ fn scan_inner<S: Store>(
         reissues,
         digest_generation: 0,
         scoped_digests: Vec::new(),
+        scoped_building: None,
         next_withdrawal,
     })
 }
@@ -1515,41 +1533,126 @@ impl<S: Store> WriteSession<'_, S> {
     /// Takes a document out of this store because this node may not read it (see
     /// [`DocStore::withdraw`]): its stored form goes, what this node wrote itself stays where
     /// its log can serve it.
-    fn drop_document(&mut self, doc_key: &[u8], old_heads: Vec<ChangeHash>, was_live: bool) {
+    fn drop_document(
+        &mut self,
+        doc_key: &[u8],
+        stored: &StoredDoc,
+        own_changes: Vec<(ChangeHash, Vec<u8>)>,
+    ) {
+        let was_live = counts_as_live(doc_key, stored.record_state());
         self.heads_changed
-            .push((doc_key.to_vec(), old_heads, Vec::new()));
+            .push((doc_key.to_vec(), stored.change_hashes(), Vec::new()));
         self.live_delta -= i64::from(was_live);
-        let loaded = self
-            .working
-            .get(doc_key)
-            .expect("the caller took the document into the session");
-        for change in loaded.doc.get_changes(&[]) {
-            let own = NodeId::split_actor(change.actor_id())
-                .is_some_and(|(writer, _)| self.inner.writers.owns(&writer));
-            if own {
-                self.batch.put(
-                    layout::kept_key(doc_key, &change.hash()),
-                    change.raw_bytes().to_vec(),
-                );
-            }
+        for (hash, bytes) in own_changes {
+            self.batch.put(layout::kept_key(doc_key, &hash), bytes);
         }
         // The log may still name other stores' changes to it, which this store no longer
         // holds: the mark says why, should the record come back without them.
         self.batch.put(layout::kept_prefix(doc_key), Vec::new());
         self.batch.remove(layout::doc_key(doc_key));
-        self.batch.remove(layout::snapshot_key(doc_key));
+        if stored.snapshot == Snapshot::External {
+            self.batch.remove(layout::snapshot_key(doc_key));
+        }
         self.withdrawn.insert(doc_key.to_vec());
     }
 
-    /// Takes a held document out (see [`DocStore::withdraw`]); false if it is not held.
+    /// Whether this store wrote `change` (under any of its writers).
+    fn owns_change(&self, change: &Change) -> bool {
+        NodeId::split_actor(change.actor_id())
+            .is_some_and(|(writer, _)| self.inner.writers.owns(&writer))
+    }
+
+    /// Carries the commit's new heads into each cached scoped digest whose reader's access to
+    /// every changed document is decided by its collection alone (so the same before and
+    /// after): a repair round towards a narrowed peer then scans the store once, not once
+    /// per message while writes go on. A digest over a collection read by its fields is
+    /// left behind, to be built again when next asked for.
+    fn update_scoped_digests(
+        &mut self,
+        heads_changed: &[(Vec<u8>, Vec<ChangeHash>, Vec<ChangeHash>)],
+    ) {
+        let generation = self.inner.digest_generation;
+        let Some(door) = self.docs.door.get().filter(|door| !door.is_open()) else {
+            return;
+        };
+        let decide = |reader: &NodeId| -> Option<Vec<bool>> {
+            heads_changed
+                .iter()
+                .map(|(doc_key, _, _)| {
+                    door.may_read_tagged(reader, collection_of(doc_key), &[Vec::new()])
+                })
+                .collect()
+        };
+        for cached in &mut self.inner.scoped_digests {
+            if cached.generation + 1 != generation {
+                continue;
+            }
+            let Some(decided) = decide(&cached.reader) else {
+                continue;
+            };
+            let tree = std::sync::Arc::make_mut(&mut cached.tree);
+            for ((doc_key, old, new), readable) in heads_changed.iter().zip(decided) {
+                if readable {
+                    tree.update(doc_key, old, new);
+                }
+            }
+            cached.generation = generation;
+        }
+        if let Some(build) = &mut self.inner.scoped_building {
+            let Some(decided) = decide(&build.reader) else {
+                build.spoiled = true;
+                return;
+            };
+            for ((doc_key, old, new), readable) in heads_changed.iter().zip(decided) {
+                if readable && layout::doc_key(doc_key) <= build.upto {
+                    build.tree.update(doc_key, old, new);
+                }
+            }
+        }
+    }
+
+    /// Takes a held document out (see [`DocStore::withdraw`]); false if it is not held. A
+    /// document stored as changes alone (no snapshot yet), and not in use, is read from its
+    /// stored form without building it in Automerge, which costs most of a withdrawal.
     pub(super) fn withdraw(&mut self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        let in_use = self.working.contains_key(doc_key) || self.inner.cache.contains(doc_key);
+        if !in_use {
+            let Some(bytes) = self.docs.store.get(&layout::doc_key(doc_key))? else {
+                return Ok(false);
+            };
+            let stored: StoredDoc = layout::decode("document", &bytes)?;
+            if stored.heads.is_empty() {
+                return Ok(false);
+            }
+            if stored.snapshot == Snapshot::None {
+                let mut own = Vec::new();
+                for raw in &stored.changes {
+                    let change = Change::from_bytes(raw.clone()).map_err(|error| {
+                        StoreError::Corrupt(format!(
+                            "{}: change: {error}",
+                            String::from_utf8_lossy(doc_key)
+                        ))
+                    })?;
+                    if self.owns_change(&change) {
+                        own.push((change.hash(), raw.clone()));
+                    }
+                }
+                self.drop_document(doc_key, &stored, own);
+                return Ok(true);
+            }
+        }
         let loaded = self.document(doc_key)?;
-        let old_heads = loaded.stored.change_hashes();
-        if old_heads.is_empty() {
+        if loaded.stored.heads.is_empty() {
             return Ok(false);
         }
-        let was_live = counts_as_live(doc_key, loaded.stored.record_state());
-        self.drop_document(doc_key, old_heads, was_live);
+        let stored = loaded.stored.clone();
+        let changes = loaded.doc.get_changes(&[]);
+        let own = changes
+            .iter()
+            .filter(|change| self.owns_change(change))
+            .map(|change| (change.hash(), change.raw_bytes().to_vec()))
+            .collect();
+        self.drop_document(doc_key, &stored, own);
         Ok(true)
     }
 
@@ -1693,6 +1796,7 @@ impl<S: Store> WriteSession<'_, S> {
             let heads_changed = std::mem::take(&mut self.heads_changed);
             if !heads_changed.is_empty() {
                 self.inner.digest_generation += 1;
+                self.update_scoped_digests(&heads_changed);
             }
             for (doc_key, old, new) in heads_changed {
                 self.inner.digest.update(&doc_key, &old, &new);
@@ -1727,6 +1831,7 @@ impl<S: Store> WriteSession<'_, S> {
 mod tests {
     use super::*;
     use crate::record::document::{apply_delete, apply_write, RecordWrite};
+    use crate::store::digest;
     use crate::store::MemoryStore;
     use serde_json::json;
 
@@ -1748,6 +1853,135 @@ mod tests {
             apply_write(tx, &write)
         })
         .unwrap();
+    }
+
+    /// Every leaf of the digest of what `reader` may read, as cached now and as a build
+    /// from scratch finds it.
+    fn scoped_leaves(
+        docs: &DocStore<MemoryStore>,
+        reader: &NodeId,
+    ) -> Vec<Option<digest::Aggregate>> {
+        (0..digest::LEAVES)
+            .map(|leaf| docs.scoped_digest(reader, &format!("{leaf:03x}")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_scoped_digest_follows_commits_made_while_and_after_it_is_built() {
+        use crate::scope::{Grant, Scope, ScopeDoor, Scopes, Verified};
+        let node = NodeId::random().unwrap();
+        let reader = NodeId([9; 16]);
+        let docs = open(MemoryStore::new(), node, 4);
+        let mut scopes = Scopes::default();
+        scopes.insert(
+            Verified::Grant(Grant {
+                cluster: [1; 16],
+                node: reader.0,
+                read: vec![Scope::parse("gw").unwrap()],
+                write: Vec::new(),
+                issued_ms: 1,
+            }),
+            b"signature",
+        );
+        let scopes = std::sync::Arc::new(std::sync::RwLock::new(scopes));
+        docs.set_door(std::sync::Arc::new(ScopeDoor::new(node, scopes)));
+        let actor = node.actor(0);
+        let records = 3 * SCAN_PAGE_ENTRIES / 2;
+        for n in 0..records {
+            for collection in ["gw", "other"] {
+                set(
+                    &docs,
+                    &RecordId::parse(&format!("{collection}/{n}")).unwrap(),
+                    &actor,
+                    "n",
+                    1,
+                );
+            }
+        }
+        // Built a page at a time while writes go on, before and after the pages read so far;
+        // then kept up to date by each commit.
+        let write_some = |round: usize| {
+            for n in 0..records {
+                let collection = if n % 2 == 0 { "gw" } else { "other" };
+                let key = (n * 7 + round) % (2 * records);
+                let id = RecordId::parse(&format!("{collection}/{key}")).unwrap();
+                set(&docs, &id, &actor, "n", (n + round) as i64);
+            }
+        };
+        docs.begin_scoped_build(&reader);
+        let mut after = docs.scoped_build_page(None).unwrap();
+        let mut round = 1;
+        while let Some(last) = after {
+            write_some(round);
+            round += 1;
+            after = docs.scoped_build_page(Some(&last)).unwrap();
+        }
+        let (tree, generation) = docs.finish_scoped_build().unwrap();
+        assert_eq!(generation, Some(docs.inner().digest_generation));
+        let built: Vec<_> = (0..digest::LEAVES)
+            .map(|leaf| tree.get(&format!("{leaf:03x}")))
+            .collect();
+        docs.inner().scoped_digests.clear();
+        assert_eq!(built, scoped_leaves(&docs, &reader));
+        write_some(round);
+        let kept = {
+            let inner = docs.inner();
+            assert_eq!(inner.scoped_digests.len(), 1);
+            assert_eq!(inner.scoped_digests[0].generation, inner.digest_generation);
+            inner.scoped_digests[0].tree.clone()
+        };
+        docs.inner().scoped_digests.clear();
+        let fresh = scoped_leaves(&docs, &reader);
+        let kept: Vec<_> = (0..digest::LEAVES)
+            .map(|leaf| kept.get(&format!("{leaf:03x}")))
+            .collect();
+        assert_eq!(kept, fresh);
+        assert_ne!(
+            built, fresh,
+            "the writes after the build changed the digest"
+        );
+        // It covers the readable collection alone.
+        let count: u64 = fresh
+            .iter()
+            .flatten()
+            .map(|aggregate| aggregate.count)
+            .sum();
+        let gw = crate::record::Collection::new("gw").unwrap();
+        let held = docs.scan_collection(&gw, None, 10 * records).unwrap().len();
+        assert!(held > records, "the writer added records to gw");
+        assert_eq!(count, held as u64);
+    }
+
+    #[test]
+    fn a_withdrawal_keeps_this_stores_own_changes_whether_or_not_the_document_is_loaded() {
+        let node = NodeId::random().unwrap();
+        let docs = open(MemoryStore::new(), node, 4);
+        let own = node.actor(0);
+        let other = NodeId::random().unwrap().actor(0);
+        let ids: Vec<RecordId> = (0..5)
+            .map(|n| RecordId::parse(&format!("c/{n}")).unwrap())
+            .collect();
+        let mut written = Vec::new();
+        for id in &ids {
+            set(&docs, id, &other, "a", 1);
+            let theirs = docs.heads(&id.to_doc_key()).unwrap()[0];
+            set(&docs, id, &own, "b", 2);
+            let ours = docs.heads(&id.to_doc_key()).unwrap()[0];
+            written.push((theirs, ours));
+        }
+        // The cache holds two documents: c/0 is read from its stored form, c/4 is in use.
+        assert!(!docs.inner().cache.contains(&ids[0].to_doc_key()));
+        assert!(docs.inner().cache.contains(&ids[4].to_doc_key()));
+        let keys = [ids[0].to_doc_key(), ids[4].to_doc_key()];
+        let taken = docs.withdraw(&[&keys[0], &keys[1]]).unwrap();
+        assert_eq!(taken.len(), 2);
+        for (key, index) in keys.iter().zip([0, 4]) {
+            let (theirs, ours) = written[index];
+            assert!(docs.heads(key).unwrap().is_empty());
+            assert!(docs.keeps_own_change(key, &ours).unwrap());
+            assert!(!docs.keeps_own_change(key, &theirs).unwrap());
+        }
+        assert_eq!(docs.count_live().unwrap(), 3);
     }
 
     #[test]
@@ -2134,25 +2368,24 @@ mod tests {
             set(&docs, id, &actor, "n", 1);
         }
         assert_eq!(docs.last_withdrawal(), 0);
-        assert!(docs.withdraw(&ids[2].to_doc_key()).unwrap());
-        assert!(docs.withdraw(&ids[0].to_doc_key()).unwrap());
+        let (two, zero) = (ids[2].to_doc_key(), ids[0].to_doc_key());
         // A document not held is not withdrawn, and takes no number.
-        assert!(!docs.withdraw(b"c/absent").unwrap());
+        let taken = docs.withdraw(&[&two, b"c/absent", &zero]).unwrap();
+        assert_eq!(taken, vec![two.clone(), zero.clone()]);
+        // One batch numbers its withdrawals in key order.
         assert_eq!(
             docs.withdrawals_after(0, 10).unwrap(),
-            vec![(1, ids[2].to_doc_key()), (2, ids[0].to_doc_key())]
+            vec![(1, zero.clone()), (2, two.clone())]
         );
-        assert_eq!(
-            docs.withdrawals_after(1, 10).unwrap(),
-            vec![(2, ids[0].to_doc_key())]
-        );
+        assert_eq!(docs.withdrawals_after(1, 10).unwrap(), vec![(2, two)]);
         // Withdrawals are written without a flush of their own: the next durable write makes
         // them durable with it.
         set(&docs, &ids[1], &actor, "n", 2);
         store.crash(0);
         let reopened = open(store, node, 4);
         assert_eq!(reopened.last_withdrawal(), 2);
-        assert!(reopened.withdraw(&ids[1].to_doc_key()).unwrap());
+        let one = ids[1].to_doc_key();
+        assert_eq!(reopened.withdraw(&[&one]).unwrap(), vec![one.clone()]);
         assert_eq!(
             reopened.withdrawals_after(2, 10).unwrap(),
             vec![(3, ids[1].to_doc_key())]

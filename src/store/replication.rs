@@ -21,6 +21,8 @@ use crate::record::{document, NodeId, RecordId};
 
 /// Most log entries one step of [`DocStore::retag_log_step`] looks through.
 pub const RETAG_ENTRIES_PER_STEP: usize = 256;
+/// Documents taken out in one write batch by [`DocStore::withdraw`].
+pub const WITHDRAW_SESSION_DOCUMENTS: usize = 256;
 
 /// One change with its place in its origin's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,6 +390,20 @@ impl<S: Store> DocStore<S> {
     /// Whether `reader` may read the document of `doc_key` as it stands here (a missing or
     /// deleted record only under a scope of its whole collection).
     pub fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError> {
+        if self.reads_all(reader) {
+            return Ok(true);
+        }
+        let mut inner = self.inner();
+        self.may_read_locked(&mut inner, reader, doc_key)
+    }
+
+    /// [`Self::may_read_document`] with the store's lock already held.
+    fn may_read_locked(
+        &self,
+        inner: &mut super::documents::Inner,
+        reader: &NodeId,
+        doc_key: &[u8],
+    ) -> Result<bool, StoreError> {
         let Some(door) = self.door.get().filter(|door| !door.is_open()) else {
             return Ok(true);
         };
@@ -395,16 +411,11 @@ impl<S: Store> DocStore<S> {
             return Ok(true);
         }
         let collection = super::documents::collection_of(doc_key);
-        let whole = door.may_read_tagged(reader, collection, &[Vec::new()]);
-        if let Some(readable) = whole {
-            // Decided by the collection alone.
+        if let Some(readable) = door.may_read_tagged(reader, collection, &[Vec::new()]) {
             return Ok(readable);
         }
-        let fields = {
-            let mut inner = self.inner();
-            let loaded = self.loaded(&mut inner, doc_key)?;
-            document::read(&loaded.doc)
-        };
+        let loaded = self.loaded(inner, doc_key)?;
+        let fields = document::read(&loaded.doc);
         Ok(fields.is_some_and(|fields| door.may_read(reader, collection, &fields)))
     }
 
@@ -1281,8 +1292,21 @@ impl<S: Store> DocStore<S> {
 
     /// A document's heads (empty if never written).
     pub fn heads(&self, doc_key: &[u8]) -> Result<Vec<ChangeHash>, StoreError> {
-        let mut inner = self.inner();
-        Ok(self.loaded(&mut inner, doc_key)?.doc.get_heads())
+        // From the stored form (its heads are those of the document it holds: a load checks
+        // so): repair asks this of every document a peer lists, and building each one in
+        // Automerge cost most of a round.
+        let inner = self.inner();
+        if let Some(loaded) = inner.cache.peek(doc_key) {
+            return Ok(loaded.stored.change_hashes());
+        }
+        let stored = self.store.get(&layout::doc_key(doc_key))?;
+        drop(inner);
+        match stored {
+            Some(bytes) => {
+                Ok(layout::decode::<layout::StoredDoc>("document", &bytes)?.change_hashes())
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The repair aggregate of a bucket (a hex prefix of 1 to 3 digits).
@@ -1306,7 +1330,7 @@ impl<S: Store> DocStore<S> {
             return Ok(self.digest(prefix));
         }
         let scopes = door.read_scopes_key(reader);
-        let generation = {
+        {
             let inner = self.inner();
             let cached = inner.scoped_digests.iter().find(|cached| {
                 cached.reader == *reader
@@ -1316,19 +1340,11 @@ impl<S: Store> DocStore<S> {
             if let Some(cached) = cached {
                 return Ok(cached.tree.get(prefix));
             }
-            inner.digest_generation
-        };
-        let mut tree = digest::DigestTree::default();
-        for_each_entry(self.backend(), &[layout::TAG_DOC], |key, value| {
-            if self.may_read_document(reader, &key[1..])? {
-                let stored: layout::StoredDoc = layout::decode("document", value)?;
-                tree.update(&key[1..], &[], &stored.change_hashes());
-            }
-            Ok(())
-        })?;
+        }
+        let (tree, generation) = self.build_scoped_digest(reader)?;
         let aggregate = tree.get(prefix);
         let mut inner = self.inner();
-        if inner.digest_generation == generation {
+        if let Some(generation) = generation {
             inner
                 .scoped_digests
                 .retain(|cached| cached.reader != *reader);
@@ -1345,6 +1361,88 @@ impl<S: Store> DocStore<S> {
         Ok(aggregate)
     }
 
+    /// The digest of what `reader` may read, read one page of the store at a time under the
+    /// lock while commits go on (they keep the pages read so far up to date), and the digest
+    /// generation it stands at; no generation if a commit meanwhile changed a document the
+    /// reader reads by its fields (the tree is then only close, and is not to be kept).
+    fn build_scoped_digest(
+        &self,
+        reader: &NodeId,
+    ) -> Result<(digest::DigestTree, Option<u64>), StoreError> {
+        self.begin_scoped_build(reader);
+        let mut after = None;
+        let built = loop {
+            match self.scoped_build_page(after.as_deref()) {
+                Ok(Some(last)) => after = Some(last),
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error),
+            }
+        };
+        let finished = self.finish_scoped_build();
+        built?;
+        finished
+    }
+
+    pub(super) fn begin_scoped_build(&self, reader: &NodeId) {
+        self.inner().scoped_building = Some(super::documents::ScopedBuild {
+            reader: *reader,
+            upto: Vec::new(),
+            tree: digest::DigestTree::default(),
+            spoiled: false,
+        });
+    }
+
+    /// Reads the page of documents after `after` into the build under the lock; the last
+    /// key read, or `None` once every document was read.
+    pub(super) fn scoped_build_page(
+        &self,
+        after: Option<&[u8]>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut inner = self.inner();
+        let page = self.backend().scan_prefix(
+            &[layout::TAG_DOC],
+            after,
+            super::documents::SCAN_PAGE_ENTRIES,
+        )?;
+        let reader = inner
+            .scoped_building
+            .as_ref()
+            .map(|build| build.reader)
+            .ok_or_else(|| StoreError::Corrupt("a scoped digest build vanished".into()))?;
+        let mut readable = Vec::new();
+        for (key, value) in &page {
+            if self.may_read_locked(&mut inner, &reader, &key[1..])? {
+                let stored: layout::StoredDoc = layout::decode("document", value)?;
+                readable.push((key[1..].to_vec(), stored.change_hashes()));
+            }
+        }
+        let build = inner
+            .scoped_building
+            .as_mut()
+            .ok_or_else(|| StoreError::Corrupt("a scoped digest build vanished".into()))?;
+        for (doc_key, heads) in readable {
+            build.tree.update(&doc_key, &[], &heads);
+        }
+        let last = page.last().map(|(key, _)| key.clone());
+        if let Some(last) = &last {
+            build.upto.clone_from(last);
+        }
+        Ok(last.filter(|_| page.len() == super::documents::SCAN_PAGE_ENTRIES))
+    }
+
+    /// The build's tree, and the digest generation it stands at unless it is spoiled.
+    pub(super) fn finish_scoped_build(
+        &self,
+    ) -> Result<(digest::DigestTree, Option<u64>), StoreError> {
+        let mut inner = self.inner();
+        let build = inner
+            .scoped_building
+            .take()
+            .ok_or_else(|| StoreError::Corrupt("a scoped digest build vanished".into()))?;
+        let generation = (!build.spoiled).then_some(inner.digest_generation);
+        Ok((build.tree, generation))
+    }
+
     /// Whether a change of this node's own to a document it withdrew is kept for its log.
     pub fn keeps_own_change(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
         Ok(self
@@ -1353,13 +1451,22 @@ impl<S: Store> DocStore<S> {
             .is_some())
     }
 
-    /// Takes a document out of this store: a node that reads at least what this one reads
-    /// found it outside this node's read scope. What this node wrote to it stays, for its
-    /// log. False if it was not held.
-    pub fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
-        let mut session = self.session();
-        let withdrawn = session.withdraw(doc_key)?;
-        session.commit(Durability::Deferred)?;
+    /// Takes documents out of this store: a node that reads at least what this one reads
+    /// found them outside this node's read scope. What this node wrote to them stays, for
+    /// its log. Returns those that were held and are now taken out, in the order given.
+    /// One write batch per [`WITHDRAW_SESSION_DOCUMENTS`], so that a long list neither makes
+    /// one huge batch nor holds the store from other writes for long.
+    pub fn withdraw(&self, doc_keys: &[&[u8]]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut withdrawn = Vec::new();
+        for chunk in doc_keys.chunks(WITHDRAW_SESSION_DOCUMENTS) {
+            let mut session = self.session();
+            for doc_key in chunk {
+                if session.withdraw(doc_key)? {
+                    withdrawn.push(doc_key.to_vec());
+                }
+            }
+            session.commit(Durability::Deferred)?;
+        }
         Ok(withdrawn)
     }
 

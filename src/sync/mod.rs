@@ -171,8 +171,9 @@ pub trait Replica {
         limit: usize,
         reader: Option<&NodeId>,
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError>;
-    /// Takes out a document a wider peer found outside this node's read scope.
-    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError>;
+    /// Takes out documents a wider peer found outside this node's read scope; those that
+    /// were held.
+    fn withdraw(&self, doc_keys: &[&[u8]]) -> Result<Vec<Vec<u8>>, StoreError>;
     fn missing_changes(
         &self,
         doc_key: &[u8],
@@ -278,8 +279,8 @@ impl<S: Store> Replica for DocStore<S> {
     ) -> Result<Vec<(String, Vec<DocumentHeadsEntry>)>, StoreError> {
         DocStore::leaf_documents(self, leaves, limit, reader)
     }
-    fn withdraw(&self, doc_key: &[u8]) -> Result<bool, StoreError> {
-        DocStore::withdraw(self, doc_key)
+    fn withdraw(&self, doc_keys: &[&[u8]]) -> Result<Vec<Vec<u8>>, StoreError> {
+        DocStore::withdraw(self, doc_keys)
     }
     fn missing_changes(
         &self,
@@ -392,6 +393,9 @@ pub struct Stats {
     pub repair_documents: u64,
     /// Documents taken out because a wider peer found them outside this node's read scope.
     pub withdrawn_documents: u64,
+    /// Documents a wider peer named to take out while [`repair::WITHDRAWING_MAX`] waited
+    /// already: a later repair round names them again.
+    pub withdrawals_dropped: u64,
     /// Changes refused by the rule for colliding changes, by reason
     /// ([`crate::store::RefusalReason::as_str`]); their senders are not disconnected.
     pub changes_refused: BTreeMap<&'static str, u64>,
@@ -456,6 +460,10 @@ pub struct Engine {
     /// Documents a narrower peer is to withdraw, gathered into full `Withdraw` messages
     /// (fewer than one message's worth each; the rest go at the next timeout).
     pending_withdrawals: BTreeMap<NodeId, Vec<String>>,
+    /// Documents a wider peer told this node to take out, taken out a step at a time
+    /// between other events ([`repair::WITHDRAW_STEP_DOCUMENTS`]), so that changes arriving
+    /// meanwhile are not kept waiting behind a whole narrowing.
+    withdrawing: std::collections::VecDeque<String>,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -484,6 +492,7 @@ impl Engine {
             pending_leaves: repair::PendingLeaves::default(),
             pending_listings: repair::PendingListings::default(),
             pending_withdrawals: BTreeMap::new(),
+            withdrawing: std::collections::VecDeque::new(),
             clock_ms: None,
         }
     }
@@ -677,6 +686,10 @@ impl Engine {
 
     /// When the engine next wants [`Event::Timeout`].
     pub fn poll_timeout(&self) -> Option<Duration> {
+        if !self.withdrawing.is_empty() {
+            // At once: the next step of withdrawals.
+            return Some(Duration::ZERO);
+        }
         [self.next_summary, self.next_repair]
             .into_iter()
             .flatten()
@@ -712,11 +725,23 @@ impl Engine {
             }
             Event::LocalChanges(changes) => self.note_new(&changes),
             Event::Timeout => {
-                self.timeout(now, replica, &mut actions);
-                self.compare_pending_leaves(replica)?;
-                let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
-                for peer in peers {
-                    self.send_withdrawals(peer, true);
+                // Asked for at once while withdrawals wait: the periodic work only when due,
+                // and one step of withdrawals after whatever events came with it.
+                let due = [self.next_summary, self.next_repair]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .is_some_and(|due| now >= due);
+                if due {
+                    self.timeout(now, replica, &mut actions);
+                    self.compare_pending_leaves(replica)?;
+                    let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
+                    for peer in peers {
+                        self.send_withdrawals(peer, true);
+                    }
+                }
+                if !self.withdrawing.is_empty() {
+                    self.withdraw_step(replica)?;
                 }
             }
         }
@@ -738,7 +763,11 @@ impl Engine {
             for state in self.peers.values_mut() {
                 state.repairing = std::mem::take(&mut state.repair_found);
             }
-            self.start_repair(replica);
+            self.start_repair(replica, None);
+        }
+        let regranted = self.repair_views_changed(replica);
+        if !regranted.is_empty() {
+            self.start_repair(replica, Some(&regranted));
         }
         self.stats.held_dropped += self.held.expire(now) as u64;
         let silent: Vec<NodeId> = self
@@ -1228,7 +1257,7 @@ impl Engine {
             // A record new here that, merged with what waited on it, this node may not read
             // goes at once: its senders hold every change of it, and nothing here waits on
             // it (a change refused here may be what would have kept it in scope).
-            if replica.withdraw(&doc_key)? {
+            if !replica.withdraw(&[&doc_key])?.is_empty() {
                 self.stats.withdrawn_documents += 1;
             }
         }

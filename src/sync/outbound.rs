@@ -146,6 +146,10 @@ pub(super) struct Peer {
     /// and did in the round before.
     pub(super) repair_found: bool,
     pub(super) repairing: bool,
+    /// How this node took part in repair with the peer when last looked at (`None`: not
+    /// yet, `Some(None)`: their reads were not nested): a grant that changes it starts a
+    /// round at once instead of at the next interval.
+    pub(super) repair_view: Option<Option<super::repair::RepairView>>,
     pub(super) outbox: Outbox,
 }
 

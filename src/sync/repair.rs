@@ -37,6 +37,11 @@ const REPAIR_DOCUMENTS_PER_LEAF_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
 const REPAIR_LISTING_BYTES_MAX: usize = MESSAGE_BYTES_MAX / 16;
 /// Documents named in one `Withdraw`.
 const WITHDRAW_DOCUMENTS_MAX: usize = DOCUMENTS_PER_HEADS_MAX;
+/// Documents a wider peer named that wait here to be taken out: a narrowing of a quarter
+/// of a million records at once (beyond it, a later round names the rest again).
+pub(super) const WITHDRAWING_MAX: usize = 64 * WITHDRAW_DOCUMENTS_MAX;
+/// Documents taken out between two other events: a step costs tens of milliseconds.
+pub(super) const WITHDRAW_STEP_DOCUMENTS: usize = 256;
 /// Leaves of one peer's listings gathered before this node's documents in them are found by
 /// one scan of the store (else at the next timeout). A leaf is not a range of the store's
 /// keys, so each lookup scans every document: one per leaf listed made a repair that finds
@@ -111,8 +116,10 @@ pub(super) fn repair_view(
 }
 
 impl Engine {
-    /// Sends the top of the digest to every ready peer whose summaries are quiet.
-    pub(super) fn start_repair(&mut self, replica: &impl Replica) {
+    /// Sends the top of the digest to every ready peer whose summaries are quiet, or, with
+    /// `only`, to those peers whatever their summaries say (a grant changed what they or
+    /// this node may read: the difference is real, not changes in flight).
+    pub(super) fn start_repair(&mut self, replica: &impl Replica, only: Option<&BTreeSet<NodeId>>) {
         let marks: Vec<(NodeId, u64)> = replica
             .origin_marks()
             .into_iter()
@@ -121,10 +128,12 @@ impl Engine {
         let mut due = Vec::new();
         let me = self.config.node;
         for (id, state) in self.peers.iter_mut() {
-            if !state.ready || !state.summarised {
+            if !state.ready || !state.summarised || only.is_some_and(|only| !only.contains(id)) {
                 continue;
             }
-            let Some(view) = repair_view(replica, &me, id) else {
+            let view = repair_view(replica, &me, id);
+            state.repair_view = Some(view);
+            let Some(view) = view else {
                 continue;
             };
             let reported: Vec<(NodeId, u64)> = state
@@ -136,7 +145,7 @@ impl Engine {
             let in_step = reported == marks;
             let still = state.reported == state.reported_at_last_repair;
             state.reported_at_last_repair = state.reported.clone();
-            if in_step || still {
+            if in_step || still || only.is_some() {
                 due.push((*id, view.reader));
             }
         }
@@ -151,6 +160,26 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The ready peers whose repair view changed since this node last looked (a grant or a
+    /// revocation arrived); the first look at a peer only notes its view.
+    pub(super) fn repair_views_changed(&mut self, replica: &impl Replica) -> BTreeSet<NodeId> {
+        let me = self.config.node;
+        let mut changed = BTreeSet::new();
+        for (id, state) in self.peers.iter_mut() {
+            if !state.ready || !state.summarised {
+                continue;
+            }
+            let view = repair_view(replica, &me, id);
+            match state.repair_view.replace(view) {
+                Some(before) if before != view => {
+                    changed.insert(*id);
+                }
+                _ => {}
+            }
+        }
+        changed
     }
 
     fn digest_message(
@@ -321,7 +350,10 @@ impl Engine {
             sorted_mine.sort_unstable();
             let mut sorted_theirs = their_heads.clone();
             sorted_theirs.sort_unstable();
-            let lacking_theirs = !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
+            // Heads of theirs that are heads here too are held here: only others are looked
+            // up in the document (which loads it).
+            let lacking_theirs = !their_heads.iter().all(|hash| mine.contains(hash))
+                && !replica.missing_changes(&doc_key, &their_heads)?.is_empty();
             let doc = String::from_utf8_lossy(&doc_key).into_owned();
             // Whether the peer may read the record as it stands here (always, unless this
             // node judges it).
@@ -494,11 +526,20 @@ impl Engine {
             tracing::debug!(%peer, "a withdrawal from a peer that does not read every record is ignored");
             return Ok(());
         }
+        let room = WITHDRAWING_MAX.saturating_sub(self.withdrawing.len());
+        self.stats.withdrawals_dropped += docs.len().saturating_sub(room) as u64;
+        self.withdrawing.extend(docs.into_iter().take(room));
+        Ok(())
+    }
+
+    /// Takes out the next [`WITHDRAW_STEP_DOCUMENTS`] documents waiting to be withdrawn.
+    pub(super) fn withdraw_step(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
+        let step = self.withdrawing.len().min(WITHDRAW_STEP_DOCUMENTS);
+        let docs: Vec<String> = self.withdrawing.drain(..step).collect();
+        let keys: Vec<&[u8]> = docs.iter().map(|doc| doc.as_bytes()).collect();
+        self.stats.withdrawn_documents += replica.withdraw(&keys)?.len() as u64;
         let mut covered = BTreeSet::new();
         for doc in docs {
-            if replica.withdraw(doc.as_bytes())? {
-                self.stats.withdrawn_documents += 1;
-            }
             // Changes held for it wait on earlier changes of a record this node will not be
             // given: their places count as covered, so the logs they are in move on. Should
             // the record come back into this node's scope, it comes whole.

@@ -49,28 +49,42 @@ pub struct UnknownChange(pub ChangeHash);
 
 impl Replay {
     /// A replay of `whole`'s changes, starting after the change `after` (from the first when
-    /// `None`).
-    pub fn new(whole: Automerge, after: Option<&ChangeHash>) -> Result<Self, UnknownChange> {
-        let changes = whole.get_changes(&[]);
+    /// `None`), and, with a `limit`, ending that many changes later. Only the changes up to
+    /// the end are taken out of the document when they are fewer than half of it, since
+    /// taking a change out of Automerge costs as much as the change: the first page of a long
+    /// history costs what the page holds, not the whole history.
+    pub fn new(
+        whole: Automerge,
+        after: Option<&ChangeHash>,
+        limit: Option<usize>,
+    ) -> Result<Self, UnknownChange> {
+        let order: Vec<(ChangeHash, Vec<ChangeHash>)> = whole
+            .get_changes_meta(&[])
+            .into_iter()
+            .map(|meta| (meta.hash, meta.deps))
+            .collect();
         let next = match after {
             None => 0,
             Some(after) => {
-                changes
+                order
                     .iter()
-                    .position(|change| change.hash() == *after)
+                    .position(|(hash, _)| hash == after)
                     .ok_or(UnknownChange(*after))?
                     + 1
             }
         };
+        let end = limit.map_or(order.len(), |limit| {
+            next.saturating_add(limit).min(order.len())
+        });
+        let changes = changes_in_order(&whole, &order[..end], order.len());
         let mut replay = Self {
             whole,
-            changes,
+            changes: Vec::new(),
             next: 0,
             state: State::default(),
             heads: BTreeSet::new(),
             described_whole: 0,
         };
-        let changes = std::mem::take(&mut replay.changes);
         for change in &changes[..next] {
             replay.step(change);
         }
@@ -161,6 +175,37 @@ impl Iterator for Replay {
     }
 }
 
+/// The changes of `whole` that `order` names (hashes with their dependencies: a prefix of
+/// the causal order the document gives, of its `total` changes), in that order. A prefix
+/// under half the document is taken from a copy of the document at the prefix's heads (a
+/// prefix of a causal order holds every dependency of its changes).
+fn changes_in_order(
+    whole: &Automerge,
+    order: &[(ChangeHash, Vec<ChangeHash>)],
+    total: usize,
+) -> Vec<Change> {
+    let mut changes = None;
+    if order.len() < total / 2 {
+        let deps: std::collections::HashSet<&ChangeHash> =
+            order.iter().flat_map(|(_, deps)| deps).collect();
+        let heads: Vec<ChangeHash> = order
+            .iter()
+            .map(|(hash, _)| *hash)
+            .filter(|hash| !deps.contains(hash))
+            .collect();
+        changes = whole.fork_at(&heads).ok().map(|fork| fork.get_changes(&[]));
+    }
+    let mut changes = changes.unwrap_or_else(|| whole.get_changes(&[]));
+    let position: std::collections::HashMap<ChangeHash, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(index, (hash, _))| (*hash, index))
+        .collect();
+    changes.retain(|change| position.contains_key(&change.hash()));
+    changes.sort_by_key(|change| position[&change.hash()]);
+    changes
+}
+
 /// The action of a change that took a record from `before` to `after`.
 pub fn action(before: RecordState, after: RecordState) -> &'static str {
     match (before, after) {
@@ -209,17 +254,36 @@ mod tests {
             .iter()
             .map(|change| document::describe_change(doc, change.deps(), change.hash()))
             .collect();
-        let mut replay = Replay::new(doc.clone(), None).unwrap();
+        let mut replay = Replay::new(doc.clone(), None, None).unwrap();
         let replayed: Vec<ChangeEffect> = replay.by_ref().map(|(_, effect)| effect).collect();
         assert_eq!(replayed, expected);
         // Started part way, it describes the rest alike.
         let changes = doc.get_changes(&[]);
         for start in 0..changes.len() {
-            let rest: Vec<ChangeEffect> = Replay::new(doc.clone(), Some(&changes[start].hash()))
-                .unwrap()
-                .map(|(_, effect)| effect)
-                .collect();
+            let rest: Vec<ChangeEffect> =
+                Replay::new(doc.clone(), Some(&changes[start].hash()), None)
+                    .unwrap()
+                    .map(|(_, effect)| effect)
+                    .collect();
             assert_eq!(rest, expected[start + 1..]);
+        }
+        // A page (a limit) holds the same changes as the replay of the whole, page after page.
+        for limit in [1, 2, 3] {
+            let mut after = None;
+            let mut paged = Vec::new();
+            loop {
+                let page: Vec<(Change, ChangeEffect)> =
+                    Replay::new(doc.clone(), after.as_ref(), Some(limit))
+                        .unwrap()
+                        .collect();
+                assert!(page.len() <= limit);
+                let Some((last, _)) = page.last() else {
+                    break;
+                };
+                after = Some(last.hash());
+                paged.extend(page.into_iter().map(|(_, effect)| effect));
+            }
+            assert_eq!(paged, expected, "pages of {limit}");
         }
         replay.described_whole()
     }
@@ -238,7 +302,7 @@ mod tests {
         write(&mut doc, json!({"name": "again"}), false);
         write(&mut doc, json!({"address": {"city": "Paris"}}), false);
         assert_eq!(assert_replay_matches(&doc), 0);
-        let actions: Vec<&str> = Replay::new(doc.clone(), None)
+        let actions: Vec<&str> = Replay::new(doc.clone(), None, None)
             .unwrap()
             .map(|(_, effect)| effect.action)
             .collect();
@@ -380,6 +444,6 @@ mod tests {
     fn an_unknown_start_is_an_error() {
         let mut doc = Automerge::new();
         write(&mut doc, json!({"name": "Ada"}), false);
-        assert!(Replay::new(doc, Some(&ChangeHash([7; 32]))).is_err());
+        assert!(Replay::new(doc, Some(&ChangeHash([7; 32])), None).is_err());
     }
 }
