@@ -170,6 +170,8 @@ pub struct EngineStats {
     pub conflicts: u64,
     pub repair_documents: u64,
     pub withdrawn_documents: u64,
+    /// Documents a wider peer named to take out while the queue of them was full.
+    pub withdrawals_dropped: u64,
     pub local_changes_pushed: u64,
     /// Changes held for missing dependencies now.
     pub held_now: usize,
@@ -257,6 +259,7 @@ impl EngineStats {
             conflicts: stats.conflicts,
             repair_documents: stats.repair_documents,
             withdrawn_documents: stats.withdrawn_documents,
+            withdrawals_dropped: stats.withdrawals_dropped,
             local_changes_pushed: driver.local_changes,
         }
     }
@@ -1075,6 +1078,12 @@ pub fn metrics_text(shared: &Shared) -> String {
             "Documents taken out because a peer that reads more found them outside this \
              node's read scope.",
             engine.withdrawn_documents,
+        ),
+        (
+            "concord_withdrawals_dropped_total",
+            "Documents a peer named to take out while this node's queue of them was full (a \
+             later repair round names them again).",
+            engine.withdrawals_dropped,
         ),
         (
             "concord_changes_duplicate_total",
