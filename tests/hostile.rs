@@ -593,3 +593,55 @@ async fn every_request_the_readme_shows_is_answered_as_it_says() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_history_lists_in_one_pass_and_other_reads_do_not_wait_for_it() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut node]: [TestNode; 1] = start_mesh(temp.path(), &["hq"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    node.put("cold/1", json!({"n": 0}));
+    // As found: 5,000 changes took 6 s to list (quadratic), and a GET of another record
+    // waited 21-22 s behind it.
+    for batch in 0..5 {
+        let writes: Vec<Value> = (0..1000)
+            .map(|n| json!({"id": "hot/1", "fields": {"n": batch * 1000 + n}}))
+            .collect();
+        let body = json!({ "writes": writes }).to_string();
+        let (status, _, answer) = request(&node, "POST", "/v1/batch", Some(&body));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let api = node.api.clone();
+    let listing = std::thread::spawn(move || {
+        let begin = std::time::Instant::now();
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let changes: Vec<Value> = agent
+            .get(format!("http://{api}/v1/records/hot/1/history?limit=10000"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_json()
+            .unwrap();
+        (changes.len(), begin.elapsed())
+    });
+    let mut slowest = Duration::ZERO;
+    while !listing.is_finished() {
+        let begin = std::time::Instant::now();
+        assert!(node.get("cold/1").is_some());
+        slowest = slowest.max(begin.elapsed());
+    }
+    let (listed, took) = listing.join().unwrap();
+    assert_eq!(listed, 5000);
+    assert!(
+        took < Duration::from_secs(3),
+        "5,000 changes listed in {took:?}"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a GET of another record took {slowest:?} while the history was listed"
+    );
+    node.stop().await;
+}

@@ -450,3 +450,93 @@ async fn each_office_receives_only_its_region_and_a_moved_customer_follows_it() 
         node.stop().await;
     }
 }
+
+/// Writes `count` records `COLLECTION/N` at `node`, 1,000 a batch.
+fn write_many(node: &TestNode, collection: &str, count: usize) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let ids: Vec<usize> = (0..count).collect();
+    for chunk in ids.chunks(1000) {
+        let writes: Vec<Value> = chunk
+            .iter()
+            .map(|n| json!({"id": format!("{collection}/{n}"), "fields": {"n": n}}))
+            .collect();
+        let response = agent
+            .post(format!("http://{}/v1/batch", node.api))
+            .send_json(json!({ "writes": writes }))
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+    }
+}
+
+fn records(node: &TestNode) -> u64 {
+    node.status()
+        .and_then(|status| status["records"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_that_narrows_a_full_replica_takes_effect_at_once_beside_replication() {
+    let temp = tempfile::tempdir().unwrap();
+    let [mut hq, mut b]: [TestNode; 2] = start_mesh(temp.path(), &["hq", "b"])
+        .await
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    write_many(&hq, "other", 3000);
+    write_many(&hq, "gw", 50);
+    eventually("b holds every record", WITHIN, || records(&b) == 3050).await;
+    let ca = temp.path().join("ca");
+    let granted = std::time::Instant::now();
+    ok(concord(
+        &hq.dir,
+        &["grant", "b", "--ca", ca.to_str().unwrap(), "--read", "gw"],
+    ));
+    // Writes go on while b is narrowed, and reach it as before. As found, they took 27-35 s
+    // and hq's status said b kept up; b took records out only at the next repair round (every
+    // 30 s), for minutes.
+    let mut repairing_seen = false;
+    for n in 0..50 {
+        let id = format!("gw/after-{n}");
+        hq.put(&id, json!({"n": n}));
+        let written = std::time::Instant::now();
+        while b.get(&id).is_none() {
+            assert!(
+                written.elapsed() < Duration::from_secs(5),
+                "{id} did not reach b within 5 s of its write, during the narrowing"
+            );
+            let peers = hq.status().map(|status| status["peers"].clone());
+            repairing_seen |= peers.is_some_and(|peers| peers[0]["repairing"] == json!(true));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let peers = hq.status().map(|status| status["peers"].clone());
+        repairing_seen |= peers.is_some_and(|peers| peers[0]["repairing"] == json!(true));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Well before the first repair round by the clock (30 s after the nodes started), b holds
+    // exactly what it may read.
+    let narrowing = std::time::Instant::now();
+    while records(&b) != 100 {
+        if narrowing.elapsed() > Duration::from_secs(15) {
+            panic!(
+                "b holds {} records, not the 100 of gw; hq: {}; b: {}",
+                records(&b),
+                hq.status().unwrap_or_default(),
+                b.status().unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        granted.elapsed() < Duration::from_secs(25),
+        "the narrowing took {:?}",
+        granted.elapsed()
+    );
+    assert_eq!(b.get("other/7"), None);
+    assert!(b.get("gw/7").is_some());
+    assert!(repairing_seen, "hq's status never showed b being narrowed");
+    for node in [&mut hq, &mut b] {
+        node.stop().await;
+    }
+}

@@ -710,7 +710,9 @@ impl Engine {
         }
         match event {
             Event::PeerConnected(peer) => {
-                self.peers.insert(peer, Peer::connected(now));
+                let mut state = Peer::connected(now);
+                state.repair_view = Some(repair::repair_view(replica, &self.config.node, &peer));
+                self.peers.insert(peer, state);
             }
             Event::PeerDisconnected(peer) => {
                 self.peers.remove(&peer);

@@ -163,7 +163,7 @@ impl Engine {
     }
 
     /// The ready peers whose repair view changed since this node last looked (a grant or a
-    /// revocation arrived); the first look at a peer only notes its view.
+    /// revocation arrived), first when the peer connected.
     pub(super) fn repair_views_changed(&mut self, replica: &impl Replica) -> BTreeSet<NodeId> {
         let me = self.config.node;
         let mut changed = BTreeSet::new();
