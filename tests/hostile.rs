@@ -146,33 +146,11 @@ fn a_failed_restore_leaves_no_data_dir_behind() {
 
 /// A raw request: its status, content type and body.
 fn request(node: &TestNode, method: &str, path: &str, body: Option<&str>) -> (u16, String, Value) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(&node.api).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
     let body = body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        node.api,
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head[9..12].parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case("content-type")
-                .then(|| value.trim().to_owned())
-        })
-        .unwrap_or_default();
-    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
+    let (status, content_type, bytes) =
+        send(node, method, path, "application/json", body.as_bytes());
+    let text = String::from_utf8_lossy(&bytes);
+    let value = serde_json::from_str(&text).unwrap_or(Value::String(text.into_owned()));
     (status, content_type, value)
 }
 
@@ -420,41 +398,47 @@ fn readme_requests() -> Vec<String> {
     requests
 }
 
-/// Sends `method path` with `body` (of `content_type`); the status and the body's bytes.
+/// Sends `method path` with `body` (of `content_type`); the status, the answer's content type
+/// and its bytes.
 fn send(
     node: &TestNode,
     method: &str,
     path: &str,
     content_type: &str,
     body: &[u8],
-) -> (u16, Vec<u8>) {
+) -> (u16, String, Vec<u8>) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
-    let url = format!("http://{}{path}", node.api);
     let request = ureq::http::Request::builder()
         .method(method)
-        .uri(&url)
+        .uri(format!("http://{}{path}", node.api))
         .header("content-type", content_type)
         .body(body.to_vec())
         .unwrap();
     let mut response = agent.run(request).unwrap();
     let status = response.status().as_u16();
+    let answered_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let bytes = response
         .body_mut()
         .with_config()
         .limit(64 * 1024 * 1024)
         .read_to_vec()
         .unwrap();
-    (status, bytes)
+    (status, answered_type, bytes)
 }
 
 /// A record `c/9` whose field `address` two writers set at once: a conflict to resolve.
 fn conflicting_record(node: &TestNode) {
     use automerge::transaction::Transactable;
     node.put("c/9", json!({"name": "Ada"}));
-    let (status, saved) = send(
+    let (status, _, saved) = send(
         node,
         "GET",
         "/v1/records/c/9/automerge",
@@ -474,7 +458,7 @@ fn conflicting_record(node: &TestNode) {
     }
     let mut merged = sides.pop().unwrap();
     merged.merge(&mut sides[0]).unwrap();
-    let (status, answer) = send(
+    let (status, _, answer) = send(
         node,
         "POST",
         "/v1/records/c/9/automerge",
@@ -494,7 +478,7 @@ async fn every_request_the_readme_shows_is_answered_as_it_says() {
     node.put("c/0", json!({"name": "Zed"}));
     conflicting_record(&node);
     let first_change = {
-        let (status, history) = send(
+        let (status, _, history) = send(
             &node,
             "GET",
             "/v1/records/c/0/history",
@@ -562,7 +546,7 @@ async fn every_request_the_readme_shows_is_answered_as_it_says() {
     );
     for (readme, sent) in &shown {
         for (method, path, body, expected) in sent {
-            let (status, answer) = send(&node, method, path, json, body.as_bytes());
+            let (status, _, answer) = send(&node, method, path, json, body.as_bytes());
             let text = String::from_utf8_lossy(&answer);
             assert_eq!(status, *expected, "{readme}: {method} {path}: {text}");
             if status >= 400 {
@@ -574,8 +558,8 @@ async fn every_request_the_readme_shows_is_answered_as_it_says() {
     // The conflict is settled, with the value the second request gave.
     assert_eq!(node.get("c/9").unwrap()["address"], json!("10 Downing St"));
     // The saved document merged back in: `POST .../automerge`.
-    let (_, saved) = send(&node, "GET", "/v1/records/c/0/automerge", json, b"");
-    let (status, answer) = send(
+    let (_, _, saved) = send(&node, "GET", "/v1/records/c/0/automerge", json, b"");
+    let (status, _, answer) = send(
         &node,
         "POST",
         "/v1/records/c/0/automerge",
@@ -584,7 +568,7 @@ async fn every_request_the_readme_shows_is_answered_as_it_says() {
     );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     // The error body the README shows.
-    let (status, answer) = send(&node, "GET", "/v1/records/c/absent", json, b"");
+    let (status, _, answer) = send(&node, "GET", "/v1/records/c/absent", json, b"");
     assert_eq!(status, 404);
     let error: Value = serde_json::from_slice(&answer).unwrap();
     assert_eq!(

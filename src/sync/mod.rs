@@ -690,6 +690,11 @@ impl Engine {
             // At once: the next step of withdrawals.
             return Some(Duration::ZERO);
         }
+        self.periodic_due()
+    }
+
+    /// When the next summary or repair round is due.
+    fn periodic_due(&self) -> Option<Duration> {
         [self.next_summary, self.next_repair]
             .into_iter()
             .flatten()
@@ -729,12 +734,7 @@ impl Engine {
             Event::Timeout => {
                 // Asked for at once while withdrawals wait: the periodic work only when due,
                 // and one step of withdrawals after whatever events came with it.
-                let due = [self.next_summary, self.next_repair]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .is_some_and(|due| now >= due);
-                if due {
+                if self.periodic_due().is_some_and(|due| now >= due) {
                     self.timeout(now, replica, &mut actions);
                     self.compare_pending_leaves(replica)?;
                     let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
