@@ -113,6 +113,7 @@ fn main() {
                 listen: Some(listen.to_owned()),
                 api: Some(port()),
                 peers,
+                engine: None,
             },
         )
         .expect("node");

@@ -35,7 +35,7 @@ use automerge::sync::{State as SyncState, SyncDoc};
 use automerge::Automerge;
 use concord::node::{InitOptions, Node};
 use concord::record::{NodeId, RecordId, RecordWrite};
-use concord::store::{DocStore, SledStore};
+use concord::store::{DiskStore, DocStore};
 use concord::sync::{Config, Driver, Engine, Input, Output};
 use serde_json::json;
 
@@ -81,7 +81,7 @@ fn load(node: &Node, range: std::ops::Range<usize>) {
 struct Side<'a> {
     id: NodeId,
     driver: Driver,
-    docs: &'a DocStore<SledStore>,
+    docs: &'a DocStore<DiskStore>,
 }
 
 /// Connection ids of the two sides' link: a new one per connection.
@@ -543,7 +543,7 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         };
         let (listen_a, listen_b) = (port(), port());
         let make = |dir: &Path, name: &str, listen: &str, peers: Vec<String>| {
-            Node::create(dir, &InitOptions { name: Some(name.into()), ca: Some(ca.clone()), listen: Some(listen.to_owned()), api: Some(port()), peers }).expect("node")
+            Node::create(dir, &InitOptions { name: Some(name.into()), ca: Some(ca.clone()), listen: Some(listen.to_owned()), api: Some(port()), peers, engine: None }).expect("node")
         };
         let node_a = Arc::new(make(&temp.path().join("a"), "a", &listen_a, vec![]));
         load(&node_a, 0..records);
@@ -672,6 +672,7 @@ async fn first_replication(changes: usize, one_record: bool) -> Duration {
                 listen: Some(listen),
                 api: Some(port()),
                 peers,
+                engine: None,
             },
         )
         .expect("node")

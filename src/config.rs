@@ -15,7 +15,7 @@ pub const CONFIG_FILE: &str = "concord.toml";
 pub const NODE_NAME_BYTES_MAX: usize = 64;
 // A name that config accepts must fit the hello that carries it.
 const _: () = assert!(NODE_NAME_BYTES_MAX <= concord_proto::NODE_NAME_BYTES_MAX);
-/// Largest sled page cache one may configure, in MiB.
+/// Largest page cache one may configure, in MiB.
 pub const PAGE_CACHE_MIB_MAX: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -235,11 +235,17 @@ pub const CLOCK_AHEAD_MAX_MS_MAX: u64 = 3_600_000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSection {
+    /// The storage engine ([`crate::store::Engine`]). A new node's config names
+    /// [`crate::store::Engine::DEFAULT`]; a config that names none is a store made on
+    /// [`crate::store::Engine::UNNAMED`]
+    /// before there was a choice. A store made on one engine opens only on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::store::Engine>,
     /// Documents kept loaded in memory at most.
     pub cache_documents: usize,
     /// Memory the loaded documents may take, in MiB (their histories grow with every change).
     pub cache_mib: usize,
-    /// sled's page cache, in MiB.
+    /// The engine's cache of pages or blocks read from disk, in MiB.
     pub page_cache_mib: u64,
     /// Appended changes per document before they are compacted into a snapshot.
     pub compact_after_changes: u32,
@@ -248,6 +254,7 @@ pub struct StoreSection {
 impl Default for StoreSection {
     fn default() -> Self {
         Self {
+            engine: None,
             cache_documents: crate::store::CACHE_DOCUMENTS_DEFAULT,
             cache_mib: crate::store::CACHE_MIB_DEFAULT,
             page_cache_mib: crate::store::PAGE_CACHE_BYTES_DEFAULT / (1024 * 1024),

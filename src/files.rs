@@ -16,7 +16,8 @@ pub const DIR_MODE: u32 = 0o700;
 pub const FILE_MODE: u32 = 0o600;
 /// Mode bits that let users other than the owner write.
 const WRITABLE_BY_OTHERS: u32 = 0o022;
-/// Most entries [`restrict_tree`] visits: a sled store holds a handful of files.
+/// Most entries [`restrict_tree`] visits: a store holds a handful of files, or some hundreds of
+/// tables on an LSM engine.
 const TREE_ENTRIES_MAX: usize = 10_000;
 
 /// Creates `dir` and its missing parents, owner-only; an existing `dir` is made owner-only.

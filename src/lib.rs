@@ -1,7 +1,7 @@
 //! Concord: masterless replication of business records as Automerge documents.
 //!
-//! The parts, one module each: [`record`] (the record model), [`store`] (sled and in-memory
-//! stores, document layout, cache), [`sync`] (the replication engine and its driver),
+//! The parts, one module each: [`record`] (the record model), [`store`] (the engines on disk and in
+//! memory, document layout, cache), [`sync`] (the replication engine and its driver),
 //! [`net`] (QUIC transport), [`adapters`] (tables as collections), [`policy`] (conflict
 //! policies) and [`node`] (a node's data dir, config, record operations, `run` and the API);
 //! [`files`] creates a node's files owner-only.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{concord_binary, init_node};
+use common::{concord_binary, init_node_on};
 use concord::node::Node;
 use concord::record::RecordId;
 use serde_json::json;
@@ -41,7 +41,16 @@ impl SplitMix {
 }
 
 #[test]
-fn acknowledged_writes_survive_sigkill() {
+fn acknowledged_writes_survive_sigkill_on_sled() {
+    acknowledged_writes_survive_sigkill("sled");
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill_on_fjall() {
+    acknowledged_writes_survive_sigkill("fjall");
+}
+
+fn acknowledged_writes_survive_sigkill(engine: &str) {
     let seed = std::env::var("CONCORD_CRASH_SEED")
         .ok()
         .and_then(|text| text.parse().ok())
@@ -55,10 +64,16 @@ fn acknowledged_writes_survive_sigkill() {
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(30);
-    eprintln!("crash test: seed {seed} ({rounds} rounds); replay with CONCORD_CRASH_SEED={seed}");
+    eprintln!(
+        "crash test on {engine}: seed {seed} ({rounds} rounds); replay with \
+         CONCORD_CRASH_SEED={seed}"
+    );
     let mut random = SplitMix(seed);
     let temp = tempfile::tempdir().unwrap();
-    let data = init_node(temp.path(), "crashy");
+    let data = init_node_on(temp.path(), "crashy", engine);
+    assert!(std::fs::read_to_string(data.join("concord.toml"))
+        .unwrap()
+        .contains(&format!("engine = \"{engine}\"")));
 
     // The highest write number acknowledged per key, over all rounds.
     let mut acknowledged: HashMap<u64, u64> = HashMap::new();

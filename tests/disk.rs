@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::cluster::{eventually, TestNode};
+use concord::store::Engine;
 use serde_json::{json, Value};
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -69,7 +70,16 @@ fn patch(node: &TestNode, id: &str, fields: &Value) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_disk_refuses_writes_then_they_resume_without_a_restart() {
+async fn a_full_disk_refuses_writes_then_they_resume_without_a_restart_on_sled() {
+    a_full_disk_refuses_writes_then_they_resume_without_a_restart(Engine::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_disk_refuses_writes_then_they_resume_without_a_restart_on_fjall() {
+    a_full_disk_refuses_writes_then_they_resume_without_a_restart(Engine::Fjall).await;
+}
+
+async fn a_full_disk_refuses_writes_then_they_resume_without_a_restart(engine: Engine) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("concord=info")
         .with_test_writer()
@@ -87,7 +97,7 @@ async fn a_full_disk_refuses_writes_then_they_resume_without_a_restart() {
     let small = mounted.0.clone();
     let ca = temp.path().join("ca");
     concord::net::tls::create_ca(&ca).unwrap();
-    let mut a = TestNode::create(&small, "a", &ca, &[]);
+    let mut a = TestNode::create_on(&small, "a", &ca, &[], Some(engine));
     let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
     a.start().await;
     b.start().await;

@@ -7,7 +7,8 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::cluster::{eventually, start_mesh, TestNode};
+use common::cluster::{eventually, start_mesh, start_mesh_on, TestNode};
+use concord::store::Engine;
 use serde_json::json;
 
 const WITHIN: Duration = Duration::from_secs(30);
@@ -223,18 +224,32 @@ async fn a_node_restored_from_a_backup_taken_under_load_gets_back_every_write() 
     .await;
     let first_writer = writer_of(&a);
     a.stop().await;
-    // Restored over the store it had: kept aside, not deleted.
+    // Restored over the store it had (kept aside, not deleted), onto the other engine: how a
+    // node moves between engines.
+    let other = match Engine::DEFAULT {
+        Engine::Sled => Engine::Fjall,
+        Engine::Fjall => Engine::Sled,
+    };
     let report = ok(concord_bare(&[
         "restore",
         file.to_str().unwrap(),
         a.dir.to_str().unwrap(),
         "--replace",
+        "--engine",
+        other.as_str(),
     ]));
     let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
     assert!(report["replaced"]
         .as_str()
         .unwrap()
         .contains("store.replaced-"));
+    assert_eq!(report["engine"], json!(other.as_str()), "{report}");
+    let config = std::fs::read_to_string(a.dir.join("concord.toml")).unwrap();
+    assert!(
+        config.contains(&format!("engine = \"{other}\"")),
+        "{config}"
+    );
+    assert_eq!(Engine::of_store(&a.dir.join("store")), Some(other));
     a.start().await;
     let restored_writer = writer_of(&a);
     assert_ne!(
@@ -261,40 +276,77 @@ async fn a_node_restored_from_a_backup_taken_under_load_gets_back_every_write() 
     c.stop().await;
 }
 
-/// Flips 64 bytes a third of the way into the store's data file (its snapshot of sled's page
-/// table removed too, if `without_snapshot`: sled must then rebuild the table from the damaged
-/// file, and cannot).
-fn damage(dir: &std::path::Path, without_snapshot: bool) {
-    let store = dir.join("store");
-    if without_snapshot {
-        for entry in std::fs::read_dir(&store).unwrap() {
-            let path = entry.unwrap().path();
-            if path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("snap.")
-            {
-                std::fs::remove_file(path).unwrap();
+/// The largest file under `path`.
+fn largest_file(path: &std::path::Path) -> Option<(u64, std::path::PathBuf)> {
+    std::fs::read_dir(path)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok()?;
+            if meta.is_dir() {
+                largest_file(&entry.path())
+            } else {
+                Some((meta.len(), entry.path()))
             }
+        })
+        .max()
+}
+
+/// Every file under `path` whose name starts with `prefix`.
+fn files_named(path: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(path).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_named(&path, prefix));
+        } else if entry.file_name().to_string_lossy().starts_with(prefix) {
+            found.push(path);
         }
     }
-    let db = store.join("db");
-    let mut bytes = std::fs::read(&db).unwrap();
+    found
+}
+
+/// Flips 64 bytes at a fifth, a third and half of the way into the store's largest file (sled's
+/// data file; a table or the journal of fjall's), and, if `unreadable`, removes what the engine
+/// needs to find its data (sled's snapshots of its page table, which it must then rebuild from
+/// the damaged file, and cannot; fjall's version files): then it opens nothing.
+fn damage(dir: &std::path::Path, engine: Engine, unreadable: bool) {
+    let store = dir.join("store");
+    if unreadable {
+        let needed = match engine {
+            Engine::Sled => "snap.",
+            Engine::Fjall => "current",
+        };
+        for path in files_named(&store, needed) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let (_, largest) = largest_file(&store).unwrap();
+    let mut bytes = std::fs::read(&largest).unwrap();
     let used = bytes.iter().rposition(|byte| *byte != 0).unwrap();
+    let length = bytes.len();
     for at in [used / 5, used / 3, used / 2] {
-        for byte in &mut bytes[at..at + 64] {
+        for byte in &mut bytes[at..(at + 64).min(length)] {
             *byte ^= 0x5a;
         }
     }
-    std::fs::write(&db, &bytes).unwrap();
+    std::fs::write(&largest, &bytes).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest() {
+async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest_on_sled() {
+    a_damaged_store_is_recovered_and_its_peers_send_the_rest(Engine::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest_on_fjall() {
+    a_damaged_store_is_recovered_and_its_peers_send_the_rest(Engine::Fjall).await;
+}
+
+async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest(engine: Engine) {
     use common::{concord_bare, ok};
     let temp = tempfile::tempdir().unwrap();
-    let [mut a, mut b]: [TestNode; 2] = start_mesh(temp.path(), &["a", "b"])
+    let [mut a, mut b]: [TestNode; 2] = start_mesh_on(temp.path(), &["a", "b"], Some(engine))
         .await
         .try_into()
         .unwrap_or_else(|_| unreachable!());
@@ -314,7 +366,7 @@ async fn a_damaged_store_is_recovered_and_its_peers_send_the_rest() {
         // table then.
         a.start().await;
         a.stop().await;
-        damage(&a.dir, without_snapshot);
+        damage(&a.dir, engine, without_snapshot);
         // Where the damage falls decides whether sled notices it when the store opens; when
         // it does, the node says what to run.
         match concord::node::Node::open(&a.dir) {

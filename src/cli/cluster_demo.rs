@@ -1,6 +1,6 @@
 //! `concord demo`: three sites on loopback, a partition, and convergence.
 //!
-//! Three real nodes (QUIC, mutual TLS from a fresh cluster CA, sled data dirs in a temporary
+//! Three real nodes (QUIC, mutual TLS from a fresh cluster CA, data dirs in a temporary
 //! folder) run in this process; every link goes through a UDP relay so the demo can cut one
 //! site off the network. It writes at every site, cuts `nyc` off, writes on both sides of the
 //! cut (the same record included), heals, and times how long every site takes to agree.
@@ -142,6 +142,7 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
             listen: Some(listens[index].to_string()),
             api: Some(apis[index].clone()),
             peers,
+            engine: None,
         };
         let dir = root.join(name);
         let node = Arc::new(Node::create(&dir, &options)?);

@@ -56,7 +56,7 @@ pub fn run(dir: Option<PathBuf>, out: &mut dyn Write) -> Result<()> {
     ];
     writeln!(
         out,
-        "# Concord demo: one node on an embedded sled store in {data}"
+        "# Concord demo: one node on an embedded store in {data}"
     )?;
     for step in steps {
         let needs_data = step[0] != "init";

@@ -66,6 +66,9 @@ enum Command {
         /// A peer to dial; repeat for several.
         #[arg(long = "peer", value_name = "HOST:PORT")]
         peers: Vec<String>,
+        /// The store's engine (default: the one the README names for new nodes).
+        #[arg(long, value_name = "ENGINE")]
+        engine: Option<concord::store::Engine>,
     },
     /// Manage the cluster CA.
     Ca {
@@ -249,6 +252,11 @@ enum Command {
         /// Put the backup in place of DIR's store (which is kept as store.replaced-<time>).
         #[arg(long)]
         replace: bool,
+        /// Make the store on this engine, and name it in DIR's config: how a
+        /// node moves between engines (default: the engine DIR's config names, or the default
+        /// for a new dir).
+        #[arg(long, value_name = "ENGINE")]
+        engine: Option<concord::store::Engine>,
     },
     /// Salvage what a damaged store still holds (the node stopped), and take the rest from
     /// peers once it runs: the damaged store is kept as store.damaged-<time>.
@@ -404,6 +412,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             listen,
             api,
             peers,
+            engine,
         } => {
             let options = concord::node::InitOptions {
                 name,
@@ -411,6 +420,7 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 listen,
                 api,
                 peers,
+                engine,
             };
             let id = Node::init_with(&dir, &options)?;
             writeln!(out, "initialized node {id} in {}", dir.display())?;
@@ -454,15 +464,18 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             dir,
             ca,
             replace,
+            engine,
         } => {
             let progress = spinner("{spinner} restoring: {msg}");
-            let report = concord::node::maintenance::restore(
-                &file,
-                &dir,
-                ca.as_deref(),
+            let options = concord::node::maintenance::RestoreOptions {
+                ca: ca.as_deref(),
                 replace,
-                |what, count| progress.set_message(format!("{count} {what}")),
-            )?;
+                engine,
+            };
+            let report =
+                concord::node::maintenance::restore(&file, &dir, &options, |what, count| {
+                    progress.set_message(format!("{count} {what}"))
+                })?;
             progress.finish_and_clear();
             writeln!(out, "{}", serde_json::to_string(&report)?)?;
         }

@@ -1,6 +1,6 @@
 //! `concord demo`: two sites keep one `customers` table in step, offline edits included.
 //!
-//! Two real nodes (QUIC, mutual TLS from a fresh cluster CA, sled data dirs in a temporary
+//! Two real nodes (QUIC, mutual TLS from a fresh cluster CA, data dirs in a temporary
 //! folder) run in this process, each with a binding to its own database: `hq` to PostgreSQL
 //! when a server answers (in a database made for the demo and dropped after it), otherwise to
 //! SQLite; `depot` always to SQLite. The one link between them goes through a UDP relay, so
@@ -306,6 +306,7 @@ fn demo(
                 listen: Some(listen.to_string()),
                 api: Some(api.clone()),
                 peers,
+                engine: None,
             },
         )?;
         let config_path = dir.join("concord.toml");
@@ -482,6 +483,7 @@ fn edge_office(
             ),
             api: Some(api.clone()),
             peers: vec![hq_listen.to_string()],
+            engine: None,
         },
     )?;
     let config_path = dir.join("concord.toml");

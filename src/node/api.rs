@@ -295,9 +295,7 @@ fn status_of(error: &NodeError) -> StatusCode {
         NodeError::Store(StoreError::DiskFull(_) | StoreError::Closed) => {
             StatusCode::INSUFFICIENT_STORAGE
         }
-        NodeError::Store(StoreError::Backend(sled::Error::Io(io)))
-            if super::disk::is_disk_full(io) =>
-        {
+        NodeError::Store(StoreError::Io(io)) if super::disk::is_disk_full(io) => {
             StatusCode::INSUFFICIENT_STORAGE
         }
         _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -2,11 +2,11 @@
 //! themselves once it has room.
 //!
 //! A node keeps a reserve file (`store.reserve`, a twentieth of the filesystem, between 4 and
-//! 64 MiB) beside its store: sled needs room of its own to write its log and compact it, and
+//! 64 MiB) beside its store: the engine needs room of its own to write its log and compact it, and
 //! a write it cannot make can leave it waiting for good. While the filesystem has less free space than the reserve, the
 //! node refuses writes (HTTP 507, `concord` exits 1) and says so in `/v1/status` and
 //! `/metrics`, so the store itself rarely meets a full disk. If it does anyway (another
-//! program filled it), sled refuses writes from then on, and the node opens the store again
+//! program filled it), the engine refuses writes from then on, and the node opens the store again
 //! once there is room ([`crate::store::DocStore::reopen`]). A node that starts on a
 //! full disk gives up the reserve to open its store, and serves reads; the reserve is made
 //! again once the disk has room for it twice over.

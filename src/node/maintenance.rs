@@ -7,8 +7,8 @@
 //!   checked and mended ([`crate::store::salvage`]), the store takes a new writer, and the
 //!   node catches up from its peers what was written after the backup, its own writes among
 //!   them.
-//! - [`recover`] salvages what a damaged store still holds: sled may refuse, panic or hang on a
-//!   damaged file, so the copy runs in a child process ([`salvage_copy`], reading each part of
+//! - [`recover`] salvages what a damaged store still holds: an engine may refuse, panic or hang
+//!   on a damaged file, so the copy runs in a child process ([`salvage_copy`], reading each part of
 //!   the key space forward, then backward from its end, so one bad page costs only the keys
 //!   in it), watched and stopped if it makes no progress; what it copied is checked and
 //!   mended, takes a new writer, and replaces the damaged store, kept aside.
@@ -25,13 +25,14 @@ use crate::config::{Config, CONFIG_FILE};
 use crate::net::tls;
 use crate::record::NodeId;
 use crate::store::backup::{self, BackupError, Record};
+use crate::store::engine::DamagedStore;
 use crate::store::salvage::{self, SalvageReport};
-use crate::store::{layout, Batch, SledStore, Store, StoreError};
+use crate::store::{layout, Batch, DiskStore, Engine, Store, StoreError};
 
 /// Store entries written per batch while restoring or salvaging.
 const COPY_BATCH_ENTRIES: usize = 1000;
-/// How long the salvage child may go without copying anything before it is stopped (sled can
-/// loop forever on a damaged file).
+/// How long the salvage child may go without copying anything before it is stopped (an engine
+/// can loop forever on a damaged file).
 pub const SALVAGE_STALL_MAX: Duration = Duration::from_secs(20);
 /// How long the salvage child may take to open the damaged store (a large store takes a
 /// while to open even when whole).
@@ -118,8 +119,9 @@ pub fn backup(
         )));
     }
     let files = backup_files(dir)?;
-    let store = SledStore::open(
+    let store = DiskStore::open(
         &dir.join(STORE_DIR),
+        config.store.engine,
         config.store.page_cache_mib * 1024 * 1024,
     )?;
     Ok(backup::write_backup(&store, &files, out, progress)?)
@@ -133,6 +135,8 @@ pub struct RestoreReport {
     pub writer: String,
     pub entries: u64,
     pub checked: SalvageReport,
+    /// The engine the restored store runs on.
+    pub engine: Engine,
     /// Where the store it replaced was kept, if there was one.
     pub replaced: Option<PathBuf>,
 }
@@ -159,7 +163,7 @@ fn parse_node_id(text: &[u8], what: &Path) -> Result<NodeId, MaintenanceError> {
 
 /// Makes `store` whole and checked, under a new writer for `owner`.
 fn check_and_reincarnate(
-    store: &SledStore,
+    store: &DiskStore,
     owner: NodeId,
     progress: &mut impl FnMut(&str, u64),
 ) -> Result<(SalvageReport, NodeId), MaintenanceError> {
@@ -171,19 +175,26 @@ fn check_and_reincarnate(
 
 /// Brings the backup `file` back into the data dir `dir` as a new incarnation (see the module
 /// doc). An existing data dir must be the same node's, stopped; its store is kept aside, and
-/// only with `replace`. Without a data dir, `ca` issues the node a new certificate.
+/// only with `replace`. Without a data dir, `ca` issues the node a new certificate. The store
+/// is made on `engine` when given (the config is changed to name it), else on the engine the
+/// config names.
+pub struct RestoreOptions<'a> {
+    pub ca: Option<&'a Path>,
+    pub replace: bool,
+    pub engine: Option<Engine>,
+}
+
 pub fn restore(
     file: &Path,
     dir: &Path,
-    ca: Option<&Path>,
-    replace: bool,
+    options: &RestoreOptions<'_>,
     progress: impl FnMut(&str, u64),
 ) -> Result<RestoreReport, MaintenanceError> {
     // A restore that fails leaves nothing it made behind: not its half-written store, and
     // not the data dir it created for a new node.
     let created = !dir.exists();
     let restoring = dir.join(format!("{STORE_DIR}.restoring"));
-    let outcome = restore_into(file, dir, ca, replace, &restoring, progress);
+    let outcome = restore_into(file, dir, options, &restoring, progress);
     if outcome.is_err() {
         if created {
             let _ = std::fs::remove_dir_all(dir);
@@ -197,11 +208,11 @@ pub fn restore(
 fn restore_into(
     file: &Path,
     dir: &Path,
-    ca: Option<&Path>,
-    replace: bool,
+    options: &RestoreOptions<'_>,
     restoring: &Path,
     mut progress: impl FnMut(&str, u64),
 ) -> Result<RestoreReport, MaintenanceError> {
+    let (ca, replace) = (options.ca, options.replace);
     let existing = dir.join(CONFIG_FILE).exists();
     let store_path = dir.join(STORE_DIR);
     if existing {
@@ -226,7 +237,16 @@ fn restore_into(
     if restoring.exists() {
         std::fs::remove_dir_all(restoring).map_err(io(restoring))?;
     }
-    let store = SledStore::open(restoring, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let engine = match options.engine {
+        Some(engine) => engine,
+        None if existing => Config::load(&dir.join(CONFIG_FILE))
+            .map_err(NodeError::from)?
+            .store
+            .engine
+            .unwrap_or(Engine::UNNAMED),
+        None => Engine::DEFAULT,
+    };
+    let store = DiskStore::create(restoring, engine, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
     let input = std::fs::File::open(file).map_err(io(file))?;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut batch = Batch::default();
@@ -275,19 +295,42 @@ fn restore_into(
             .map_err(io(dir))?;
         tls::issue_node_certificate(ca, &backed_up, &dir.join(TLS_DIR)).map_err(NodeError::from)?;
         // The config last: its presence marks a complete data dir.
-        crate::files::write_private(&dir.join(CONFIG_FILE), &file_named(CONFIG_FILE)?)
-            .map_err(io(dir))?;
+        let config = file_named(CONFIG_FILE)?;
+        let config = naming_engine(&config, engine)?.map_or(config, String::into_bytes);
+        crate::files::write_private(&dir.join(CONFIG_FILE), &config).map_err(io(dir))?;
     }
     let (checked, writer) = check_and_reincarnate(&store, backed_up, &mut progress)?;
     drop(store);
     let replaced = put_in_place(dir, restoring, "replaced")?;
+    if existing {
+        let path = dir.join(CONFIG_FILE);
+        if let Some(config) = naming_engine(&std::fs::read(&path).map_err(io(&path))?, engine)? {
+            crate::files::write_private(&path, config.as_bytes()).map_err(io(&path))?;
+        }
+    }
     Ok(RestoreReport {
         node: backed_up.to_string(),
         writer: writer.to_string(),
         entries,
         checked,
+        engine,
         replaced,
     })
+}
+
+/// The config `text` changed to name `engine`, if it implies another.
+fn naming_engine(text: &[u8], engine: Engine) -> Result<Option<String>, MaintenanceError> {
+    let text = String::from_utf8_lossy(text);
+    let mut config = Config::parse(&text).map_err(|message| {
+        MaintenanceError::Refused(format!(
+            "the backup's {CONFIG_FILE} is not valid: {message}"
+        ))
+    })?;
+    if config.store.engine.unwrap_or(Engine::UNNAMED) == engine {
+        return Ok(None);
+    }
+    config.store.engine = Some(engine);
+    Ok(Some(config.to_toml()))
 }
 
 /// Moves `dir`'s store aside (as `store.<what>-<time>`) and `new` into its place.
@@ -352,7 +395,7 @@ fn key_between(low: &[u8], high: &[u8]) -> Option<Vec<u8>> {
 /// from `high` until an error, then, between where the two stopped (a damaged page or more),
 /// the same again on each half, `depth` levels down.
 fn salvage_range(
-    source: &sled::Db,
+    source: &DamagedStore,
     low: Vec<u8>,
     high: Vec<u8>,
     depth: u32,
@@ -360,7 +403,7 @@ fn salvage_range(
     out: &mut dyn Write,
 ) -> Result<(), MaintenanceError> {
     let mut forward_stop: Option<Vec<u8>> = None;
-    for entry in source.range(low.as_slice()..high.as_slice()) {
+    for entry in source.range(&low, &high, false) {
         match entry {
             Ok((key, value)) => {
                 copy(&key, &value)?;
@@ -374,10 +417,10 @@ fn salvage_range(
                 );
                 let gap_low = forward_stop.unwrap_or_else(|| low.clone());
                 let mut backward_stop: Option<Vec<u8>> = None;
-                for entry in source.range(gap_low.as_slice()..high.as_slice()).rev() {
+                for entry in source.range(&gap_low, &high, true) {
                     match entry {
                         Ok((key, value)) => {
-                            if key.as_ref() <= gap_low.as_slice() {
+                            if key.as_slice() <= gap_low.as_slice() {
                                 return Ok(());
                             }
                             copy(&key, &value)?;
@@ -415,11 +458,9 @@ pub fn salvage_copy(
     space: u8,
     mut out: impl Write,
 ) -> Result<CopyReport, MaintenanceError> {
-    let target = SledStore::open(to, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
-    let source = sled::Config::new()
-        .path(from)
-        .open()
-        .map_err(StoreError::from)?;
+    let engine = Engine::of_store(from).unwrap_or(Engine::UNNAMED);
+    let target = DiskStore::create(to, engine, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let source = DamagedStore::open(from)?;
     let _ = writeln!(out, "opened");
     let _ = out.flush();
     let mut report = CopyReport::default();
@@ -489,7 +530,7 @@ pub fn recover(
     if salvaged.exists() {
         std::fs::remove_dir_all(&salvaged).map_err(io(&salvaged))?;
     }
-    // A child for each key space: one that sled makes hang costs only that space.
+    // A child for each key space: one that the engine makes hang costs only that space.
     let mut copied = 0u64;
     let mut how = Vec::new();
     if store_path.exists() {
@@ -510,7 +551,8 @@ pub fn recover(
     }
     let how = how.join("; ");
     // What the child copied is a store of its own making, flushed as it went.
-    let store = SledStore::open(&salvaged, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
+    let engine = Engine::of_store(&store_path).unwrap_or(Engine::UNNAMED);
+    let store = DiskStore::create(&salvaged, engine, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
     let (checked, writer) = check_and_reincarnate(&store, owner, &mut progress)?;
     drop(store);
     let damaged = put_in_place(dir, &salvaged, "damaged")?;

@@ -27,7 +27,7 @@ use crate::record::history::Replay;
 use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
 use crate::record::stamp::ChangeStamp;
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId, RecordWrite};
-use crate::store::{DocStore, DocStoreConfig, Durability, ImportOutcome, SledStore, StoreError};
+use crate::store::{DiskStore, DocStore, DocStoreConfig, Durability, ImportOutcome, StoreError};
 
 /// The node id file inside a data dir.
 pub const NODE_ID_FILE: &str = "node.id";
@@ -303,6 +303,8 @@ pub struct InitOptions {
     pub listen: Option<String>,
     pub api: Option<String>,
     pub peers: Vec<String>,
+    /// The store's engine; [`crate::store::Engine::DEFAULT`] when not given.
+    pub engine: Option<crate::store::Engine>,
 }
 
 /// One page of a collection listing.
@@ -319,7 +321,7 @@ pub struct Node {
     dir: PathBuf,
     config: Config,
     id: NodeId,
-    docs: DocStore<SledStore>,
+    docs: DocStore<DiskStore>,
     api_actor: ActorId,
     /// The disk under the data dir.
     disk: disk::Disk,
@@ -388,6 +390,7 @@ impl Node {
             config.network.api = api.clone();
         }
         config.network.peers = options.peers.clone();
+        config.store.engine = Some(options.engine.unwrap_or(crate::store::Engine::DEFAULT));
         config.check().map_err(|message| ConfigError::Invalid {
             path: config_path.clone(),
             message,
@@ -479,24 +482,25 @@ impl Node {
             dir: dir.display().to_string(),
             detail,
         };
-        // sled panics on some damaged files instead of failing.
+        // An engine may panic on some damaged files instead of failing.
         let cache_bytes = config.store.page_cache_mib * 1024 * 1024;
+        let engine = config.store.engine;
         let disk = disk::Disk::new(dir);
-        // sled writes as it opens (a snapshot of its page table), and a write cut short by a
-        // full disk leaves that snapshot unreadable: on a nearly full disk the reserve makes
-        // room first, so that the node opens and serves reads.
+        // An engine writes as it opens (a snapshot of its page table, or its journal), and a write cut
+        // short by a full disk leaves that snapshot unreadable: on a nearly full disk the
+        // reserve makes room first, so that the node opens and serves reads.
         let short_of_room = disk.check().is_ok_and(|state| state.refusal().is_some());
         if short_of_room && disk.release() {
             tracing::warn!("the disk is nearly full: its reserve was given up to open the store");
         }
-        let open_on_disk = || match open_store(&store_path, cache_bytes) {
-            // sled writes as it opens: on a full disk the reserve makes room for it, so that
-            // the node serves reads.
-            Err(NodeError::Store(StoreError::Backend(sled::Error::Io(error))))
+        let open_on_disk = || match open_store(&store_path, engine, cache_bytes) {
+            // The engine writes as it opens: on a full disk the reserve makes room for it, so
+            // that the node serves reads.
+            Err(NodeError::Store(StoreError::Io(error)))
                 if disk::is_disk_full(&error) && disk.release() =>
             {
                 tracing::warn!("the disk is full: its reserve was given up to open the store");
-                open_store(&store_path, cache_bytes)
+                open_store(&store_path, engine, cache_bytes)
             }
             other => other,
         };
@@ -506,13 +510,11 @@ impl Node {
                     .downcast_ref::<&str>()
                     .map(|text| (*text).to_owned())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "sled panicked opening it".to_owned());
+                    .unwrap_or_else(|| "the store's engine panicked opening it".to_owned());
                 damaged(detail)
             })?
             .map_err(|error| match error {
-                NodeError::Store(StoreError::Backend(sled::Error::Corruption { .. })) => {
-                    damaged(error.to_string())
-                }
+                NodeError::Store(StoreError::EngineCorrupt(_)) => damaged(error.to_string()),
                 other => other,
             })?;
         crate::files::restrict_tree(&store_path).map_err(io_error(&store_path))?;
@@ -530,9 +532,7 @@ impl Node {
         #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
         let mut docs =
             DocStore::open(backend, writer, store_config).map_err(|error| match error {
-                StoreError::Corrupt(_) | StoreError::Backend(sled::Error::Corruption { .. }) => {
-                    damaged(error.to_string())
-                }
+                StoreError::Corrupt(_) | StoreError::EngineCorrupt(_) => damaged(error.to_string()),
                 other => other.into(),
             })?;
         #[cfg(feature = "sabotage")]
@@ -827,7 +827,7 @@ impl Node {
 
     /// The actor of `source` on this node, entered in the actor registry the first time.
     fn register_source(
-        docs: &DocStore<SledStore>,
+        docs: &DocStore<DiskStore>,
         config: &Config,
         node: NodeId,
         source: &str,
@@ -944,7 +944,7 @@ impl Node {
         &self.config
     }
 
-    pub fn documents(&self) -> &DocStore<SledStore> {
+    pub fn documents(&self) -> &DocStore<DiskStore> {
         &self.docs
     }
 
@@ -1392,35 +1392,27 @@ impl Node {
     }
 }
 
-/// How long opening a store waits for a lock that this process is still releasing (sled lets
+/// How long opening a store waits for a lock that this process is still releasing (an engine may let
 /// go of its file lock shortly after the last handle is dropped).
 const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether the store in `dir` is locked by a running node, by its lock alone: no waiting, and
-/// without opening it with sled (which a damaged store can hang).
+/// without opening it (which a damaged store can hang).
 pub fn store_in_use(dir: &Path) -> Result<bool, NodeError> {
-    let db = dir.join(STORE_DIR).join("db");
-    let file = match std::fs::File::open(&db) {
-        Ok(file) => file,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(error) => return Err(io_error(&db)(error)),
-    };
-    match file.try_lock() {
-        Ok(()) => Ok(false),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
-        Err(std::fs::TryLockError::Error(error)) => Err(io_error(&db)(error)),
-    }
+    let path = dir.join(STORE_DIR);
+    crate::store::engine::in_use(&path).map_err(io_error(&path))
 }
 
-fn open_store(path: &Path, cache_bytes: u64) -> Result<SledStore, NodeError> {
+fn open_store(
+    path: &Path,
+    engine: Option<crate::store::Engine>,
+    cache_bytes: u64,
+) -> Result<DiskStore, NodeError> {
     let start = std::time::Instant::now();
     loop {
-        match SledStore::open(path, cache_bytes) {
+        match DiskStore::open(path, engine, cache_bytes) {
             Ok(store) => return Ok(store),
-            Err(StoreError::Backend(sled::Error::Io(io)))
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
+            Err(StoreError::Locked) => {
                 if start.elapsed() >= STORE_LOCK_WAIT {
                     return Err(NodeError::Locked {
                         path: path.to_owned(),
@@ -1501,7 +1493,7 @@ mod tests {
             .unwrap();
         }
         let writer = hq.writer();
-        let customers = |docs: &DocStore<SledStore>| {
+        let customers = |docs: &DocStore<DiskStore>| {
             docs.log_entries(&writer, 0, 100)
                 .unwrap()
                 .into_iter()

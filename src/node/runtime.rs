@@ -352,10 +352,10 @@ impl Running {
 }
 
 /// Refuses writes while the disk is nearly full, and once it has room again opens the store
-/// anew if a write to it failed meanwhile (sled refuses writes until then), under a new writer:
+/// anew if a write to it failed meanwhile (an engine refuses writes until then), under a new writer:
 /// a change of its own log may have been written and lost at a place it writes again.
 ///
-/// It runs on a thread of its own: sled can block in a write on a disk that filled, and the
+/// It runs on a thread of its own: an engine can block in a write on a disk that filled, and the
 /// node's shutdown and watchdog must not wait on that.
 fn watch_disk(shared: &Shared) {
     let node = &shared.node;
@@ -378,7 +378,7 @@ fn watch_disk(shared: &Shared) {
         }
         (Some(_), true) => docs.refuse_writes(refusal.clone()),
         (None, _) => {
-            // Room again. If a write to the store failed meanwhile (sled refuses every write
+            // Room again. If a write to the store failed meanwhile (an engine refuses every write
             // after one failed), the store is opened anew before any write is let through.
             if docs.failed() {
                 if let Err(error) = docs.reopen() {

@@ -1,9 +1,10 @@
 //! Store: the only part that touches the disk.
 //!
 //! [`Store`] is the storage seam: an ordered key-value space with atomic batches and an
-//! explicit durability point. [`SledStore`] is the production store; [`MemoryStore`] serves
-//! simulations and tests and separates written bytes from durable ones, so a simulated crash
-//! loses exactly what the contract allows.
+//! explicit durability point. [`DiskStore`] is the production store, on one of two engines
+//! ([`Engine`]: [`SledStore`] or [`FjallStore`]), the only code that names them;
+//! [`MemoryStore`] serves simulations and tests and separates written bytes from durable
+//! ones, so a simulated crash loses exactly what the contract allows.
 //!
 //! [`DocStore`] lays documents out on top of any `Store` (see [`layout`]): per document its
 //! appended changes, a snapshot compacted from them, its heads and record state; a replication
@@ -19,6 +20,8 @@ pub mod backup;
 mod collision;
 pub mod digest;
 mod documents;
+pub mod engine;
+mod fjall_store;
 mod group_commit;
 pub mod incarnation;
 pub mod layout;
@@ -34,6 +37,8 @@ pub use documents::{
     CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
     COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
 };
+pub use engine::{DiskStore, Engine};
+pub use fjall_store::FjallStore;
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, ScopeTag, Snapshot, StoredDoc};
 pub use layout::{RefusalReason, RefusedChange};
@@ -126,8 +131,27 @@ pub trait Store: Send + Sync + 'static {
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The engine could not read or write its files.
     #[error("storage: {0}")]
-    Backend(#[from] sled::Error),
+    Io(#[from] std::io::Error),
+    /// The engine found its files damaged.
+    #[error("the store's files are damaged: {0}")]
+    EngineCorrupt(String),
+    /// Another process holds the store open.
+    #[error("the store is open in another process")]
+    Locked,
+    /// The engine failed otherwise.
+    #[error("storage: {0}")]
+    Engine(String),
+    #[error(
+        "the store in {path} is a {found} store, and the config names {configured}: move the \
+         node with `concord backup` and `concord restore` (nothing was changed)"
+    )]
+    EngineMismatch {
+        path: String,
+        found: engine::Engine,
+        configured: engine::Engine,
+    },
     #[error("store is corrupt: {0}")]
     Corrupt(String),
     /// A write of this node's own that its grant does not allow (see [`crate::scope`]).

@@ -34,11 +34,68 @@ pub struct SledStore {
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
-    Ok(sled::Config::new()
+    sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes)
         .mode(sled::Mode::HighThroughput)
-        .open()?)
+        .open()
+        .map_err(|error| match error {
+            // sled reports a store another process holds as an I/O error about its lock.
+            sled::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked
+            }
+            other => other.into(),
+        })
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        match error {
+            sled::Error::Io(io) => StoreError::Io(io),
+            sled::Error::Corruption { .. } => StoreError::EngineCorrupt(error.to_string()),
+            other => StoreError::Engine(other.to_string()),
+        }
+    }
+}
+
+/// Whether `path` holds a sled store (sled keeps its settings in a file named `conf`).
+pub(super) fn holds_store(path: &Path) -> bool {
+    path.join("conf").is_file() || path.join("db").is_file()
+}
+
+/// The file sled locks while a process holds the store open.
+pub(super) const LOCK_FILE: &str = "db";
+
+/// Reads the keys in `[low, high)` of the (possibly damaged) sled store at `path`, forward or
+/// backward, each entry or the error that stopped it: what salvage walks.
+pub(super) struct Damaged(sled::Db);
+
+impl Damaged {
+    pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
+        Ok(Self(sled::Config::new().path(path).open()?))
+    }
+
+    pub(super) fn range(
+        &self,
+        low: &[u8],
+        high: &[u8],
+        backward: bool,
+    ) -> Box<dyn Iterator<Item = Result<KeyValue, StoreError>> + '_> {
+        let entries = self.0.range(low.to_vec()..high.to_vec());
+        let entry = |entry: sled::Result<(sled::IVec, sled::IVec)>| {
+            entry
+                .map(|(key, value)| (key.to_vec(), value.to_vec()))
+                .map_err(StoreError::from)
+        };
+        if backward {
+            Box::new(entries.rev().map(entry))
+        } else {
+            Box::new(entries.map(entry))
+        }
+    }
 }
 
 impl SledStore {

@@ -30,6 +30,17 @@ pub struct TestNode {
 impl TestNode {
     /// Creates a node's data dir with a certificate from `ca`, dialing `peers`.
     pub fn create(parent: &Path, name: &str, ca: &Path, peers: &[SocketAddr]) -> Self {
+        Self::create_on(parent, name, ca, peers, None)
+    }
+
+    /// [`TestNode::create`], its store on `engine` (the default when `None`).
+    pub fn create_on(
+        parent: &Path,
+        name: &str,
+        ca: &Path,
+        peers: &[SocketAddr],
+        engine: Option<concord::store::Engine>,
+    ) -> Self {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let api = format!("127.0.0.1:{}", free_port());
         let dir = parent.join(name);
@@ -39,6 +50,7 @@ impl TestNode {
             listen: Some(listen.to_string()),
             api: Some(api.clone()),
             peers: peers.iter().map(ToString::to_string).collect(),
+            engine,
         };
         Node::init_with(&dir, &options).unwrap();
         Self {
@@ -290,12 +302,21 @@ impl TestNode {
 
 /// A cluster CA in `parent/ca` and one started node per name, each dialing those before it.
 pub async fn start_mesh(parent: &Path, names: &[&str]) -> Vec<TestNode> {
+    start_mesh_on(parent, names, None).await
+}
+
+/// [`start_mesh`], every store on `engine` (the default when `None`).
+pub async fn start_mesh_on(
+    parent: &Path,
+    names: &[&str],
+    engine: Option<concord::store::Engine>,
+) -> Vec<TestNode> {
     let ca = parent.join("ca");
     concord::net::tls::create_ca(&ca).unwrap();
     let mut nodes: Vec<TestNode> = Vec::new();
     for name in names {
         let peers: Vec<SocketAddr> = nodes.iter().map(|node| node.listen).collect();
-        nodes.push(TestNode::create(parent, name, &ca, &peers));
+        nodes.push(TestNode::create_on(parent, name, &ca, &peers, engine));
     }
     for node in &mut nodes {
         node.start().await;

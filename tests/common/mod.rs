@@ -67,3 +67,20 @@ pub fn init_node(parent: &Path, name: &str) -> PathBuf {
     ]));
     dir
 }
+
+/// The store engines, for tests that run on each.
+pub const ENGINES: [&str; 2] = ["sled", "fjall"];
+
+/// Makes a fresh data dir named `name` inside `parent`, its store on `engine`.
+pub fn init_node_on(parent: &Path, name: &str, engine: &str) -> PathBuf {
+    let dir = parent.join(name);
+    ok(concord_bare(&[
+        "init",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+        "--engine",
+        engine,
+    ]));
+    dir
+}
