@@ -100,13 +100,7 @@ impl FjallStore {
     }
 
     fn refuse_if_failed(&self) -> Result<(), StoreError> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(StoreError::DiskFull(
-                "a write to the store's disk failed: writes resume once the disk has room"
-                    .to_owned(),
-            ));
-        }
-        Ok(())
+        super::refuse_if_failed(&self.failed)
     }
 
     /// Notes a write error: fjall refuses every later write once one failed.

@@ -128,6 +128,17 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// What an engine answers a write after one of its writes to disk failed, until it is opened
+/// again ([`Store::reopen`]).
+fn refuse_if_failed(failed: &std::sync::atomic::AtomicBool) -> Result<(), StoreError> {
+    if failed.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(StoreError::DiskFull(
+            "a write to the store's disk failed: writes resume once the disk has room".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

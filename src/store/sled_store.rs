@@ -133,16 +133,9 @@ impl SledStore {
     }
 
     /// Once a write failed, sled's own writes may block for good (waiting on a buffer that
-    /// never reaches the disk): later writes fail at once instead, until the store is opened
-    /// again.
+    /// never reaches the disk): later writes fail at once instead.
     fn refuse_if_failed(&self) -> Result<(), StoreError> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(StoreError::DiskFull(
-                "a write to the store's disk failed: writes resume once the disk has room"
-                    .to_owned(),
-            ));
-        }
-        Ok(())
+        super::refuse_if_failed(&self.failed)
     }
 
     /// Notes a write error: sled refuses every later write once one failed on disk.

@@ -58,14 +58,7 @@ pub fn ok(output: Output) -> String {
 
 /// Makes a fresh data dir named `name` inside `parent`.
 pub fn init_node(parent: &Path, name: &str) -> PathBuf {
-    let dir = parent.join(name);
-    ok(concord_bare(&[
-        "init",
-        dir.to_str().unwrap(),
-        "--name",
-        name,
-    ]));
-    dir
+    init_node_with(parent, name, &[])
 }
 
 /// The store engines, for tests that run on each.
@@ -73,14 +66,14 @@ pub const ENGINES: [&str; 2] = ["sled", "fjall"];
 
 /// Makes a fresh data dir named `name` inside `parent`, its store on `engine`.
 pub fn init_node_on(parent: &Path, name: &str, engine: &str) -> PathBuf {
+    init_node_with(parent, name, &["--engine", engine])
+}
+
+/// `concord init PARENT/NAME --name NAME` with `more` arguments.
+fn init_node_with(parent: &Path, name: &str, more: &[&str]) -> PathBuf {
     let dir = parent.join(name);
-    ok(concord_bare(&[
-        "init",
-        dir.to_str().unwrap(),
-        "--name",
-        name,
-        "--engine",
-        engine,
-    ]));
+    let mut args = vec!["init", dir.to_str().unwrap(), "--name", name];
+    args.extend_from_slice(more);
+    ok(concord_bare(&args));
     dir
 }
