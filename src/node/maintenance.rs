@@ -37,14 +37,6 @@ pub const SALVAGE_STALL_MAX: Duration = Duration::from_secs(20);
 /// How long the salvage child may take to open the damaged store (a large store takes a
 /// while to open even when whole).
 pub const SALVAGE_OPEN_MAX: Duration = Duration::from_secs(60);
-/// The key spaces of a store, each salvaged forward and then backward.
-const KEY_SPACES: [u8; 5] = [
-    layout::TAG_META,
-    layout::TAG_DOC,
-    layout::TAG_SNAPSHOT,
-    layout::TAG_LOG,
-    layout::TAG_REFUSED,
-];
 /// Files of a data dir that a backup carries.
 const BACKUP_FILES: [&str; 2] = [NODE_ID_FILE, CONFIG_FILE];
 
@@ -534,7 +526,7 @@ pub fn recover(
     let mut copied = 0u64;
     let mut how = Vec::new();
     if store_path.exists() {
-        for space in KEY_SPACES {
+        for space in layout::KEY_SPACES {
             let (count, ended) = run_salvage_child(
                 salvage_command,
                 &store_path,

@@ -22,11 +22,11 @@ use serde::{Deserialize, Serialize};
 use super::StoreError;
 use crate::record::{NodeId, RecordState};
 
-pub const TAG_META: u8 = b'M';
-pub const TAG_DOC: u8 = b'D';
-pub const TAG_SNAPSHOT: u8 = b'S';
-pub const TAG_LOG: u8 = b'L';
-pub const TAG_REFUSED: u8 = b'R';
+const TAG_META: u8 = b'M';
+const TAG_DOC: u8 = b'D';
+const TAG_SNAPSHOT: u8 = b'S';
+const TAG_LOG: u8 = b'L';
+const TAG_REFUSED: u8 = b'R';
 
 /// The writer this store's incarnation writes under: the origin of its log and the first 16
 /// bytes of its actors. Named `node_id` since stores made before incarnations wrote under
@@ -46,6 +46,56 @@ pub const META_SOURCE_PREFIX: &[u8] = b"source/";
 /// Writes of this node's own that a collision took out of a document, to be written again
 /// under its current writer: `reissue/` then the document key, valued [`Reissue`].
 pub const META_REISSUE_PREFIX: &[u8] = b"reissue/";
+
+/// Every document's `D` key starts with this.
+pub const DOCS_PREFIX: &[u8] = &[TAG_DOC];
+/// Every large snapshot's `S` key starts with this.
+pub const SNAPSHOTS_PREFIX: &[u8] = &[TAG_SNAPSHOT];
+/// Every log entry's key starts with this.
+pub const LOG_PREFIX: &[u8] = &[TAG_LOG];
+/// Every refused change's key starts with this.
+pub const REFUSED_PREFIX: &[u8] = &[TAG_REFUSED];
+/// Every withdrawal's key starts with this.
+pub const WITHDRAWALS_PREFIX: &[u8] = &[TAG_WITHDRAWAL];
+/// The key spaces of a store: each starts with one of these tags, and there are no others.
+pub const KEY_SPACES: [u8; 7] = [
+    TAG_META,
+    TAG_DOC,
+    TAG_SNAPSHOT,
+    TAG_LOG,
+    TAG_REFUSED,
+    TAG_KEPT,
+    TAG_WITHDRAWAL,
+];
+
+/// The document key a `D` or `S` key names.
+pub fn doc_key_of(key: &[u8]) -> &[u8] {
+    assert!(
+        matches!(key.first(), Some(&TAG_DOC) | Some(&TAG_SNAPSHOT)),
+        "not a document or snapshot key"
+    );
+    &key[1..]
+}
+
+/// The collection a document key names.
+pub fn collection_of(doc_key: &[u8]) -> &str {
+    let end = doc_key
+        .iter()
+        .position(|&byte| byte == DOC_KEY_SEPARATOR)
+        .unwrap_or(doc_key.len());
+    std::str::from_utf8(&doc_key[..end]).unwrap_or_default()
+}
+
+/// What separates a document key's collection from its record key
+/// ([`crate::record::RecordId::to_doc_key`]).
+const DOC_KEY_SEPARATOR: u8 = b'/';
+
+/// Every `D` key of a collection's documents starts with this.
+pub fn collection_prefix(collection: &str) -> Vec<u8> {
+    let mut prefix = tagged(TAG_DOC, collection.as_bytes());
+    prefix.push(DOC_KEY_SEPARATOR);
+    prefix
+}
 
 pub fn meta_key(name: &[u8]) -> Vec<u8> {
     tagged(TAG_META, name)
@@ -206,7 +256,7 @@ pub const META_COVER_PREFIX: &[u8] = b"cover/";
 /// This node's own changes to documents it withdrew (they left its read scope), kept so its
 /// log still serves them: `K`, the document key, 0, the change hash; and, without a hash,
 /// the mark that the document was withdrawn once.
-pub const TAG_KEPT: u8 = b'K';
+const TAG_KEPT: u8 = b'K';
 
 pub fn kept_key(doc: &[u8], hash: &ChangeHash) -> Vec<u8> {
     let mut key = kept_prefix(doc);
@@ -224,7 +274,7 @@ pub fn kept_prefix(doc: &[u8]) -> Vec<u8> {
 /// The documents this node withdrew, in the order it withdrew them (see
 /// [`super::DocStore::withdrawals_after`]): `W`, a sequence from 1 (big endian), valued the
 /// document key.
-pub const TAG_WITHDRAWAL: u8 = b'W';
+const TAG_WITHDRAWAL: u8 = b'W';
 
 pub fn withdrawal_key(sequence: u64) -> Vec<u8> {
     let mut key = vec![TAG_WITHDRAWAL];

@@ -16,37 +16,48 @@
 //!   applied before it survives a crash (sled's contract, kept by `MemoryStore` too);
 //! - a document read back from disk is checked against its recorded heads.
 
+mod apply;
 pub mod backup;
+mod cache;
 mod collision;
 pub mod digest;
 mod documents;
+mod door;
 pub mod engine;
 mod fjall_store;
 mod group_commit;
 pub mod incarnation;
 pub mod layout;
+mod log;
 mod memory;
+mod progress;
 mod refused;
 mod replication;
 pub mod salvage;
+mod session;
 mod sled_store;
 
-pub use documents::{
-    collection_of, DocStore, DocStoreConfig, Durability, ImportOutcome, OriginProgress,
-    StoredRecord, WriteDoor, WriteOutcome, WriteSession, CACHE_DOCUMENTS_DEFAULT,
-    CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_DEFAULT,
-    COMPACT_AFTER_CHANGES_MAX, LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES, SCAN_PAGE_ENTRIES,
+pub use apply::{ApplyReport, NewConflict};
+pub use cache::{
+    CACHE_DOCUMENTS_DEFAULT, CACHE_DOCUMENTS_MAX, CACHE_MIB_DEFAULT, CACHE_MIB_MAX,
+    LOADED_BYTES_PER_OP, LOADED_DOCUMENT_BYTES,
 };
+pub use documents::{
+    collection_of, DocStore, DocStoreConfig, Durability, ImportOutcome, StoredRecord, WriteOutcome,
+    COMPACT_AFTER_CHANGES_DEFAULT, COMPACT_AFTER_CHANGES_MAX, SCAN_PAGE_ENTRIES,
+};
+pub use door::WriteDoor;
 pub use engine::{DiskStore, Engine};
 pub use fjall_store::FjallStore;
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, ScopeTag, Snapshot, StoredDoc};
 pub use layout::{RefusalReason, RefusedChange};
+pub use log::LoggedChange;
 pub use memory::MemoryStore;
+pub use progress::OriginProgress;
 pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
-pub use replication::{
-    ApplyReport, DocumentHeadsEntry, LoggedChange, NewConflict, UnloggedOutcome, Unplaced,
-};
+pub use replication::{DocumentHeadsEntry, UnloggedOutcome, Unplaced};
+pub use session::WriteSession;
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
 
 use crate::record::RecordError;

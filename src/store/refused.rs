@@ -59,7 +59,7 @@ pub const REFUSED_LISTED_MAX: usize = 10_000;
 /// What a store holds of refused changes and queued writes, read when it opens.
 pub(super) fn scan<S: Store>(store: &S) -> Result<(RefusedUsage, BTreeSet<Vec<u8>>), StoreError> {
     let mut usage = RefusedUsage::default();
-    for_each_entry(store, &[layout::TAG_REFUSED], |_, value| {
+    for_each_entry(store, layout::REFUSED_PREFIX, |_, value| {
         let refused: RefusedChange = layout::decode("refused change", value)?;
         if !refused.change.is_empty() {
             usage.changes += 1;
@@ -274,11 +274,11 @@ impl<S: Store> DocStore<S> {
     pub fn refused_changes(&self, limit: usize) -> Result<Vec<RefusedEntry>, StoreError> {
         let limit = limit.min(REFUSED_LISTED_MAX);
         let mut found = Vec::new();
-        let prefix = [layout::TAG_REFUSED];
+        let prefix = layout::REFUSED_PREFIX;
         let mut after: Option<Vec<u8>> = None;
         while found.len() < limit {
             let page = self.backend().scan_prefix(
-                &prefix,
+                prefix,
                 after.as_deref(),
                 (limit - found.len()).min(super::documents::SCAN_PAGE_ENTRIES),
             )?;

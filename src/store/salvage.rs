@@ -55,9 +55,9 @@ pub fn check_and_mend<S: Store>(
         Ok(())
     };
     // Documents: each must read back whole.
-    for_each_entry(store, &[layout::TAG_DOC], |key, value| {
+    for_each_entry(store, layout::DOCS_PREFIX, |key, value| {
         report.documents += 1;
-        let doc_key = &key[1..];
+        let doc_key = layout::doc_key_of(key);
         let loaded = layout::decode::<StoredDoc>("document", value).and_then(|stored| {
             RecordId::from_doc_key(doc_key)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
@@ -104,7 +104,7 @@ pub fn check_and_mend<S: Store>(
     })?;
     flush(&mut batch)?;
     // Refused changes: a log entry may name one.
-    for_each_entry(store, &[layout::TAG_REFUSED], |key, value| {
+    for_each_entry(store, layout::REFUSED_PREFIX, |key, value| {
         match (
             layout::decode::<layout::RefusedChange>("refused change", value),
             key.get(1..33),
@@ -121,7 +121,7 @@ pub fn check_and_mend<S: Store>(
     })?;
     flush(&mut batch)?;
     // The log: each entry must name a change held.
-    for_each_entry(store, &[layout::TAG_LOG], |key, value| {
+    for_each_entry(store, layout::LOG_PREFIX, |key, value| {
         report.log_entries += 1;
         let keep = layout::log_origin(key).is_ok()
             && layout::log_sequence(key).is_ok()
@@ -141,8 +141,11 @@ pub fn check_and_mend<S: Store>(
     })?;
     flush(&mut batch)?;
     // Snapshots whose document is gone.
-    for_each_entry(store, &[layout::TAG_SNAPSHOT], |key, _| {
-        if store.get(&layout::doc_key(&key[1..]))?.is_none() {
+    for_each_entry(store, layout::SNAPSHOTS_PREFIX, |key, _| {
+        if store
+            .get(&layout::doc_key(layout::doc_key_of(key)))?
+            .is_none()
+        {
             report.values_dropped += 1;
             batch.remove(key.to_vec());
         }

@@ -1,0 +1,113 @@
+//! The bounded cache of loaded documents.
+//!
+//! A loaded Automerge document keeps every operation of its history in memory, so the cache
+//! is bounded twice: by a count of documents and by memory, each document weighed by its
+//! operations and the saved bytes kept beside it. Guarantees: the memory it is taken to hold
+//! never exceeds its budget, except for the one document put last, which always stays so that
+//! a document larger than the whole budget is still served from memory while in use.
+
+use std::num::NonZeroUsize;
+
+use automerge::{Automerge, ReadDoc};
+use lru::LruCache;
+
+use super::layout::{Snapshot, StoredDoc};
+
+/// Documents kept loaded unless the config says otherwise (~20 KB each when loaded).
+pub const CACHE_DOCUMENTS_DEFAULT: usize = 4096;
+/// Most documents the cache may be configured to hold.
+pub const CACHE_DOCUMENTS_MAX: usize = 1_000_000;
+/// Memory the cache's documents may take unless the config says otherwise, in MiB: a
+/// document's history grows with every change, so a count alone does not bound the cache.
+pub const CACHE_MIB_DEFAULT: usize = 64;
+/// Most memory the cache may be configured to take, in MiB.
+pub const CACHE_MIB_MAX: usize = 64 * 1024;
+/// Memory a loaded Automerge document takes whatever it holds, and per operation in its
+/// history, as measured (`CONCORD_MEASURE_CHANGES=N cargo test --release -p concord --lib
+/// loaded_document_memory -- --ignored --nocapture`): the loaded form keeps every operation
+/// ever made, uncompressed, so it outgrows the saved form many times over.
+pub const LOADED_DOCUMENT_BYTES: usize = 16 * 1024;
+pub const LOADED_BYTES_PER_OP: usize = 100;
+
+pub(super) struct Loaded {
+    pub(super) doc: Automerge,
+    pub(super) stored: StoredDoc,
+}
+
+impl Loaded {
+    pub(super) fn empty() -> Self {
+        Self {
+            doc: Automerge::new(),
+            stored: StoredDoc::default(),
+        }
+    }
+
+    /// The memory this document is taken to hold: the loaded document, by the operations in
+    /// its history, and the saved bytes kept beside it.
+    pub(super) fn weight(&self) -> usize {
+        let ops = usize::try_from(self.doc.stats().num_ops).unwrap_or(usize::MAX);
+        let inline = match &self.stored.snapshot {
+            Snapshot::Inline(snapshot) => snapshot.len(),
+            Snapshot::None | Snapshot::External => 0,
+        };
+        ops.saturating_mul(LOADED_BYTES_PER_OP)
+            .saturating_add(LOADED_DOCUMENT_BYTES + inline + self.stored.appended_bytes())
+    }
+}
+
+/// The loaded documents, least recently used first out: at most so many, and at most so much
+/// memory by their weight. The document put last always stays, whatever it weighs, so that
+/// one document larger than the whole budget is still served from memory while it is in use.
+pub(super) struct DocCache {
+    entries: LruCache<Vec<u8>, (Loaded, usize)>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl DocCache {
+    pub(super) fn new(documents: NonZeroUsize, bytes_max: usize) -> Self {
+        Self {
+            entries: LruCache::new(documents),
+            bytes: 0,
+            bytes_max,
+        }
+    }
+
+    /// The cached document, without making it the most recently used.
+    pub(super) fn peek(&self, doc_key: &[u8]) -> Option<&Loaded> {
+        self.entries.peek(doc_key).map(|(loaded, _)| loaded)
+    }
+
+    pub(super) fn contains(&self, doc_key: &[u8]) -> bool {
+        self.entries.contains(doc_key)
+    }
+
+    pub(super) fn get_mut(&mut self, doc_key: &[u8]) -> Option<&mut Loaded> {
+        self.entries.get_mut(doc_key).map(|(loaded, _)| loaded)
+    }
+
+    pub(super) fn pop(&mut self, doc_key: &[u8]) -> Option<Loaded> {
+        let (loaded, weight) = self.entries.pop(doc_key)?;
+        self.bytes -= weight;
+        Some(loaded)
+    }
+
+    pub(super) fn put(&mut self, doc_key: Vec<u8>, loaded: Loaded) {
+        let weight = loaded.weight();
+        if let Some((_, (_, out))) = self.entries.push(doc_key, (loaded, weight)) {
+            self.bytes -= out;
+        }
+        self.bytes += weight;
+        while self.bytes > self.bytes_max && self.entries.len() > 1 {
+            let Some((_, (_, out))) = self.entries.pop_lru() else {
+                break;
+            };
+            self.bytes -= out;
+        }
+    }
+
+    /// Documents held, and the memory they are taken to hold.
+    pub(super) fn usage(&self) -> (usize, usize) {
+        (self.entries.len(), self.bytes)
+    }
+}
