@@ -341,3 +341,65 @@ async fn nodes_whose_policies_differ_say_so_in_status_and_metrics() {
         node.stop().await;
     }
 }
+
+/// Every node learns what every node holds, across a line whose ends never connect: the
+/// status says which log entries are stable, and which node holds the rest back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_shows_what_every_known_node_holds_and_who_holds_reclamation_back() {
+    // Reports go every 10 s and cross one hop per beat.
+    const REPORTED: Duration = Duration::from_secs(45);
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[b.listen]);
+    for node in [&mut a, &mut b, &mut c] {
+        node.start().await;
+    }
+    a.put("customers/1", json!({"name": "Ada"}));
+    c.put("customers/2", json!({"name": "Cy"}));
+    converge(&[&a, &b, &c], &["customers/1", "customers/2"], CONVERGE).await;
+    let stable_everywhere = |node: &TestNode| {
+        node.status().is_some_and(|status| {
+            let reclamation = &status["reclamation"];
+            reclamation["known_nodes"].as_array().map(Vec::len) == Some(3)
+                && reclamation["unstable_entries"] == json!(0)
+                && reclamation["origins"].as_array().is_some_and(|origins| {
+                    origins.len() >= 2 && origins.iter().all(|o| o["stable"] == o["held"])
+                })
+        })
+    };
+    eventually(
+        "every node holds every entry, as every node knows",
+        REPORTED,
+        || [&a, &b, &c].iter().all(|node| stable_everywhere(node)),
+    )
+    .await;
+    assert_eq!(a.metric("concord_known_nodes"), 3);
+    assert_eq!(a.metric("concord_log_entries_unstable"), 0);
+    // The far end stops: what the near end writes now waits for it, and the near end, which
+    // never connected to it, names it.
+    c.stop().await;
+    a.put("customers/1", json!({"name": "Ada Lovelace"}));
+    let own = a.status().unwrap()["writer"].as_str().unwrap().to_owned();
+    let held_back_by_c = |node: &TestNode| {
+        node.status().is_some_and(|status| {
+            status["reclamation"]["origins"]
+                .as_array()
+                .and_then(|origins| origins.iter().find(|o| o["origin"] == json!(own)))
+                .is_some_and(|origin| {
+                    origin["held"].as_u64() > origin["stable"].as_u64()
+                        && origin["held_back_by"] == json!(["c"])
+                })
+        })
+    };
+    eventually(
+        "the near end says the far end holds it back",
+        REPORTED,
+        || held_back_by_c(&a),
+    )
+    .await;
+    assert!(a.metric("concord_log_entries_unstable") >= 1);
+    a.stop().await;
+    b.stop().await;
+}

@@ -156,6 +156,22 @@ pub enum Message {
     Withdraw {
         docs: Vec<String>,
     },
+    /// (Version 5.) How far one node (the sender, or a node the sender heard of) holds each
+    /// origin's log, as that node reported it at `taken`: relayed, so that every node learns
+    /// which log entries every node it knows holds, and which are therefore stable.
+    Holdings(Holdings),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holdings {
+    /// The node whose report this is (its certificate's id).
+    pub node: NodeIdBytes,
+    /// Its name, as it gives it in its hello.
+    pub name: String,
+    /// When that node took the report, by its own clock (ms since the Unix epoch, or later
+    /// than its previous report): of two reports of one node, the later counts.
+    pub taken: u64,
+    pub origins: Vec<OriginMark>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -292,6 +308,7 @@ impl Message {
             Message::PolicyHash { .. } => 2,
             Message::Writer { .. } | Message::LogMark { .. } => 3,
             Message::Covered { .. } | Message::Withdraw { .. } => 4,
+            Message::Holdings(_) => 5,
             _ => 1,
         }
     }
@@ -406,6 +423,10 @@ impl Message {
                 for doc in docs {
                     check_doc(doc)?;
                 }
+            }
+            Message::Holdings(holdings) => {
+                check_len("node name bytes", holdings.name.len(), NODE_NAME_BYTES_MAX)?;
+                check_len("origins", holdings.origins.len(), ORIGINS_PER_SUMMARY_MAX)?;
             }
         }
         Ok(())

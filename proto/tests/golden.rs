@@ -108,6 +108,18 @@ fn samples() -> Vec<(&'static str, Message)> {
             },
         ),
         (
+            "holdings",
+            Message::Holdings(Holdings {
+                node: [15; 16],
+                name: "b".to_owned(),
+                taken: 1000,
+                origins: vec![OriginMark {
+                    origin: [3; 16],
+                    contiguous: 300,
+                }],
+            }),
+        ),
+        (
             "goodbye",
             Message::Goodbye(Goodbye {
                 reason: GoodbyeReason::WrongCluster,
@@ -134,6 +146,7 @@ const GOLDEN: &[(&str, &str)] = &[
     ("writer", "0000001300030d0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b"),
     ("covered", "0000001700040f010e0e0e0e0e0e0e0e0e0e0e0e0e0e0e0e05ac02"),
     ("withdraw", "000000080004100103632f31"),
+    ("holdings", "0000002a0005110f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0162e8070103030303030303030303030303030303ac02"),
     ("log_mark", "0000003500030e0c0c0c0c0c0c0c0c0c0c0c0c0c0c0c0cac020d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d0d"),
 ];
 

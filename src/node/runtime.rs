@@ -120,6 +120,87 @@ pub struct Status {
     /// writes are refused with 507 meanwhile, and resume by themselves.
     pub degraded: Option<String>,
     pub disk_free_bytes: u64,
+    pub reclamation: ReclamationStatus,
+}
+
+/// Which log entries every known node holds (they are stable), and what holds the rest back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReclamationStatus {
+    /// Log entries held here that some known node does not hold yet, over every origin.
+    pub unstable_entries: u64,
+    /// Per origin held here: how far it is held here and by every known node.
+    pub origins: Vec<OriginReclamation>,
+    /// Every node known to replication (peers, and nodes their reports named).
+    pub known_nodes: Vec<KnownNode>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OriginReclamation {
+    pub origin: String,
+    pub held: u64,
+    pub stable: u64,
+    /// The known nodes at the stable mark, by name (or id when unnamed), when it is below
+    /// what is held here.
+    pub held_back_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KnownNode {
+    pub node: String,
+    pub name: String,
+    /// When its latest report was taken, ms since the Unix epoch by its clock (`None`: it was
+    /// never heard from since this node learned of it, so it holds back every origin).
+    pub reported_ms: Option<u64>,
+    /// Whether it counts (a revoked node does not hold reclamation back).
+    pub counts: bool,
+}
+
+impl ReclamationStatus {
+    fn from(reclamation: crate::sync::stability::Reclamation) -> Self {
+        let names: BTreeMap<crate::record::NodeId, String> = reclamation
+            .nodes
+            .iter()
+            .map(|(node, name, _, _)| {
+                let label = if name.is_empty() {
+                    node.to_string()
+                } else {
+                    name.clone()
+                };
+                (*node, label)
+            })
+            .collect();
+        Self {
+            unstable_entries: reclamation
+                .origins
+                .iter()
+                .map(|origin| origin.held - origin.stable)
+                .sum(),
+            origins: reclamation
+                .origins
+                .iter()
+                .map(|origin| OriginReclamation {
+                    origin: origin.origin.to_string(),
+                    held: origin.held,
+                    stable: origin.stable,
+                    held_back_by: origin
+                        .held_back_by
+                        .iter()
+                        .map(|node| names.get(node).cloned().unwrap_or_else(|| node.to_string()))
+                        .collect(),
+                })
+                .collect(),
+            known_nodes: reclamation
+                .nodes
+                .into_iter()
+                .map(|(node, name, taken, counts)| KnownNode {
+                    node: node.to_string(),
+                    name,
+                    reported_ms: (taken > 0).then_some(taken),
+                    counts,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A configured peer address whose last dial failed, and that is not connected otherwise.
@@ -887,9 +968,26 @@ fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
 struct Backlog {
     keeping_up: std::collections::BTreeSet<crate::record::NodeId>,
     engine_busy: bool,
+    /// When the status last worked out what is stable (at most every
+    /// [`RECLAMATION_STATUS_INTERVAL`]: it weighs every origin against every known node).
+    reclamation_at: Option<Instant>,
 }
 
+/// How often `/v1/status` works out what is stable.
+const RECLAMATION_STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Backlog {
+    /// Whether the status should work out what is stable again now.
+    fn reclamation_due(&mut self) -> bool {
+        let due = self
+            .reclamation_at
+            .is_none_or(|at| at.elapsed() >= RECLAMATION_STATUS_INTERVAL);
+        if due {
+            self.reclamation_at = Some(Instant::now());
+        }
+        due
+    }
+
     /// Weighs the engine's queue and each ready peer's lag on this node's own log; returns
     /// why writers should wait, if they should.
     fn weigh(&mut self, engine: &Engine, own_mark: u64, waiting: usize) -> Option<String> {
@@ -1000,6 +1098,10 @@ fn refresh_status(shared: &Shared, driver: &Driver, backlog: &mut Backlog, waiti
         conflicts_by_policy(stats, shared.node.policies())
     };
     status.engine = EngineStats::from(engine, driver.stats(), by_policy);
+    if backlog.reclamation_due() {
+        let reclamation = engine.reclamation(shared.node.documents());
+        status.reclamation = ReclamationStatus::from(reclamation);
+    }
 }
 
 impl Shared {
@@ -1216,6 +1318,17 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_overloaded",
             "1 while writers are pushed back (503) because the node cannot keep up.",
             u64::from(status.overloaded.is_some()),
+        ),
+        (
+            "concord_log_entries_unstable",
+            "Log entries held here that some known node does not hold yet (they cannot be \
+             reclaimed).",
+            status.reclamation.unstable_entries,
+        ),
+        (
+            "concord_known_nodes",
+            "Nodes known to replication: each holds reclamation back until it holds an entry.",
+            status.reclamation.known_nodes.len() as u64,
         ),
     ];
     for (name, help, value) in gauges {

@@ -556,6 +556,24 @@ impl<S: Store> DocStore<S> {
         self.store.get(&layout::meta_key(name))
     }
 
+    /// The nodes replication knows, with their names (see [`crate::sync::stability`]).
+    pub fn known_nodes(&self) -> Result<Vec<(NodeId, String)>, StoreError> {
+        let mut known = Vec::new();
+        for_each_entry(&self.store, &layout::known_prefix(), |key, value| {
+            let name = String::from_utf8_lossy(value).into_owned();
+            known.push((layout::known_node(key)?, name));
+            Ok(())
+        })?;
+        Ok(known)
+    }
+
+    /// Keeps `node` among the nodes replication knows (durable with the next sync).
+    pub fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError> {
+        let mut session = self.session();
+        session.put_state(&layout::known_node_name(node), name.as_bytes().to_vec());
+        session.commit(Durability::Deferred)
+    }
+
     /// Up to `limit` documents this store withdrew (they left its read scope) after the
     /// withdrawal numbered `after`, oldest first, each with its number: what a binding follows
     /// to take their rows out of its table. Only the last [`WITHDRAWALS_KEPT_MAX`] are kept,

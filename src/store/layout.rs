@@ -290,6 +290,30 @@ pub fn withdrawal_sequence(key: &[u8]) -> Result<u64, StoreError> {
         .ok_or_else(|| StoreError::Corrupt("a withdrawal key is not 9 bytes".into()))
 }
 
+/// The nodes replication knows (see [`crate::sync::stability`]): `known/` then the node's 16
+/// bytes, valued its name.
+pub const META_KNOWN_PREFIX: &[u8] = b"known/";
+
+/// The metadata name of a known node ([`META_KNOWN_PREFIX`]).
+pub fn known_node_name(node: &NodeId) -> Vec<u8> {
+    let mut name = META_KNOWN_PREFIX.to_vec();
+    name.extend_from_slice(&node.0);
+    name
+}
+
+/// Every key of a known node starts with this.
+pub fn known_prefix() -> Vec<u8> {
+    meta_key(META_KNOWN_PREFIX)
+}
+
+/// The node a known node's key names.
+pub fn known_node(key: &[u8]) -> Result<NodeId, StoreError> {
+    key.strip_prefix(known_prefix().as_slice())
+        .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+        .map(NodeId)
+        .ok_or_else(|| StoreError::Corrupt("a known node's key".to_owned()))
+}
+
 pub fn cover_prefix() -> Vec<u8> {
     meta_key(META_COVER_PREFIX)
 }

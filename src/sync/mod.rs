@@ -38,6 +38,7 @@ mod held;
 mod outbound;
 mod relay;
 mod repair;
+pub mod stability;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -181,6 +182,10 @@ pub trait Replica {
     ) -> Result<Vec<ChangeHash>, StoreError>;
     /// Makes everything applied so far durable.
     fn sync(&self) -> Result<(), StoreError>;
+    /// The nodes replication knows, kept across restarts, with their names.
+    fn known_nodes(&self) -> Result<Vec<(NodeId, String)>, StoreError>;
+    /// Keeps `node` among the nodes known.
+    fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError>;
 }
 
 impl<S: Store> Replica for DocStore<S> {
@@ -291,6 +296,12 @@ impl<S: Store> Replica for DocStore<S> {
     }
     fn sync(&self) -> Result<(), StoreError> {
         DocStore::sync(self)
+    }
+    fn known_nodes(&self) -> Result<Vec<(NodeId, String)>, StoreError> {
+        DocStore::known_nodes(self)
+    }
+    fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError> {
+        DocStore::note_known_node(self, node, name)
     }
 }
 
@@ -464,6 +475,8 @@ pub struct Engine {
     /// between other events ([`repair::WITHDRAW_STEP_DOCUMENTS`]), so that changes arriving
     /// meanwhile are not kept waiting behind a whole narrowing.
     withdrawing: std::collections::VecDeque<String>,
+    /// The latest report of every node known: which log entries are stable.
+    stability: stability::Stability,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -494,6 +507,7 @@ impl Engine {
             pending_withdrawals: BTreeMap::new(),
             withdrawing: std::collections::VecDeque::new(),
             clock_ms: None,
+            stability: stability::Stability::default(),
         }
     }
 
@@ -695,10 +709,14 @@ impl Engine {
 
     /// When the next summary or repair round is due.
     fn periodic_due(&self) -> Option<Duration> {
-        [self.next_summary, self.next_repair]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.next_summary,
+            self.next_repair,
+            self.stability.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Handles one event at time `now`.
@@ -709,6 +727,9 @@ impl Engine {
         replica: &impl Replica,
     ) -> Result<Vec<Action>, StoreError> {
         let mut actions = Vec::new();
+        if self.stability.needs_load() {
+            self.stability.load(replica.known_nodes()?);
+        }
         if self.next_summary.is_none() {
             self.next_summary = Some(now + self.config.summary_interval);
             self.next_repair = Some(now + self.config.repair_interval);
@@ -759,6 +780,9 @@ impl Engine {
             for state in self.peers.values_mut().filter(|state| state.ready) {
                 state.outbox.summary = true;
             }
+        }
+        if self.stability.due(now) {
+            self.send_reports(now, replica);
         }
         if self.next_repair.is_some_and(|due| now >= due) {
             self.next_repair = Some(now + self.config.repair_interval);
@@ -860,7 +884,13 @@ impl Engine {
         }
         let ready = state.ready;
         match message {
-            Message::Hello(hello) => self.receive_hello(peer, ready, hello, replica, actions),
+            Message::Hello(hello) => {
+                let name = hello.node_name.clone();
+                self.receive_hello(peer, ready, hello, replica, actions);
+                if self.peers.get(&peer).is_some_and(|state| state.ready) {
+                    self.know_node(peer, &name, replica)?;
+                }
+            }
             Message::PolicyHash { hash } => {
                 let said = if hash == self.config.policy_hash {
                     PeerPolicies::Same
@@ -976,6 +1006,7 @@ impl Engine {
                 }
             }
             Message::Withdraw { docs } => self.receive_withdraw(peer, docs, replica)?,
+            Message::Holdings(holdings) => self.receive_holdings(&holdings, replica)?,
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
             }

@@ -92,7 +92,7 @@ impl Outbox {
     }
 
     /// Queues a small message; false if the outbox is full.
-    fn push(&mut self, message: Message) -> bool {
+    pub(super) fn push(&mut self, message: Message) -> bool {
         let size = message.frame_len();
         if self.messages.len() >= OUTBOX_MESSAGES_MAX
             || self.messages_bytes + size > OUTBOX_BYTES_MAX
@@ -151,6 +151,8 @@ pub(super) struct Peer {
     /// round at once instead of at the next interval.
     pub(super) repair_view: Option<Option<super::repair::RepairView>>,
     pub(super) outbox: Outbox,
+    /// Per node known: when the report of it last sent to this peer was taken.
+    pub(super) reports_sent: BTreeMap<NodeId, u64>,
 }
 
 impl Peer {

@@ -259,6 +259,22 @@ impl Network {
         panic!("the network never settled");
     }
 
+    /// Lets `duration` pass, a summary interval at a time, delivering everything sent.
+    fn run_for(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        while self.now < until {
+            self.now += SUMMARY_INTERVAL_DEFAULT;
+            self.timeout_all();
+            while let Some((from, to, connection, frame)) = self.in_flight.pop_front() {
+                self.deliver(from, to, connection, frame);
+            }
+        }
+    }
+
+    fn reclamation(&self, at: usize) -> stability::Reclamation {
+        self.nodes[at].engine().reclamation(&self.nodes[at].docs)
+    }
+
     fn write_value(&mut self, at: usize, key: &str, field: &str, value: serde_json::Value) {
         let id = RecordId::parse(key).unwrap();
         let write = RecordWrite {
@@ -1036,6 +1052,84 @@ fn a_change_stamped_far_ahead_waits_for_the_receivers_clock() {
     net.nodes[1]
         .driver
         .set_clock(hour_ms - CLOCK_AHEAD_MAX_DEFAULT.as_millis() as u64);
+    // Its sender sends it again once two summaries show node 1's mark did not move.
+    net.run_for(SUMMARY_INTERVAL_DEFAULT * 3);
     net.settle();
     net.assert_converged(&["t/1"]);
+}
+
+#[test]
+fn every_node_learns_what_every_known_node_holds_across_a_line() {
+    let mut net = Network::new(3);
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.settle();
+    net.write(0, "c/1", "v", 1);
+    net.write(2, "c/2", "v", 2);
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    // The ends never met, yet each knows the other through the middle, heard from.
+    for at in [0, 2] {
+        let reclamation = net.reclamation(at);
+        assert_eq!(reclamation.nodes.len(), 3, "{reclamation:?}");
+        assert!(reclamation
+            .nodes
+            .iter()
+            .all(|(_, _, taken, counts)| *taken > 0 && *counts));
+        assert_eq!(reclamation.origins.len(), 2);
+        for origin in &reclamation.origins {
+            assert_eq!((origin.held, origin.stable), (1, 1), "{reclamation:?}");
+            assert!(origin.held_back_by.is_empty());
+        }
+    }
+    // The far end cut off: what the near end writes now is not stable, and it says who holds
+    // it back, a node it never connected to.
+    net.cut(1, 2);
+    net.write(0, "c/1", "v", 3);
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    let own = net.reclamation(0);
+    let origin = own
+        .origins
+        .iter()
+        .find(|o| o.origin == net.nodes[0].id)
+        .unwrap();
+    assert_eq!((origin.held, origin.stable), (2, 1));
+    assert_eq!(origin.held_back_by, vec![net.nodes[2].id]);
+    // The middle holds it, as its report says.
+    let middle = net.reclamation(1);
+    assert!(middle
+        .origins
+        .iter()
+        .all(|o| o.held == 2 || o.origin != net.nodes[0].id));
+    // Healed, the far end catches up and reports it: everything is stable again.
+    net.connect(1, 2);
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    for at in 0..3 {
+        for origin in net.reclamation(at).origins {
+            assert_eq!(origin.stable, origin.held, "node {at}: {origin:?}");
+        }
+    }
+}
+
+#[test]
+fn known_nodes_survive_a_restart_and_hold_reclamation_back_until_heard_from_again() {
+    let mut net = Network::new(2);
+    net.connect(0, 1);
+    net.write(0, "c/1", "v", 1);
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 2);
+    let known = net.nodes[0].docs.known_nodes().unwrap();
+    assert_eq!(known, vec![(net.nodes[1].id, "n1".to_owned())]);
+    // An engine started again over the same store knows the peer before it reconnects, and
+    // counts it as holding nothing until it reports.
+    let config = Config::new(CLUSTER, net.nodes[0].id, "n0");
+    let mut engine = Engine::new(config);
+    engine
+        .handle(net.now, Event::Timeout, &net.nodes[0].docs)
+        .unwrap();
+    let reclamation = engine.reclamation(&net.nodes[0].docs);
+    assert_eq!(reclamation.nodes.len(), 1);
+    assert_eq!(reclamation.origins[0].stable, 0);
+    assert_eq!(reclamation.origins[0].held_back_by, vec![net.nodes[1].id]);
 }
