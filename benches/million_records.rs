@@ -83,6 +83,11 @@ fn parent(engine: Engine, records: usize, updates: usize) -> bool {
             "{phase} phase failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        for line in String::from_utf8_lossy(&output.stderr).lines() {
+            if line.starts_with("where the bytes are") {
+                println!("{phase}: {line}");
+            }
+        }
         let line = String::from_utf8_lossy(&output.stdout)
             .lines()
             .last()
@@ -217,6 +222,10 @@ fn concord_phase(engine: Engine, records: usize, updates: usize) {
     node.documents().sync().expect("sync");
     drop(node);
     let disk = dir_bytes(&dir);
+    eprintln!(
+        "where the bytes are: {}",
+        breakdown(&dir.join(concord::node::STORE_DIR))
+    );
     println!(
         "{}",
         json!({
@@ -227,6 +236,22 @@ fn concord_phase(engine: Engine, records: usize, updates: usize) {
             "updates_per_second": updates as f64 / update_seconds,
         })
     );
+}
+
+/// The bytes under each directory of `path` (a store's engine files, by what they hold).
+fn breakdown(path: &Path) -> String {
+    let mut parts = Vec::new();
+    let mut loose = 0;
+    for entry in std::fs::read_dir(path).expect("read dir").flatten() {
+        if entry.metadata().expect("metadata").is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            parts.push(format!("{name}/ {} MiB", dir_bytes(&entry.path()) >> 20));
+        } else {
+            loose += entry.metadata().expect("metadata").len();
+        }
+    }
+    parts.push(format!("files {} MiB", loose >> 20));
+    parts.join(", ")
 }
 
 fn dir_bytes(path: &Path) -> u64 {

@@ -561,3 +561,88 @@ fn withdrawals_are_numbered_in_order_and_survive_a_crash() {
         vec![(3, ids[1].to_doc_key())]
     );
 }
+
+#[test]
+#[ignore = "a measurement: cargo test --release -p concord --lib bytes_by_key_space -- --ignored --nocapture"]
+fn bytes_by_key_space() {
+    let records = 10_000usize;
+    let docs = open(
+        MemoryStore::new(),
+        NodeId([1; 16]),
+        COMPACT_AFTER_CHANGES_DEFAULT,
+    );
+    let actor = NodeId([1; 16]).actor(0);
+    let ids: Vec<RecordId> = (0..records)
+        .map(|n| RecordId::parse(&format!("customers/{n}")).unwrap())
+        .collect();
+    let record = |n: usize| {
+        json!({
+            "name": format!("Customer {n}"),
+            "email": format!("customer{n}@example.com"),
+            "balance": n % 100_000,
+            "active": n % 3 != 0,
+        })
+        .as_object()
+        .unwrap()
+        .clone()
+    };
+    let measure = |what: &str| {
+        let mut total = 0;
+        let mut line = Vec::new();
+        for tag in layout::KEY_SPACES {
+            let (mut count, mut bytes) = (0usize, 0usize);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let page = docs
+                    .backend()
+                    .scan_prefix(&[tag], after.as_deref(), 4096)
+                    .unwrap();
+                for (key, value) in &page {
+                    count += 1;
+                    bytes += key.len() + value.len();
+                }
+                after = page.last().map(|(key, _)| key.clone());
+                if page.len() < 4096 {
+                    break;
+                }
+            }
+            total += bytes;
+            if count > 0 {
+                line.push(format!(
+                    "{}: {count} keys, {} B/record",
+                    tag as char,
+                    bytes / records
+                ));
+            }
+        }
+        println!("{what}: {} B/record; {}", total / records, line.join("; "));
+    };
+    for chunk in ids.chunks(1000) {
+        let mut session = docs.session();
+        for id in chunk {
+            let n: usize = id.key.as_str().parse().unwrap();
+            let write = RecordWrite::replace_with(record(n));
+            session
+                .write(id, &actor, 1_700_000_000_000, |tx| apply_write(tx, &write))
+                .unwrap();
+        }
+        session.commit(Durability::Deferred).unwrap();
+    }
+    measure("loaded");
+    for round in 0..5 {
+        let mut session = docs.session();
+        for (u, id) in ids.iter().enumerate().filter(|(u, _)| u % 2 == round % 2) {
+            let write = RecordWrite {
+                set: vec![("balance".to_owned(), json!(u + round))],
+                ..RecordWrite::default()
+            };
+            session
+                .write(id, &actor, 1_700_000_000_000 + round as i64, |tx| {
+                    apply_write(tx, &write)
+                })
+                .unwrap();
+        }
+        session.commit(Durability::Deferred).unwrap();
+    }
+    measure("after 5 rounds of updates of half the records");
+}

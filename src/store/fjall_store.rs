@@ -72,7 +72,11 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
         // so that they do not take half a gigabyte beside a small store.
         .max_journaling_size(JOURNALS_BYTES_MAX)
         .open()?;
-    let keys = db.keyspace(KEYSPACE, fjall::KeyspaceCreateOptions::default)?;
+    let keys = db.keyspace(KEYSPACE, || {
+        fjall::KeyspaceCreateOptions::default().data_block_compression_policy(
+            fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
+        )
+    })?;
     Ok(Open { db, keys })
 }
 
