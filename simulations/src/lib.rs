@@ -196,6 +196,10 @@ pub struct Summary {
     /// Records narrowed nodes took out on the word of a node that reads everything (since
     /// each node's last restart).
     pub withdrawn_documents: u64,
+    /// Log entries truncated as every known node held them, and peers caught up by whole
+    /// documents as they lacked some (since each node's last restart).
+    pub log_entries_truncated: u64,
+    pub catch_ups: u64,
     /// Stores lost whole, and of those, brought back from a backup.
     pub stores_lost: u64,
     pub stores_restored: u64,
@@ -719,6 +723,8 @@ impl Sim {
         self.summary.changes_refused = total(|stats| stats.changes_refused.values().sum());
         self.summary.changes_ahead = total(|stats| stats.changes_ahead);
         self.summary.withdrawn_documents = total(|stats| stats.withdrawn_documents);
+        self.summary.log_entries_truncated = total(|stats| stats.log_entries_truncated);
+        self.summary.catch_ups = total(|stats| stats.catch_ups);
         if let Some(per_delivery) = (self.summary.changes_sent * 1000).checked_div(deliveries) {
             self.summary.copies_per_node_reached_milli = per_delivery;
         }

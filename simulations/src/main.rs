@@ -223,6 +223,7 @@ fn main() -> ExitCode {
     let (mut stores_lost, mut stores_restored, mut lost_with_store) = (0u64, 0u64, 0u64);
     let (mut far_ahead, mut ahead) = (0u64, 0u64);
     let mut withdrawn = 0u64;
+    let (mut truncated, mut catch_ups, mut truncating_runs) = (0u64, 0u64, 0u64);
     let (mut scoped, mut scope_refused, mut forged, mut forged_refused, mut revoked) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut cut_off = 0u64;
@@ -251,6 +252,9 @@ fn main() -> ExitCode {
                 forged += summary.forged_writes;
                 forged_refused += summary.forged_refused;
                 withdrawn += summary.withdrawn_documents;
+                truncated += summary.log_entries_truncated;
+                catch_ups += summary.catch_ups;
+                truncating_runs += u64::from(summary.log_entries_truncated > 0);
                 revoked += u64::from(summary.revoked);
                 cut_off += summary.acknowledged_cut_off;
                 stores_lost += summary.stores_lost;
@@ -294,6 +298,7 @@ fn main() -> ExitCode {
         runs as f64 * 60.0 / seconds.max(1e-9)
     );
     println!("workload: {writes} writes, {deletes} deletes, all acknowledged and all found on every node");
+    println!("log entries truncated as every known node held them: {truncated} in {truncating_runs} runs; peers caught up by whole documents: {catch_ups}");
     println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
     println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");

@@ -262,6 +262,35 @@ pub fn refill(node: &Node, name: &str) -> Result<(), AdapterError> {
     Ok(())
 }
 
+/// Stops the log being kept for bindings that no longer write a table on this node (taken
+/// out of the config, or turned to read it only): the store follows only those configured.
+/// Returns how many it let go.
+pub fn forget_unbound_followers(node: &Node) -> Result<usize, AdapterError> {
+    let bound: BTreeSet<String> = node
+        .config()
+        .bindings
+        .iter()
+        .filter(|binding| binding.direction.writes_table())
+        .map(BindingSection::name)
+        .collect();
+    let docs = node.documents();
+    let stale: Vec<String> = docs
+        .followers()?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| !bound.contains(name))
+        .collect();
+    if !stale.is_empty() {
+        let mut session = docs.session();
+        for name in &stale {
+            tracing::info!(binding = %name, "the binding is no longer configured: the log is no longer kept for it");
+            session.remove_follower(name);
+        }
+        session.commit(Durability::Durable)?;
+    }
+    Ok(stale.len())
+}
+
 pub fn start(
     config: &BindingSection,
     node: Arc<Node>,
@@ -711,8 +740,10 @@ impl Runner {
         }
         self.apply_records(table, &ids)?;
         let mut session = docs.session();
+        // From the first page on, the log from where the load began is kept for this binding
+        // (it follows the log from there once the load is done).
+        session.put_follower_marks(&self.name, &progress.marks);
         if progress.done {
-            session.put_state(&self.state_name("marks"), encode_marks(&progress.marks));
             session.put_state(
                 &self.state_name("withdrawn"),
                 progress.withdrawn.to_be_bytes().to_vec(),
@@ -777,8 +808,12 @@ impl Runner {
     /// there may be more.
     fn apply_log(&self, table: &mut dyn Table) -> Result<bool, AdapterError> {
         let docs = self.node.documents();
-        let name = self.state_name("marks");
-        let mut marks = decode_marks(docs.state(&name)?.as_deref());
+        // Marks kept before the store named followers are read once, and move over.
+        let legacy = self.state_name("marks");
+        let mut marks = match docs.follower_marks(&self.name)? {
+            Some(marks) => marks,
+            None => decode_marks(docs.state(&legacy)?.as_deref()),
+        };
         let prefix = format!("{}/", self.collection);
         let mut ids: BTreeSet<RecordId> = BTreeSet::new();
         let mut advanced = false;
@@ -853,7 +888,8 @@ impl Runner {
         }
         if advanced || withdrawn_to > seen {
             let mut session = docs.session();
-            session.put_state(&name, encode_marks(&marks));
+            session.put_follower_marks(&self.name, &marks);
+            session.remove_state(&legacy);
             session.put_state(&withdrawn_name, withdrawn_to.to_be_bytes().to_vec());
             session.commit(Durability::Deferred)?;
         }
@@ -1055,16 +1091,6 @@ impl Runner {
         }
         Ok(())
     }
-}
-
-fn encode_marks(marks: &[([u8; 16], u64)]) -> Vec<u8> {
-    serde_json::to_vec(
-        &marks
-            .iter()
-            .map(|(origin, mark)| (hex::encode(origin), *mark))
-            .collect::<Vec<_>>(),
-    )
-    .expect("marks serialize")
 }
 
 fn decode_marks(bytes: Option<&[u8]>) -> Vec<([u8; 16], u64)> {

@@ -218,8 +218,8 @@ pub struct HistoryEntry {
 pub const AUDIT_RECORDS_MAX: usize = 100_000;
 /// Most entries one audit returns.
 pub const AUDIT_ENTRIES_MAX: usize = 100_000;
-/// Log entries read per page while an audit finds the records to look at.
-const AUDIT_LOG_PAGE: usize = 10_000;
+/// Records read per page while an audit finds the records to look at.
+const AUDIT_SCAN_PAGE: usize = 10_000;
 
 /// Which changes an audit lists; every condition given must hold.
 #[derive(Debug, Clone, Default)]
@@ -1329,40 +1329,42 @@ impl Node {
         Ok(value)
     }
 
-    /// The records an audit looks at, found through the replication log (every change a
-    /// node holds has a place in it); whether there were more than it may look at.
+    /// The records an audit looks at: every record held (live or deleted) of the collection
+    /// asked for, or of every user collection, in key order; whether there were more than it
+    /// may look at. Read from the documents, not the log, which is truncated once every
+    /// replica holds it.
     fn audited_records(&self, filter: &AuditFilter) -> Result<(Vec<RecordId>, bool), NodeError> {
         if let Some(id) = &filter.record {
             return Ok((vec![id.clone()], false));
         }
-        let mut ids = std::collections::BTreeSet::new();
-        for (origin, _) in self.docs.origin_marks() {
-            let mut after = 0;
-            loop {
-                let page = self.docs.log_entries(&origin, after, AUDIT_LOG_PAGE)?;
-                let Some((last, _)) = page.last() else {
-                    break;
-                };
-                after = *last;
-                for (_, entry) in page {
-                    let Ok(id) = RecordId::from_doc_key(&entry.doc_key) else {
-                        continue;
-                    };
-                    let wanted = match &filter.collection {
-                        Some(collection) => id.collection == *collection,
-                        None => !id.collection.as_str().starts_with('_'),
-                    };
-                    if !wanted || ids.contains(&id) {
-                        continue;
-                    }
-                    if ids.len() >= AUDIT_RECORDS_MAX {
-                        return Ok((ids.into_iter().collect(), true));
-                    }
-                    ids.insert(id);
+        let mut ids = Vec::new();
+        let mut after: Option<RecordId> = None;
+        loop {
+            let page = match &filter.collection {
+                Some(collection) => {
+                    let key = after.as_ref().map(|id| id.key.clone());
+                    self.docs
+                        .scan_collection(collection, key.as_ref(), AUDIT_SCAN_PAGE)?
                 }
+                None => self
+                    .docs
+                    .scan_all_records(after.as_ref(), AUDIT_SCAN_PAGE)?,
+            };
+            let full = page.len() == AUDIT_SCAN_PAGE;
+            for record in page {
+                after = Some(record.id.clone());
+                if record.id.collection.as_str().starts_with('_') && filter.collection.is_none() {
+                    continue;
+                }
+                if ids.len() >= AUDIT_RECORDS_MAX {
+                    return Ok((ids, true));
+                }
+                ids.push(record.id);
+            }
+            if !full {
+                return Ok((ids, false));
             }
         }
-        Ok((ids.into_iter().collect(), false))
     }
 
     fn actor_origin(&self, actor: &ActorId) -> Result<Option<Map<String, Json>>, NodeError> {

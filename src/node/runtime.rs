@@ -139,6 +139,9 @@ pub struct OriginReclamation {
     pub origin: String,
     pub held: u64,
     pub stable: u64,
+    /// Entries at and below this place were truncated from this node's log (every known node
+    /// held them); a peer that lacks one is caught up by whole documents.
+    pub truncated_through: u64,
     /// The known nodes at the stable mark, by name (or id when unnamed), when it is below
     /// what is held here.
     pub held_back_by: Vec<String>,
@@ -182,6 +185,7 @@ impl ReclamationStatus {
                     origin: origin.origin.to_string(),
                     held: origin.held,
                     stable: origin.stable,
+                    truncated_through: origin.floor,
                     held_back_by: origin
                         .held_back_by
                         .iter()
@@ -250,6 +254,10 @@ pub struct EngineStats {
     pub malformed: u64,
     pub conflicts: u64,
     pub repair_documents: u64,
+    /// Log entries truncated here, every known node holding them.
+    pub log_entries_truncated: u64,
+    /// Peers caught up by whole documents, lacking entries truncated here.
+    pub catch_ups: u64,
     pub withdrawn_documents: u64,
     /// Documents a wider peer named to take out while the queue of them was full.
     pub withdrawals_dropped: u64,
@@ -339,6 +347,8 @@ impl EngineStats {
             malformed: stats.malformed,
             conflicts: stats.conflicts,
             repair_documents: stats.repair_documents,
+            log_entries_truncated: stats.log_entries_truncated,
+            catch_ups: stats.catch_ups,
             withdrawn_documents: stats.withdrawn_documents,
             withdrawals_dropped: stats.withdrawals_dropped,
             local_changes_pushed: driver.local_changes,
@@ -552,6 +562,8 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     // Bindings start first: a binding that does not fit its table stops the node here, with
     // the reason, before anything else runs. Their writes wake the engine like the API's.
     let local_writes = Arc::new(LocalWrites::default());
+    tokio::task::block_in_place(|| crate::adapters::driver::forget_unbound_followers(&node))
+        .map_err(|error| NodeError::Binding(error.to_string()))?;
     let mut bindings = Vec::new();
     for binding in &config.bindings {
         let wake_engine = local_writes.clone();
@@ -1180,6 +1192,16 @@ pub fn metrics_text(shared: &Shared) -> String {
             "Documents taken out because a peer that reads more found them outside this \
              node's read scope.",
             engine.withdrawn_documents,
+        ),
+        (
+            "concord_log_entries_truncated_total",
+            "Log entries truncated here, every known node holding them.",
+            engine.log_entries_truncated,
+        ),
+        (
+            "concord_catch_ups_total",
+            "Peers caught up by whole documents, lacking log entries truncated here.",
+            engine.catch_ups,
         ),
         (
             "concord_withdrawals_dropped_total",

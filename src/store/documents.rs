@@ -117,6 +117,9 @@ pub(super) struct Inner {
     pub(super) scoped_building: Option<ScopedBuild>,
     /// The sequence the next withdrawn document takes in the withdrawal feed.
     pub(super) next_withdrawal: u64,
+    /// Per origin, the place at and below which its log was truncated
+    /// ([`super::truncation`]).
+    pub(super) floors: BTreeMap<NodeId, u64>,
 }
 
 /// Most entries the withdrawal feed keeps ([`DocStore::withdrawals_after`]): each withdrawal
@@ -609,7 +612,7 @@ impl<S: Store> DocStore<S> {
             .store
             .scan_prefix(&layout::meta_key(prefix), after.as_deref(), limit)?
             .into_iter()
-            .map(|(key, value)| (layout::doc_key_of(&key).to_vec(), value))
+            .map(|(key, value)| (layout::meta_name_of(&key).to_vec(), value))
             .collect())
     }
 
@@ -629,12 +632,45 @@ impl<S: Store> DocStore<S> {
         limit: usize,
     ) -> Result<Vec<StoredRecord>, StoreError> {
         let prefix = layout::collection_prefix(collection.as_str());
-        let after_key = after.map(|key| {
-            layout::doc_key(&RecordId::new(collection.clone(), key.clone()).to_doc_key())
-        });
+        let after = after.map(|key| RecordId::new(collection.clone(), key.clone()));
+        self.scan_records(&prefix, after.as_ref(), limit)
+    }
+
+    /// Up to `limit` document keys after `after`, in order.
+    pub fn documents_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let after_key = after.map(layout::doc_key);
+        Ok(self
+            .store
+            .scan_prefix(layout::DOCS_PREFIX, after_key.as_deref(), limit)?
+            .into_iter()
+            .map(|(key, _)| layout::doc_key_of(&key).to_vec())
+            .collect())
+    }
+
+    /// Up to `limit` records of every collection (live and deleted) after `after`, in the
+    /// order of their document keys.
+    pub fn scan_all_records(
+        &self,
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        self.scan_records(layout::DOCS_PREFIX, after, limit)
+    }
+
+    fn scan_records(
+        &self,
+        prefix: &[u8],
+        after: Option<&RecordId>,
+        limit: usize,
+    ) -> Result<Vec<StoredRecord>, StoreError> {
+        let after_key = after.map(|id| layout::doc_key(&id.to_doc_key()));
         let entries = self
             .store
-            .scan_prefix(&prefix, after_key.as_deref(), limit)?;
+            .scan_prefix(prefix, after_key.as_deref(), limit)?;
         entries
             .into_iter()
             .map(|(key, value)| {
@@ -770,12 +806,15 @@ fn scan_inner<S: Store>(
     writer: NodeId,
     config: &DocStoreConfig,
 ) -> Result<Inner, StoreError> {
-    let origins = scan_origins(store)?;
+    let floors = super::truncation::scan_floors(store)?;
+    let origins = scan_origins(store, &floors)?;
     let (digest, live_records) = scan_documents(store)?;
-    let next_log_sequence = match store.last_in_prefix(&layout::log_prefix(&writer))? {
-        Some((key, _)) => layout::log_sequence(&key)? + 1,
-        None => 1,
+    // Above the last entry, and above a floor that truncated them all.
+    let last_entry = match store.last_in_prefix(&layout::log_prefix(&writer))? {
+        Some((key, _)) => layout::log_sequence(&key)?,
+        None => 0,
     };
+    let next_log_sequence = last_entry.max(floors.get(&writer).copied().unwrap_or(0)) + 1;
     let writers = Writers::load(store, writer)?;
     let (refused, reissues) = super::refused::scan(store)?;
     let next_withdrawal = match store.last_in_prefix(layout::WITHDRAWALS_PREFIX)? {
@@ -795,6 +834,7 @@ fn scan_inner<S: Store>(
         scoped_digests: Vec::new(),
         scoped_building: None,
         next_withdrawal,
+        floors,
     })
 }
 

@@ -580,7 +580,7 @@ fn bytes_by_key_space() {
             "name": format!("Customer {n}"),
             "email": format!("customer{n}@example.com"),
             "balance": n % 100_000,
-            "active": n % 3 != 0,
+            "active": !n.is_multiple_of(3),
         })
         .as_object()
         .unwrap()

@@ -77,6 +77,12 @@ pub fn doc_key_of(key: &[u8]) -> &[u8] {
     &key[1..]
 }
 
+/// The metadata name an `M` key holds.
+pub fn meta_name_of(key: &[u8]) -> &[u8] {
+    assert!(key.first() == Some(&TAG_META), "not a metadata key");
+    &key[1..]
+}
+
 /// The collection a document key names.
 pub fn collection_of(doc_key: &[u8]) -> &str {
     let end = doc_key
@@ -308,10 +314,57 @@ pub fn known_prefix() -> Vec<u8> {
 
 /// The node a known node's key names.
 pub fn known_node(key: &[u8]) -> Result<NodeId, StoreError> {
-    key.strip_prefix(known_prefix().as_slice())
+    node_after(&known_prefix(), key)
+}
+
+/// How far each origin's log was truncated: `floor/` then the origin's 16 bytes, valued the
+/// sequence (big endian) at and below which its entries are gone (see [`super::truncation`]).
+pub const META_FLOOR_PREFIX: &[u8] = b"floor/";
+
+/// The metadata name of an origin's floor.
+pub fn floor_name(origin: &NodeId) -> Vec<u8> {
+    let mut name = META_FLOOR_PREFIX.to_vec();
+    name.extend_from_slice(&origin.0);
+    name
+}
+
+/// Every key of a floor starts with this.
+pub fn floor_prefix() -> Vec<u8> {
+    meta_key(META_FLOOR_PREFIX)
+}
+
+/// Local readers of the log (bindings that write records out): `follower/` then the
+/// follower's name, valued [`FollowerMarks`]: how far it read each origin's log.
+pub const META_FOLLOWER_PREFIX: &[u8] = b"follower/";
+
+/// How far a follower read each origin's log (an origin it does not list: not at all).
+pub type FollowerMarks = Vec<([u8; 16], u64)>;
+
+/// The metadata name of a follower's marks.
+pub fn follower_name(follower: &str) -> Vec<u8> {
+    let mut name = META_FOLLOWER_PREFIX.to_vec();
+    name.extend_from_slice(follower.as_bytes());
+    name
+}
+
+/// Every key of a follower starts with this.
+pub fn follower_prefix() -> Vec<u8> {
+    meta_key(META_FOLLOWER_PREFIX)
+}
+
+/// The 16 bytes after `prefix` in a metadata key that names an origin or node.
+pub fn node_after(prefix: &[u8], key: &[u8]) -> Result<NodeId, StoreError> {
+    key.strip_prefix(prefix)
         .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
         .map(NodeId)
-        .ok_or_else(|| StoreError::Corrupt("a known node's key".to_owned()))
+        .ok_or_else(|| StoreError::Corrupt(format!("a key under {prefix:?}")))
+}
+
+/// A big-endian u64 value.
+pub fn decode_u64(what: &str, value: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(value)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt(format!("{what}: not 8 bytes")))
 }
 
 pub fn cover_prefix() -> Vec<u8> {

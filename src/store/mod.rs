@@ -36,6 +36,7 @@ mod replication;
 pub mod salvage;
 mod session;
 mod sled_store;
+pub mod truncation;
 
 pub use apply::{ApplyReport, NewConflict};
 pub use cache::{

@@ -99,8 +99,13 @@ impl OriginProgress {
 /// Reads the whole log once to learn how much of each origin is held.
 pub(super) fn scan_origins<S: Store>(
     store: &S,
+    floors: &BTreeMap<NodeId, u64>,
 ) -> Result<BTreeMap<NodeId, OriginProgress>, StoreError> {
     let mut origins: BTreeMap<NodeId, OriginProgress> = BTreeMap::new();
+    // Entries at or below a floor were held, then truncated.
+    for (origin, floor) in floors {
+        origins.entry(*origin).or_default().cover(*floor);
+    }
     for_each_entry(store, layout::LOG_PREFIX, |key, _| {
         let origin = layout::log_origin(key)?;
         let sequence = layout::log_sequence(key)?;

@@ -33,6 +33,7 @@
 //! - duplicates, by log place or by hash, change nothing;
 //! - a peer that sends a malformed message is disconnected; others are unaffected.
 
+mod catch_up;
 mod driver;
 mod held;
 mod outbound;
@@ -186,6 +187,16 @@ pub trait Replica {
     fn known_nodes(&self) -> Result<Vec<(NodeId, String)>, StoreError>;
     /// Keeps `node` among the nodes known.
     fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError>;
+    /// The place at and below which `origin`'s log was truncated (0: none).
+    fn log_floor(&self, origin: &NodeId) -> u64;
+    /// Truncates the logs up to the stable marks given, as far as local followers allow.
+    fn reclaim_log(&self, stable: &[(NodeId, u64)]) -> Result<usize, StoreError>;
+    /// Up to `limit` document keys after `after`, in order.
+    fn documents_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError>;
 }
 
 impl<S: Store> Replica for DocStore<S> {
@@ -303,6 +314,19 @@ impl<S: Store> Replica for DocStore<S> {
     fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError> {
         DocStore::note_known_node(self, node, name)
     }
+    fn log_floor(&self, origin: &NodeId) -> u64 {
+        DocStore::log_floor(self, origin)
+    }
+    fn reclaim_log(&self, stable: &[(NodeId, u64)]) -> Result<usize, StoreError> {
+        DocStore::reclaim_log(self, stable)
+    }
+    fn documents_after(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        DocStore::documents_after(self, after, limit)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +441,10 @@ pub struct Stats {
     pub changes_ahead: u64,
     /// Fields that became conflicting as changes from peers were applied.
     pub conflicts: u64,
+    /// Log entries truncated here, every known node holding them.
+    pub log_entries_truncated: u64,
+    /// Peers caught up by whole documents, lacking entries truncated here.
+    pub catch_ups: u64,
     /// The same by (collection, field), for the first [`CONFLICT_FIELDS_COUNTED_MAX`] pairs
     /// seen; later pairs count in `conflicts` only.
     pub conflicts_by_field: BTreeMap<(String, String), u64>,
@@ -477,6 +505,8 @@ pub struct Engine {
     withdrawing: std::collections::VecDeque<String>,
     /// The latest report of every node known: which log entries are stable.
     stability: stability::Stability,
+    /// Reports were taken: the log is truncated up to what became stable.
+    reclaim_due: bool,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -508,6 +538,7 @@ impl Engine {
             withdrawing: std::collections::VecDeque::new(),
             clock_ms: None,
             stability: stability::Stability::default(),
+            reclaim_due: false,
         }
     }
 
@@ -639,7 +670,8 @@ impl Engine {
                 "peer {peer} holds this node's own log up to {contiguous} and the store only up to {own}: the store was brought back from an older copy, or lost"
             );
             self.supersede(peer, reason, actions);
-        } else if let Some(hash) = hash.filter(|_| contiguous > 0) {
+        } else if let Some(hash) = hash.filter(|_| contiguous > replica.log_floor(&writer)) {
+            // (At or below the floor the entry is gone: there is nothing to compare with.)
             if replica.log_hash(&writer, contiguous)? != Some(hash) {
                 let reason = format!(
                     "peer {peer} holds another change at place {contiguous} of this node's own log: another store writes under the same writer"
@@ -757,6 +789,9 @@ impl Engine {
                 // and one step of withdrawals after whatever events came with it.
                 if self.periodic_due().is_some_and(|due| now >= due) {
                     self.timeout(now, replica, &mut actions);
+                    if std::mem::take(&mut self.reclaim_due) {
+                        self.reclaim(replica)?;
+                    }
                     self.compare_pending_leaves(replica)?;
                     let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
                     for peer in peers {
@@ -783,6 +818,7 @@ impl Engine {
         }
         if self.stability.due(now) {
             self.send_reports(now, replica);
+            self.reclaim_due = true;
         }
         if self.next_repair.is_some_and(|due| now >= due) {
             self.next_repair = Some(now + self.config.repair_interval);
@@ -1175,6 +1211,7 @@ impl Engine {
             .any(|origin| !reported.contains_key(origin));
         state.reported = reported;
         self.rebalance(replica, (!shrunk).then_some(&changed));
+        self.consider_catch_up(peer, replica);
     }
 
     /// A peer covered a run of an origin's log for this node (nothing in it is this node's

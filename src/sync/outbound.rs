@@ -86,6 +86,11 @@ impl Outbox {
             && self.documents.is_empty()
     }
 
+    /// Document answers queued.
+    pub(super) fn documents_queued(&self) -> usize {
+        self.documents.len()
+    }
+
     /// How many more small messages fit.
     pub(super) fn room(&self) -> usize {
         OUTBOX_MESSAGES_MAX.saturating_sub(self.messages.len())
@@ -153,6 +158,8 @@ pub(super) struct Peer {
     pub(super) outbox: Outbox,
     /// Per node known: when the report of it last sent to this peer was taken.
     pub(super) reports_sent: BTreeMap<NodeId, u64>,
+    /// The peer lacks log entries truncated here: it is sent whole documents.
+    pub(super) catch_up: Option<super::catch_up::CatchUp>,
 }
 
 impl Peer {
@@ -244,7 +251,9 @@ impl Engine {
         self.peers.get(peer).is_some_and(|state| {
             state.outbox.hello
                 || state.ready
-                    && (!state.outbox.is_empty() || state.summarised && !state.wanted.is_empty())
+                    && (!state.outbox.is_empty()
+                        || state.catch_up.is_some()
+                        || state.summarised && !state.wanted.is_empty())
         })
     }
 
@@ -263,6 +272,7 @@ impl Engine {
             return Ok(None);
         }
         self.make_durable(replica)?;
+        self.catch_up_step(peer, replica)?;
         let room = room.min(FRAME_WITH_HEADER_BYTES_MAX);
         let message = match self.next_control(peer, room, replica)? {
             Some(message) => Some(message),

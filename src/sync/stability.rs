@@ -93,6 +93,8 @@ pub struct OriginStability {
     pub held: u64,
     /// Every entry up to here is held by every known node that counts.
     pub stable: u64,
+    /// The log's entries at and below here were truncated here.
+    pub floor: u64,
     /// The nodes whose reports hold the stable mark where it is (those at the least mark),
     /// when it is below what is held here.
     pub held_back_by: Vec<NodeId>,
@@ -244,6 +246,7 @@ impl Stability {
                     origin: *origin,
                     held: *held,
                     stable,
+                    floor: 0,
                     held_back_by,
                 }
             })
@@ -329,13 +332,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Truncates each origin's log up to what every known node holds (as far as the store's
+    /// local followers allow).
+    pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
+        let stable: Vec<(NodeId, u64)> = self
+            .reclamation(replica)
+            .origins
+            .iter()
+            .map(|origin| (origin.origin, origin.stable))
+            .collect();
+        let truncated = replica.reclaim_log(&stable)?;
+        self.stats.log_entries_truncated += truncated as u64;
+        Ok(())
+    }
+
     /// Which entries of each origin's log held here are stable, over the known nodes that
     /// are not revoked.
     pub fn reclamation(&self, replica: &impl Replica) -> Reclamation {
         let counts = |node: &NodeId| !replica.is_revoked(node);
         let held = replica.origin_marks();
+        let mut origins = self.stability.origins(&held, counts);
+        for origin in &mut origins {
+            origin.floor = replica.log_floor(&origin.origin);
+        }
         Reclamation {
-            origins: self.stability.origins(&held, counts),
+            origins,
             nodes: self
                 .stability
                 .reports()

@@ -1133,3 +1133,81 @@ fn known_nodes_survive_a_restart_and_hold_reclamation_back_until_heard_from_agai
     assert_eq!(reclamation.origins[0].stable, 0);
     assert_eq!(reclamation.origins[0].held_back_by, vec![net.nodes[1].id]);
 }
+
+#[test]
+fn a_log_every_node_holds_is_truncated_and_a_node_new_to_it_catches_up_by_documents() {
+    let mut net = Network::new(3);
+    net.connect(0, 1);
+    let keys: Vec<String> = (0..7).map(|i| format!("c/{i}")).collect();
+    for value in 0..60 {
+        net.write(value as usize % 2, &keys[value as usize % 7], "v", value);
+    }
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    // Both hold every entry, and both know it: each log keeps its last entry only.
+    for at in [0, 1] {
+        let docs = &net.nodes[at].docs;
+        for (origin, mark) in docs.origin_marks() {
+            assert_eq!(docs.log_floor(&origin), mark - 1, "node {at}");
+            let left = docs.log_entries(&origin, 0, 100).unwrap();
+            assert_eq!(left.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![mark]);
+        }
+        assert!(net.nodes[at].engine().stats().log_entries_truncated > 0);
+    }
+    // A node the two never knew joins through one of them: the log cannot bring it what it
+    // lacks, whole documents do, and its marks then stand where theirs do.
+    net.connect(1, 2);
+    net.settle();
+    net.run_for(SUMMARY_INTERVAL_DEFAULT * 5);
+    net.settle();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    net.assert_converged(&keys);
+    assert_eq!(net.nodes[1].engine().stats().catch_ups, 1);
+    assert_eq!(
+        net.nodes[2].docs.origin_marks(),
+        net.nodes[0].docs.origin_marks()
+    );
+    // From there the log goes on as before.
+    net.write(0, "c/1", "v", 1000);
+    net.write(2, "c/2", "v", 2000);
+    net.settle();
+    net.assert_converged(&keys);
+}
+
+#[test]
+fn a_known_node_that_is_away_holds_truncation_back() {
+    let mut net = Network::new(3);
+    net.connect(0, 1);
+    net.connect(1, 2);
+    net.write(0, "c/1", "v", 1);
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    net.cut(1, 2);
+    for value in 2..20 {
+        net.write(0, "c/1", "v", value);
+    }
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 3);
+    let writer = net.nodes[0].id;
+    // Node 2 holds only the first entry: nothing after it goes.
+    for at in [0, 1] {
+        assert_eq!(net.nodes[at].docs.log_floor(&writer), 0, "node {at}");
+        assert_eq!(
+            net.nodes[at]
+                .docs
+                .log_entries(&writer, 0, 100)
+                .unwrap()
+                .len(),
+            19
+        );
+    }
+    // Back, it is sent the log it lacks, and then the entries go.
+    net.connect(1, 2);
+    net.settle();
+    net.run_for(stability::REPORT_INTERVAL * 4);
+    net.assert_converged(&["c/1"]);
+    assert_eq!(net.nodes[1].engine().stats().catch_ups, 0);
+    for at in 0..3 {
+        assert_eq!(net.nodes[at].docs.log_floor(&writer), 18, "node {at}");
+    }
+}
