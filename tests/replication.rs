@@ -403,3 +403,74 @@ async fn status_shows_what_every_known_node_holds_and_who_holds_reclamation_back
     a.stop().await;
     b.stop().await;
 }
+
+/// Two nodes truncate the log both hold; a third, new to them, cannot be sent it and is
+/// caught up by whole documents, then by the log like any peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_new_to_a_truncated_log_catches_up_by_documents() {
+    const REPORTED: Duration = Duration::from_secs(45);
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    for node in [&mut a, &mut b] {
+        node.start().await;
+    }
+    let ids: Vec<String> = (0..300).map(|n| format!("customers/{n}")).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let node = if n % 2 == 0 { &a } else { &b };
+        node.put(id, json!({"name": format!("Customer {n}"), "n": n}));
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    converge(&[&a, &b], &ids, CONVERGE).await;
+    let truncated = |node: &TestNode| {
+        node.status().is_some_and(|status| {
+            status["reclamation"]["origins"]
+                .as_array()
+                .is_some_and(|origins| {
+                    origins.len() == 2
+                        && origins.iter().all(|o| {
+                            o["truncated_through"].as_u64() == o["held"].as_u64().map(|h| h - 1)
+                        })
+                })
+        })
+    };
+    eventually(
+        "both truncated their logs to the last entry",
+        REPORTED,
+        || truncated(&a) && truncated(&b),
+    )
+    .await;
+    assert!(a.metric("concord_log_entries_truncated_total") >= 149);
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[b.listen]);
+    c.start().await;
+    converge(&[&a, &b, &c], &ids, CONVERGE).await;
+    assert_eq!(b.metric("concord_catch_ups_total"), 1);
+    // Its marks stand where the others' do: the log goes on from there.
+    let marks = |node: &TestNode| {
+        let status = node.status().unwrap();
+        let mut marks: Vec<(String, u64)> = status["reclamation"]["origins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["origin"].as_str().unwrap().to_owned(),
+                    o["held"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        marks.sort();
+        marks
+    };
+    eventually("the new node's marks reach the others'", CONVERGE, || {
+        c.status().is_some() && marks(&c) == marks(&a)
+    })
+    .await;
+    a.put("customers/0", json!({"name": "Ada"}));
+    c.put("customers/1", json!({"name": "Cy"}));
+    converge(&[&a, &b, &c], &["customers/0", "customers/1"], CONVERGE).await;
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
+}

@@ -852,10 +852,6 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.scopes().counted_place(author)
     }
 
-    fn revokes_any(&self) -> bool {
-        !self.scopes().revoked().is_empty()
-    }
-
     fn read_scopes_key(&self, reader: &NodeId) -> String {
         let scopes = self.scopes();
         let reads: Vec<String> = scopes

@@ -646,3 +646,53 @@ fn bytes_by_key_space() {
     }
     measure("after 5 rounds of updates of half the records");
 }
+
+#[test]
+#[ignore = "a measurement: cargo test --release -p concord --lib one_record_updated_many_times -- --ignored --nocapture"]
+fn one_record_updated_many_times() {
+    let updates: i64 = std::env::var("CONCORD_MEASURE_UPDATES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(100_000);
+    let node = NodeId([1; 16]);
+    let docs = open(MemoryStore::new(), node, COMPACT_AFTER_CHANGES_DEFAULT);
+    let actor = node.actor(0);
+    let id = RecordId::parse("customers/1").unwrap();
+    let start = std::time::Instant::now();
+    for value in 0..updates {
+        let write = RecordWrite {
+            set: vec![("balance".to_owned(), json!(value))],
+            ..RecordWrite::default()
+        };
+        docs.write(
+            &id,
+            &actor,
+            1_700_000_000_000 + value,
+            Durability::Deferred,
+            |tx| apply_write(tx, &write),
+        )
+        .unwrap();
+    }
+    let bytes = |prefix: &[u8]| -> usize {
+        let mut total = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = docs
+                .backend()
+                .scan_prefix(prefix, after.as_deref(), 4096)
+                .unwrap();
+            total += page.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            after = page.last().map(|(key, _)| key.clone());
+            if page.len() < 4096 {
+                return total;
+            }
+        }
+    };
+    println!(
+        "{updates} updates of one field in {:.1} s: document {} bytes (snapshot apart {} bytes), log {} bytes",
+        start.elapsed().as_secs_f64(),
+        bytes(layout::DOCS_PREFIX),
+        bytes(layout::SNAPSHOTS_PREFIX),
+        bytes(layout::LOG_PREFIX),
+    );
+}

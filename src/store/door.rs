@@ -59,9 +59,6 @@ pub trait WriteDoor: Send + Sync {
     fn read_scopes_key(&self, reader: &NodeId) -> String;
     /// Whether `node` was revoked.
     fn is_revoked(&self, node: &NodeId) -> bool;
-    /// Whether any node is revoked: changes of a revoked node are decided by their log places,
-    /// so no log is truncated while one is (see [`super::truncation`]).
-    fn revokes_any(&self) -> bool;
     /// A place of revoked `author`'s log that still counts (its cut-off), if any does.
     fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)>;
 }

@@ -10,8 +10,9 @@
 //! Guarantees:
 //! - entries are dropped only up to a place this store holds every entry up to (its
 //!   contiguous mark), and only up to where every follower read;
-//! - nothing is dropped while any node is revoked: a revoked node's changes count or not by
-//!   their places, which a node that lacks them must be sent with them;
+//! - nothing is dropped while anything is granted or revoked: a revoked node's changes count
+//!   or not by their places, which a node caught up by documents would not be sent (a cluster
+//!   that grants may revoke);
 //! - the entries and the new floor go in one batch; a floor only rises;
 //! - after a restart the marks still count every place at or below a floor as held, and this
 //!   store's own log continues above its floor, never at a place used before;
@@ -68,9 +69,10 @@ impl<S: Store> DocStore<S> {
     /// up to which they all do) that every follower read, at most
     /// [`TRUNCATE_ENTRIES_PER_STEP`] in all; returns how many it dropped.
     pub fn reclaim_log(&self, stable: &[(NodeId, u64)]) -> Result<usize, StoreError> {
-        // A revoked node's changes are decided by their places: a node that lacks some must
-        // be sent them with their places, so logs are kept whole while any node is revoked.
-        if self.door.get().is_some_and(|door| door.revokes_any()) {
+        // A revoked node's changes count or not by their places, and a node caught up by
+        // documents gets them without: logs are kept whole while anything is granted or
+        // revoked (a revocation can follow any grant).
+        if self.door.get().is_some_and(|door| !door.is_open()) {
             return Ok(0);
         }
         let followers = self.followers()?;

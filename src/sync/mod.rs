@@ -342,6 +342,9 @@ pub struct Config {
     pub node_name: String,
     pub summary_interval: Duration,
     pub repair_interval: Duration,
+    /// How often reports of what this node holds are taken and relayed, and the log
+    /// truncated up to what became stable ([`stability::REPORT_INTERVAL`] unless set).
+    pub report_interval: Duration,
     /// Changes per message at most; messages are bounded by bytes first.
     pub changes_per_message: usize,
     /// [`crate::policy::Policies::hash`] of this node, sent to peers that speak version 2.
@@ -363,6 +366,7 @@ impl Config {
             node_name: node_name.to_owned(),
             summary_interval: SUMMARY_INTERVAL_DEFAULT,
             repair_interval: REPAIR_INTERVAL_DEFAULT,
+            report_interval: stability::REPORT_INTERVAL,
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
             policy_hash: crate::policy::Policies::default().hash(),
             clock_ahead_max: CLOCK_AHEAD_MAX_DEFAULT,
@@ -816,7 +820,7 @@ impl Engine {
                 state.outbox.summary = true;
             }
         }
-        if self.stability.due(now) {
+        if self.stability.due(now, self.config.report_interval) {
             self.send_reports(now, replica);
             self.reclaim_due = true;
         }

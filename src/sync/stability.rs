@@ -161,11 +161,11 @@ impl Stability {
         )
     }
 
-    /// Whether reports are due at `now`, and when they are due next.
-    pub fn due(&mut self, now: Duration) -> bool {
+    /// Whether reports are due at `now`; if so, they are next due `interval` later.
+    pub fn due(&mut self, now: Duration, interval: Duration) -> bool {
         let due = self.next_report.is_none_or(|at| now >= at);
         if due {
-            self.next_report = Some(now + REPORT_INTERVAL);
+            self.next_report = Some(now + interval);
         }
         due
     }
