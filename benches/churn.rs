@@ -56,6 +56,24 @@ impl Site {
         }
     }
 
+    /// Log entries the node truncated so far (0 once it is stopped).
+    fn truncated(&self) -> u64 {
+        if self.child.is_none() {
+            return 0;
+        }
+        let Ok(mut response) = ureq::get(format!("http://{}/metrics", self.api)).call() else {
+            return 0;
+        };
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix("concord_log_entries_truncated_total ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     fn rss_mib(&self) -> f64 {
         self.child.as_ref().map_or(0.0, |child| {
             common::memory_mib(&child.id().to_string(), "VmRSS")
@@ -194,11 +212,16 @@ fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
         .iter()
         .map(|site| format!("{:.0}", site.rss_mib()))
         .collect();
+    let truncated: Vec<String> = sites
+        .iter()
+        .map(|site| site.truncated().to_string())
+        .collect();
     println!(
-        "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB [{}]  RSS MiB [{}]",
+        "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB [{}]  RSS MiB [{}]  log entries truncated [{}]",
         patches as f64 / elapsed.max(0.001),
         disks.join(", "),
         rss.join(", "),
+        truncated.join(", "),
     );
 }
 

@@ -509,7 +509,8 @@ pub struct Engine {
     withdrawing: std::collections::VecDeque<String>,
     /// The latest report of every node known: which log entries are stable.
     stability: stability::Stability,
-    /// Reports were taken: the log is truncated up to what became stable.
+    /// A summary interval passed: the log is truncated a step further towards what is
+    /// stable.
     reclaim_due: bool,
 }
 
@@ -819,10 +820,12 @@ impl Engine {
             for state in self.peers.values_mut().filter(|state| state.ready) {
                 state.outbox.summary = true;
             }
+            // A step of truncation with every summary: what became stable goes a bounded
+            // batch at a time, so no step holds replication up for long.
+            self.reclaim_due = true;
         }
         if self.stability.due(now, self.config.report_interval) {
             self.send_reports(now, replica);
-            self.reclaim_due = true;
         }
         if self.next_repair.is_some_and(|due| now >= due) {
             self.next_repair = Some(now + self.config.repair_interval);

@@ -332,8 +332,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Truncates each origin's log up to what every known node holds (as far as the store's
-    /// local followers allow).
+    /// Truncates each origin's log a bounded step towards what every known node holds (as
+    /// far as the store's local followers allow).
     pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
         let stable: Vec<(NodeId, u64)> = self
             .reclamation(replica)
