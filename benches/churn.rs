@@ -56,6 +56,27 @@ impl Site {
         }
     }
 
+    /// Of each origin's log: how far the node holds it, how far every node it knows does,
+    /// and how far it truncated it (`held/stable/truncated`), from `/v1/status`.
+    fn reclamation(&self) -> String {
+        if self.child.is_none() {
+            return String::new();
+        }
+        let Ok(mut response) = ureq::get(format!("http://{}/v1/status", self.api)).call() else {
+            return String::new();
+        };
+        let status: Value = response.body_mut().read_json().unwrap_or_default();
+        let origins = status["reclamation"]["origins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        origins
+            .iter()
+            .map(|o| format!("{}/{}/{}", o["held"], o["stable"], o["truncated_through"]))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Log entries the node truncated so far (0 once it is stopped).
     fn truncated(&self) -> u64 {
         if self.child.is_none() {
@@ -214,7 +235,7 @@ fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
         .collect();
     let truncated: Vec<String> = sites
         .iter()
-        .map(|site| site.truncated().to_string())
+        .map(|site| format!("{} ({})", site.truncated(), site.reclamation()))
         .collect();
     println!(
         "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB [{}]  RSS MiB [{}]  log entries truncated [{}]",
