@@ -56,43 +56,31 @@ impl Site {
         }
     }
 
-    /// Of each origin's log: how far the node holds it, how far every node it knows does,
-    /// and how far it truncated it (`held/stable/truncated`), from `/v1/status`.
-    fn reclamation(&self) -> String {
-        if self.child.is_none() {
-            return String::new();
-        }
-        let Ok(mut response) = ureq::get(format!("http://{}/v1/status", self.api)).call() else {
-            return String::new();
+    /// Log entries the node truncated so far, and of each origin's log how far the node
+    /// holds it, how far every node it knows does, and how far it truncated it
+    /// (`held/stable/truncated`), from `/v1/status` (`0 ()` once it is stopped).
+    fn truncation(&self) -> String {
+        let status: Value = match &self.child {
+            Some(_) => ureq::get(format!("http://{}/v1/status", self.api))
+                .call()
+                .ok()
+                .and_then(|mut response| response.body_mut().read_json().ok())
+                .unwrap_or_default(),
+            None => Value::Null,
         };
-        let status: Value = response.body_mut().read_json().unwrap_or_default();
-        let origins = status["reclamation"]["origins"]
+        let origins: Vec<String> = status["reclamation"]["origins"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
-        origins
-            .iter()
-            .map(|o| format!("{}/{}/{}", o["held"], o["stable"], o["truncated_through"]))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    /// Log entries the node truncated so far (0 once it is stopped).
-    fn truncated(&self) -> u64 {
-        if self.child.is_none() {
-            return 0;
-        }
-        let Ok(mut response) = ureq::get(format!("http://{}/metrics", self.api)).call() else {
-            return 0;
-        };
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        text.lines()
-            .find_map(|line| {
-                line.strip_prefix("concord_log_entries_truncated_total ")?
-                    .parse()
-                    .ok()
+            .map(|origins| {
+                origins
+                    .iter()
+                    .map(|o| format!("{}/{}/{}", o["held"], o["stable"], o["truncated_through"]))
+                    .collect()
             })
-            .unwrap_or(0)
+            .unwrap_or_default();
+        let truncated = status["engine"]["log_entries_truncated"]
+            .as_u64()
+            .unwrap_or(0);
+        format!("{truncated} ({})", origins.join(" "))
     }
 
     fn rss_mib(&self) -> f64 {
@@ -233,10 +221,7 @@ fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
         .iter()
         .map(|site| format!("{:.0}", site.rss_mib()))
         .collect();
-    let truncated: Vec<String> = sites
-        .iter()
-        .map(|site| format!("{} ({})", site.truncated(), site.reclamation()))
-        .collect();
+    let truncated: Vec<String> = sites.iter().map(Site::truncation).collect();
     println!(
         "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB [{}]  RSS MiB [{}]  log entries truncated [{}]",
         patches as f64 / elapsed.max(0.001),

@@ -562,6 +562,18 @@ fn withdrawals_are_numbered_in_order_and_survive_a_crash() {
     );
 }
 
+/// Keys under `prefix`, and the bytes of their keys and values.
+fn prefix_bytes(docs: &DocStore<MemoryStore>, prefix: &[u8]) -> (usize, usize) {
+    let (mut count, mut bytes) = (0, 0);
+    for_each_entry(docs.backend(), prefix, |key, value| {
+        count += 1;
+        bytes += key.len() + value.len();
+        Ok(())
+    })
+    .unwrap();
+    (count, bytes)
+}
+
 #[test]
 #[ignore = "a measurement: cargo test --release -p concord --lib bytes_by_key_space -- --ignored --nocapture"]
 fn bytes_by_key_space() {
@@ -590,22 +602,7 @@ fn bytes_by_key_space() {
         let mut total = 0;
         let mut line = Vec::new();
         for tag in layout::KEY_SPACES {
-            let (mut count, mut bytes) = (0usize, 0usize);
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let page = docs
-                    .backend()
-                    .scan_prefix(&[tag], after.as_deref(), 4096)
-                    .unwrap();
-                for (key, value) in &page {
-                    count += 1;
-                    bytes += key.len() + value.len();
-                }
-                after = page.last().map(|(key, _)| key.clone());
-                if page.len() < 4096 {
-                    break;
-                }
-            }
+            let (count, bytes) = prefix_bytes(&docs, &[tag]);
             total += bytes;
             if count > 0 {
                 line.push(format!(
@@ -673,21 +670,7 @@ fn one_record_updated_many_times() {
         )
         .unwrap();
     }
-    let bytes = |prefix: &[u8]| -> usize {
-        let mut total = 0;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = docs
-                .backend()
-                .scan_prefix(prefix, after.as_deref(), 4096)
-                .unwrap();
-            total += page.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            after = page.last().map(|(key, _)| key.clone());
-            if page.len() < 4096 {
-                return total;
-            }
-        }
-    };
+    let bytes = |prefix: &[u8]| prefix_bytes(&docs, prefix).1;
     println!(
         "{updates} updates of one field in {:.1} s: document {} bytes (snapshot apart {} bytes), log {} bytes",
         start.elapsed().as_secs_f64(),

@@ -115,14 +115,9 @@ pub(super) fn scan_origins<S: Store>(
     // Where senders covered the log for this node (what it may read of it is all held).
     let prefix = layout::cover_prefix();
     for_each_entry(store, &prefix, |key, value| {
-        let origin = key
-            .get(prefix.len()..)
-            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
-            .ok_or_else(|| StoreError::Corrupt("a cover key".to_owned()))?;
-        let mark = <[u8; 8]>::try_from(value)
-            .map(u64::from_be_bytes)
-            .map_err(|_| StoreError::Corrupt("a cover mark".to_owned()))?;
-        origins.entry(NodeId(origin)).or_default().cover(mark);
+        let origin = layout::node_after(&prefix, key)?;
+        let mark = layout::decode_u64("a cover mark", value)?;
+        origins.entry(origin).or_default().cover(mark);
         Ok(())
     })?;
     Ok(origins)

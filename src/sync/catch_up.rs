@@ -38,7 +38,13 @@ pub(super) struct CatchUp {
 impl Engine {
     /// Starts catching `peer` up by documents if, by its summary, it lacks entries of a log
     /// that this node truncated, and nothing else catches it up already.
-    pub(super) fn consider_catch_up(&mut self, peer: NodeId, replica: &impl Replica) {
+    /// `held`: this node's marks, as the summary's handling read them.
+    pub(super) fn consider_catch_up(
+        &mut self,
+        peer: NodeId,
+        held: &[(NodeId, u64)],
+        replica: &impl Replica,
+    ) {
         let me = self.config.node;
         let Some(state) = self.peers.get_mut(&peer) else {
             return;
@@ -46,13 +52,12 @@ impl Engine {
         if state.catch_up.is_some() || state.version < 4 || !replica.reads_at_least(&me, &peer) {
             return;
         }
-        let ranges: BTreeMap<NodeId, (u64, u64)> = replica
-            .origin_marks()
-            .into_iter()
+        let ranges: BTreeMap<NodeId, (u64, u64)> = held
+            .iter()
             .filter_map(|(origin, _)| {
-                let floor = replica.log_floor(&origin);
-                let theirs = state.reported.get(&origin).copied().unwrap_or(0);
-                (theirs < floor).then_some((origin, (theirs, floor)))
+                let floor = replica.log_floor(origin);
+                let theirs = state.reported.get(origin).copied().unwrap_or(0);
+                (theirs < floor).then_some((*origin, (theirs, floor)))
             })
             .collect();
         if ranges.is_empty() {
@@ -112,12 +117,5 @@ impl Engine {
             self.queue_document(peer, doc, Vec::new());
         }
         Ok(())
-    }
-
-    /// Whether `peer` is being caught up by documents.
-    pub fn catching_up(&self, peer: &NodeId) -> bool {
-        self.peers
-            .get(peer)
-            .is_some_and(|state| state.catch_up.is_some())
     }
 }

@@ -1218,7 +1218,7 @@ impl Engine {
             .any(|origin| !reported.contains_key(origin));
         state.reported = reported;
         self.rebalance(replica, (!shrunk).then_some(&changed));
-        self.consider_catch_up(peer, replica);
+        self.consider_catch_up(peer, &marks, replica);
     }
 
     /// A peer covered a run of an origin's log for this node (nothing in it is this node's

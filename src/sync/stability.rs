@@ -192,6 +192,7 @@ impl Stability {
         self.reports.insert(node, report);
     }
 
+    #[cfg(test)]
     pub fn report(&self, node: &NodeId) -> Option<&Report> {
         self.reports.get(node)
     }
@@ -293,12 +294,10 @@ impl Engine {
                 })
                 .collect();
             for (node, taken, message) in due {
-                if state.outbox.room() == 0 {
+                if !state.outbox.push(message) {
                     break;
                 }
-                if state.outbox.push(message) {
-                    state.reports_sent.insert(node, taken);
-                }
+                state.reports_sent.insert(node, taken);
             }
         }
     }
@@ -335,9 +334,10 @@ impl Engine {
     /// Truncates each origin's log a bounded step towards what every known node holds (as
     /// far as the store's local followers allow).
     pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
+        let held = replica.origin_marks();
         let stable: Vec<(NodeId, u64)> = self
-            .reclamation(replica)
-            .origins
+            .stability
+            .origins(&held, |node| !replica.is_revoked(node))
             .iter()
             .map(|origin| (origin.origin, origin.stable))
             .collect();
