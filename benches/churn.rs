@@ -58,7 +58,8 @@ impl Site {
 
     /// Log entries the node truncated so far, and of each origin's log how far the node
     /// holds it, how far every node it knows does, and how far it truncated it
-    /// (`held/stable/truncated`), from `/v1/status` (`0 ()` once it is stopped).
+    /// (`held/stable/truncated`), and the engine's slowest step so far, from `/v1/status`
+    /// (`0 ()` once it is stopped).
     fn truncation(&self) -> String {
         let status: Value = match &self.child {
             Some(_) => ureq::get(format!("http://{}/v1/status", self.api))
@@ -80,7 +81,11 @@ impl Site {
         let truncated = status["engine"]["log_entries_truncated"]
             .as_u64()
             .unwrap_or(0);
-        format!("{truncated} ({})", origins.join(" "))
+        let slowest = status["slowest_engine_step_ms"].as_u64().unwrap_or(0);
+        format!(
+            "{truncated} ({}) slowest step {slowest} ms",
+            origins.join(" ")
+        )
     }
 
     fn rss_mib(&self) -> f64 {
@@ -307,6 +312,22 @@ fn run(root: &Path, engine: &str, nodes: usize, records: usize, seconds: u64, ev
         site.stop();
     }
     report("stopped", &sites, total, elapsed);
+    for (index, site) in sites.iter().enumerate() {
+        print_warnings(index, &site.dir.join("node.log"));
+    }
+}
+
+/// Most lines of a node's log the run prints.
+const LOG_LINES_SHOWN: usize = 8;
+
+/// The warnings a node logged over the run: how many, and the last few.
+fn print_warnings(index: usize, log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|line| line.contains("WARN")).collect();
+    println!("  node {index}: {} warnings logged", lines.len());
+    for line in &lines[lines.len().saturating_sub(LOG_LINES_SHOWN)..] {
+        println!("    {line}");
+    }
 }
 
 fn main() {

@@ -66,12 +66,19 @@ pub fn free_port() -> u16 {
     concord::net::free_loopback_port().expect("a free port")
 }
 
-/// Starts `concord --data DATA run` (the release binary), its output discarded.
+/// Starts `concord --data DATA run` (the release binary), its warnings logged to `DATA/node.log`.
 pub fn spawn(data: &std::path::Path) -> std::process::Child {
+    // The node's log goes beside its data (warnings and up), read while the bench runs.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("node.log"))
+        .expect("the node's log file opens");
     Command::new(env!("CARGO_BIN_EXE_concord"))
         .args(["--data", data.to_str().expect("a UTF-8 path"), "run"])
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("concord run starts")
 }

@@ -120,6 +120,9 @@ pub struct Status {
     /// writes are refused with 507 meanwhile, and resume by themselves.
     pub degraded: Option<String>,
     pub disk_free_bytes: u64,
+    /// The longest the engine took over one step since the node started, in milliseconds:
+    /// meanwhile nothing was sent, received or reported.
+    pub slowest_engine_step_ms: u64,
     pub reclamation: ReclamationStatus,
 }
 
@@ -377,6 +380,8 @@ pub struct Shared {
     pub backups: Arc<tokio::sync::Semaphore>,
     /// Free bytes on the data dir's disk, as last checked.
     pub disk_free_bytes: AtomicU64,
+    /// The longest engine step so far, in milliseconds.
+    pub slowest_engine_step_ms: AtomicU64,
 }
 
 /// Notices kept for slow subscribers of applied changes.
@@ -613,6 +618,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         local_writes,
         backups: Arc::new(tokio::sync::Semaphore::new(super::api::BACKUPS_AT_ONCE)),
         disk_free_bytes: AtomicU64::new(0),
+        slowest_engine_step_ms: AtomicU64::new(0),
         overloaded: AtomicBool::new(false),
         engine_alive: AtomicBool::new(true),
         writes_refused: AtomicU64::new(0),
@@ -857,7 +863,10 @@ async fn drive_engine(
             );
         }
         driver.set_clock(u64::try_from(super::now_ms()).unwrap_or(0));
+        let step_started = Instant::now();
+        let inputs_count = inputs.len();
         let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
+        let stepped = step_started.elapsed();
         if let Some(reason) = carry_out(&shared, outputs) {
             take_new_writer(&shared, &mut driver, &reason);
         }
@@ -866,6 +875,28 @@ async fn drive_engine(
         }
         let waiting = events.len();
         refresh_status(&shared, &driver, &mut backlog, waiting);
+        note_step_time(&shared, inputs_count, stepped, step_started.elapsed());
+    }
+}
+
+/// An engine step longer than this is logged: meanwhile the node sent, received and reported
+/// nothing.
+const ENGINE_STEP_SLOW: Duration = Duration::from_secs(1);
+
+/// Keeps the slowest engine step for status and metrics, and logs a slow one with where its
+/// time went (the driver's step, or carrying out and refreshing the status after it).
+fn note_step_time(shared: &Shared, inputs: usize, stepped: Duration, whole: Duration) {
+    let whole_ms = u64::try_from(whole.as_millis()).unwrap_or(u64::MAX);
+    shared
+        .slowest_engine_step_ms
+        .fetch_max(whole_ms, Ordering::Relaxed);
+    if whole >= ENGINE_STEP_SLOW {
+        tracing::warn!(
+            inputs,
+            step_ms = stepped.as_millis() as u64,
+            whole_ms,
+            "the replication engine took long over one step"
+        );
     }
 }
 
@@ -1149,6 +1180,7 @@ impl Shared {
             .collect();
         status.degraded = degraded(self);
         status.disk_free_bytes = self.disk_free_bytes.load(Ordering::Relaxed);
+        status.slowest_engine_step_ms = self.slowest_engine_step_ms.load(Ordering::Relaxed);
         status
     }
 }
@@ -1371,6 +1403,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_changes_refused_total{{reason=\"{reason}\"}} {count}\n"
         ));
     }
+    text.push_str("# HELP concord_engine_step_slowest_seconds The longest the replication engine took over one step since start.\n# TYPE concord_engine_step_slowest_seconds gauge\n");
+    text.push_str(&format!(
+        "concord_engine_step_slowest_seconds {:.3}\n",
+        status.slowest_engine_step_ms as f64 / 1000.0
+    ));
     text.push_str("# HELP concord_degraded 1 while writes are refused because the disk is full or a write to the store failed.\n# TYPE concord_degraded gauge\n");
     text.push_str(&format!(
         "concord_degraded {}\n",

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroUsize;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use automerge::transaction::Transaction;
 use automerge::{ActorId, Automerge, Change, ChangeHash};
@@ -158,7 +158,7 @@ pub struct DocStore<S: Store> {
     #[cfg(feature = "sabotage")]
     pub(super) sabotage: crate::Sabotage,
     pub(super) config: DocStoreConfig,
-    inner: Mutex<Inner>,
+    inner: parking_lot::Mutex<Inner>,
     pub(super) group_commit: GroupCommit,
     /// Source and site names of this node's writers, and the node, stamped on their changes.
     writers: Mutex<std::collections::HashMap<ActorId, (String, String, NodeId)>>,
@@ -227,7 +227,7 @@ impl<S: Store> DocStore<S> {
             store,
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
-            inner: Mutex::new(inner),
+            inner: parking_lot::Mutex::new(inner),
             config,
             group_commit: GroupCommit::default(),
             writers: Mutex::new(std::collections::HashMap::new()),
@@ -415,12 +415,11 @@ impl<S: Store> DocStore<S> {
         &self.store
     }
 
-    pub(super) fn inner(&self) -> MutexGuard<'_, Inner> {
-        // A session that fails forgets what it touched before the guard is released, so a
-        // poisoned lock still guards consistent state.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The store's state, behind a lock that hands itself over fairly: a waiter that has
+    /// waited a while gets it before the one that released it can take it again, so the
+    /// engine is not kept out by writers that follow each other.
+    pub(super) fn inner(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 
     /// Returns the index of source `name` on this node, registering it (durably) if new.

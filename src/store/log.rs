@@ -94,6 +94,9 @@ impl<S: Store> DocStore<S> {
         // entries of one document; a change compacted into a snapshot needs its document
         // loaded.
         let mut last: Option<(Vec<u8>, Option<layout::StoredDoc>)> = None;
+        // Taken at the first change that needs its document loaded, then kept for the page:
+        // one wait behind writers per page, not one per change.
+        let mut inner = None;
         for (sequence, entry) in entries {
             if !found.is_empty() && bytes >= bytes_max {
                 break;
@@ -103,7 +106,11 @@ impl<S: Store> DocStore<S> {
                 let readable = match door.may_read_tagged(reader, collection, &entry.tags) {
                     Some(readable) => readable,
                     // Logged before a filter named its fields: the record as it stands says.
-                    None => self.may_read_document(reader, &entry.doc_key)?,
+                    None => {
+                        // It takes the lock itself.
+                        inner = None;
+                        self.may_read_document(reader, &entry.doc_key)?
+                    }
                 };
                 if !readable {
                     looked_through = sequence;
@@ -136,8 +143,8 @@ impl<S: Store> DocStore<S> {
                 Some(change) => change,
                 None => {
                     let held = {
-                        let mut inner = self.inner();
-                        let loaded = self.loaded(&mut inner, &entry.doc_key)?;
+                        let inner = inner.get_or_insert_with(|| self.inner());
+                        let loaded = self.loaded(inner, &entry.doc_key)?;
                         loaded
                             .doc
                             .get_change_by_hash(&hash)

@@ -7,8 +7,8 @@
 //! counts applied to the store's state in memory; a session dropped without committing leaves
 //! nothing behind, in the store or in memory.
 
+use parking_lot::MutexGuard;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::MutexGuard;
 
 use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
