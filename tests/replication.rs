@@ -474,3 +474,76 @@ async fn a_node_new_to_a_truncated_log_catches_up_by_documents() {
         node.stop().await;
     }
 }
+
+/// A node that will never return holds back every log entry it has not reported; removed
+/// with `concord node remove`, signed by the cluster authority, it holds nothing back and is
+/// refused when it comes back after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_node_holds_nothing_back_and_is_refused() {
+    const REPORTED: Duration = Duration::from_secs(45);
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    for node in [&mut a, &mut b] {
+        node.start().await;
+    }
+    a.put("customers/1", json!({"name": "Ada"}));
+    converge(&[&a, &b], &["customers/1"], CONVERGE).await;
+    b.stop().await;
+    for n in 2..50 {
+        a.put(&format!("customers/{n}"), json!({"n": n}));
+    }
+    let own = a.status().unwrap()["writer"].as_str().unwrap().to_owned();
+    let origin = |node: &TestNode| {
+        node.status().and_then(|status| {
+            status["reclamation"]["origins"]
+                .as_array()?
+                .iter()
+                .find(|o| o["origin"] == json!(own))
+                .cloned()
+        })
+    };
+    eventually("a says b holds its log back", REPORTED, || {
+        origin(&a).is_some_and(|o| o["held_back_by"] == json!(["b"]))
+    })
+    .await;
+    let removed = common::ok(common::concord(
+        &a.dir,
+        &["node", "remove", "b", "--ca", ca.to_str().unwrap()],
+    ));
+    assert!(removed.contains("removed node"), "{removed}");
+    let again = common::concord(
+        &a.dir,
+        &["node", "remove", "b", "--ca", ca.to_str().unwrap()],
+    );
+    assert!(!again.status.success(), "removing twice is refused");
+    eventually("a truncates what only b held back", REPORTED, || {
+        origin(&a).is_some_and(|o| {
+            o["held_back_by"] == json!([])
+                && o["stable"] == o["held"]
+                && o["truncated_through"].as_u64() == o["held"].as_u64().map(|h| h - 1)
+        })
+    })
+    .await;
+    let status = a.status().unwrap();
+    let known = status["reclamation"]["known_nodes"].as_array().unwrap();
+    assert!(
+        known
+            .iter()
+            .any(|n| n["name"] == json!("b") && n["counts"] == json!(false)),
+        "{known:?}"
+    );
+    let grants = common::ok(common::concord(&a.dir, &["grants"]));
+    assert!(grants.contains("\"removed\":true"), "{grants}");
+    // b comes back after all: a refuses it, and b learns nothing new.
+    b.start().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        b.get("customers/49").is_none(),
+        "a removed node is sent nothing"
+    );
+    assert!(a.status().unwrap()["peers"].as_array().unwrap().is_empty());
+    a.stop().await;
+    b.stop().await;
+}

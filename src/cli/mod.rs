@@ -112,6 +112,11 @@ enum Command {
         #[arg(long, value_name = "CA_DIR")]
         ca: PathBuf,
     },
+    /// Manage the cluster's nodes.
+    Node {
+        #[command(subcommand)]
+        action: NodeCommand,
+    },
     /// Have a binding load again as when it first started: records into its table, rows
     /// into records. For a table dropped and made again under the binding; rows that match
     /// their record are left as they are.
@@ -319,6 +324,21 @@ enum CaCommand {
     Init {
         #[arg(value_name = "CA_DIR")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// Remove a node that will never return: it no longer holds back the log entries and
+    /// history every other node holds (they are reclaimed), its changes all still count, and
+    /// every node refuses its connections from then on. Signed with the cluster CA key; it
+    /// replicates. A site that returns needs a new node.
+    Remove {
+        /// The node's name or id.
+        node: String,
+        /// The cluster CA dir (its key signs the removal).
+        #[arg(long, value_name = "CA_DIR")]
+        ca: PathBuf,
     },
 }
 
@@ -661,6 +681,33 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
                 } else {
                     cut_off.join(", ")
                 }
+            )?;
+        }
+        Command::Node {
+            action: NodeCommand::Remove { node, ca },
+        } => {
+            let authority = concord::scope::Authority::open(&ca)?;
+            let issued = u64::try_from(concord::node::now_ms()).unwrap_or(0);
+            let id = match target(cli.data)? {
+                Target::Local(local) => {
+                    let id = local.node_named(&node)?;
+                    local.add_signed(&authority.remove(id, issued)?.to_bytes())?;
+                    id
+                }
+                Target::Remote(api) => {
+                    let id: concord::record::NodeId = api.node_named(&node)?["node"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .context("the node answered with no node id")?;
+                    api.add_signed(&authority.remove(id, issued)?.to_bytes())?;
+                    id
+                }
+            };
+            writeln!(
+                out,
+                "removed node {id}: it holds nothing back from reclamation, and its \
+                 connections are refused"
             )?;
         }
         Command::Grants => {
@@ -1058,6 +1105,8 @@ fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         };
         if grant["revoked"] == Json::Bool(true) {
             writeln!(out, "revoked  {node}{whose}")?;
+        } else if grant["removed"] == Json::Bool(true) {
+            writeln!(out, "removed  {node}{whose}")?;
         } else {
             writeln!(
                 out,

@@ -52,7 +52,8 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// end, so the peer is asked again only in case this node's word of it was wrong.
 pub const DIAL_REVOKED_WAIT: Duration = Duration::from_secs(60);
 /// What a revoked node's dials say instead of dialing.
-const SELF_REVOKED: &str = "this node was revoked by the cluster authority: it dials no more";
+const SELF_REVOKED: &str =
+    "this node was revoked or removed by the cluster authority: it dials no more";
 /// How often the refusal of one revoked peer is logged, however often it dials.
 pub const REVOKED_REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// QUIC keep-alive and idle timeout: a cut link is noticed within the idle timeout.
@@ -111,7 +112,7 @@ struct PeerLink {
 
 /// The QUIC close code and reason a revoked node's connections are closed with.
 const REVOKED_CLOSE_CODE: u32 = 3;
-const REVOKED_CLOSE_REASON: &[u8] = b"revoked by the cluster authority";
+const REVOKED_CLOSE_REASON: &[u8] = b"revoked or removed by the cluster authority";
 /// How long a revoked dialer is given to finish its handshake, so the reason reaches it.
 const REVOKED_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -305,7 +306,7 @@ impl Transport {
         }
     }
 
-    /// Takes `revoked` as the nodes revoked now: connections to them close at once, and new
+    /// Takes `revoked` as the nodes revoked or removed now: connections to them close at once, and new
     /// ones are refused.
     pub fn set_revoked(&self, revoked: BTreeSet<NodeId>) {
         let mut held = lock(&self.revoked);
@@ -314,7 +315,7 @@ impl Transport {
         }
         if revoked.contains(&self.node) && !self.self_revoked.swap(true, Ordering::Relaxed) {
             tracing::error!(
-                "this node was revoked by the cluster authority: it dials its peers no more"
+                "this node was revoked or removed by the cluster authority: it dials its peers no more"
             );
             // Each dial loop ends when it next wakes; status says why from now on.
             for state in lock(&self.dials).values_mut() {
@@ -325,7 +326,7 @@ impl Transport {
         let mut links = lock(&self.links);
         for peer in &revoked {
             if let Some(link) = links.remove(peer) {
-                tracing::warn!(%peer, "closed the connection of a node revoked by the cluster authority");
+                tracing::warn!(%peer, "closed the connection of a node revoked or removed by the cluster authority");
                 link.connection
                     .close(REVOKED_CLOSE_CODE.into(), REVOKED_CLOSE_REASON);
             }

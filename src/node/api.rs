@@ -286,6 +286,8 @@ fn status_of(error: &NodeError) -> StatusCode {
         | NodeError::ZeroLimit
         | NodeError::Revoked(_)
         | NodeError::AlreadyRevoked(_)
+        | NodeError::Removed(_)
+        | NodeError::AlreadyRemoved(_)
         | NodeError::NoConflict { .. }
         | NodeError::NoCandidate { .. }
         | NodeError::UnknownVersion { .. }

@@ -79,6 +79,13 @@ pub enum NodeError {
     Revoked(NodeId),
     #[error("node {0} is already revoked")]
     AlreadyRevoked(NodeId),
+    #[error(
+        "node {0} was removed from the cluster: it takes no grant (a site that returns needs a \
+         new node)"
+    )]
+    Removed(NodeId),
+    #[error("node {0} is already removed")]
+    AlreadyRemoved(NodeId),
     #[error("a limit of 0 lists nothing: give at least 1")]
     ZeroLimit,
     /// Write `index` of a batch (numbered from 0) failed, so the batch stored nothing.
@@ -722,10 +729,18 @@ impl Node {
             crate::scope::Verified::Grant(grant) if scopes.is_revoked(&NodeId(grant.node)) => {
                 return Err(NodeError::Revoked(NodeId(grant.node)));
             }
+            crate::scope::Verified::Grant(grant) if scopes.is_removed(&NodeId(grant.node)) => {
+                return Err(NodeError::Removed(NodeId(grant.node)));
+            }
             crate::scope::Verified::Revocation(revocation)
                 if scopes.is_revoked(&NodeId(revocation.node)) =>
             {
                 return Err(NodeError::AlreadyRevoked(NodeId(revocation.node)));
+            }
+            crate::scope::Verified::Removal(removal)
+                if scopes.is_removed(&NodeId(removal.node)) =>
+            {
+                return Err(NodeError::AlreadyRemoved(NodeId(removal.node)));
             }
             _ => {}
         }

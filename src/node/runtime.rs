@@ -157,7 +157,8 @@ pub struct KnownNode {
     /// When its latest report was taken, ms since the Unix epoch by its clock (`None`: it was
     /// never heard from since this node learned of it, so it holds back every origin).
     pub reported_ms: Option<u64>,
-    /// Whether it counts (a revoked node does not hold reclamation back).
+    /// Whether it counts (a revoked node, or one removed with `concord node remove`, does
+    /// not hold reclamation back).
     pub counts: bool,
 }
 
@@ -637,7 +638,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     // A revoked node's connections close at once and are refused from then on.
     let scoped = node.clone();
     let guarded = transport.clone();
-    transport.set_revoked(node.scopes().revoked());
+    transport.set_revoked(node.scopes().shut_out());
     tasks.push(tokio::spawn(async move {
         let mut every = tokio::time::interval(SCOPES_REFRESH);
         loop {
@@ -952,7 +953,7 @@ fn reissue(shared: &Shared) {
 /// Reads the grants and revocations again; a revoked node's connections close at once.
 fn refresh_grants(node: &Node, transport: &Transport) -> Result<(), NodeError> {
     node.refresh_scopes()?;
-    transport.set_revoked(node.scopes().revoked());
+    transport.set_revoked(node.scopes().shut_out());
     Ok(())
 }
 

@@ -212,11 +212,23 @@ pub struct Revocation {
     pub issued_ms: u64,
 }
 
+/// The authority's word that a node left the cluster for good: its changes all count, but it
+/// no longer holds back what every replica is said to hold (see [`crate::sync::stability`]),
+/// and its connections are refused, so it can never bring back changes the others did not
+/// wait for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    pub cluster: [u8; 16],
+    pub node: [u8; 16],
+    pub issued_ms: u64,
+}
+
 /// What is signed: a version, then the body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum Body {
     Grant(Grant),
     Revocation(Revocation),
+    Removal(Removal),
 }
 
 /// A body and the authority's signature over its bytes (ECDSA P-256 with SHA-256, ASN.1).
@@ -312,6 +324,15 @@ impl Authority {
         }))
     }
 
+    /// The removal of `node` from the cluster, signed.
+    pub fn remove(&self, node: NodeId, issued_ms: u64) -> Result<Signed, ScopeError> {
+        self.sign(&Body::Removal(Removal {
+            cluster: self.cluster,
+            node: node.0,
+            issued_ms,
+        }))
+    }
+
     fn sign(&self, body: &Body) -> Result<Signed, ScopeError> {
         let body = postcard::to_stdvec(body).expect("a body encodes");
         let signature = self
@@ -339,6 +360,7 @@ pub struct Verifier {
 pub enum Verified {
     Grant(Grant),
     Revocation(Revocation),
+    Removal(Removal),
 }
 
 impl Verifier {
@@ -370,6 +392,7 @@ impl Verifier {
         let (cluster, verified) = match body {
             Body::Grant(grant) => (grant.cluster, Verified::Grant(grant)),
             Body::Revocation(revocation) => (revocation.cluster, Verified::Revocation(revocation)),
+            Body::Removal(removal) => (removal.cluster, Verified::Removal(removal)),
         };
         if cluster != self.cluster {
             return Err(ScopeError::OtherCluster(hex::encode(cluster)));
@@ -404,6 +427,8 @@ impl Refusal {
 pub struct Scopes {
     grants: BTreeMap<NodeId, (Grant, Vec<u8>)>,
     cut_offs: BTreeMap<NodeId, BTreeMap<[u8; 16], u64>>,
+    /// Nodes removed from the cluster. Removals judge no change: they leave the door open.
+    removed: std::collections::BTreeSet<NodeId>,
 }
 
 impl Scopes {
@@ -437,6 +462,9 @@ impl Scopes {
                         }
                     }
                 }
+            }
+            Verified::Removal(removal) => {
+                self.removed.insert(NodeId(removal.node));
             }
         }
     }
@@ -481,6 +509,13 @@ impl Scopes {
                 "signer": "cluster CA",
             }));
         }
+        for node in &self.removed {
+            described.push(serde_json::json!({
+                "node": node.to_string(),
+                "removed": true,
+                "signer": "cluster CA",
+            }));
+        }
         described
     }
 
@@ -506,6 +541,16 @@ impl Scopes {
     /// The nodes revoked.
     pub fn revoked(&self) -> std::collections::BTreeSet<NodeId> {
         self.cut_offs.keys().copied().collect()
+    }
+
+    /// The nodes whose connections are refused: revoked or removed.
+    pub fn shut_out(&self) -> std::collections::BTreeSet<NodeId> {
+        self.revoked().union(&self.removed).copied().collect()
+    }
+
+    /// Whether `node` was removed from the cluster.
+    pub fn is_removed(&self, node: &NodeId) -> bool {
+        self.removed.contains(node)
     }
 
     /// A place of revoked `author`'s log that still counts: one of its writers at its
@@ -848,6 +893,10 @@ impl crate::store::WriteDoor for ScopeDoor {
         self.scopes().is_revoked(node)
     }
 
+    fn is_removed(&self, node: &NodeId) -> bool {
+        self.scopes().is_removed(node)
+    }
+
     fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)> {
         self.scopes().counted_place(author)
     }
@@ -908,6 +957,31 @@ mod tests {
         list.iter()
             .map(|text| Scope::parse(text).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn a_removal_verifies_shuts_the_node_out_and_leaves_the_door_open() {
+        let temp = tempfile::tempdir().unwrap();
+        let (authority, verifier) = new_authority(&temp.path().join("ca"));
+        let node = NodeId([7; 16]);
+        let signed = authority.remove(node, 1_000).unwrap();
+        let bytes = signed.to_bytes();
+        let verified = verifier
+            .verify(&Signed::from_bytes(&bytes).unwrap())
+            .unwrap();
+        assert!(matches!(&verified, Verified::Removal(removal) if removal.node == node.0));
+        let mut scopes = Scopes::default();
+        scopes.insert(verified, &signed.signature);
+        assert!(scopes.is_removed(&node));
+        assert!(!scopes.is_revoked(&node));
+        // It judges no change: with nothing granted or revoked, everything is allowed.
+        assert!(scopes.is_empty());
+        assert!(scopes.shut_out().contains(&node));
+        assert_eq!(scopes.describe()[0]["removed"], json!(true));
+        // Another cluster's authority cannot remove anyone here.
+        let (other, _) = new_authority(&temp.path().join("other"));
+        let foreign = other.remove(node, 1_000).unwrap();
+        assert!(verifier.verify(&foreign).is_err());
     }
 
     #[test]

@@ -656,7 +656,16 @@ fn one_record_updated_many_times() {
     let actor = node.actor(0);
     let id = RecordId::parse("customers/1").unwrap();
     let start = std::time::Instant::now();
+    let mut lap = std::time::Instant::now();
     for value in 0..updates {
+        if value > 0 && value % (updates / 10).max(1) == 0 {
+            println!(
+                "{value} updates: the last {} took {:.2} s",
+                (updates / 10).max(1),
+                lap.elapsed().as_secs_f64()
+            );
+            lap = std::time::Instant::now();
+        }
         let write = RecordWrite {
             set: vec![("balance".to_owned(), json!(value))],
             ..RecordWrite::default()

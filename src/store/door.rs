@@ -59,6 +59,8 @@ pub trait WriteDoor: Send + Sync {
     fn read_scopes_key(&self, reader: &NodeId) -> String;
     /// Whether `node` was revoked.
     fn is_revoked(&self, node: &NodeId) -> bool;
+    /// Whether `node` was removed from the cluster: it holds nothing back.
+    fn is_removed(&self, node: &NodeId) -> bool;
     /// A place of revoked `author`'s log that still counts (its cut-off), if any does.
     fn counted_place(&self, author: &NodeId) -> Option<(NodeId, u64)>;
 }

@@ -329,6 +329,11 @@ impl<S: Store> DocStore<S> {
             .is_some_and(|door| door.is_revoked(node))
     }
 
+    /// Whether `node` was removed from the cluster (removals leave the door open).
+    pub fn is_removed(&self, node: &NodeId) -> bool {
+        self.door.get().is_some_and(|door| door.is_removed(node))
+    }
+
     /// Whether the log holds `(origin, sequence)`.
     pub fn log_holds(&self, origin: &NodeId, sequence: u64) -> bool {
         self.inner()

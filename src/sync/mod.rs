@@ -126,6 +126,8 @@ pub trait Replica {
     fn may_read_document(&self, reader: &NodeId, doc_key: &[u8]) -> Result<bool, StoreError>;
     /// Whether `node` was revoked.
     fn is_revoked(&self, node: &NodeId) -> bool;
+    /// Whether `node` was removed from the cluster.
+    fn is_removed(&self, node: &NodeId) -> bool;
     /// Whether this node refused the change `hash` to the document.
     fn refused_contains(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError>;
     /// Whether the log holds `(origin, sequence)`.
@@ -239,6 +241,10 @@ impl<S: Store> Replica for DocStore<S> {
     }
     fn is_revoked(&self, node: &NodeId) -> bool {
         DocStore::is_revoked(self, node)
+    }
+
+    fn is_removed(&self, node: &NodeId) -> bool {
+        DocStore::is_removed(self, node)
     }
     fn refused_contains(&self, doc_key: &[u8], hash: &ChangeHash) -> Result<bool, StoreError> {
         DocStore::refused_contains(self, doc_key, hash)

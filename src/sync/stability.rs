@@ -10,7 +10,7 @@
 //! - a report replaces only an older report of the same node (by the time it was taken, by its
 //!   node's clock), so reports that arrive late or twice change nothing;
 //! - the stable mark of an origin is the least mark over every known node that counts (one
-//!   revoked does not), a node known but not yet heard from counting as holding nothing; a
+//!   revoked or removed does not), a node known but not yet heard from counting as holding nothing; a
 //!   node's marks only move forward while its store lives, so the stable mark never passes
 //!   what a known node holds (a node whose store was lost holds less than it reported, and is
 //!   caught up like a new one);
@@ -337,7 +337,7 @@ impl Engine {
         let held = replica.origin_marks();
         let stable: Vec<(NodeId, u64)> = self
             .stability
-            .origins(&held, |node| !replica.is_revoked(node))
+            .origins(&held, |node| counts(replica, node))
             .iter()
             .map(|origin| (origin.origin, origin.stable))
             .collect();
@@ -347,9 +347,9 @@ impl Engine {
     }
 
     /// Which entries of each origin's log held here are stable, over the known nodes that
-    /// are not revoked.
+    /// count (neither revoked nor removed).
     pub fn reclamation(&self, replica: &impl Replica) -> Reclamation {
-        let counts = |node: &NodeId| !replica.is_revoked(node);
+        let counts = |node: &NodeId| counts(replica, node);
         let held = replica.origin_marks();
         let mut origins = self.stability.origins(&held, counts);
         for origin in &mut origins {
@@ -364,6 +364,13 @@ impl Engine {
                 .collect(),
         }
     }
+}
+
+/// Whether a known node counts towards what is stable: a revoked node's changes past its
+/// cut-off are refused everywhere, and a removed node never comes back, so neither holds
+/// anything back.
+fn counts(replica: &impl Replica, node: &NodeId) -> bool {
+    !replica.is_revoked(node) && !replica.is_removed(node)
 }
 
 #[cfg(test)]
