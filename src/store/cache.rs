@@ -8,7 +8,7 @@
 
 use std::num::NonZeroUsize;
 
-use automerge::{Automerge, ReadDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 use lru::LruCache;
 
 use super::layout::{Snapshot, StoredDoc};
@@ -32,6 +32,16 @@ pub const LOADED_BYTES_PER_OP: usize = 100;
 pub(super) struct Loaded {
     pub(super) doc: Automerge,
     pub(super) stored: StoredDoc,
+    pub(super) appended: Appended,
+}
+
+/// What a document holds under `C` keys (see [`super::layout`]), and the size of the snapshot
+/// they were appended to: what decides when they are folded into a new one.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Appended {
+    pub(super) hashes: Vec<ChangeHash>,
+    pub(super) bytes: usize,
+    pub(super) snapshot_bytes: usize,
 }
 
 impl Loaded {
@@ -39,6 +49,7 @@ impl Loaded {
         Self {
             doc: Automerge::new(),
             stored: StoredDoc::default(),
+            appended: Appended::default(),
         }
     }
 
@@ -50,8 +61,12 @@ impl Loaded {
             Snapshot::Inline(snapshot) => snapshot.len(),
             Snapshot::None | Snapshot::External => 0,
         };
-        ops.saturating_mul(LOADED_BYTES_PER_OP)
-            .saturating_add(LOADED_DOCUMENT_BYTES + inline + self.stored.appended_bytes())
+        ops.saturating_mul(LOADED_BYTES_PER_OP).saturating_add(
+            LOADED_DOCUMENT_BYTES
+                + inline
+                + self.stored.appended_bytes()
+                + self.appended.hashes.len() * std::mem::size_of::<ChangeHash>(),
+        )
     }
 }
 

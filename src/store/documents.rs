@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use automerge::transaction::Transaction;
 use automerge::{ActorId, Automerge, Change, ChangeHash};
 
-use super::cache::{DocCache, Loaded, CACHE_DOCUMENTS_DEFAULT, CACHE_MIB_DEFAULT};
+use super::cache::{Appended, DocCache, Loaded, CACHE_DOCUMENTS_DEFAULT, CACHE_MIB_DEFAULT};
 use super::digest::DigestTree;
 use super::door::WriteDoor;
 use super::group_commit::GroupCommit;
@@ -32,7 +32,13 @@ use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
 pub const COMPACT_AFTER_CHANGES_DEFAULT: u32 = 32;
 /// Most appended changes one may configure before compaction.
 pub const COMPACT_AFTER_CHANGES_MAX: u32 = 10_000;
-/// Bytes of appended changes of one document that force a compaction, whatever their count.
+/// A document whose snapshot is an `S` value takes a new one once its appended changes weigh
+/// this part of the snapshot (and there are at least `compact_after_changes` of them): the
+/// bytes written for its snapshots stay within a few times those of its changes, however long
+/// its history.
+pub const SNAPSHOT_GROWTH_PARTS: usize = 4;
+/// Bytes of appended changes in a document's `D` value that force a compaction, whatever
+/// their count.
 pub const COMPACT_AFTER_BYTES: usize = 16 * 1024;
 /// Entries read from the store per page when scanning.
 pub const SCAN_PAGE_ENTRIES: usize = 512;
@@ -752,7 +758,7 @@ impl<S: Store> DocStore<S> {
             return Ok(Loaded::empty());
         };
         let stored: StoredDoc = layout::decode("document", &bytes)?;
-        let (doc, heads_match) = load_document(&self.store, doc_key, &stored)?;
+        let (doc, heads_match, appended) = load_document(&self.store, doc_key, &stored)?;
         // Check after reading back: the document must be exactly what was recorded.
         if !heads_match {
             return Err(StoreError::Corrupt(format!(
@@ -760,41 +766,68 @@ impl<S: Store> DocStore<S> {
                 String::from_utf8_lossy(doc_key)
             )));
         }
-        Ok(Loaded { doc, stored })
+        Ok(Loaded {
+            doc,
+            stored,
+            appended,
+        })
     }
 }
 
-/// The document `stored` describes, from its snapshot and appended changes; and whether its
-/// heads are the ones recorded.
+/// The document `stored` describes, from its snapshot and appended changes (in its `D` value
+/// and under its `C` keys); whether its heads are the ones recorded; and what its `C` keys
+/// hold.
 pub(super) fn load_document<S: Store>(
     store: &S,
     doc_key: &[u8],
     stored: &StoredDoc,
-) -> Result<(Automerge, bool), StoreError> {
+) -> Result<(Automerge, bool, Appended), StoreError> {
     let corrupt =
         |what: String| StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)));
+    let mut appended = Appended::default();
     let mut doc = match &stored.snapshot {
         Snapshot::None => Automerge::new(),
         Snapshot::Inline(snapshot) => {
+            appended.snapshot_bytes = snapshot.len();
             Automerge::load(snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
         Snapshot::External => {
             let snapshot = store
                 .get(&layout::snapshot_key(doc_key))?
                 .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
+            appended.snapshot_bytes = snapshot.len();
             Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
     };
-    let changes = stored
+    let mut changes = stored
         .changes
         .iter()
         .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    for (hash, bytes) in appended_changes(store, doc_key)? {
+        appended.hashes.push(hash);
+        appended.bytes += bytes.len();
+        changes.push(Change::from_bytes(bytes).map_err(|e| corrupt(format!("change: {e}")))?);
+    }
     doc.apply_changes(changes)
         .map_err(|e| corrupt(format!("applying changes: {e}")))?;
     let mut heads = doc.get_heads();
     heads.sort_unstable();
-    Ok((doc, heads == stored.change_hashes()))
+    Ok((doc, heads == stored.change_hashes(), appended))
+}
+
+/// The changes under a document's `C` keys, by hash.
+pub(super) fn appended_changes<S: Store>(
+    store: &S,
+    doc_key: &[u8],
+) -> Result<Vec<(ChangeHash, Vec<u8>)>, StoreError> {
+    let mut changes = Vec::new();
+    for_each_entry(store, &layout::appended_prefix(doc_key), |key, value| {
+        let (_, hash) = layout::appended_parts(key)?;
+        changes.push((hash, value.to_vec()));
+        Ok(())
+    })?;
+    Ok(changes)
 }
 
 /// What a store holds, read back into the state a [`DocStore`] keeps in memory. The log says

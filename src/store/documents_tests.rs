@@ -354,11 +354,54 @@ fn large_documents_keep_their_snapshot_apart() {
         Snapshot::External
     );
     set(&docs, &id, &node.actor(0), "small", 1);
+    // The change went under a key of its own; the `D` value holds no change.
+    assert_eq!(prefix_bytes(&docs, layout::APPENDED_PREFIX).0, 1);
+    assert!(docs.stored(&id).unwrap().unwrap().changes.is_empty());
     store.crash(0);
-    let reopened = open(store, node, 32);
+    let reopened = open(store.clone(), node, 32);
     let fields = reopened.read(&id, document::read).unwrap().unwrap();
     assert_eq!(fields["text"], json!(text));
     assert_eq!(fields["small"], json!(1));
+    // The log serves it from there.
+    let logged = reopened.log_after(&node, 1, 10, usize::MAX).unwrap();
+    assert_eq!(logged.len(), 1);
+    assert_eq!(
+        Some(
+            automerge::Change::from_bytes(logged[0].change.clone())
+                .unwrap()
+                .hash()
+        ),
+        reopened
+            .read(&id, |doc| doc.get_heads())
+            .unwrap()
+            .first()
+            .copied()
+    );
+    // The snapshot is taken again only once the changes appended to it weigh a quarter of
+    // it, and then they go.
+    let snapshot_bytes = prefix_bytes(&reopened, layout::SNAPSHOTS_PREFIX).1;
+    let mut writes = 1;
+    let mut appended_bytes = 0;
+    loop {
+        let (count, bytes) = prefix_bytes(&reopened, layout::APPENDED_PREFIX);
+        if count == 0 {
+            break;
+        }
+        appended_bytes = bytes;
+        writes += 1;
+        set(&reopened, &id, &node.actor(0), "small", writes);
+        assert!(writes < 1000, "the appended changes were never folded");
+    }
+    assert!(writes >= 32, "folded after {writes} changes");
+    // Keys and values, short of the change that tipped it.
+    assert!(
+        appended_bytes >= snapshot_bytes / 4 - 200,
+        "folded at {appended_bytes} bytes appended to a snapshot of {snapshot_bytes}"
+    );
+    store.crash(0);
+    let reopened = open(store, node, 32);
+    let fields = reopened.read(&id, document::read).unwrap().unwrap();
+    assert_eq!(fields["small"], json!(writes));
 }
 
 #[test]
@@ -479,6 +522,7 @@ fn loaded_document_memory() {
             Loaded {
                 doc: doc.clone(),
                 stored: StoredDoc::default(),
+                appended: Default::default(),
             }
             .weight()
         })
@@ -681,10 +725,12 @@ fn one_record_updated_many_times() {
     }
     let bytes = |prefix: &[u8]| prefix_bytes(&docs, prefix).1;
     println!(
-        "{updates} updates of one field in {:.1} s: document {} bytes (snapshot apart {} bytes), log {} bytes",
+        "{updates} updates of one field in {:.1} s: document {} bytes (snapshot apart {} bytes, \
+         changes appended to it {} bytes), log {} bytes",
         start.elapsed().as_secs_f64(),
         bytes(layout::DOCS_PREFIX),
         bytes(layout::SNAPSHOTS_PREFIX),
+        bytes(layout::APPENDED_PREFIX),
         bytes(layout::LOG_PREFIX),
     );
 }

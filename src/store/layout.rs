@@ -7,6 +7,7 @@
 //! | `M` | metadata name | metadata value (node id, sources) |
 //! | `D` | document key | [`StoredDoc`]: heads, record state, snapshot, appended changes |
 //! | `S` | document key | a snapshot too large to keep inside its `D` value |
+//! | `C` | document key, 0, change hash (32 bytes) | a change appended to a document whose snapshot is an `S` value |
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
 //! | `R` | change hash (32 bytes), document key | [`RefusedChange`]: a change refused here |
 //! | `K` | document key, 0, change hash (32 bytes) | a change of this node's own to a document it withdrew |
@@ -14,7 +15,10 @@
 //!
 //! A document key is `collection/key` ([`crate::record::RecordId::to_doc_key`]). A small
 //! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
-//! per key, so fewer keys is what keeps a record small on disk.
+//! per key, so fewer keys is what keeps a record small on disk. A document whose history has
+//! outgrown its `D` value (its snapshot is an `S` value) takes each change under a `C` key of
+//! its own instead, so a change to it writes the change once and a small `D` value, not the
+//! changes appended before it again.
 
 use automerge::ChangeHash;
 use serde::{Deserialize, Serialize};
@@ -41,7 +45,9 @@ pub const META_FORMER_WRITERS: &[u8] = b"former_writers";
 pub const META_FORMAT: &[u8] = b"format";
 /// The format this build writes and the newest it reads. A store without the key was made
 /// before the format was recorded, with this same layout.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// 2: appended changes under `C` keys (a store of format 1 reads as one of format 2 that has
+/// none).
+pub const STORE_FORMAT_VERSION: u32 = 2;
 pub const META_SOURCE_PREFIX: &[u8] = b"source/";
 /// Writes of this node's own that a collision took out of a document, to be written again
 /// under its current writer: `reissue/` then the document key, valued [`Reissue`].
@@ -58,10 +64,11 @@ pub const REFUSED_PREFIX: &[u8] = &[TAG_REFUSED];
 /// Every withdrawal's key starts with this.
 pub const WITHDRAWALS_PREFIX: &[u8] = &[TAG_WITHDRAWAL];
 /// The key spaces of a store: each starts with one of these tags, and there are no others.
-pub const KEY_SPACES: [u8; 7] = [
+pub const KEY_SPACES: [u8; 8] = [
     TAG_META,
     TAG_DOC,
     TAG_SNAPSHOT,
+    TAG_APPENDED,
     TAG_LOG,
     TAG_REFUSED,
     TAG_KEPT,
@@ -263,6 +270,37 @@ pub const META_COVER_PREFIX: &[u8] = b"cover/";
 /// log still serves them: `K`, the document key, 0, the change hash; and, without a hash,
 /// the mark that the document was withdrawn once.
 const TAG_KEPT: u8 = b'K';
+/// Changes appended to a document whose snapshot is an `S` value, each under a key of its own
+/// (see [`super::session`]): `C`, the document key, 0, the change hash; valued the change as
+/// Automerge encodes it.
+const TAG_APPENDED: u8 = b'C';
+
+/// Every appended change's key starts with this.
+pub const APPENDED_PREFIX: &[u8] = &[TAG_APPENDED];
+
+pub fn appended_key(doc: &[u8], hash: &ChangeHash) -> Vec<u8> {
+    let mut key = appended_prefix(doc);
+    key.extend_from_slice(&hash.0);
+    key
+}
+
+/// Every key of [`appended_key`] for one document.
+pub fn appended_prefix(doc: &[u8]) -> Vec<u8> {
+    let mut key = tagged(TAG_APPENDED, doc);
+    key.push(0);
+    key
+}
+
+/// The document key and the change hash a `C` key names.
+pub fn appended_parts(key: &[u8]) -> Result<(&[u8], ChangeHash), StoreError> {
+    let bad = || StoreError::Corrupt("an appended change's key".to_owned());
+    if key.first() != Some(&TAG_APPENDED) || key.len() < 1 + 1 + 32 {
+        return Err(bad());
+    }
+    let (doc_and_zero, hash) = key[1..].split_at(key.len() - 1 - 32);
+    let doc = doc_and_zero.strip_suffix(&[0]).ok_or_else(bad)?;
+    Ok((doc, ChangeHash(hash.try_into().map_err(|_| bad())?)))
+}
 
 pub fn kept_key(doc: &[u8], hash: &ChangeHash) -> Vec<u8> {
     let mut key = kept_prefix(doc);

@@ -91,8 +91,8 @@ impl<S: Store> DocStore<S> {
         let mut bytes = 0usize;
         let mut looked_through = after;
         // Appended changes are read from their document's stored value, read once for a run of
-        // entries of one document; a change compacted into a snapshot needs its document
-        // loaded.
+        // entries of one document, or from their own `C` key; a change compacted into a
+        // snapshot needs its document loaded.
         let mut last: Option<(Vec<u8>, Option<layout::StoredDoc>)> = None;
         // Taken at the first change that needs its document loaded, then kept for the page:
         // one wait behind writers per page, not one per change.
@@ -139,6 +139,13 @@ impl<S: Store> DocStore<S> {
                         // Each change is one log entry: taken, not copied.
                         Some(std::mem::take(&mut stored.changes[at]))
                     });
+            let appended = match appended {
+                Some(change) => Some(change),
+                // A change under a `C` key of its own (a document with a long history).
+                None => self
+                    .backend()
+                    .get(&layout::appended_key(&entry.doc_key, &hash))?,
+            };
             let change = match appended {
                 Some(change) => change,
                 None => {

@@ -61,10 +61,11 @@ pub fn check_and_mend<S: Store>(
         let loaded = layout::decode::<StoredDoc>("document", value).and_then(|stored| {
             RecordId::from_doc_key(doc_key)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-            load_document(store, doc_key, &stored).map(|(doc, matches)| (doc, stored, matches))
+            load_document(store, doc_key, &stored)
+                .map(|(doc, matches, appended)| (doc, stored, matches, appended))
         });
         match loaded {
-            Ok((doc, mut stored, matches)) => {
+            Ok((doc, mut stored, matches, appended)) => {
                 for change in doc.get_changes(&[]) {
                     held.insert(short(&change.hash().0));
                 }
@@ -74,6 +75,9 @@ pub fn check_and_mend<S: Store>(
                     stored.set_heads(&doc.get_heads());
                     stored.set_record_state(document::state(&doc));
                     stored.changes.clear();
+                    for hash in &appended.hashes {
+                        batch.remove(layout::appended_key(doc_key, hash));
+                    }
                     let snapshot = doc.save();
                     if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
                         if stored.snapshot == Snapshot::External {
@@ -92,6 +96,10 @@ pub fn check_and_mend<S: Store>(
                 report.documents_dropped += 1;
                 batch.remove(key.to_vec());
                 batch.remove(layout::snapshot_key(doc_key));
+                for_each_entry(store, &layout::appended_prefix(doc_key), |key, _| {
+                    batch.remove(key.to_vec());
+                    Ok(())
+                })?;
             }
         }
         if batch.len() >= MEND_BATCH_OPERATIONS {
@@ -146,6 +154,19 @@ pub fn check_and_mend<S: Store>(
             .get(&layout::doc_key(layout::doc_key_of(key)))?
             .is_none()
         {
+            report.values_dropped += 1;
+            batch.remove(key.to_vec());
+        }
+        Ok(())
+    })?;
+    flush(&mut batch)?;
+    // Appended changes whose document is gone, or whose key does not parse.
+    for_each_entry(store, layout::APPENDED_PREFIX, |key, _| {
+        let orphan = match layout::appended_parts(key) {
+            Ok((doc_key, _)) => store.get(&layout::doc_key(doc_key))?.is_none(),
+            Err(_) => true,
+        };
+        if orphan {
             report.values_dropped += 1;
             batch.remove(key.to_vec());
         }

@@ -15,8 +15,9 @@ use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
 
 use super::cache::Loaded;
 use super::documents::{
-    collection_of, counts_as_live, Durability, ImportOutcome, Inner, WriteOutcome,
-    COMPACT_AFTER_BYTES, SESSION_DOCUMENTS_MAX, WITHDRAWALS_KEPT_MAX,
+    appended_changes, collection_of, counts_as_live, Durability, ImportOutcome, Inner,
+    WriteOutcome, COMPACT_AFTER_BYTES, SESSION_DOCUMENTS_MAX, SNAPSHOT_GROWTH_PARTS,
+    WITHDRAWALS_KEPT_MAX,
 };
 use super::layout::{self, LogEntry, ScopeTag, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, DocStore, Store, StoreError};
@@ -426,12 +427,11 @@ impl<S: Store> WriteSession<'_, S> {
         let is_live = counts_as_live(doc_key, stored.record_state());
         self.live_delta += i64::from(is_live) - i64::from(was_live);
         let mut places = Vec::with_capacity(new.len());
-        // Changes that a compaction folds into the snapshot anyway are not encoded one by one.
-        let compacting =
-            force_snapshot || stored.changes.len() + new.len() >= compact_after_changes;
+        let mut bytes_new = Vec::with_capacity(new.len());
         for change in new {
             places.push((change.hash, change.place));
-            if compacting {
+            if force_snapshot {
+                // Folded into the snapshot below: not encoded one by one.
                 continue;
             }
             let bytes = match change.bytes {
@@ -448,11 +448,28 @@ impl<S: Store> WriteSession<'_, S> {
                     .raw_bytes()
                     .to_vec(),
             };
-            stored.changes.push(bytes);
+            bytes_new.push((change.hash, bytes));
         }
-        if compacting || stored.appended_bytes() >= COMPACT_AFTER_BYTES {
+        let appended = &mut loaded.appended;
+        let count = stored.changes.len() + appended.hashes.len() + bytes_new.len();
+        let bytes = stored.appended_bytes()
+            + appended.bytes
+            + bytes_new.iter().map(|(_, b)| b.len()).sum::<usize>();
+        // A snapshot is written again once the changes appended to it weigh a part of it: a
+        // document whose history is long is not saved whole every few changes.
+        let compacting = force_snapshot
+            || (count >= compact_after_changes
+                && bytes >= appended.snapshot_bytes / SNAPSHOT_GROWTH_PARTS)
+            // Changes kept inside the `D` value are bounded by their bytes too.
+            || (stored.snapshot != Snapshot::External && bytes >= COMPACT_AFTER_BYTES);
+        if compacting {
             let snapshot = loaded.doc.save();
             stored.changes.clear();
+            for hash in appended.hashes.drain(..) {
+                self.batch.remove(layout::appended_key(doc_key, &hash));
+            }
+            appended.bytes = 0;
+            appended.snapshot_bytes = snapshot.len();
             if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
                 if stored.snapshot == Snapshot::External {
                     self.batch.remove(layout::snapshot_key(doc_key));
@@ -462,6 +479,17 @@ impl<S: Store> WriteSession<'_, S> {
                 self.batch.put(layout::snapshot_key(doc_key), snapshot);
                 stored.snapshot = Snapshot::External;
             }
+        } else if stored.snapshot == Snapshot::External {
+            // Each change under a key of its own: the `D` value stays small.
+            for (hash, bytes) in bytes_new {
+                appended.bytes += bytes.len();
+                appended.hashes.push(hash);
+                self.batch.put(layout::appended_key(doc_key, &hash), bytes);
+            }
+        } else {
+            stored
+                .changes
+                .extend(bytes_new.into_iter().map(|(_, bytes)| bytes));
         }
         self.batch
             .put(layout::doc_key(doc_key), layout::encode(&*stored));
@@ -478,8 +506,9 @@ impl<S: Store> WriteSession<'_, S> {
         &mut self,
         doc_key: &[u8],
         stored: &StoredDoc,
+        appended: &[ChangeHash],
         own_changes: Vec<(ChangeHash, Vec<u8>)>,
-    ) {
+    ) -> Result<(), StoreError> {
         let was_live = counts_as_live(doc_key, stored.record_state());
         self.heads_changed
             .push((doc_key.to_vec(), stored.change_hashes(), Vec::new()));
@@ -493,8 +522,15 @@ impl<S: Store> WriteSession<'_, S> {
         self.batch.remove(layout::doc_key(doc_key));
         if stored.snapshot == Snapshot::External {
             self.batch.remove(layout::snapshot_key(doc_key));
+            for (hash, _) in appended_changes(&self.docs.store, doc_key)? {
+                self.batch.remove(layout::appended_key(doc_key, &hash));
+            }
+        }
+        for hash in appended {
+            self.batch.remove(layout::appended_key(doc_key, hash));
         }
         self.withdrawn.insert(doc_key.to_vec());
+        Ok(())
     }
 
     /// Whether this store wrote `change` (under any of its writers).
@@ -578,7 +614,7 @@ impl<S: Store> WriteSession<'_, S> {
                         own.push((change.hash(), raw.clone()));
                     }
                 }
-                self.drop_document(doc_key, &stored, own);
+                self.drop_document(doc_key, &stored, &[], own)?;
                 return Ok(true);
             }
         }
@@ -587,13 +623,14 @@ impl<S: Store> WriteSession<'_, S> {
             return Ok(false);
         }
         let stored = loaded.stored.clone();
+        let appended = loaded.appended.hashes.clone();
         let changes = loaded.doc.get_changes(&[]);
         let own = changes
             .iter()
             .filter(|change| self.owns_change(change))
             .map(|change| (change.hash(), change.raw_bytes().to_vec()))
             .collect();
-        self.drop_document(doc_key, &stored, own);
+        self.drop_document(doc_key, &stored, &appended, own)?;
         Ok(true)
     }
 
