@@ -329,7 +329,15 @@ fn naming_engine(text: &[u8], engine: Engine) -> Result<Option<String>, Maintena
 fn put_in_place(dir: &Path, new: &Path, what: &str) -> Result<Option<PathBuf>, MaintenanceError> {
     let store_path = dir.join(STORE_DIR);
     let aside = if store_path.exists() {
-        let aside = dir.join(format!("{STORE_DIR}.{what}-{}", unix_seconds()));
+        // Within a second of the last one, the name takes a count: nothing set aside before
+        // is overwritten.
+        let stamp = unix_seconds();
+        let mut aside = dir.join(format!("{STORE_DIR}.{what}-{stamp}"));
+        let mut count = 1;
+        while aside.exists() {
+            count += 1;
+            aside = dir.join(format!("{STORE_DIR}.{what}-{stamp}-{count}"));
+        }
         std::fs::rename(&store_path, &aside).map_err(io(&store_path))?;
         Some(aside)
     } else {

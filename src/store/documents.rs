@@ -202,6 +202,18 @@ impl<S: Store> DocStore<S> {
                         known: layout::STORE_FORMAT_VERSION,
                     });
                 }
+                if found < layout::STORE_FORMAT_VERSION {
+                    // Every older format reads as this one; from now on the store may hold
+                    // what only this one has (`C` keys), so a build that knows only the older
+                    // one must refuse it.
+                    let mut batch = Batch::default();
+                    batch.put(
+                        format_key,
+                        layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec(),
+                    );
+                    store.apply(batch)?;
+                    store.flush()?;
+                }
             }
             None => {
                 let mut batch = Batch::default();

@@ -281,6 +281,24 @@ fn deferred_writes_are_lost_only_until_synced() {
 }
 
 #[test]
+fn a_store_of_an_older_format_opens_and_is_marked_with_this_one() {
+    let store = MemoryStore::new();
+    let node = NodeId::random().unwrap();
+    open(store.clone(), node, 32);
+    let mut batch = Batch::default();
+    batch.put(
+        layout::meta_key(layout::META_FORMAT),
+        1u32.to_be_bytes().to_vec(),
+    );
+    store.apply(batch).unwrap();
+    open(store.clone(), node, 32);
+    assert_eq!(
+        store.get(&layout::meta_key(layout::META_FORMAT)).unwrap(),
+        Some(layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec())
+    );
+}
+
+#[test]
 fn refuses_a_store_of_an_unknown_format() {
     let store = MemoryStore::new();
     let node = NodeId::random().unwrap();
