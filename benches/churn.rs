@@ -4,11 +4,13 @@
 //! clients, as fast as the API takes them, for `--seconds`. Every `--every` seconds it prints
 //! the patches so far, the rate, and each node's files on disk and RSS; at the end, the files
 //! once the nodes stopped, and again once they started and stopped again. Each engine named
-//! by `--engine` (both by default) runs in turn, in the same run.
+//! by `--engine` (both by default) runs in turn, in the same run. `--cache-mib` sets the
+//! nodes' `store.cache_mib` (the memory their loaded documents may take; the node's default
+//! otherwise).
 //!
 //! ```sh
 //! cargo bench --bench churn -- [--engine sled|fjall|both] [--nodes 1] [--records 2000] \
-//!     [--seconds 120] [--every 30]
+//!     [--seconds 120] [--every 30] [--cache-mib N]
 //! ```
 //!
 //! Its data lives in `$TMPDIR/concord-churn-PID`, removed at the end; a run that was killed
@@ -179,7 +181,24 @@ fn record(n: usize, round: u64) -> Value {
     })
 }
 
-fn sites(root: &Path, engine: &str, nodes: usize) -> Vec<Site> {
+/// Sets `store.cache_mib` in the node config at `dir`.
+fn set_cache_mib(dir: &Path, mib: usize) {
+    let path = dir.join("concord.toml");
+    let text = std::fs::read_to_string(&path).expect("the node's config reads");
+    let mut config: toml::Table = text.parse().expect("the node's config parses");
+    let store = config
+        .entry("store")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let store = store.as_table_mut().expect("[store] is a table");
+    store.insert(
+        "cache_mib".to_owned(),
+        toml::Value::Integer(i64::try_from(mib).expect("a cache size")),
+    );
+    std::fs::write(&path, toml::to_string(&config).expect("a config"))
+        .expect("the node's config writes");
+}
+
+fn sites(root: &Path, engine: &str, nodes: usize, cache_mib: Option<usize>) -> Vec<Site> {
     let ca = root.join("ca");
     common::concord(&["ca", "init", ca.to_str().expect("a UTF-8 path")]);
     let mut sites = Vec::new();
@@ -207,6 +226,9 @@ fn sites(root: &Path, engine: &str, nodes: usize) -> Vec<Site> {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         common::concord(&args);
+        if let Some(mib) = cache_mib {
+            set_cache_mib(&dir, mib);
+        }
         listens.push(listen);
         sites.push(Site {
             dir,
@@ -236,9 +258,21 @@ fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
     );
 }
 
-fn run(root: &Path, engine: &str, nodes: usize, records: usize, seconds: u64, every: u64) {
-    println!("== engine {engine}: {nodes} node(s), {records} records, {seconds} s of patches");
-    let mut sites = sites(root, engine, nodes);
+fn run(
+    root: &Path,
+    engine: &str,
+    nodes: usize,
+    records: usize,
+    seconds: u64,
+    every: u64,
+    cache_mib: Option<usize>,
+) {
+    let cache = cache_mib.map_or("the default".to_owned(), |mib| format!("{mib} MiB"));
+    println!(
+        "== engine {engine}: {nodes} node(s), {records} records, {seconds} s of patches, \
+         document cache {cache}"
+    );
+    let mut sites = sites(root, engine, nodes, cache_mib);
     for site in &mut sites {
         site.start();
     }
@@ -348,13 +382,21 @@ fn main() {
     let records = common::flag(&args, "--records", 2000);
     let seconds = common::flag(&args, "--seconds", 120) as u64;
     let every = common::flag(&args, "--every", 30) as u64;
+    let cache_mib = args
+        .iter()
+        .position(|arg| arg == "--cache-mib")
+        .map(|index| {
+            args.get(index + 1)
+                .and_then(|text| text.parse().ok())
+                .expect("--cache-mib takes a number of MiB")
+        });
     let temp = std::env::temp_dir();
     remove_leftovers(&temp);
     let root = temp.join(format!("{PREFIX}{}", std::process::id()));
     for engine in engines {
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("the bench's folder");
-        run(&root, engine, nodes, records, seconds, every);
+        run(&root, engine, nodes, records, seconds, every, cache_mib);
     }
     let _ = std::fs::remove_dir_all(&root);
 }
