@@ -348,6 +348,31 @@ enum Target {
     Remote(remote::ApiClient),
 }
 
+/// Finds the node named `node` where `target` says, and stores there what `sign` signs for it
+/// (a grant, a removal); returns the node's id.
+fn add_signed_for(
+    target: Target,
+    node: &str,
+    sign: impl FnOnce(concord::record::NodeId) -> Result<concord::scope::Signed>,
+) -> Result<concord::record::NodeId> {
+    match target {
+        Target::Local(local) => {
+            let id = local.node_named(node)?;
+            local.add_signed(&sign(id)?.to_bytes())?;
+            Ok(id)
+        }
+        Target::Remote(api) => {
+            let id: concord::record::NodeId = api.node_named(node)?["node"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()
+                .context("the node answered with no node id")?;
+            api.add_signed(&sign(id)?.to_bytes())?;
+            Ok(id)
+        }
+    }
+}
+
 fn target(data: Option<PathBuf>) -> Result<Target> {
     let dir = data_dir(data)?;
     // A running node holds its store's lock: through its API at once, without waiting. A
@@ -622,24 +647,10 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
             let (read, write) = (parse(&read)?, parse(&write)?);
             let authority = concord::scope::Authority::open(&ca)?;
             let issued = u64::try_from(concord::node::now_ms()).unwrap_or(0);
-            match target(cli.data)? {
-                Target::Local(local) => {
-                    let id = local.node_named(&node)?;
-                    let signed = authority.grant(id, read, write, issued)?;
-                    local.add_signed(&signed.to_bytes())?;
-                    writeln!(out, "granted node {id}")?;
-                }
-                Target::Remote(api) => {
-                    let id: concord::record::NodeId = api.node_named(&node)?["node"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .parse()
-                        .context("the node answered with no node id")?;
-                    let signed = authority.grant(id, read, write, issued)?;
-                    api.add_signed(&signed.to_bytes())?;
-                    writeln!(out, "granted node {id}")?;
-                }
-            }
+            let id = add_signed_for(target(cli.data)?, &node, |id| {
+                Ok(authority.grant(id, read, write, issued)?)
+            })?;
+            writeln!(out, "granted node {id}")?;
         }
         Command::Revoke { node, ca } => {
             let authority = concord::scope::Authority::open(&ca)?;
@@ -688,22 +699,9 @@ pub fn execute(cli: Cli, out: &mut dyn Write) -> Result<()> {
         } => {
             let authority = concord::scope::Authority::open(&ca)?;
             let issued = u64::try_from(concord::node::now_ms()).unwrap_or(0);
-            let id = match target(cli.data)? {
-                Target::Local(local) => {
-                    let id = local.node_named(&node)?;
-                    local.add_signed(&authority.remove(id, issued)?.to_bytes())?;
-                    id
-                }
-                Target::Remote(api) => {
-                    let id: concord::record::NodeId = api.node_named(&node)?["node"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .parse()
-                        .context("the node answered with no node id")?;
-                    api.add_signed(&authority.remove(id, issued)?.to_bytes())?;
-                    id
-                }
-            };
+            let id = add_signed_for(target(cli.data)?, &node, |id| {
+                Ok(authority.remove(id, issued)?)
+            })?;
             writeln!(
                 out,
                 "removed node {id}: it holds nothing back from reclamation, and its \

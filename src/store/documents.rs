@@ -191,39 +191,31 @@ impl<S: Store> DocStore<S> {
     pub fn open(store: S, node: NodeId, config: DocStoreConfig) -> Result<Self, StoreError> {
         // The format first: a store of an unknown layout is not read any further.
         let format_key = layout::meta_key(layout::META_FORMAT);
-        match store.get(&format_key)? {
-            Some(bytes) => {
-                let found = <[u8; 4]>::try_from(bytes.as_slice())
+        // A fresh store takes this format; an older one reads as this one, and is marked with
+        // it since it may now hold what only this one has (`C` keys), which a build that
+        // knows only the older one must refuse.
+        let found = match store.get(&format_key)? {
+            Some(bytes) => Some(
+                <[u8; 4]>::try_from(bytes.as_slice())
                     .map(u32::from_be_bytes)
-                    .map_err(|_| StoreError::Corrupt("the store's format version".to_owned()))?;
-                if found > layout::STORE_FORMAT_VERSION {
-                    return Err(StoreError::UnknownFormat {
-                        found,
-                        known: layout::STORE_FORMAT_VERSION,
-                    });
-                }
-                if found < layout::STORE_FORMAT_VERSION {
-                    // Every older format reads as this one; from now on the store may hold
-                    // what only this one has (`C` keys), so a build that knows only the older
-                    // one must refuse it.
-                    let mut batch = Batch::default();
-                    batch.put(
-                        format_key,
-                        layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec(),
-                    );
-                    store.apply(batch)?;
-                    store.flush()?;
-                }
-            }
-            None => {
-                let mut batch = Batch::default();
-                batch.put(
-                    format_key,
-                    layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec(),
-                );
-                store.apply(batch)?;
-                store.flush()?;
-            }
+                    .map_err(|_| StoreError::Corrupt("the store's format version".to_owned()))?,
+            ),
+            None => None,
+        };
+        if let Some(found) = found.filter(|found| *found > layout::STORE_FORMAT_VERSION) {
+            return Err(StoreError::UnknownFormat {
+                found,
+                known: layout::STORE_FORMAT_VERSION,
+            });
+        }
+        if found != Some(layout::STORE_FORMAT_VERSION) {
+            let mut batch = Batch::default();
+            batch.put(
+                format_key,
+                layout::STORE_FORMAT_VERSION.to_be_bytes().to_vec(),
+            );
+            store.apply(batch)?;
+            store.flush()?;
         }
         match store.get(&layout::meta_key(layout::META_NODE_ID))? {
             Some(stored) if stored != node.0 => {
