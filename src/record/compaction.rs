@@ -1,0 +1,624 @@
+//! Compaction of a record's history: the changes up to a *cut* replaced by the fewest changes
+//! that hold exactly what is visible at the cut, under the same operation ids.
+//!
+//! Automerge keeps every operation a document ever held. A record updated 100,000 times
+//! carries 100,000 operations, though one is visible. Compaction keeps the visible ones:
+//!
+//! - every operation visible at the cut (each value of a field in conflict, each object,
+//!   each element of a list or text with its values, a counter with its increments summed)
+//!   is kept under its own id, with no predecessors; a list element that is gone but still
+//!   anchors a visible one is kept with one deletion, so every element keeps its place;
+//! - these operations, sorted by id, are cut into the fewest changes whose ids run on (the
+//!   *base*), each depending on the one before, with time 0 and no message. The base is a
+//!   function of what is visible at the cut alone: every node compacting at the same cut
+//!   produces the same bytes, however much history it held, and however often it compacted
+//!   on the way;
+//! - a change after the cut keeps its operations byte for byte; only its dependencies (cut
+//!   heads become the base's last change) and its sequence number (an actor's changes in the
+//!   cut become its changes in the base) are rewritten.
+//!
+//! The original history stays the one every node speaks: the wire, the log and every version
+//! shown to a user name original changes. A compacted document is this node's *local* form;
+//! [`Epoch`] translates both ways ([`Epoch::forward`] for a change received,
+//! [`Epoch::native`] for one written here, [`Epoch::back`] to serve one again).
+//!
+//! Guarantees:
+//! - compaction is refused unless every change after the cut descends from the whole cut:
+//!   such a change refers only to operations visible at the cut or made after it, all of
+//!   which the compacted document holds under their own ids, so it means there exactly what it
+//!   meant before. A change received later that does not descend from the whole cut is
+//!   refused ([`CompactionError::ConcurrentWithCut`]); the caller compacts only a cut that is
+//!   stable (every node holds it and wrote nothing concurrent with it that is not held here),
+//!   so none arrives;
+//! - what the compacted document reads (values, conflicts and their winners, list and text
+//!   order, counters) is what the original read, and stays so as the same changes are added
+//!   to both: [`compact`] checks the first, and the tests replay random histories for both;
+//! - translation is exact: a change translated forward and back has its original hash again,
+//!   or it is refused.
+//!
+//! Rich-text marks are not compacted ([`CompactionError::Unsupported`]): a mark anchors to
+//! elements that may be gone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::num::NonZeroU64;
+
+use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
+use automerge::{
+    ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ObjType, ReadDoc,
+    ScalarValue,
+};
+
+/// Why a history could not be compacted, or a change not translated.
+#[derive(Debug, thiserror::Error)]
+pub enum CompactionError {
+    #[error("automerge: {0}")]
+    Automerge(#[from] AutomergeError),
+    #[error("the history holds {0}, which compaction does not handle")]
+    Unsupported(&'static str),
+    #[error("change {change} does not descend from the whole compacted history")]
+    ConcurrentWithCut { change: ChangeHash },
+    #[error("change {change} depends on {dependency}, which this document does not hold yet")]
+    MissingDependency {
+        change: ChangeHash,
+        dependency: ChangeHash,
+    },
+    #[error("change {0} is not one this compacted document translated")]
+    Untranslated(ChangeHash),
+    #[error("the compacted document reads differently from the history it replaced")]
+    Diverged,
+}
+
+/// How an actor's sequence numbers shift in a compacted document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Shift {
+    /// The actor's changes in the cut (the original history).
+    original: u64,
+    /// The actor's changes in the base.
+    base: u64,
+    /// The original hash of the actor's last change in the cut: Automerge makes an actor's
+    /// next change depend on it, head of the cut or not.
+    last: Option<ChangeHash>,
+}
+
+impl Shift {
+    fn to_local(self, seq: u64) -> u64 {
+        seq - self.original + self.base
+    }
+
+    fn to_original(self, seq: u64) -> u64 {
+        seq - self.base + self.original
+    }
+}
+
+/// A change after the cut, as this document holds it.
+#[derive(Debug, Clone)]
+struct Kept {
+    /// Its hash in the original history.
+    original: ChangeHash,
+    /// The cut heads among its original dependencies.
+    cut_deps: Vec<ChangeHash>,
+}
+
+/// What a compacted document stands for, and the translation between its local form and the
+/// original history.
+#[derive(Debug, Clone, Default)]
+pub struct Epoch {
+    /// Heads of the history the base replaced (original hashes), sorted.
+    cut: Vec<ChangeHash>,
+    /// The base's last change (none when nothing was visible at the cut).
+    base: Option<ChangeHash>,
+    /// Every change of the base.
+    base_changes: HashSet<ChangeHash>,
+    shifts: BTreeMap<ActorId, Shift>,
+    /// Changes after the cut: local hash to original.
+    kept: HashMap<ChangeHash, Kept>,
+    /// Original hash to local, for the same changes.
+    local: HashMap<ChangeHash, ChangeHash>,
+}
+
+/// What [`Epoch::forward`] made of a change received.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// The change lies inside the compacted history: there is nothing to apply.
+    InsideCut,
+    /// The change, as this document holds it.
+    Local(Box<Change>),
+}
+
+impl Epoch {
+    /// Heads of the compacted history, as original hashes.
+    pub fn cut(&self) -> &[ChangeHash] {
+        &self.cut
+    }
+
+    /// Changes after the cut this epoch translated.
+    pub fn translated(&self) -> usize {
+        self.kept.len()
+    }
+
+    /// Whether `change` (an original) lies inside the compacted history: an actor's changes
+    /// in a history closed under dependencies are its first ones.
+    pub fn holds_inside(&self, change: &Change) -> bool {
+        self.shifts
+            .get(change.actor_id())
+            .is_some_and(|shift| change.seq() <= shift.original)
+    }
+
+    /// The local form of an original change received, to apply to the compacted document.
+    pub fn forward(&mut self, original: &Change) -> Result<Forwarded, CompactionError> {
+        let hash = original.hash();
+        if self.holds_inside(original) {
+            return Ok(Forwarded::InsideCut);
+        }
+        let own_last = self.shift(original.actor_id()).last;
+        let mut cut_deps = Vec::new();
+        let mut deps = BTreeSet::new();
+        for dep in original.deps() {
+            if self.cut.contains(dep) || Some(*dep) == own_last {
+                cut_deps.push(*dep);
+            } else if let Some(local) = self.local.get(dep) {
+                deps.insert(*local);
+            } else {
+                return Err(CompactionError::MissingDependency {
+                    change: hash,
+                    dependency: *dep,
+                });
+            }
+        }
+        // A change after the cut with no dependency after it must name every cut head.
+        let heads = cut_deps.iter().filter(|dep| self.cut.contains(dep)).count();
+        if deps.is_empty() && heads != self.cut.len() {
+            return Err(CompactionError::ConcurrentWithCut { change: hash });
+        }
+        if !cut_deps.is_empty() {
+            deps.extend(self.base);
+        }
+        let shift = self.shift(original.actor_id());
+        let mut expanded = original.decode();
+        expanded.hash = None;
+        expanded.seq = shift.to_local(expanded.seq);
+        expanded.deps = deps.into_iter().collect();
+        let local = Change::from(expanded);
+        self.keep(local.hash(), hash, cut_deps);
+        if self.back(&local)?.hash() != hash {
+            self.forget(&local.hash());
+            return Err(CompactionError::Unsupported(
+                "a change that does not encode to its own hash again",
+            ));
+        }
+        Ok(Forwarded::Local(Box::new(local)))
+    }
+
+    /// The original form of a change written here on the compacted document, to log and send.
+    pub fn native(&mut self, local: &Change) -> Result<Change, CompactionError> {
+        let own_last = self.shift(local.actor_id()).last;
+        let mut cut_deps = BTreeSet::new();
+        let mut deps = BTreeSet::new();
+        for dep in local.deps() {
+            if Some(*dep) == self.base {
+                cut_deps.extend(self.cut.iter().copied());
+            } else if self.base_changes.contains(dep) {
+                // The writer's own last change in the base stands for its last in the cut.
+                cut_deps.extend(own_last);
+            } else {
+                let kept = self
+                    .kept
+                    .get(dep)
+                    .ok_or(CompactionError::Untranslated(*dep))?;
+                deps.insert(kept.original);
+            }
+        }
+        // Nothing visible at the cut: a change written on the base alone follows every head.
+        if self.base.is_none() && local.deps().is_empty() {
+            cut_deps.extend(self.cut.iter().copied());
+        }
+        deps.extend(cut_deps.iter().copied());
+        let cut_deps = cut_deps.into_iter().collect();
+        let shift = self.shift(local.actor_id());
+        let mut expanded = local.decode();
+        expanded.hash = None;
+        expanded.seq = shift.to_original(expanded.seq);
+        expanded.deps = deps.into_iter().collect();
+        let original = Change::from(expanded);
+        self.keep(local.hash(), original.hash(), cut_deps);
+        Ok(original)
+    }
+
+    /// The original form of a change this document holds after the cut.
+    pub fn back(&self, local: &Change) -> Result<Change, CompactionError> {
+        let kept = self
+            .kept
+            .get(&local.hash())
+            .ok_or(CompactionError::Untranslated(local.hash()))?;
+        let mut deps: BTreeSet<ChangeHash> = kept.cut_deps.iter().copied().collect();
+        for dep in local.deps() {
+            if !self.base_changes.contains(dep) {
+                let original = self
+                    .kept
+                    .get(dep)
+                    .ok_or(CompactionError::Untranslated(*dep))?;
+                deps.insert(original.original);
+            }
+        }
+        let shift = self.shift(local.actor_id());
+        let mut expanded = local.decode();
+        expanded.hash = None;
+        expanded.seq = shift.to_original(expanded.seq);
+        expanded.deps = deps.into_iter().collect();
+        Ok(Change::from(expanded))
+    }
+
+    /// The original heads a compacted document's heads stand for.
+    pub fn original_heads(&self, local: &[ChangeHash]) -> Result<Vec<ChangeHash>, CompactionError> {
+        let mut heads = BTreeSet::new();
+        for head in local {
+            if Some(*head) == self.base {
+                heads.extend(self.cut.iter().copied());
+            } else {
+                let kept = self
+                    .kept
+                    .get(head)
+                    .ok_or(CompactionError::Untranslated(*head))?;
+                heads.insert(kept.original);
+            }
+        }
+        if local.is_empty() {
+            heads.extend(self.cut.iter().copied());
+        }
+        Ok(heads.into_iter().collect())
+    }
+
+    /// The local heads of original `heads`, or `None` when they name a version inside the
+    /// compacted history other than the cut (no longer readable).
+    pub fn local_heads(&self, heads: &[ChangeHash]) -> Option<Vec<ChangeHash>> {
+        let mut local = BTreeSet::new();
+        let mut cut = 0;
+        for head in heads {
+            if self.cut.contains(head) {
+                cut += 1;
+            } else {
+                local.insert(*self.local.get(head)?);
+            }
+        }
+        if cut > 0 {
+            if local.is_empty() && cut != self.cut.len() {
+                return None;
+            }
+            local.extend(self.base);
+        }
+        Some(local.into_iter().collect())
+    }
+
+    fn shift(&self, actor: &ActorId) -> Shift {
+        self.shifts.get(actor).copied().unwrap_or_default()
+    }
+
+    fn keep(&mut self, local: ChangeHash, original: ChangeHash, cut_deps: Vec<ChangeHash>) {
+        self.local.insert(original, local);
+        self.kept.insert(local, Kept { original, cut_deps });
+    }
+
+    fn forget(&mut self, local: &ChangeHash) {
+        if let Some(kept) = self.kept.remove(local) {
+            self.local.remove(&kept.original);
+        }
+    }
+}
+
+/// Compacts `doc` (the local form under `epoch`, `None` for a document never compacted) at
+/// `cut` (local heads): the new document and its epoch.
+pub fn compact(
+    doc: &Automerge,
+    epoch: Option<&Epoch>,
+    cut: &[ChangeHash],
+) -> Result<(Automerge, Epoch), CompactionError> {
+    let at = doc.fork_at(cut)?;
+    let inside = at.get_changes(&[]);
+    let base = base_changes(&inside)?;
+    let original_cut = match epoch {
+        Some(epoch) => epoch.original_heads(cut)?,
+        None => cut
+            .iter()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    let mut next = Epoch {
+        cut: original_cut,
+        base: base.last().map(Change::hash),
+        base_changes: base.iter().map(Change::hash).collect(),
+        shifts: shifts(&inside, &base, epoch)?,
+        kept: HashMap::new(),
+        local: HashMap::new(),
+    };
+    let mut compacted = Automerge::new();
+    compacted.apply_changes(base)?;
+    let mut after = Vec::new();
+    for change in doc.get_changes(cut) {
+        // Inside the cut, not a head of it, nor the actor's own change before.
+        let inside = |dep: &ChangeHash| {
+            !cut.contains(dep)
+                && at.get_change_by_hash(dep).is_some_and(|before| {
+                    before.actor_id() != change.actor_id() || before.seq() + 1 != change.seq()
+                })
+        };
+        if change.deps().iter().any(inside) {
+            return Err(CompactionError::ConcurrentWithCut {
+                change: change.hash(),
+            });
+        }
+        let original = match epoch {
+            Some(epoch) => epoch.back(&change)?,
+            None => change,
+        };
+        match next.forward(&original)? {
+            Forwarded::Local(local) => after.push(*local),
+            Forwarded::InsideCut => return Err(CompactionError::Diverged),
+        }
+    }
+    compacted.apply_changes(after)?;
+    if compacted.hydrate(None) != doc.hydrate(None) {
+        return Err(CompactionError::Diverged);
+    }
+    Ok((compacted, next))
+}
+
+/// Each actor's changes in the cut (original) and in the base, and its last in the cut.
+fn shifts(
+    inside: &[Change],
+    base: &[Change],
+    epoch: Option<&Epoch>,
+) -> Result<BTreeMap<ActorId, Shift>, CompactionError> {
+    let mut last: BTreeMap<ActorId, &Change> = BTreeMap::new();
+    for change in inside {
+        let at = last.entry(change.actor_id().clone()).or_insert(change);
+        if change.seq() > at.seq() {
+            *at = change;
+        }
+    }
+    let mut shifts: BTreeMap<ActorId, Shift> = BTreeMap::new();
+    for (actor, change) in last {
+        let shift = match epoch {
+            None => Shift {
+                original: change.seq(),
+                base: 0,
+                last: Some(change.hash()),
+            },
+            Some(old) => {
+                let before = old.shift(&actor);
+                let last = match old.kept.get(&change.hash()) {
+                    Some(kept) => Some(kept.original),
+                    None => before.last,
+                };
+                Shift {
+                    original: before.to_original(change.seq()),
+                    base: 0,
+                    last,
+                }
+            }
+        };
+        shifts.insert(actor, shift);
+    }
+    for change in base {
+        let shift = shifts.entry(change.actor_id().clone()).or_default();
+        shift.base = shift.base.max(change.seq());
+    }
+    Ok(shifts)
+}
+
+/// Every operation of a history, by id, with what later operations did to it.
+#[derive(Default)]
+struct Replay {
+    ops: BTreeMap<OpId, Op>,
+    /// Operations some later one (not an increment) replaced or deleted.
+    hidden: HashSet<OpId>,
+    /// The increments made to each counter.
+    increments: HashMap<OpId, i64>,
+    /// The operations inside each object, by id.
+    inside: HashMap<ObjectId, Vec<OpId>>,
+}
+
+impl Replay {
+    fn of(changes: &[Change]) -> Result<Self, CompactionError> {
+        let mut replay = Self::default();
+        for change in changes {
+            let expanded = change.decode();
+            let start = expanded.start_op.get();
+            for (index, op) in expanded.operations.into_iter().enumerate() {
+                let id = OpId(start + index as u64, expanded.actor_id.clone());
+                replay.add(id, op)?;
+            }
+        }
+        Ok(replay)
+    }
+
+    fn add(&mut self, id: OpId, op: Op) -> Result<(), CompactionError> {
+        match &op.action {
+            OpType::MarkBegin(_) | OpType::MarkEnd(_) => {
+                return Err(CompactionError::Unsupported("rich-text marks"))
+            }
+            OpType::Increment(by) => {
+                for pred in op.pred.iter() {
+                    *self.increments.entry(pred.clone()).or_default() += by;
+                }
+            }
+            _ => self.hidden.extend(op.pred.iter().cloned()),
+        }
+        self.inside
+            .entry(op.obj.clone())
+            .or_default()
+            .push(id.clone());
+        self.ops.insert(id, op);
+        Ok(())
+    }
+
+    /// Whether the operation holds a value that nothing replaced.
+    fn visible(&self, id: &OpId) -> bool {
+        !self.hidden.contains(id)
+            && self
+                .ops
+                .get(id)
+                .is_some_and(|op| matches!(op.action, OpType::Put(_) | OpType::Make(_)))
+    }
+
+    /// A visible operation as the base holds it: no predecessors, a counter's increments
+    /// summed into it.
+    fn kept_value(&self, id: &OpId, op: &Op, pred: Vec<OpId>) -> Op {
+        let action = match &op.action {
+            OpType::Put(ScalarValue::Counter(counter)) => {
+                let start = i64::from(counter);
+                let total = start + self.increments.get(id).copied().unwrap_or(0);
+                OpType::Put(ScalarValue::counter(total))
+            }
+            other => other.clone(),
+        };
+        Op {
+            action,
+            obj: op.obj.clone(),
+            key: op.key.clone(),
+            pred: SortedVec::from(pred),
+            insert: op.insert,
+        }
+    }
+
+    /// The operations the base keeps: what is visible from the root, and the gone list
+    /// elements that anchor visible ones.
+    fn kept(&self) -> BTreeMap<OpId, Op> {
+        let mut kept = BTreeMap::new();
+        let mut objects = vec![(ObjectId::Root, ObjType::Map)];
+        while let Some((obj, kind)) = objects.pop() {
+            let ids = self.inside.get(&obj).map(Vec::as_slice).unwrap_or_default();
+            let found = match kind {
+                ObjType::Map | ObjType::Table => self.kept_in_map(ids),
+                ObjType::List | ObjType::Text => self.kept_in_sequence(ids),
+            };
+            for (id, op) in found {
+                if let OpType::Make(kind) = op.action {
+                    if self.visible(&id) {
+                        objects.push((ObjectId::Id(id.clone()), kind));
+                    }
+                }
+                kept.insert(id, op);
+            }
+        }
+        kept
+    }
+
+    fn kept_in_map(&self, ids: &[OpId]) -> Vec<(OpId, Op)> {
+        ids.iter()
+            .filter(|id| self.visible(id))
+            .filter_map(|id| Some((id.clone(), self.kept_value(id, self.ops.get(id)?, vec![]))))
+            .collect()
+    }
+
+    fn kept_in_sequence(&self, ids: &[OpId]) -> Vec<(OpId, Op)> {
+        let mut elements: BTreeMap<OpId, Vec<OpId>> = BTreeMap::new();
+        for id in ids {
+            let Some(op) = self.ops.get(id) else { continue };
+            if op.insert {
+                elements.entry(id.clone()).or_default();
+            } else if let Key::Seq(ElementId::Id(element)) = &op.key {
+                elements
+                    .entry(element.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+        // Visible elements, and every element they are anchored on, up to the head.
+        let mut needed = BTreeSet::new();
+        for (element, ops) in &elements {
+            if self.visible(element) || ops.iter().any(|id| self.visible(id)) {
+                let mut at = Some(element.clone());
+                while let Some(element) = at.filter(|element| needed.insert(element.clone())) {
+                    at = self.ops.get(&element).and_then(|op| op.key.to_opid());
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        for element in needed {
+            let (Some(insert), Some(ops)) = (self.ops.get(&element), elements.get(&element)) else {
+                continue;
+            };
+            kept.push((element.clone(), self.kept_value(&element, insert, vec![])));
+            let shown = self.visible(&element);
+            let values: Vec<&OpId> = ops.iter().filter(|id| self.visible(id)).collect();
+            for id in &values {
+                let Some(op) = self.ops.get(*id) else {
+                    continue;
+                };
+                let pred = if shown { vec![] } else { vec![element.clone()] };
+                kept.push(((*id).clone(), self.kept_value(id, op, pred)));
+            }
+            if !shown && values.is_empty() {
+                // Gone, but an anchor: one deletion, under the id of the last operation that
+                // touched it (which nothing else kept uses).
+                if let (Some(last), Some(insert)) = (ops.iter().max(), self.ops.get(&element)) {
+                    kept.push((
+                        last.clone(),
+                        Op {
+                            action: OpType::Delete,
+                            obj: insert.obj.clone(),
+                            key: Key::Seq(ElementId::Id(element.clone())),
+                            pred: SortedVec::from(vec![element.clone()]),
+                            insert: false,
+                        },
+                    ));
+                }
+            }
+        }
+        kept
+    }
+}
+
+/// The base: the operations kept, sorted by id, in the fewest changes whose ids run on, each
+/// depending on the one before; then, when the last operation of the cut was not kept, an
+/// empty change that ends where it did, so that no operation written later reuses an id.
+fn base_changes(inside: &[Change]) -> Result<Vec<Change>, CompactionError> {
+    let kept = Replay::of(inside)?.kept();
+    let mut runs: Vec<(OpId, Vec<Op>)> = Vec::new();
+    for (id, op) in kept {
+        match runs.last_mut() {
+            Some((start, ops)) if start.1 == id.1 && start.0 + ops.len() as u64 == id.0 => {
+                ops.push(op)
+            }
+            _ => runs.push((id, vec![op])),
+        }
+    }
+    let last_kept = runs
+        .last()
+        .map_or(0, |(start, ops)| start.0 + ops.len() as u64 - 1);
+    // The change that ends last, the greater actor first among equals.
+    let top = inside
+        .iter()
+        .map(|change| (change.max_op(), change.actor_id()))
+        .max();
+    if let Some((max_op, actor)) = top.filter(|(max_op, _)| *max_op > last_kept) {
+        runs.push((OpId(max_op + 1, actor.clone()), Vec::new()));
+    }
+    let mut seqs: HashMap<ActorId, u64> = HashMap::new();
+    let mut changes: Vec<Change> = Vec::with_capacity(runs.len());
+    for (start, operations) in runs {
+        let seq = seqs.entry(start.1.clone()).or_default();
+        *seq += 1;
+        let start_op = NonZeroU64::new(start.0).ok_or(CompactionError::Diverged)?;
+        let change = Change::from(ExpandedChange {
+            operations,
+            actor_id: start.1,
+            hash: None,
+            seq: *seq,
+            start_op,
+            time: 0,
+            message: None,
+            deps: changes.last().map(Change::hash).into_iter().collect(),
+            extra_bytes: Vec::new(),
+            author: None,
+        });
+        changes.push(change);
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+#[path = "compaction_tests.rs"]
+mod tests;

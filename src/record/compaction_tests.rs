@@ -1,0 +1,397 @@
+//! Random histories over three replicas, one of them compacted part way: every replica must
+//! read alike (values, conflicts and their winners, list and text order, counters) and name the
+//! same heads, and compacting at the same cut must give the same base wherever it is done.
+
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, Change, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+
+use super::*;
+
+/// A small deterministic generator (xorshift), so a failing seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+fn actor(byte: u8) -> ActorId {
+    ActorId::from(vec![byte; 18])
+}
+
+/// What a document reads, with every conflict and the id of every value, as text.
+fn dump(doc: &Automerge) -> String {
+    let mut out = String::new();
+    dump_object(doc, &ROOT, ObjType::Map, &mut out);
+    out
+}
+
+fn dump_object(doc: &Automerge, obj: &ObjId, kind: ObjType, out: &mut String) {
+    let mut values = Vec::new();
+    match kind {
+        ObjType::Map | ObjType::Table => {
+            for key in doc.keys(obj) {
+                for (value, id) in doc.get_all(obj, key.as_str()).unwrap() {
+                    values.push((key.clone(), value, id));
+                }
+            }
+        }
+        ObjType::List | ObjType::Text => {
+            if kind == ObjType::Text {
+                out.push_str(&format!("text {:?}\n", doc.text(obj).unwrap()));
+            }
+            for index in 0..doc.length(obj) {
+                for (value, id) in doc.get_all(obj, index).unwrap() {
+                    values.push((format!("[{index}]"), value, id));
+                }
+            }
+        }
+    }
+    for (at, value, id) in values {
+        match value {
+            Value::Object(kind) => {
+                out.push_str(&format!("{obj} {at} = {kind:?} {id}\n"));
+                dump_object(doc, &id, kind, out);
+            }
+            Value::Scalar(scalar) => out.push_str(&format!("{obj} {at} = {scalar} {id}\n")),
+        }
+    }
+}
+
+/// One random edit in one transaction: fields, counters, a nested map, a list and a text.
+fn edit(doc: &mut Automerge, rng: &mut Rng) {
+    let mut tx = doc.transaction();
+    let field = format!("f{}", rng.below(4));
+    let found = |tx: &automerge::transaction::Transaction<'_>, name: &str, kind: ObjType| match tx
+        .get(ROOT, name)
+        .unwrap()
+    {
+        Some((Value::Object(found), id)) if found == kind => Some(id),
+        _ => None,
+    };
+    match rng.below(12) {
+        0 | 1 => tx.put(ROOT, field, rng.below(100) as i64).unwrap(),
+        2 => {
+            if tx.get(ROOT, field.as_str()).unwrap().is_some() {
+                tx.delete(ROOT, field).unwrap();
+            }
+        }
+        3 => match found(&tx, "count", ObjType::Map) {
+            _ if matches!(
+                tx.get(ROOT, "n").unwrap(),
+                Some((Value::Scalar(ref s), _)) if matches!(s.as_ref(), ScalarValue::Counter(_))
+            ) =>
+            {
+                tx.increment(ROOT, "n", rng.below(5) as i64 + 1).unwrap()
+            }
+            _ => tx.put(ROOT, "n", ScalarValue::counter(10)).unwrap(),
+        },
+        4 => {
+            let map = match found(&tx, "m", ObjType::Map) {
+                Some(map) => map,
+                None => tx.put_object(ROOT, "m", ObjType::Map).unwrap(),
+            };
+            tx.put(&map, format!("k{}", rng.below(3)), rng.below(9) as i64)
+                .unwrap();
+        }
+        5..=8 => {
+            let list = match found(&tx, "l", ObjType::List) {
+                Some(list) => list,
+                None => tx.put_object(ROOT, "l", ObjType::List).unwrap(),
+            };
+            let length = tx.length(&list) as u64;
+            match rng.below(4) {
+                0 | 1 => tx
+                    .insert(&list, rng.below(length + 1) as usize, rng.below(50) as i64)
+                    .unwrap(),
+                2 if length > 0 => tx.delete(&list, rng.below(length) as usize).unwrap(),
+                3 if length > 0 => tx
+                    .put(
+                        &list,
+                        rng.below(length) as usize,
+                        rng.below(50) as i64 + 100,
+                    )
+                    .unwrap(),
+                _ => {}
+            }
+        }
+        _ => {
+            let text = match found(&tx, "t", ObjType::Text) {
+                Some(text) => text,
+                None => tx.put_object(ROOT, "t", ObjType::Text).unwrap(),
+            };
+            let length = tx.length(&text) as u64;
+            let at = rng.below(length + 1) as usize;
+            let delete = rng.below(3).min(length - at as u64) as isize;
+            let words = ["a", "bc", "def", ""];
+            tx.splice_text(&text, at, delete, words[rng.below(4) as usize])
+                .unwrap();
+        }
+    }
+    tx.commit();
+}
+
+/// Three replicas sharing their changes now and then; replica 0 is compacted at a moment all
+/// three hold the same heads, later again, and the edits go on throughout.
+struct Mesh {
+    plain: Vec<Automerge>,
+    /// Replica 0 compacted, once it is.
+    compacted: Option<(Automerge, Epoch)>,
+    /// Every original change, in the order it was made.
+    log: Vec<Change>,
+}
+
+impl Mesh {
+    fn new() -> Self {
+        Self {
+            plain: (0..3u8)
+                .map(|i| Automerge::new().with_actor(actor(i + 1)))
+                .collect(),
+            compacted: None,
+            log: Vec::new(),
+        }
+    }
+
+    fn edit(&mut self, replica: usize, rng: &mut Rng) {
+        match (&mut self.compacted, replica) {
+            (Some((doc, epoch)), 0) => {
+                let before = doc.get_heads();
+                edit(doc, rng);
+                if let Some(local) = doc
+                    .get_last_local_change()
+                    .filter(|_| doc.get_heads() != before)
+                {
+                    let original = epoch.native(&local).unwrap_or_else(|e| {
+                        let chain: Vec<_> = doc
+                            .get_changes(&[])
+                            .iter()
+                            .map(|c| (c.hash(), c.actor_id().clone(), c.seq(), c.deps().to_vec()))
+                            .collect();
+                        panic!(
+                            "{e}: local {:?} deps {:?}, base {:?}, changes {chain:?}",
+                            local.hash(),
+                            local.deps(),
+                            epoch.base
+                        )
+                    });
+                    if !self.log.iter().any(|c| c.hash() == original.hash()) {
+                        self.log.push(original);
+                    }
+                }
+            }
+            _ => {
+                let doc = &mut self.plain[replica];
+                let before = doc.get_heads();
+                edit(doc, rng);
+                if let Some(local) = doc
+                    .get_last_local_change()
+                    .filter(|_| doc.get_heads() != before)
+                {
+                    if !self.log.iter().any(|c| c.hash() == local.hash()) {
+                        self.log.push(local);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replica `to` takes every change `from` holds.
+    fn sync(&mut self, from: usize, to: usize) {
+        let held: Vec<Change> = self
+            .log
+            .iter()
+            .filter(|change| self.holds(from, change))
+            .cloned()
+            .collect();
+        for change in held {
+            self.give(to, &change);
+        }
+    }
+
+    fn holds(&self, replica: usize, change: &Change) -> bool {
+        match (&self.compacted, replica) {
+            (Some((_, epoch)), 0) => {
+                epoch.holds_inside(change) || epoch.local_heads(&[change.hash()]).is_some()
+            }
+            _ => self.plain[replica]
+                .get_change_by_hash(&change.hash())
+                .is_some(),
+        }
+    }
+
+    fn give(&mut self, replica: usize, change: &Change) {
+        if self.holds(replica, change) {
+            return;
+        }
+        match (&mut self.compacted, replica) {
+            (Some((doc, epoch)), 0) => match epoch.forward(change).unwrap() {
+                Forwarded::Local(local) => doc.apply_changes([*local]).unwrap(),
+                Forwarded::InsideCut => {}
+            },
+            _ => self.plain[replica].apply_changes([change.clone()]).unwrap(),
+        }
+    }
+
+    fn sync_all(&mut self) {
+        for (from, to) in [(0, 1), (1, 2), (2, 0), (0, 1), (1, 2)] {
+            self.sync(from, to);
+        }
+    }
+
+    /// Replica 0's heads, as original hashes.
+    fn heads(&self) -> Vec<ChangeHash> {
+        match &self.compacted {
+            Some((doc, epoch)) => epoch.original_heads(&doc.get_heads()).unwrap(),
+            None => self.plain[0].get_heads(),
+        }
+    }
+
+    /// Compacts replica 0 at `cut` (original heads every replica held when it was taken),
+    /// whatever it took in since.
+    fn compact(&mut self, cut: &[ChangeHash]) {
+        let (doc, epoch) = match self.compacted.take() {
+            Some((doc, epoch)) => (doc, Some(epoch)),
+            None => (self.plain[0].clone(), None),
+        };
+        let local = match &epoch {
+            Some(epoch) => epoch.local_heads(cut).unwrap(),
+            None => cut.to_vec(),
+        };
+        let (mut compacted, next) = compact(&doc, epoch.as_ref(), &local).unwrap();
+        compacted.set_actor(actor(1));
+        assert_eq!(dump(&compacted), dump(&doc));
+        // The same cut, compacted from replica 1's whole history: the same base.
+        let (_, whole) = compact(&self.plain[1], None, cut).unwrap();
+        assert_eq!(whole.cut(), next.cut());
+        assert_eq!(whole.base, next.base, "the base depends on the cut alone");
+        self.compacted = Some((compacted, next));
+    }
+
+    fn check(&self) {
+        let (doc, epoch) = self.compacted.as_ref().unwrap();
+        let reads = dump(doc);
+        let heads = epoch.original_heads(&doc.get_heads()).unwrap();
+        for plain in &self.plain[1..] {
+            assert_eq!(dump(plain), reads);
+            assert_eq!(plain.get_heads(), heads);
+        }
+    }
+}
+
+fn run(seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut mesh = Mesh::new();
+    let mut cut: Option<Vec<ChangeHash>> = None;
+    for _ in 0..4 {
+        for _ in 0..40 {
+            let replica = rng.below(3) as usize;
+            match rng.below(10) {
+                0 => mesh.sync(replica, rng.below(3) as usize),
+                _ => mesh.edit(replica, &mut rng),
+            }
+        }
+        // Compacted at the heads all held at the end of the round before, with what came
+        // after them (all of it after the whole cut) kept on top.
+        if let Some(cut) = cut.take() {
+            mesh.compact(&cut);
+        }
+        mesh.sync_all();
+        cut = Some(mesh.heads());
+    }
+    mesh.sync_all();
+    mesh.check();
+}
+
+#[test]
+fn random_histories_read_alike_compacted_or_not() {
+    for seed in 0..150 {
+        run(seed);
+    }
+}
+
+#[test]
+fn a_record_updated_ten_thousand_times_compacts_to_almost_nothing() {
+    let mut doc = Automerge::new().with_actor(actor(1));
+    for i in 0..10_000i64 {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "price", i).unwrap();
+        tx.put(ROOT, "@deleted", false).unwrap();
+        tx.commit();
+    }
+    let before = doc.save().len();
+    let (mut compacted, mut epoch) = compact(&doc, None, &doc.get_heads()).unwrap();
+    let after = compacted.save().len();
+    assert!(after < 300, "{before} bytes compacted to {after}");
+    assert!(before > 20 * after);
+    // A change written after the cut on the full history goes on in the compacted one.
+    let mut tx = doc.transaction();
+    tx.put(ROOT, "price", -1).unwrap();
+    tx.commit();
+    let change = doc.get_last_local_change().unwrap();
+    let Forwarded::Local(local) = epoch.forward(&change).unwrap() else {
+        panic!("a change after the cut");
+    };
+    compacted.apply_changes([(*local).clone()]).unwrap();
+    assert_eq!(dump(&compacted), dump(&doc));
+    assert_eq!(epoch.back(&local).unwrap().hash(), change.hash());
+    assert_eq!(
+        epoch.original_heads(&compacted.get_heads()).unwrap(),
+        doc.get_heads()
+    );
+}
+
+#[test]
+fn a_change_not_after_the_whole_cut_is_refused_and_one_inside_it_is_known() {
+    let mut a = Automerge::new().with_actor(actor(1));
+    let mut tx = a.transaction();
+    tx.put(ROOT, "x", 1).unwrap();
+    tx.commit();
+    let mut b = a.fork().with_actor(actor(2));
+    let first = a.get_last_local_change().unwrap();
+    let mut tx = a.transaction();
+    tx.put(ROOT, "x", 2).unwrap();
+    tx.commit();
+    // b writes concurrently with a's second change, and the cut holds a's two only.
+    let mut tx = b.transaction();
+    tx.put(ROOT, "x", 3).unwrap();
+    tx.commit();
+    let late = b.get_last_local_change().unwrap();
+    let (_, mut epoch) = compact(&a, None, &a.get_heads()).unwrap();
+    // Its dependency lies inside the cut, which a compacted document cannot tell from one
+    // not received yet.
+    assert!(matches!(
+        epoch.forward(&late),
+        Err(CompactionError::MissingDependency { .. })
+    ));
+    assert!(matches!(epoch.forward(&first), Ok(Forwarded::InsideCut)));
+    // A history with such a change after the cut is not compacted at all.
+    a.apply_changes([late]).unwrap();
+    let cut = vec![a.get_changes(&[])[1].hash()];
+    assert!(matches!(
+        compact(&a, None, &cut),
+        Err(CompactionError::ConcurrentWithCut { .. })
+    ));
+}
+
+#[test]
+fn a_deleted_record_compacts_to_its_tombstone() {
+    let mut doc = Automerge::new().with_actor(actor(1));
+    for i in 0..1_000i64 {
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "name", format!("name {i}")).unwrap();
+        tx.put(ROOT, "note", "x".repeat(100)).unwrap();
+        tx.commit();
+    }
+    let mut tx = doc.transaction();
+    tx.delete(ROOT, "name").unwrap();
+    tx.delete(ROOT, "note").unwrap();
+    tx.put(ROOT, "@deleted", true).unwrap();
+    tx.commit();
+    let (compacted, _) = compact(&doc, None, &doc.get_heads()).unwrap();
+    assert!(compacted.save().len() < 200, "{}", compacted.save().len());
+    assert_eq!(dump(&compacted), dump(&doc));
+}
