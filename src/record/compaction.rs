@@ -42,6 +42,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::num::NonZeroU64;
 
+use serde::{Deserialize, Serialize};
+
 use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
 use automerge::{
     ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ObjType, ReadDoc,
@@ -66,6 +68,10 @@ pub enum CompactionError {
     Untranslated(ChangeHash),
     #[error("the compacted document reads differently from the history it replaced")]
     Diverged,
+    #[error("that version lies inside the compacted history")]
+    InsideCut,
+    #[error("a stored compaction epoch is unreadable: {0}")]
+    Corrupt(String),
 }
 
 /// How an actor's sequence numbers shift in a compacted document.
@@ -114,6 +120,21 @@ pub struct Epoch {
     kept: HashMap<ChangeHash, Kept>,
     /// Original hash to local, for the same changes.
     local: HashMap<ChangeHash, ChangeHash>,
+}
+
+/// An actor, its original changes in the cut, its changes in the base, its last in the cut.
+type StoredShift = (Vec<u8>, u64, u64, Option<[u8; 32]>);
+/// A local hash, the original hash, the cut heads among its original dependencies.
+type StoredKept = ([u8; 32], [u8; 32], Vec<[u8; 32]>);
+
+/// An epoch as kept beside its document's snapshot.
+#[derive(Serialize, Deserialize)]
+struct StoredEpoch {
+    cut: Vec<[u8; 32]>,
+    base: Option<[u8; 32]>,
+    base_changes: Vec<[u8; 32]>,
+    shifts: Vec<StoredShift>,
+    kept: Vec<StoredKept>,
 }
 
 /// What [`Epoch::forward`] made of a change received.
@@ -287,6 +308,74 @@ impl Epoch {
             local.extend(self.base);
         }
         Some(local.into_iter().collect())
+    }
+
+    /// The epoch encoded, to keep beside its document's snapshot.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let hashes = |hashes: &mut dyn Iterator<Item = ChangeHash>| {
+            let mut bytes: Vec<[u8; 32]> = hashes.map(|hash| hash.0).collect();
+            bytes.sort_unstable();
+            bytes
+        };
+        let mut kept: Vec<StoredKept> = self
+            .kept
+            .iter()
+            .map(|(local, kept)| {
+                (
+                    local.0,
+                    kept.original.0,
+                    hashes(&mut kept.cut_deps.iter().copied()),
+                )
+            })
+            .collect();
+        kept.sort_unstable();
+        let stored = StoredEpoch {
+            cut: hashes(&mut self.cut.iter().copied()),
+            base: self.base.map(|hash| hash.0),
+            base_changes: hashes(&mut self.base_changes.iter().copied()),
+            shifts: self
+                .shifts
+                .iter()
+                .map(|(actor, shift)| {
+                    let last = shift.last.map(|hash| hash.0);
+                    (actor.to_bytes().to_vec(), shift.original, shift.base, last)
+                })
+                .collect(),
+            kept,
+        };
+        postcard::to_allocvec(&stored).expect("an epoch always encodes")
+    }
+
+    /// An epoch encoded by [`Self::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CompactionError> {
+        let stored: StoredEpoch = postcard::from_bytes(bytes)
+            .map_err(|error| CompactionError::Corrupt(error.to_string()))?;
+        let mut epoch = Epoch {
+            cut: stored.cut.into_iter().map(ChangeHash).collect(),
+            base: stored.base.map(ChangeHash),
+            base_changes: stored.base_changes.into_iter().map(ChangeHash).collect(),
+            shifts: stored
+                .shifts
+                .into_iter()
+                .map(|(actor, original, base, last)| {
+                    let last = last.map(ChangeHash);
+                    (
+                        ActorId::from(actor),
+                        Shift {
+                            original,
+                            base,
+                            last,
+                        },
+                    )
+                })
+                .collect(),
+            ..Epoch::default()
+        };
+        for (local, original, cut_deps) in stored.kept {
+            let cut_deps = cut_deps.into_iter().map(ChangeHash).collect();
+            epoch.keep(ChangeHash(local), ChangeHash(original), cut_deps);
+        }
+        Ok(epoch)
     }
 
     fn shift(&self, actor: &ActorId) -> Shift {

@@ -268,6 +268,8 @@ impl Mesh {
         let (_, whole) = compact(&self.plain[1], None, cut).unwrap();
         assert_eq!(whole.cut(), next.cut());
         assert_eq!(whole.base, next.base, "the base depends on the cut alone");
+        // Kept as the store keeps it.
+        let next = Epoch::from_bytes(&next.to_bytes()).unwrap();
         self.compacted = Some((compacted, next));
     }
 

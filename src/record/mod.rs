@@ -7,6 +7,7 @@
 
 pub mod compaction;
 pub mod document;
+pub mod held;
 pub mod history;
 pub mod id;
 pub mod origin;

@@ -1,0 +1,251 @@
+//! A record's document as a node holds it: one Automerge document, compacted or not, that
+//! speaks the original history to everyone else.
+//!
+//! A document never compacted is its own history: every method is Automerge's. Once
+//! compacted ([`super::compaction`]), the Automerge document is this node's local form, and
+//! [`HeldDoc`] translates at its edges: heads, changes served and changes applied are original
+//! ones; a write made here is logged as the original change it stands for. Reads of values go
+//! to [`HeldDoc::local`], which reads exactly as the original would.
+//!
+//! Guarantees: no method hands out a local hash or a local change as if it were original (the
+//! Automerge document is reachable for reads only, through [`HeldDoc::local`], and for writes
+//! through [`HeldDoc::write`]); a version inside the compacted history, other than the cut
+//! itself, is reported as no longer held rather than read wrongly.
+
+use automerge::transaction::{CommitOptions, Transaction};
+use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc};
+
+use super::compaction::{self, CompactionError, Epoch, Forwarded};
+
+/// A record's Automerge document, with what it was compacted from.
+#[derive(Debug, Clone, Default)]
+pub struct HeldDoc {
+    doc: Automerge,
+    epoch: Option<Epoch>,
+}
+
+impl HeldDoc {
+    pub fn new(doc: Automerge, epoch: Option<Epoch>) -> Self {
+        Self { doc, epoch }
+    }
+
+    /// The document to read values from (never hashes: see [`Self::heads`]).
+    pub fn local(&self) -> &Automerge {
+        &self.doc
+    }
+
+    /// What the document was compacted from, if it was.
+    pub fn epoch(&self) -> Option<&Epoch> {
+        self.epoch.as_ref()
+    }
+
+    /// The heads, as original hashes, sorted.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        let local = self.doc.get_heads();
+        match &self.epoch {
+            None => local,
+            Some(epoch) => epoch.original_heads(&local).unwrap_or(local),
+        }
+    }
+
+    /// Whether the document holds the original change `hash` (a change inside the compacted
+    /// history other than a cut head is not known by its hash alone: see
+    /// [`Self::holds_change`]).
+    pub fn holds(&self, hash: &ChangeHash) -> bool {
+        match &self.epoch {
+            None => self
+                .doc
+                .get_missing_deps(std::slice::from_ref(hash))
+                .is_empty(),
+            Some(epoch) => epoch.local_heads(std::slice::from_ref(hash)).is_some(),
+        }
+    }
+
+    /// Whether the document holds `change`.
+    pub fn holds_change(&self, change: &Change) -> bool {
+        self.epoch
+            .as_ref()
+            .is_some_and(|epoch| epoch.holds_inside(change))
+            || self.holds(&change.hash())
+    }
+
+    /// The original change `hash`, if the document holds it outside the compacted history.
+    pub fn change(&self, hash: &ChangeHash) -> Option<Change> {
+        match &self.epoch {
+            None => self.doc.get_change_by_hash(hash),
+            Some(epoch) => {
+                let local = epoch.local_heads(std::slice::from_ref(hash))?;
+                let [local] = local.as_slice() else {
+                    return None;
+                };
+                let change = self.doc.get_change_by_hash(local)?;
+                epoch.back(&change).ok()
+            }
+        }
+    }
+
+    /// The original changes not in the history of `have` (original heads the document holds),
+    /// in causal order; after a compaction, only those after the cut.
+    pub fn changes(&self, have: &[ChangeHash]) -> Vec<Change> {
+        match &self.epoch {
+            None => self.doc.get_changes(have),
+            Some(epoch) => {
+                let local = epoch.local_heads(have).unwrap_or_default();
+                self.doc
+                    .get_changes(&local)
+                    .iter()
+                    .filter_map(|change| epoch.back(change).ok())
+                    .collect()
+            }
+        }
+    }
+
+    /// Applies original changes, in causal order. After a compaction, a change whose
+    /// dependencies are not held yet is left out (the caller holds it back until they are),
+    /// and a change that does not follow the whole compacted history is refused.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), CompactionError> {
+        let Some(epoch) = &mut self.epoch else {
+            return Ok(self.doc.apply_changes(changes)?);
+        };
+        let mut local = Vec::with_capacity(changes.len());
+        for change in &changes {
+            match epoch.forward(change) {
+                Ok(Forwarded::Local(change)) => local.push(*change),
+                Ok(Forwarded::InsideCut) | Err(CompactionError::MissingDependency { .. }) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(self.doc.apply_changes(local)?)
+    }
+
+    /// The document as it was at original `heads`; `None` when they lie inside the compacted
+    /// history (other than its cut).
+    pub fn fork_at(&self, heads: &[ChangeHash]) -> Result<Option<Self>, AutomergeError> {
+        let local = match &self.epoch {
+            None => heads.to_vec(),
+            Some(epoch) => match epoch.local_heads(heads) {
+                Some(local) => local,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Self {
+            doc: self.doc.fork_at(&local)?,
+            epoch: self.epoch.clone(),
+        }))
+    }
+
+    /// Original `heads` as the local document names them, to read it at that version;
+    /// `None` when they lie inside the compacted history.
+    pub fn local_heads(&self, heads: &[ChangeHash]) -> Option<Vec<ChangeHash>> {
+        match &self.epoch {
+            None => Some(heads.to_vec()),
+            Some(epoch) => epoch.local_heads(heads),
+        }
+    }
+
+    /// Writes one change as `actor` through `edit`: the original change it stands for, or
+    /// `None` when the edit changed nothing. An edit that fails is rolled back.
+    pub fn write<T, E: From<CompactionError>>(
+        &mut self,
+        actor: &ActorId,
+        options: CommitOptions,
+        edit: impl FnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<(T, Option<Change>), E> {
+        self.doc.set_actor(actor.clone());
+        let mut transaction = self.doc.transaction();
+        let value = match edit(&mut transaction) {
+            Ok(value) => value,
+            Err(error) => {
+                transaction.rollback();
+                return Err(error);
+            }
+        };
+        let (hash, _) = transaction.commit_with(options);
+        let Some(hash) = hash else {
+            return Ok((value, None));
+        };
+        let local = self
+            .doc
+            .get_change_by_hash(&hash)
+            .ok_or(CompactionError::Untranslated(hash))?;
+        let original = match &mut self.epoch {
+            None => local,
+            Some(epoch) => epoch.native(&local)?,
+        };
+        Ok((value, Some(original)))
+    }
+
+    /// Compacts the history up to original heads `cut`.
+    pub fn compact(&mut self, cut: &[ChangeHash]) -> Result<(), CompactionError> {
+        let local = self.local_heads(cut).ok_or(CompactionError::InsideCut)?;
+        let (doc, epoch) = compaction::compact(&self.doc, self.epoch.as_ref(), &local)?;
+        let actor = self.doc.get_actor().clone();
+        self.doc = doc.with_actor(actor);
+        self.epoch = Some(epoch);
+        Ok(())
+    }
+
+    /// The local document saved, and its epoch encoded (`None` for a document never
+    /// compacted).
+    pub fn save(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        (self.doc.save(), self.epoch.as_ref().map(Epoch::to_bytes))
+    }
+
+    /// A document saved by [`Self::save`].
+    pub fn load(saved: &[u8], epoch: Option<&[u8]>) -> Result<Self, CompactionError> {
+        Ok(Self {
+            doc: Automerge::load(saved)?,
+            epoch: epoch.map(Epoch::from_bytes).transpose()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::ROOT;
+
+    use super::*;
+
+    fn actor(byte: u8) -> ActorId {
+        ActorId::from(vec![byte; 18])
+    }
+
+    fn put(doc: &mut HeldDoc, actor: &ActorId, field: &str, value: i64) -> Change {
+        let ((), change) = doc
+            .write::<_, CompactionError>(actor, CommitOptions::default(), |tx| {
+                tx.put(ROOT, field, value)?;
+                Ok(())
+            })
+            .unwrap();
+        change.unwrap()
+    }
+
+    #[test]
+    fn a_compacted_document_saved_and_loaded_goes_on_with_a_plain_one() {
+        let (paris, tokyo) = (actor(1), actor(2));
+        let mut a = HeldDoc::default();
+        let mut b = HeldDoc::default();
+        for i in 0..100 {
+            let change = put(&mut a, &paris, "price", i);
+            b.apply(vec![change]).unwrap();
+        }
+        let cut = a.heads();
+        a.compact(&cut).unwrap();
+        assert_eq!(a.heads(), b.heads());
+        let (saved, epoch) = a.save();
+        let mut a = HeldDoc::load(&saved, epoch.as_deref()).unwrap();
+        // Both write on; each applies the other's originals.
+        let from_a = put(&mut a, &paris, "price", 1000);
+        let from_b = put(&mut b, &tokyo, "stock", 7);
+        a.apply(vec![from_b.clone()]).unwrap();
+        b.apply(vec![from_a.clone()]).unwrap();
+        assert_eq!(a.heads(), b.heads());
+        assert_eq!(a.local().hydrate(None), b.local().hydrate(None));
+        assert_eq!(a.change(&from_b.hash()).unwrap().hash(), from_b.hash());
+        assert_eq!(a.changes(&cut).len(), 2);
+        assert!(a.holds_change(&b.changes(&[])[3]), "inside the cut");
+        assert!(a.fork_at(b.changes(&[])[3].deps()).unwrap().is_none());
+        assert!(a.fork_at(&[from_a.hash()]).unwrap().is_some());
+    }
+}
