@@ -299,7 +299,7 @@ fn engine_level(records: usize) {
         docs_a.push(
             node_a
                 .documents()
-                .read(&id(n), Automerge::clone)
+                .read(&id(n), |doc| doc.local().clone())
                 .expect("read"),
         );
     }

@@ -547,3 +547,88 @@ async fn a_removed_node_holds_nothing_back_and_is_refused() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Two nodes compact the histories both hold: a record updated thousands of times keeps its
+/// values and little more, a deleted one its tombstone, both read alike, and a node new to them
+/// is sent them whole. `CONCORD_TEST_UPDATES` sets the updates (20,000 unless it says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn histories_both_nodes_hold_are_compacted_and_reach_a_new_node_whole() {
+    const REPORTED: Duration = Duration::from_secs(60);
+    const PER_BATCH: usize = 1_000;
+    let updates: usize = std::env::var("CONCORD_TEST_UPDATES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(20_000);
+    let temp = tempfile::tempdir().unwrap();
+    let ca = ca(temp.path(), "ca");
+    let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
+    let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
+    for node in [&mut a, &mut b] {
+        node.compact_histories();
+        node.start().await;
+    }
+    for round in 0..updates.div_ceil(PER_BATCH) {
+        let writes = (0..PER_BATCH)
+            .map(|n| json!({"id": "customers/hot", "fields": {"stock": round * PER_BATCH + n}}))
+            .collect();
+        a.batch(writes);
+    }
+    // a pushes writers back (503) while b lacks many of its changes: b takes them in first.
+    let last = json!(updates.div_ceil(PER_BATCH) * PER_BATCH - 1);
+    eventually("b holds every update", CONVERGE, || {
+        b.get("customers/hot")
+            .is_some_and(|hot| hot["stock"] == last)
+            && a.status()
+                .is_some_and(|status| status["overloaded"].is_null())
+    })
+    .await;
+    b.put("customers/gone", json!({"name": "x".repeat(1_000)}));
+    for n in 0..200 {
+        b.put("customers/gone", json!({"n": n}));
+    }
+    b.delete("customers/gone");
+    // Written last, so that the others' last changes are below every stable mark.
+    a.put("customers/last", json!({"name": "Zed"}));
+    b.put("customers/last", json!({"city": "Oslo"}));
+    let ids = ["customers/hot", "customers/gone", "customers/last"];
+    converge(&[&a, &b], &ids, CONVERGE).await;
+    let whole = a.automerge("customers/hot").len();
+    let sizes = |node: &TestNode| {
+        (
+            node.automerge("customers/hot").len(),
+            node.automerge("customers/gone").len(),
+        )
+    };
+    let compacted = |node: &TestNode| {
+        let (hot, gone) = sizes(node);
+        hot < 4_096 && hot * 10 < whole && gone < 1_024
+    };
+    eventually("both nodes compact what both hold", REPORTED, || {
+        compacted(&a) && compacted(&b)
+    })
+    .await;
+    for node in [&a, &b] {
+        let (hot, gone) = sizes(node);
+        eprintln!(
+            "{}: {updates} updates: {whole} bytes of history, {hot} compacted; a deleted \
+             record: {gone} bytes",
+            node.name
+        );
+        assert!(node.metric("concord_documents_compacted_total") >= 2);
+    }
+    assert_eq!(a.get("customers/hot").unwrap()["stock"], last);
+    assert_eq!(a.get("customers/gone"), None);
+    // A node new to them gets them whole, then goes on with the others.
+    let mut c = TestNode::create(temp.path(), "c", &ca, &[b.listen]);
+    c.compact_histories();
+    c.start().await;
+    converge(&[&a, &b, &c], &ids, CONVERGE).await;
+    c.put("customers/hot", json!({"stock": -1}));
+    a.put("customers/gone", json!({"name": "back"}));
+    converge(&[&a, &b, &c], &ids, CONVERGE).await;
+    assert_eq!(b.get("customers/hot").unwrap()["stock"], json!(-1));
+    assert_eq!(c.get("customers/gone").unwrap()["name"], json!("back"));
+    for node in [&mut a, &mut b, &mut c] {
+        node.stop().await;
+    }
+}

@@ -20,11 +20,11 @@ pub use message::*;
 ///
 /// Version 2 added [`Message::PolicyHash`], version 3 [`Message::Writer`] and
 /// [`Message::LogMark`], version 4 [`Message::Covered`] and [`Message::Withdraw`], version 5
-/// [`Message::Holdings`]. Every frame
+/// [`Message::Holdings`], version 6 [`Message::CompactedDocument`]. Every frame
 /// carries the version that introduced its message ([`Message::introduced_in`]), so a
 /// version-1 peer reads every frame a version-2 node sends it (a node sends a newer message
 /// only to a peer that said it speaks it).
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest protocol version this crate decodes.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
 

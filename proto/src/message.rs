@@ -160,6 +160,19 @@ pub enum Message {
     /// origin's log, as that node reported it at `taken`: relayed, so that every node learns
     /// which log entries every node it knows holds, and which are therefore stable.
     Holdings(Holdings),
+    /// (Version 6.) A document whose history the sender compacted, whole, for a peer that
+    /// lacks the compacted part: the answer to a `NeedDocument` in its place.
+    CompactedDocument(CompactedDocument),
+}
+
+/// A compacted document: its local form saved, and what it was compacted from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompactedDocument {
+    pub doc: String,
+    /// The compacted Automerge document, saved.
+    pub snapshot: Vec<u8>,
+    /// The compaction epoch: the cut it stands for and how its changes translate.
+    pub epoch: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +322,7 @@ impl Message {
             Message::Writer { .. } | Message::LogMark { .. } => 3,
             Message::Covered { .. } | Message::Withdraw { .. } => 4,
             Message::Holdings(_) => 5,
+            Message::CompactedDocument(_) => 6,
             _ => 1,
         }
     }
@@ -377,6 +391,7 @@ impl Message {
                 check_doc(&need.doc)?;
                 check_len("heads", need.have.len(), HEADS_PER_DOCUMENT_MAX)?;
             }
+            Message::CompactedDocument(compacted) => check_doc(&compacted.doc)?,
             Message::DocumentChanges(answer) => {
                 check_doc(&answer.doc)?;
                 check_len("changes", answer.changes.len(), CHANGES_PER_MESSAGE_MAX)?;

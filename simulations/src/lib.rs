@@ -708,7 +708,8 @@ impl Sim {
         for id in &self.ids {
             let found = self.nodes[0]
                 .docs
-                .read(id, |doc| {
+                .read(id, |held| {
+                    let doc = held.local();
                     concord::policy::conflicts(doc, COLLECTION, &self.policies[0]).len()
                 })
                 .map_err(|error| self.violation(format!("node 0 cannot read {id}: {error}")))?;
@@ -1338,7 +1339,7 @@ impl Sim {
                 .filter(|(other, _)| revoked != Some(*other))
                 .any(|(_, (node, opened))| {
                     let docs = opened.as_ref().unwrap_or(&node.docs);
-                    docs.read(id, |doc| document::holds_change(doc, &hash))
+                    docs.read(id, |doc| document::holds_change(doc.local(), &hash))
                         .unwrap_or(false)
                 });
             if held {
@@ -1410,9 +1411,9 @@ impl Sim {
             .map(|(record, hash, _, _)| (*record, *hash))
             .collect();
         for (record, hash) in mine {
-            let present = self.nodes[index]
-                .docs
-                .read(&self.ids[record], |doc| document::holds_change(doc, &hash));
+            let present = self.nodes[index].docs.read(&self.ids[record], |doc| {
+                document::holds_change(doc.local(), &hash)
+            });
             // A record that left the node's read scope keeps only its own changes, for its log.
             let kept = || {
                 self.nodes[index]
@@ -1593,7 +1594,8 @@ impl Sim {
         };
         // No change a node accepted may have pushed its clock further ahead than the bound.
         let bound = concord::sync::CLOCK_AHEAD_MAX_DEFAULT.as_millis() as u64;
-        let stamp = self.nodes[index].docs.read(&id, |doc| {
+        let stamp = self.nodes[index].docs.read(&id, |held| {
+            let doc = held.local();
             concord::record::stamp::ChangeStamp::of_hash(doc, &hash)
         })?;
         if let Some(stamp) = stamp {
@@ -1637,7 +1639,8 @@ impl Sim {
     fn record_state(&self, index: usize, record: usize) -> Result<RecordView, Violation> {
         self.nodes[index]
             .docs
-            .read(&self.ids[record], |doc| {
+            .read(&self.ids[record], |held| {
+                let doc = held.local();
                 let mut heads = doc.get_heads();
                 heads.sort_unstable();
                 let resolved = self
@@ -1840,7 +1843,8 @@ impl Sim {
             }
             let judged = self.nodes[modified]
                 .docs
-                .read(id, |doc| {
+                .read(id, |held| {
+                    let doc = held.local();
                     let change = doc.get_change_by_hash(&hash)?;
                     let deps = change.deps().to_vec();
                     if deps.iter().any(|dep| left_out.contains(dep)) {
@@ -1875,7 +1879,8 @@ impl Sim {
             for index in (0..self.nodes.len()).filter(|index| *index != modified) {
                 let (holds, holds_record) = self.nodes[index]
                     .docs
-                    .read(id, |doc| {
+                    .read(id, |held| {
+                        let doc = held.local();
                         (
                             document::holds_change(doc, &hash),
                             !doc.get_heads().is_empty(),
@@ -1908,7 +1913,8 @@ impl Sim {
                         .map(|node| {
                             self.nodes[node]
                                 .docs
-                                .read(&self.ids[record], |doc| {
+                                .read(&self.ids[record], |held| {
+                                    let doc = held.local();
                                     doc.get_changes(&[])
                                         .iter()
                                         .map(|change| change.hash())
@@ -2081,7 +2087,8 @@ impl Sim {
         let hashes = |index: usize, id: &RecordId| -> BTreeSet<ChangeHash> {
             self.nodes[index]
                 .docs
-                .read(id, |doc| {
+                .read(id, |held| {
+                    let doc = held.local();
                     doc.get_changes(&[])
                         .iter()
                         .map(|change| change.hash())
@@ -2156,7 +2163,8 @@ impl Sim {
                 continue;
             }
             let hash = &hash;
-            let check = self.nodes[0].docs.read(id, |doc| {
+            let check = self.nodes[0].docs.read(id, |held| {
+                let doc = held.local();
                 if !document::holds_change(doc, hash) {
                     return Err(format!(
                         "acknowledged change {hash} of {id} (by node {}) is missing",

@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use automerge::{ActorId, Automerge, ChangeHash};
+use automerge::{ActorId, ChangeHash};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
 use crate::config::{Config, ConfigError, CONFIG_FILE};
 use crate::net::tls;
+use crate::record::held::HeldDoc;
 use crate::record::history::Replay;
 use crate::record::origin::{ACTOR_REGISTRY_COLLECTION, API_SOURCE};
 use crate::record::stamp::ChangeStamp;
@@ -46,6 +47,9 @@ const HISTORY_ORIGINS_CACHED_MAX: usize = 4096;
 pub struct HistoryReplay<'a> {
     node: &'a Node,
     replay: Replay,
+    /// The document replayed: a compacted one's history starts at its cut (the changes of
+    /// its base are replayed, not listed), and lists the original changes.
+    held: HeldDoc,
     origins: HashMap<ActorId, Option<Map<String, Json>>>,
 }
 
@@ -53,8 +57,18 @@ impl Iterator for HistoryReplay<'_> {
     type Item = Result<HistoryEntry, NodeError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let (change, effect) = self.replay.next()?;
-        Some(self.node.history_entry(&mut self.origins, &change, effect))
+        loop {
+            let (change, effect) = self.replay.next()?;
+            let change = match self.held.epoch() {
+                None => change,
+                Some(epoch) if epoch.is_base(&change.hash()) => continue,
+                Some(epoch) => match epoch.back(&change) {
+                    Ok(original) => original,
+                    Err(error) => return Some(Err(NodeError::Store(error.into()))),
+                },
+            };
+            return Some(self.node.history_entry(&mut self.origins, &change, effect));
+        }
     }
 }
 
@@ -530,6 +544,7 @@ impl Node {
                 .expect("Config::check refuses a zero cache"),
             cache_bytes: config.store.cache_mib * 1024 * 1024,
             compact_after_changes: config.store.compact_after_changes,
+            compact_histories: config.store.compact_histories,
         };
         let fresh = NodeId::random().map_err(NodeError::Random)?;
         let (writer, incarnation) = crate::store::claim_writer(&backend, id, fresh)?;
@@ -1004,7 +1019,7 @@ impl Node {
     pub fn get(&self, id: &RecordId) -> Result<Option<Map<String, Json>>, NodeError> {
         let collection = id.collection.as_str();
         Ok(self.docs.read(id, |doc| {
-            crate::policy::read(doc, None, collection, &self.policies)
+            crate::policy::read(doc.local(), None, collection, &self.policies)
         })?)
     }
 
@@ -1017,14 +1032,15 @@ impl Node {
     ) -> Result<Option<Map<String, Json>>, NodeError> {
         let collection = id.collection.as_str();
         let then = self.docs.read(id, |doc| {
-            document::holds_change(doc, version).then(|| {
-                crate::policy::read(
-                    doc,
-                    Some(std::slice::from_ref(version)),
-                    collection,
-                    &self.policies,
-                )
-            })
+            let local = doc
+                .local_heads(std::slice::from_ref(version))
+                .filter(|_| doc.holds(version))?;
+            Some(crate::policy::read(
+                doc.local(),
+                Some(&local),
+                collection,
+                &self.policies,
+            ))
         })?;
         then.ok_or_else(|| NodeError::UnknownVersion {
             id: id.clone(),
@@ -1047,9 +1063,14 @@ impl Node {
             return Err(NodeError::BadVersion(text));
         }
         let matching: Vec<ChangeHash> = self.docs.read(id, |doc| {
-            doc.get_changes(&[])
+            let cut = doc
+                .epoch()
+                .map(|epoch| epoch.cut().to_vec())
+                .unwrap_or_default();
+            doc.changes(&[])
                 .iter()
                 .map(automerge::Change::hash)
+                .chain(cut)
                 .filter(|hash| hash.to_string().starts_with(&text))
                 .collect()
         })?;
@@ -1157,18 +1178,27 @@ impl Node {
         after: Option<&ChangeHash>,
         limit: Option<usize>,
     ) -> Result<HistoryReplay<'_>, NodeError> {
-        let whole = self.docs.read(id, Automerge::clone)?;
-        if whole.get_heads().is_empty() {
+        let held = self.docs.read(id, HeldDoc::clone)?;
+        if held.heads().is_empty() {
             return Err(NodeError::NotFound(id.clone()));
         }
-        let replay =
-            Replay::new(whole, after, limit).map_err(|unknown| NodeError::UnknownVersion {
-                id: id.clone(),
-                version: unknown.0.to_string(),
-            })?;
+        let unknown = |version: &ChangeHash| NodeError::UnknownVersion {
+            id: id.clone(),
+            version: version.to_string(),
+        };
+        let after = match after {
+            Some(after) => match held.local_heads(std::slice::from_ref(after)).as_deref() {
+                Some([local]) => Some(*local),
+                _ => return Err(unknown(after)),
+            },
+            None => None,
+        };
+        let replay = Replay::new(held.local().clone(), after.as_ref(), limit)
+            .map_err(|error| unknown(&error.0))?;
         Ok(HistoryReplay {
             node: self,
             replay,
+            held,
             origins: HashMap::new(),
         })
     }
@@ -1281,7 +1311,7 @@ impl Node {
         for id in ids {
             let collection = id.collection.as_str();
             let fields = self.docs.read(&id, |doc| {
-                crate::policy::conflicts(doc, collection, &self.policies)
+                crate::policy::conflicts(doc.local(), collection, &self.policies)
             })?;
             if fields.is_empty() {
                 continue;
@@ -1312,7 +1342,7 @@ impl Node {
             Settlement::Pick(index) => {
                 let collection = id.collection.as_str();
                 let conflicts = self.docs.read(id, |doc| {
-                    crate::policy::conflicts(doc, collection, &self.policies)
+                    crate::policy::conflicts(doc.local(), collection, &self.policies)
                 })?;
                 let conflict = conflicts
                     .into_iter()

@@ -135,6 +135,8 @@ pub struct ReclamationStatus {
     pub origins: Vec<OriginReclamation>,
     /// Every node known to replication (peers, and nodes their reports named).
     pub known_nodes: Vec<KnownNode>,
+    /// Records whose changes became stable, waiting for their history to be compacted.
+    pub compaction_pending: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -177,6 +179,7 @@ impl ReclamationStatus {
             })
             .collect();
         Self {
+            compaction_pending: reclamation.compaction_pending as u64,
             unstable_entries: reclamation
                 .origins
                 .iter()
@@ -260,6 +263,8 @@ pub struct EngineStats {
     pub repair_documents: u64,
     /// Log entries truncated here, every known node holding them.
     pub log_entries_truncated: u64,
+    /// Documents whose stable history was compacted here.
+    pub documents_compacted: u64,
     /// Peers caught up by whole documents, lacking entries truncated here.
     pub catch_ups: u64,
     pub withdrawn_documents: u64,
@@ -352,6 +357,7 @@ impl EngineStats {
             conflicts: stats.conflicts,
             repair_documents: stats.repair_documents,
             log_entries_truncated: stats.log_entries_truncated,
+            documents_compacted: stats.documents_compacted,
             catch_ups: stats.catch_ups,
             withdrawn_documents: stats.withdrawn_documents,
             withdrawals_dropped: stats.withdrawals_dropped,
@@ -1232,6 +1238,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             engine.log_entries_truncated,
         ),
         (
+            "concord_documents_compacted_total",
+            "Documents whose history, once every node held it, was compacted here.",
+            engine.documents_compacted,
+        ),
+        (
             "concord_catch_ups_total",
             "Peers caught up by whole documents, lacking log entries truncated here.",
             engine.catch_ups,
@@ -1379,6 +1390,11 @@ pub fn metrics_text(shared: &Shared) -> String {
             "Log entries held here that some known node does not hold yet (they cannot be \
              reclaimed).",
             status.reclamation.unstable_entries,
+        ),
+        (
+            "concord_documents_compaction_pending",
+            "Records whose changes became stable, waiting for their history to be compacted.",
+            status.reclamation.compaction_pending,
         ),
         (
             "concord_known_nodes",

@@ -44,6 +44,7 @@ use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
+use super::stamp::ChangeStamp;
 use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType, SortedVec};
 use automerge::{
     ActorId, Automerge, AutomergeError, Change, ChangeHash, ExpandedChange, ObjType, ReadDoc,
@@ -72,6 +73,8 @@ pub enum CompactionError {
     InsideCut,
     #[error("a stored compaction epoch is unreadable: {0}")]
     Corrupt(String),
+    #[error("compacted, the document would take {saved} bytes, over the {saved_max} one message carries")]
+    TooLarge { saved: usize, saved_max: usize },
 }
 
 /// How an actor's sequence numbers shift in a compacted document.
@@ -152,6 +155,16 @@ impl Epoch {
         &self.cut
     }
 
+    /// The base's last change (local), if anything was visible at the cut.
+    pub fn base(&self) -> Option<ChangeHash> {
+        self.base
+    }
+
+    /// Changes in the base.
+    pub fn base_len(&self) -> usize {
+        self.base_changes.len()
+    }
+
     /// Changes after the cut this epoch translated.
     pub fn translated(&self) -> usize {
         self.kept.len()
@@ -163,6 +176,21 @@ impl Epoch {
         self.shifts
             .get(change.actor_id())
             .is_some_and(|shift| change.seq() <= shift.original)
+    }
+
+    /// Whether this epoch's compacted history holds all of `other`'s: a history closed under
+    /// dependencies is each actor's first changes, so it is a matter of counting them.
+    pub fn covers(&self, other: &Epoch) -> bool {
+        other
+            .shifts
+            .iter()
+            .all(|(actor, shift)| self.shift(actor).original >= shift.original)
+    }
+
+    /// Whether `dep`, a dependency of original `change`, lies in the compacted history: a cut
+    /// head, or the change's actor's last change in the cut.
+    pub fn is_cut_dependency(&self, change: &Change, dep: &ChangeHash) -> bool {
+        self.cut.contains(dep) || self.shift(change.actor_id()).last == Some(*dep)
     }
 
     /// The local form of an original change received, to apply to the compacted document.
@@ -186,9 +214,12 @@ impl Epoch {
                 });
             }
         }
-        // A change after the cut with no dependency after it must name every cut head.
+        // A change after the cut with no dependency after it must name every cut head; one
+        // with no dependency at all (a document made afresh elsewhere, merged into this one)
+        // refers to nothing but its own operations, and means here what it meant there.
         let heads = cut_deps.iter().filter(|dep| self.cut.contains(dep)).count();
-        if deps.is_empty() && heads != self.cut.len() {
+        let fresh = original.deps().is_empty();
+        if deps.is_empty() && heads != self.cut.len() && !fresh {
             return Err(CompactionError::ConcurrentWithCut { change: hash });
         }
         if !cut_deps.is_empty() {
@@ -378,6 +409,18 @@ impl Epoch {
         Ok(epoch)
     }
 
+    /// Whether local change `hash` is one of the base's.
+    pub fn is_base(&self, hash: &ChangeHash) -> bool {
+        self.base_changes.contains(hash)
+    }
+
+    /// Forgets a translated change taken out of the document.
+    pub fn forget_original(&mut self, original: &ChangeHash) {
+        if let Some(local) = self.local.get(original).copied() {
+            self.forget(&local);
+        }
+    }
+
     fn shift(&self, actor: &ActorId) -> Shift {
         self.shifts.get(actor).copied().unwrap_or_default()
     }
@@ -394,6 +437,17 @@ impl Epoch {
     }
 }
 
+/// A compacted document saved as its changes, one after another: Automerge's document format
+/// infers each change's first operation from its dependencies, which the base's changes,
+/// keeping their operations' own ids, do not follow. Any Automerge loads it.
+pub fn save_changes(doc: &Automerge) -> Vec<u8> {
+    let mut saved = Vec::new();
+    for mut change in doc.get_changes(&[]) {
+        saved.extend_from_slice(&change.bytes());
+    }
+    saved
+}
+
 /// Compacts `doc` (the local form under `epoch`, `None` for a document never compacted) at
 /// `cut` (local heads): the new document and its epoch.
 pub fn compact(
@@ -402,8 +456,10 @@ pub fn compact(
     cut: &[ChangeHash],
 ) -> Result<(Automerge, Epoch), CompactionError> {
     let at = doc.fork_at(cut)?;
+    // The cut's own heads: `cut` may name changes that others of it follow.
+    let cut = &at.get_heads();
     let inside = at.get_changes(&[]);
-    let base = base_changes(&inside)?;
+    let base = base_changes(&inside, clock_of(&at, cut))?;
     let original_cut = match epoch {
         Some(epoch) => epoch.original_heads(cut)?,
         None => cut
@@ -451,6 +507,26 @@ pub fn compact(
         return Err(CompactionError::Diverged);
     }
     Ok((compacted, next))
+}
+
+/// The stamp the base's last change carries: the latest clock among the cut's heads, and
+/// nothing else (no author: the base's operations have many), so that a change written on
+/// the compacted document stamps after everything in the cut, as it would have.
+fn clock_of(at: &Automerge, cut: &[ChangeHash]) -> Option<(String, i64)> {
+    cut.iter()
+        .filter_map(|hash| at.get_change_by_hash(hash))
+        .map(|change| {
+            let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
+            (stamp.hlc, change.timestamp(), change.hash())
+        })
+        .max()
+        .map(|(hlc, time, _)| {
+            let stamp = ChangeStamp {
+                hlc,
+                ..ChangeStamp::default()
+            };
+            (stamp.to_message(), time)
+        })
 }
 
 /// Each actor's changes in the cut (original) and in the base, and its last in the cut.
@@ -663,7 +739,11 @@ impl Replay {
 /// The base: the operations kept, sorted by id, in the fewest changes whose ids run on, each
 /// depending on the one before; then, when the last operation of the cut was not kept, an
 /// empty change that ends where it did, so that no operation written later reuses an id.
-fn base_changes(inside: &[Change]) -> Result<Vec<Change>, CompactionError> {
+/// The last change carries `clock` (message, time).
+fn base_changes(
+    inside: &[Change],
+    clock: Option<(String, i64)>,
+) -> Result<Vec<Change>, CompactionError> {
     let kept = Replay::of(inside)?.kept();
     let mut runs: Vec<(OpId, Vec<Op>)> = Vec::new();
     for (id, op) in kept {
@@ -687,18 +767,23 @@ fn base_changes(inside: &[Change]) -> Result<Vec<Change>, CompactionError> {
     }
     let mut seqs: HashMap<ActorId, u64> = HashMap::new();
     let mut changes: Vec<Change> = Vec::with_capacity(runs.len());
-    for (start, operations) in runs {
+    let last = runs.len().saturating_sub(1);
+    for (index, (start, operations)) in runs.into_iter().enumerate() {
         let seq = seqs.entry(start.1.clone()).or_default();
         *seq += 1;
         let start_op = NonZeroU64::new(start.0).ok_or(CompactionError::Diverged)?;
+        let (message, time) = match &clock {
+            Some((message, time)) if index == last => (Some(message.clone()), *time),
+            _ => (None, 0),
+        };
         let change = Change::from(ExpandedChange {
             operations,
             actor_id: start.1,
             hash: None,
             seq: *seq,
             start_op,
-            time: 0,
-            message: None,
+            time,
+            message,
             deps: changes.last().map(Change::hash).into_iter().collect(),
             extra_bytes: Vec::new(),
             author: None,

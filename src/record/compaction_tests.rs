@@ -264,6 +264,26 @@ impl Mesh {
         let (mut compacted, next) = compact(&doc, epoch.as_ref(), &local).unwrap();
         compacted.set_actor(actor(1));
         assert_eq!(dump(&compacted), dump(&doc));
+        // Saved and loaded again, as the store keeps it.
+        let compacted = Automerge::load(&super::save_changes(&compacted))
+            .unwrap_or_else(|error| {
+                let changes: Vec<_> = compacted
+                    .get_changes(&[])
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.actor_id().clone(),
+                            c.seq(),
+                            c.start_op(),
+                            c.len(),
+                            c.deps().to_vec(),
+                            c.message().map(str::to_owned),
+                        )
+                    })
+                    .collect();
+                panic!("{error}: {changes:?}")
+            })
+            .with_actor(actor(1));
         // The same cut, compacted from replica 1's whole history: the same base.
         let (_, whole) = compact(&self.plain[1], None, cut).unwrap();
         assert_eq!(whole.cut(), next.cut());

@@ -12,6 +12,8 @@
 //! through [`HeldDoc::write`]); a version inside the compacted history, other than the cut
 //! itself, is reported as no longer held rather than read wrongly.
 
+use std::collections::BTreeSet;
+
 use automerge::transaction::{CommitOptions, Transaction};
 use automerge::{ActorId, Automerge, AutomergeError, Change, ChangeHash, ReadDoc};
 
@@ -32,6 +34,13 @@ impl HeldDoc {
     /// The document to read values from (never hashes: see [`Self::heads`]).
     pub fn local(&self) -> &Automerge {
         &self.doc
+    }
+
+    /// Changes the document holds other than its base: its whole history when never
+    /// compacted.
+    pub fn changes_beyond_base(&self) -> usize {
+        let changes = self.doc.stats().num_changes as usize;
+        changes - self.epoch.as_ref().map_or(0, Epoch::base_len)
     }
 
     /// What the document was compacted from, if it was.
@@ -69,6 +78,42 @@ impl HeldDoc {
             || self.holds(&change.hash())
     }
 
+    /// Whether the document holds `dep`, a dependency of `change`.
+    pub fn holds_dependency(&self, change: &Change, dep: &ChangeHash) -> bool {
+        self.holds(dep)
+            || self
+                .epoch
+                .as_ref()
+                .is_some_and(|epoch| epoch.is_cut_dependency(change, dep))
+    }
+
+    /// The document as `change` found it (at its dependencies), if it holds them all.
+    pub fn fork_before(&self, change: &Change) -> Option<Self> {
+        let deps = change.deps();
+        if !deps.iter().all(|dep| self.holds_dependency(change, dep)) {
+            return None;
+        }
+        let local = match &self.epoch {
+            None => deps.to_vec(),
+            Some(epoch) => {
+                let outside: Vec<ChangeHash> = deps
+                    .iter()
+                    .filter(|dep| !epoch.is_cut_dependency(change, dep))
+                    .copied()
+                    .collect();
+                let mut local = epoch.local_heads(&outside)?;
+                if outside.len() < deps.len() {
+                    local.extend(epoch.local_heads(epoch.cut())?);
+                }
+                local
+            }
+        };
+        Some(Self {
+            doc: self.doc.fork_at(&local).ok()?,
+            epoch: self.epoch.clone(),
+        })
+    }
+
     /// The original change `hash`, if the document holds it outside the compacted history.
     pub fn change(&self, hash: &ChangeHash) -> Option<Change> {
         match &self.epoch {
@@ -100,19 +145,32 @@ impl HeldDoc {
         }
     }
 
-    /// Applies original changes, in causal order. After a compaction, a change whose
-    /// dependencies are not held yet is left out (the caller holds it back until they are),
-    /// and a change that does not follow the whole compacted history is refused.
+    /// Applies original changes, in any order. After a compaction, a change whose
+    /// dependencies are not held (nor among `changes`) is left out, as Automerge would hold it
+    /// back, and a change that does not follow the whole compacted history is refused.
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), CompactionError> {
         let Some(epoch) = &mut self.epoch else {
             return Ok(self.doc.apply_changes(changes)?);
         };
         let mut local = Vec::with_capacity(changes.len());
-        for change in &changes {
-            match epoch.forward(change) {
-                Ok(Forwarded::Local(change)) => local.push(*change),
-                Ok(Forwarded::InsideCut) | Err(CompactionError::MissingDependency { .. }) => {}
-                Err(error) => return Err(error),
+        let mut pending = changes;
+        loop {
+            let before = pending.len();
+            let mut waiting = Vec::new();
+            for change in pending {
+                match epoch.forward(&change) {
+                    Ok(Forwarded::Local(change)) => local.push(*change),
+                    Ok(Forwarded::InsideCut) => {}
+                    Err(CompactionError::MissingDependency { .. }) => waiting.push(change),
+                    // Concurrent with the compacted history: never from a node known when it
+                    // was compacted; left out, as a change whose dependencies never come.
+                    Err(CompactionError::ConcurrentWithCut { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            pending = waiting;
+            if pending.is_empty() || pending.len() == before {
+                break;
             }
         }
         Ok(self.doc.apply_changes(local)?)
@@ -175,10 +233,117 @@ impl HeldDoc {
         Ok((value, Some(original)))
     }
 
-    /// Compacts the history up to original heads `cut`.
-    pub fn compact(&mut self, cut: &[ChangeHash]) -> Result<(), CompactionError> {
+    /// The original changes of `incoming` this document lacks. `incoming` is either a copy of
+    /// this document's local form (as [`Self::save`] exports it) edited elsewhere, whose new
+    /// changes stand for originals as a write here would, or a document of the original
+    /// history.
+    pub fn changes_added(&self, incoming: &Automerge) -> Result<Vec<Change>, CompactionError> {
+        let Some(epoch) = &self.epoch else {
+            return Ok(self.doc.get_changes_added(incoming));
+        };
+        let local_form = epoch
+            .base()
+            .is_some_and(|base| incoming.get_change_by_hash(&base).is_some());
+        if !local_form {
+            return Ok(incoming
+                .get_changes(&[])
+                .into_iter()
+                .filter(|change| !self.holds_change(change))
+                .collect());
+        }
+        let mut preview = epoch.clone();
+        self.doc
+            .get_changes_added(incoming)
+            .iter()
+            .map(|change| preview.native(change))
+            .collect()
+    }
+
+    /// The local form of original change `hash`, to describe it on [`Self::local`].
+    pub fn local_change(&self, hash: &ChangeHash) -> Option<Change> {
+        match &self.epoch {
+            None => self.doc.get_change_by_hash(hash),
+            Some(epoch) => match epoch.local_heads(std::slice::from_ref(hash))?.as_slice() {
+                [local] if !epoch.cut().contains(hash) => self.doc.get_change_by_hash(local),
+                _ => None,
+            },
+        }
+    }
+
+    /// The original change by `actor` with sequence `seq`, if the document holds it outside
+    /// the compacted history.
+    pub fn change_at(&self, actor: &ActorId, seq: u64) -> Option<Change> {
+        self.changes(&[])
+            .into_iter()
+            .find(|change| change.actor_id() == actor && change.seq() == seq)
+    }
+
+    /// The document without original changes `losers` and every change that depends on
+    /// them, rebuilt from what remains (a compacted history stays); and the original changes
+    /// taken out, in causal order.
+    pub fn without(&self, losers: &[ChangeHash]) -> Result<(Self, Vec<Change>), CompactionError> {
+        let mut out: BTreeSet<ChangeHash> = losers.iter().copied().collect();
+        let mut kept = Vec::new();
+        let mut removed = Vec::new();
+        let mut epoch = self.epoch.clone();
+        // In causal order: a change's dependencies come before it.
+        for local in self.doc.get_changes(&[]) {
+            let original = match &self.epoch {
+                Some(epoch) if epoch.is_base(&local.hash()) => {
+                    kept.push(local);
+                    continue;
+                }
+                Some(epoch) => epoch.back(&local)?,
+                None => local.clone(),
+            };
+            if out.contains(&original.hash()) || original.deps().iter().any(|dep| out.contains(dep))
+            {
+                out.insert(original.hash());
+                if let Some(epoch) = &mut epoch {
+                    epoch.forget_original(&original.hash());
+                }
+                removed.push(original);
+            } else {
+                kept.push(local);
+            }
+        }
+        let mut doc = Automerge::new().with_actor(self.doc.get_actor().clone());
+        doc.apply_changes(kept)?;
+        Ok((Self { doc, epoch }, removed))
+    }
+
+    /// Takes back the change `hash` just written, which found the document at original
+    /// heads `before`.
+    pub fn undo(
+        &mut self,
+        before: &[ChangeHash],
+        hash: &ChangeHash,
+    ) -> Result<(), CompactionError> {
+        let local = self.local_heads(before).ok_or(CompactionError::InsideCut)?;
+        self.doc = self.doc.fork_at(&local)?;
+        if let Some(epoch) = &mut self.epoch {
+            epoch.forget_original(hash);
+        }
+        Ok(())
+    }
+
+    /// Compacts the history up to original heads `cut`, unless the compacted document
+    /// saved with its epoch would take more than `saved_bytes_max` bytes (it is then left as
+    /// it is).
+    pub fn compact(
+        &mut self,
+        cut: &[ChangeHash],
+        saved_bytes_max: usize,
+    ) -> Result<(), CompactionError> {
         let local = self.local_heads(cut).ok_or(CompactionError::InsideCut)?;
         let (doc, epoch) = compaction::compact(&self.doc, self.epoch.as_ref(), &local)?;
+        let saved = compaction::save_changes(&doc).len() + epoch.to_bytes().len();
+        if saved > saved_bytes_max {
+            return Err(CompactionError::TooLarge {
+                saved,
+                saved_max: saved_bytes_max,
+            });
+        }
         let actor = self.doc.get_actor().clone();
         self.doc = doc.with_actor(actor);
         self.epoch = Some(epoch);
@@ -186,9 +351,13 @@ impl HeldDoc {
     }
 
     /// The local document saved, and its epoch encoded (`None` for a document never
-    /// compacted).
+    /// compacted). A compacted document is saved as its changes one after another
+    /// ([`compaction::save_changes`]), which any Automerge loads.
     pub fn save(&self) -> (Vec<u8>, Option<Vec<u8>>) {
-        (self.doc.save(), self.epoch.as_ref().map(Epoch::to_bytes))
+        match &self.epoch {
+            None => (self.doc.save(), None),
+            Some(epoch) => (compaction::save_changes(&self.doc), Some(epoch.to_bytes())),
+        }
     }
 
     /// A document saved by [`Self::save`].
@@ -231,7 +400,7 @@ mod tests {
             b.apply(vec![change]).unwrap();
         }
         let cut = a.heads();
-        a.compact(&cut).unwrap();
+        a.compact(&cut, usize::MAX).unwrap();
         assert_eq!(a.heads(), b.heads());
         let (saved, epoch) = a.save();
         let mut a = HeldDoc::load(&saved, epoch.as_deref()).unwrap();

@@ -17,6 +17,8 @@ use super::log::LoggedChange;
 use super::replication::Unplaced;
 use super::session::{LogPlace, NewChange};
 use super::{DocStore, Durability, Store, StoreError};
+use crate::record::compaction::CompactionError;
+use crate::record::held::HeldDoc;
 use crate::record::stamp::ChangeStamp;
 use crate::record::{document, NodeId, RecordId};
 
@@ -233,7 +235,7 @@ impl<S: Store> DocStore<S> {
         let mut fresh: Vec<(LoggedChange, Change)> = Vec::with_capacity(group.len());
         let mut duplicates = Vec::new();
         for (logged, change) in group {
-            if document::holds_change(&loaded.doc, &change.hash()) {
+            if loaded.doc.holds_change(&change) {
                 // Held already, fetched before its place came: its place may show that it
                 // is past a revoked node's cut-off, and then it comes out.
                 let revoked = self
@@ -261,7 +263,7 @@ impl<S: Store> DocStore<S> {
             let ready = change
                 .deps()
                 .iter()
-                .all(|dependency| document::holds_change(&loaded.doc, dependency));
+                .all(|dependency| loaded.doc.holds_dependency(change, dependency));
             let order = if ready { vec![0] } else { Vec::new() };
             return self.apply_ordered(session, doc_key, fresh, &order, duplicates, report);
         }
@@ -277,7 +279,7 @@ impl<S: Store> DocStore<S> {
         let mut waiters: HashMap<usize, Vec<usize>> = HashMap::new();
         for (index, (_, change)) in fresh.iter().enumerate() {
             for dependency in change.deps() {
-                if document::holds_change(&loaded.doc, dependency) {
+                if loaded.doc.holds_dependency(change, dependency) {
                     continue;
                 }
                 match index_of.get(dependency) {
@@ -404,15 +406,15 @@ impl<S: Store> DocStore<S> {
         }
         let loaded = session.document(doc_key)?;
         // A change to an empty document cannot conflict with anything.
-        let was_empty = loaded.doc.get_heads().is_empty();
+        let was_empty = loaded.doc.heads().is_empty();
         let conflicts_before = if was_empty {
             BTreeSet::new()
         } else {
-            document::conflicting_fields(&loaded.doc)
+            document::conflicting_fields(loaded.doc.local())
         };
         let applied = if loaded
             .doc
-            .apply_changes(ready.iter().map(|(_, change)| change.clone()))
+            .apply(ready.iter().map(|(_, change)| change.clone()).collect())
             .is_ok()
         {
             ready
@@ -443,7 +445,7 @@ impl<S: Store> DocStore<S> {
         if !was_empty {
             let collection = String::from_utf8_lossy(doc_key);
             let collection = collection.split('/').next().unwrap_or_default();
-            for field in document::conflicting_fields(&loaded.doc) {
+            for field in document::conflicting_fields(loaded.doc.local()) {
                 if !conflicts_before.contains(&field) {
                     report.conflicts.push(NewConflict {
                         collection: collection.to_owned(),
@@ -497,7 +499,7 @@ impl<S: Store> DocStore<S> {
     /// place (see [`Unplaced`]).
     pub(super) fn judge_incoming(
         &self,
-        doc: &automerge::Automerge,
+        doc: &HeldDoc,
         doc_key: &[u8],
         changes: &[(Option<(NodeId, u64)>, &Change)],
         unplaced: Unplaced,
@@ -528,7 +530,7 @@ impl<S: Store> DocStore<S> {
         }
         // The record as of each change's dependencies needs the changes admitted before it: a
         // scratch copy of the document takes them in.
-        let mut scratch: Option<automerge::Automerge> = None;
+        let mut scratch: Option<HeldDoc> = None;
         let mut refused: HashSet<ChangeHash> = HashSet::new();
         let mut waiting: HashSet<ChangeHash> = HashSet::new();
         let mut verdicts = Vec::with_capacity(changes.len());
@@ -554,17 +556,17 @@ impl<S: Store> DocStore<S> {
                 continue;
             }
             let scratch = scratch.get_or_insert_with(|| doc.clone());
-            let heads = scratch.get_heads();
+            let heads = scratch.heads();
             // Whether the change is in `scratch` already, judged on top of it.
             let mut taken_in = false;
             let verdict = match verdict {
                 Some(verdict) => verdict,
                 None if heads == change.deps() => {
                     // Its dependencies are the document as it stands: the common case.
-                    let before = document::read(&*scratch);
-                    let _ = scratch.apply_changes([(*change).clone()]);
+                    let before = document::read(scratch.local());
+                    let _ = scratch.apply(vec![(*change).clone()]);
                     taken_in = true;
-                    let after = document::read(&*scratch);
+                    let after = document::read(scratch.local());
                     door.judge(
                         author.as_ref(),
                         *place,
@@ -574,10 +576,11 @@ impl<S: Store> DocStore<S> {
                     )
                 }
                 None => {
-                    let before = document::read_at(&*scratch, Some(change.deps()));
-                    let after = scratch.fork_at(change.deps()).ok().and_then(|mut fork| {
-                        let _ = fork.apply_changes([(*change).clone()]);
-                        document::read(&fork)
+                    let fork = scratch.fork_before(change);
+                    let before = fork.as_ref().and_then(|fork| document::read(fork.local()));
+                    let after = fork.and_then(|mut fork| {
+                        let _ = fork.apply(vec![(*change).clone()]);
+                        document::read(fork.local())
                     });
                     door.judge(
                         author.as_ref(),
@@ -591,13 +594,13 @@ impl<S: Store> DocStore<S> {
             match verdict {
                 Ok(()) => {
                     if !taken_in {
-                        let _ = scratch.apply_changes([(*change).clone()]);
+                        let _ = scratch.apply(vec![(*change).clone()]);
                     }
                     verdicts.push(Verdict::Admit);
                 }
                 Err(reason) => {
                     if taken_in {
-                        if let Ok(undone) = scratch.fork_at(&heads) {
+                        if let Ok(Some(undone)) = scratch.fork_at(&heads) {
                             *scratch = undone;
                         }
                     }
@@ -707,21 +710,20 @@ impl<S: Store> DocStore<S> {
         }
         let writers = session.inner.writers.clone();
         let loaded = session.document(doc_key)?;
-        let held = match loaded.doc.apply_changes([change.clone()]) {
-            Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => {
-                return Ok(Tried::Applied)
-            }
+        let held = match loaded.doc.apply(vec![change.clone()]) {
+            Ok(()) if loaded.doc.holds_change(change) => return Ok(Tried::Applied),
             Ok(()) => return Ok(Tried::Invalid("its dependencies were refused".to_owned())),
-            Err(automerge::AutomergeError::DuplicateSeqNumber(seq, actor)) => {
-                match collision::held_at(&loaded.doc, &actor, seq) {
-                    Some(held) => held,
-                    None => {
-                        return Ok(Tried::Invalid(format!(
-                            "actor {actor} already has sequence {seq} in this document"
-                        )))
-                    }
+            Err(CompactionError::Automerge(automerge::AutomergeError::DuplicateSeqNumber(
+                seq,
+                actor,
+            ))) => match loaded.doc.change_at(&actor, seq) {
+                Some(held) => held,
+                None => {
+                    return Ok(Tried::Invalid(format!(
+                        "actor {actor} already has sequence {seq} in this document"
+                    )))
                 }
-            }
+            },
             Err(error) => return Ok(Tried::Invalid(error.to_string())),
         };
         #[cfg(feature = "sabotage")]
@@ -742,15 +744,21 @@ impl<S: Store> DocStore<S> {
         }
         // The change held loses: out it goes, with what depends on it, and what this node's
         // own writers did in those changes is kept to be written again.
-        let (rebuilt, removed) = collision::without(&loaded.doc, &[held.hash()])?;
+        let (rebuilt, removed) = loaded
+            .doc
+            .without(&[held.hash()])
+            .map_err(|error| StoreError::Corrupt(format!("rebuilding a document: {error}")))?;
         let mut effects = Vec::new();
         let mut replaces = Vec::new();
         for taken in &removed {
             if let Some((writer, source)) = NodeId::split_actor(taken.actor_id()) {
                 if writers.owns(&writer) {
+                    let Some(local) = loaded.doc.local_change(&taken.hash()) else {
+                        continue;
+                    };
                     effects.push((
                         source,
-                        document::describe_change(&loaded.doc, taken.deps(), taken.hash()),
+                        document::describe_change(loaded.doc.local(), local.deps(), local.hash()),
                     ));
                     replaces.push(taken.hash());
                 }
@@ -771,8 +779,8 @@ impl<S: Store> DocStore<S> {
             session.queue_reissue(doc_key, effects, replaces)?;
         }
         let loaded = session.document(doc_key)?;
-        match loaded.doc.apply_changes([change.clone()]) {
-            Ok(()) if document::holds_change(&loaded.doc, &change.hash()) => Ok(Tried::Applied),
+        match loaded.doc.apply(vec![change.clone()]) {
+            Ok(()) if loaded.doc.holds_change(change) => Ok(Tried::Applied),
             Ok(()) => Ok(Tried::Invalid("its dependencies were refused".to_owned())),
             Err(error) => Ok(Tried::Invalid(error.to_string())),
         }

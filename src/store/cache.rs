@@ -8,10 +8,11 @@
 
 use std::num::NonZeroUsize;
 
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{ChangeHash, ReadDoc};
 use lru::LruCache;
 
 use super::layout::{Snapshot, StoredDoc};
+use crate::record::held::HeldDoc;
 
 /// Documents kept loaded unless the config says otherwise (~20 KB each when loaded).
 pub const CACHE_DOCUMENTS_DEFAULT: usize = 4096;
@@ -30,7 +31,7 @@ pub const LOADED_DOCUMENT_BYTES: usize = 16 * 1024;
 pub const LOADED_BYTES_PER_OP: usize = 100;
 
 pub(super) struct Loaded {
-    pub(super) doc: Automerge,
+    pub(super) doc: HeldDoc,
     pub(super) stored: StoredDoc,
     pub(super) appended: Appended,
 }
@@ -47,7 +48,7 @@ pub(super) struct Appended {
 impl Loaded {
     pub(super) fn empty() -> Self {
         Self {
-            doc: Automerge::new(),
+            doc: HeldDoc::default(),
             stored: StoredDoc::default(),
             appended: Appended::default(),
         }
@@ -56,7 +57,7 @@ impl Loaded {
     /// The memory this document is taken to hold: the loaded document, by the operations in
     /// its history, and the saved bytes kept beside it.
     pub(super) fn weight(&self) -> usize {
-        let ops = usize::try_from(self.doc.stats().num_ops).unwrap_or(usize::MAX);
+        let ops = usize::try_from(self.doc.local().stats().num_ops).unwrap_or(usize::MAX);
         let inline = match &self.stored.snapshot {
             Snapshot::Inline(snapshot) => snapshot.len(),
             Snapshot::None | Snapshot::External => 0,

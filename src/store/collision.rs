@@ -25,11 +25,8 @@
 //! [`REFUSED_BYTES_MAX`] bytes of them; past that a refusal is still recorded and counted,
 //! without the change, whose log place then serves nothing.
 
-use std::collections::HashSet;
+use automerge::{Change, ChangeHash};
 
-use automerge::{ActorId, Automerge, Change, ChangeHash};
-
-use super::StoreError;
 use crate::record::stamp::ChangeStamp;
 
 /// Refused changes kept with their bytes, at most.
@@ -56,47 +53,13 @@ pub fn stands_against(incoming: &Change, held: &Change) -> bool {
     rank(incoming) < rank(held)
 }
 
-/// The change of `doc` by `actor` with sequence `seq`, if it holds one.
-pub fn held_at(doc: &Automerge, actor: &ActorId, seq: u64) -> Option<Change> {
-    doc.get_changes(&[])
-        .into_iter()
-        .find(|change| change.actor_id() == actor && change.seq() == seq)
-}
-
-/// `doc` without `losers` and every change that depends on them, rebuilt from the changes
-/// that remain; and the changes taken out, in causal order.
-pub fn without(
-    doc: &Automerge,
-    losers: &[ChangeHash],
-) -> Result<(Automerge, Vec<Change>), StoreError> {
-    let mut out: HashSet<ChangeHash> = losers.iter().copied().collect();
-    let mut kept = Vec::new();
-    let mut removed = Vec::new();
-    // In causal order: a change's dependencies come before it.
-    for change in doc.get_changes(&[]) {
-        if out.contains(&change.hash()) || change.deps().iter().any(|dep| out.contains(dep)) {
-            out.insert(change.hash());
-            removed.push(change);
-        } else {
-            kept.push(change);
-        }
-    }
-    let mut rebuilt = Automerge::new();
-    rebuilt
-        .apply_changes(kept)
-        .map_err(|error| StoreError::Corrupt(format!("rebuilding a document: {error}")))?;
-    assert!(
-        !removed.is_empty(),
-        "a loser is always among the document's changes"
-    );
-    Ok((rebuilt, removed))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::held::HeldDoc;
     use automerge::transaction::{CommitOptions, Transactable};
     use automerge::ReadDoc;
+    use automerge::{ActorId, Automerge};
 
     fn change(doc: &mut Automerge, actor: &ActorId, hlc: u64, value: i64) -> Change {
         doc.set_actor(actor.clone());
@@ -126,13 +89,13 @@ mod tests {
         let follower = change(&mut copy, &other, 31, 43);
         assert_eq!(early.seq(), late.seq());
         assert!(stands_against(&early, &late) && !stands_against(&late, &early));
-        assert_eq!(held_at(&copy, &actor, 2).unwrap().hash(), late.hash());
-        let (rebuilt, removed) = without(&copy, &[late.hash()]).unwrap();
+        let copy = HeldDoc::new(copy, None);
+        assert_eq!(copy.change_at(&actor, 2).unwrap().hash(), late.hash());
+        let (mut rebuilt, removed) = copy.without(&[late.hash()]).unwrap();
         let removed: Vec<ChangeHash> = removed.iter().map(Change::hash).collect();
         assert_eq!(removed, vec![late.hash(), follower.hash()]);
-        assert_eq!(rebuilt.get_heads(), vec![first.hash()]);
-        let mut rebuilt = rebuilt;
-        rebuilt.apply_changes([early.clone()]).unwrap();
-        assert_eq!(rebuilt.get_heads(), base.get_heads());
+        assert_eq!(rebuilt.heads(), vec![first.hash()]);
+        rebuilt.apply(vec![early.clone()]).unwrap();
+        assert_eq!(rebuilt.heads(), base.get_heads());
     }
 }

@@ -24,6 +24,7 @@ use super::layout::{self, LogEntry, Snapshot, StoredDoc};
 use super::progress::{scan_origins, OriginProgress};
 use super::session::WriteSession;
 use super::{Batch, Store, StoreError};
+use crate::record::held::HeldDoc;
 use crate::record::origin::{check_source_name, SOURCES_PER_NODE_MAX};
 use crate::record::stamp::{self, ChangeStamp};
 use crate::record::{document, Collection, Key, NodeId, RecordError, RecordId};
@@ -51,6 +52,9 @@ pub struct DocStoreConfig {
     /// Memory the cached documents may take, by their weight ([`Loaded::weight`]).
     pub cache_bytes: usize,
     pub compact_after_changes: u32,
+    /// Compact the histories of documents once they are stable ([`super::stable`]); off
+    /// unless the config says otherwise (`store.compact_histories`).
+    pub compact_histories: bool,
 }
 
 impl Default for DocStoreConfig {
@@ -59,6 +63,7 @@ impl Default for DocStoreConfig {
             cache_documents: NonZeroUsize::new(CACHE_DOCUMENTS_DEFAULT).expect("nonzero constant"),
             cache_bytes: CACHE_MIB_DEFAULT * 1024 * 1024,
             compact_after_changes: COMPACT_AFTER_CHANGES_DEFAULT,
+            compact_histories: false,
         }
     }
 }
@@ -126,6 +131,8 @@ pub(super) struct Inner {
     /// Per origin, the place at and below which its log was truncated
     /// ([`super::truncation`]).
     pub(super) floors: BTreeMap<NodeId, u64>,
+    /// Documents with changes newly stable, to compact ([`super::stable`]).
+    pub(super) stable_pending: super::stable::StablePending,
 }
 
 /// Most entries the withdrawal feed keeps ([`DocStore::withdrawals_after`]): each withdrawal
@@ -493,7 +500,7 @@ impl<S: Store> DocStore<S> {
     pub(super) fn lacks_kept_own_change(
         &self,
         doc_key: &[u8],
-        doc: &Automerge,
+        doc: &HeldDoc,
     ) -> Result<bool, StoreError> {
         let prefix = layout::kept_prefix(doc_key);
         let mut after: Option<Vec<u8>> = None;
@@ -505,7 +512,7 @@ impl<S: Store> DocStore<S> {
                 let Ok(hash) = ChangeHash::try_from(&key[prefix.len()..]) else {
                     continue;
                 };
-                if !document::holds_change(doc, &hash) {
+                if !doc.holds(&hash) {
                     return Ok(true);
                 }
             }
@@ -556,7 +563,7 @@ impl<S: Store> DocStore<S> {
     pub fn read<T>(
         &self,
         id: &RecordId,
-        read: impl FnOnce(&Automerge) -> T,
+        read: impl FnOnce(&HeldDoc) -> T,
     ) -> Result<T, StoreError> {
         let mut inner = self.inner();
         let loaded = self.loaded(&mut inner, &id.to_doc_key())?;
@@ -629,7 +636,7 @@ impl<S: Store> DocStore<S> {
     pub fn stored(&self, id: &RecordId) -> Result<Option<StoredDoc>, StoreError> {
         self.store
             .get(&layout::doc_key(&id.to_doc_key()))?
-            .map(|bytes| layout::decode("document", &bytes))
+            .map(|bytes| StoredDoc::decode(&bytes))
             .transpose()
     }
 
@@ -685,7 +692,7 @@ impl<S: Store> DocStore<S> {
             .map(|(key, value)| {
                 let id = RecordId::from_doc_key(layout::doc_key_of(&key))
                     .map_err(|error| StoreError::Corrupt(format!("stored record id: {error}")))?;
-                let stored = layout::decode("document", &value)?;
+                let stored = StoredDoc::decode(&value)?;
                 Ok(StoredRecord { id, stored })
             })
             .collect()
@@ -733,10 +740,10 @@ impl<S: Store> DocStore<S> {
     pub fn export(&self, id: &RecordId) -> Result<Option<Vec<u8>>, StoreError> {
         self.sync()?;
         self.read(id, |doc| {
-            if doc.get_heads().is_empty() {
+            if doc.heads().is_empty() {
                 None
             } else {
-                Some(doc.save())
+                Some(doc.save().0)
             }
         })
     }
@@ -761,7 +768,7 @@ impl<S: Store> DocStore<S> {
         let Some(bytes) = self.store.get(&layout::doc_key(doc_key))? else {
             return Ok(Loaded::empty());
         };
-        let stored: StoredDoc = layout::decode("document", &bytes)?;
+        let stored: StoredDoc = StoredDoc::decode(&bytes)?;
         let (doc, heads_match, appended) = load_document(&self.store, doc_key, &stored)?;
         // Check after reading back: the document must be exactly what was recorded.
         if !heads_match {
@@ -785,22 +792,23 @@ pub(super) fn load_document<S: Store>(
     store: &S,
     doc_key: &[u8],
     stored: &StoredDoc,
-) -> Result<(Automerge, bool, Appended), StoreError> {
+) -> Result<(HeldDoc, bool, Appended), StoreError> {
     let corrupt =
         |what: String| StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)));
     let mut appended = Appended::default();
+    let epoch = stored.epoch.as_deref();
     let mut doc = match &stored.snapshot {
-        Snapshot::None => Automerge::new(),
+        Snapshot::None => HeldDoc::default(),
         Snapshot::Inline(snapshot) => {
             appended.snapshot_bytes = snapshot.len();
-            Automerge::load(snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            HeldDoc::load(snapshot, epoch).map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
         Snapshot::External => {
             let snapshot = store
                 .get(&layout::snapshot_key(doc_key))?
                 .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
             appended.snapshot_bytes = snapshot.len();
-            Automerge::load(&snapshot).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            HeldDoc::load(&snapshot, epoch).map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
     };
     let mut changes = stored
@@ -813,10 +821,9 @@ pub(super) fn load_document<S: Store>(
         appended.bytes += bytes.len();
         changes.push(Change::from_bytes(bytes).map_err(|e| corrupt(format!("change: {e}")))?);
     }
-    doc.apply_changes(changes)
+    doc.apply(changes)
         .map_err(|e| corrupt(format!("applying changes: {e}")))?;
-    let mut heads = doc.get_heads();
-    heads.sort_unstable();
+    let heads = doc.heads();
     Ok((doc, heads == stored.change_hashes(), appended))
 }
 
@@ -871,6 +878,7 @@ fn scan_inner<S: Store>(
         scoped_building: None,
         next_withdrawal,
         floors,
+        stable_pending: BTreeMap::new(),
     })
 }
 
@@ -900,7 +908,7 @@ fn scan_documents<S: Store>(store: &S) -> Result<(DigestTree, u64), StoreError> 
     let mut digest = DigestTree::default();
     let mut live = 0;
     for_each_entry(store, layout::DOCS_PREFIX, |key, value| {
-        let stored: StoredDoc = layout::decode("document", value)?;
+        let stored: StoredDoc = StoredDoc::decode(value)?;
         let doc_key = layout::doc_key_of(key);
         digest.update(doc_key, &[], &stored.change_hashes());
         live += u64::from(counts_as_live(doc_key, stored.record_state()));

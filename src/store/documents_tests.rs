@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::record::document::{apply_delete, apply_write, RecordWrite};
+use crate::record::held::HeldDoc;
 use crate::store::digest;
 use crate::store::layout::SNAPSHOT_INLINE_BYTES_MAX;
 use crate::store::MemoryStore;
@@ -176,7 +177,7 @@ fn a_write_is_stamped_to_the_millisecond_with_its_writer() {
     write(1_764_000_000_250, 2);
     let stamps: Vec<(ChangeStamp, i64)> = docs
         .read(&id, |doc| {
-            doc.get_changes(&[])
+            doc.changes(&[])
                 .iter()
                 .map(|change| {
                     let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
@@ -221,7 +222,12 @@ fn writes_survive_reopen_and_compaction() {
     .unwrap();
     store.crash(0);
     let reopened = open(store, node, 4);
-    assert_eq!(reopened.read(&ids[0], document::read).unwrap(), None);
+    assert_eq!(
+        reopened
+            .read(&ids[0], |doc| document::read(doc.local()))
+            .unwrap(),
+        None
+    );
     // The repair digest rebuilt from disk equals the one kept up to date by the writes.
     for prefix in crate::store::digest::children("") {
         assert_eq!(reopened.digest(&prefix), docs.digest(&prefix));
@@ -235,7 +241,10 @@ fn writes_survive_reopen_and_compaction() {
         .sum();
     assert_eq!(documents, 5);
     for id in &ids[1..] {
-        let fields = reopened.read(id, document::read).unwrap().unwrap();
+        let fields = reopened
+            .read(id, |doc| document::read(doc.local()))
+            .unwrap()
+            .unwrap();
         assert_eq!(fields.get("n"), Some(&json!(9)));
     }
     let listed = reopened
@@ -268,7 +277,12 @@ fn deferred_writes_are_lost_only_until_synced() {
     .unwrap();
     store.crash(0);
     let reopened = open(store.clone(), node, 32);
-    assert_eq!(reopened.read(&id, document::read).unwrap(), None);
+    assert_eq!(
+        reopened
+            .read(&id, |doc| document::read(doc.local()))
+            .unwrap(),
+        None
+    );
     reopened
         .write(&id, &node.actor(0), 0, Durability::Deferred, |tx| {
             apply_write(tx, &write)
@@ -277,7 +291,10 @@ fn deferred_writes_are_lost_only_until_synced() {
     reopened.sync().unwrap();
     store.crash(0);
     let again = open(store, node, 32);
-    assert!(again.read(&id, document::read).unwrap().is_some());
+    assert!(again
+        .read(&id, |doc| document::read(doc.local()))
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -340,7 +357,7 @@ fn failed_edit_writes_nothing() {
     });
     assert!(result.is_err());
     assert_eq!(store.unflushed_batches(), 0);
-    assert_eq!(docs.read(&id, |doc| doc.get_heads()).unwrap(), vec![]);
+    assert_eq!(docs.read(&id, |doc| doc.heads()).unwrap(), vec![]);
 }
 
 #[test]
@@ -377,7 +394,10 @@ fn large_documents_keep_their_snapshot_apart() {
     assert!(docs.stored(&id).unwrap().unwrap().changes.is_empty());
     store.crash(0);
     let reopened = open(store.clone(), node, 32);
-    let fields = reopened.read(&id, document::read).unwrap().unwrap();
+    let fields = reopened
+        .read(&id, |doc| document::read(doc.local()))
+        .unwrap()
+        .unwrap();
     assert_eq!(fields["text"], json!(text));
     assert_eq!(fields["small"], json!(1));
     // The log serves it from there.
@@ -390,7 +410,7 @@ fn large_documents_keep_their_snapshot_apart() {
                 .hash()
         ),
         reopened
-            .read(&id, |doc| doc.get_heads())
+            .read(&id, |doc| doc.heads())
             .unwrap()
             .first()
             .copied()
@@ -418,7 +438,10 @@ fn large_documents_keep_their_snapshot_apart() {
     );
     store.crash(0);
     let reopened = open(store, node, 32);
-    let fields = reopened.read(&id, document::read).unwrap().unwrap();
+    let fields = reopened
+        .read(&id, |doc| document::read(doc.local()))
+        .unwrap()
+        .unwrap();
     assert_eq!(fields["small"], json!(writes));
 }
 
@@ -443,8 +466,16 @@ fn uncommitted_session_leaves_nothing_behind() {
             .unwrap();
         // Dropped without commit, as after an error in a bulk load.
     }
-    assert_eq!(docs.read(&first, document::read).unwrap(), None);
-    assert_eq!(docs.read(&second, document::read).unwrap(), None);
+    assert_eq!(
+        docs.read(&first, |doc| document::read(doc.local()))
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        docs.read(&second, |doc| document::read(doc.local()))
+            .unwrap(),
+        None
+    );
     let mut session = docs.session();
     session
         .write(&first, &node.actor(0), 0, |tx| apply_write(tx, &write))
@@ -455,7 +486,10 @@ fn uncommitted_session_leaves_nothing_behind() {
     session.commit(Durability::Durable).unwrap();
     // One session, one atomic batch, then one flush.
     assert_eq!(store.unflushed_batches(), 0);
-    assert!(docs.read(&second, document::read).unwrap().is_some());
+    assert!(docs
+        .read(&second, |doc| document::read(doc.local()))
+        .unwrap()
+        .is_some());
     assert_eq!(docs.log_entries(&node, 0, 10).unwrap().len(), 2);
 }
 
@@ -466,6 +500,7 @@ fn the_cache_holds_no_more_memory_than_its_budget_however_long_the_histories() {
         cache_documents: NonZeroUsize::new(1000).unwrap(),
         cache_bytes: budget,
         compact_after_changes: 8,
+        ..DocStoreConfig::default()
     };
     let node = NodeId::random().unwrap();
     let docs = DocStore::open(MemoryStore::new(), node, config).unwrap();
@@ -490,7 +525,7 @@ fn the_cache_holds_no_more_memory_than_its_budget_however_long_the_histories() {
     );
     // What left the cache reads back whole.
     for id in &ids {
-        let value = docs.read(id, document::read).unwrap();
+        let value = docs.read(id, |doc| document::read(doc.local())).unwrap();
         assert_eq!(value.map(|fields| fields.len()), Some(5));
     }
 }
@@ -538,7 +573,7 @@ fn loaded_document_memory() {
         .iter()
         .map(|doc| {
             Loaded {
-                doc: doc.clone(),
+                doc: HeldDoc::new(doc.clone(), None),
                 stored: StoredDoc::default(),
                 appended: Default::default(),
             }
@@ -577,7 +612,10 @@ fn a_session_larger_than_the_cache_loses_nothing() {
     }
     session.commit(Durability::Durable).unwrap();
     let reopened = open(store, node, 32);
-    let first = reopened.read(&ids[0], document::read).unwrap().unwrap();
+    let first = reopened
+        .read(&ids[0], |doc| document::read(doc.local()))
+        .unwrap()
+        .unwrap();
     assert_eq!(first.get("f0"), Some(&json!(0)));
     assert_eq!(first.get("f5"), Some(&json!(5)));
     // Every log entry names a change its document holds.

@@ -58,6 +58,18 @@ impl From<fjall::Error> for StoreError {
     }
 }
 
+/// Whether an I/O error met opening a store that exists says it is damaged.
+fn damage_shows_as(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        kind,
+        ErrorKind::AlreadyExists
+            | ErrorKind::NotFound
+            | ErrorKind::InvalidData
+            | ErrorKind::UnexpectedEof
+    )
+}
+
 /// Whether `path` holds a fjall store.
 pub(super) fn holds_store(path: &Path) -> bool {
     path.join(VERSION_FILE).is_file()
@@ -83,7 +95,15 @@ fn open_db(path: &Path, cache_bytes: u64) -> Result<Open, StoreError> {
 impl FjallStore {
     /// Opens (creating if needed) the store in `path`, with a block cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let open = open_db(path, cache_bytes)?;
+        let existed = holds_store(path);
+        let open = open_db(path, cache_bytes).map_err(|error| match error {
+            // A store that was there and lost a file fjall needs is damaged: fjall takes the
+            // missing part for a new one and stumbles on what it finds ("File exists").
+            StoreError::Io(io) if existed && damage_shows_as(io.kind()) => {
+                StoreError::EngineCorrupt(format!("opening it: {io}"))
+            }
+            other => other,
+        })?;
         Ok(Self {
             path: path.to_owned(),
             cache_bytes,

@@ -192,11 +192,35 @@ pub struct StoredDoc {
     /// 0: missing, 1: deleted, 2: live.
     pub state: u8,
     pub snapshot: Snapshot,
-    /// Changes appended since the snapshot, each as Automerge encodes a change.
+    /// Changes appended since the snapshot, each as Automerge encodes a change: original
+    /// changes, as the log serves them, also once the document was compacted.
     pub changes: Vec<Vec<u8>>,
+    /// What the snapshot was compacted from ([`crate::record::compaction::Epoch`], encoded),
+    /// once its history was compacted. Encoded after the fields above, only when present, so
+    /// documents stored before compaction read as they were ([`StoredDoc::encode`]).
+    #[serde(skip)]
+    pub epoch: Option<Vec<u8>>,
 }
 
 impl StoredDoc {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = encode(self);
+        if let Some(epoch) = &self.epoch {
+            bytes.extend(encode(epoch));
+        }
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |error: postcard::Error| StoreError::Corrupt(format!("document: {error}"));
+        let (mut stored, rest): (Self, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(corrupt)?;
+        if !rest.is_empty() {
+            stored.epoch = Some(postcard::from_bytes(rest).map_err(corrupt)?);
+        }
+        Ok(stored)
+    }
+
     pub fn record_state(&self) -> RecordState {
         match self.state {
             1 => RecordState::Deleted,

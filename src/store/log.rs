@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use automerge::{ChangeHash, ReadDoc};
+use automerge::ChangeHash;
 
 use super::layout;
 use super::{DocStore, Store, StoreError};
@@ -124,7 +124,7 @@ impl<S: Store> DocStore<S> {
                 let stored = self
                     .backend()
                     .get(&layout::doc_key(&entry.doc_key))?
-                    .map(|value| layout::decode::<layout::StoredDoc>("document", &value))
+                    .map(|value| layout::StoredDoc::decode(&value))
                     .transpose()?;
                 last = Some((entry.doc_key.clone(), stored));
             }
@@ -154,7 +154,7 @@ impl<S: Store> DocStore<S> {
                         let loaded = self.loaded(inner, &entry.doc_key)?;
                         loaded
                             .doc
-                            .get_change_by_hash(&hash)
+                            .change(&hash)
                             .map(|change| change.raw_bytes().to_vec())
                     };
                     match held {
@@ -248,8 +248,11 @@ impl<S: Store> DocStore<S> {
                 Some(tag) => tag.clone(),
                 None => {
                     let tag = match inner.cache.peek(&entry.doc_key) {
-                        Some(loaded) => super::session::scope_tag(&loaded.doc, &fields),
-                        None => super::session::scope_tag(&self.load(&entry.doc_key)?.doc, &fields),
+                        Some(loaded) => super::session::scope_tag(loaded.doc.local(), &fields),
+                        None => super::session::scope_tag(
+                            self.load(&entry.doc_key)?.doc.local(),
+                            &fields,
+                        ),
                     };
                     current.insert(entry.doc_key.clone(), tag.clone());
                     tag
@@ -308,7 +311,7 @@ impl<S: Store> DocStore<S> {
             return Ok(readable);
         }
         let loaded = self.loaded(inner, doc_key)?;
-        let fields = document::read(&loaded.doc);
+        let fields = document::read(loaded.doc.local());
         Ok(fields.is_some_and(|fields| door.may_read(reader, collection, &fields)))
     }
 

@@ -36,6 +36,7 @@ mod replication;
 pub mod salvage;
 mod session;
 mod sled_store;
+pub mod stable;
 pub mod truncation;
 
 pub use apply::{ApplyReport, NewConflict};
@@ -60,8 +61,15 @@ pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
 pub use replication::{DocumentHeadsEntry, UnloggedOutcome, Unplaced};
 pub use session::WriteSession;
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
+pub use stable::Compacted;
 
 use crate::record::RecordError;
+
+impl From<crate::record::compaction::CompactionError> for StoreError {
+    fn from(error: crate::record::compaction::CompactionError) -> Self {
+        Self::Compaction(Box::new(error))
+    }
+}
 
 /// One key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
@@ -198,6 +206,8 @@ pub enum StoreError {
     Record(#[from] RecordError),
     #[error("not an Automerge document: {0}")]
     InvalidDocument(String),
+    #[error("a compacted history: {0}")]
+    Compaction(Box<crate::record::compaction::CompactionError>),
     #[error(
         "a change of {size} bytes is over the limit of {size_max} bytes (4 MiB less 4 KiB); \
          nothing was stored"

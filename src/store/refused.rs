@@ -92,21 +92,27 @@ impl<S: Store> WriteSession<'_, S> {
         let loaded = self.document(doc_key)?;
         let held: Vec<ChangeHash> = revoked
             .iter()
-            .filter(|hash| document::holds_change(&loaded.doc, hash))
+            .filter(|hash| loaded.doc.holds(hash))
             .copied()
             .collect();
         let Some(first) = held.first().copied() else {
             return Ok((0, false));
         };
-        let (rebuilt, removed) = super::collision::without(&loaded.doc, &held)?;
+        let (rebuilt, removed) = loaded
+            .doc
+            .without(&held)
+            .map_err(|error| StoreError::Corrupt(format!("rebuilding a document: {error}")))?;
         let mut effects = Vec::new();
         let mut replaces = Vec::new();
         for taken in &removed {
             if let Some((taken_writer, source)) = NodeId::split_actor(taken.actor_id()) {
                 if writers.owns(&taken_writer) && !held.contains(&taken.hash()) {
+                    let Some(local) = loaded.doc.local_change(&taken.hash()) else {
+                        continue;
+                    };
                     effects.push((
                         source,
-                        document::describe_change(&loaded.doc, taken.deps(), taken.hash()),
+                        document::describe_change(loaded.doc.local(), local.deps(), local.hash()),
                     ));
                     replaces.push(taken.hash());
                 }
@@ -445,7 +451,7 @@ mod tests {
     }
 
     fn credit(docs: &DocStore<MemoryStore>, id: &RecordId) -> Option<Json> {
-        docs.read(id, document::read)
+        docs.read(id, |doc| document::read(doc.local()))
             .unwrap()
             .and_then(|fields| fields.get("credit").cloned())
     }

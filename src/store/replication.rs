@@ -16,7 +16,7 @@ use super::documents::for_each_entry;
 use super::layout::{self, RefusalReason};
 use super::session::{LogPlace, NewChange};
 use super::{DocStore, Durability, Store, StoreError};
-use crate::record::{document, NodeId, RecordId};
+use crate::record::{NodeId, RecordId};
 
 /// A document key and its heads.
 pub type DocumentHeadsEntry = (Vec<u8>, Vec<ChangeHash>);
@@ -67,10 +67,10 @@ impl<S: Store> DocStore<S> {
         let loaded = self.loaded(&mut inner, doc_key)?;
         let known: Vec<ChangeHash> = have
             .iter()
-            .filter(|hash| document::holds_change(&loaded.doc, hash))
+            .filter(|hash| loaded.doc.holds(hash))
             .copied()
             .collect();
-        let all = loaded.doc.get_changes(&known);
+        let all = loaded.doc.changes(&known);
         let mut taken = Vec::new();
         let mut bytes = 0usize;
         for change in &all {
@@ -123,7 +123,7 @@ impl<S: Store> DocStore<S> {
         let loaded = session.document(doc_key)?;
         let mut pending: Vec<Change> = fresh
             .into_iter()
-            .filter(|change| !document::holds_change(&loaded.doc, &change.hash()))
+            .filter(|change| !loaded.doc.holds_change(change))
             .collect();
         // Only changes whose dependencies are all present (or among these) are applied;
         // Automerge would queue the rest in memory, where a crash or an eviction loses them.
@@ -133,7 +133,7 @@ impl<S: Store> DocStore<S> {
             let (now_ready, still): (Vec<Change>, Vec<Change>) =
                 pending.into_iter().partition(|change| {
                     change.deps().iter().all(|dependency| {
-                        document::holds_change(&loaded.doc, dependency)
+                        loaded.doc.holds_dependency(change, dependency)
                             || ready_hashes.contains(dependency)
                     })
                 });
@@ -207,9 +207,7 @@ impl<S: Store> DocStore<S> {
         let stored = self.store.get(&layout::doc_key(doc_key))?;
         drop(inner);
         match stored {
-            Some(bytes) => {
-                Ok(layout::decode::<layout::StoredDoc>("document", &bytes)?.change_hashes())
-            }
+            Some(bytes) => Ok(layout::StoredDoc::decode(&bytes)?.change_hashes()),
             None => Ok(Vec::new()),
         }
     }
@@ -317,7 +315,7 @@ impl<S: Store> DocStore<S> {
         let mut readable = Vec::new();
         for (key, value) in &page {
             if self.may_read_locked(&mut inner, &reader, layout::doc_key_of(key))? {
-                let stored: layout::StoredDoc = layout::decode("document", value)?;
+                let stored: layout::StoredDoc = layout::StoredDoc::decode(value)?;
                 readable.push((layout::doc_key_of(key).to_vec(), stored.change_hashes()));
             }
         }
@@ -408,7 +406,7 @@ impl<S: Store> DocStore<S> {
                 };
                 let documents = &mut found[index].1;
                 if readable && documents.len() < limit {
-                    let stored: layout::StoredDoc = layout::decode("document", value)?;
+                    let stored: layout::StoredDoc = layout::StoredDoc::decode(value)?;
                     documents.push((layout::doc_key_of(key).to_vec(), stored.change_hashes()));
                 }
             }
@@ -428,7 +426,7 @@ impl<S: Store> DocStore<S> {
             let loaded = self.loaded(&mut inner, doc_key)?;
             hashes
                 .iter()
-                .filter(|hash| !document::holds_change(&loaded.doc, hash))
+                .filter(|hash| !loaded.doc.holds(hash))
                 .copied()
                 .collect()
         };

@@ -58,7 +58,7 @@ pub fn check_and_mend<S: Store>(
     for_each_entry(store, layout::DOCS_PREFIX, |key, value| {
         report.documents += 1;
         let doc_key = layout::doc_key_of(key);
-        let loaded = layout::decode::<StoredDoc>("document", value).and_then(|stored| {
+        let loaded = StoredDoc::decode(value).and_then(|stored| {
             RecordId::from_doc_key(doc_key)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
             load_document(store, doc_key, &stored)
@@ -66,19 +66,23 @@ pub fn check_and_mend<S: Store>(
         });
         match loaded {
             Ok((doc, mut stored, matches, appended)) => {
-                for change in doc.get_changes(&[]) {
+                for change in doc.changes(&[]) {
                     held.insert(short(&change.hash().0));
+                }
+                for hash in doc.epoch().map(|epoch| epoch.cut()).unwrap_or_default() {
+                    held.insert(short(&hash.0));
                 }
                 if !matches {
                     // Saved again whole, as it reads now.
                     report.documents_mended += 1;
-                    stored.set_heads(&doc.get_heads());
-                    stored.set_record_state(document::state(&doc));
+                    stored.set_heads(&doc.heads());
+                    stored.set_record_state(document::state(doc.local()));
                     stored.changes.clear();
                     for hash in &appended.hashes {
                         batch.remove(layout::appended_key(doc_key, hash));
                     }
-                    let snapshot = doc.save();
+                    let (snapshot, epoch) = doc.save();
+                    stored.epoch = epoch;
                     if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
                         if stored.snapshot == Snapshot::External {
                             batch.remove(layout::snapshot_key(doc_key));
@@ -88,7 +92,7 @@ pub fn check_and_mend<S: Store>(
                         batch.put(layout::snapshot_key(doc_key), snapshot);
                         stored.snapshot = Snapshot::External;
                     }
-                    batch.put(key.to_vec(), layout::encode(&stored));
+                    batch.put(key.to_vec(), stored.encode());
                 }
             }
             Err(error) => {
@@ -220,7 +224,7 @@ mod tests {
         )
         .unwrap();
         stored.heads = vec![[7; 32]];
-        batch.put(layout::doc_key(b"t/r2"), layout::encode(&stored));
+        batch.put(layout::doc_key(b"t/r2"), stored.encode());
         store.apply(batch).unwrap();
         store.flush().unwrap();
         let report = check_and_mend(&store, |_, _| {}).unwrap();
@@ -231,7 +235,9 @@ mod tests {
         let docs = DocStore::open(store, writer, DocStoreConfig::default()).unwrap();
         let r2 = RecordId::parse("t/r2").unwrap();
         assert_eq!(
-            docs.read(&r2, document::read).unwrap().unwrap()["n"],
+            docs.read(&r2, |doc| document::read(doc.local()))
+                .unwrap()
+                .unwrap()["n"],
             json!(2)
         );
         assert_eq!(

@@ -11,7 +11,7 @@ use parking_lot::MutexGuard;
 use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::transaction::{CommitOptions, Transaction};
-use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc};
+use automerge::{ActorId, Automerge, Change, ChangeHash};
 
 use super::cache::Loaded;
 use super::documents::{
@@ -22,6 +22,7 @@ use super::documents::{
 use super::layout::{self, LogEntry, ScopeTag, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
 use super::{Batch, DocStore, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
+use crate::record::held::HeldDoc;
 use crate::record::stamp::ChangeStamp;
 use crate::record::{document, NodeId, RecordError, RecordId};
 
@@ -158,25 +159,17 @@ impl<S: Store> WriteSession<'_, S> {
                  a node that reads it holds it; write it there"
             )));
         }
-        let mut stamp = docs.stamp(actor, &loaded.doc, time_ms);
+        let mut stamp = docs.stamp(actor, loaded.doc.local(), time_ms);
         stamp.reverts = reverts.map(|version| version.to_string());
-        let before = loaded.doc.get_heads();
-        loaded.doc.set_actor(actor.clone());
-        let mut transaction = loaded.doc.transaction();
-        let value = match edit(&mut transaction) {
-            Ok(value) => value,
-            Err(error) => {
-                transaction.rollback();
-                return Err(error.into());
-            }
-        };
-        let (hash, _) = transaction.commit_with(
-            CommitOptions::default()
-                .with_time(time_ms.div_euclid(1000))
-                .with_message(stamp.to_message()),
-        );
-        let Some(hash) = hash else {
-            let heads = loaded.doc.get_heads();
+        let before = loaded.doc.heads();
+        let options = CommitOptions::default()
+            .with_time(time_ms.div_euclid(1000))
+            .with_message(stamp.to_message());
+        let (value, change) = loaded
+            .doc
+            .write::<_, StoreError>(actor, options, |tx| edit(tx).map_err(StoreError::from))?;
+        let Some(change) = change else {
+            let heads = loaded.doc.heads();
             return Ok((
                 value,
                 WriteOutcome {
@@ -185,43 +178,33 @@ impl<S: Store> WriteSession<'_, S> {
                 },
             ));
         };
+        let hash = change.hash();
         if let Some(door) = docs.door.get().filter(|_| docs.checks_own_writes()) {
             let node = door.node();
             let collection = id.collection.as_str();
             let verdict = door
                 .verdict(Some(&node), None, collection)
                 .unwrap_or_else(|| {
+                    let then = loaded.doc.fork_at(&before).ok().flatten();
                     door.judge(
                         Some(&node),
                         None,
                         collection,
-                        document::read_at(&loaded.doc, Some(&before)).as_ref(),
-                        document::read(&loaded.doc).as_ref(),
+                        then.and_then(|then| document::read(then.local())).as_ref(),
+                        document::read(loaded.doc.local()).as_ref(),
                     )
                 });
             if let Err(reason) = verdict {
                 // Refused: the document goes back to what it was, and nothing was queued.
-                loaded.doc = loaded.doc.fork_at(&before).map_err(|error| {
-                    StoreError::Corrupt(format!("undoing a refused change: {error}"))
-                })?;
+                loaded.doc.undo(&before, &hash)?;
                 return Err(StoreError::OutsideGrant(door.explain(reason, collection)));
             }
         }
-        let bytes = loaded
-            .doc
-            .get_change_by_hash(&hash)
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("change {hash} vanished from its document"))
-            })?
-            .raw_bytes()
-            .to_vec();
+        let bytes = change.raw_bytes().to_vec();
         if bytes.len() > CHANGE_BYTES_MAX {
             // A change no peer could be sent is never stored: the document goes back to what
             // it was, and nothing of it was queued.
-            loaded.doc = loaded
-                .doc
-                .fork_at(&before)
-                .map_err(|error| StoreError::Corrupt(format!("undoing a change: {error}")))?;
+            loaded.doc.undo(&before, &hash)?;
             return Err(StoreError::ChangeTooLarge {
                 size: bytes.len(),
                 size_max: CHANGE_BYTES_MAX,
@@ -254,7 +237,7 @@ impl<S: Store> WriteSession<'_, S> {
         let doc_key = id.to_doc_key();
         let docs = self.docs;
         let loaded = self.document(&doc_key)?;
-        let incoming_changes = loaded.doc.get_changes_added(incoming);
+        let incoming_changes = loaded.doc.changes_added(incoming)?;
         if let Some(oversized) = incoming_changes
             .iter()
             .find(|change| change.raw_bytes().len() > CHANGE_BYTES_MAX)
@@ -299,7 +282,7 @@ impl<S: Store> WriteSession<'_, S> {
         }
         let outcome = self.apply_and_queue(&doc_key, incoming_changes, LogPlace::Local)?;
         let loaded = self.document(&doc_key)?;
-        if let Err(error) = document::check_document(&loaded.doc) {
+        if let Err(error) = document::check_document(loaded.doc.local()) {
             // Nothing of it is kept: the session's copy goes, unwritten.
             self.abandon(&doc_key);
             return Err(error.into());
@@ -317,37 +300,31 @@ impl<S: Store> WriteSession<'_, S> {
         place: LogPlace,
     ) -> Result<ImportOutcome, StoreError> {
         let loaded = self.document(doc_key)?;
-        let before = loaded.doc.get_heads();
+        let before = loaded.doc.heads();
         loaded
             .doc
-            .apply_changes(changes)
+            .apply(changes)
             .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
         // Only changes that were applied count: the ones now above the old heads.
-        let new_hashes: Vec<ChangeHash> = loaded
+        let new: Vec<NewChange> = loaded
             .doc
-            .get_changes(&before)
-            .iter()
-            .map(Change::hash)
-            .collect();
-        if new_hashes.is_empty() {
-            return Ok(ImportOutcome {
-                new_changes: 0,
-                heads: loaded.doc.get_heads(),
-            });
-        }
-        let new = new_hashes
-            .iter()
-            .map(|hash| NewChange {
-                hash: *hash,
+            .changes(&before)
+            .into_iter()
+            .map(|change| NewChange {
+                hash: change.hash(),
                 place,
-                bytes: None,
+                bytes: Some(change.raw_bytes().to_vec()),
             })
             .collect();
+        if new.is_empty() {
+            return Ok(ImportOutcome {
+                new_changes: 0,
+                heads: loaded.doc.heads(),
+            });
+        }
+        let new_changes = new.len();
         let heads = self.queue_new_changes(doc_key, new)?;
-        Ok(ImportOutcome {
-            new_changes: new_hashes.len(),
-            heads,
-        })
+        Ok(ImportOutcome { new_changes, heads })
     }
 
     /// Queues `new` changes, already applied to the session's copy of the document, with the
@@ -361,12 +338,19 @@ impl<S: Store> WriteSession<'_, S> {
         self.queue_changes(doc_key, new, false)
     }
 
+    /// Queues the session's copy of a document whole (its history was compacted): a new
+    /// snapshot with its epoch, no appended changes.
+    pub(super) fn rewrite_document(&mut self, doc_key: &[u8]) -> Result<(), StoreError> {
+        self.queue_changes(doc_key, Vec::new(), true)?;
+        Ok(())
+    }
+
     /// Replaces the session's copy of a document with `doc` (rebuilt without changes that
     /// were refused) and queues its stored form whole: a new snapshot, no appended changes.
     pub(super) fn replace_document(
         &mut self,
         doc_key: &[u8],
-        doc: Automerge,
+        doc: HeldDoc,
     ) -> Result<(), StoreError> {
         self.document(doc_key)?.doc = doc;
         self.queue_changes(doc_key, Vec::new(), true)?;
@@ -384,14 +368,14 @@ impl<S: Store> WriteSession<'_, S> {
             .working
             .get_mut(doc_key)
             .expect("the caller took the document into the session");
-        let heads = loaded.doc.get_heads();
+        let heads = loaded.doc.heads();
         let door = self.docs.door.get().filter(|door| !door.is_open());
         let collection = collection_of(doc_key);
         let mut tags = Vec::new();
         if let Some(door) = door {
             let fields = door.filter_fields(collection);
             if !fields.is_empty() {
-                let after = scope_tag(&loaded.doc, &fields);
+                let after = scope_tag(loaded.doc.local(), &fields);
                 match self.tags_before.insert(doc_key.to_vec(), after.clone()) {
                     Some(before) if before != after => tags.push(before),
                     _ => {}
@@ -407,7 +391,7 @@ impl<S: Store> WriteSession<'_, S> {
             let node = door.node();
             !door.reads_all(&node)
                 && new.iter().any(|change| change.place != LogPlace::Local)
-                && match document::read(&loaded.doc) {
+                && match document::read(loaded.doc.local()) {
                     Some(fields) => !door.may_read(&node, collection, &fields),
                     // Deleted: kept only under a scope of the whole collection.
                     None => door.may_read_tagged(&node, collection, &[Vec::new()]) != Some(true),
@@ -423,7 +407,7 @@ impl<S: Store> WriteSession<'_, S> {
         self.withdrawn.remove(doc_key);
         self.heads_changed
             .push((doc_key.to_vec(), old_heads, stored.change_hashes()));
-        stored.set_record_state(document::state(&loaded.doc));
+        stored.set_record_state(document::state(loaded.doc.local()));
         let is_live = counts_as_live(doc_key, stored.record_state());
         self.live_delta += i64::from(is_live) - i64::from(was_live);
         let mut places = Vec::with_capacity(new.len());
@@ -438,7 +422,7 @@ impl<S: Store> WriteSession<'_, S> {
                 Some(bytes) => bytes,
                 None => loaded
                     .doc
-                    .get_change_by_hash(&change.hash)
+                    .change(&change.hash)
                     .ok_or_else(|| {
                         StoreError::Corrupt(format!(
                             "change {} vanished from its document",
@@ -463,7 +447,8 @@ impl<S: Store> WriteSession<'_, S> {
             // Changes kept inside the `D` value are bounded by their bytes too.
             || (stored.snapshot != Snapshot::External && bytes >= COMPACT_AFTER_BYTES);
         if compacting {
-            let snapshot = loaded.doc.save();
+            let (snapshot, epoch) = loaded.doc.save();
+            stored.epoch = epoch;
             stored.changes.clear();
             for hash in appended.hashes.drain(..) {
                 self.batch.remove(layout::appended_key(doc_key, &hash));
@@ -491,8 +476,7 @@ impl<S: Store> WriteSession<'_, S> {
                 .changes
                 .extend(bytes_new.into_iter().map(|(_, bytes)| bytes));
         }
-        self.batch
-            .put(layout::doc_key(doc_key), layout::encode(&*stored));
+        self.batch.put(layout::doc_key(doc_key), stored.encode());
         for (hash, place) in places {
             self.queue_log_entry(doc_key, &hash, place, &tags);
         }
@@ -597,7 +581,7 @@ impl<S: Store> WriteSession<'_, S> {
             let Some(bytes) = self.docs.store.get(&layout::doc_key(doc_key))? else {
                 return Ok(false);
             };
-            let stored: StoredDoc = layout::decode("document", &bytes)?;
+            let stored: StoredDoc = StoredDoc::decode(&bytes)?;
             if stored.heads.is_empty() {
                 return Ok(false);
             }
@@ -624,7 +608,7 @@ impl<S: Store> WriteSession<'_, S> {
         }
         let stored = loaded.stored.clone();
         let appended = loaded.appended.hashes.clone();
-        let changes = loaded.doc.get_changes(&[]);
+        let changes = loaded.doc.changes(&[]);
         let own = changes
             .iter()
             .filter(|change| self.owns_change(change))
@@ -651,7 +635,7 @@ impl<S: Store> WriteSession<'_, S> {
                 let fields = door.filter_fields(collection_of(doc_key));
                 if !fields.is_empty() {
                     self.tags_before
-                        .insert(doc_key.to_vec(), scope_tag(&loaded.doc, &fields));
+                        .insert(doc_key.to_vec(), scope_tag(loaded.doc.local(), &fields));
                 }
             }
             self.working.insert(doc_key.to_vec(), loaded);

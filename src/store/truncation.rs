@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use automerge::ChangeHash;
+
 use super::documents::for_each_entry;
 use super::layout::{self, FollowerMarks};
 use super::{DocStore, Durability, Store, StoreError, WriteSession};
@@ -127,6 +129,11 @@ impl<S: Store> DocStore<S> {
             .map(|(sequence, _)| *sequence)
             .take_while(|sequence| *sequence <= through)
             .collect();
+        let stable = entries
+            .iter()
+            .take(gone.len())
+            .map(|(_, entry)| (entry.doc_key.clone(), ChangeHash(entry.hash)))
+            .collect();
         // Entries past a full page may be left below `through`: the floor stops at the last
         // one dropped, so it never names a place whose entry is still here.
         let new_floor = match gone.last() {
@@ -143,6 +150,7 @@ impl<S: Store> DocStore<S> {
         );
         session.commit(Durability::Deferred)?;
         self.inner().floors.insert(*origin, new_floor);
+        self.note_stable(origin, stable);
         Ok(gone.len())
     }
 }
@@ -205,7 +213,7 @@ mod tests {
         // Documents keep every change: only the log's entries went.
         let id = RecordId::parse("c/0").unwrap();
         let fields = docs
-            .read(&id, crate::record::document::read)
+            .read(&id, |doc| crate::record::document::read(doc.local()))
             .unwrap()
             .unwrap();
         assert_eq!(fields["n"], json!(9));

@@ -46,8 +46,8 @@ use std::time::Duration;
 
 use automerge::ChangeHash;
 use concord_proto::{
-    Changes, DocumentChanges, Goodbye, GoodbyeReason, Hello, Message, NeedDocument, Summary,
-    CHANGES_PER_MESSAGE_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
+    Changes, CompactedDocument, DocumentChanges, Goodbye, GoodbyeReason, Hello, Message,
+    NeedDocument, Summary, CHANGES_PER_MESSAGE_MAX, PROTOCOL_VERSION, PROTOCOL_VERSION_MIN,
 };
 
 pub use driver::{
@@ -193,6 +193,26 @@ pub trait Replica {
     fn log_floor(&self, origin: &NodeId) -> u64;
     /// Truncates the logs up to the stable marks given, as far as local followers allow.
     fn reclaim_log(&self, stable: &[(NodeId, u64)]) -> Result<usize, StoreError>;
+    /// Documents waiting to be compacted.
+    fn compaction_pending(&self) -> usize;
+    /// The document compacted, saved whole with its epoch, when a peer holding `have` of it
+    /// lacks part of its compacted history.
+    fn compacted_for(
+        &self,
+        doc_key: &[u8],
+        have: &[ChangeHash],
+    ) -> Result<Option<crate::store::stable::SavedCompacted>, StoreError>;
+    /// Takes in a document compacted elsewhere; false when it cannot (see
+    /// [`DocStore::adopt_compacted`]).
+    fn adopt_compacted(
+        &self,
+        doc_key: &[u8],
+        snapshot: &[u8],
+        epoch: &[u8],
+    ) -> Result<bool, StoreError>;
+    /// Compacts a bounded number of the documents whose changes truncation found stable;
+    /// asked only while no change concurrent with what is stable can still arrive.
+    fn compact_stable(&self) -> Result<crate::store::Compacted, StoreError>;
     /// Up to `limit` document keys after `after`, in order.
     fn documents_after(
         &self,
@@ -326,6 +346,27 @@ impl<S: Store> Replica for DocStore<S> {
     fn reclaim_log(&self, stable: &[(NodeId, u64)]) -> Result<usize, StoreError> {
         DocStore::reclaim_log(self, stable)
     }
+    fn compact_stable(&self) -> Result<crate::store::Compacted, StoreError> {
+        DocStore::compact_stable(self)
+    }
+    fn compacted_for(
+        &self,
+        doc_key: &[u8],
+        have: &[ChangeHash],
+    ) -> Result<Option<crate::store::stable::SavedCompacted>, StoreError> {
+        DocStore::compacted_for(self, doc_key, have)
+    }
+    fn compaction_pending(&self) -> usize {
+        DocStore::compaction_pending(self)
+    }
+    fn adopt_compacted(
+        &self,
+        doc_key: &[u8],
+        snapshot: &[u8],
+        epoch: &[u8],
+    ) -> Result<bool, StoreError> {
+        DocStore::adopt_compacted(self, doc_key, snapshot, epoch)
+    }
     fn documents_after(
         &self,
         after: Option<&[u8]>,
@@ -453,6 +494,8 @@ pub struct Stats {
     pub conflicts: u64,
     /// Log entries truncated here, every known node holding them.
     pub log_entries_truncated: u64,
+    /// Documents whose stable history was compacted.
+    pub documents_compacted: u64,
     /// Peers caught up by whole documents, lacking entries truncated here.
     pub catch_ups: u64,
     /// The same by (collection, field), for the first [`CONFLICT_FIELDS_COUNTED_MAX`] pairs
@@ -1059,6 +1102,9 @@ impl Engine {
             Message::DocumentChanges(answer) => {
                 self.receive_document(now, peer, answer, replica, actions)?
             }
+            Message::CompactedDocument(compacted) => {
+                self.receive_compacted(now, peer, compacted, replica, actions)?
+            }
             Message::Ping { nonce } => {
                 if let Some(state) = self.peers.get_mut(&peer) {
                     state.outbox.pong = Some(nonce);
@@ -1343,6 +1389,40 @@ impl Engine {
             if !replica.withdraw(&[&doc_key])?.is_empty() {
                 self.stats.withdrawn_documents += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// A document compacted by `peer`, whole: taken in (what this node holds of it goes on
+    /// top), then the changes held for it are tried again, as after a document's changes.
+    fn receive_compacted(
+        &mut self,
+        now: Duration,
+        peer: NodeId,
+        compacted: CompactedDocument,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let doc_key = compacted.doc.into_bytes();
+        match replica.adopt_compacted(&doc_key, &compacted.snapshot, &compacted.epoch) {
+            Ok(true) => self.unsynced = true,
+            Ok(false) => {
+                tracing::debug!(%peer, doc = %String::from_utf8_lossy(&doc_key), "a compacted document was not taken in");
+                return Ok(());
+            }
+            Err(StoreError::InvalidDocument(detail)) => {
+                self.disconnect(actions, peer, GoodbyeReason::Malformed, detail);
+                return Ok(());
+            }
+            Err(error) => return Err(error),
+        }
+        let held = self.held.take(&doc_key);
+        let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
+        for entry in held {
+            by_sender.entry(entry.from).or_default().push(entry.change);
+        }
+        for (from, changes) in by_sender {
+            self.apply_and_relay(now, from, changes, true, replica, actions)?;
         }
         Ok(())
     }

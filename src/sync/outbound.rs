@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use automerge::ChangeHash;
 use concord_proto::{
-    varint_bytes, Changes, DocumentChanges, Message, ShippedChange, CHANGES_PER_MESSAGE_MAX,
-    FRAME_BYTES_MAX, FRAME_HEADER_BYTES, ORIGINS_PER_SUMMARY_MAX, VERSION_BYTES,
+    varint_bytes, Changes, CompactedDocument, DocumentChanges, Message, ShippedChange,
+    CHANGES_PER_MESSAGE_MAX, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, ORIGINS_PER_SUMMARY_MAX,
+    VERSION_BYTES,
 };
 
 use super::{Engine, PeerPolicies, Replica};
@@ -438,6 +439,28 @@ impl Engine {
             return Ok(Some(message));
         }
         while let Some(request) = state.outbox.documents.front() {
+            if state.version >= 6 {
+                let whole = replica.compacted_for(request.doc.as_bytes(), &request.have)?;
+                if let Some((snapshot, epoch)) = whole {
+                    let answer = Message::CompactedDocument(CompactedDocument {
+                        doc: request.doc.clone(),
+                        snapshot,
+                        epoch,
+                    });
+                    if !fits(&answer) {
+                        if answer.frame_len() <= FRAME_WITH_HEADER_BYTES_MAX {
+                            return Ok(None);
+                        }
+                        // Compaction keeps a document one frame can carry; this one cannot
+                        // be sent whole, and its changes after the cut alone would not apply.
+                        tracing::warn!(%peer, doc = %request.doc, "a compacted document is too large to send");
+                        state.outbox.documents.pop_front();
+                        continue;
+                    }
+                    state.outbox.documents.pop_front();
+                    return Ok(Some(answer));
+                }
+            }
             // Each change also costs its length prefix: at most 4 bytes below a frame.
             let budget = room.saturating_sub(
                 FRAME_OVERHEAD_BYTES

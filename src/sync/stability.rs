@@ -262,6 +262,8 @@ pub struct Reclamation {
     /// Every node known, with its name and when its latest report was taken (0: never heard
     /// from), and whether it counts.
     pub nodes: Vec<(NodeId, String, u64, bool)>,
+    /// Documents with changes newly stable, waiting to be compacted.
+    pub compaction_pending: usize,
 }
 
 impl Engine {
@@ -343,7 +345,31 @@ impl Engine {
             .collect();
         let truncated = replica.reclaim_log(&stable)?;
         self.stats.log_entries_truncated += truncated as u64;
+        if self.holds_every_report(&held, |node| counts(replica, node)) {
+            let compacted = replica.compact_stable()?;
+            self.stats.documents_compacted += compacted.documents as u64;
+        }
         Ok(())
+    }
+
+    /// Whether this node holds everything every node held at its latest report, its own
+    /// writes among it (under whichever writers it wrote): then a change made before its
+    /// writer held what is stable is here already, and one made after follows it all, so
+    /// what is stable may be compacted ([`crate::store::stable`]).
+    fn holds_every_report(&self, held: &[(NodeId, u64)], counts: impl Fn(&NodeId) -> bool) -> bool {
+        let held_of = |origin: &NodeId| {
+            held.iter()
+                .find(|(held, _)| held == origin)
+                .map_or(0, |(_, mark)| *mark)
+        };
+        self.stability.reports().all(|(node, report)| {
+            *node == self.config.node
+                || !counts(node)
+                || report
+                    .marks
+                    .iter()
+                    .all(|(origin, mark)| held_of(origin) >= *mark)
+        })
     }
 
     /// Which entries of each origin's log held here are stable, over the known nodes that
@@ -356,6 +382,7 @@ impl Engine {
             origin.floor = replica.log_floor(&origin.origin);
         }
         Reclamation {
+            compaction_pending: replica.compaction_pending(),
             origins,
             nodes: self
                 .stability

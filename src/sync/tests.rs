@@ -50,12 +50,23 @@ impl Network {
     }
 
     fn with_queue(count: usize, queue_bytes: usize, adjust: impl Fn(usize, &mut Config)) -> Self {
+        Self::build(count, queue_bytes, true, adjust)
+    }
+
+    /// `count` nodes that compact stable histories or not (`compact`).
+    fn build(
+        count: usize,
+        queue_bytes: usize,
+        compact: bool,
+        adjust: impl Fn(usize, &mut Config),
+    ) -> Self {
         let nodes = (0..count)
             .map(|index| {
                 let id = NodeId([index as u8 + 1; 16]);
                 let config = DocStoreConfig {
                     cache_documents: NonZeroUsize::new(8).unwrap(),
                     compact_after_changes: 4,
+                    compact_histories: compact,
                     ..DocStoreConfig::default()
                 };
                 let docs = DocStore::open(MemoryStore::new(), id, config).unwrap();
@@ -319,9 +330,9 @@ impl Network {
         self.nodes[at]
             .docs
             .read(&id, |doc| {
-                let mut heads = doc.get_heads();
+                let mut heads = doc.heads();
                 heads.sort();
-                (heads, document::read(doc))
+                (heads, document::read(doc.local()))
             })
             .unwrap()
     }
@@ -849,7 +860,8 @@ fn a_slow_peer_fills_its_queue_and_still_gets_everything() {
 
 #[test]
 fn a_long_history_reaches_a_fresh_peer_and_document_answers_are_paged() {
-    let mut net = Network::new(3);
+    // Histories kept whole: compacted, this one would reach the fresh peer in one message.
+    let mut net = Network::build(3, PEER_QUEUE_BYTES, false, |_, _| {});
     // 1,500 updates of one record, then 40 updates of 150 KB: the document's history is
     // larger than a frame.
     for round in 0..1500 {

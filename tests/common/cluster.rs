@@ -78,6 +78,14 @@ impl TestNode {
         std::fs::write(&path, config.to_toml()).unwrap();
     }
 
+    /// Turns on `store.compact_histories` in the node's config (before it starts).
+    pub fn compact_histories(&self) {
+        let path = self.dir.join("concord.toml");
+        let mut config = concord::config::Config::load(&path).unwrap();
+        config.store.compact_histories = true;
+        std::fs::write(&path, config.to_toml()).unwrap();
+    }
+
     pub async fn start(&mut self) {
         self.start_node(Node::open(&self.dir).unwrap()).await;
     }
@@ -254,6 +262,30 @@ impl TestNode {
             "delete {id} on {}",
             self.name
         );
+    }
+
+    /// `POST /v1/batch` with `writes` (each `{"id", "fields"}`), answered once durable.
+    pub fn batch(&self, writes: Vec<Value>) {
+        let response = Self::agent()
+            .post(format!("http://{}/v1/batch", self.api))
+            .send_json(serde_json::json!({ "writes": writes }))
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "batch on {}", self.name);
+    }
+
+    /// The record's Automerge document as the node saves it (`GET .../automerge`).
+    pub fn automerge(&self, id: &str) -> Vec<u8> {
+        let mut response = Self::agent()
+            .get(format!("http://{}/v1/records/{id}/automerge", self.api))
+            .call()
+            .unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "automerge {id} on {}",
+            self.name
+        );
+        response.body_mut().read_to_vec().unwrap()
     }
 
     /// The record, or `None` if not found.
