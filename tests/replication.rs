@@ -575,7 +575,9 @@ async fn histories_both_nodes_hold_are_compacted_and_reach_a_new_node_whole() {
     }
     // a pushes writers back (503) while b lacks many of its changes: b takes them in first.
     let last = json!(updates.div_ceil(PER_BATCH) * PER_BATCH - 1);
-    eventually("b holds every update", CONVERGE, || {
+    // Applying a long history one change at a time takes a while in a debug build.
+    let caught_up = CONVERGE.max(Duration::from_millis(updates as u64));
+    eventually("b holds every update", caught_up, || {
         b.get("customers/hot")
             .is_some_and(|hot| hot["stock"] == last)
             && a.status()

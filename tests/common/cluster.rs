@@ -264,13 +264,23 @@ impl TestNode {
         );
     }
 
-    /// `POST /v1/batch` with `writes` (each `{"id", "fields"}`), answered once durable.
+    /// `POST /v1/batch` with `writes` (each `{"id", "fields"}`), answered once durable; sent
+    /// again after a moment while the node pushes writers back (503), as a client would.
     pub fn batch(&self, writes: Vec<Value>) {
-        let response = Self::agent()
-            .post(format!("http://{}/v1/batch", self.api))
-            .send_json(serde_json::json!({ "writes": writes }))
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200, "batch on {}", self.name);
+        let body = serde_json::json!({ "writes": writes });
+        let start = Instant::now();
+        loop {
+            let response = Self::agent()
+                .post(format!("http://{}/v1/batch", self.api))
+                .send_json(&body)
+                .unwrap();
+            let status = response.status().as_u16();
+            if status != 503 || start.elapsed() > Duration::from_secs(300) {
+                assert_eq!(status, 200, "batch on {}", self.name);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The record's Automerge document as the node saves it (`GET .../automerge`).
