@@ -225,12 +225,8 @@ impl Epoch {
         if !cut_deps.is_empty() {
             deps.extend(self.base);
         }
-        let shift = self.shift(original.actor_id());
-        let mut expanded = original.decode();
-        expanded.hash = None;
-        expanded.seq = shift.to_local(expanded.seq);
-        expanded.deps = deps.into_iter().collect();
-        let local = Change::from(expanded);
+        let seq = self.shift(original.actor_id()).to_local(original.seq());
+        let local = rewritten(original, seq, deps);
         self.keep(local.hash(), hash, cut_deps);
         if self.back(&local)?.hash() != hash {
             self.forget(&local.hash());
@@ -266,12 +262,8 @@ impl Epoch {
         }
         deps.extend(cut_deps.iter().copied());
         let cut_deps = cut_deps.into_iter().collect();
-        let shift = self.shift(local.actor_id());
-        let mut expanded = local.decode();
-        expanded.hash = None;
-        expanded.seq = shift.to_original(expanded.seq);
-        expanded.deps = deps.into_iter().collect();
-        let original = Change::from(expanded);
+        let seq = self.shift(local.actor_id()).to_original(local.seq());
+        let original = rewritten(local, seq, deps);
         self.keep(local.hash(), original.hash(), cut_deps);
         Ok(original)
     }
@@ -292,12 +284,8 @@ impl Epoch {
                 deps.insert(original.original);
             }
         }
-        let shift = self.shift(local.actor_id());
-        let mut expanded = local.decode();
-        expanded.hash = None;
-        expanded.seq = shift.to_original(expanded.seq);
-        expanded.deps = deps.into_iter().collect();
-        Ok(Change::from(expanded))
+        let seq = self.shift(local.actor_id()).to_original(local.seq());
+        Ok(rewritten(local, seq, deps))
     }
 
     /// The original heads a compacted document's heads stand for.
@@ -435,6 +423,15 @@ impl Epoch {
             self.local.remove(&kept.original);
         }
     }
+}
+
+/// `change` with sequence number `seq` and dependencies `deps`, its operations as they were.
+fn rewritten(change: &Change, seq: u64, deps: BTreeSet<ChangeHash>) -> Change {
+    let mut expanded = change.decode();
+    expanded.hash = None;
+    expanded.seq = seq;
+    expanded.deps = deps.into_iter().collect();
+    Change::from(expanded)
 }
 
 /// A compacted document saved as its changes, one after another: Automerge's document format

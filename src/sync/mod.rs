@@ -1370,14 +1370,7 @@ impl Engine {
         if outcome.own_writer_shared {
             self.own_writer_shared(peer, actions);
         }
-        let held = self.held.take(&doc_key);
-        let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
-        for entry in held {
-            by_sender.entry(entry.from).or_default().push(entry.change);
-        }
-        for (from, changes) in by_sender {
-            self.apply_and_relay(now, from, changes, new > 0, replica, actions)?;
-        }
+        self.retry_held(now, &doc_key, new > 0, replica, actions)?;
         if !held_before
             && !replica.reads_all(&me)
             && !self.held.holds_for(&doc_key)
@@ -1389,6 +1382,26 @@ impl Engine {
             if !replica.withdraw(&[&doc_key])?.is_empty() {
                 self.stats.withdrawn_documents += 1;
             }
+        }
+        Ok(())
+    }
+
+    /// Tries again the changes held for `doc_key`, each sender's together; `ask_for_missing`:
+    /// whether those still lacking dependencies ask for the document again.
+    fn retry_held(
+        &mut self,
+        now: Duration,
+        doc_key: &[u8],
+        ask_for_missing: bool,
+        replica: &impl Replica,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), StoreError> {
+        let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
+        for entry in self.held.take(doc_key) {
+            by_sender.entry(entry.from).or_default().push(entry.change);
+        }
+        for (from, changes) in by_sender {
+            self.apply_and_relay(now, from, changes, ask_for_missing, replica, actions)?;
         }
         Ok(())
     }
@@ -1416,15 +1429,7 @@ impl Engine {
             }
             Err(error) => return Err(error),
         }
-        let held = self.held.take(&doc_key);
-        let mut by_sender: BTreeMap<NodeId, Vec<LoggedChange>> = BTreeMap::new();
-        for entry in held {
-            by_sender.entry(entry.from).or_default().push(entry.change);
-        }
-        for (from, changes) in by_sender {
-            self.apply_and_relay(now, from, changes, true, replica, actions)?;
-        }
-        Ok(())
+        self.retry_held(now, &doc_key, true, replica, actions)
     }
 
     fn apply_and_relay(
