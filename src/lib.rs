@@ -44,6 +44,10 @@ pub struct Sabotage {
     pub skip_scope_checks: bool,
     /// Changes from peers are applied whatever their authors' grants and revocations say.
     pub receivers_admit_everything: bool,
+    /// Histories are compacted at every document's heads as soon as any of its changes is
+    /// stable, whether or not this node holds what every node holds: a change concurrent with
+    /// the cut may still arrive.
+    pub compact_unstable: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

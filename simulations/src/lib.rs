@@ -33,15 +33,16 @@
 pub mod rng;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use automerge::{ChangeHash, ReadDoc};
+use automerge::{ActorId, ChangeHash};
 use concord::config::{PolicyKind, PolicySection};
 use concord::policy::Policies;
 use concord::record::document::{self, RecordWrite};
+use concord::record::held::HeldDoc;
 use concord::record::{NodeId, RecordId};
 use concord::scope::{Grant, Revocation, Scope, ScopeDoor, Scopes, Verified};
 use concord::store::{DocStore, DocStoreConfig, Durability, MemoryStore, StoreError};
@@ -127,6 +128,10 @@ pub struct Params {
     /// Percent of granted nodes whose grant narrows what they read to their region too
     /// (partial replication); the others read every record and write only their region's.
     pub partial_reads_percent: u64,
+    /// Whether stores compact the histories every node holds (`store.compact_histories`).
+    pub compact_histories: bool,
+    /// Print every trace line to stderr as it happens (a run's result does not depend on it).
+    pub print_trace: bool,
 }
 
 impl Default for Params {
@@ -160,6 +165,8 @@ impl Default for Params {
             // Partial replication does not yet converge under concurrent moves (see
             // BENCHMARKS.md): it is drawn only when asked for.
             partial_reads_percent: 0,
+            compact_histories: DocStoreConfig::default().compact_histories,
+            print_trace: false,
         }
     }
 }
@@ -200,6 +207,8 @@ pub struct Summary {
     /// documents as they lacked some (since each node's last restart).
     pub log_entries_truncated: u64,
     pub catch_ups: u64,
+    /// Documents whose stable history was compacted (since each node's last restart).
+    pub documents_compacted: u64,
     /// Stores lost whole, and of those, brought back from a backup.
     pub stores_lost: u64,
     pub stores_restored: u64,
@@ -316,6 +325,14 @@ impl Scoped {
 const WRITER_SOURCES: [&str; 2] = ["api", "erp"];
 
 /// The policies under which every node must resolve every conflict identically.
+/// Whether `held` holds the acknowledged change `hash`, whose place `written` knows.
+fn holds(held: &HeldDoc, hash: &ChangeHash, written: &HashMap<ChangeHash, (ActorId, u64)>) -> bool {
+    match written.get(hash) {
+        Some((actor, seq)) => held.holds_written(hash, actor, *seq),
+        None => held.holds(hash),
+    }
+}
+
 fn checked_policies() -> Vec<Policies> {
     [
         (PolicyKind::Lww, vec![], None),
@@ -423,6 +440,9 @@ struct Sim {
     /// than its index once its store was lost: other nodes held the change then, and the node
     /// gets it back from them, so a later crash of the node may find it missing still.
     acknowledged: Vec<(usize, ChangeHash, bool, usize)>,
+    /// Each acknowledged change's actor and sequence number: inside a compacted history a
+    /// change is known by its place alone.
+    written: HashMap<ChangeHash, (ActorId, u64)>,
     summary: Summary,
     trace: Vec<String>,
     trace_hash: u64,
@@ -434,6 +454,9 @@ fn store_config(params: &Params) -> DocStoreConfig {
     DocStoreConfig {
         cache_documents: NonZeroUsize::new(params.cache_documents.max(1)).expect("at least one"),
         compact_after_changes: 5,
+        compact_histories: params.compact_histories,
+        // Short histories are compacted too, so that most records of a run are.
+        compact_history_changes_min: 4,
         ..DocStoreConfig::default()
     }
 }
@@ -598,6 +621,7 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
         now_ms: 0,
         faults_on: true,
         acknowledged: Vec::new(),
+        written: HashMap::new(),
         summary: Summary::default(),
         trace: Vec::new(),
         trace_hash: 0xcbf2_9ce4_8422_2325,
@@ -732,6 +756,7 @@ impl Sim {
         self.summary.withdrawn_documents = total(|stats| stats.withdrawn_documents);
         self.summary.log_entries_truncated = total(|stats| stats.log_entries_truncated);
         self.summary.catch_ups = total(|stats| stats.catch_ups);
+        self.summary.documents_compacted = total(|stats| stats.documents_compacted);
         if let Some(per_delivery) = (self.summary.changes_sent * 1000).checked_div(deliveries) {
             self.summary.copies_per_node_reached_milli = per_delivery;
         }
@@ -742,6 +767,9 @@ impl Sim {
         for byte in line.bytes() {
             self.trace_hash ^= u64::from(byte);
             self.trace_hash = self.trace_hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        if self.params.print_trace {
+            eprintln!("{line}");
         }
         self.trace.push(line);
         if self.trace.len() > TRACE_TAIL_LINES * 2 {
@@ -773,7 +801,10 @@ impl Sim {
         let now = self.node_now(index);
         let node = &mut self.nodes[index];
         node.driver.set_clock(now.as_millis() as u64);
+        // What the engine and store log is told apart by node.
+        let span = tracing::info_span!("node", index).entered();
         let outputs = node.driver.step(now, inputs, &node.docs);
+        drop(span);
         if let Some(error) = node.driver.stats().last_error.clone() {
             return Err(self.violation(format!("node {index}: engine step failed: {error}")));
         }
@@ -828,6 +859,19 @@ impl Sim {
                 // Written on top of a revoked node's changes that were cut off, and outside
                 // the node's grant now: it cannot be written again.
                 self.summary.acknowledged_cut_off += reissued.replaces.len() as u64;
+            }
+            if let Some(change) = reissued.change {
+                let place = self.nodes[index]
+                    .docs
+                    .read(&reissued.id, |held| {
+                        held.change(&change)
+                            .map(|written| (written.actor_id().clone(), written.seq()))
+                    })
+                    .ok()
+                    .flatten();
+                if let Some(place) = place {
+                    self.written.insert(change, place);
+                }
             }
             for entry in &mut self.acknowledged {
                 if reissued.replaces.contains(&entry.1) {
@@ -1339,7 +1383,7 @@ impl Sim {
                 .filter(|(other, _)| revoked != Some(*other))
                 .any(|(_, (node, opened))| {
                     let docs = opened.as_ref().unwrap_or(&node.docs);
-                    docs.read(id, |doc| document::holds_change(doc.local(), &hash))
+                    docs.read(id, |held| holds(held, &hash, &self.written))
                         .unwrap_or(false)
                 });
             if held {
@@ -1411,9 +1455,9 @@ impl Sim {
             .map(|(record, hash, _, _)| (*record, *hash))
             .collect();
         for (record, hash) in mine {
-            let present = self.nodes[index].docs.read(&self.ids[record], |doc| {
-                document::holds_change(doc.local(), &hash)
-            });
+            let present = self.nodes[index]
+                .docs
+                .read(&self.ids[record], |held| holds(held, &hash, &self.written));
             // A record that left the node's read scope keeps only its own changes, for its log.
             let kept = || {
                 self.nodes[index]
@@ -1594,11 +1638,19 @@ impl Sim {
         };
         // No change a node accepted may have pushed its clock further ahead than the bound.
         let bound = concord::sync::CLOCK_AHEAD_MAX_DEFAULT.as_millis() as u64;
-        let stamp = self.nodes[index].docs.read(&id, |held| {
-            let doc = held.local();
-            concord::record::stamp::ChangeStamp::of_hash(doc, &hash)
-        })?;
-        if let Some(stamp) = stamp {
+        let written = self.nodes[index]
+            .docs
+            .read(&id, |held| held.change(&hash))?;
+        let Some(written) = written else {
+            return Err(StoreError::Corrupt(format!(
+                "the change {hash} a write just made is not in its document"
+            )));
+        };
+        self.written
+            .insert(hash, (written.actor_id().clone(), written.seq()));
+        let stamp =
+            concord::record::stamp::ChangeStamp::of_change(written.message(), written.timestamp());
+        {
             if stamp.hlc > time as u64 + bound + 1 {
                 return Err(StoreError::Corrupt(format!(
                     "a write at {time} ms was stamped {}: a change it accepted moved its clock \
@@ -1628,8 +1680,13 @@ impl Sim {
             self.summary.acknowledged += 1;
             self.acknowledged.push((record, hash, delete, index));
         }
+        let deps = if self.params.print_trace {
+            format!(" after {}", short_hashes(written.deps()))
+        } else {
+            String::new()
+        };
         self.record_trace(format!(
-            "{} node {index} {} {id} -> {hash}",
+            "{} node {index} {} {id} -> {hash}{deps}",
             self.now_ms,
             if delete { "delete" } else { "write" }
         ));
@@ -1641,8 +1698,7 @@ impl Sim {
             .docs
             .read(&self.ids[record], |held| {
                 let doc = held.local();
-                let mut heads = doc.get_heads();
-                heads.sort_unstable();
+                let heads = held.heads();
                 let resolved = self
                     .policies
                     .iter()
@@ -1841,20 +1897,23 @@ impl Sim {
                     place.0, place.1
                 )));
             }
+            let written = &self.written;
             let judged = self.nodes[modified]
                 .docs
                 .read(id, |held| {
-                    let doc = held.local();
-                    let change = doc.get_change_by_hash(&hash)?;
-                    let deps = change.deps().to_vec();
-                    if deps.iter().any(|dep| left_out.contains(dep)) {
-                        return Some(false);
+                    let Some(change) = held.change(&hash) else {
+                        // Inside the modified node's compacted history, it cannot be judged
+                        // again: the other nodes must agree on it among themselves.
+                        return holds(held, &hash, written).then_some(None);
+                    };
+                    if change.deps().iter().any(|dep| left_out.contains(dep)) {
+                        return Some(Some(false));
                     }
-                    let before = document::read_at(doc, Some(&deps));
-                    let mut fork = doc.fork_at(&deps).ok()?;
-                    fork.apply_changes([change.clone()]).ok()?;
-                    let after = document::read(&fork);
-                    Some(
+                    let mut fork = held.fork_before(&change)?;
+                    let before = document::read(fork.local());
+                    fork.apply(vec![change]).ok()?;
+                    let after = document::read(fork.local());
+                    Some(Some(
                         scopes
                             .judge_change(
                                 Some(&author),
@@ -1864,15 +1923,15 @@ impl Sim {
                                 after.as_ref(),
                             )
                             .is_ok(),
-                    )
+                    ))
                 })
                 .map_err(|error| self.violation(format!("node {modified}: {error}")))?;
-            let Some(allowed) = judged else {
+            let Some(mut allowed) = judged else {
                 return Err(self.violation(format!(
                     "the modified node lost its own change {hash} of {id}"
                 )));
             };
-            if !allowed {
+            if allowed == Some(false) {
                 left_out.insert(hash);
                 refused += 1;
             }
@@ -1880,21 +1939,21 @@ impl Sim {
                 let (holds, holds_record) = self.nodes[index]
                     .docs
                     .read(id, |held| {
-                        let doc = held.local();
-                        (
-                            document::holds_change(doc, &hash),
-                            !doc.get_heads().is_empty(),
-                        )
+                        (holds(held, &hash, written), !held.heads().is_empty())
                     })
                     .map_err(|error| self.violation(format!("node {index}: {error}")))?;
-                // A node narrowed by its grant holds nothing of a record it may not read
-                // (`converged` checked that it holds what it may).
-                if holds != allowed && (holds || holds_record) {
+                if !holds && !holds_record {
+                    // A node narrowed by its grant holds nothing of a record it may not read
+                    // (`converged` checked that it holds what it may).
+                    continue;
+                }
+                let expected = *allowed.get_or_insert(holds);
+                if holds != expected {
                     return Err(self.violation(format!(
                         "node {index} {} the modified node's change {hash} of {id}, which the \
                          rule {}",
                         if holds { "holds" } else { "lacks" },
-                        if allowed { "allows" } else { "refuses" }
+                        if expected { "allows" } else { "refuses" }
                     )));
                 }
             }
@@ -1914,8 +1973,7 @@ impl Sim {
                             self.nodes[node]
                                 .docs
                                 .read(&self.ids[record], |held| {
-                                    let doc = held.local();
-                                    doc.get_changes(&[])
+                                    held.changes(&[])
                                         .iter()
                                         .map(|change| change.hash())
                                         .collect()
@@ -1943,16 +2001,31 @@ impl Sim {
                                 .collect()
                         })
                         .collect();
-                    let missing: Vec<(usize, Vec<String>)> = all
+                    // Changes after each node's compacted history that others hold there,
+                    // and each node's heads and cut.
+                    let missing: Vec<(usize, Vec<String>, String, String)> = all
                         .iter()
                         .enumerate()
                         .map(|(node, held)| {
+                            let (heads, cut) = self.nodes[node]
+                                .docs
+                                .read(&self.ids[record], |held| {
+                                    (
+                                        short_hashes(&held.heads()),
+                                        held.epoch().map_or_else(String::new, |epoch| {
+                                            short_hashes(epoch.cut())
+                                        }),
+                                    )
+                                })
+                                .unwrap_or_default();
                             (
                                 node,
                                 union
                                     .difference(held)
                                     .map(|hash| hash.to_string()[..8].to_owned())
                                     .collect(),
+                                heads,
+                                cut,
                             )
                         })
                         .collect();
@@ -2003,8 +2076,34 @@ impl Sim {
                             })
                         })
                         .collect();
+                    // Node 0's and this node's local changes: hash, original, local deps.
+                    let local = |node: usize| {
+                        self.nodes[node]
+                            .docs
+                            .read(&self.ids[record], |held| {
+                                held.local()
+                                    .get_changes(&[])
+                                    .iter()
+                                    .map(|change| {
+                                        let original = held
+                                            .epoch()
+                                            .and_then(|epoch| epoch.back(change).ok())
+                                            .map(|original| short_hashes(&[original.hash()]))
+                                            .unwrap_or_default();
+                                        format!(
+                                            "{}={} <- [{}]",
+                                            short_hashes(&[change.hash()]),
+                                            original,
+                                            short_hashes(change.deps())
+                                        )
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default()
+                    };
+                    let locals = (local(0), local(index));
                     return Ok(format!(
-                        "queues {queues:?}; missing per node {missing:?}; refused per node \
+                        "locals {locals:?}; queues {queues:?}; missing, heads and cut per node {missing:?}; refused per node \
                          {refused:?}; reads {reads:?}; modified node {:?}; marks {marks:?}; \
                          ids {:?}; ",
                         self.scoped.as_ref().and_then(|scoped| scoped.modified),
@@ -2013,12 +2112,12 @@ impl Sim {
                             .map(|n| n.id.to_string()[..6].to_owned())
                             .collect::<Vec<_>>()
                     ) + format!(
-                        "{}: node 0 has {} ({} heads), node {index} has {} ({} heads)",
+                        "{}: node 0 has {} (heads {}), node {index} has {} (heads {})",
                         self.ids[record],
                         brief(&first.1),
-                        first.0.len(),
+                        short_hashes(&first.0),
                         brief(&other.1),
-                        other.0.len()
+                        short_hashes(&other.0)
                     )
                     .as_str());
                 }
@@ -2084,32 +2183,30 @@ impl Sim {
             return Vec::new();
         };
         let forged: BTreeSet<ChangeHash> = scoped.forged.iter().map(|(_, hash, _)| *hash).collect();
-        let hashes = |index: usize, id: &RecordId| -> BTreeSet<ChangeHash> {
+        let holds = |index: usize, id: &RecordId, change: &automerge::Change| {
             self.nodes[index]
                 .docs
-                .read(id, |held| {
-                    let doc = held.local();
-                    doc.get_changes(&[])
-                        .iter()
-                        .map(|change| change.hash())
-                        .collect()
-                })
-                .unwrap_or_default()
+                .read(id, |held| held.holds_change(change))
+                .unwrap_or(false)
         };
         let mut owed = Vec::new();
         for id in &self.ids {
-            let honest = hashes(0, id);
             let doc_key = id.to_doc_key();
-            for hash in hashes(modified, id) {
+            let changes = self.nodes[modified]
+                .docs
+                .read(id, |held| held.changes(&[]))
+                .unwrap_or_default();
+            for change in changes {
+                let hash = change.hash();
                 let refused = self.nodes[0]
                     .docs
                     .refused_contains(&doc_key, &hash)
                     .unwrap_or(false);
-                if forged.contains(&hash) || honest.contains(&hash) || refused {
+                if forged.contains(&hash) || holds(0, id, &change) || refused {
                     continue;
                 }
                 let holders: Vec<usize> = (0..self.nodes.len())
-                    .filter(|index| hashes(*index, id).contains(&hash))
+                    .filter(|index| holds(*index, id, &change))
                     .collect();
                 if self.summary.revoked && holders == [modified] {
                     continue;
@@ -2163,22 +2260,41 @@ impl Sim {
                 continue;
             }
             let hash = &hash;
+            let written = &self.written;
             let check = self.nodes[0].docs.read(id, |held| {
                 let doc = held.local();
-                if !document::holds_change(doc, hash) {
+                if !holds(held, hash, written) {
                     return Err(format!(
                         "acknowledged change {hash} of {id} (by node {}) is missing",
                         by % NODES_MAX
                     ));
                 }
-                if *was_delete && document::state(doc) == document::RecordState::Live {
+                // A delete inside the compacted history is not checked here: compaction keeps
+                // what the history read at the cut (it refuses a base that reads otherwise).
+                let local_delete = held.local_heads(std::slice::from_ref(hash));
+                if let (true, Some([delete])) = (
+                    *was_delete && document::state(doc) == document::RecordState::Live,
+                    local_delete.as_deref(),
+                ) {
                     // Some change that made the record live must descend from the delete.
+                    // A change placed on a compacted history beside the cut (concurrent with
+                    // it) reads there on the whole cut: one that writes the tombstone false
+                    // after the delete re-created the record too.
                     let recreated = doc.get_changes(&[]).iter().any(|change| {
                         let effect = document::describe_change(doc, change.deps(), change.hash());
-                        matches!(effect.action, "create" | "recreate")
+                        let revives = change.decode().operations.iter().any(|op| {
+                            op.key == automerge::legacy::Key::Map(document::DELETED_KEY.into())
+                                && matches!(
+                                    op.action,
+                                    automerge::legacy::OpType::Put(
+                                        automerge::ScalarValue::Boolean(false)
+                                    )
+                                )
+                        });
+                        (matches!(effect.action, "create" | "recreate") || revives)
                             && doc
                                 .fork_at(&[change.hash()])
-                                .is_ok_and(|past| document::holds_change(&past, hash))
+                                .is_ok_and(|past| document::holds_change(&past, delete))
                     });
                     if !recreated {
                         return Err(format!(
@@ -2196,6 +2312,15 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// Hashes by their first 8 hex digits.
+fn short_hashes(hashes: &[ChangeHash]) -> String {
+    let short: Vec<String> = hashes
+        .iter()
+        .map(|hash| hash.to_string()[..8].to_owned())
+        .collect();
+    short.join(" ")
 }
 
 /// A record's JSON cut short: values may be megabytes.
@@ -2455,6 +2580,33 @@ mod tests {
             large > 0 && refused > 0 && bursts > 0,
             "{large} {refused} {bursts}"
         );
+    }
+
+    fn compacting() -> Params {
+        Params {
+            compact_histories: true,
+            ..Params::default()
+        }
+    }
+
+    #[test]
+    fn compacted_histories_hold_the_guarantees() {
+        let mut compacted = 0;
+        for seed in 0..40 {
+            let summary =
+                run(seed, &compacting()).unwrap_or_else(|violation| panic!("{violation}"));
+            compacted += summary.documents_compacted;
+        }
+        assert!(compacted > 0, "the runs must compact histories");
+    }
+
+    #[test]
+    fn the_checks_find_histories_compacted_before_they_are_stable() {
+        let sabotage = Sabotage {
+            compact_unstable: true,
+            ..Sabotage::default()
+        };
+        assert!(seeds_to_find_with(sabotage, &compacting(), 20) <= 20);
     }
 
     /// Seeds swept by `cargo test` (CI): a few hundred, a minute or so in a debug build.

@@ -83,6 +83,14 @@ struct Args {
     partial_reads_percent: u64,
     #[arg(long, default_value_t = 600)]
     burst_writes_max: u64,
+    /// Whether stores compact the histories every node holds (`store.compact_histories`;
+    /// defaults as a node does).
+    #[arg(long, default_value_t = Params::default().compact_histories, action = clap::ArgAction::Set)]
+    compact_histories: bool,
+    /// Print the run's trace as it happens, and what the engine and store log (filtered by
+    /// `RUST_LOG`, warnings by default), to stderr: for replaying one seed.
+    #[arg(long)]
+    print_trace: bool,
     /// Runs in parallel (threads). Each run is deterministic on its own; the summary is the
     /// same whatever the number of jobs.
     #[arg(long, default_value_t = 1)]
@@ -96,6 +104,15 @@ const JOBS_MAX: usize = 64;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.print_trace {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .without_time()
+            .init();
+    }
     let seeds = match (&args.seed, &args.seeds) {
         (Some(seed), _) => *seed..seed + 1,
         (None, Some(range)) => match parse_range(range) {
@@ -170,6 +187,8 @@ fn main() -> ExitCode {
             burst_writes_max: args.burst_writes_max,
             scoped_percent: args.scoped_percent,
             partial_reads_percent: args.partial_reads_percent,
+            compact_histories: args.compact_histories,
+            print_trace: args.print_trace,
             ..Params::default()
         }
     };
@@ -224,6 +243,7 @@ fn main() -> ExitCode {
     let (mut far_ahead, mut ahead) = (0u64, 0u64);
     let mut withdrawn = 0u64;
     let (mut truncated, mut catch_ups, mut truncating_runs) = (0u64, 0u64, 0u64);
+    let (mut compacted, mut compacting_runs) = (0u64, 0u64);
     let (mut scoped, mut scope_refused, mut forged, mut forged_refused, mut revoked) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut cut_off = 0u64;
@@ -254,6 +274,8 @@ fn main() -> ExitCode {
                 withdrawn += summary.withdrawn_documents;
                 truncated += summary.log_entries_truncated;
                 catch_ups += summary.catch_ups;
+                compacted += summary.documents_compacted;
+                compacting_runs += u64::from(summary.documents_compacted > 0);
                 truncating_runs += u64::from(summary.log_entries_truncated > 0);
                 revoked += u64::from(summary.revoked);
                 cut_off += summary.acknowledged_cut_off;
@@ -278,8 +300,8 @@ fn main() -> ExitCode {
             Err(violation) => {
                 eprintln!("{violation}");
                 eprintln!(
-                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {} --scoped-percent {} --partial-reads-percent {}",
-                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max, args.scoped_percent, args.partial_reads_percent
+                    "replay: cargo run -p concord-sim --release -- --seed {} --nodes {} --records {} --steps {} --latency-ms {} --jitter-ms {} --drop-percent {} --duplicate-percent {} --partition-percent {} --crash-percent {} --store-loss-percent {} --backup-permille {} --skew-ms-max {} --far-ahead-percent {} --far-ahead-ms {} --edge-offices {} --queue-bytes {} --slow-link-percent {} --large-value-permille {} --burst-permille {} --burst-writes-max {} --scoped-percent {} --partial-reads-percent {} --compact-histories {}",
+                    violation.seed, nodes, args.records, args.steps, args.latency_ms, args.jitter_ms, args.drop_percent, args.duplicate_percent, args.partition_percent, args.crash_percent, args.store_loss_percent, args.backup_permille, args.skew_ms_max, args.far_ahead_percent, args.far_ahead_ms, params.edge_offices, args.queue_bytes, args.slow_link_percent, args.large_value_permille, args.burst_permille, args.burst_writes_max, args.scoped_percent, args.partial_reads_percent, args.compact_histories
                 );
                 return ExitCode::from(1);
             }
@@ -299,6 +321,7 @@ fn main() -> ExitCode {
     );
     println!("workload: {writes} writes, {deletes} deletes, all acknowledged and all found on every node");
     println!("log entries truncated as every known node held them: {truncated} in {truncating_runs} runs; peers caught up by whole documents: {catch_ups}");
+    println!("documents whose stable history was compacted: {compacted} in {compacting_runs} runs");
     println!("fields in conflict at the end: {conflicts}, each resolved alike on every node under lww, priority, custom and manual");
     println!("large values written: {large}; writes over the change limit refused (nothing stored): {refused}; writes in bursts to one record: {bursts}");
     println!("frames that waited for a full link: {waits}; every origin's log held as far on every node at the end");

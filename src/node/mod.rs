@@ -545,6 +545,7 @@ impl Node {
             cache_bytes: config.store.cache_mib * 1024 * 1024,
             compact_after_changes: config.store.compact_after_changes,
             compact_histories: config.store.compact_histories,
+            ..DocStoreConfig::default()
         };
         let fresh = NodeId::random().map_err(NodeError::Random)?;
         let (writer, incarnation) = crate::store::claim_writer(&backend, id, fresh)?;
@@ -1573,10 +1574,11 @@ mod tests {
             );
         }
         // The edge is sent the Paris customers, judged by their tags.
-        let (sent, _) = hq
+        let sent = hq
             .documents()
             .log_readable_after(Some(&edge.id()), &writer, 0, 100, usize::MAX)
-            .unwrap();
+            .unwrap()
+            .changes;
         let keys: Vec<&[u8]> = sent
             .iter()
             .map(|change| change.doc_key.as_slice())

@@ -6,13 +6,16 @@
 //!
 //! - every operation visible at the cut (each value of a field in conflict, each object,
 //!   each element of a list or text with its values, a counter with its increments summed)
-//!   is kept under its own id, with no predecessors; a list element that is gone but still
-//!   anchors a visible one is kept with one deletion, so every element keeps its place;
-//! - these operations, sorted by id, are cut into the fewest changes whose ids run on (the
-//!   *base*), each depending on the one before, with time 0 and no message. The base is a
-//!   function of what is visible at the cut alone: every node compacting at the same cut
-//!   produces the same bytes, however much history it held, and however often it compacted
-//!   on the way;
+//!   is kept under its own id, with no predecessors; every element of a visible list or text
+//!   that is gone is kept with one deletion, so every element keeps its place and a change
+//!   concurrent with the cut can still insert after any of them;
+//! - these operations, sorted by id, are cut into the fewest changes whose ids run on and
+//!   whose operations came from changes with one time and message (one stamp) (the *base*),
+//!   each depending on the one before and carrying that stamp, so that a conflict's candidates keep their stamps and a policy
+//!   resolves them as before; an empty last change carries the latest clock of the cut. The
+//!   base is a function of what is visible at the cut alone: every node compacting at the
+//!   same cut produces the same bytes, however much history it held, and however often it
+//!   compacted on the way;
 //! - a change after the cut keeps its operations byte for byte; only its dependencies (cut
 //!   heads become the base's last change) and its sequence number (an actor's changes in the
 //!   cut become its changes in the base) are rewritten.
@@ -23,13 +26,15 @@
 //! [`Epoch::native`] for one written here, [`Epoch::back`] to serve one again).
 //!
 //! Guarantees:
-//! - compaction is refused unless every change after the cut descends from the whole cut:
-//!   such a change refers only to operations visible at the cut or made after it, all of
-//!   which the compacted document holds under their own ids, so it means there exactly what it
-//!   meant before. A change received later that does not descend from the whole cut is
-//!   refused ([`CompactionError::ConcurrentWithCut`]); the caller compacts only a cut that is
-//!   stable (every node holds it and wrote nothing concurrent with it that is not held here),
-//!   so none arrives;
+//! - a change after the cut, or concurrent with it (written by a node that held only part of
+//!   the cut: one restored from an old backup, say), means on the compacted document what it
+//!   meant on the history: what it replaced or deleted that is gone at the cut is gone from
+//!   the base too, and everything visible at the cut is there under its own id. Its
+//!   dependencies inside the cut are known once the change they name is seen again (known by
+//!   its place, [`Epoch::holds_inside`]); until then it waits
+//!   ([`CompactionError::MissingDependency`]), as Automerge holds back a change whose
+//!   dependencies are missing. [`compact`] checks that the compacted document reads as the
+//!   history did and names the same heads;
 //! - what the compacted document reads (values, conflicts and their winners, list and text
 //!   order, counters) is what the original read, and stays so as the same changes are added
 //!   to both: [`compact`] checks the first, and the tests replay random histories for both;
@@ -106,6 +111,11 @@ struct Kept {
     original: ChangeHash,
     /// The cut heads among its original dependencies.
     cut_deps: Vec<ChangeHash>,
+    /// It does not follow the whole cut: it may name operations that are gone there.
+    concurrent: bool,
+    /// Its original bytes, when its local form differs in more than dependencies and sequence
+    /// number (it named operations that are gone at the cut).
+    original_bytes: Option<Vec<u8>>,
 }
 
 /// What a compacted document stands for, and the translation between its local form and the
@@ -121,6 +131,11 @@ pub struct Epoch {
     shifts: BTreeMap<ActorId, Shift>,
     /// Changes after the cut: local hash to original.
     kept: HashMap<ChangeHash, Kept>,
+    /// Changes inside the cut (original hashes) that changes concurrent with it depend on:
+    /// seen again since, and known by their place.
+    known_inside: BTreeSet<ChangeHash>,
+    /// The cut heads some change after the cut depends on: the others are heads still.
+    covered: HashSet<ChangeHash>,
     /// Original hash to local, for the same changes.
     local: HashMap<ChangeHash, ChangeHash>,
 }
@@ -128,7 +143,9 @@ pub struct Epoch {
 /// An actor, its original changes in the cut, its changes in the base, its last in the cut.
 type StoredShift = (Vec<u8>, u64, u64, Option<[u8; 32]>);
 /// A local hash, the original hash, the cut heads among its original dependencies.
-type StoredKept = ([u8; 32], [u8; 32], Vec<[u8; 32]>);
+type StoredKeptFirst = ([u8; 32], [u8; 32], Vec<[u8; 32]>);
+/// The same, whether it is concurrent with the cut, and its original bytes if it differs.
+type StoredKept = ([u8; 32], [u8; 32], Vec<[u8; 32]>, bool, Option<Vec<u8>>);
 
 /// An epoch as kept beside its document's snapshot.
 #[derive(Serialize, Deserialize)]
@@ -138,6 +155,17 @@ struct StoredEpoch {
     base_changes: Vec<[u8; 32]>,
     shifts: Vec<StoredShift>,
     kept: Vec<StoredKept>,
+    known_inside: Vec<[u8; 32]>,
+}
+
+/// An epoch as the first compacting version kept it (no changes known inside the cut).
+#[derive(Serialize, Deserialize)]
+struct StoredEpochFirst {
+    cut: Vec<[u8; 32]>,
+    base: Option<[u8; 32]>,
+    base_changes: Vec<[u8; 32]>,
+    shifts: Vec<StoredShift>,
+    kept: Vec<StoredKeptFirst>,
 }
 
 /// What [`Epoch::forward`] made of a change received.
@@ -173,9 +201,15 @@ impl Epoch {
     /// Whether `change` (an original) lies inside the compacted history: an actor's changes
     /// in a history closed under dependencies are its first ones.
     pub fn holds_inside(&self, change: &Change) -> bool {
+        self.holds_inside_at(change.actor_id(), change.seq())
+    }
+
+    /// Whether the `seq`th change of `actor` (in the original history) lies inside the
+    /// compacted history.
+    pub fn holds_inside_at(&self, actor: &ActorId, seq: u64) -> bool {
         self.shifts
-            .get(change.actor_id())
-            .is_some_and(|shift| change.seq() <= shift.original)
+            .get(actor)
+            .is_some_and(|shift| seq <= shift.original)
     }
 
     /// Whether this epoch's compacted history holds all of `other`'s: a history closed under
@@ -188,24 +222,30 @@ impl Epoch {
     }
 
     /// Whether `dep`, a dependency of original `change`, lies in the compacted history: a cut
-    /// head, or the change's actor's last change in the cut.
+    /// head, the change's actor's last change in the cut, or one known to lie inside it.
     pub fn is_cut_dependency(&self, change: &Change, dep: &ChangeHash) -> bool {
-        self.cut.contains(dep) || self.shift(change.actor_id()).last == Some(*dep)
+        self.cut.contains(dep)
+            || self.shift(change.actor_id()).last == Some(*dep)
+            || self.known_inside.contains(dep)
     }
 
     /// The local form of an original change received, to apply to the compacted document.
     pub fn forward(&mut self, original: &Change) -> Result<Forwarded, CompactionError> {
         let hash = original.hash();
         if self.holds_inside(original) {
+            // A change concurrent with the cut may name it.
+            self.note_inside(original);
             return Ok(Forwarded::InsideCut);
         }
-        let own_last = self.shift(original.actor_id()).last;
         let mut cut_deps = Vec::new();
         let mut deps = BTreeSet::new();
+        // Whether it follows the whole cut, through a dependency that does.
+        let mut follows = false;
         for dep in original.deps() {
-            if self.cut.contains(dep) || Some(*dep) == own_last {
+            if self.is_cut_dependency(original, dep) {
                 cut_deps.push(*dep);
             } else if let Some(local) = self.local.get(dep) {
+                follows |= self.kept.get(local).is_some_and(|kept| !kept.concurrent);
                 deps.insert(*local);
             } else {
                 return Err(CompactionError::MissingDependency {
@@ -214,20 +254,22 @@ impl Epoch {
                 });
             }
         }
-        // A change after the cut with no dependency after it must name every cut head; one
-        // with no dependency at all (a document made afresh elsewhere, merged into this one)
-        // refers to nothing but its own operations, and means here what it meant there.
-        let heads = cut_deps.iter().filter(|dep| self.cut.contains(dep)).count();
-        let fresh = original.deps().is_empty();
-        if deps.is_empty() && heads != self.cut.len() && !fresh {
-            return Err(CompactionError::ConcurrentWithCut { change: hash });
-        }
+        // Whatever of the cut it names, it goes on the base: what it replaced that is gone at
+        // the cut is not in the base either, and what is visible there is, under its own id.
         if !cut_deps.is_empty() {
             deps.extend(self.base);
         }
+        let heads_named = cut_deps.iter().filter(|dep| self.cut.contains(dep)).count();
+        let concurrent = !follows && heads_named != self.cut.len();
         let seq = self.shift(original.actor_id()).to_local(original.seq());
         let local = rewritten(original, seq, deps);
-        self.keep(local.hash(), hash, cut_deps);
+        let kept = Kept {
+            original: hash,
+            cut_deps,
+            concurrent,
+            original_bytes: None,
+        };
+        self.keep(local.hash(), kept);
         if self.back(&local)?.hash() != hash {
             self.forget(&local.hash());
             return Err(CompactionError::Unsupported(
@@ -240,10 +282,12 @@ impl Epoch {
     /// The original form of a change written here on the compacted document, to log and send.
     pub fn native(&mut self, local: &Change) -> Result<Change, CompactionError> {
         let own_last = self.shift(local.actor_id()).last;
+        let mut follows = false;
         let mut cut_deps = BTreeSet::new();
         let mut deps = BTreeSet::new();
         for dep in local.deps() {
             if Some(*dep) == self.base {
+                follows = true;
                 cut_deps.extend(self.cut.iter().copied());
             } else if self.base_changes.contains(dep) {
                 // The writer's own last change in the base stands for its last in the cut.
@@ -253,18 +297,26 @@ impl Epoch {
                     .kept
                     .get(dep)
                     .ok_or(CompactionError::Untranslated(*dep))?;
+                follows |= !kept.concurrent;
                 deps.insert(kept.original);
             }
         }
         // Nothing visible at the cut: a change written on the base alone follows every head.
         if self.base.is_none() && local.deps().is_empty() {
+            follows = true;
             cut_deps.extend(self.cut.iter().copied());
         }
         deps.extend(cut_deps.iter().copied());
         let cut_deps = cut_deps.into_iter().collect();
         let seq = self.shift(local.actor_id()).to_original(local.seq());
         let original = rewritten(local, seq, deps);
-        self.keep(local.hash(), original.hash(), cut_deps);
+        let kept = Kept {
+            original: original.hash(),
+            cut_deps,
+            concurrent: !follows,
+            original_bytes: None,
+        };
+        self.keep(local.hash(), kept);
         Ok(original)
     }
 
@@ -274,6 +326,10 @@ impl Epoch {
             .kept
             .get(&local.hash())
             .ok_or(CompactionError::Untranslated(local.hash()))?;
+        if let Some(bytes) = &kept.original_bytes {
+            return Change::from_bytes(bytes.clone())
+                .map_err(|error| CompactionError::Corrupt(error.to_string()));
+        }
         let mut deps: BTreeSet<ChangeHash> = kept.cut_deps.iter().copied().collect();
         for dep in local.deps() {
             if !self.base_changes.contains(dep) {
@@ -291,6 +347,13 @@ impl Epoch {
     /// The original heads a compacted document's heads stand for.
     pub fn original_heads(&self, local: &[ChangeHash]) -> Result<Vec<ChangeHash>, CompactionError> {
         let mut heads = BTreeSet::new();
+        // A cut head no change after the cut depends on is a head still, whatever else is.
+        heads.extend(
+            self.cut
+                .iter()
+                .filter(|head| !self.covered.contains(*head))
+                .copied(),
+        );
         for head in local {
             if Some(*head) == self.base {
                 heads.extend(self.cut.iter().copied());
@@ -304,6 +367,34 @@ impl Epoch {
         }
         if local.is_empty() {
             heads.extend(self.cut.iter().copied());
+        }
+        Ok(heads.into_iter().collect())
+    }
+
+    /// The original heads of `doc`, a document in this epoch's local form (the whole
+    /// compacted document, or a version of it that holds the base).
+    fn heads_within(&self, doc: &Automerge) -> Result<Vec<ChangeHash>, CompactionError> {
+        let mut heads = BTreeSet::new();
+        let holds_base = self
+            .base
+            .is_none_or(|base| doc.get_change_by_hash(&base).is_some());
+        if holds_base {
+            let covered: HashSet<&ChangeHash> = doc
+                .get_changes(&[])
+                .iter()
+                .filter_map(|change| self.kept.get(&change.hash()))
+                .flat_map(|kept| kept.cut_deps.iter())
+                .collect();
+            heads.extend(self.cut.iter().filter(|head| !covered.contains(head)));
+        }
+        for head in doc.get_heads() {
+            if Some(head) != self.base {
+                let kept = self
+                    .kept
+                    .get(&head)
+                    .ok_or(CompactionError::Untranslated(head))?;
+                heads.insert(kept.original);
+            }
         }
         Ok(heads.into_iter().collect())
     }
@@ -344,6 +435,8 @@ impl Epoch {
                     local.0,
                     kept.original.0,
                     hashes(&mut kept.cut_deps.iter().copied()),
+                    kept.concurrent,
+                    kept.original_bytes.clone(),
                 )
             })
             .collect();
@@ -361,14 +454,31 @@ impl Epoch {
                 })
                 .collect(),
             kept,
+            known_inside: hashes(&mut self.known_inside.iter().copied()),
         };
         postcard::to_allocvec(&stored).expect("an epoch always encodes")
     }
 
     /// An epoch encoded by [`Self::to_bytes`].
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, CompactionError> {
-        let stored: StoredEpoch = postcard::from_bytes(bytes)
-            .map_err(|error| CompactionError::Corrupt(error.to_string()))?;
+        let stored: StoredEpoch = match postcard::from_bytes(bytes) {
+            Ok(stored) => stored,
+            Err(error) => match postcard::from_bytes::<StoredEpochFirst>(bytes) {
+                Ok(first) => StoredEpoch {
+                    cut: first.cut,
+                    base: first.base,
+                    base_changes: first.base_changes,
+                    shifts: first.shifts,
+                    kept: first
+                        .kept
+                        .into_iter()
+                        .map(|(local, original, cut_deps)| (local, original, cut_deps, false, None))
+                        .collect(),
+                    known_inside: Vec::new(),
+                },
+                Err(_) => return Err(CompactionError::Corrupt(error.to_string())),
+            },
+        };
         let mut epoch = Epoch {
             cut: stored.cut.into_iter().map(ChangeHash).collect(),
             base: stored.base.map(ChangeHash),
@@ -388,11 +498,17 @@ impl Epoch {
                     )
                 })
                 .collect(),
+            known_inside: stored.known_inside.into_iter().map(ChangeHash).collect(),
             ..Epoch::default()
         };
-        for (local, original, cut_deps) in stored.kept {
-            let cut_deps = cut_deps.into_iter().map(ChangeHash).collect();
-            epoch.keep(ChangeHash(local), ChangeHash(original), cut_deps);
+        for (local, original, cut_deps, concurrent, original_bytes) in stored.kept {
+            let kept = Kept {
+                original: ChangeHash(original),
+                cut_deps: cut_deps.into_iter().map(ChangeHash).collect(),
+                concurrent,
+                original_bytes,
+            };
+            epoch.keep(ChangeHash(local), kept);
         }
         Ok(epoch)
     }
@@ -413,16 +529,180 @@ impl Epoch {
         self.shifts.get(actor).copied().unwrap_or_default()
     }
 
-    fn keep(&mut self, local: ChangeHash, original: ChangeHash, cut_deps: Vec<ChangeHash>) {
-        self.local.insert(original, local);
-        self.kept.insert(local, Kept { original, cut_deps });
+    fn keep(&mut self, local: ChangeHash, kept: Kept) {
+        self.covered.extend(
+            kept.cut_deps
+                .iter()
+                .filter(|dep| self.cut.contains(dep))
+                .copied(),
+        );
+        self.local.insert(kept.original, local);
+        self.kept.insert(local, kept);
+    }
+
+    /// `local` (translated by [`Self::forward`]) without the predecessors that name
+    /// operations `exists` does not hold: a change concurrent with the cut may replace what
+    /// is gone at it, which the compacted document does not hold. Its original bytes are kept
+    /// to send it again as it was.
+    pub fn without_missing(
+        &mut self,
+        local: Change,
+        exists: impl Fn(&OpId) -> bool,
+    ) -> Result<Change, CompactionError> {
+        let Some(kept) = self.kept.get(&local.hash()).filter(|kept| kept.concurrent) else {
+            return Ok(local);
+        };
+        let mut kept = kept.clone();
+        let mut expanded = local.decode();
+        let start = expanded.start_op.get();
+        let actor = expanded.actor_id.clone();
+        // An operation of this change before `index`, or one the document holds.
+        let held = |id: &OpId, index: usize| {
+            (id.1 == actor && id.0 >= start && id.0 < start + index as u64) || exists(id)
+        };
+        let mut stripped = false;
+        for (index, op) in expanded.operations.iter_mut().enumerate() {
+            let in_place = match &op.obj {
+                ObjectId::Root => true,
+                ObjectId::Id(obj) => held(obj, index),
+            } && match &op.key {
+                Key::Seq(ElementId::Id(element)) => held(element, index),
+                _ => true,
+            };
+            let pred: Vec<OpId> = op
+                .pred
+                .iter()
+                .filter(|id| held(id, index))
+                .cloned()
+                .collect();
+            let effect = matches!(op.action, OpType::Delete | OpType::Increment(_));
+            if !in_place || (effect && pred.is_empty()) {
+                // In an object or after an element gone at the cut, or replacing only what
+                // is gone there: no effect on the history either.
+                *op = sink_op();
+                stripped = true;
+            } else if pred.len() != op.pred.len() {
+                op.pred = SortedVec::from(pred);
+                stripped = true;
+            }
+        }
+        if !stripped {
+            return Ok(local);
+        }
+        let mut original = self.back(&local)?;
+        kept.original_bytes = Some(original.bytes().to_vec());
+        self.forget(&local.hash());
+        expanded.hash = None;
+        let without = Change::from(expanded);
+        self.keep(without.hash(), kept);
+        Ok(without)
     }
 
     fn forget(&mut self, local: &ChangeHash) {
         if let Some(kept) = self.kept.remove(local) {
             self.local.remove(&kept.original);
+            self.covered = self
+                .kept
+                .values()
+                .flat_map(|kept| kept.cut_deps.iter())
+                .filter(|dep| self.cut.contains(dep))
+                .copied()
+                .collect();
         }
     }
+
+    /// Notes `change` as lying inside the cut, if it does and is not a cut head; whether that
+    /// was not known.
+    pub fn note_inside(&mut self, change: &Change) -> bool {
+        let hash = change.hash();
+        self.holds_inside(change) && !self.cut.contains(&hash) && self.known_inside.insert(hash)
+    }
+
+    /// Changes known to lie inside the cut (see [`Self::note_inside`]).
+    pub fn known_inside_len(&self) -> usize {
+        self.known_inside.len()
+    }
+
+    /// Whether the local change `local` does not follow the whole cut.
+    pub fn is_concurrent(&self, local: &ChangeHash) -> bool {
+        self.kept.get(local).is_some_and(|kept| kept.concurrent)
+    }
+
+    /// Whether changes concurrent with the cut were placed on it: a peer compacted at the
+    /// same cut may not know where their dependencies lie.
+    pub fn holds_concurrent(&self) -> bool {
+        !self.known_inside.is_empty()
+    }
+}
+
+/// The actor of the base's first change, which holds the *sink*: an operation already
+/// deleted, that a change concurrent with the cut deletes instead of what is gone at the cut
+/// (Automerge keeps a deletion only as a mark on what it deletes).
+const SINK_ACTOR: [u8; 16] = *b"concord:compact!";
+/// The (reserved) field the sink is written under, and deleted.
+const SINK_FIELD: &str = "@compacted";
+
+fn sink_actor() -> ActorId {
+    ActorId::from(SINK_ACTOR.as_slice())
+}
+
+/// An operation with no effect: a deletion of the sink.
+fn sink_op() -> Op {
+    Op {
+        action: OpType::Delete,
+        obj: ObjectId::Root,
+        key: Key::Map(SINK_FIELD.into()),
+        pred: SortedVec::from(vec![OpId(1, sink_actor())]),
+        insert: false,
+    }
+}
+
+/// The base's first change: the sink, written and deleted.
+fn sink_change() -> Change {
+    let put = Op {
+        action: OpType::Put(ScalarValue::Null),
+        obj: ObjectId::Root,
+        key: Key::Map(SINK_FIELD.into()),
+        pred: SortedVec::from(Vec::new()),
+        insert: false,
+    };
+    Change::from(ExpandedChange {
+        operations: vec![put, sink_op()],
+        actor_id: sink_actor(),
+        hash: None,
+        seq: 1,
+        start_op: NonZeroU64::MIN,
+        time: 0,
+        message: None,
+        deps: Vec::new(),
+        extra_bytes: Vec::new(),
+        author: None,
+    })
+}
+
+/// Whether `doc` holds the operation `id`.
+fn op_exists(doc: &Automerge, id: &OpId) -> bool {
+    doc.import_obj(&format!("{}@{}", id.0, id.1.to_hex_string()))
+        .is_ok_and(|exid| doc.hash_for_opid(&exid).is_some())
+}
+
+/// Adds `local` (from [`Epoch::forward`]) to the changes `batch` waits to apply to `doc`; one
+/// concurrent with the cut goes in at once, the batch before it, without the predecessors
+/// `doc` does not hold then.
+pub fn add_forwarded(
+    doc: &mut Automerge,
+    epoch: &mut Epoch,
+    batch: &mut Vec<Change>,
+    local: Change,
+) -> Result<(), CompactionError> {
+    if !epoch.is_concurrent(&local.hash()) {
+        batch.push(local);
+        return Ok(());
+    }
+    doc.apply_changes(std::mem::take(batch))?;
+    let local = epoch.without_missing(local, |id| op_exists(doc, id))?;
+    doc.apply_changes([local])?;
+    Ok(())
 }
 
 /// `change` with sequence number `seq` and dependencies `deps`, its operations as they were.
@@ -458,7 +738,7 @@ pub fn compact(
     let inside = at.get_changes(&[]);
     let base = base_changes(&inside, clock_of(&at, cut))?;
     let original_cut = match epoch {
-        Some(epoch) => epoch.original_heads(cut)?,
+        Some(epoch) => epoch.heads_within(&at)?,
         None => cut
             .iter()
             .copied()
@@ -471,36 +751,43 @@ pub fn compact(
         base: base.last().map(Change::hash),
         base_changes: base.iter().map(Change::hash).collect(),
         shifts: shifts(&inside, &base, epoch)?,
-        kept: HashMap::new(),
-        local: HashMap::new(),
+        // What was known inside the old cut is inside this one.
+        known_inside: epoch
+            .map(|epoch| epoch.known_inside.clone())
+            .unwrap_or_default(),
+        ..Epoch::default()
     };
     let mut compacted = Automerge::new();
     compacted.apply_changes(base)?;
     let mut after = Vec::new();
     for change in doc.get_changes(cut) {
-        // Inside the cut, not a head of it, nor the actor's own change before.
-        let inside = |dep: &ChangeHash| {
-            !cut.contains(dep)
-                && at.get_change_by_hash(dep).is_some_and(|before| {
-                    before.actor_id() != change.actor_id() || before.seq() + 1 != change.seq()
-                })
-        };
-        if change.deps().iter().any(inside) {
-            return Err(CompactionError::ConcurrentWithCut {
-                change: change.hash(),
-            });
-        }
         let original = match epoch {
             Some(epoch) => epoch.back(&change)?,
             None => change,
         };
+        // Changes come in causal order: a dependency not translated yet, nor a cut head, lies
+        // inside the cut (the change is concurrent with part of it).
+        for dep in original.deps() {
+            if !next.local.contains_key(dep) && !next.cut.contains(dep) {
+                next.known_inside.insert(*dep);
+            }
+        }
         match next.forward(&original)? {
-            Forwarded::Local(local) => after.push(*local),
+            Forwarded::Local(local) => {
+                add_forwarded(&mut compacted, &mut next, &mut after, *local)?
+            }
             Forwarded::InsideCut => return Err(CompactionError::Diverged),
         }
     }
     compacted.apply_changes(after)?;
     if compacted.hydrate(None) != doc.hydrate(None) {
+        return Err(CompactionError::Diverged);
+    }
+    let heads_before = match epoch {
+        Some(epoch) => epoch.heads_within(doc)?,
+        None => doc.get_heads(),
+    };
+    if next.heads_within(&compacted)? != heads_before {
         return Err(CompactionError::Diverged);
     }
     Ok((compacted, next))
@@ -562,6 +849,17 @@ fn shifts(
         };
         shifts.insert(actor, shift);
     }
+    // An actor of the compacted history with nothing visible any more is in the cut all
+    // the same: its changes are still known by their place.
+    if let Some(old) = epoch {
+        for (actor, shift) in &old.shifts {
+            shifts.entry(actor.clone()).or_insert(Shift {
+                original: shift.original,
+                base: 0,
+                last: shift.last,
+            });
+        }
+    }
     for change in base {
         let shift = shifts.entry(change.actor_id().clone()).or_default();
         shift.base = shift.base.max(change.seq());
@@ -579,16 +877,19 @@ struct Replay {
     increments: HashMap<OpId, i64>,
     /// The operations inside each object, by id.
     inside: HashMap<ObjectId, Vec<OpId>>,
+    /// The index (in the history replayed) of the change each operation came from.
+    source: HashMap<OpId, usize>,
 }
 
 impl Replay {
     fn of(changes: &[Change]) -> Result<Self, CompactionError> {
         let mut replay = Self::default();
-        for change in changes {
+        for (position, change) in changes.iter().enumerate() {
             let expanded = change.decode();
             let start = expanded.start_op.get();
             for (index, op) in expanded.operations.into_iter().enumerate() {
                 let id = OpId(start + index as u64, expanded.actor_id.clone());
+                replay.source.insert(id.clone(), position);
                 replay.add(id, op)?;
             }
         }
@@ -687,16 +988,9 @@ impl Replay {
                     .push(id.clone());
             }
         }
-        // Visible elements, and every element they are anchored on, up to the head.
-        let mut needed = BTreeSet::new();
-        for (element, ops) in &elements {
-            if self.visible(element) || ops.iter().any(|id| self.visible(id)) {
-                let mut at = Some(element.clone());
-                while let Some(element) = at.filter(|element| needed.insert(element.clone())) {
-                    at = self.ops.get(&element).and_then(|op| op.key.to_opid());
-                }
-            }
-        }
+        // Every element of a visible sequence, gone or not: a change concurrent with the cut
+        // may insert after any of them.
+        let needed: BTreeSet<OpId> = elements.keys().cloned().collect();
         let mut kept = Vec::new();
         for element in needed {
             let (Some(insert), Some(ops)) = (self.ops.get(&element), elements.get(&element)) else {
@@ -733,45 +1027,61 @@ impl Replay {
     }
 }
 
-/// The base: the operations kept, sorted by id, in the fewest changes whose ids run on, each
-/// depending on the one before; then, when the last operation of the cut was not kept, an
-/// empty change that ends where it did, so that no operation written later reuses an id.
-/// The last change carries `clock` (message, time).
+/// A change's message and time.
+type Stamp = (Option<String>, i64);
+
+/// The base: the operations kept, sorted by id, in the fewest changes whose ids run on and
+/// whose operations came from changes with one stamp (time and message), each depending on
+/// the one before and carrying that stamp; then an empty change that ends where the
+/// cut's last operation did (so that no operation written later reuses an id) and carries
+/// `clock` (message, time).
 fn base_changes(
     inside: &[Change],
     clock: Option<(String, i64)>,
 ) -> Result<Vec<Change>, CompactionError> {
-    let kept = Replay::of(inside)?.kept();
-    let mut runs: Vec<(OpId, Vec<Op>)> = Vec::new();
-    for (id, op) in kept {
+    let replay = Replay::of(inside)?;
+    // The stamp (message, time) of the change an operation came from: the same for an
+    // operation wherever its history was compacted before.
+    let stamp_of = |id: &OpId| {
+        replay
+            .source
+            .get(id)
+            .and_then(|from| inside.get(*from))
+            .map(|change| (change.message().map(str::to_owned), change.timestamp()))
+    };
+    let mut runs: Vec<(OpId, Option<Stamp>, Vec<Op>)> = Vec::new();
+    for (id, op) in replay.kept() {
+        let stamp = stamp_of(&id);
         match runs.last_mut() {
-            Some((start, ops)) if start.1 == id.1 && start.0 + ops.len() as u64 == id.0 => {
+            Some((start, run_stamp, ops))
+                if start.1 == id.1 && start.0 + ops.len() as u64 == id.0 && *run_stamp == stamp =>
+            {
                 ops.push(op)
             }
-            _ => runs.push((id, vec![op])),
+            _ => runs.push((id, stamp, vec![op])),
         }
     }
-    let last_kept = runs
-        .last()
-        .map_or(0, |(start, ops)| start.0 + ops.len() as u64 - 1);
     // The change that ends last, the greater actor first among equals.
     let top = inside
         .iter()
         .map(|change| (change.max_op(), change.actor_id()))
         .max();
-    if let Some((max_op, actor)) = top.filter(|(max_op, _)| *max_op > last_kept) {
-        runs.push((OpId(max_op + 1, actor.clone()), Vec::new()));
+    if let Some((max_op, actor)) = top {
+        runs.push((OpId(max_op + 1, actor.clone()), None, Vec::new()));
     }
     let mut seqs: HashMap<ActorId, u64> = HashMap::new();
-    let mut changes: Vec<Change> = Vec::with_capacity(runs.len());
+    let mut changes: Vec<Change> = Vec::with_capacity(runs.len() + 1);
+    changes.push(sink_change());
+    seqs.insert(sink_actor(), 1);
     let last = runs.len().saturating_sub(1);
-    for (index, (start, operations)) in runs.into_iter().enumerate() {
+    for (index, (start, stamp, operations)) in runs.into_iter().enumerate() {
         let seq = seqs.entry(start.1.clone()).or_default();
         *seq += 1;
         let start_op = NonZeroU64::new(start.0).ok_or(CompactionError::Diverged)?;
-        let (message, time) = match &clock {
-            Some((message, time)) if index == last => (Some(message.clone()), *time),
-            _ => (None, 0),
+        let (message, time) = match (stamp, &clock) {
+            (Some(stamp), _) => stamp,
+            (None, Some((message, time))) if index == last => (Some(message.clone()), *time),
+            (None, _) => (None, 0),
         };
         let change = Change::from(ExpandedChange {
             operations,

@@ -24,11 +24,32 @@ use super::compaction::{self, CompactionError, Epoch, Forwarded};
 pub struct HeldDoc {
     doc: Automerge,
     epoch: Option<Epoch>,
+    /// The epoch learned where changes inside the compacted history lie since it was last
+    /// taken (see [`Self::take_epoch_grew`]).
+    epoch_grew: bool,
 }
 
 impl HeldDoc {
     pub fn new(doc: Automerge, epoch: Option<Epoch>) -> Self {
-        Self { doc, epoch }
+        Self {
+            doc,
+            epoch,
+            epoch_grew: false,
+        }
+    }
+
+    /// Whether the epoch learned something since the last call: the document's stored form
+    /// should be written whole.
+    pub fn take_epoch_grew(&mut self) -> bool {
+        std::mem::take(&mut self.epoch_grew)
+    }
+
+    /// Notes `change`, held already: if it lies inside the compacted history, changes
+    /// concurrent with that history that name it can be placed.
+    pub fn note_held(&mut self, change: &Change) {
+        if let Some(epoch) = &mut self.epoch {
+            self.epoch_grew |= epoch.note_inside(change);
+        }
     }
 
     /// The document to read values from (never hashes: see [`Self::heads`]).
@@ -70,6 +91,15 @@ impl HeldDoc {
         }
     }
 
+    /// Whether the document holds the original change `hash`, the `seq`th of `actor`: inside
+    /// the compacted history a change is known by its place alone.
+    pub fn holds_written(&self, hash: &ChangeHash, actor: &ActorId, seq: u64) -> bool {
+        self.epoch
+            .as_ref()
+            .is_some_and(|epoch| epoch.holds_inside_at(actor, seq))
+            || self.holds(hash)
+    }
+
     /// Whether the document holds `change`.
     pub fn holds_change(&self, change: &Change) -> bool {
         self.epoch
@@ -108,10 +138,10 @@ impl HeldDoc {
                 local
             }
         };
-        Some(Self {
-            doc: self.doc.fork_at(&local).ok()?,
-            epoch: self.epoch.clone(),
-        })
+        Some(Self::new(
+            self.doc.fork_at(&local).ok()?,
+            self.epoch.clone(),
+        ))
     }
 
     /// The original change `hash`, if the document holds it outside the compacted history.
@@ -147,11 +177,18 @@ impl HeldDoc {
 
     /// Applies original changes, in any order. After a compaction, a change whose
     /// dependencies are not held (nor among `changes`) is left out, as Automerge would hold it
-    /// back, and a change that does not follow the whole compacted history is refused.
+    /// back; one concurrent with the compacted history goes on it (see
+    /// [`compaction`]'s guarantees).
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), CompactionError> {
-        let Some(epoch) = &mut self.epoch else {
-            return Ok(self.doc.apply_changes(changes)?);
+        let Self {
+            doc,
+            epoch,
+            epoch_grew,
+        } = self;
+        let Some(epoch) = epoch else {
+            return Ok(doc.apply_changes(changes)?);
         };
+        let known_before = epoch.known_inside_len();
         let mut local = Vec::with_capacity(changes.len());
         let mut pending = changes;
         loop {
@@ -159,12 +196,14 @@ impl HeldDoc {
             let mut waiting = Vec::new();
             for change in pending {
                 match epoch.forward(&change) {
-                    Ok(Forwarded::Local(change)) => local.push(*change),
+                    Ok(Forwarded::Local(change)) => {
+                        compaction::add_forwarded(doc, epoch, &mut local, *change)?
+                    }
                     Ok(Forwarded::InsideCut) => {}
-                    Err(CompactionError::MissingDependency { .. }) => waiting.push(change),
-                    // Concurrent with the compacted history: never from a node known when it
-                    // was compacted; left out, as a change whose dependencies never come.
-                    Err(CompactionError::ConcurrentWithCut { .. }) => {}
+                    Err(CompactionError::MissingDependency { dependency, .. }) => {
+                        tracing::debug!(change = %change.hash(), %dependency, "waits for a dependency");
+                        waiting.push(change)
+                    }
                     Err(error) => return Err(error),
                 }
             }
@@ -173,7 +212,8 @@ impl HeldDoc {
                 break;
             }
         }
-        Ok(self.doc.apply_changes(local)?)
+        *epoch_grew |= epoch.known_inside_len() != known_before;
+        Ok(doc.apply_changes(local)?)
     }
 
     /// The document as it was at original `heads`; `None` when they lie inside the compacted
@@ -186,10 +226,10 @@ impl HeldDoc {
                 None => return Ok(None),
             },
         };
-        Ok(Some(Self {
-            doc: self.doc.fork_at(&local)?,
-            epoch: self.epoch.clone(),
-        }))
+        Ok(Some(Self::new(
+            self.doc.fork_at(&local)?,
+            self.epoch.clone(),
+        )))
     }
 
     /// Original `heads` as the local document names them, to read it at that version;
@@ -309,7 +349,7 @@ impl HeldDoc {
         }
         let mut doc = Automerge::new().with_actor(self.doc.get_actor().clone());
         doc.apply_changes(kept)?;
-        Ok((Self { doc, epoch }, removed))
+        Ok((Self::new(doc, epoch), removed))
     }
 
     /// Takes back the change `hash` just written, which found the document at original
@@ -362,10 +402,10 @@ impl HeldDoc {
 
     /// A document saved by [`Self::save`].
     pub fn load(saved: &[u8], epoch: Option<&[u8]>) -> Result<Self, CompactionError> {
-        Ok(Self {
-            doc: Automerge::load(saved)?,
-            epoch: epoch.map(Epoch::from_bytes).transpose()?,
-        })
+        Ok(Self::new(
+            Automerge::load(saved)?,
+            epoch.map(Epoch::from_bytes).transpose()?,
+        ))
     }
 }
 

@@ -236,6 +236,7 @@ impl<S: Store> DocStore<S> {
         let mut duplicates = Vec::new();
         for (logged, change) in group {
             if loaded.doc.holds_change(&change) {
+                loaded.doc.note_held(&change);
                 // Held already, fetched before its place came: its place may show that it
                 // is past a revoked node's cut-off, and then it comes out.
                 let revoked = self

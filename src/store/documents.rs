@@ -55,6 +55,9 @@ pub struct DocStoreConfig {
     /// Compact the histories of documents once they are stable ([`super::stable`]); off
     /// unless the config says otherwise (`store.compact_histories`).
     pub compact_histories: bool,
+    /// Changes a document holds beyond its base before its stable history is compacted
+    /// ([`super::stable::COMPACT_HISTORY_CHANGES_MIN`] unless a test says otherwise).
+    pub compact_history_changes_min: usize,
 }
 
 impl Default for DocStoreConfig {
@@ -64,6 +67,7 @@ impl Default for DocStoreConfig {
             cache_bytes: CACHE_MIB_DEFAULT * 1024 * 1024,
             compact_after_changes: COMPACT_AFTER_CHANGES_DEFAULT,
             compact_histories: false,
+            compact_history_changes_min: super::stable::COMPACT_HISTORY_CHANGES_MIN,
         }
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Guarantees: entries are read in their origin's order, in pages bounded by count and bytes;
 //! an entry a reader may not read is never handed out for that reader; the mark of an origin
-//! only moves forward.
+//! only moves forward. An entry whose change lies inside its document's compacted history
+//! (its bytes are gone) is named apart ([`LogPage::compacted`]): every node held that change
+//! when it was compacted here, or lacks the log that made it stable and is caught up by whole
+//! documents ([`crate::sync`]'s catch up), so the reader may be told the place is covered.
 
 use std::collections::HashMap;
 
@@ -24,6 +27,17 @@ pub struct LoggedChange {
     pub doc_key: Vec<u8>,
     /// The change in Automerge's binary change format.
     pub change: Vec<u8>,
+}
+
+/// Entries of one origin's log, as one read of it found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogPage {
+    /// The entries the reader may read, with their changes.
+    pub changes: Vec<LoggedChange>,
+    /// The place up to which the log was looked through.
+    pub through: u64,
+    /// Places (in order) whose changes lie inside their documents' compacted histories.
+    pub compacted: Vec<u64>,
 }
 
 impl<S: Store> DocStore<S> {
@@ -69,7 +83,7 @@ impl<S: Store> DocStore<S> {
     ) -> Result<Vec<LoggedChange>, StoreError> {
         Ok(self
             .log_readable_after(None, origin, after, limit, bytes_max)?
-            .0)
+            .changes)
     }
 
     /// [`DocStore::log_after`] of what `reader` may read (all, for `None`), with the place up
@@ -83,11 +97,12 @@ impl<S: Store> DocStore<S> {
         after: u64,
         limit: usize,
         bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
+    ) -> Result<LogPage, StoreError> {
         let entries = self.log_entries(origin, after, limit)?;
         let door = reader.and(self.door.get()).filter(|door| !door.is_open());
         let reader = reader.filter(|reader| door.is_some_and(|door| !door.reads_all(reader)));
         let mut found = Vec::with_capacity(entries.len());
+        let mut compacted = Vec::new();
         let mut bytes = 0usize;
         let mut looked_through = after;
         // Appended changes are read from their document's stored value, read once for a run of
@@ -149,13 +164,16 @@ impl<S: Store> DocStore<S> {
             let change = match appended {
                 Some(change) => change,
                 None => {
-                    let held = {
+                    let (held, has_epoch) = {
                         let inner = inner.get_or_insert_with(|| self.inner());
                         let loaded = self.loaded(inner, &entry.doc_key)?;
-                        loaded
-                            .doc
-                            .change(&hash)
-                            .map(|change| change.raw_bytes().to_vec())
+                        (
+                            loaded
+                                .doc
+                                .change(&hash)
+                                .map(|change| change.raw_bytes().to_vec()),
+                            loaded.doc.epoch().is_some(),
+                        )
                     };
                     match held {
                         Some(change) => change,
@@ -185,6 +203,13 @@ impl<S: Store> DocStore<S> {
                                         looked_through = sequence;
                                         continue;
                                     }
+                                    // Logged when it was applied, neither refused nor
+                                    // withdrawn: compacted since.
+                                    None if has_epoch => {
+                                        compacted.push(sequence);
+                                        looked_through = sequence;
+                                        continue;
+                                    }
                                     None => {
                                         return Err(StoreError::Corrupt(format!(
                                             "log entry {origin}:{sequence} names a change \
@@ -207,7 +232,11 @@ impl<S: Store> DocStore<S> {
                 change,
             });
         }
-        Ok((found, looked_through))
+        Ok(LogPage {
+            changes: found,
+            through: looked_through,
+            compacted,
+        })
     }
 
     /// One step of giving the log entries logged before a read filter named a field of their

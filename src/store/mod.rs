@@ -54,7 +54,7 @@ pub use fjall_store::FjallStore;
 pub use incarnation::{claim_writer, new_incarnation, Incarnation};
 pub use layout::{LogEntry, ScopeTag, Snapshot, StoredDoc};
 pub use layout::{RefusalReason, RefusedChange};
-pub use log::LoggedChange;
+pub use log::{LogPage, LoggedChange};
 pub use memory::MemoryStore;
 pub use progress::OriginProgress;
 pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};

@@ -368,6 +368,9 @@ impl<S: Store> WriteSession<'_, S> {
             .working
             .get_mut(doc_key)
             .expect("the caller took the document into the session");
+        // What its epoch learned goes with the changes that need it: a change concurrent with
+        // the compacted history is read back through it.
+        let force_snapshot = loaded.doc.take_epoch_grew() || force_snapshot;
         let heads = loaded.doc.heads();
         let door = self.docs.door.get().filter(|door| !door.is_open());
         let collection = collection_of(doc_key);

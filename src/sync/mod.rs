@@ -60,8 +60,8 @@ pub use outbound::{OUTBOX_BYTES_MAX, OUTBOX_MESSAGES_MAX, RECENT_CHANGES_BYTES_M
 use crate::record::NodeId;
 use crate::store::digest::Aggregate;
 use crate::store::{
-    ApplyReport, DocStore, DocumentHeadsEntry, LoggedChange, RefusalReason, Store, StoreError,
-    UnloggedOutcome, Unplaced,
+    ApplyReport, DocStore, DocumentHeadsEntry, LogPage, LoggedChange, RefusalReason, Store,
+    StoreError, UnloggedOutcome, Unplaced,
 };
 use held::Held;
 use outbound::{Peer, RecentChanges};
@@ -108,16 +108,17 @@ pub trait Replica {
         limit: usize,
         bytes_max: usize,
     ) -> Result<Vec<LoggedChange>, StoreError>;
-    /// [`Replica::log_after`] of what `reader` may read, looking through at most `limit`
-    /// entries, with the place up to which the log was looked through.
+    /// [`Replica::log_after`] of what `reader` may read (everything, for `None`), looking
+    /// through at most `limit` entries: with the place up to which the log was looked
+    /// through, and the places whose changes were compacted away.
     fn log_readable_after(
         &self,
-        reader: &NodeId,
+        reader: Option<&NodeId>,
         origin: &NodeId,
         after: u64,
         limit: usize,
         bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError>;
+    ) -> Result<LogPage, StoreError>;
     /// Whether `reader` may read every record (no grant narrows it).
     fn reads_all(&self, reader: &NodeId) -> bool;
     /// Whether `wider` may read every record `narrower` may read.
@@ -242,13 +243,13 @@ impl<S: Store> Replica for DocStore<S> {
     }
     fn log_readable_after(
         &self,
-        reader: &NodeId,
+        reader: Option<&NodeId>,
         origin: &NodeId,
         after: u64,
         limit: usize,
         bytes_max: usize,
-    ) -> Result<(Vec<LoggedChange>, u64), StoreError> {
-        DocStore::log_readable_after(self, Some(reader), origin, after, limit, bytes_max)
+    ) -> Result<LogPage, StoreError> {
+        DocStore::log_readable_after(self, reader, origin, after, limit, bytes_max)
     }
     fn reads_all(&self, reader: &NodeId) -> bool {
         DocStore::reads_all(self, reader)

@@ -22,7 +22,7 @@ use concord_proto::{
 
 use super::{Engine, PeerPolicies, Replica};
 use crate::record::NodeId;
-use crate::store::{LoggedChange, StoreError};
+use crate::store::{LogPage, LoggedChange, StoreError};
 
 /// Bytes of changes kept in memory for peers that keep up (the newest ones some peer has yet
 /// to be sent); older ones are read from the store.
@@ -544,6 +544,9 @@ impl Engine {
         let narrowed = !replica.reads_all(&peer);
         let serves_others = replica.reads_at_least(&self.config.node, &peer);
         let covers = narrowed && state.version >= 4;
+        // Places whose changes were compacted away here are covered for every peer that takes
+        // covers (see `crate::store::LogPage::compacted`).
+        let covers_compacted = state.version >= 4;
         let mut looked_through = 0usize;
         let mut shipped_changes: Vec<ShippedChange> = Vec::new();
         let mut used = 0usize;
@@ -596,8 +599,12 @@ impl Engine {
                         break;
                     }
                     let limit = left.max(ENTRIES_LOOKED_THROUGH_MAX / 8);
-                    let (page, through) = replica.log_readable_after(
-                        &peer,
+                    let LogPage {
+                        changes: page,
+                        through,
+                        ..
+                    } = replica.log_readable_after(
+                        Some(&peer),
                         &origin,
                         after,
                         limit,
@@ -670,14 +677,40 @@ impl Engine {
                 let from_memory = self.recent.get(&origin, after + 1).cloned();
                 let in_memory = from_memory.is_some();
                 let page = match from_memory {
-                    Some(change) => vec![change],
-                    None => replica.log_after(&origin, after, left, budget.saturating_sub(used))?,
+                    Some(change) => LogPage {
+                        through: change.sequence,
+                        changes: vec![change],
+                        compacted: Vec::new(),
+                    },
+                    None => replica.log_readable_after(
+                        None,
+                        &origin,
+                        after,
+                        left,
+                        budget.saturating_sub(used),
+                    )?,
                 };
-                if page.is_empty() {
+                if page.changes.is_empty() && (page.compacted.is_empty() || !covers_compacted) {
                     fill = Some(Fill::Exhausted);
                     break;
                 }
-                for change in page {
+                let mut compacted = page.compacted.into_iter().peekable();
+                let mut stopped = false;
+                for change in page.changes {
+                    if covers_compacted
+                        && !self.cover_compacted(
+                            peer,
+                            origin,
+                            &mut after,
+                            &mut compacted,
+                            change.sequence.min(last.saturating_add(1)),
+                        )
+                    {
+                        fill = Some(Fill::Full);
+                        stopped = true;
+                        break;
+                    }
+                    stopped = true;
                     if change.sequence > last {
                         fill = Some(Fill::Exhausted);
                         break;
@@ -711,6 +744,19 @@ impl Engine {
                         fill = Some(Fill::Full);
                         break;
                     }
+                    stopped = false;
+                }
+                if !stopped
+                    && covers_compacted
+                    && !self.cover_compacted(
+                        peer,
+                        origin,
+                        &mut after,
+                        &mut compacted,
+                        last.saturating_add(1),
+                    )
+                {
+                    fill = Some(Fill::Full);
                 }
             }
             let state = self.peers.get_mut(&peer).expect("looked up above");
@@ -730,6 +776,31 @@ impl Engine {
         Ok(Some(Message::Changes(Changes {
             changes: shipped_changes,
         })))
+    }
+
+    /// Covers for `peer` the places of `origin`'s log in `places` below `before` (their changes
+    /// were compacted away here), moving `after` over them; false once the peer's covers are
+    /// full.
+    fn cover_compacted(
+        &mut self,
+        peer: NodeId,
+        origin: NodeId,
+        after: &mut u64,
+        places: &mut std::iter::Peekable<std::vec::IntoIter<u64>>,
+        before: u64,
+    ) -> bool {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        while let Some(place) = places.peek().copied().filter(|place| *place < before) {
+            if state.outbox.covered.len() >= COVERED_RANGES_MAX {
+                return false;
+            }
+            places.next();
+            note_skipped(&mut state.outbox.covered, origin, place - 1, place);
+            *after = place;
+        }
+        true
     }
 
     /// Queues a small message for `peer`, counted as dropped if its outbox is full.
