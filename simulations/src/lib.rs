@@ -171,6 +171,15 @@ impl Default for Params {
     }
 }
 
+impl Params {
+    fn without_compaction(&self) -> Self {
+        Self {
+            compact_histories: false,
+            ..self.clone()
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -598,6 +607,21 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
             revoke_at,
             forged: Vec::new(),
         };
+        if let Some(index) = modified {
+            // The modified node sees no grant of its own and may find its door open: it would
+            // compact what no honest node may, and withhold its own changes by it. What it
+            // does to its own store is not under test; how the others judge it is.
+            let node = &mut nodes[index];
+            node.docs = open_docs(
+                &node.store,
+                node.id,
+                node.id,
+                &params.without_compaction(),
+                sabotage,
+            )
+            .expect("a fresh memory store opens");
+            node.driver = new_driver(node.id, node.id, &node.docs, params, sabotage);
+        }
         for (index, node) in nodes.iter().enumerate() {
             node.docs.set_door(scoped.door(node, index));
         }
@@ -1350,8 +1374,9 @@ impl Sim {
                 // A store brought back from a backup still names the writer it had then.
                 let writer = concord::store::claim_writer(&node.store, node.id, node.writer)
                     .map(|(writer, _)| writer);
+                let params = self.node_params(other);
                 match writer.and_then(|writer| {
-                    open_docs(&node.store, node.id, writer, &self.params, self.sabotage)
+                    open_docs(&node.store, node.id, writer, &params, self.sabotage)
                 }) {
                     Ok(docs) => Some(docs),
                     Err(error) => {
@@ -1423,7 +1448,7 @@ impl Sim {
             &node.store,
             node.id,
             node.writer,
-            &self.params,
+            &self.node_params(index),
             self.sabotage,
         ) {
             Ok(docs) => docs,
@@ -1797,6 +1822,15 @@ impl Sim {
     }
 
     /// Whether node `index` is the one modified to ignore its grant (in a scoped run).
+    /// The parameters node `index`'s store opens with (the modified node never compacts).
+    fn node_params(&self, index: usize) -> Params {
+        if self.is_modified(index) {
+            self.params.without_compaction()
+        } else {
+            self.params.clone()
+        }
+    }
+
     fn is_modified(&self, index: usize) -> bool {
         self.scoped
             .as_ref()
