@@ -5,6 +5,7 @@
 //! identity of writers ([`origin`]) and the stamp each change carries ([`stamp`]). Nothing here touches storage or the network; the store
 //! hands documents in and persists what comes out.
 
+mod base;
 pub mod compaction;
 pub mod document;
 pub mod held;

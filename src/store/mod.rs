@@ -61,7 +61,7 @@ pub use refused::{RefusedEntry, RefusedUsage, Reissued, REFUSED_LISTED_MAX};
 pub use replication::{DocumentHeadsEntry, UnloggedOutcome, Unplaced};
 pub use session::WriteSession;
 pub use sled_store::{SledStore, PAGE_CACHE_BYTES_DEFAULT};
-pub use stable::Compacted;
+pub use stable::{Adoption, Compacted};
 
 use crate::record::RecordError;
 

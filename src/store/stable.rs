@@ -27,6 +27,7 @@ use super::{DocStore, Durability, Store, StoreError};
 use crate::record::compaction::CompactionError;
 use crate::record::document;
 use crate::record::held::HeldDoc;
+use crate::record::stamp::ChangeStamp;
 use crate::record::NodeId;
 
 /// Most documents one call of [`DocStore::compact_stable`] compacts.
@@ -46,6 +47,17 @@ const _: () = assert!(
         <= concord_proto::MESSAGE_BYTES_MAX,
     "a compacted document fits one CompactedDocument message"
 );
+
+/// What became of a document compacted elsewhere ([`DocStore::adopt_compacted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adoption {
+    Taken,
+    /// Not taken: nothing may be compacted here now, this store compacted further, or what
+    /// it holds does not go on it.
+    Kept,
+    /// Stamped too far ahead of this node's clock: to be offered again once it is not.
+    Ahead,
+}
 
 /// A compacted document saved, and its epoch encoded.
 pub type SavedCompacted = (Vec<u8>, Vec<u8>);
@@ -194,19 +206,27 @@ impl<S: Store> DocStore<S> {
     /// Takes in a document compacted elsewhere (see [`Self::compacted_for`]): what this
     /// store holds of it that the compacted one lacks goes on top of it, so nothing held here
     /// is lost. Refused (false) while anything is granted or revoked (compaction happens only
-    /// then too), or when what is held here does not follow the whole compacted history.
+    /// then too), when this store compacted past its cut, or when any of it is stamped past
+    /// `accept_until_ms` (as a change would wait, so must the document that holds it).
     pub fn adopt_compacted(
         &self,
         doc_key: &[u8],
         snapshot: &[u8],
         epoch: &[u8],
-    ) -> Result<bool, StoreError> {
+        accept_until_ms: u64,
+    ) -> Result<Adoption, StoreError> {
         if self.door.get().is_some_and(|door| !door.is_open()) {
-            return Ok(false);
+            return Ok(Adoption::Kept);
         }
         let mut incoming = HeldDoc::load(snapshot, Some(epoch))
             .map_err(|error| StoreError::InvalidDocument(error.to_string()))?;
         document::check_document(incoming.local())?;
+        let ahead = incoming.local().get_changes(&[]).iter().any(|change| {
+            ChangeStamp::of_change(change.message(), change.timestamp()).hlc > accept_until_ms
+        });
+        if ahead {
+            return Ok(Adoption::Ahead);
+        }
         let mut session = self.session();
         let loaded = session.document(doc_key)?;
         let held = loaded.doc.changes(&[]);
@@ -221,14 +241,14 @@ impl<S: Store> DocStore<S> {
         };
         if !inside {
             // Compacted here past the incoming cut: keep ours.
-            return Ok(false);
+            return Ok(Adoption::Kept);
         }
         // Every change held here goes in: those inside the incoming cut show where the
         // dependencies of those concurrent with it lie.
         if incoming.apply(held).is_err()
             || !extra.iter().all(|change| incoming.holds_change(change))
         {
-            return Ok(false);
+            return Ok(Adoption::Kept);
         }
         tracing::debug!(
             doc = %String::from_utf8_lossy(doc_key),
@@ -239,7 +259,7 @@ impl<S: Store> DocStore<S> {
         );
         session.replace_document(doc_key, incoming)?;
         session.commit(Durability::Deferred)?;
-        Ok(true)
+        Ok(Adoption::Taken)
     }
 }
 

@@ -60,8 +60,8 @@ pub use outbound::{OUTBOX_BYTES_MAX, OUTBOX_MESSAGES_MAX, RECENT_CHANGES_BYTES_M
 use crate::record::NodeId;
 use crate::store::digest::Aggregate;
 use crate::store::{
-    ApplyReport, DocStore, DocumentHeadsEntry, LogPage, LoggedChange, RefusalReason, Store,
-    StoreError, UnloggedOutcome, Unplaced,
+    Adoption, ApplyReport, DocStore, DocumentHeadsEntry, LogPage, LoggedChange, RefusalReason,
+    Store, StoreError, UnloggedOutcome, Unplaced,
 };
 use held::Held;
 use outbound::{Peer, RecentChanges};
@@ -75,6 +75,9 @@ pub const CHANGES_PER_MESSAGE_DEFAULT: usize = 512;
 /// Peers that push and catch up an origin's changes to us when the origin itself is not
 /// connected: two, so one slow or partitioned relay does not stall it.
 pub const RELAYS_PER_ORIGIN: usize = 2;
+/// Bytes of compacted documents waiting until their stamps are not ahead of this node's
+/// clock (a few documents: each takes at most one message).
+pub const COMPACTED_AHEAD_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// How long a connected peer may take to say hello before the connection is closed (a hello
 /// lost, or a peer that never speaks, must not hold a connection open forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -203,14 +206,15 @@ pub trait Replica {
         doc_key: &[u8],
         have: &[ChangeHash],
     ) -> Result<Option<crate::store::stable::SavedCompacted>, StoreError>;
-    /// Takes in a document compacted elsewhere; false when it cannot (see
-    /// [`DocStore::adopt_compacted`]).
+    /// Takes in a document compacted elsewhere, unless any of it is stamped past
+    /// `accept_until_ms` (see [`DocStore::adopt_compacted`]).
     fn adopt_compacted(
         &self,
         doc_key: &[u8],
         snapshot: &[u8],
         epoch: &[u8],
-    ) -> Result<bool, StoreError>;
+        accept_until_ms: u64,
+    ) -> Result<Adoption, StoreError>;
     /// Compacts a bounded number of the documents whose changes truncation found stable;
     /// asked only while no change concurrent with what is stable can still arrive.
     fn compact_stable(&self) -> Result<crate::store::Compacted, StoreError>;
@@ -365,8 +369,9 @@ impl<S: Store> Replica for DocStore<S> {
         doc_key: &[u8],
         snapshot: &[u8],
         epoch: &[u8],
-    ) -> Result<bool, StoreError> {
-        DocStore::adopt_compacted(self, doc_key, snapshot, epoch)
+        accept_until_ms: u64,
+    ) -> Result<Adoption, StoreError> {
+        DocStore::adopt_compacted(self, doc_key, snapshot, epoch, accept_until_ms)
     }
     fn documents_after(
         &self,
@@ -562,6 +567,9 @@ pub struct Engine {
     /// A summary interval passed: the log is truncated a step further towards what is
     /// stable.
     reclaim_due: bool,
+    /// Compacted documents stamped too far ahead of this node's clock, from whom, to take in
+    /// once they are not (at most [`COMPACTED_AHEAD_BYTES_MAX`] together).
+    compacted_ahead: Vec<(NodeId, CompactedDocument)>,
 }
 
 pub(crate) fn goodbye(reason: GoodbyeReason, detail: impl Into<String>) -> Goodbye {
@@ -594,6 +602,7 @@ impl Engine {
             clock_ms: None,
             stability: stability::Stability::default(),
             reclaim_due: false,
+            compacted_ahead: Vec::new(),
         }
     }
 
@@ -844,6 +853,9 @@ impl Engine {
                 // and one step of withdrawals after whatever events came with it.
                 if self.periodic_due().is_some_and(|due| now >= due) {
                     self.timeout(now, replica, &mut actions);
+                    for (peer, compacted) in std::mem::take(&mut self.compacted_ahead) {
+                        self.receive_compacted(now, peer, compacted, replica, &mut actions)?;
+                    }
                     if std::mem::take(&mut self.reclaim_due) {
                         self.reclaim(replica)?;
                     }
@@ -1417,10 +1429,24 @@ impl Engine {
         replica: &impl Replica,
         actions: &mut Vec<Action>,
     ) -> Result<(), StoreError> {
-        let doc_key = compacted.doc.into_bytes();
-        match replica.adopt_compacted(&doc_key, &compacted.snapshot, &compacted.epoch) {
-            Ok(true) => self.unsynced = true,
-            Ok(false) => {
+        let doc_key = compacted.doc.as_bytes().to_vec();
+        let until = self.accept_until();
+        match replica.adopt_compacted(&doc_key, &compacted.snapshot, &compacted.epoch, until) {
+            Ok(Adoption::Taken) => self.unsynced = true,
+            Ok(Adoption::Ahead) => {
+                self.note_ahead(peer, 1);
+                let bytes = |compacted: &CompactedDocument| {
+                    compacted.snapshot.len() + compacted.epoch.len()
+                };
+                self.compacted_ahead
+                    .retain(|(_, waiting)| waiting.doc != compacted.doc);
+                let waiting: usize = self.compacted_ahead.iter().map(|(_, c)| bytes(c)).sum();
+                if waiting + bytes(&compacted) <= COMPACTED_AHEAD_BYTES_MAX {
+                    self.compacted_ahead.push((peer, compacted));
+                }
+                return Ok(());
+            }
+            Ok(Adoption::Kept) => {
                 tracing::debug!(%peer, doc = %String::from_utf8_lossy(&doc_key), "a compacted document was not taken in");
                 return Ok(());
             }
