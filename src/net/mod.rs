@@ -69,7 +69,8 @@ const FREE_PORT_LOW: u16 = 10_000;
 
 /// A loopback port free for both UDP (QUIC) and TCP (the API) right now, for demos and tests
 /// that start several nodes on one machine. It lies below the kernel's ephemeral range, so
-/// that a node restarted on it does not find it taken by some client's outgoing connection.
+/// that a node restarted on it does not find it taken by some client's outgoing connection,
+/// and one process never hands out the same port twice.
 pub fn free_loopback_port() -> std::io::Result<u16> {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
@@ -78,11 +79,20 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         .unwrap_or(32_768);
     let mut jitter = Jitter::new();
     let span = f64::from(ephemeral_low - FREE_PORT_LOW);
+    // Ports this process handed out already: two nodes of one test process that probed the
+    // same free port at once would both be told it is free, and the second to bind would fail.
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..FREE_PORT_TRIES_MAX {
         let port = FREE_PORT_LOW + (jitter.unit() * span) as u16;
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        if !handed_out.contains(&port)
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
             && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
         {
+            handed_out.insert(port);
             return Ok(port);
         }
     }
