@@ -668,6 +668,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     engine_config.writer = node.writer();
     engine_config.policy_hash = node.policies().hash();
     engine_config.clock_ahead_max = Duration::from_millis(config.node.clock_ahead_max_ms);
+    engine_config.runs_alone = config.network.peers.is_empty();
     let driver = Driver::new(Engine::new(engine_config), node.documents());
     let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
     let engine_task = tokio::spawn(drive_engine(

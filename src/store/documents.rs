@@ -590,11 +590,12 @@ impl<S: Store> DocStore<S> {
         Ok(known)
     }
 
-    /// Keeps `node` among the nodes replication knows (durable with the next sync).
+    /// Keeps `node` among the nodes replication knows, durably at once.
     pub fn note_known_node(&self, node: &NodeId, name: &str) -> Result<(), StoreError> {
         let mut session = self.session();
+        // Durably: a node forgotten in a crash would hold nothing back from being stable.
         session.put_state(&layout::known_node_name(node), name.as_bytes().to_vec());
-        session.commit(Durability::Deferred)
+        session.commit(Durability::Durable)
     }
 
     /// Up to `limit` documents this store withdrew (they left its read scope) after the

@@ -405,6 +405,11 @@ pub struct Config {
     /// How far ahead of this node's clock ([`Engine::set_clock`]) a change from a peer may be
     /// stamped: further ahead, it is not applied until it no longer is.
     pub clock_ahead_max: Duration,
+    /// Whether this node runs without peers of its own (none configured): knowing no other
+    /// node, it may count what it holds as stable. A node that expects peers holds nothing
+    /// stable until it knows one (a new node, or one whose store was lost, would otherwise
+    /// compact its own writes before any other node held them).
+    pub runs_alone: bool,
     /// Deliberate bugs (simulator tests only).
     #[cfg(feature = "sabotage")]
     pub sabotage: crate::Sabotage,
@@ -423,6 +428,7 @@ impl Config {
             changes_per_message: CHANGES_PER_MESSAGE_DEFAULT,
             policy_hash: crate::policy::Policies::default().hash(),
             clock_ahead_max: CLOCK_AHEAD_MAX_DEFAULT,
+            runs_alone: false,
             #[cfg(feature = "sabotage")]
             sabotage: crate::Sabotage::default(),
         }
@@ -583,6 +589,7 @@ impl Engine {
         assert!(
             config.changes_per_message > 0 && config.changes_per_message <= CHANGES_PER_MESSAGE_MAX
         );
+        let stability = stability::Stability::new(config.runs_alone);
         Self {
             config,
             peers: BTreeMap::new(),
@@ -600,7 +607,7 @@ impl Engine {
             pending_withdrawals: BTreeMap::new(),
             withdrawing: std::collections::VecDeque::new(),
             clock_ms: None,
-            stability: stability::Stability::default(),
+            stability,
             reclaim_due: false,
             compacted_ahead: Vec::new(),
         }

@@ -14,8 +14,11 @@
 //!   node's marks only move forward while its store lives, so the stable mark never passes
 //!   what a known node holds (a node whose store was lost holds less than it reported, and is
 //!   caught up like a new one);
-//! - the nodes known are kept in the store ([`super::Replica::note_known_node`]), so a restart
-//!   forgets none; at most [`KNOWN_NODES_MAX`] are tracked, and past it a new node is not
+//! - a node that expects peers ([`super::Config::runs_alone`] false) and knows no other node
+//!   holds nothing stable: a new node, or one whose store was lost, does not count its own
+//!   writes stable before any other node could hold them;
+//! - the nodes known are kept in the store, durably ([`super::Replica::note_known_node`]), so
+//!   a restart, even a crash, forgets none; at most [`KNOWN_NODES_MAX`] are tracked, and past it a new node is not
 //!   tracked (nothing becomes stable that it has not reported).
 
 use std::collections::BTreeMap;
@@ -108,9 +111,25 @@ pub struct Stability {
     loaded: bool,
     /// When this node next takes and relays reports.
     next_report: Option<Duration>,
+    /// Whether this node may count what it holds as stable while it knows no other node.
+    runs_alone: bool,
 }
 
 impl Stability {
+    /// No node known yet; `runs_alone` as [`super::Config::runs_alone`].
+    pub fn new(runs_alone: bool) -> Self {
+        Self {
+            runs_alone,
+            ..Self::default()
+        }
+    }
+
+    /// Whether nothing can be stable yet: this node expects peers and knows none (only its own
+    /// report, if any, is held).
+    fn awaits_peers(&self) -> bool {
+        !self.runs_alone && self.reports.len() < 2
+    }
+
     /// Whether the nodes the store keeps still have to be read in ([`Stability::load`]).
     pub fn needs_load(&self) -> bool {
         !self.loaded
@@ -232,6 +251,7 @@ impl Stability {
                     .iter()
                     .map(|(_, report)| mark_of(report))
                     .min()
+                    .filter(|_| !self.awaits_peers())
                     .unwrap_or(0)
                     .min(*held);
                 let held_back_by = if stable < *held {
@@ -422,7 +442,7 @@ mod tests {
 
     #[test]
     fn the_stable_mark_is_the_least_over_known_nodes_and_a_silent_node_holds_nothing() {
-        let mut stability = Stability::default();
+        let mut stability = Stability::new(false);
         stability.take_own(node(1), "a", 100, &[(node(1), 50), (node(2), 30)]);
         assert_eq!(
             stability.note(node(2), report(10, &[(1, 40), (2, 30)])),
@@ -441,6 +461,24 @@ mod tests {
         // Unless it does not count (revoked).
         let origins = stability.origins(&held, |n| *n != node(3));
         assert_eq!(origins[0].stable, 40);
+    }
+
+    #[test]
+    fn a_node_that_expects_peers_holds_nothing_stable_until_it_knows_one() {
+        let held = [(node(1), 50)];
+        // A new node, or one whose store was lost: its own writes are not stable yet.
+        let mut waiting = Stability::new(false);
+        waiting.take_own(node(1), "a", 100, &held);
+        assert_eq!(waiting.origins(&held, |_| true)[0].stable, 0);
+        waiting.know(node(2), "b");
+        waiting.note(node(2), report(10, &[(1, 20)]));
+        assert_eq!(waiting.origins(&held, |_| true)[0].stable, 20);
+        // A node removed from the cluster is known still: the node is no longer waiting.
+        assert_eq!(waiting.origins(&held, |n| *n != node(2))[0].stable, 50);
+        // A node configured without peers counts itself alone.
+        let mut alone = Stability::new(true);
+        alone.take_own(node(1), "a", 100, &held);
+        assert_eq!(alone.origins(&held, |_| true)[0].stable, 50);
     }
 
     #[test]
