@@ -223,9 +223,18 @@ impl Replay {
                 kept.push(((*id).clone(), self.kept_value(id, op, pred)));
             }
             if !shown && values.is_empty() {
-                // Gone, but an anchor: one deletion, under the id of the last operation that
-                // touched it (which nothing else kept uses).
-                if let (Some(last), Some(insert)) = (ops.iter().max(), self.ops.get(&element)) {
+                // Gone, but an anchor: one deletion, under the id of the last value or
+                // deletion that touched it (which nothing else kept uses; not an increment,
+                // which a change concurrent with a compacted history may not keep).
+                let last = ops
+                    .iter()
+                    .filter(|id| {
+                        self.ops
+                            .get(*id)
+                            .is_some_and(|op| !matches!(op.action, OpType::Increment(_)))
+                    })
+                    .max();
+                if let (Some(last), Some(insert)) = (last, self.ops.get(&element)) {
                     kept.push((
                         last.clone(),
                         Op {

@@ -572,7 +572,17 @@ impl Epoch {
                 .cloned()
                 .collect();
             let effect = matches!(op.action, OpType::Delete | OpType::Increment(_));
-            if !in_place || (effect && pred.is_empty()) {
+            let element = match (&op.action, &op.key) {
+                (OpType::Delete, Key::Seq(ElementId::Id(element))) => Some(element.clone()),
+                _ => None,
+            };
+            if let Some(element) = element.filter(|_| in_place && pred.is_empty()) {
+                // A list element deleted again, whose values are gone at the cut: the base
+                // holds the element, deleted; this deletes it once more, touching it as the
+                // original did (the base of a later cut anchors it under the same id).
+                op.pred = SortedVec::from(vec![element]);
+                stripped = true;
+            } else if !in_place || (effect && pred.is_empty()) {
                 // In an object or after an element gone at the cut, or replacing only what
                 // is gone there: no effect on the history either.
                 *op = sink_op();

@@ -105,7 +105,7 @@ fn edit(doc: &mut Automerge, rng: &mut Rng) {
                 None => tx.put_object(ROOT, "l", ObjType::List).unwrap(),
             };
             let length = tx.length(&list) as u64;
-            match rng.below(4) {
+            match rng.below(6) {
                 0 | 1 => tx
                     .insert(&list, rng.below(length + 1) as usize, rng.below(50) as i64)
                     .unwrap(),
@@ -117,6 +117,19 @@ fn edit(doc: &mut Automerge, rng: &mut Rng) {
                         rng.below(50) as i64 + 100,
                     )
                     .unwrap(),
+                // Objects inside elements: a map inserted, and written into.
+                4 => {
+                    let at = rng.below(length + 1) as usize;
+                    let map = tx.insert_object(&list, at, ObjType::Map).unwrap();
+                    tx.put(&map, "v", rng.below(9) as i64).unwrap();
+                }
+                5 if length > 0 => {
+                    let at = rng.below(length) as usize;
+                    if let Some((Value::Object(ObjType::Map), map)) = tx.get(&list, at).unwrap() {
+                        tx.put(&map, format!("k{}", rng.below(2)), rng.below(9) as i64)
+                            .unwrap();
+                    }
+                }
                 _ => {}
             }
         }
