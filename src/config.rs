@@ -250,9 +250,7 @@ pub struct StoreSection {
     /// Appended changes per document before they are compacted into a snapshot.
     pub compact_after_changes: u32,
     /// Compact the histories of records once every node holds them
-    /// ([`crate::store::stable`]). Off by default: the simulator still finds acknowledged
-    /// changes lost with it on.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    /// ([`crate::store::stable`]); on unless the config turns it off.
     pub compact_histories: bool,
 }
 
@@ -264,7 +262,7 @@ impl Default for StoreSection {
             cache_mib: crate::store::CACHE_MIB_DEFAULT,
             page_cache_mib: crate::store::PAGE_CACHE_BYTES_DEFAULT / (1024 * 1024),
             compact_after_changes: crate::store::COMPACT_AFTER_CHANGES_DEFAULT,
-            compact_histories: false,
+            compact_histories: true,
         }
     }
 }

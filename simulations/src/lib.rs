@@ -2498,6 +2498,10 @@ mod tests {
             // not yet judged alike by grants: a change that collides with one a node holds
             // is judged against a document it cannot be applied to there.
             scoped_percent: 0,
+            // Nor alike by a compacted history, which knows a change inside it by its place
+            // (writer and sequence number) alone: a colliding change at such a place is held
+            // there, and refused or applied at a node that did not compact.
+            compact_histories: false,
             ..Params::default()
         }
     }

@@ -52,7 +52,7 @@ pub struct DocStoreConfig {
     /// Memory the cached documents may take, by their weight ([`Loaded::weight`]).
     pub cache_bytes: usize,
     pub compact_after_changes: u32,
-    /// Compact the histories of documents once they are stable ([`super::stable`]); off
+    /// Compact the histories of documents once they are stable ([`super::stable`]); on
     /// unless the config says otherwise (`store.compact_histories`).
     pub compact_histories: bool,
     /// Changes a document holds beyond its base before its stable history is compacted
@@ -66,7 +66,7 @@ impl Default for DocStoreConfig {
             cache_documents: NonZeroUsize::new(CACHE_DOCUMENTS_DEFAULT).expect("nonzero constant"),
             cache_bytes: CACHE_MIB_DEFAULT * 1024 * 1024,
             compact_after_changes: COMPACT_AFTER_CHANGES_DEFAULT,
-            compact_histories: false,
+            compact_histories: true,
             compact_history_changes_min: super::stable::COMPACT_HISTORY_CHANGES_MIN,
         }
     }
