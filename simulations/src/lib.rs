@@ -333,7 +333,6 @@ impl Scoped {
 /// The source names of each node's two writers (actors 0 and 1).
 const WRITER_SOURCES: [&str; 2] = ["api", "erp"];
 
-/// The policies under which every node must resolve every conflict identically.
 /// Whether `held` holds the acknowledged change `hash`, whose place `written` knows.
 fn holds(held: &HeldDoc, hash: &ChangeHash, written: &HashMap<ChangeHash, (ActorId, u64)>) -> bool {
     match written.get(hash) {
@@ -342,6 +341,7 @@ fn holds(held: &HeldDoc, hash: &ChangeHash, written: &HashMap<ChangeHash, (Actor
     }
 }
 
+/// The policies under which every node must resolve every conflict identically.
 fn checked_policies() -> Vec<Policies> {
     [
         (PolicyKind::Lww, vec![], None),
@@ -1675,14 +1675,12 @@ impl Sim {
             .insert(hash, (written.actor_id().clone(), written.seq()));
         let stamp =
             concord::record::stamp::ChangeStamp::of_change(written.message(), written.timestamp());
-        {
-            if stamp.hlc > time as u64 + bound + 1 {
-                return Err(StoreError::Corrupt(format!(
-                    "a write at {time} ms was stamped {}: a change it accepted moved its clock \
-                     more than {bound} ms ahead",
-                    stamp.hlc
-                )));
-            }
+        if stamp.hlc > time as u64 + bound + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "a write at {time} ms was stamped {}: a change it accepted moved its clock \
+                 more than {bound} ms ahead",
+                stamp.hlc
+            )));
         }
         let delete = delete.is_some();
         if delete {
@@ -1821,7 +1819,6 @@ impl Sim {
             .is_none_or(|scoped| scoped.scopes().reads_all(&self.nodes[index].id))
     }
 
-    /// Whether node `index` is the one modified to ignore its grant (in a scoped run).
     /// The parameters node `index`'s store opens with (the modified node never compacts).
     fn node_params(&self, index: usize) -> Params {
         if self.is_modified(index) {
@@ -1831,6 +1828,7 @@ impl Sim {
         }
     }
 
+    /// Whether node `index` is the one modified to ignore its grant (in a scoped run).
     fn is_modified(&self, index: usize) -> bool {
         self.scoped
             .as_ref()
