@@ -2,7 +2,10 @@
 //! beside raw inserts of the same number of values of the same size into the same engine
 //! (through the store's seam, one batch and one flush per thousand, as `concord load` writes),
 //! measured in the same run. Each side runs in its own child process so that its peak RSS is
-//! its own.
+//! its own. A third child measures Automerge alone on the same records and updates, in memory
+//! with no store: each update loads its document from its saved bytes, sets the field and
+//! encodes the change. That is the least a cold update of an Automerge document costs here, so
+//! the run shows how far the store is from it as well as from the raw engine.
 //!
 //! `cargo bench --bench million_records -- [--records N] [--updates N] [--engine sled|fjall|both]`
 
@@ -46,6 +49,7 @@ fn main() {
     match flag("--phase").as_deref() {
         Some("raw") => raw_phase(engines[0], records),
         Some("concord") => concord_phase(engines[0], records, updates),
+        Some("automerge") => automerge_phase(records, updates),
         _ => {
             let mut failed = false;
             for engine in engines {
@@ -64,7 +68,7 @@ fn parent(engine: Engine, records: usize, updates: usize) -> bool {
     let exe = std::env::current_exe().expect("own path");
     println!("million_records on {engine}: {records} records, {updates} one-field updates, batches of {BATCH_RECORDS}");
     let mut results = Vec::new();
-    for phase in ["raw", "concord"] {
+    for phase in ["raw", "concord", "automerge"] {
         let output = Command::new(&exe)
             .args([
                 "--phase",
@@ -116,9 +120,15 @@ fn parent(engine: Engine, records: usize, updates: usize) -> bool {
         .as_f64()
         .unwrap_or(f64::NAN);
     let updates_per_second = results[1]["updates_per_second"].as_f64().unwrap_or(0.0);
+    let automerge_updates = results[2]["updates_per_second"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     println!(
-        "one-field updates are {:.3}x the raw engine's inserts",
-        updates_per_second / raw_inserts
+        "one-field updates are {:.3}x the raw engine's inserts, {:.2}x Automerge's own cold \
+         updates (which are {:.3}x the raw engine's inserts)",
+        updates_per_second / raw_inserts,
+        updates_per_second / automerge_updates,
+        automerge_updates / raw_inserts,
     );
     let concord_rss = results[1]["peak_rss_mib"].as_f64().unwrap_or(f64::MAX);
     if concord_rss > PEAK_RSS_MIB_BOUND {
@@ -232,6 +242,56 @@ fn concord_phase(engine: Engine, records: usize, updates: usize) {
             "store": format!("concord on {engine} (Automerge documents)"),
             "records_per_second": records as f64 / load_seconds,
             "disk_bytes_per_record": disk as f64 / records as f64,
+            "peak_rss_mib": peak_rss_mib(),
+            "updates_per_second": updates as f64 / update_seconds,
+        })
+    );
+}
+
+/// Automerge alone, in memory: the records created and saved, then the same one-field updates
+/// as [`concord_phase`] makes, each loading its document from its saved bytes (as a write
+/// that misses the store's cache must) and encoding its change.
+fn automerge_phase(records: usize, updates: usize) {
+    use automerge::transaction::{CommitOptions, Transactable};
+    use automerge::{ActorId, AutoCommit, Automerge, ReadDoc, ROOT};
+    let actor = ActorId::from([7u8; 16].as_slice());
+    let start = Instant::now();
+    let mut saved: Vec<Vec<u8>> = Vec::with_capacity(records);
+    for n in 0..records {
+        let mut doc = AutoCommit::new().with_actor(actor.clone());
+        for (field, value) in record(n) {
+            let value = match value {
+                Value::String(text) => automerge::ScalarValue::Str(text.into()),
+                Value::Bool(flag) => automerge::ScalarValue::Boolean(flag),
+                other => automerge::ScalarValue::Int(other.as_i64().expect("an integer")),
+            };
+            doc.put(ROOT, field, value).expect("put");
+        }
+        saved.push(doc.save());
+    }
+    let load_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for u in 0..updates {
+        let n = (u * 7919) % records;
+        let mut doc = Automerge::load(&saved[n]).expect("load");
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "balance", u as i64 + 1_000_000).expect("put");
+        let (hash, _) = tx.commit_with(
+            CommitOptions::default()
+                .with_time(1_700_000_000)
+                .with_message("a stamp of about this length".to_owned()),
+        );
+        let hash = hash.expect("a change");
+        let change = doc.get_change_by_hash(&hash).expect("its change");
+        std::hint::black_box(change.raw_bytes().len());
+    }
+    let update_seconds = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "store": "Automerge alone, in memory (no store)",
+            "records_per_second": records as f64 / load_seconds,
+            "disk_bytes_per_record": saved.iter().map(Vec::len).sum::<usize>() as f64 / records as f64,
             "peak_rss_mib": peak_rss_mib(),
             "updates_per_second": updates as f64 / update_seconds,
         })

@@ -137,6 +137,9 @@ pub(super) struct Inner {
     pub(super) floors: BTreeMap<NodeId, u64>,
     /// Documents with changes newly stable, to compact ([`super::stable`]).
     pub(super) stable_pending: super::stable::StablePending,
+    /// Whether this store ever withdrew a document (holds a `K` key): until it has, no write
+    /// needs to look for kept changes of its own ([`DocStore::lacks_kept_own_change`]).
+    pub(super) withdrew_any: bool,
 }
 
 /// Most entries the withdrawal feed keeps ([`DocStore::withdrawals_after`]): each withdrawal
@@ -821,7 +824,13 @@ pub(super) fn load_document<S: Store>(
         .iter()
         .map(|bytes| Change::from_bytes(bytes.clone()).map_err(|e| corrupt(format!("change: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
-    for (hash, bytes) in appended_changes(store, doc_key)? {
+    // Only a document whose snapshot is an `S` value has `C` keys (see [`super::session`]).
+    let under_keys = if stored.snapshot == Snapshot::External {
+        appended_changes(store, doc_key)?
+    } else {
+        Vec::new()
+    };
+    for (hash, bytes) in under_keys {
         appended.hashes.push(hash);
         appended.bytes += bytes.len();
         changes.push(Change::from_bytes(bytes).map_err(|e| corrupt(format!("change: {e}")))?);
@@ -884,6 +893,7 @@ fn scan_inner<S: Store>(
         next_withdrawal,
         floors,
         stable_pending: BTreeMap::new(),
+        withdrew_any: store.last_in_prefix(layout::KEPT_PREFIX)?.is_some(),
     })
 }
 

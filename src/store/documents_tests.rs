@@ -126,7 +126,8 @@ fn a_scoped_digest_follows_commits_made_while_and_after_it_is_built() {
 #[test]
 fn a_withdrawal_keeps_this_stores_own_changes_whether_or_not_the_document_is_loaded() {
     let node = NodeId::random().unwrap();
-    let docs = open(MemoryStore::new(), node, 4);
+    let store = MemoryStore::new();
+    let docs = open(store.clone(), node, 4);
     let own = node.actor(0);
     let other = NodeId::random().unwrap().actor(0);
     let ids: Vec<RecordId> = (0..5)
@@ -153,6 +154,29 @@ fn a_withdrawal_keeps_this_stores_own_changes_whether_or_not_the_document_is_loa
         assert!(!docs.keeps_own_change(key, &theirs).unwrap());
     }
     assert_eq!(docs.count_live().unwrap(), 3);
+    // Written afresh here, the record would take the sequence numbers of the kept change:
+    // refused, by this store and once it is opened again.
+    let write_again = |docs: &DocStore<MemoryStore>| {
+        let write = RecordWrite {
+            set: vec![("c".to_owned(), json!(3))],
+            ..Default::default()
+        };
+        docs.write(&ids[0], &own, 0, Durability::Durable, |tx| {
+            apply_write(tx, &write)
+        })
+    };
+    assert!(matches!(
+        write_again(&docs),
+        Err(StoreError::OutsideGrant(_))
+    ));
+    drop(docs);
+    let reopened = open(store, node, 4);
+    assert!(matches!(
+        write_again(&reopened),
+        Err(StoreError::OutsideGrant(_))
+    ));
+    // A record never withdrawn is written as before.
+    set(&reopened, &ids[1], &own, "c", 3);
 }
 
 #[test]

@@ -294,6 +294,9 @@ pub const META_COVER_PREFIX: &[u8] = b"cover/";
 /// log still serves them: `K`, the document key, 0, the change hash; and, without a hash,
 /// the mark that the document was withdrawn once.
 const TAG_KEPT: u8 = b'K';
+
+/// Every kept change's key, and every withdrawal mark, starts with this.
+pub const KEPT_PREFIX: &[u8] = &[TAG_KEPT];
 /// Changes appended to a document whose snapshot is an `S` value, each under a key of its own
 /// (see [`super::session`]): `C`, the document key, 0, the change hash; valued the change as
 /// Automerge encodes it.

@@ -150,8 +150,9 @@ impl<S: Store> WriteSession<'_, S> {
             }
             _ => actor.clone(),
         };
+        let withdrew_any = self.inner.withdrew_any;
         let loaded = self.document(&doc_key)?;
-        if docs.lacks_kept_own_change(&doc_key, &loaded.doc)? {
+        if withdrew_any && docs.lacks_kept_own_change(&doc_key, &loaded.doc)? {
             // Automerge numbers an actor's changes per document: written afresh here, the
             // record would take sequence numbers this node's kept changes to it already hold.
             return Err(StoreError::OutsideGrant(format!(
@@ -751,6 +752,7 @@ impl<S: Store> WriteSession<'_, S> {
             self.docs.store.apply(batch)?;
             self.inner.next_log_sequence = self.next_log_sequence;
             self.inner.next_withdrawal = next_withdrawal;
+            self.inner.withdrew_any |= !self.withdrawn.is_empty();
             for (origin, sequence) in std::mem::take(&mut self.places) {
                 self.inner
                     .origins
