@@ -257,6 +257,8 @@ pub struct EngineStats {
     pub changes_applied: u64,
     pub duplicates: u64,
     pub held: u64,
+    /// Changes whose check against the grants met an internal error (held; sent again).
+    pub judging_failed: u64,
     pub messages_sent: u64,
     pub malformed: u64,
     pub conflicts: u64,
@@ -352,6 +354,7 @@ impl EngineStats {
             changes_applied: stats.changes_applied,
             duplicates: stats.duplicates,
             held: stats.held,
+            judging_failed: stats.judging_failed,
             messages_sent: stats.messages_sent,
             malformed: stats.malformed,
             conflicts: stats.conflicts,
@@ -655,8 +658,11 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
                 refresh_grants(&node, &transport)?;
                 node.retag_step().map(|_| ())
             };
-            if let Ok(Err(error)) = tokio::task::spawn_blocking(refreshed).await {
-                tracing::warn!(%error, "reading the grants");
+            match tokio::task::spawn_blocking(refreshed).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
+                // The next tick reads them again; the panic's message went to stderr.
+                Err(error) => tracing::error!(%error, "reading the grants panicked"),
             }
         }
     }));
@@ -955,8 +961,6 @@ fn reissue(shared: &Shared) {
     }
 }
 
-/// Carries out the driver's outputs; returns why the store must take a new writer, if a peer
-/// showed it.
 /// Reads the grants and revocations again; a revoked node's connections close at once.
 fn refresh_grants(node: &Node, transport: &Transport) -> Result<(), NodeError> {
     node.refresh_scopes()?;
@@ -964,6 +968,8 @@ fn refresh_grants(node: &Node, transport: &Transport) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Carries out the driver's outputs; returns why the store must take a new writer, if a peer
+/// showed it (the driver says so at every step until the node has a new writer).
 fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
     let mut superseded = None;
     for output in outputs {
@@ -1258,6 +1264,12 @@ pub fn metrics_text(shared: &Shared) -> String {
             "concord_changes_duplicate_total",
             "Received changes already held.",
             engine.duplicates,
+        ),
+        (
+            "concord_changes_judging_failed_total",
+            "Received changes whose check against the grants met an internal error: held, \
+             neither applied nor refused (their senders send them again).",
+            engine.judging_failed,
         ),
         (
             "concord_bytes_sent_total",

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use automerge::{Change, ChangeHash};
 
 use super::collision;
+use super::door::WriteDoor;
 use super::layout::{self, RefusalReason};
 use super::log::LoggedChange;
 use super::replication::Unplaced;
@@ -28,6 +29,10 @@ pub(super) enum Verdict {
     Admit,
     /// Not applied now, nor refused: it is decided once it comes with its log place.
     Wait,
+    /// Not applied now, nor refused: judging it met an internal error (the record as of its
+    /// dependencies could not be built). Nothing of it is written, so its sender sends it
+    /// again; a check that cannot decide never admits.
+    Held,
     /// Refused for this reason (`instead`: the refused change it depends on, if that is why).
     Refuse(RefusalReason, ChangeHash),
 }
@@ -71,6 +76,60 @@ pub struct ApplyReport {
     /// Changes stamped further ahead of this node's clock than it accepts: nothing was written
     /// for these (their senders send them again).
     pub ahead: Vec<LoggedChange>,
+    /// Changes whose check against the grants met an internal error: held, neither applied
+    /// nor refused; nothing was written for these (their senders send them again).
+    pub judging_failed: usize,
+}
+
+/// Judges one change by the door: its early `verdict` if the grants alone decided it,
+/// otherwise the record as of its dependencies (built on `scratch`, the document with the
+/// changes admitted before it) against the record with it. Returns the verdict and whether
+/// the change is in `scratch` now; an error when the record as of its dependencies, or with
+/// the change, could not be built: the caller holds the change rather than guess.
+fn judge_on(
+    door: &dyn WriteDoor,
+    scratch: &mut HeldDoc,
+    change: &Change,
+    author: Option<&NodeId>,
+    place: Option<(NodeId, u64)>,
+    collection: &str,
+    verdict: Option<Result<(), RefusalReason>>,
+) -> Result<(Result<(), RefusalReason>, bool), String> {
+    if let Some(verdict) = verdict {
+        return Ok((verdict, false));
+    }
+    #[cfg(test)]
+    if tests::JUDGING_FAILS.with(std::cell::Cell::get) {
+        return Err("a failure the test injected".to_owned());
+    }
+    if scratch.heads() == change.deps() {
+        // Its dependencies are the document as it stands: the common case.
+        let before = document::read(scratch.local());
+        scratch
+            .apply(vec![change.clone()])
+            .map_err(|error| format!("applying it: {error}"))?;
+        let after = document::read(scratch.local());
+        let verdict = door.judge(author, place, collection, before.as_ref(), after.as_ref());
+        return Ok((verdict, true));
+    }
+    let mut fork = scratch
+        .fork_before(change)
+        .ok_or_else(|| "the record as of its dependencies could not be built".to_owned())?;
+    let before = document::read(fork.local());
+    fork.apply(vec![change.clone()])
+        .map_err(|error| format!("applying it to the record as of its dependencies: {error}"))?;
+    let after = document::read(fork.local());
+    let verdict = door.judge(author, place, collection, before.as_ref(), after.as_ref());
+    Ok((verdict, false))
+}
+
+/// Says that judging `change` met an internal error, and that it is held.
+fn held_on(change: &Change, error: &str) {
+    tracing::warn!(
+        change = %change.hash(),
+        %error,
+        "a change could not be judged against the grants: held, not applied; its sender sends it again"
+    );
 }
 
 /// A change's clock: its stamp's, in ms since the Unix epoch.
@@ -558,48 +617,28 @@ impl<S: Store> DocStore<S> {
             }
             let scratch = scratch.get_or_insert_with(|| doc.clone());
             let heads = scratch.heads();
-            // Whether the change is in `scratch` already, judged on top of it.
-            let mut taken_in = false;
-            let verdict = match verdict {
-                Some(verdict) => verdict,
-                None if heads == change.deps() => {
-                    // Its dependencies are the document as it stands: the common case.
-                    let before = document::read(scratch.local());
-                    let _ = scratch.apply(vec![(*change).clone()]);
-                    taken_in = true;
-                    let after = document::read(scratch.local());
-                    door.judge(
-                        author.as_ref(),
-                        *place,
-                        collection,
-                        before.as_ref(),
-                        after.as_ref(),
-                    )
-                }
-                None => {
-                    let fork = scratch.fork_before(change);
-                    let before = fork.as_ref().and_then(|fork| document::read(fork.local()));
-                    let after = fork.and_then(|mut fork| {
-                        let _ = fork.apply(vec![(*change).clone()]);
-                        document::read(fork.local())
-                    });
-                    door.judge(
-                        author.as_ref(),
-                        *place,
-                        collection,
-                        before.as_ref(),
-                        after.as_ref(),
-                    )
-                }
-            };
-            match verdict {
-                Ok(()) => {
-                    if !taken_in {
-                        let _ = scratch.apply(vec![(*change).clone()]);
+            let judged = judge_on(
+                door.as_ref(),
+                scratch,
+                change,
+                author.as_ref(),
+                *place,
+                collection,
+                verdict,
+            );
+            match judged {
+                Ok((Ok(()), taken_in)) => {
+                    if !taken_in && scratch.apply(vec![(*change).clone()]).is_err() {
+                        // Admitted, yet it does not apply: what follows it is judged without
+                        // it, so it and they are held instead.
+                        held_on(change, "it does not apply to the record it was judged on");
+                        waiting.insert(change.hash());
+                        verdicts.push(Verdict::Held);
+                        continue;
                     }
                     verdicts.push(Verdict::Admit);
                 }
-                Err(reason) => {
+                Ok((Err(reason), taken_in)) => {
                     if taken_in {
                         if let Ok(Some(undone)) = scratch.fork_at(&heads) {
                             *scratch = undone;
@@ -607,6 +646,11 @@ impl<S: Store> DocStore<S> {
                     }
                     refused.insert(change.hash());
                     verdicts.push(Verdict::Refuse(reason, ChangeHash([0; 32])));
+                }
+                Err(error) => {
+                    held_on(change, &error);
+                    waiting.insert(change.hash());
+                    verdicts.push(Verdict::Held);
                 }
             }
         }
@@ -644,6 +688,7 @@ impl<S: Store> DocStore<S> {
             match verdict {
                 Verdict::Admit => admitted.push((item, change)),
                 Verdict::Wait => {}
+                Verdict::Held => report.judging_failed += 1,
                 Verdict::Refuse(reason, instead) => {
                     session.refuse(doc_key, &change, reason, instead);
                     report.refused.push(reason);
@@ -785,5 +830,88 @@ impl<S: Store> DocStore<S> {
             Ok(()) => Ok(Tried::Invalid("its dependencies were refused".to_owned())),
             Err(error) => Ok(Tried::Invalid(error.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::Cell;
+    use std::sync::{Arc, RwLock};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::record::document::{apply_write, RecordWrite};
+    use crate::scope::{Grant, Scope, ScopeDoor, Scopes, Verified};
+    use crate::store::{DocStoreConfig, MemoryStore};
+
+    thread_local! {
+        /// Whether judging a change against the grants meets an internal error, on this
+        /// thread (see [`judge_on`]).
+        pub(in crate::store) static JUDGING_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    #[test]
+    fn a_change_whose_check_fails_is_held_counted_and_applied_once_it_comes_again() {
+        let author = NodeId([1; 16]);
+        let receiver = NodeId([2; 16]);
+        let a = DocStore::open(MemoryStore::new(), author, DocStoreConfig::default()).unwrap();
+        a.name_writer(&author.actor(0), "api", "a", author);
+        let id = RecordId::parse("items/1").unwrap();
+        let write = RecordWrite {
+            set: vec![
+                ("region".to_owned(), json!("eu")),
+                ("v".to_owned(), json!(1)),
+            ],
+            ..Default::default()
+        };
+        a.write(&id, &author.actor(0), 1_000, Durability::Durable, |tx| {
+            apply_write(tx, &write)
+        })
+        .unwrap();
+        // The receiver judges the author's changes by what they write: its grant is filtered.
+        let b = DocStore::open(MemoryStore::new(), receiver, DocStoreConfig::default()).unwrap();
+        let mut scopes = Scopes::default();
+        scopes.insert(
+            Verified::Grant(Grant {
+                cluster: [1; 16],
+                node: author.0,
+                read: vec![Scope::parse("items").unwrap()],
+                write: vec![Scope::parse("items:region=eu").unwrap()],
+                issued_ms: 1,
+            }),
+            b"signature",
+        );
+        b.set_door(Arc::new(ScopeDoor::new(
+            receiver,
+            Arc::new(RwLock::new(scopes)),
+        )));
+        let log = a.log_after(&author, 0, 100, usize::MAX).unwrap();
+        let saved = a.export(&id).unwrap().unwrap();
+        JUDGING_FAILS.with(|fails| fails.set(true));
+        let held = b.apply_remote(log.clone(), u64::MAX);
+        // An import of the same change is refused, and says why.
+        let imported = b.import(&id, &saved, u64::MAX);
+        JUDGING_FAILS.with(|fails| fails.set(false));
+        assert!(
+            matches!(imported, Err(StoreError::Unjudged(_))),
+            "{imported:?}"
+        );
+        let held = held.unwrap();
+        assert_eq!(held.judging_failed, 1);
+        assert!(held.applied.is_empty());
+        assert!(held.refused.is_empty());
+        assert!(
+            b.heads(&id.to_doc_key()).unwrap().is_empty(),
+            "nothing of it was written"
+        );
+        // Sent again once the error is gone, it is judged and applied.
+        let again = b.apply_remote(log, u64::MAX).unwrap();
+        assert_eq!(again.judging_failed, 0);
+        assert_eq!(again.applied.len(), 1);
+        assert_eq!(
+            b.heads(&id.to_doc_key()).unwrap(),
+            a.heads(&id.to_doc_key()).unwrap()
+        );
     }
 }

@@ -17,6 +17,8 @@ struct State {
     visible: BTreeMap<Vec<u8>, Vec<u8>>,
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     unflushed: Vec<Batch>,
+    /// Flushes still to fail ([`MemoryStore::fail_flushes`]).
+    flush_failures: usize,
 }
 
 /// Cloning shares the same contents, as reopening the same files would.
@@ -58,6 +60,12 @@ impl MemoryStore {
             state.durable = durable;
         }
         copy
+    }
+
+    /// The next `count` flushes fail, as a disk that returns an error would, and make nothing
+    /// durable (0: flushes succeed again).
+    pub fn fail_flushes(&self, count: usize) {
+        self.state().flush_failures = count;
     }
 
     /// Batches applied but not yet flushed.
@@ -119,6 +127,12 @@ impl Store for MemoryStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         let mut state = self.state();
+        if state.flush_failures > 0 {
+            state.flush_failures -= 1;
+            return Err(StoreError::Io(std::io::Error::other(
+                "a flush failure the memory store was told to give",
+            )));
+        }
         let unflushed = std::mem::take(&mut state.unflushed);
         for batch in unflushed {
             apply_to(&mut state.durable, batch);

@@ -188,6 +188,11 @@ pub enum StoreError {
     /// A write of this node's own that its grant does not allow (see [`crate::scope`]).
     #[error("{0}")]
     OutsideGrant(String),
+    #[error(
+        "change {0} could not be checked against the grants (an internal error, in the node's \
+         log): nothing of it was written"
+    )]
+    Unjudged(String),
     #[error("the store is closed (it is being opened again after a write failed)")]
     Closed,
     #[error(

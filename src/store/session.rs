@@ -264,6 +264,14 @@ impl<S: Store> WriteSession<'_, S> {
             .map(|change| (None, change))
             .collect();
         let verdicts = docs.judge_incoming(&loaded.doc, &doc_key, &judged, super::Unplaced::Refuse);
+        if let Some(held) = verdicts.as_ref().and_then(|verdicts| {
+            incoming_changes
+                .iter()
+                .zip(verdicts)
+                .find(|(_, verdict)| **verdict == super::apply::Verdict::Held)
+        }) {
+            return Err(StoreError::Unjudged(held.0.hash().to_string()));
+        }
         if let Some((change, reason)) = verdicts.and_then(|verdicts| {
             incoming_changes
                 .iter()

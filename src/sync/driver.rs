@@ -16,7 +16,9 @@
 //! - the node's own new changes are read from its log from a cursor, after they were
 //!   acknowledged, so a write is sent only once durable;
 //! - an engine error does not stop the loop: it is counted and the step goes on with the
-//!   next input; what it left undone is redone by summaries.
+//!   next input; what it left undone is redone by summaries;
+//! - once a peer showed that the store's writer must be replaced, every step that succeeds
+//!   says so ([`Output::WriterSuperseded`]) until [`Driver::set_writer`]: no failure loses it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -94,7 +96,9 @@ pub enum Output {
     },
     /// The store's writer must be replaced before the node writes again (see
     /// [`super::Action::WriterSuperseded`]): the shell draws a new one, makes the store write
-    /// under it, and calls [`Driver::set_writer`].
+    /// under it, and calls [`Driver::set_writer`]. Output by every step that succeeds until
+    /// then, so a step whose flush failed, or a new writer that could not be taken, only
+    /// delays it.
     WriterSuperseded { peer: NodeId, reason: String },
 }
 
@@ -308,6 +312,12 @@ impl Driver {
         }
         outputs.extend(applied);
         self.transmit(now, replica, &mut outputs);
+        if let Some((peer, reason)) = self.engine.superseded_by() {
+            outputs.push(Output::WriterSuperseded {
+                peer,
+                reason: reason.to_owned(),
+            });
+        }
         outputs
     }
 
@@ -362,9 +372,10 @@ impl Driver {
                         Action::Applied { from, changes } => {
                             applied.push(Output::Applied { from, changes });
                         }
-                        Action::WriterSuperseded { peer, reason } => {
-                            outputs.push(Output::WriterSuperseded { peer, reason });
-                        }
+                        // Output at the end of every step that succeeds, from the engine's
+                        // state, until the writer is replaced: an event that failed after
+                        // the engine saw it, or a step whose flush failed, does not lose it.
+                        Action::WriterSuperseded { .. } => {}
                     }
                 }
             }
@@ -466,9 +477,16 @@ impl Driver {
                         tracing::error!(%peer, %error, "a message does not fit a frame");
                         self.stats.frames_unencodable += 1;
                         self.links.remove(&peer);
-                        let _ = self
-                            .engine
-                            .handle(now, Event::PeerDisconnected(peer), replica);
+                        // A disconnection applies nothing: `applied` stays empty.
+                        let mut applied = Vec::new();
+                        self.handle(
+                            now,
+                            Event::PeerDisconnected(peer),
+                            replica,
+                            outputs,
+                            &mut applied,
+                        );
+                        outputs.extend(applied);
                         outputs.push(Output::Disconnect {
                             peer,
                             connection: link.connection,
@@ -482,5 +500,140 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::document::{self, RecordWrite};
+    use crate::record::RecordId;
+    use crate::store::{DocStore, DocStoreConfig, Durability, MemoryStore};
+    use crate::sync::Config;
+
+    const CLUSTER: [u8; 16] = [3; 16];
+
+    struct Side {
+        id: NodeId,
+        store: MemoryStore,
+        docs: DocStore<MemoryStore>,
+        driver: Driver,
+    }
+
+    fn side(id: NodeId, store: MemoryStore) -> Side {
+        let docs = DocStore::open(store.clone(), id, DocStoreConfig::default()).unwrap();
+        let engine = Engine::new(Config::new(CLUSTER, id, "n"));
+        let driver = Driver::new(engine, &docs);
+        Side {
+            id,
+            store,
+            docs,
+            driver,
+        }
+    }
+
+    /// The frames among `outputs`, as the messages the other side receives.
+    fn received(from: NodeId, outputs: &[Output]) -> Vec<Input> {
+        outputs
+            .iter()
+            .filter_map(|output| match output {
+                Output::Send {
+                    connection, frame, ..
+                } => {
+                    let mut decoder = concord_proto::FrameDecoder::new();
+                    decoder.push(frame).unwrap();
+                    Some(Input::Received {
+                        peer: from,
+                        connection: *connection,
+                        message: decoder.next_message().unwrap().unwrap(),
+                    })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn says_superseded(outputs: &[Output]) -> bool {
+        outputs
+            .iter()
+            .any(|output| matches!(output, Output::WriterSuperseded { .. }))
+    }
+
+    /// Connects `a` and `b` and runs both until neither sends anything, every flush of `a`
+    /// failing meanwhile if `fail_a`; returns `a`'s outputs, step by step.
+    fn exchange(a: &mut Side, b: &mut Side, now: Duration, fail_a: bool) -> Vec<Vec<Output>> {
+        let connection = 1;
+        let mut to_a = vec![Input::Up {
+            peer: b.id,
+            connection,
+        }];
+        let mut to_b = vec![Input::Up {
+            peer: a.id,
+            connection,
+        }];
+        let mut steps_of_a = Vec::new();
+        if fail_a {
+            a.store.fail_flushes(usize::MAX);
+        }
+        for _ in 0..50 {
+            if to_a.is_empty() && to_b.is_empty() {
+                break;
+            }
+            let from_a = a.driver.step(now, std::mem::take(&mut to_a), &a.docs);
+            let from_b = b.driver.step(now, std::mem::take(&mut to_b), &b.docs);
+            to_b = received(a.id, &from_a);
+            to_a = received(b.id, &from_b);
+            steps_of_a.push(from_a);
+        }
+        a.store.fail_flushes(0);
+        steps_of_a
+    }
+
+    #[test]
+    fn a_writer_superseded_in_a_step_whose_flush_failed_is_said_by_the_next_step() {
+        let (a_id, b_id) = (NodeId([1; 16]), NodeId([2; 16]));
+        let mut a = side(a_id, MemoryStore::new());
+        let mut b = side(b_id, MemoryStore::new());
+        let write = RecordWrite {
+            set: vec![("v".to_owned(), serde_json::json!(1))],
+            ..Default::default()
+        };
+        let id = RecordId::parse("items/1").unwrap();
+        a.docs
+            .write(&id, &a_id.actor(0), 0, Durability::Durable, |tx| {
+                document::apply_write(tx, &write)
+            })
+            .unwrap();
+        a.driver
+            .step(Duration::ZERO, vec![Input::LocalWrites], &a.docs);
+        exchange(&mut a, &mut b, Duration::ZERO, false);
+        assert!(
+            b.docs.heads(&id.to_doc_key()).unwrap().len() == 1,
+            "b took a's write"
+        );
+        // a's store is lost and made again under the same writer; b holds more of its log.
+        let mut a = side(a_id, MemoryStore::new());
+        let steps = exchange(&mut a, &mut b, Duration::ZERO, true);
+        assert!(a.driver.stats().step_errors > 0, "the flushes failed");
+        let reason = a
+            .driver
+            .engine()
+            .superseded()
+            .expect("b showed a's writer is shared")
+            .to_owned();
+        assert!(
+            steps.iter().all(|outputs| !says_superseded(outputs)),
+            "no step whose flush failed says it"
+        );
+        // Flushes succeed again from here: the next step that succeeds says it, and every one after until a new writer.
+        for _ in 0..2 {
+            let outputs = a.driver.step(Duration::ZERO, vec![Input::Timeout], &a.docs);
+            assert!(says_superseded(&outputs), "{reason}");
+        }
+        let fresh = NodeId([7; 16]);
+        a.docs.switch_writer(a_id, fresh).unwrap();
+        a.driver.set_writer(fresh, &a.docs);
+        let outputs = a.driver.step(Duration::ZERO, vec![Input::Timeout], &a.docs);
+        assert!(!says_superseded(&outputs));
     }
 }

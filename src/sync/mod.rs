@@ -502,6 +502,9 @@ pub struct Stats {
     pub log_places_taken: u64,
     /// Changes not applied yet, stamped further ahead of this node's clock than it accepts.
     pub changes_ahead: u64,
+    /// Changes whose check against the grants met an internal error: held, not applied nor
+    /// refused; their senders send them again.
+    pub judging_failed: u64,
     /// Fields that became conflicting as changes from peers were applied.
     pub conflicts: u64,
     /// Log entries truncated here, every known node holding them.
@@ -548,8 +551,9 @@ pub struct Engine {
     recent: RecentChanges,
     /// Changes were applied since the store was last made durable.
     unsynced: bool,
-    /// Why the writer must be replaced, once a peer showed it (reported once per writer).
-    superseded: Option<String>,
+    /// Why the writer must be replaced, and the peer that showed it (the action is reported
+    /// once per writer; the driver says it after every step until the writer is replaced).
+    superseded: Option<(NodeId, String)>,
     /// This node's own log is durable up to here: nothing above it is sent, since a change
     /// that left and was then lost in a crash would see its place written again.
     own_durable: u64,
@@ -666,7 +670,14 @@ impl Engine {
 
     /// Why this node's writer must be replaced, if a peer showed it.
     pub fn superseded(&self) -> Option<&str> {
-        self.superseded.as_deref()
+        self.superseded.as_ref().map(|(_, reason)| reason.as_str())
+    }
+
+    /// The peer that showed this node's writer must be replaced, and why.
+    pub fn superseded_by(&self) -> Option<(NodeId, &str)> {
+        self.superseded
+            .as_ref()
+            .map(|(peer, reason)| (*peer, reason.as_str()))
     }
 
     /// A peer showed that this node's own log is not the store's alone: reported once.
@@ -675,7 +686,7 @@ impl Engine {
             return;
         }
         tracing::warn!(%peer, writer = %self.config.writer, "{reason}");
-        self.superseded = Some(reason.clone());
+        self.superseded = Some((peer, reason.clone()));
         actions.push(Action::WriterSuperseded { peer, reason });
     }
 
@@ -1478,6 +1489,7 @@ impl Engine {
         let report = replica.apply_remote(changes, self.accept_until())?;
         self.unsynced = true;
         self.count_refused(&report.refused);
+        self.stats.judging_failed += report.judging_failed as u64;
         self.stats.log_places_taken += report.places_taken as u64;
         self.note_ahead(from, report.ahead.len());
         if report.own_writer_shared {

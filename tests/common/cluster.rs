@@ -298,6 +298,20 @@ impl TestNode {
         response.body_mut().read_to_vec().unwrap()
     }
 
+    /// Whether this node holds the record's document: written here or received, deleted
+    /// or not, its history whole or compacted.
+    pub fn knows(&self, id: &str) -> bool {
+        let response = Self::agent()
+            .get(format!("http://{}/v1/records/{id}/automerge", self.api))
+            .call()
+            .unwrap();
+        match response.status().as_u16() {
+            200 => true,
+            404 => false,
+            other => panic!("automerge {id} on {}: HTTP {other}", self.name),
+        }
+    }
+
     /// The record, or `None` if not found.
     pub fn get(&self, id: &str) -> Option<Value> {
         let mut response = Self::agent()
@@ -373,7 +387,9 @@ pub async fn converge(nodes: &[&TestNode], ids: &[&str], timeout: Duration) -> D
         let mut same = true;
         for id in ids {
             let first = nodes[0].get(id);
-            if nodes[1..].iter().any(|node| node.get(id) != first) {
+            if nodes.iter().any(|node| !node.knows(id))
+                || nodes[1..].iter().any(|node| node.get(id) != first)
+            {
                 same = false;
                 break;
             }
@@ -385,7 +401,16 @@ pub async fn converge(nodes: &[&TestNode], ids: &[&str], timeout: Duration) -> D
             let mut report = String::new();
             for id in ids {
                 for node in nodes {
-                    report.push_str(&format!("{} {id}: {:?}\n", node.name, node.get(id)));
+                    report.push_str(&format!(
+                        "{} {id}: {:?}{}\n",
+                        node.name,
+                        node.get(id),
+                        if node.knows(id) {
+                            ""
+                        } else {
+                            " (never written here)"
+                        }
+                    ));
                 }
             }
             panic!("no convergence within {timeout:?}:\n{report}");
