@@ -123,15 +123,6 @@ fn judge_on(
     Ok((verdict, false))
 }
 
-/// Says that judging `change` met an internal error, and that it is held.
-fn held_on(change: &Change, error: &str) {
-    tracing::warn!(
-        change = %change.hash(),
-        %error,
-        "a change could not be judged against the grants: held, not applied; its sender sends it again"
-    );
-}
-
 /// A change's clock: its stamp's, in ms since the Unix epoch.
 pub fn clock_of(change: &Change) -> u64 {
     ChangeStamp::of_change(change.message(), change.timestamp()).hlc
@@ -625,19 +616,18 @@ impl<S: Store> DocStore<S> {
                 *place,
                 collection,
                 verdict,
-            );
-            match judged {
-                Ok((Ok(()), taken_in)) => {
-                    if !taken_in && scratch.apply(vec![(*change).clone()]).is_err() {
-                        // Admitted, yet it does not apply: what follows it is judged without
-                        // it, so it and they are held instead.
-                        held_on(change, "it does not apply to the record it was judged on");
-                        waiting.insert(change.hash());
-                        verdicts.push(Verdict::Held);
-                        continue;
-                    }
-                    verdicts.push(Verdict::Admit);
+            )
+            .and_then(|(verdict, taken_in)| {
+                // Admitted: what follows it is judged with it, so it must apply.
+                if verdict.is_ok() && !taken_in {
+                    scratch
+                        .apply(vec![(*change).clone()])
+                        .map_err(|error| format!("applying it once admitted: {error}"))?;
                 }
+                Ok((verdict, taken_in))
+            });
+            match judged {
+                Ok((Ok(()), _)) => verdicts.push(Verdict::Admit),
                 Ok((Err(reason), taken_in)) => {
                     if taken_in {
                         if let Ok(Some(undone)) = scratch.fork_at(&heads) {
@@ -648,7 +638,12 @@ impl<S: Store> DocStore<S> {
                     verdicts.push(Verdict::Refuse(reason, ChangeHash([0; 32])));
                 }
                 Err(error) => {
-                    held_on(change, &error);
+                    tracing::warn!(
+                        change = %change.hash(),
+                        %error,
+                        "a change could not be judged against the grants: held, not applied; \
+                         its sender sends it again"
+                    );
                     waiting.insert(change.hash());
                     verdicts.push(Verdict::Held);
                 }
