@@ -276,10 +276,10 @@ impl std::fmt::Display for Violation {
 }
 
 /// Deliberate bugs in the engine and store, to show that the checks find them: the real ones
-/// in this crate's tests (where `concord` is built with its `sabotage` feature), none otherwise.
-#[cfg(test)]
+/// with this crate's `sabotage` feature (its tests of the checks), none otherwise.
+#[cfg(feature = "sabotage")]
 type Sabotage = concord::Sabotage;
-#[cfg(not(test))]
+#[cfg(not(feature = "sabotage"))]
 #[derive(Debug, Clone, Copy, Default)]
 struct Sabotage;
 
@@ -483,7 +483,7 @@ fn open_docs(
     params: &Params,
     sabotage: Sabotage,
 ) -> Result<DocStore<MemoryStore>, concord::store::StoreError> {
-    #[cfg_attr(not(test), allow(unused_mut))]
+    #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
     let mut docs = DocStore::open(store.clone(), writer, store_config(params))?;
     // Named writers, so conflict policies have sources and sites to rank: the node's site,
     // whichever writer its store has.
@@ -491,9 +491,9 @@ fn open_docs(
     for (index, source) in WRITER_SOURCES.iter().enumerate() {
         docs.name_writer(&writer.actor(index as u16), source, &site, id);
     }
-    #[cfg(test)]
+    #[cfg(feature = "sabotage")]
     docs.set_sabotage(sabotage);
-    #[cfg(not(test))]
+    #[cfg(not(feature = "sabotage"))]
     let _ = sabotage;
     Ok(docs)
 }
@@ -671,18 +671,18 @@ fn new_driver(
     params: &Params,
     sabotage: Sabotage,
 ) -> Driver {
-    #[cfg_attr(not(test), allow(unused_mut))]
+    #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
     let mut config = Config::new(CLUSTER, id, "sim");
     config.writer = writer;
     config.changes_per_message = 64;
     // Reports and truncation twenty times as often as in a real node: runs last seconds of
     // simulated time, and the log is to be truncated under every fault.
     config.report_interval = SIM_REPORT_INTERVAL;
-    #[cfg(test)]
+    #[cfg(feature = "sabotage")]
     {
         config.sabotage = sabotage;
     }
-    #[cfg(not(test))]
+    #[cfg(not(feature = "sabotage"))]
     let _ = sabotage;
     Driver::with_queue_bytes(
         Engine::new(config),
@@ -913,9 +913,9 @@ impl Sim {
 
     /// Whether stores made again reuse their former writer (a sabotage of the tests).
     fn reusing_writers(&self) -> bool {
-        #[cfg(test)]
+        #[cfg(feature = "sabotage")]
         return self.sabotage.reuse_writer;
-        #[cfg(not(test))]
+        #[cfg(not(feature = "sabotage"))]
         false
     }
 
@@ -1425,9 +1425,9 @@ impl Sim {
         if store_lost {
             // A store made again writes under a new writer, as `concord run` (an empty store)
             // and `concord restore` (a backup) give it.
-            #[cfg_attr(not(test), allow(unused_mut))]
+            #[cfg_attr(not(feature = "sabotage"), allow(unused_mut))]
             let mut writer = self.random_node_id();
-            #[cfg(test)]
+            #[cfg(feature = "sabotage")]
             if self.sabotage.reuse_writer {
                 writer = self.nodes[index].writer;
             }
@@ -2369,299 +2369,7 @@ fn brief(record: &Option<serde_json::Map<String, serde_json::Value>>) -> String 
     text
 }
 
+#[cfg(all(test, feature = "sabotage"))]
+mod sabotage_tests;
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_seed_same_run() {
-        let params = Params::default();
-        let first = run(7, &params).unwrap_or_else(|violation| panic!("{violation}"));
-        let second = run(7, &params).unwrap();
-        assert_eq!(first, second);
-        let other = run(8, &params).unwrap_or_else(|violation| panic!("{violation}"));
-        assert_ne!(first.trace_hash, other.trace_hash);
-    }
-
-    /// The first of seeds `0..seeds_max` whose run breaks a guarantee under `sabotage`, or
-    /// `None` when every run passed (the checks missed the deliberate bug).
-    fn first_seed_finding(sabotage: Sabotage, seeds_max: u64) -> Option<u64> {
-        first_seed_finding_with(sabotage, &Params::default(), seeds_max)
-    }
-
-    fn first_seed_finding_with(sabotage: Sabotage, params: &Params, seeds_max: u64) -> Option<u64> {
-        let found = (0..seeds_max).find_map(|seed| {
-            run_sabotaged(seed, params, sabotage)
-                .err()
-                .map(|violation| (seed, violation))
-        });
-        match &found {
-            Some((seed, violation)) => {
-                eprintln!("{sabotage:?} found at seed {seed}: {}", violation.message)
-            }
-            None => eprintln!("{sabotage:?} went unnoticed for {seeds_max} seeds"),
-        }
-        found.map(|(seed, _)| seed)
-    }
-
-    #[test]
-    fn the_checks_find_receivers_that_do_not_judge_changes_by_grants() {
-        let sabotage = Sabotage {
-            receivers_admit_everything: true,
-            ..Sabotage::default()
-        };
-        let params = Params {
-            scoped_percent: 100,
-            ..Params::default()
-        };
-        assert!(first_seed_finding_with(sabotage, &params, 40).is_some());
-    }
-
-    #[test]
-    fn scoped_runs_pass() {
-        let params = Params {
-            scoped_percent: 100,
-            ..Params::default()
-        };
-        let (mut forged, mut refused) = (0, 0);
-        for seed in 0..20 {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            forged += summary.forged_writes;
-            refused += summary.forged_refused;
-        }
-        assert!(refused > 0 && refused < forged, "{refused} of {forged}");
-    }
-
-    #[test]
-    fn partial_replicas_end_holding_exactly_what_they_may_read() {
-        let params = Params {
-            scoped_percent: 100,
-            partial_reads_percent: 50,
-            ..Params::default()
-        };
-        let mut withdrawn = 0;
-        for seed in 0..30 {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            withdrawn += summary.withdrawn_documents;
-        }
-        assert!(
-            withdrawn > 0,
-            "no run moved a record out of a narrowed node's scope"
-        );
-    }
-
-    #[test]
-    fn the_checks_find_a_dropped_held_change() {
-        let sabotage = Sabotage {
-            drop_held_changes: true,
-            ..Sabotage::default()
-        };
-        assert!(first_seed_finding(sabotage, 20).is_some());
-    }
-
-    #[test]
-    fn the_checks_find_skipped_summaries() {
-        let sabotage = Sabotage {
-            skip_summaries: true,
-            ..Sabotage::default()
-        };
-        assert!(first_seed_finding(sabotage, 20).is_some());
-    }
-
-    #[test]
-    fn the_checks_find_a_change_logged_twice() {
-        let sabotage = Sabotage {
-            log_twice: true,
-            ..Sabotage::default()
-        };
-        assert!(first_seed_finding(sabotage, 20).is_some());
-    }
-
-    #[test]
-    fn the_checks_find_batches_sized_by_count() {
-        let sabotage = Sabotage {
-            count_only_batches: true,
-            ..Sabotage::default()
-        };
-        // Large values often, so that some batch of them outgrows a frame.
-        let params = Params {
-            large_value_permille: 150,
-            ..Params::default()
-        };
-        assert!(first_seed_finding_with(sabotage, &params, 20).is_some());
-    }
-
-    /// Stores lost often, and backups often, so that a node writes again under a writer and
-    /// sequence that its former self already used.
-    fn reusing_params() -> Params {
-        Params {
-            crash_percent: 6,
-            store_loss_percent: 100,
-            backup_permille: 100,
-            // Colliding changes (two stores under one writer, which incarnations prevent) are
-            // not yet judged alike by grants: a change that collides with one a node holds
-            // is judged against a document it cannot be applied to there.
-            scoped_percent: 0,
-            // Nor alike by a compacted history, which knows a change inside it by its place
-            // (writer and sequence number) alone: a colliding change at such a place is held
-            // there, and refused or applied at a node that did not compact.
-            compact_histories: false,
-            ..Params::default()
-        }
-    }
-
-    #[test]
-    fn stores_made_again_under_their_old_writer_are_contained() {
-        // The sabotage writes colliding changes (a store made again under its old writer, as
-        // a copy restored by hand does): peers show the node its own log, it takes a new
-        // writer, colliding changes are decided alike everywhere, and what it lost to them it
-        // writes again. Nothing acknowledged is lost beyond what no other node held.
-        let sabotage = Sabotage {
-            reuse_writer: true,
-            ..Sabotage::default()
-        };
-        let params = reusing_params();
-        let (mut superseded, mut refused, mut reissued, mut lost) = (0, 0, 0, 0);
-        for seed in 0..40 {
-            let summary = run_sabotaged(seed, &params, sabotage)
-                .unwrap_or_else(|violation| panic!("{violation}"));
-            superseded += summary.writers_superseded;
-            refused += summary.changes_refused;
-            reissued += summary.writes_reissued;
-            lost += summary.acknowledged_refused;
-        }
-        eprintln!(
-            "{superseded} new writers, {refused} changes refused, {reissued} documents written \
-             again, {lost} acknowledged changes refused whose author no longer held them"
-        );
-        assert!(superseded > 0, "no store found its own log elsewhere");
-        assert!(refused + reissued > 0, "no change ever collided");
-    }
-
-    #[test]
-    fn a_node_whose_clock_runs_far_ahead_moves_no_clock_and_converges() {
-        // Its changes wait at every other node until their clocks catch up (the write check
-        // refuses any change stamped past its writer's clock and the bound), then converge.
-        let params = Params {
-            far_ahead_percent: 100,
-            far_ahead_ms: 30_000,
-            ..Params::default()
-        };
-        let mut ahead = 0;
-        for seed in 0..5 {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            assert!(summary.far_ahead);
-            ahead += summary.changes_ahead;
-        }
-        assert!(ahead > 0, "no change ever waited for a clock");
-    }
-
-    #[test]
-    fn the_checks_find_a_clock_moved_by_a_change_from_far_ahead() {
-        let sabotage = Sabotage {
-            no_clock_bound: true,
-            ..Sabotage::default()
-        };
-        let params = Params {
-            far_ahead_percent: 100,
-            far_ahead_ms: 30_000,
-            ..Params::default()
-        };
-        assert!(first_seed_finding_with(sabotage, &params, 10).is_some());
-    }
-
-    #[test]
-    fn the_checks_find_collisions_decided_by_arrival() {
-        let sabotage = Sabotage {
-            reuse_writer: true,
-            first_arrival_stands: true,
-            ..Sabotage::default()
-        };
-        assert!(first_seed_finding_with(sabotage, &reusing_params(), 30).is_some());
-    }
-
-    #[test]
-    fn lost_and_restored_stores_lose_only_what_no_other_node_held() {
-        let params = Params {
-            crash_percent: 6,
-            store_loss_percent: 100,
-            backup_permille: 100,
-            ..Params::default()
-        };
-        let (mut lost, mut restored, mut writes) = (0, 0, 0);
-        for seed in 0..10 {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            lost += summary.stores_lost;
-            restored += summary.stores_restored;
-            writes += summary.acknowledged;
-        }
-        assert!(
-            lost >= 10 && restored >= 3,
-            "{lost} lost, {restored} restored"
-        );
-        assert!(writes > 0);
-    }
-
-    #[test]
-    fn large_values_and_long_histories_converge() {
-        let params = Params {
-            large_value_permille: 150,
-            burst_permille: 100,
-            ..Params::default()
-        };
-        let mut large = 0;
-        let mut refused = 0;
-        let mut bursts = 0;
-        for seed in 0..6 {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            large += summary.large_writes;
-            refused += summary.refused_writes;
-            bursts += summary.burst_writes;
-        }
-        assert!(
-            large > 0 && refused > 0 && bursts > 0,
-            "{large} {refused} {bursts}"
-        );
-    }
-
-    fn compacting() -> Params {
-        Params {
-            compact_histories: true,
-            ..Params::default()
-        }
-    }
-
-    #[test]
-    fn compacted_histories_hold_the_guarantees() {
-        let mut compacted = 0;
-        for seed in 0..40 {
-            let summary =
-                run(seed, &compacting()).unwrap_or_else(|violation| panic!("{violation}"));
-            compacted += summary.documents_compacted;
-        }
-        assert!(compacted > 0, "the runs must compact histories");
-    }
-
-    #[test]
-    fn the_checks_find_histories_compacted_before_they_are_stable() {
-        let sabotage = Sabotage {
-            compact_unstable: true,
-            ..Sabotage::default()
-        };
-        assert!(first_seed_finding_with(sabotage, &compacting(), 20).is_some());
-    }
-
-    /// Seeds swept by `cargo test` (CI): a few hundred, a minute or so in a debug build.
-    const CI_SWEEP_SEEDS: u64 = 300;
-
-    #[test]
-    fn sweep_of_seeds_holds_the_guarantees() {
-        let params = Params::default();
-        let mut faults = 0;
-        for seed in 0..CI_SWEEP_SEEDS {
-            let summary = run(seed, &params).unwrap_or_else(|violation| panic!("{violation}"));
-            faults += summary.faults.values().sum::<u64>();
-        }
-        assert!(faults > 0, "the sweep must inject faults");
-    }
-}
+mod tests;

@@ -38,6 +38,8 @@ use crate::store::StoreError;
 /// so that every write a change can hold fits, escaped as JSON.
 pub const REQUEST_BYTES_MAX: usize = 2 * CHANGE_BYTES_MAX;
 const _: () = assert!(REQUEST_BYTES_MAX >= CHANGE_BYTES_MAX);
+// A signed grant or revocation comes in through the API in one request body.
+const _: () = assert!(crate::scope::SIGNED_BYTES_MAX <= REQUEST_BYTES_MAX);
 /// A request whose body may be larger than this (by its `Content-Length`, or without one)
 /// is a large write: large writes go one at a time, so that however many arrive at once a
 /// small write waits behind one of them at most, and only one large body is held in memory.
