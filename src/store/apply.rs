@@ -487,7 +487,20 @@ impl<S: Store> DocStore<S> {
                     Tried::Invalid(reason) => report.invalid.push((logged, reason)),
                 }
             }
-            applied
+            // A change applied here may have been taken out again by a later one of the same
+            // batch that collides with it and stands: refused now, it keeps only its place.
+            let loaded = session.document(doc_key)?;
+            let (kept, taken_out): (Vec<_>, Vec<_>) = applied
+                .into_iter()
+                .partition(|(_, change)| loaded.doc.holds_change(change));
+            for (logged, change) in taken_out {
+                let place = LogPlace::Remote {
+                    origin: logged.origin,
+                    sequence: logged.sequence,
+                };
+                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+            }
+            kept
         };
         if applied.is_empty() {
             return Ok(());

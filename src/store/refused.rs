@@ -519,6 +519,61 @@ mod tests {
     }
 
     #[test]
+    fn a_change_applied_and_taken_out_again_in_one_batch_is_not_stored() {
+        let writer = NodeId([2; 16]);
+        let id = RecordId::parse("customers/1").unwrap();
+        let other = RecordId::parse("customers/2").unwrap();
+        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
+        write(&a, &id, 1, 1_000);
+        let b = DocStore::open(
+            a.backend().durable_copy(),
+            writer,
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        // Under one writer: a's second change to the record and b's (with one on top of it)
+        // share an actor and a sequence number, at different log places; b's is earlier.
+        let late = write(&a, &id, 0, 3_000);
+        write(&b, &other, 7, 1_500);
+        let early = write(&b, &id, 42, 2_000);
+        let on_early = write(&b, &id, 43, 2_100);
+        let c = DocStore::open(
+            MemoryStore::new(),
+            NodeId([9; 16]),
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        c.apply_remote(log_of(&a, writer, 0)[..1].to_vec(), u64::MAX)
+            .unwrap();
+        // One batch: once it failed as a whole, its changes are applied one at a time, a's
+        // first; then b's collides with it, stands, and takes it out again.
+        let mut batch: Vec<LoggedChange> = log_of(&b, writer, 2)
+            .into_iter()
+            .filter(|logged| logged.doc_key == id.to_doc_key())
+            .collect();
+        batch.extend(log_of(&a, writer, 1));
+        assert_eq!(batch.len(), 3);
+        let report = c.apply_remote(batch, u64::MAX).unwrap();
+        c.sync().unwrap();
+        assert!(report.invalid.is_empty(), "{report:?}");
+        assert_eq!(report.refused, vec![RefusalReason::DuplicateSequence]);
+        assert_eq!(c.heads(&id.to_doc_key()).unwrap(), vec![on_early]);
+        assert!(c.refused_contains(&id.to_doc_key(), &late).unwrap());
+        assert!(!c.refused_contains(&id.to_doc_key(), &early).unwrap());
+        // What is stored loads again: the change taken out is not among its changes.
+        let reopened = DocStore::open(
+            c.backend().durable_copy(),
+            NodeId([9; 16]),
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(credit(&reopened, &id), Some(json!(43)));
+        assert_eq!(reopened.heads(&id.to_doc_key()).unwrap(), vec![on_early]);
+        // Every place still counts, the refused change's too, so marks move on past them.
+        assert_eq!(reopened.origin_mark(&writer), 4);
+    }
+
+    #[test]
     fn two_changes_at_one_place_in_one_batch_collide_by_the_rule() {
         let writer = NodeId([2; 16]);
         let id = RecordId::parse("customers/1").unwrap();

@@ -180,6 +180,10 @@ impl<S: Store> DocStore<S> {
                             }
                         }
                     }
+                    // One applied here may have been taken out again by a later one that
+                    // collides with it and stands: only what the document holds is queued.
+                    let loaded = session.document(doc_key)?;
+                    applied.retain(|new| loaded.doc.holds(&new.hash));
                     outcome.new = applied.len();
                     if !applied.is_empty() {
                         session.queue_new_changes(doc_key, applied)?;
