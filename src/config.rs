@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::policy::{PolicyKind, PolicySection};
 use crate::store::{CACHE_DOCUMENTS_MAX, CACHE_MIB_MAX, COMPACT_AFTER_CHANGES_MAX};
 
 /// The config file's name inside a data dir.
@@ -41,51 +42,6 @@ pub struct Config {
 pub const POLICIES_MAX: usize = 1024;
 /// Most names one `priority` list may hold.
 pub const PRIORITY_NAMES_MAX: usize = 64;
-
-/// Whose value wins a field written concurrently at several places.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicySection {
-    pub collection: String,
-    /// One field only; without it, every field of the collection that no entry of its own
-    /// names.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    pub policy: PolicyKind,
-    /// For `priority`: sources or sites, highest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub order: Vec<String>,
-    /// For `custom`: the Rhai script that picks the winner (see `crate::policy::Script`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub script: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyKind {
-    /// Automerge's own deterministic choice.
-    Merge,
-    /// The latest write by hybrid logical clock; ties by actor.
-    Lww,
-    /// The highest-ranked source or site in `order`; ties by `lww`.
-    Priority,
-    /// The candidate a sandboxed script picks; a failing script leaves it to a person.
-    Custom,
-    /// Automerge's choice stands while the conflict waits for a person.
-    Manual,
-}
-
-impl PolicyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Merge => "merge",
-            Self::Lww => "lww",
-            Self::Priority => "priority",
-            Self::Custom => "custom",
-            Self::Manual => "manual",
-        }
-    }
-}
 
 /// Most bindings one node may have (each runs a thread and holds a database connection).
 pub const BINDINGS_MAX: usize = 64;

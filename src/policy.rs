@@ -29,13 +29,57 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use automerge::{Automerge, ChangeHash, ObjId, ReadDoc, Value, ROOT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
-use crate::config::{PolicyKind, PolicySection};
 use crate::record::document::{self, RecordState, RESERVED_FIELD_PREFIX};
 use crate::record::stamp::ChangeStamp;
 use crate::record::NodeId;
+
+/// Whose value wins a field written concurrently at several places.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    pub collection: String,
+    /// One field only; without it, every field of the collection that no entry of its own
+    /// names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub policy: PolicyKind,
+    /// For `priority`: sources or sites, highest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order: Vec<String>,
+    /// For `custom`: the Rhai script that picks the winner (see `crate::policy::Script`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Automerge's own deterministic choice.
+    Merge,
+    /// The latest write by hybrid logical clock; ties by actor.
+    Lww,
+    /// The highest-ranked source or site in `order`; ties by `lww`.
+    Priority,
+    /// The candidate a sandboxed script picks; a failing script leaves it to a person.
+    Custom,
+    /// Automerge's choice stands while the conflict waits for a person.
+    Manual,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Merge => "merge",
+            Self::Lww => "lww",
+            Self::Priority => "priority",
+            Self::Custom => "custom",
+            Self::Manual => "manual",
+        }
+    }
+}
 
 /// Longest custom script, in bytes.
 pub const SCRIPT_BYTES_MAX: usize = 64 * 1024;

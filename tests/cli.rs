@@ -987,6 +987,17 @@ fn import_refuses_documents_that_break_the_rules_and_stores_nothing() {
             "boolean",
         ),
         (
+            "a tombstone set beside a field",
+            document(
+                |tx| {
+                    tx.put(automerge::ROOT, "@deleted", true).unwrap();
+                    tx.put(automerge::ROOT, "credit", 1).unwrap();
+                },
+                now,
+            ),
+            "sets @deleted beside other fields",
+        ),
+        (
             "a change stamped an hour ahead",
             document(
                 |tx| tx.put(automerge::ROOT, "credit", 1).unwrap(),

@@ -25,17 +25,17 @@ use crate::node::{now_ms, Node};
 use crate::record::{document, Collection, Key, NodeId, RecordId, RecordWrite};
 use crate::store::{Durability, StoreError};
 
+mod quarantine;
+
+pub use quarantine::{
+    quarantined_rows, QuarantinedRow, QUARANTINE_ROWS_MAX, RETRIES_PER_ROUND, RETRY_BACKOFF_MAX_MS,
+    RETRY_BACKOFF_MIN_MS,
+};
+
 /// Longest wait between reconnection attempts.
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// First wait before a reconnection attempt.
 pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// First wait before a quarantined row is tried again; doubled each time up to the max.
-pub const RETRY_BACKOFF_MIN_MS: u64 = 1_000;
-pub const RETRY_BACKOFF_MAX_MS: u64 = 300_000;
-/// Most rows one binding keeps in quarantine; past that the apply cursor waits.
-pub const QUARANTINE_ROWS_MAX: usize = 100_000;
-/// Quarantined or deferred rows tried again per round.
-pub const RETRIES_PER_ROUND: usize = 100;
 /// Log entries read per origin per round.
 pub const LOG_ENTRIES_PER_ROUND: usize = 2_000;
 
@@ -61,19 +61,6 @@ pub struct BindingStatus {
     /// Records compared with their row and found equal: nothing written.
     pub rows_unchanged: u64,
     pub quarantined: u64,
-}
-
-/// One row set aside with its error.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct QuarantinedRow {
-    pub binding: String,
-    /// `in` (table to record) or `out` (record to table).
-    pub direction: String,
-    pub key: String,
-    pub error: String,
-    pub attempts: u32,
-    pub first_seen_ms: u64,
-    pub next_retry_ms: u64,
 }
 
 /// A binding checked against its table: the columns it maps and the fields they fill.
@@ -962,135 +949,6 @@ impl Runner {
         status.rows_unchanged += unchanged;
         Ok(())
     }
-
-    fn entry_name(&self, list: &str, direction: &str, key: &str) -> Vec<u8> {
-        self.state_name(&format!("{list}/{direction}/{key}"))
-    }
-
-    fn defer(&self, key: &str) -> Result<(), AdapterError> {
-        let mut session = self.node.documents().session();
-        session.put_state(&self.entry_name("deferred", "out", key), Vec::new());
-        session.commit(Durability::Deferred)?;
-        Ok(())
-    }
-
-    fn quarantine(&self, direction: &str, key: &str, error: &str) -> Result<(), AdapterError> {
-        let docs = self.node.documents();
-        let name = self.entry_name("quarantine", direction, key);
-        let now = u64::try_from(now_ms()).unwrap_or(0);
-        let mut entry = match docs.state(&name)? {
-            Some(bytes) => serde_json::from_slice::<QuarantinedRow>(&bytes).ok(),
-            None => None,
-        }
-        .unwrap_or(QuarantinedRow {
-            binding: self.name.clone(),
-            direction: direction.to_owned(),
-            key: key.to_owned(),
-            error: String::new(),
-            attempts: 0,
-            first_seen_ms: now,
-            next_retry_ms: now,
-        });
-        let new = entry.attempts == 0;
-        entry.attempts = entry.attempts.saturating_add(1);
-        entry.error = error.to_owned();
-        let backoff = RETRY_BACKOFF_MIN_MS
-            .saturating_mul(1 << entry.attempts.min(16).saturating_sub(1))
-            .min(RETRY_BACKOFF_MAX_MS);
-        entry.next_retry_ms = now + backoff;
-        if new {
-            tracing::warn!(binding = %self.name, direction, key, error, "row quarantined");
-            self.status().quarantined += 1;
-        }
-        let mut session = docs.session();
-        session.put_state(&name, serde_json::to_vec(&entry).expect("entry serializes"));
-        session.commit(Durability::Durable)?;
-        Ok(())
-    }
-
-    fn clear(&self, direction: &str, key: &str) -> Result<(), AdapterError> {
-        let docs = self.node.documents();
-        let names = [
-            self.entry_name("quarantine", direction, key),
-            self.entry_name("deferred", direction, key),
-        ];
-        let mut session = docs.session();
-        let mut any = false;
-        for name in names {
-            if docs.state(&name)?.is_some() {
-                if name.starts_with(&self.state_name("quarantine")) {
-                    let mut status = self.status();
-                    status.quarantined = status.quarantined.saturating_sub(1);
-                }
-                session.remove_state(&name);
-                any = true;
-            }
-        }
-        if any {
-            session.commit(Durability::Deferred)?;
-        }
-        Ok(())
-    }
-
-    /// Tries deferred rows, and quarantined rows whose backoff has passed.
-    fn retry(&self, table: &mut dyn Table) -> Result<(), AdapterError> {
-        let docs = self.node.documents();
-        let now = u64::try_from(now_ms()).unwrap_or(0);
-        let deferred_prefix = self.state_name("deferred/out/");
-        let mut out_keys: Vec<String> = docs
-            .states(&deferred_prefix, None, RETRIES_PER_ROUND)?
-            .into_iter()
-            .filter_map(|(name, _)| String::from_utf8(name[deferred_prefix.len()..].to_vec()).ok())
-            .collect();
-        let quarantine_prefix = self.state_name("quarantine/");
-        let mut in_keys = Vec::new();
-        for (_, value) in docs.states(&quarantine_prefix, None, QUARANTINE_ROWS_MAX)? {
-            let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&value) else {
-                continue;
-            };
-            if entry.next_retry_ms > now {
-                continue;
-            }
-            if entry.direction == "out" {
-                out_keys.push(entry.key);
-            } else {
-                in_keys.push(entry.key);
-            }
-            if out_keys.len() + in_keys.len() >= RETRIES_PER_ROUND {
-                break;
-            }
-        }
-        if !out_keys.is_empty() {
-            let ids: Vec<RecordId> = out_keys
-                .iter()
-                .filter_map(|key| Key::new(key).ok())
-                .map(|key| RecordId::new(self.collection.clone(), key))
-                .collect();
-            self.apply_records(table, &ids)?;
-        }
-        for key in in_keys {
-            let parts = match key_parts(&key, self.mapping().key.len()) {
-                Ok(parts) => parts,
-                Err(error) => {
-                    self.quarantine("in", &key, &error)?;
-                    continue;
-                }
-            };
-            let row = table.read(&parts)?;
-            self.write_rows(vec![(parts, row, None, None)], None)?;
-            // A row that wrote cleanly leaves the quarantine; one that failed again was
-            // put back above with a longer backoff.
-            let name = self.entry_name("quarantine", "in", &key);
-            if let Some(bytes) = docs.state(&name)? {
-                if let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&bytes) {
-                    if entry.next_retry_ms <= now {
-                        self.clear("in", &key)?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 fn decode_marks(bytes: Option<&[u8]>) -> Vec<([u8; 16], u64)> {
@@ -1112,24 +970,4 @@ fn set_mark(marks: &mut Vec<([u8; 16], u64)>, origin: NodeId, mark: u64) {
         Some(entry) => entry.1 = mark,
         None => marks.push((origin.0, mark)),
     }
-}
-
-/// Every quarantined row of every binding on the node, up to `limit`.
-pub fn quarantined_rows(node: &Node, limit: usize) -> Result<Vec<QuarantinedRow>, AdapterError> {
-    let mut rows = Vec::new();
-    for binding in &node.config().bindings {
-        let prefix = format!("adapter/{}/quarantine/", binding.name()).into_bytes();
-        for (_, value) in
-            node.documents()
-                .states(&prefix, None, limit.saturating_sub(rows.len()))?
-        {
-            if let Ok(row) = serde_json::from_slice::<QuarantinedRow>(&value) {
-                rows.push(row);
-            }
-        }
-        if rows.len() >= limit {
-            break;
-        }
-    }
-    Ok(rows)
 }

@@ -28,7 +28,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::runtime::{metrics_text, Refusal, Shared, RETRY_AFTER_SECONDS};
+use super::metrics::metrics_text;
+use super::shared::{Refusal, Shared, RETRY_AFTER_SECONDS};
 use super::{NodeError, IMPORT_BYTES_MAX};
 use crate::record::document::CHANGE_BYTES_MAX;
 use crate::record::{Collection, Key, RecordError, RecordId, RecordWrite};

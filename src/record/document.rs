@@ -352,6 +352,34 @@ pub fn check_document<D: ReadDoc>(doc: &D) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// Refuses a change that sets the tombstone (`@deleted` = true) and, in the same change, a
+/// value of another field: a record deleted with values hidden inside it, which no write of
+/// Concord's makes (a delete removes every field). Imports pass it, as `put` refuses `@`
+/// fields.
+pub fn check_change(change: &automerge::Change) -> Result<(), RecordError> {
+    use automerge::legacy::{Key, ObjectId, OpType};
+    let (mut tombstone, mut field) = (false, false);
+    for op in change.decode().operations {
+        let (ObjectId::Root, Key::Map(name)) = (&op.obj, &op.key) else {
+            continue;
+        };
+        match &op.action {
+            OpType::Put(automerge::ScalarValue::Boolean(true)) if name == DELETED_KEY => {
+                tombstone = true;
+            }
+            OpType::Delete => {}
+            _ if !name.starts_with(RESERVED_FIELD_PREFIX) => field = true,
+            _ => {}
+        }
+    }
+    if tombstone && field {
+        return Err(RecordError::TombstoneBesideFields {
+            change: change.hash().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Deletes the record: tombstone plus removal of every field. Returns whether it was live.
 pub fn apply_delete<T: Transactable + ReadDoc>(tx: &mut T) -> Result<bool, RecordError> {
     if state(tx) != RecordState::Live {

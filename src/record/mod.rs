@@ -46,4 +46,9 @@ pub enum RecordError {
     ReservedField { field: String },
     #[error("field {field:?} must be a boolean")]
     NotABoolean { field: String },
+    #[error(
+        "change {change} sets @deleted beside other fields: a deleted record holds no fields \
+         (delete the record, or write its fields, not both)"
+    )]
+    TombstoneBesideFields { change: String },
 }

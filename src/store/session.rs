@@ -248,6 +248,9 @@ impl<S: Store> WriteSession<'_, S> {
                 size_max: CHANGE_BYTES_MAX,
             });
         }
+        for change in &incoming_changes {
+            document::check_change(change)?;
+        }
         if let Some(ahead) = incoming_changes
             .iter()
             .find(|change| super::apply::clock_of(change) > accept_until_ms)
