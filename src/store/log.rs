@@ -38,6 +38,11 @@ pub struct LogPage {
     pub through: u64,
     /// Places (in order) whose changes lie inside their documents' compacted histories.
     pub compacted: Vec<u64>,
+    /// For the changes served that were refused here for depending on a change that lost a
+    /// collision: that change and any refused between them, with their documents (see
+    /// [`DocStore::refused_dependencies`]). A receiver that never met them needs them to
+    /// decide about the served changes as this node did.
+    pub refused_dependencies: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<S: Store> DocStore<S> {
@@ -103,6 +108,7 @@ impl<S: Store> DocStore<S> {
         let reader = reader.filter(|reader| door.is_some_and(|door| !door.reads_all(reader)));
         let mut found = Vec::with_capacity(entries.len());
         let mut compacted = Vec::new();
+        let mut refused_dependencies = Vec::new();
         let mut bytes = 0usize;
         let mut looked_through = after;
         // Appended changes are read from their document's stored value, read once for a run of
@@ -180,7 +186,14 @@ impl<S: Store> DocStore<S> {
                         // A change refused here keeps its place, and is served from where
                         // refused changes are kept: its receiver decides about it alike.
                         None => match self.refused_bytes(&entry.doc_key, &hash)? {
-                            Some(change) => change,
+                            Some(change) => {
+                                for dependency in
+                                    self.refused_dependencies(&entry.doc_key, &hash)?
+                                {
+                                    refused_dependencies.push((entry.doc_key.clone(), dependency));
+                                }
+                                change
+                            }
                             None if self.refused_contains(&entry.doc_key, &hash)? => {
                                 // Refused past the budget for keeping refused changes.
                                 looked_through = sequence;
@@ -236,6 +249,7 @@ impl<S: Store> DocStore<S> {
             changes: found,
             through: looked_through,
             compacted,
+            refused_dependencies,
         })
     }
 

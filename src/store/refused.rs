@@ -53,6 +53,9 @@ pub struct Reissued {
     pub refused: Option<String>,
 }
 
+/// Most refused changes [`DocStore::refused_dependencies`] follows from one refused change.
+pub const REFUSED_DEPENDENCIES_FOLLOWED_MAX: usize = 8;
+
 /// Most refused changes [`DocStore::refused_changes`] lists at once.
 pub const REFUSED_LISTED_MAX: usize = 10_000;
 
@@ -274,6 +277,42 @@ impl<S: Store> DocStore<S> {
         };
         let refused: RefusedChange = layout::decode("refused change", &value)?;
         Ok((!refused.change.is_empty()).then_some(refused.change))
+    }
+
+    /// The changes refused here that the refused change `hash` of `doc_key` was refused for
+    /// depending on, nearest first (at most [`REFUSED_DEPENDENCIES_FOLLOWED_MAX`]), when the
+    /// chain ends in a change that lost a collision (two changes at one actor and sequence)
+    /// and their bytes were kept. A node that never met the change that lost cannot decide
+    /// about `hash` without it (its dependency is missing there, and no document holds it);
+    /// given it, it decides by the same rule. Refusals by grant are not followed: every
+    /// receiver judges those from the change alone.
+    pub(super) fn refused_dependencies(
+        &self,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut chain = Vec::new();
+        let mut at = *hash;
+        for _ in 0..=REFUSED_DEPENDENCIES_FOLLOWED_MAX {
+            let Some(value) = self.backend().get(&layout::refused_key(&at, doc_key))? else {
+                return Ok(Vec::new());
+            };
+            let refused: RefusedChange = layout::decode("refused change", &value)?;
+            match refused.reason {
+                RefusalReason::DuplicateSequence => return Ok(chain),
+                RefusalReason::DependsOnRefused
+                    if chain.len() < REFUSED_DEPENDENCIES_FOLLOWED_MAX =>
+                {
+                    at = ChangeHash(refused.instead);
+                    match self.refused_bytes(doc_key, &at)? {
+                        Some(bytes) => chain.push(bytes),
+                        None => return Ok(Vec::new()),
+                    }
+                }
+                _ => return Ok(Vec::new()),
+            }
+        }
+        Ok(Vec::new())
     }
 
     /// Refused changes, at most `limit` (bounded by [`REFUSED_LISTED_MAX`]), in hash order.

@@ -549,6 +549,8 @@ impl Engine {
         let covers_compacted = state.version >= 4;
         let mut looked_through = 0usize;
         let mut shipped_changes: Vec<ShippedChange> = Vec::new();
+        // Changes refused here that served ones depend on: they follow as documents.
+        let mut refused_dependencies: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut used = 0usize;
         let mut pushed = 0u64;
         let mut waits_for_room = false;
@@ -602,6 +604,7 @@ impl Engine {
                     let LogPage {
                         changes: page,
                         through,
+                        refused_dependencies: refused_here,
                         ..
                     } = replica.log_readable_after(
                         Some(&peer),
@@ -611,6 +614,7 @@ impl Engine {
                         budget.saturating_sub(used),
                     )?;
                     looked_through += limit;
+                    refused_dependencies.extend(refused_here);
                     let mut skip = |from: u64, to: u64| {
                         if covers && to > from {
                             note_skipped(covered, origin, from, to);
@@ -680,7 +684,7 @@ impl Engine {
                     Some(change) => LogPage {
                         through: change.sequence,
                         changes: vec![change],
-                        compacted: Vec::new(),
+                        ..LogPage::default()
                     },
                     None => replica.log_readable_after(
                         None,
@@ -694,6 +698,7 @@ impl Engine {
                     fill = Some(Fill::Exhausted);
                     break;
                 }
+                refused_dependencies.extend(page.refused_dependencies);
                 let mut compacted = page.compacted.into_iter().peekable();
                 let mut stopped = false;
                 for change in page.changes {
@@ -773,6 +778,7 @@ impl Engine {
             return Ok(None);
         }
         self.stats.changes_pushed += pushed;
+        self.queue_refused_dependencies(peer, refused_dependencies);
         Ok(Some(Message::Changes(Changes {
             changes: shipped_changes,
         })))
@@ -801,6 +807,25 @@ impl Engine {
             *after = place;
         }
         true
+    }
+
+    /// Queues for `peer`, one document message each, the changes refused here that changes it
+    /// is sent depend on (see [`crate::store::LogPage::refused_dependencies`]).
+    fn queue_refused_dependencies(&mut self, peer: NodeId, mut changes: Vec<(Vec<u8>, Vec<u8>)>) {
+        changes.sort_unstable();
+        changes.dedup();
+        for (doc_key, change) in changes {
+            let Ok(doc) = String::from_utf8(doc_key) else {
+                continue;
+            };
+            self.queue_message(
+                peer,
+                Message::DocumentChanges(DocumentChanges {
+                    doc,
+                    changes: vec![change],
+                }),
+            );
+        }
     }
 
     /// Queues a small message for `peer`, counted as dropped if its outbox is full.
