@@ -291,6 +291,7 @@ impl<S: Store> DocStore<S> {
         doc_key: &[u8],
         hash: &ChangeHash,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
+        // Each refused change is read once: its reason, what it names, and its bytes.
         let mut chain = Vec::new();
         let mut at = *hash;
         for _ in 0..=REFUSED_DEPENDENCIES_FOLLOWED_MAX {
@@ -298,16 +299,20 @@ impl<S: Store> DocStore<S> {
                 return Ok(Vec::new());
             };
             let refused: RefusedChange = layout::decode("refused change", &value)?;
-            match refused.reason {
+            let (reason, instead) = (refused.reason, refused.instead);
+            if at != *hash {
+                if refused.change.is_empty() {
+                    // Its bytes went past the budget for keeping refused changes.
+                    return Ok(Vec::new());
+                }
+                chain.push(refused.change);
+            }
+            match reason {
                 RefusalReason::DuplicateSequence => return Ok(chain),
                 RefusalReason::DependsOnRefused
                     if chain.len() < REFUSED_DEPENDENCIES_FOLLOWED_MAX =>
                 {
-                    at = ChangeHash(refused.instead);
-                    match self.refused_bytes(doc_key, &at)? {
-                        Some(bytes) => chain.push(bytes),
-                        None => return Ok(Vec::new()),
-                    }
+                    at = ChangeHash(instead);
                 }
                 _ => return Ok(Vec::new()),
             }
