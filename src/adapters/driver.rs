@@ -278,11 +278,7 @@ pub fn forget_unbound_followers(node: &Node) -> Result<usize, AdapterError> {
     Ok(stale.len())
 }
 
-pub fn start(
-    config: &BindingSection,
-    node: Arc<Node>,
-    wake: Arc<dyn Fn() + Send + Sync>,
-) -> Result<RunningBinding, AdapterError> {
+pub fn start(config: &BindingSection, node: Arc<Node>) -> Result<RunningBinding, AdapterError> {
     let name = config.name();
     let collection = Collection::new_user(&config.collection)
         .map_err(|error| AdapterError::Config(format!("binding {name}: {error}")))?;
@@ -317,7 +313,6 @@ pub fn start(
         collection,
         actor,
         node,
-        wake,
         status: status.clone(),
         stop: stop.clone(),
         mapping: None,
@@ -347,7 +342,6 @@ struct Runner {
     collection: Collection,
     actor: ActorId,
     node: Arc<Node>,
-    wake: Arc<dyn Fn() + Send + Sync>,
     status: Arc<Mutex<BindingStatus>>,
     stop: Arc<AtomicBool>,
     mapping: Option<Mapping>,
@@ -661,9 +655,9 @@ impl Runner {
         for (key, error) in bad {
             self.quarantine("in", &key, &error)?;
         }
+        // Durable: the store wakes the engine to ship them.
         if written > 0 {
             self.status().records_written += written;
-            (self.wake)();
         }
         Ok(written)
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use super::*;
 
@@ -24,27 +24,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub(super) enum Command {
     /// Create a node's data dir: config, identity and an empty store.
-    Init {
-        dir: PathBuf,
-        /// A readable name for the node (default: node-<id prefix>).
-        #[arg(long)]
-        name: Option<String>,
-        /// A cluster CA dir (from `concord ca init`): issue this node's certificate from it.
-        #[arg(long, value_name = "CA_DIR")]
-        ca: Option<PathBuf>,
-        /// QUIC address for peers (default 127.0.0.1:7400).
-        #[arg(long, value_name = "HOST:PORT")]
-        listen: Option<String>,
-        /// HTTP API address (default 127.0.0.1:7480).
-        #[arg(long, value_name = "HOST:PORT")]
-        api: Option<String>,
-        /// A peer to dial; repeat for several.
-        #[arg(long = "peer", value_name = "HOST:PORT")]
-        peers: Vec<String>,
-        /// The store's engine (default: the one the README names for new nodes).
-        #[arg(long, value_name = "ENGINE")]
-        engine: Option<concord::store::Engine>,
-    },
+    Init(InitArgs),
     /// Manage the cluster CA.
     Ca {
         #[command(subcommand)]
@@ -57,6 +37,70 @@ pub(super) enum Command {
     /// List rows the adapters quarantined, one JSON object per line: binding, direction,
     /// key, error, attempts, next retry.
     Errors,
+    #[command(flatten)]
+    Record(RecordCommand),
+    /// Copy a node's store, with its node.id and config, to FILE: through its API while the
+    /// node runs (it goes on taking writes), directly while it is stopped. The file is checked
+    /// once written; it holds the node's records, so it is readable by its owner only.
+    Backup {
+        /// The node's data dir (default: --data).
+        dir: Option<PathBuf>,
+        /// Where to write the backup.
+        #[arg(short = 'o', long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Bring a backup back into DIR, as a new incarnation that catches up from its peers
+    /// what was written since. DIR is the node's stopped data dir (its store is kept aside,
+    /// with --replace), or a new dir made with --ca, which issues the node a new certificate.
+    Restore(RestoreArgs),
+    /// Salvage what a damaged store still holds (the node stopped), and take the rest from
+    /// peers once it runs: the damaged store is kept as store.damaged-<time>.
+    Recover {
+        /// The node's data dir (default: --data).
+        dir: Option<PathBuf>,
+    },
+    /// (Internal: the copy `recover` runs in a child process, one key space at a time.)
+    #[command(name = "__salvage-copy", hide = true)]
+    SalvageCopy {
+        from: PathBuf,
+        to: PathBuf,
+        space: char,
+    },
+    /// Two sites keep one table in step (hq on PostgreSQL where a server answers, else
+    /// SQLite; depot on SQLite), edited at both while depot is offline. `--partition`: three
+    /// sites, writes through the API, a partition and healing. `--cli`: a scripted CLI
+    /// session on one embedded node.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum CaCommand {
+    /// Create a cluster CA (certificate, key, cluster id) in CA_DIR.
+    Init {
+        #[arg(value_name = "CA_DIR")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(super) enum NodeCommand {
+    /// Remove a node that will never return: it no longer holds back the log entries and
+    /// history every other node holds (they are reclaimed), its changes all still count, and
+    /// every node refuses its connections from then on. Signed with the cluster CA key; it
+    /// replicates. A site that returns needs a new node.
+    Remove {
+        /// The node's name or id.
+        node: String,
+        /// The cluster CA dir (its key signs the removal).
+        #[arg(long, value_name = "CA_DIR")]
+        ca: PathBuf,
+    },
+}
+
+/// The commands that reach a node's records: the same on a stopped node (its data dir) and
+/// on a running one (its API).
+#[derive(Subcommand, Debug)]
+pub(super) enum RecordCommand {
     /// Grant a node read and write access, signed with the cluster CA key: it replicates,
     /// and replaces the node's earlier grant. A scope is COLLECTION or COLLECTION:FIELD=VALUE
     /// (the records whose field has that value; VALUE is everything after the first `=`,
@@ -111,29 +155,7 @@ pub(super) enum Command {
     },
     /// List changes with the node, source and time that wrote them, one JSON object per
     /// line, earliest first (by the writers' clocks); every filter given must hold.
-    Audit {
-        /// Only this collection (Concord's own, such as `_actors`, only when named).
-        #[arg(long)]
-        collection: Option<String>,
-        /// Only this record (COLLECTION/KEY).
-        #[arg(long)]
-        record: Option<String>,
-        /// Only this source: `api`, or a binding's name.
-        #[arg(long)]
-        source: Option<String>,
-        /// Only this node (name or id).
-        #[arg(long)]
-        node: Option<String>,
-        /// From this time on (RFC 3339, such as 2026-11-26T10:00:00Z).
-        #[arg(long)]
-        since: Option<String>,
-        /// Up to this time (RFC 3339).
-        #[arg(long)]
-        until: Option<String>,
-        /// Most changes listed.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
-    },
+    Audit(AuditArgs),
     /// List conflicting fields, one JSON object per line: record, field, candidates (value,
     /// node, source, site, time), the winner's index and the rule that picked it.
     Conflicts {
@@ -210,109 +232,123 @@ pub(super) enum Command {
     /// Merge a saved Automerge document (FILE, "-" for stdin) into a record. The document
     /// passes the rules of a write, and its changes the clock bound, or nothing is stored.
     Import { id: String, file: PathBuf },
-    /// Copy a node's store, with its node.id and config, to FILE: through its API while the
-    /// node runs (it goes on taking writes), directly while it is stopped. The file is checked
-    /// once written; it holds the node's records, so it is readable by its owner only.
-    Backup {
-        /// The node's data dir (default: --data).
-        dir: Option<PathBuf>,
-        /// Where to write the backup.
-        #[arg(short = 'o', long, value_name = "FILE")]
-        output: PathBuf,
-    },
-    /// Bring a backup back into DIR, as a new incarnation that catches up from its peers
-    /// what was written since. DIR is the node's stopped data dir (its store is kept aside,
-    /// with --replace), or a new dir made with --ca, which issues the node a new certificate.
-    Restore {
-        file: PathBuf,
-        dir: PathBuf,
-        /// The cluster CA dir, to restore onto a machine that lost the data dir.
-        #[arg(long, value_name = "CA_DIR")]
-        ca: Option<PathBuf>,
-        /// Put the backup in place of DIR's store (which is kept as store.replaced-<time>).
-        #[arg(long)]
-        replace: bool,
-        /// Make the store on this engine, and name it in DIR's config: how a
-        /// node moves between engines (default: the engine DIR's config names, or the default
-        /// for a new dir).
-        #[arg(long, value_name = "ENGINE")]
-        engine: Option<concord::store::Engine>,
-    },
-    /// Salvage what a damaged store still holds (the node stopped), and take the rest from
-    /// peers once it runs: the damaged store is kept as store.damaged-<time>.
-    Recover {
-        /// The node's data dir (default: --data).
-        dir: Option<PathBuf>,
-    },
-    /// (Internal: the copy `recover` runs in a child process, one key space at a time.)
-    #[command(name = "__salvage-copy", hide = true)]
-    SalvageCopy {
-        from: PathBuf,
-        to: PathBuf,
-        space: char,
-    },
     /// Write many records from JSON lines (one object per line), durably, in batches.
-    Load {
-        collection: String,
-        /// The file to read ("-" or nothing for stdin).
-        file: Option<PathBuf>,
-        /// The field of each object that holds the record key.
-        #[arg(long, default_value = "id")]
-        key_field: String,
-        /// Records per batch; a batch is acknowledged by one flush.
-        #[arg(long, default_value_t = LOAD_BATCH_RECORDS_DEFAULT)]
-        batch: usize,
-        /// Print `COLLECTION/KEY` for every record once it is durable.
-        #[arg(long)]
-        ack: bool,
-        /// Report each bad line (with its number) and load the rest; without it the load
-        /// stops at the first bad line, with every line before it loaded.
-        #[arg(long)]
-        skip_bad: bool,
-    },
-    /// Two sites keep one table in step (hq on PostgreSQL where a server answers, else
-    /// SQLite; depot on SQLite), edited at both while depot is offline. `--partition`: three
-    /// sites, writes through the API, a partition and healing. `--cli`: a scripted CLI
-    /// session on one embedded node.
-    Demo {
-        /// Where to put the demo's data dirs (default: a fresh temporary folder).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Run the scripted CLI session on one embedded node.
-        #[arg(long, conflicts_with = "partition")]
-        cli: bool,
-        /// Run the three-site partition demo.
-        #[arg(long)]
-        partition: bool,
-        /// PostgreSQL server for hq's table (a database is made for the demo and dropped).
-        #[arg(long, default_value = table_demo::DEMO_POSTGRES_DEFAULT)]
-        postgres: String,
-        /// Use SQLite at both sites, even where PostgreSQL answers.
-        #[arg(long)]
-        sqlite_only: bool,
-    },
+    Load(LoadArgs),
 }
 
-#[derive(Subcommand, Debug)]
-pub(super) enum CaCommand {
-    /// Create a cluster CA (certificate, key, cluster id) in CA_DIR.
-    Init {
-        #[arg(value_name = "CA_DIR")]
-        dir: PathBuf,
-    },
+#[derive(Args, Debug)]
+pub(super) struct InitArgs {
+    pub(super) dir: PathBuf,
+    /// A readable name for the node (default: node-<id prefix>).
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// A cluster CA dir (from `concord ca init`): issue this node's certificate from it.
+    #[arg(long, value_name = "CA_DIR")]
+    pub(super) ca: Option<PathBuf>,
+    /// QUIC address for peers (default 127.0.0.1:7400).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(super) listen: Option<String>,
+    /// HTTP API address (default 127.0.0.1:7480).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(super) api: Option<String>,
+    /// A peer to dial; repeat for several.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub(super) peers: Vec<String>,
+    /// The store's engine (default: the one the README names for new nodes).
+    #[arg(long, value_name = "ENGINE")]
+    pub(super) engine: Option<concord::store::Engine>,
 }
 
-#[derive(Subcommand, Debug)]
-pub(super) enum NodeCommand {
-    /// Remove a node that will never return: it no longer holds back the log entries and
-    /// history every other node holds (they are reclaimed), its changes all still count, and
-    /// every node refuses its connections from then on. Signed with the cluster CA key; it
-    /// replicates. A site that returns needs a new node.
-    Remove {
-        /// The node's name or id.
-        node: String,
-        /// The cluster CA dir (its key signs the removal).
-        #[arg(long, value_name = "CA_DIR")]
-        ca: PathBuf,
-    },
+impl InitArgs {
+    pub(super) fn options(self) -> concord::node::InitOptions {
+        concord::node::InitOptions {
+            name: self.name,
+            ca: self.ca,
+            listen: self.listen,
+            api: self.api,
+            peers: self.peers,
+            engine: self.engine,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub(super) struct AuditArgs {
+    /// Only this collection (Concord's own, such as `_actors`, only when named).
+    #[arg(long)]
+    pub(super) collection: Option<String>,
+    /// Only this record (COLLECTION/KEY).
+    #[arg(long)]
+    pub(super) record: Option<String>,
+    /// Only this source: `api`, or a binding's name.
+    #[arg(long)]
+    pub(super) source: Option<String>,
+    /// Only this node (name or id).
+    #[arg(long)]
+    pub(super) node: Option<String>,
+    /// From this time on (RFC 3339, such as 2026-11-26T10:00:00Z).
+    #[arg(long)]
+    pub(super) since: Option<String>,
+    /// Up to this time (RFC 3339).
+    #[arg(long)]
+    pub(super) until: Option<String>,
+    /// Most changes listed.
+    #[arg(long, default_value_t = 1000)]
+    pub(super) limit: usize,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct LoadArgs {
+    pub(super) collection: String,
+    /// The file to read ("-" or nothing for stdin).
+    pub(super) file: Option<PathBuf>,
+    /// The field of each object that holds the record key.
+    #[arg(long, default_value = "id")]
+    pub(super) key_field: String,
+    /// Records per batch; a batch is acknowledged by one flush.
+    #[arg(long, default_value_t = LOAD_BATCH_RECORDS_DEFAULT)]
+    pub(super) batch: usize,
+    /// Print `COLLECTION/KEY` for every record once it is durable.
+    #[arg(long)]
+    pub(super) ack: bool,
+    /// Report each bad line (with its number) and load the rest; without it the load
+    /// stops at the first bad line, with every line before it loaded.
+    #[arg(long)]
+    pub(super) skip_bad: bool,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct RestoreArgs {
+    pub(super) file: PathBuf,
+    pub(super) dir: PathBuf,
+    /// The cluster CA dir, to restore onto a machine that lost the data dir.
+    #[arg(long, value_name = "CA_DIR")]
+    pub(super) ca: Option<PathBuf>,
+    /// Put the backup in place of DIR's store (which is kept as store.replaced-<time>).
+    #[arg(long)]
+    pub(super) replace: bool,
+    /// Make the store on this engine, and name it in DIR's config: how a
+    /// node moves between engines (default: the engine DIR's config names, or the default
+    /// for a new dir).
+    #[arg(long, value_name = "ENGINE")]
+    pub(super) engine: Option<concord::store::Engine>,
+}
+
+#[derive(Args, Debug)]
+pub(super) struct DemoArgs {
+    /// Where to put the demo's data dirs (default: a fresh temporary folder).
+    #[arg(long)]
+    pub(super) dir: Option<PathBuf>,
+    /// Run the scripted CLI session on one embedded node.
+    #[arg(long, conflicts_with = "partition")]
+    pub(super) cli: bool,
+    /// Run the three-site partition demo.
+    #[arg(long)]
+    pub(super) partition: bool,
+    /// PostgreSQL server for hq's table (a database is made for the demo and dropped).
+    #[arg(long, default_value = table_demo::DEMO_POSTGRES_DEFAULT)]
+    pub(super) postgres: String,
+    /// Use SQLite at both sites, even where PostgreSQL answers.
+    #[arg(long)]
+    pub(super) sqlite_only: bool,
 }

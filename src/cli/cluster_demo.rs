@@ -114,6 +114,30 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         ca.display()
     )?;
 
+    let (mut sites, relays) = start_sites(root, &ca, out).await?;
+    let ids = ["customers/42", "customers/43", "orders/1", "orders/2"];
+    writes_at_every_site(&sites, &ids, out).await?;
+    partition(&sites, &relays, out).await?;
+    heal(&sites, &relays, &ids, out).await?;
+    for site in &mut sites {
+        if let Some(stop) = site.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = site.task.take() {
+            task.await??;
+        }
+    }
+    writeln!(out, "\nstopped all sites cleanly")?;
+    Ok(())
+}
+
+/// Starts the three sites, each dialing its peers through a relay per pair (dialed by the
+/// first site of the pair; cutting the relay cuts the link), and waits until all connect.
+async fn start_sites(
+    root: &Path,
+    ca: &Path,
+    out: &mut dyn Write,
+) -> Result<(Vec<Site>, Vec<((usize, usize), Relay)>)> {
     // Data dirs and certificates first, so every site's listen address is known.
     let mut listens = Vec::new();
     let mut apis = Vec::new();
@@ -138,7 +162,7 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
             .collect();
         let options = InitOptions {
             name: Some((*name).to_owned()),
-            ca: Some(ca.clone()),
+            ca: Some(ca.to_path_buf()),
             listen: Some(listens[index].to_string()),
             api: Some(apis[index].clone()),
             peers,
@@ -171,6 +195,10 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         "all three sites connected (mutual TLS, one QUIC connection per pair)"
     )?;
 
+    Ok((sites, relays))
+}
+
+async fn writes_at_every_site(sites: &[Site], ids: &[&str], out: &mut dyn Write) -> Result<()> {
     writeln!(out, "\n## Writes at every site")?;
     write(
         &sites[0],
@@ -190,16 +218,23 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         json!({"customer": "42", "total": 120}),
         out,
     )?;
-    let ids = ["customers/42", "customers/43", "orders/1", "orders/2"];
-    let took = converge(&sites, &ids).await?;
+    let took = converge(sites, ids).await?;
     writeln!(
         out,
         "  every site agrees after {:.1} ms",
         took.as_secs_f64() * 1000.0
     )?;
 
+    Ok(())
+}
+
+async fn partition(
+    sites: &[Site],
+    relays: &[((usize, usize), Relay)],
+    out: &mut dyn Write,
+) -> Result<()> {
     writeln!(out, "\n## Cut nyc off the network")?;
-    for ((a, b), relay) in &relays {
+    for ((a, b), relay) in relays {
         if *a == 2 || *b == 2 {
             relay.set_cut(true);
         }
@@ -245,18 +280,27 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         read(&sites[0], "orders/2").map_or("nothing (not yet)".to_owned(), |v| v.to_string())
     )?;
 
+    Ok(())
+}
+
+async fn heal(
+    sites: &[Site],
+    relays: &[((usize, usize), Relay)],
+    ids: &[&str],
+    out: &mut dyn Write,
+) -> Result<()> {
     writeln!(out, "\n## Heal the network")?;
     let healed = Instant::now();
-    for (_, relay) in &relays {
+    for (_, relay) in relays {
         relay.set_cut(false);
     }
-    converge(&sites, &ids).await?;
+    converge(sites, ids).await?;
     writeln!(
         out,
         "  every site agrees {:.1} s after healing (reconnect included)",
         healed.elapsed().as_secs_f64()
     )?;
-    for id in ids {
+    for id in ids.iter().copied() {
         writeln!(
             out,
             "  {id}: {}",
@@ -273,14 +317,5 @@ async fn demo(root: &Path, out: &mut dyn Write) -> Result<()> {
         "  (the same on paris, tokyo and nyc: both sides' edits of customers/42 were kept)"
     )?;
 
-    for site in &mut sites {
-        if let Some(stop) = site.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = site.task.take() {
-            task.await??;
-        }
-    }
-    writeln!(out, "\nstopped all sites cleanly")?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `concord load` (JSON lines in batches, with progress and a count of bad lines) and
 //! `concord backup`.
 
+use super::args::LoadArgs;
 use super::*;
 
 /// `concord backup`: through the API while the node runs, from the store while it is stopped;
@@ -63,12 +64,28 @@ pub(super) fn backup(dir: &Path, output: &Path, out: &mut dyn Write) -> Result<(
     Ok(())
 }
 
-/// How `concord load` goes about it.
-pub(super) struct LoadOptions {
-    pub(super) key_field: String,
-    pub(super) batch_records: usize,
-    pub(super) ack: bool,
-    pub(super) skip_bad: bool,
+impl LoadArgs {
+    /// Refuses what can be refused before the node is reached; the collection to load.
+    pub(super) fn check(&self) -> Result<Collection> {
+        let collection = Collection::new_user(&self.collection)?;
+        if self.batch == 0 || self.batch > LOAD_BATCH_RECORDS_MAX {
+            bail!("--batch must be between 1 and {LOAD_BATCH_RECORDS_MAX}");
+        }
+        Ok(collection)
+    }
+
+    /// `concord load`, into the node `records` reaches.
+    pub(super) fn run(self, records: &dyn Records, out: &mut dyn Write) -> Result<()> {
+        let collection = self.check()?;
+        let input: Box<dyn BufRead> = match &self.file {
+            Some(path) if path != Path::new("-") => Box::new(std::io::BufReader::new(
+                std::fs::File::open(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            )),
+            _ => Box::new(std::io::stdin().lock()),
+        };
+        load(records, &collection, input, &self, out)
+    }
 }
 
 /// Bytes of encoded writes `load` sends a running node in one batch at most: half of what
@@ -78,33 +95,19 @@ pub(super) const LOAD_BATCH_BYTES_MAX: usize = concord::node::api::REQUEST_BYTES
 /// Bad lines `load --skip-bad` names on stderr, one by one; past this it only counts them.
 pub(super) const LOAD_BAD_LINES_SHOWN: usize = 100;
 
-/// Records read so far, waiting to be written together.
+/// Records read so far, waiting to be written together, and the bytes of their encoding
+/// as a running node's batch endpoint takes them (bounded alike on a stopped node).
 #[derive(Default)]
 pub(super) struct LoadBatch {
     records: Vec<(RecordId, RecordWrite)>,
-    /// Their encodings for a running node's batch endpoint, and those bytes.
-    encoded: Vec<Json>,
     bytes: usize,
 }
 
-impl LoadBatch {
-    fn write(&mut self, target: &Target) -> Result<()> {
-        match target {
-            Target::Local(node) => {
-                node.put_many(self.records.iter().map(|(id, write)| (id, write)))?;
-            }
-            // A running node takes the batch through its API, durable by one flush.
-            Target::Remote(api) => api.put_batch(&self.encoded)?,
-        }
-        Ok(())
-    }
-}
-
-pub(super) fn load(
-    target: &Target,
+fn load(
+    target: &dyn Records,
     collection: &Collection,
     input: Box<dyn BufRead>,
-    options: &LoadOptions,
+    options: &LoadArgs,
     out: &mut dyn Write,
 ) -> Result<()> {
     let progress = indicatif::ProgressBar::new_spinner().with_style(
@@ -130,26 +133,11 @@ pub(super) fn load(
             };
             match parsed {
                 Ok(Some((id, write))) => {
-                    if matches!(target, Target::Remote(_)) {
-                        let entry = serde_json::json!({
-                            "id": id.to_string(),
-                            "fields": write.set.iter().cloned().collect::<Map<_, _>>(),
-                            "replace": true,
-                        });
-                        let size = entry.to_string().len();
-                        if !batch.encoded.is_empty() && batch.bytes + size > LOAD_BATCH_BYTES_MAX {
-                            flush_load_batch(
-                                target,
-                                &mut batch,
-                                &mut loaded,
-                                &progress,
-                                options,
-                                out,
-                            )?;
-                        }
-                        batch.bytes += size;
-                        batch.encoded.push(entry);
+                    let size = remote::batch_entry(&id, &write).to_string().len();
+                    if !batch.records.is_empty() && batch.bytes + size > LOAD_BATCH_BYTES_MAX {
+                        flush_load_batch(target, &mut batch, &mut loaded, &progress, options, out)?;
                     }
+                    batch.bytes += size;
                     batch.records.push((id, write));
                 }
                 Ok(None) => {}
@@ -170,7 +158,7 @@ pub(super) fn load(
             }
         }
         let last = line.is_none() || stop.is_some();
-        if batch.records.len() >= options.batch_records || (last && !batch.records.is_empty()) {
+        if batch.records.len() >= options.batch || (last && !batch.records.is_empty()) {
             flush_load_batch(target, &mut batch, &mut loaded, &progress, options, out)?;
         }
         if last {
@@ -189,14 +177,14 @@ pub(super) fn load(
 }
 
 pub(super) fn flush_load_batch(
-    target: &Target,
+    target: &dyn Records,
     batch: &mut LoadBatch,
     loaded: &mut u64,
     progress: &indicatif::ProgressBar,
-    options: &LoadOptions,
+    options: &LoadArgs,
     out: &mut dyn Write,
 ) -> Result<()> {
-    batch.write(target)?;
+    target.put_batch(&batch.records)?;
     *loaded += batch.records.len() as u64;
     progress.set_position(*loaded);
     if options.ack {

@@ -104,21 +104,21 @@ impl ApiClient {
 
     pub fn put(&self, id: &RecordId, write: &RecordWrite) -> Result<()> {
         let url = self.url(&Self::record_path(id));
+        let body = write_body(write);
         if write.replace {
-            let body: Map<String, Value> = write.set.iter().cloned().collect();
             self.answer(Some(id), self.agent.put(&url).send_json(body))?;
         } else {
-            let mut patch: Map<String, Value> = write.set.iter().cloned().collect();
-            for field in &write.remove {
-                patch.insert(field.clone(), Value::Null);
-            }
-            self.answer(Some(id), self.agent.patch(&url).send_json(patch))?;
+            self.answer(Some(id), self.agent.patch(&url).send_json(body))?;
         }
         Ok(())
     }
 
-    /// Writes `writes` (each a `POST /v1/batch` entry, already encoded) in one batch.
-    pub fn put_batch(&self, writes: &[Value]) -> Result<()> {
+    /// Writes every record of `writes` in one batch, durable together.
+    pub fn put_batch(&self, writes: &[(RecordId, RecordWrite)]) -> Result<()> {
+        let writes: Vec<Value> = writes
+            .iter()
+            .map(|(id, write)| batch_entry(id, write))
+            .collect();
         let body = serde_json::json!({ "writes": writes });
         self.answer(
             None,
@@ -362,6 +362,27 @@ impl ApiClient {
     pub fn refused(&self) -> Result<Value> {
         self.answer(None, self.agent.get(&self.url("/v1/refused")).call())
     }
+}
+
+/// A write as the body of `PUT` (it replaces the record) or `PATCH` (a field set to null is
+/// removed).
+fn write_body(write: &RecordWrite) -> Map<String, Value> {
+    let mut body: Map<String, Value> = write.set.iter().cloned().collect();
+    if !write.replace {
+        for field in &write.remove {
+            body.insert(field.clone(), Value::Null);
+        }
+    }
+    body
+}
+
+/// A write as one entry of `POST /v1/batch`.
+pub fn batch_entry(id: &RecordId, write: &RecordWrite) -> Value {
+    serde_json::json!({
+        "id": id.to_string(),
+        "fields": write_body(write),
+        "replace": write.replace,
+    })
 }
 
 /// Percent-encodes everything but unreserved characters, for a key inside a URL path.

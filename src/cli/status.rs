@@ -10,20 +10,50 @@ pub(super) fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "cluster  {}", text("cluster"))?;
     writeln!(out, "listen   {}", text("listen"))?;
     writeln!(out, "records  {}", status["records"])?;
-    // A node's standing in the status: its grant, none (it reads and writes all), or revoked.
-    let standing = |node: &Json| {
-        if node["revoked"] == Json::Bool(true) {
-            "revoked".to_owned()
-        } else if node["grant"].is_null() {
-            "reads and writes all".to_owned()
-        } else {
-            format!(
-                "grant read {} write {}",
-                node["grant"]["read"], node["grant"]["write"]
-            )
-        }
-    };
     writeln!(out, "scope    {}", standing(status))?;
+    print_peers(status, out)?;
+    let engine = &status["engine"];
+    writeln!(
+        out,
+        "changes  sent {}, received {}, applied {}, duplicates {}",
+        engine["changes_sent"],
+        engine["changes_received"],
+        engine["changes_applied"],
+        engine["duplicates"]
+    )?;
+    print_grants(status, out)?;
+    for (key, what) in [
+        ("degraded", "degraded (writes refused with 507)"),
+        ("overloaded", "overloaded (writes refused with 503)"),
+    ] {
+        if let Some(reason) = status[key].as_str() {
+            writeln!(out, "warning  {what}: {reason}")?;
+        }
+    }
+    print_bindings(status, out)
+}
+
+/// A text field of a status object, `?` where it is missing.
+fn field(value: &Json, key: &str) -> String {
+    value[key].as_str().unwrap_or("?").to_owned()
+}
+
+/// A node's standing in the status: its grant, none (it reads and writes all), or revoked.
+fn standing(node: &Json) -> String {
+    if node["revoked"] == Json::Bool(true) {
+        "revoked".to_owned()
+    } else if node["grant"].is_null() {
+        "reads and writes all".to_owned()
+    } else {
+        format!(
+            "grant read {} write {}",
+            node["grant"]["read"], node["grant"]["write"]
+        )
+    }
+}
+
+/// Connected and unreachable peers, and warnings about those that disagree with this node.
+fn print_peers(status: &Json, out: &mut dyn Write) -> Result<()> {
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     let unreachable = status["unreachable"]
         .as_array()
@@ -35,7 +65,6 @@ pub(super) fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
         peers.len(),
         unreachable.len()
     )?;
-    let field = |value: &Json, key: &str| value[key].as_str().unwrap_or("?").to_owned();
     for peer in &peers {
         let lag = peer["lag"]
             .as_u64()
@@ -83,16 +112,12 @@ pub(super) fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
             peer["changes_ahead"]
         )?;
     }
-    let engine = &status["engine"];
-    writeln!(
-        out,
-        "changes  sent {}, received {}, applied {}, duplicates {}",
-        engine["changes_sent"],
-        engine["changes_received"],
-        engine["changes_applied"],
-        engine["duplicates"]
-    )?;
-    let this_node = text("node");
+    Ok(())
+}
+
+/// The grants, revocations and removals in force.
+fn print_grants(status: &Json, out: &mut dyn Write) -> Result<()> {
+    let this_node = field(status, "node");
     for grant in status["grants"].as_array().cloned().unwrap_or_default() {
         let node = field(&grant, "node");
         let whose = if node == this_node {
@@ -112,16 +137,12 @@ pub(super) fn print_status(status: &Json, out: &mut dyn Write) -> Result<()> {
             )?;
         }
     }
-    for (key, what) in [
-        ("degraded", "degraded (writes refused with 507)"),
-        ("overloaded", "overloaded (writes refused with 503)"),
-    ] {
-        if let Some(reason) = status[key].as_str() {
-            writeln!(out, "warning  {what}: {reason}")?;
-        }
-    }
+    Ok(())
+}
+
+fn print_bindings(status: &Json, out: &mut dyn Write) -> Result<()> {
     for binding in status["bindings"].as_array().cloned().unwrap_or_default() {
-        let text = |key: &str| binding[key].as_str().unwrap_or("?").to_owned();
+        let text = |key: &str| field(&binding, key);
         writeln!(
             out,
             "binding  {} ({} {} {}, {}): {}; captured {}, written {}, applied {}, quarantined {}",

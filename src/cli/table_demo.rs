@@ -518,14 +518,6 @@ fn edge_office(
         task: Some(task),
     });
     let started = Instant::now();
-    let ids_at = |site: &mut Site| -> Result<Vec<String>> {
-        Ok(site
-            .database
-            .rows()?
-            .into_iter()
-            .filter_map(|row| row.first().cloned().flatten())
-            .collect())
-    };
     wait("paris's table to hold Paris's customer", || {
         Ok(ids_at(&mut sites[2])? == ["4"])
     })?;
@@ -536,6 +528,22 @@ fn edge_office(
     )?;
     show_table("paris", &sites[2].database.rows()?, out)?;
 
+    customers_move(sites, out)?;
+    edge_writes(sites, out)
+}
+
+/// The keys of the rows in a site's table.
+fn ids_at(site: &mut Site) -> Result<Vec<String>> {
+    Ok(site
+        .database
+        .rows()?
+        .into_iter()
+        .filter_map(|row| row.first().cloned().flatten())
+        .collect())
+}
+
+/// Customers move in and out of paris's scope at hq; paris's table follows.
+fn customers_move(sites: &mut [Site], out: &mut dyn Write) -> Result<()> {
     writeln!(out, "\n## Customers move in and out of Paris at hq")?;
     sites[0].sql("UPDATE customers SET city = 'Paris' WHERE id = 1", out)?;
     let moved = Instant::now();
@@ -561,6 +569,11 @@ fn edge_office(
     )?;
     show_table("paris", &sites[2].database.rows()?, out)?;
 
+    Ok(())
+}
+
+/// paris writes inside its grant (it reaches hq and depot) and outside (it is quarantined).
+fn edge_writes(sites: &mut [Site], out: &mut dyn Write) -> Result<()> {
     writeln!(out, "\n## paris writes inside and outside its grant")?;
     let quarantined_before = sites[2].binding_counter("quarantined");
     sites[2].sql(

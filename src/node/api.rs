@@ -14,7 +14,7 @@
 //! 404 (not found), 413 (a body or a write over its limit: nothing was stored), 503 (the node
 //! cannot keep up just now; `Retry-After` says when to try again) 507 (the disk is full: writes resume by themselves once it has room) or 500. PUT replaces the record; PATCH is a JSON merge patch (a `null`
 //! removes the field; nested objects merge key by key). Store calls block, so they run on the blocking pool; a write returns
-//! once durable, then wakes the engine to ship it.
+//! once durable, and the store wakes the engine to ship it.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -334,19 +334,13 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Every write of the API goes through here: refused at once (503) while the node cannot
-/// keep up, run on the blocking pool, and, once durable, handed to the engine. `changed`
-/// says whether the outcome wrote anything.
+/// keep up, else run on the blocking pool. (Once durable, the store wakes the engine.)
 async fn writing<T: Send + 'static>(
     shared: &Shared,
     work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-    changed: impl FnOnce(&T) -> bool,
 ) -> Result<T, ApiError> {
     shared.admit_write()?;
-    let outcome = blocking(work).await?;
-    if changed(&outcome) {
-        shared.local_writes.wrote();
-    }
-    Ok(outcome)
+    blocking(work).await
 }
 
 /// A query parameter given with no value (`?limit=`) counts as not given, as the README
@@ -409,11 +403,9 @@ async fn revert_record(
     let Json(body) = body?;
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    let changed = writing(
-        &shared,
-        move || node.revert(&id, &node.resolve_version(&id, &body.to)?),
-        |changed| *changed,
-    )
+    let changed = writing(&shared, move || {
+        node.revert(&id, &node.resolve_version(&id, &body.to)?)
+    })
     .await?;
     Ok(Json(json!({"changed": changed})))
 }
@@ -424,7 +416,7 @@ async fn write(
     write: RecordWrite,
 ) -> Result<Json<Value>, ApiError> {
     let node = shared.node.clone();
-    let changed = writing(&shared, move || node.put(&id, &write), |changed| *changed).await?;
+    let changed = writing(&shared, move || node.put(&id, &write)).await?;
     Ok(Json(json!({"changed": changed})))
 }
 
@@ -498,11 +490,9 @@ async fn batch(
     }
     let node = shared.node.clone();
     let count = writes.len();
-    let changed = writing(
-        &shared,
-        move || node.put_many(writes.iter().map(|(id, write)| (id, write))),
-        |changed| *changed > 0,
-    )
+    let changed = writing(&shared, move || {
+        node.put_many(writes.iter().map(|(id, write)| (id, write)))
+    })
     .await?;
     Ok(Json(json!({"written": count, "changed": changed})))
 }
@@ -513,7 +503,7 @@ async fn delete_record(
 ) -> Result<StatusCode, ApiError> {
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    writing(&shared, move || node.delete(&id), |_| true).await?;
+    writing(&shared, move || node.delete(&id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -611,12 +601,7 @@ async fn import(
     let body = body?;
     let id = record_id(&collection, &key)?;
     let node = shared.node.clone();
-    let outcome = writing(
-        &shared,
-        move || node.import(&id, &body),
-        |outcome| outcome.new_changes > 0,
-    )
-    .await?;
+    let outcome = writing(&shared, move || node.import(&id, &body)).await?;
     Ok(Json(json!({"new_changes": outcome.new_changes})))
 }
 
@@ -758,12 +743,7 @@ async fn resolve_record(
     };
     let node = shared.node.clone();
     let field = body.field;
-    let value = writing(
-        &shared,
-        move || node.resolve(&id, &field, &settlement),
-        |_| true,
-    )
-    .await?;
+    let value = writing(&shared, move || node.resolve(&id, &field, &settlement)).await?;
     Ok(Json(json!({"value": value})))
 }
 

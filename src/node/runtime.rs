@@ -29,8 +29,7 @@ mod tests;
 pub use super::metrics::metrics_text;
 use super::shared::resolve;
 pub use super::shared::{
-    degraded, AppliedNotice, LocalWrites, Refusal, Shared, APPLIED_NOTICES_BUFFERED,
-    RETRY_AFTER_SECONDS,
+    degraded, AppliedNotice, Refusal, Shared, APPLIED_NOTICES_BUFFERED, RETRY_AFTER_SECONDS,
 };
 pub use super::status::{
     ConflictCount, EngineStats, KnownNode, OriginReclamation, PeerStatus, ReclamationStatus,
@@ -218,17 +217,13 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
     let transport = Transport::bind(&tls, listen, events)
         .map_err(|error| NodeError::Transport(error.to_string()))?;
     // Bindings start first: a binding that does not fit its table stops the node here, with
-    // the reason, before anything else runs. Their writes wake the engine like the API's.
-    let local_writes = Arc::new(LocalWrites::default());
+    // the reason, before anything else runs.
     tokio::task::block_in_place(|| crate::adapters::driver::forget_unbound_followers(&node))
         .map_err(|error| NodeError::Binding(error.to_string()))?;
     let mut bindings = Vec::new();
     for binding in &config.bindings {
-        let wake_engine = local_writes.clone();
-        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || wake_engine.wrote());
-        let started = tokio::task::block_in_place(|| {
-            crate::adapters::driver::start(binding, node.clone(), wake)
-        });
+        let started =
+            tokio::task::block_in_place(|| crate::adapters::driver::start(binding, node.clone()));
         match started {
             Ok(running) => bindings.push(running),
             Err(error) => {
@@ -268,7 +263,6 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
             policy_hash: hex::encode(node.policies().hash()),
             ..Status::default()
         }),
-        local_writes,
         backups: Arc::new(tokio::sync::Semaphore::new(super::api::BACKUPS_AT_ONCE)),
         disk_free_bytes: AtomicU64::new(0),
         slowest_engine_step_ms: AtomicU64::new(0),
@@ -359,11 +353,7 @@ impl Running {
         id: &crate::record::RecordId,
         write: &crate::record::RecordWrite,
     ) -> Result<bool, NodeError> {
-        let changed = self.shared.node.put(id, write)?;
-        if changed {
-            self.shared.local_writes.wrote();
-        }
-        Ok(changed)
+        self.shared.node.put(id, write)
     }
 
     /// Notices of changes applied from peers, as they happen.
@@ -484,7 +474,7 @@ async fn drive_engine(
                 let Some(event) = event else { return };
                 inputs.push(event);
             }
-            () = shared.local_writes.notify.notified() => {}
+            () = shared.node.documents().local_writes().written() => {}
             () = sleep => {}
         }
         while inputs.len() < ENGINE_EVENTS_PER_STEP_MAX {
@@ -493,7 +483,7 @@ async fn drive_engine(
                 Err(_) => break,
             }
         }
-        if shared.local_writes.take() {
+        if shared.node.documents().local_writes().take() {
             inputs.push(Input::LocalWrites);
         }
         let now = shared.started.elapsed();
@@ -595,11 +585,8 @@ fn follow_writer(
 fn reissue(shared: &Shared) {
     let node = &shared.node;
     match tokio::task::block_in_place(|| node.documents().reissue_pending(super::now_ms())) {
-        Ok(done) => {
-            if !done.is_empty() {
-                shared.local_writes.wrote();
-            }
-        }
+        // Written durably: the store wakes the engine to ship it.
+        Ok(_) => {}
         Err(error) => tracing::error!(%error, "could not write again what a collision took out"),
     }
 }

@@ -6,33 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::Notify;
-
 use super::status::Status;
 use super::{Node, NodeError};
 use crate::net::Transport;
 
 /// How long a writer pushed back is told to wait, in seconds.
 pub const RETRY_AFTER_SECONDS: u64 = 1;
-
-/// Writes made on this node that the engine has not been told of yet.
-#[derive(Debug, Default)]
-pub struct LocalWrites {
-    dirty: AtomicBool,
-    pub(crate) notify: Notify,
-}
-
-impl LocalWrites {
-    /// A write was acknowledged: the engine reads the log from its cursor.
-    pub fn wrote(&self) {
-        self.dirty.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-
-    pub(crate) fn take(&self) -> bool {
-        self.dirty.swap(false, Ordering::AcqRel)
-    }
-}
 
 /// Why a write was refused before it was tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +27,6 @@ pub struct Shared {
     pub node: Arc<Node>,
     pub transport: Arc<Transport>,
     pub status: Mutex<Status>,
-    pub local_writes: Arc<LocalWrites>,
     /// Set by the engine task while writers should be pushed back.
     pub overloaded: AtomicBool,
     /// Cleared when the engine task ends.

@@ -190,6 +190,8 @@ pub struct DocStore<S: Store> {
     /// What judges this node's own writes, once the node set it (once: read without a lock
     /// on every write).
     pub(super) door: std::sync::OnceLock<std::sync::Arc<dyn WriteDoor>>,
+    /// Wakes the engine when a session adds durable changes to this node's log.
+    pub(super) local_writes: super::local_writes::LocalWrites,
 }
 
 /// What a batch is taken to cost on disk, per byte of its keys and values: sled writes each
@@ -258,6 +260,7 @@ impl<S: Store> DocStore<S> {
             write_refusal: Mutex::new(None),
             room: std::sync::atomic::AtomicI64::new(i64::MAX),
             door: std::sync::OnceLock::new(),
+            local_writes: super::local_writes::LocalWrites::default(),
         })
     }
 
@@ -497,6 +500,11 @@ impl<S: Store> DocStore<S> {
     }
 
     /// Starts a write session.
+    /// This node's own durable changes the engine has not been told of.
+    pub fn local_writes(&self) -> &super::local_writes::LocalWrites {
+        &self.local_writes
+    }
+
     pub fn session(&self) -> WriteSession<'_, S> {
         WriteSession::new(self, self.inner())
     }

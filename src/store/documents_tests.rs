@@ -814,3 +814,32 @@ fn one_record_updated_many_times() {
         bytes(layout::LOG_PREFIX),
     );
 }
+
+#[test]
+fn a_durable_commit_that_adds_to_this_nodes_log_wakes_the_engine_and_nothing_else_does() {
+    let node = NodeId::random().unwrap();
+    let docs = open(MemoryStore::new(), node, 32);
+    let id = RecordId::parse("c/x").unwrap();
+    assert!(!docs.local_writes().take(), "nothing written yet");
+    set(&docs, &id, &node.actor(0), "a", 1);
+    assert!(docs.local_writes().take(), "a durable write is told");
+    assert!(!docs.local_writes().take(), "told once");
+    set(&docs, &id, &node.actor(0), "a", 1);
+    assert!(!docs.local_writes().take(), "a write that changed nothing");
+    let write = RecordWrite {
+        set: vec![("b".to_owned(), json!(2))],
+        ..Default::default()
+    };
+    docs.write(&id, &node.actor(0), 0, Durability::Deferred, |tx| {
+        apply_write(tx, &write)
+    })
+    .unwrap();
+    assert!(!docs.local_writes().take(), "not durable yet");
+    let mut session = docs.session();
+    session.put_state(b"binding.cursor", b"7".to_vec());
+    session.commit(Durability::Durable).unwrap();
+    assert!(
+        !docs.local_writes().take(),
+        "state only: the log did not grow"
+    );
+}

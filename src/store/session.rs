@@ -753,6 +753,7 @@ impl<S: Store> WriteSession<'_, S> {
             }
             next_withdrawal += 1;
         }
+        let logged_here = self.next_log_sequence > self.inner.next_log_sequence;
         let ticket = if batch.is_empty() {
             None
         } else {
@@ -800,6 +801,11 @@ impl<S: Store> WriteSession<'_, S> {
         if let (Some(ticket), Durability::Durable) = (ticket, durability) {
             docs.group_commit
                 .wait_durable(ticket, || docs.store.flush())?;
+            // Changes of this node's own, durable: the engine ships them. (A deferred
+            // commit's are shipped when the engine next reads the log.)
+            if logged_here {
+                docs.local_writes.wrote();
+            }
         }
         Ok(())
     }
