@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::cluster::{eventually, TestNode};
+use common::tables::{
+    add_binding, binding, binding_status, sqlite, sqlite_file, sqlite_node, sqlite_row,
+    SQLITE_TABLE,
+};
 use concord::config::{AdapterKind, BindingSection, Config, Direction, PolicyKind};
 use serde_json::{json, Value};
 
@@ -124,80 +128,6 @@ const PG_TABLE: &str = "CREATE TABLE customers (
     photo bytea
 )";
 
-const SQLITE_TABLE: &str = "CREATE TABLE customers (
-    id INTEGER PRIMARY KEY,
-    name TEXT,
-    email TEXT,
-    credit TEXT CHECK (credit IS NULL OR CAST(credit AS REAL) >= 0),
-    active BOOLEAN,
-    joined TIMESTAMP,
-    born DATE,
-    uid UUID,
-    meta JSON,
-    photo BLOB
-)";
-
-fn binding(adapter: AdapterKind, url: &str, direction: Direction) -> BindingSection {
-    BindingSection {
-        name: None,
-        collection: "customers".to_owned(),
-        adapter,
-        url: url.to_owned(),
-        table: "customers".to_owned(),
-        key: vec!["id".to_owned()],
-        direction,
-        fields: Default::default(),
-    }
-}
-
-fn add_binding(node: &TestNode, binding: BindingSection) {
-    let path = node.dir.join("concord.toml");
-    let mut config = Config::load(&path).unwrap();
-    config.bindings.push(binding);
-    std::fs::write(&path, config.to_toml()).unwrap();
-}
-
-fn sqlite_file(dir: &Path) -> PathBuf {
-    let path = dir.join("site.db");
-    let connection = rusqlite::Connection::open(&path).unwrap();
-    connection.execute_batch(SQLITE_TABLE).unwrap();
-    path
-}
-
-fn sqlite(path: &Path) -> rusqlite::Connection {
-    let connection = rusqlite::Connection::open(path).unwrap();
-    connection.busy_timeout(Duration::from_secs(5)).unwrap();
-    connection
-}
-
-/// A row of the SQLite table as JSON (column name to value, blobs as hex).
-fn sqlite_row(path: &Path, id: i64) -> Option<Value> {
-    let connection = sqlite(path);
-    let mut statement = connection
-        .prepare("SELECT * FROM customers WHERE id = ?1")
-        .unwrap();
-    let names: Vec<String> = statement
-        .column_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
-    let mut rows = statement.query([id]).unwrap();
-    let row = rows.next().unwrap()?;
-    let mut object = serde_json::Map::new();
-    for (index, name) in names.iter().enumerate() {
-        use rusqlite::types::ValueRef;
-        let value = match row.get_ref(index).unwrap() {
-            ValueRef::Null => Value::Null,
-            ValueRef::Integer(i) => json!(i),
-            ValueRef::Real(r) => json!(r),
-            ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
-            ValueRef::Blob(b) => json!(format!("\\x{}", hex::encode(b))),
-        };
-        object.insert(name.clone(), value);
-    }
-    Some(Value::Object(object))
-}
-
 fn pg_text(database: &TestDatabase, sql: &str) -> Option<String> {
     database.client().text(sql)
 }
@@ -230,24 +160,6 @@ async fn two_sites(
     })
     .await;
     (a, b, file)
-}
-
-/// One node, running, bound `direction` to a SQLite file in its data dir.
-async fn sqlite_node(parent: &Path, direction: Direction) -> (TestNode, PathBuf) {
-    let ca = parent.join("ca");
-    concord::net::tls::create_ca(&ca).unwrap();
-    let mut node = TestNode::create(parent, "n", &ca, &[]);
-    let file = sqlite_file(&node.dir);
-    add_binding(
-        &node,
-        binding(AdapterKind::Sqlite, file.to_str().unwrap(), direction),
-    );
-    node.start().await;
-    (node, file)
-}
-
-fn binding_status(node: &TestNode) -> Value {
-    node.status().unwrap()["bindings"][0].clone()
 }
 
 async fn time_until(what: &str, mut check: impl FnMut() -> bool) -> Duration {
@@ -1009,91 +921,4 @@ async fn a_row_outside_the_node_s_grant_is_quarantined_and_the_others_flow() {
         "{errors}"
     );
     node.stop().await;
-}
-
-/// An Automerge record document whose field `field` holds `value`, saved.
-fn document_with(field: &str, value: &Value) -> Vec<u8> {
-    use automerge::transaction::Transactable;
-    let mut doc = automerge::AutoCommit::new();
-    let mut object = automerge::ROOT;
-    let mut name = field.to_owned();
-    let mut inner = value;
-    while let Some(map) = inner.as_object() {
-        object = doc
-            .put_object(&object, name.as_str(), automerge::ObjType::Map)
-            .unwrap();
-        let (key, next) = map.iter().next().unwrap();
-        name = key.clone();
-        inner = next;
-    }
-    doc.put(&object, name.as_str(), inner.as_i64().unwrap())
-        .unwrap();
-    doc.save()
-}
-
-/// One bad write (a value nested deeper than the limit) through every way in: a bound
-/// table's row, the API, the CLI against a running and a stopped node, and an import through
-/// both. Each refuses it with the same message, and none of it is stored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_way_in_refuses_the_same_bad_write_with_the_same_message() {
-    let depth = concord::record::value::VALUE_DEPTH_MAX + 1;
-    let deep = (0..depth).fold(json!(1), |inner, _| json!({ "a": inner }));
-    let expected = concord::record::RecordError::ValueTooDeep {
-        field: "meta".to_owned(),
-        depth_max: concord::record::value::VALUE_DEPTH_MAX,
-    }
-    .to_string();
-    let parent = tempfile::tempdir().unwrap();
-    let (mut node, file) = sqlite_node(parent.path(), Direction::Both).await;
-    let document = parent.path().join("deep.automerge");
-    std::fs::write(&document, document_with("meta", &deep)).unwrap();
-    let document = document.to_str().unwrap();
-    let assignment = format!("meta={deep}");
-
-    // A row of the bound table: quarantined, with the message.
-    sqlite(&file)
-        .execute(
-            "INSERT INTO customers (id, name, meta) VALUES (1, 'deep', ?1)",
-            [deep.to_string()],
-        )
-        .unwrap();
-    eventually("the row is quarantined", WAIT, || {
-        binding_status(&node)["quarantined"] == json!(1)
-    })
-    .await;
-    let errors = common::stdout(&common::concord(&node.dir, &["errors"]));
-    let row: Value = serde_json::from_str(errors.lines().next().unwrap()).unwrap();
-    assert!(
-        row["error"].as_str().unwrap().contains(&expected),
-        "{errors}"
-    );
-    // The API.
-    let body = json!({ "meta": deep }).to_string().into_bytes();
-    let (status, answer) = node.put_body("customers/2", body);
-    assert_eq!(status, 400, "{answer}");
-    assert!(
-        answer["error"].as_str().unwrap().contains(&expected),
-        "{answer}"
-    );
-    // The CLI and an import, through the running node.
-    let put = blocking(|| common::concord(&node.dir, &["put", "customers/3", &assignment]));
-    common::refused(put, 1, &expected);
-    let import = blocking(|| common::concord(&node.dir, &["import", "customers/4", document]));
-    common::refused(import, 1, &expected);
-    node.stop().await;
-    // The CLI and an import on the stopped node.
-    common::refused(
-        common::concord(&node.dir, &["put", "customers/5", &assignment]),
-        1,
-        &expected,
-    );
-    common::refused(
-        common::concord(&node.dir, &["import", "customers/6", document]),
-        1,
-        &expected,
-    );
-    for key in 1..=6 {
-        let get = common::concord(&node.dir, &["get", &format!("customers/{key}")]);
-        assert_eq!(get.status.code(), Some(2), "customers/{key} was stored");
-    }
 }

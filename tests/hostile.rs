@@ -349,12 +349,23 @@ async fn a_revoked_node_backs_off_and_stops_dialing_once_it_knows() {
         refused <= 3,
         "edge dialed hq {refused} times in 6 s after its revocation"
     );
+    // Why, as edge sees it: hq refuses it, or (hq ships a revocation as soon as it is stored,
+    // often before it closes the connection) edge holds its own revocation already.
     let status = edge.status().unwrap();
     let said = status["unreachable"].to_string();
-    assert!(said.contains("refuses this node as revoked"), "{status}");
+    assert!(
+        said.contains("refuses this node as revoked") || said.contains("this node was revoked"),
+        "{status}"
+    );
 
-    // Once edge holds its own revocation, it dials no more and says why.
-    ok(concord(&edge.dir, &["revoke", "edge", "--ca", ca]));
+    // Once edge holds its own revocation, it dials no more and says why. hq shipped it the
+    // moment it was stored, so edge may hold it already; if not, it is stored there now.
+    let revoke = concord(&edge.dir, &["revoke", "edge", "--ca", ca]);
+    assert!(
+        revoke.status.success() || common::stderr(&revoke).contains("is already revoked"),
+        "{}",
+        common::stderr(&revoke)
+    );
     common::cluster::eventually("edge stops dialing", Duration::from_secs(20), || {
         edge.status().is_some_and(|status| {
             status["unreachable"]

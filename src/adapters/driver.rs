@@ -16,16 +16,21 @@ use automerge::ActorId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use super::host::Host;
 use super::{
     key_parts, record_key, AdapterError, Applied, Column, RowWrite, Table, TextValue,
     APPLY_BATCH_MAX, CAPTURE_BATCH_MAX, LOAD_PAGE_ROWS, POLL_INTERVAL,
 };
 use crate::config::{AdapterKind, BindingSection};
-use crate::node::{now_ms, Node};
+use crate::record::stamp::now_ms;
 use crate::record::{document, Collection, Key, NodeId, RecordId, RecordWrite};
 use crate::store::{Durability, StoreError};
 
 mod quarantine;
+mod state;
+
+pub use state::Side;
+use state::State;
 
 pub use quarantine::{
     quarantined_rows, QuarantinedRow, QUARANTINE_ROWS_MAX, RETRIES_PER_ROUND, RETRY_BACKOFF_MAX_MS,
@@ -213,22 +218,17 @@ pub fn prepare(config: &BindingSection, table: &mut dyn Table) -> Result<Mapping
 /// binding fails here, naming what is wrong), then runs it on its own thread. A database that
 /// does not answer yet is retried with backoff by the thread.
 /// The store's state key of binding `binding`'s `what` (load progress, marks).
-fn state_key(binding: &str, what: &str) -> Vec<u8> {
-    format!("adapter/{binding}/{what}").into_bytes()
-}
-
 /// Has the binding named `name` load again, as when it first started: records into its
 /// table (a binding that writes it) and rows into records (one that reads it). For a table
 /// that was dropped and made again under the binding. What already matches is left as it
 /// is. A running binding starts on it at its next round, a stopped one when it starts.
-pub fn refill(node: &Node, name: &str) -> Result<(), AdapterError> {
+pub fn refill(node: &dyn Host, name: &str) -> Result<(), AdapterError> {
     let Some(config) = node
-        .config()
-        .bindings
+        .bindings()
         .iter()
         .find(|binding| binding.name() == name)
     else {
-        let names: Vec<String> = node.config().bindings.iter().map(|b| b.name()).collect();
+        let names: Vec<String> = node.bindings().iter().map(|b| b.name()).collect();
         return Err(AdapterError::Config(format!(
             "there is no binding {name:?} (this node has: {})",
             if names.is_empty() {
@@ -240,10 +240,10 @@ pub fn refill(node: &Node, name: &str) -> Result<(), AdapterError> {
     };
     let mut session = node.documents().session();
     if config.direction.reads_table() {
-        session.remove_state(&state_key(name, "load_in"));
+        session.remove_state(&State::LoadIn.name(name));
     }
     if config.direction.writes_table() {
-        session.remove_state(&state_key(name, "load_out"));
+        session.remove_state(&State::LoadOut.name(name));
     }
     session.commit(Durability::Durable)?;
     Ok(())
@@ -252,10 +252,9 @@ pub fn refill(node: &Node, name: &str) -> Result<(), AdapterError> {
 /// Stops the log being kept for bindings that no longer write a table on this node (taken
 /// out of the config, or turned to read it only): the store follows only those configured.
 /// Returns how many it let go.
-pub fn forget_unbound_followers(node: &Node) -> Result<usize, AdapterError> {
+pub fn forget_unbound_followers(node: &dyn Host) -> Result<usize, AdapterError> {
     let bound: BTreeSet<String> = node
-        .config()
-        .bindings
+        .bindings()
         .iter()
         .filter(|binding| binding.direction.writes_table())
         .map(BindingSection::name)
@@ -278,7 +277,7 @@ pub fn forget_unbound_followers(node: &Node) -> Result<usize, AdapterError> {
     Ok(stale.len())
 }
 
-pub fn start(config: &BindingSection, node: Arc<Node>) -> Result<RunningBinding, AdapterError> {
+pub fn start(config: &BindingSection, node: Arc<dyn Host>) -> Result<RunningBinding, AdapterError> {
     let name = config.name();
     let collection = Collection::new_user(&config.collection)
         .map_err(|error| AdapterError::Config(format!("binding {name}: {error}")))?;
@@ -341,7 +340,7 @@ struct Runner {
     name: String,
     collection: Collection,
     actor: ActorId,
-    node: Arc<Node>,
+    node: Arc<dyn Host>,
     status: Arc<Mutex<BindingStatus>>,
     stop: Arc<AtomicBool>,
     mapping: Option<Mapping>,
@@ -402,8 +401,8 @@ impl Runner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn state_name(&self, what: &str) -> Vec<u8> {
-        state_key(&self.name, what)
+    fn state_name(&self, state: State<'_>) -> Vec<u8> {
+        state.name(&self.name)
     }
 
     fn run(&mut self, mut connected: Option<(Box<dyn Table>, Mapping)>) {
@@ -470,7 +469,7 @@ impl Runner {
         if !self.config.direction.reads_table() {
             return;
         }
-        match self.load_progress("load_in") {
+        match self.load_progress(State::LoadIn) {
             Ok(progress) if progress.done => {}
             // A table not loaded yet is loaded by the binding's thread.
             _ => return,
@@ -508,7 +507,7 @@ impl Runner {
     /// One round: load, capture, apply, retry. Returns whether there may be more to do now.
     fn round(&mut self, table: &mut dyn Table) -> Result<bool, AdapterError> {
         if self.config.direction.reads_table() {
-            let progress = self.load_progress("load_in")?;
+            let progress = self.load_progress(State::LoadIn)?;
             if !progress.done {
                 self.status().state = "loading".to_owned();
                 self.prepare_for_load(table, &progress)?;
@@ -516,7 +515,7 @@ impl Runner {
             }
         }
         if self.config.direction.writes_table() {
-            let progress = self.load_progress("load_out")?;
+            let progress = self.load_progress(State::LoadOut)?;
             if !progress.done {
                 self.status().state = "loading".to_owned();
                 self.prepare_for_load(table, &progress)?;
@@ -548,8 +547,8 @@ impl Runner {
         Ok(())
     }
 
-    fn load_progress(&self, what: &str) -> Result<LoadProgress, AdapterError> {
-        Ok(match self.node.documents().state(&self.state_name(what))? {
+    fn load_progress(&self, load: State<'_>) -> Result<LoadProgress, AdapterError> {
+        Ok(match self.node.documents().state(&self.state_name(load))? {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|error| StoreError::Corrupt(format!("binding load progress: {error}")))?,
             None => LoadProgress::default(),
@@ -588,7 +587,7 @@ impl Runner {
                 .map_err(|error| format!("column {}: {error}", column.name))?;
             write.set.push((field.clone(), json));
         }
-        write.check().map_err(|error| error.to_string())?;
+        // Its field rules and limits are checked where every write is: `put_record`.
         Ok(write)
     }
 
@@ -597,7 +596,7 @@ impl Runner {
     fn write_rows(
         &self,
         rows: Vec<CapturedRow>,
-        progress: Option<(&str, &LoadProgress)>,
+        progress: Option<(State<'_>, &LoadProgress)>,
     ) -> Result<u64, AdapterError> {
         let docs = self.node.documents();
         let mut session = docs.session();
@@ -617,18 +616,14 @@ impl Runner {
             };
             let outcome = match row {
                 Some(row) => match self.write_of_row(&row, only.as_ref()) {
-                    Ok(write) => session
-                        .write(&id, &self.actor, time, |tx| {
-                            document::apply_write(tx, &write)
-                        })
-                        .map(|(_, outcome)| outcome),
+                    Ok(write) => session.put_record(&id, &self.actor, time, &write),
                     Err(error) => {
                         bad.push((id.key.to_string(), error));
                         continue;
                     }
                 },
                 None => session
-                    .write(&id, &self.actor, time, |tx| document::apply_delete(tx))
+                    .delete_record(&id, &self.actor, time, None)
                     .map(|(_, outcome)| outcome),
             };
             match outcome {
@@ -653,7 +648,7 @@ impl Runner {
         }
         session.commit(Durability::Durable)?;
         for (key, error) in bad {
-            self.quarantine("in", &key, &error)?;
+            self.quarantine(Side::In, &key, &error)?;
         }
         // Durable: the store wakes the engine to ship them.
         if written > 0 {
@@ -679,7 +674,7 @@ impl Runner {
             .into_iter()
             .map(|row| (self.key_of_row(&row), Some(row), None, None))
             .collect();
-        self.write_rows(keyed, Some(("load_in", &progress)))?;
+        self.write_rows(keyed, Some((State::LoadIn, &progress)))?;
         let loaded = {
             let mut status = self.status();
             status.rows_loaded += count as u64;
@@ -726,12 +721,12 @@ impl Runner {
         session.put_follower_marks(&self.name, &progress.marks);
         if progress.done {
             session.put_state(
-                &self.state_name("withdrawn"),
+                &self.state_name(State::Withdrawn),
                 progress.withdrawn.to_be_bytes().to_vec(),
             );
         }
         let bytes = serde_json::to_vec(&progress).expect("progress serializes");
-        session.put_state(&self.state_name("load_out"), bytes);
+        session.put_state(&self.state_name(State::LoadOut), bytes);
         session.commit(Durability::Deferred)?;
         if progress.done {
             tracing::info!(binding = %self.name, "initial load into the table done");
@@ -790,7 +785,7 @@ impl Runner {
     fn apply_log(&self, table: &mut dyn Table) -> Result<bool, AdapterError> {
         let docs = self.node.documents();
         // Marks kept before the store named followers are read once, and move over.
-        let legacy = self.state_name("marks");
+        let legacy = self.state_name(State::LegacyMarks);
         let mut marks = match docs.follower_marks(&self.name)? {
             Some(marks) => marks,
             None => decode_marks(docs.state(&legacy)?.as_deref()),
@@ -839,7 +834,7 @@ impl Runner {
         }
         // Records that left this node's read scope are gone from the store with no log entry
         // of their own: the withdrawal feed names them, and their rows go too.
-        let withdrawn_name = self.state_name("withdrawn");
+        let withdrawn_name = self.state_name(State::Withdrawn);
         let seen = docs
             .state(&withdrawn_name)?
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
@@ -882,7 +877,7 @@ impl Runner {
         let mapping = self.mapping();
         let key = key_parts(id.key.as_str(), mapping.key.len())?;
         // The record as its conflict policies resolve it, not Automerge's raw winner.
-        let fields = self.node.get(id).map_err(|error| error.to_string())?;
+        let fields = self.node.resolved(id)?;
         let Some(fields) = fields else {
             return Ok(RowWrite { key, row: None });
         };
@@ -916,7 +911,7 @@ impl Runner {
                     writes.push(write);
                     keys.push(id.key.to_string());
                 }
-                Err(error) => self.quarantine("out", id.key.as_str(), &error)?,
+                Err(error) => self.quarantine(Side::Out, id.key.as_str(), &error)?,
             }
         }
         if writes.is_empty() {
@@ -928,14 +923,14 @@ impl Runner {
             match result {
                 Applied::Unchanged => {
                     unchanged += 1;
-                    self.clear("out", key)?;
+                    self.clear(Side::Out, key)?;
                 }
                 Applied::Inserted | Applied::Updated(_) | Applied::Deleted => {
                     applied += 1;
-                    self.clear("out", key)?;
+                    self.clear(Side::Out, key)?;
                 }
                 Applied::Deferred => self.defer(key)?,
-                Applied::Failed(error) => self.quarantine("out", key, &error)?,
+                Applied::Failed(error) => self.quarantine(Side::Out, key, &error)?,
             }
         }
         let mut status = self.status();

@@ -35,6 +35,7 @@
 
 pub mod convert;
 pub mod driver;
+pub mod host;
 pub mod postgres;
 pub mod sqlite;
 
@@ -42,6 +43,7 @@ use std::time::Duration;
 
 pub use convert::{ColumnKind, TextValue};
 pub use driver::{BindingStatus, QuarantinedRow};
+pub use host::Host;
 
 /// Captured changes read per round; the rest follow in the next.
 pub const CAPTURE_BATCH_MAX: usize = 1000;

@@ -173,62 +173,73 @@ impl SqliteTable {
                     .map_err(error)?;
                 Ok(Applied::Deleted)
             }
-            (Some(values), None) => {
-                // Only the columns the record fills: the others take their defaults.
-                let mut names = Vec::new();
-                let mut bound = Vec::new();
-                for (column, value) in self.columns.iter().zip(values) {
-                    if value.is_some() {
-                        names.push(quote(&column.name));
-                        bound.push(Self::value_of(column.kind, value)?);
-                    }
-                }
-                let sql = if names.is_empty() {
-                    format!("INSERT INTO {} DEFAULT VALUES", quote(&self.table))
-                } else {
-                    format!(
-                        "INSERT INTO {} ({}) VALUES ({})",
-                        quote(&self.table),
-                        names.join(", "),
-                        vec!["?"; bound.len()].join(", ")
-                    )
-                };
-                self.connection
-                    .execute(&sql, params_from_iter(bound.iter()))
-                    .map_err(error)?;
-                Ok(Applied::Inserted)
-            }
-            (Some(values), Some(row)) => {
-                let mut assignments = Vec::new();
-                let mut bound = Vec::new();
-                for (index, column) in self.columns.iter().enumerate() {
-                    let before = column.kind.to_json(row[index].as_deref());
-                    let after = column.kind.to_json(values[index].as_deref());
-                    if before.is_ok() && before == after {
-                        continue;
-                    }
-                    assignments.push(format!("{} = ?", quote(&column.name)));
-                    bound.push(Self::value_of(column.kind, &values[index])?);
-                }
-                if assignments.is_empty() {
-                    return Ok(Applied::Unchanged);
-                }
-                let count = assignments.len();
-                bound.extend(key);
-                self.connection
-                    .execute(
-                        &format!(
-                            "UPDATE {} SET {} WHERE {}",
-                            quote(&self.table),
-                            assignments.join(", "),
-                            self.key_condition()
-                        ),
-                        params_from_iter(bound.iter()),
-                    )
-                    .map_err(error)?;
-                Ok(Applied::Updated(count))
+            (Some(values), None) => self.insert(values),
+            (Some(values), Some(row)) => self.update(values, &row, key),
+        }
+    }
+
+    /// Inserts a row for a record the table lacks: only the columns the record fills, the
+    /// others take their defaults.
+    fn insert(&self, values: &[TextValue]) -> Result<Applied, String> {
+        let mut names = Vec::new();
+        let mut bound = Vec::new();
+        for (column, value) in self.columns.iter().zip(values) {
+            if value.is_some() {
+                names.push(quote(&column.name));
+                bound.push(Self::value_of(column.kind, value)?);
             }
         }
+        let sql = if names.is_empty() {
+            format!("INSERT INTO {} DEFAULT VALUES", quote(&self.table))
+        } else {
+            format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                quote(&self.table),
+                names.join(", "),
+                vec!["?"; bound.len()].join(", ")
+            )
+        };
+        self.connection
+            .execute(&sql, params_from_iter(bound.iter()))
+            .map_err(|error| error.to_string())?;
+        Ok(Applied::Inserted)
+    }
+
+    /// Updates the columns of the row at `key` whose values differ from the record's.
+    fn update(
+        &self,
+        values: &[TextValue],
+        row: &[TextValue],
+        key: Vec<Value>,
+    ) -> Result<Applied, String> {
+        let mut assignments = Vec::new();
+        let mut bound = Vec::new();
+        for (index, column) in self.columns.iter().enumerate() {
+            let before = column.kind.to_json(row[index].as_deref());
+            let after = column.kind.to_json(values[index].as_deref());
+            if before.is_ok() && before == after {
+                continue;
+            }
+            assignments.push(format!("{} = ?", quote(&column.name)));
+            bound.push(Self::value_of(column.kind, &values[index])?);
+        }
+        if assignments.is_empty() {
+            return Ok(Applied::Unchanged);
+        }
+        let count = assignments.len();
+        bound.extend(key);
+        self.connection
+            .execute(
+                &format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    quote(&self.table),
+                    assignments.join(", "),
+                    self.key_condition()
+                ),
+                params_from_iter(bound.iter()),
+            )
+            .map_err(|error| error.to_string())?;
+        Ok(Applied::Updated(count))
     }
 }
 

@@ -419,6 +419,11 @@ impl Transport {
                 Ok(connection) => {
                     self.dialed(address, Ok(peer_node(&connection)));
                     let ended = self.clone().serve(connection, true, None).await;
+                    if self.self_revoked.load(Ordering::Relaxed) {
+                        // This node learned of its own revocation meanwhile: the loop's top
+                        // says so and stops, rather than the peer's refusal standing as why.
+                        continue;
+                    }
                     if ended == Ended::Revoked {
                         if !std::mem::replace(&mut told_revoked, true) {
                             tracing::error!(%address, "the peer refuses this node: the cluster authority revoked it");

@@ -753,7 +753,7 @@ pub const ERRORS_LIST_MAX: usize = 10_000;
 async fn errors(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
     let node = shared.node.clone();
     let rows = tokio::task::spawn_blocking(move || {
-        crate::adapters::driver::quarantined_rows(&node, ERRORS_LIST_MAX)
+        crate::adapters::driver::quarantined_rows(node.as_ref(), ERRORS_LIST_MAX)
     })
     .await
     .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
@@ -824,7 +824,7 @@ async fn refill_binding(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let node = shared.node.clone();
-    tokio::task::spawn_blocking(move || crate::adapters::driver::refill(&node, &name))
+    tokio::task::spawn_blocking(move || crate::adapters::driver::refill(node.as_ref(), &name))
         .await
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|error| match error {

@@ -65,8 +65,9 @@ pub enum NodeError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// (A record error the store met reads as [`NodeError::Record`].)
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
     Record(#[from] RecordError),
     #[error("{0} not found")]
@@ -100,4 +101,13 @@ pub enum NodeError {
         size: usize,
         size_max: usize,
     },
+}
+
+impl From<StoreError> for NodeError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Record(error) => Self::Record(error),
+            other => Self::Store(other),
+        }
+    }
 }

@@ -238,10 +238,9 @@ impl Node {
             set: vec![("signed".to_owned(), Json::String(hex::encode(bytes)))],
             ..RecordWrite::default()
         };
-        self.docs
-            .write(&id, &self.api_actor, now_ms(), durability, |tx| {
-                document::apply_write(tx, &write)
-            })?;
+        let mut session = self.docs.session();
+        session.put_record(&id, &self.api_actor, now_ms(), &write)?;
+        session.commit(durability)?;
         Ok(())
     }
 

@@ -197,6 +197,43 @@ pub fn restore(
     outcome
 }
 
+/// The files a backup holds beside the store's entries, by name.
+type BackupFiles = Vec<(String, Vec<u8>)>;
+
+/// Reads the backup at `file` into `store`, durable on return: the number of entries
+/// copied, and the files (`node.id`, config) it holds beside them.
+fn copy_backup_into(
+    file: &Path,
+    store: &DiskStore,
+    progress: &mut impl FnMut(&str, u64),
+) -> Result<(u64, BackupFiles), MaintenanceError> {
+    let input = std::fs::File::open(file).map_err(io(file))?;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut batch = Batch::default();
+    let mut entries = 0u64;
+    backup::read_backup(
+        std::io::BufReader::with_capacity(1 << 20, input),
+        |_| {},
+        |record| {
+            match record {
+                Record::Entry(key, value) => {
+                    batch.put(key, value);
+                    entries += 1;
+                    if batch.len() >= COPY_BATCH_ENTRIES {
+                        store.apply(std::mem::take(&mut batch))?;
+                    }
+                }
+                Record::File(name, contents) => files.push((name, contents)),
+            }
+            Ok(())
+        },
+        |bytes| progress("bytes read", bytes),
+    )?;
+    store.apply(batch)?;
+    store.flush()?;
+    Ok((entries, files))
+}
+
 fn restore_into(
     file: &Path,
     dir: &Path,
@@ -239,31 +276,7 @@ fn restore_into(
         None => Engine::DEFAULT,
     };
     let store = DiskStore::create(restoring, engine, crate::store::PAGE_CACHE_BYTES_DEFAULT)?;
-    let input = std::fs::File::open(file).map_err(io(file))?;
-    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut batch = Batch::default();
-    let mut entries = 0u64;
-    let outcome = backup::read_backup(
-        std::io::BufReader::with_capacity(1 << 20, input),
-        |_| {},
-        |record| {
-            match record {
-                Record::Entry(key, value) => {
-                    batch.put(key, value);
-                    entries += 1;
-                    if batch.len() >= COPY_BATCH_ENTRIES {
-                        store.apply(std::mem::take(&mut batch))?;
-                    }
-                }
-                Record::File(name, contents) => files.push((name, contents)),
-            }
-            Ok(())
-        },
-        |bytes| progress("bytes read", bytes),
-    );
-    outcome?;
-    store.apply(batch)?;
-    store.flush()?;
+    let (entries, files) = copy_backup_into(file, &store, &mut progress)?;
     let file_named = |name: &str| {
         files
             .iter()

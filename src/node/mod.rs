@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use automerge::{ActorId, ChangeHash};
 use serde::Serialize;
@@ -266,56 +266,15 @@ impl Node {
             });
         }
         let config = Config::load(&config_path)?;
-        let id_path = dir.join(NODE_ID_FILE);
-        let id_text = std::fs::read_to_string(&id_path).map_err(io_error(&id_path))?;
-        let id = id_text
-            .parse::<NodeId>()
-            .map_err(|error| NodeError::BadIdentity {
-                path: id_path.clone(),
-                message: error.to_string(),
-            })?;
+        let id = read_node_id(dir)?;
+        let disk = disk::Disk::new(dir);
+        let backend = open_backend(dir, &config, &disk)?;
         let store_path = dir.join(STORE_DIR);
         let damaged = |detail: String| NodeError::StoreDamaged {
             path: store_path.clone(),
             dir: dir.display().to_string(),
             detail,
         };
-        // An engine may panic on some damaged files instead of failing.
-        let cache_bytes = config.store.page_cache_mib * 1024 * 1024;
-        let engine = config.store.engine;
-        let disk = disk::Disk::new(dir);
-        // An engine writes as it opens (a snapshot of its page table, or its journal), and a write cut
-        // short by a full disk leaves that snapshot unreadable: on a nearly full disk the
-        // reserve makes room first, so that the node opens and serves reads.
-        let short_of_room = disk.check().is_ok_and(|state| state.refusal().is_some());
-        if short_of_room && disk.release() {
-            tracing::warn!("the disk is nearly full: its reserve was given up to open the store");
-        }
-        let open_on_disk = || match open_store(&store_path, engine, cache_bytes) {
-            // The engine writes as it opens: on a full disk the reserve makes room for it, so
-            // that the node serves reads.
-            Err(NodeError::Store(StoreError::Io(error)))
-                if disk::is_disk_full(&error) && disk.release() =>
-            {
-                tracing::warn!("the disk is full: its reserve was given up to open the store");
-                open_store(&store_path, engine, cache_bytes)
-            }
-            other => other,
-        };
-        let backend = std::panic::catch_unwind(open_on_disk)
-            .map_err(|panic| {
-                let detail = panic
-                    .downcast_ref::<&str>()
-                    .map(|text| (*text).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "the store's engine panicked opening it".to_owned());
-                damaged(detail)
-            })?
-            .map_err(|error| match error {
-                NodeError::Store(StoreError::EngineCorrupt(_)) => damaged(error.to_string()),
-                other => other,
-            })?;
-        crate::files::restrict_tree(&store_path).map_err(io_error(&store_path))?;
         let store_config = DocStoreConfig {
             cache_documents: NonZeroUsize::new(config.store.cache_documents)
                 .expect("Config::check refuses a zero cache"),
@@ -426,10 +385,9 @@ impl Node {
             fields.insert("writer".into(), json!(writer.to_string()));
             fields.insert("node_name".into(), json!(config.node.name));
             fields.insert("source".into(), json!(source));
-            let write = RecordWrite::replace_with(fields);
-            docs.write(&entry, &actor, now_ms(), Durability::Durable, |tx| {
-                document::apply_write(tx, &write)
-            })?;
+            let mut session = docs.session();
+            session.put_record(&entry, &actor, now_ms(), &RecordWrite::replace_with(fields))?;
+            session.commit(Durability::Durable)?;
         }
         Ok(actor)
     }
@@ -530,12 +488,9 @@ impl Node {
     /// Sets and removes fields (or replaces the record); creates or re-creates it as needed.
     /// Returns whether anything changed. Durable when it returns.
     pub fn put(&self, id: &RecordId, write: &RecordWrite) -> Result<bool, NodeError> {
-        write.check()?;
-        let (_, outcome) =
-            self.docs
-                .write(id, &self.api_actor, now_ms(), Durability::Durable, |tx| {
-                    document::apply_write(tx, write)
-                })?;
+        let mut session = self.docs.session();
+        let outcome = session.put_record(id, &self.api_actor, now_ms(), write)?;
+        session.commit(Durability::Durable)?;
         Ok(outcome.change.is_some())
     }
 
@@ -552,11 +507,8 @@ impl Node {
                 index,
                 error: Box::new(error),
             };
-            write.check().map_err(|error| in_batch(error.into()))?;
-            let (_, outcome) = session
-                .write(id, &self.api_actor, now, |tx| {
-                    document::apply_write(tx, write)
-                })
+            let outcome = session
+                .put_record(id, &self.api_actor, now, write)
                 .map_err(|error| in_batch(error.into()))?;
             changed += usize::from(outcome.change.is_some());
         }
@@ -642,18 +594,18 @@ impl Node {
     pub fn revert(&self, id: &RecordId, version: &ChangeHash) -> Result<bool, NodeError> {
         let then = self.get_at(id, version)?;
         let mut session = self.docs.session();
-        let (_, outcome) = match then {
-            Some(fields) => {
-                let write = RecordWrite::replace_with(fields);
-                write.check()?;
-                session.write_reverting(id, &self.api_actor, now_ms(), Some(*version), |tx| {
-                    document::apply_write(tx, &write)
-                })?
-            }
+        let outcome = match then {
+            Some(fields) => session.put_record_reverting(
+                id,
+                &self.api_actor,
+                now_ms(),
+                Some(*version),
+                &RecordWrite::replace_with(fields),
+            )?,
             None => {
-                session.write_reverting(id, &self.api_actor, now_ms(), Some(*version), |tx| {
-                    document::apply_delete(tx).map(|_| ())
-                })?
+                session
+                    .delete_record(id, &self.api_actor, now_ms(), Some(*version))?
+                    .1
             }
         };
         session.commit(Durability::Durable)?;
@@ -662,11 +614,9 @@ impl Node {
 
     /// Deletes a live record; `NotFound` otherwise.
     pub fn delete(&self, id: &RecordId) -> Result<(), NodeError> {
-        let (was_live, _) =
-            self.docs
-                .write(id, &self.api_actor, now_ms(), Durability::Durable, |tx| {
-                    document::apply_delete(tx)
-                })?;
+        let mut session = self.docs.session();
+        let (was_live, _) = session.delete_record(id, &self.api_actor, now_ms(), None)?;
+        session.commit(Durability::Durable)?;
         if was_live {
             Ok(())
         } else {
@@ -728,6 +678,67 @@ impl Node {
 /// go of its file lock shortly after the last handle is dropped).
 const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The node's id, from its data dir's `node.id`.
+fn read_node_id(dir: &Path) -> Result<NodeId, NodeError> {
+    let id_path = dir.join(NODE_ID_FILE);
+    let id_text = std::fs::read_to_string(&id_path).map_err(io_error(&id_path))?;
+    let id = id_text
+        .parse::<NodeId>()
+        .map_err(|error| NodeError::BadIdentity {
+            path: id_path.clone(),
+            message: error.to_string(),
+        })?;
+    Ok(id)
+}
+
+/// Opens the data dir's store on the engine its config names; a store its engine cannot
+/// open (or panics on) is reported damaged, with what to do. On a nearly full disk the
+/// reserve makes room first: an engine writes as it opens.
+fn open_backend(dir: &Path, config: &Config, disk: &disk::Disk) -> Result<DiskStore, NodeError> {
+    let store_path = dir.join(STORE_DIR);
+    let damaged = |detail: String| NodeError::StoreDamaged {
+        path: store_path.clone(),
+        dir: dir.display().to_string(),
+        detail,
+    };
+    // An engine may panic on some damaged files instead of failing.
+    let cache_bytes = config.store.page_cache_mib * 1024 * 1024;
+    let engine = config.store.engine;
+    // An engine writes as it opens (a snapshot of its page table, or its journal), and a write cut
+    // short by a full disk leaves that snapshot unreadable: on a nearly full disk the
+    // reserve makes room first, so that the node opens and serves reads.
+    let short_of_room = disk.check().is_ok_and(|state| state.refusal().is_some());
+    if short_of_room && disk.release() {
+        tracing::warn!("the disk is nearly full: its reserve was given up to open the store");
+    }
+    let open_on_disk = || match open_store(&store_path, engine, cache_bytes) {
+        // The engine writes as it opens: on a full disk the reserve makes room for it, so
+        // that the node serves reads.
+        Err(NodeError::Store(StoreError::Io(error)))
+            if disk::is_disk_full(&error) && disk.release() =>
+        {
+            tracing::warn!("the disk is full: its reserve was given up to open the store");
+            open_store(&store_path, engine, cache_bytes)
+        }
+        other => other,
+    };
+    let backend = std::panic::catch_unwind(open_on_disk)
+        .map_err(|panic| {
+            let detail = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the store's engine panicked opening it".to_owned());
+            damaged(detail)
+        })?
+        .map_err(|error| match error {
+            NodeError::Store(StoreError::EngineCorrupt(_)) => damaged(error.to_string()),
+            other => other,
+        })?;
+    crate::files::restrict_tree(&store_path).map_err(io_error(&store_path))?;
+    Ok(backend)
+}
+
 /// Whether the store in `dir` is locked by a running node, by its lock alone: no waiting, and
 /// without opening it (which a damaged store can hang).
 pub fn store_in_use(dir: &Path) -> Result<bool, NodeError> {
@@ -757,10 +768,27 @@ fn open_store(
     }
 }
 
-/// The wall clock in milliseconds since the Unix epoch, as writes take it.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+pub use crate::record::stamp::now_ms;
+
+/// A binding's view of the node it runs in.
+impl crate::adapters::Host for Node {
+    fn documents(&self) -> &DocStore<DiskStore> {
+        &self.docs
+    }
+
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn bindings(&self) -> &[crate::config::BindingSection] {
+        &self.config.bindings
+    }
+
+    fn source_actor(&self, source: &str) -> Result<ActorId, String> {
+        Node::source_actor(self, source).map_err(|error| error.to_string())
+    }
+
+    fn resolved(&self, id: &RecordId) -> Result<Option<Map<String, Json>>, String> {
+        self.get(id).map_err(|error| error.to_string())
+    }
 }

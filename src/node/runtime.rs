@@ -82,6 +82,63 @@ pub async fn run(
     start(node).await?.run_until(shutdown).await
 }
 
+/// Starts every binding of the node's config; the first that fails stops those started.
+fn start_bindings(
+    node: &Arc<Node>,
+) -> Result<Vec<crate::adapters::driver::RunningBinding>, NodeError> {
+    tokio::task::block_in_place(|| {
+        crate::adapters::driver::forget_unbound_followers(node.as_ref())
+    })
+    .map_err(|error| NodeError::Binding(error.to_string()))?;
+    let mut bindings = Vec::new();
+    for binding in &node.config().bindings {
+        let started =
+            tokio::task::block_in_place(|| crate::adapters::driver::start(binding, node.clone()));
+        match started {
+            Ok(running) => bindings.push(running),
+            Err(error) => {
+                for running in bindings {
+                    tokio::task::block_in_place(|| running.stop());
+                }
+                return Err(NodeError::Binding(error.to_string()));
+            }
+        }
+    }
+    Ok(bindings)
+}
+
+/// Grants and revocations arrive from peers like records: read them again every second. A
+/// revoked node's connections close at once and are refused from then on.
+async fn refresh_grants_every_second(node: Arc<Node>, transport: Arc<Transport>) {
+    let mut every = tokio::time::interval(SCOPES_REFRESH);
+    loop {
+        every.tick().await;
+        let node = node.clone();
+        let transport = transport.clone();
+        let refreshed = move || {
+            refresh_grants(&node, &transport)?;
+            node.retag_step().map(|_| ())
+        };
+        match tokio::task::spawn_blocking(refreshed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
+            // The next tick reads them again; the panic's message went to stderr.
+            Err(error) => tracing::error!(%error, "reading the grants panicked"),
+        }
+    }
+}
+
+/// The replication engine's settings, from the node's config and store.
+fn engine_config(node: &Node, cluster: [u8; 16]) -> sync::Config {
+    let config = node.config();
+    let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
+    engine_config.writer = node.writer();
+    engine_config.policy_hash = node.policies().hash();
+    engine_config.clock_ahead_max = Duration::from_millis(config.node.clock_ahead_max_ms);
+    engine_config.runs_alone = config.network.peers.is_empty();
+    engine_config
+}
+
 impl Running {
     /// Runs the started node until `shutdown` completes, as [`run`].
     pub async fn run_until(
@@ -218,22 +275,7 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
         .map_err(|error| NodeError::Transport(error.to_string()))?;
     // Bindings start first: a binding that does not fit its table stops the node here, with
     // the reason, before anything else runs.
-    tokio::task::block_in_place(|| crate::adapters::driver::forget_unbound_followers(&node))
-        .map_err(|error| NodeError::Binding(error.to_string()))?;
-    let mut bindings = Vec::new();
-    for binding in &config.bindings {
-        let started =
-            tokio::task::block_in_place(|| crate::adapters::driver::start(binding, node.clone()));
-        match started {
-            Ok(running) => bindings.push(running),
-            Err(error) => {
-                for running in bindings {
-                    tokio::task::block_in_place(|| running.stop());
-                }
-                return Err(NodeError::Binding(error.to_string()));
-            }
-        }
-    }
+    let bindings = start_bindings(&node)?;
     let api_listener =
         tokio::net::TcpListener::bind(api)
             .await
@@ -280,39 +322,16 @@ pub async fn start(node: Arc<Node>) -> Result<Running, NodeError> {
 
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(transport.clone().accept_loop()));
-    // Grants and revocations arrive from peers like records: read them again every second.
-    // A revoked node's connections close at once and are refused from then on.
-    let scoped = node.clone();
-    let guarded = transport.clone();
     transport.set_revoked(node.scopes().shut_out());
-    tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(SCOPES_REFRESH);
-        loop {
-            every.tick().await;
-            let node = scoped.clone();
-            let transport = guarded.clone();
-            let refreshed = move || {
-                refresh_grants(&node, &transport)?;
-                node.retag_step().map(|_| ())
-            };
-            match tokio::task::spawn_blocking(refreshed).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::warn!(%error, "reading the grants"),
-                // The next tick reads them again; the panic's message went to stderr.
-                Err(error) => tracing::error!(%error, "reading the grants panicked"),
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(refresh_grants_every_second(
+        node.clone(),
+        transport.clone(),
+    )));
     for peer in &config.network.peers {
         let address = resolve(peer)?;
         tasks.push(tokio::spawn(transport.clone().dial_loop(address)));
     }
-    let mut engine_config = sync::Config::new(cluster, node.id(), &config.node.name);
-    engine_config.writer = node.writer();
-    engine_config.policy_hash = node.policies().hash();
-    engine_config.clock_ahead_max = Duration::from_millis(config.node.clock_ahead_max_ms);
-    engine_config.runs_alone = config.network.peers.is_empty();
-    let driver = Driver::new(Engine::new(engine_config), node.documents());
+    let driver = Driver::new(Engine::new(engine_config(&node, cluster)), node.documents());
     let (stop_engine, engine_stopped) = tokio::sync::oneshot::channel::<()>();
     let engine_task = tokio::spawn(drive_engine(
         shared.clone(),

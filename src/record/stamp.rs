@@ -84,6 +84,14 @@ pub fn next_hlc(doc: &Automerge, wall_ms: u64) -> u64 {
     }
 }
 
+/// The wall clock in milliseconds since the Unix epoch, as writes take it.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

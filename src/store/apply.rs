@@ -123,6 +123,66 @@ fn judge_on(
     Ok((verdict, false))
 }
 
+/// What one change is judged by: the door, its author and log place, and its collection.
+struct Judging<'a> {
+    door: &'a dyn WriteDoor,
+    author: Option<&'a NodeId>,
+    place: Option<(NodeId, u64)>,
+    collection: &'a str,
+}
+
+impl Judging<'_> {
+    /// The verdict on `change` against the record as of its dependencies (see [`judge_on`]):
+    /// admitted, it stays in `scratch` for the changes after it; refused, `scratch` is as it
+    /// was; held when it could not be judged (its sender sends it again).
+    fn judge(
+        &self,
+        scratch: &mut HeldDoc,
+        change: &Change,
+        verdict: Option<Result<(), RefusalReason>>,
+    ) -> Verdict {
+        let heads = scratch.heads();
+        let judged = judge_on(
+            self.door,
+            scratch,
+            change,
+            self.author,
+            self.place,
+            self.collection,
+            verdict,
+        )
+        .and_then(|(verdict, taken_in)| {
+            // Admitted: what follows it is judged with it, so it must apply.
+            if verdict.is_ok() && !taken_in {
+                scratch
+                    .apply(vec![change.clone()])
+                    .map_err(|error| format!("applying it once admitted: {error}"))?;
+            }
+            Ok((verdict, taken_in))
+        });
+        match judged {
+            Ok((Ok(()), _)) => Verdict::Admit,
+            Ok((Err(reason), taken_in)) => {
+                if taken_in {
+                    if let Ok(Some(undone)) = scratch.fork_at(&heads) {
+                        *scratch = undone;
+                    }
+                }
+                Verdict::Refuse(reason, ChangeHash([0; 32]))
+            }
+            Err(error) => {
+                tracing::warn!(
+                    change = %change.hash(),
+                    %error,
+                    "a change could not be judged against the grants: held, not applied; its \
+                     sender sends it again"
+                );
+                Verdict::Held
+            }
+        }
+    }
+}
+
 /// A change's clock: its stamp's, in ms since the Unix epoch.
 pub fn clock_of(change: &Change) -> u64 {
     ChangeStamp::of_change(change.message(), change.timestamp()).hlc
@@ -403,11 +463,7 @@ impl<S: Store> DocStore<S> {
         report: &mut ApplyReport,
     ) -> Result<(), StoreError> {
         for (logged, hash, _) in duplicates {
-            let place = LogPlace::Remote {
-                origin: logged.origin,
-                sequence: logged.sequence,
-            };
-            session.queue_log_entry(doc_key, &hash, place, &[]);
+            keep_place(session, doc_key, &logged, &hash);
             report.duplicates += 1;
         }
         let mut slots: Vec<Option<(LoggedChange, Change)>> = fresh.into_iter().map(Some).collect();
@@ -425,29 +481,17 @@ impl<S: Store> DocStore<S> {
         )?;
         for (logged, change) in refused {
             // Refused by its author's grant: its log place is kept, as for any refused change.
-            let place = LogPlace::Remote {
-                origin: logged.origin,
-                sequence: logged.sequence,
-            };
-            session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+            keep_place(session, doc_key, &logged, &change.hash());
         }
         for (logged, change) in slots.into_iter().flatten() {
             #[cfg(feature = "sabotage")]
             if self.sabotage.drop_held_changes {
-                let place = LogPlace::Remote {
-                    origin: logged.origin,
-                    sequence: logged.sequence,
-                };
-                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+                keep_place(session, doc_key, &logged, &change.hash());
                 continue;
             }
             // A change that waits on a refused one is refused too, not asked for forever.
             if self.refuse_if_dependency_refused(session, doc_key, &change, report)? {
-                let place = LogPlace::Remote {
-                    origin: logged.origin,
-                    sequence: logged.sequence,
-                };
-                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
+                keep_place(session, doc_key, &logged, &change.hash());
                 continue;
             }
             report.missing_dependencies.push(logged);
@@ -455,6 +499,19 @@ impl<S: Store> DocStore<S> {
         if ready.is_empty() {
             return Ok(());
         }
+        self.apply_ready(session, doc_key, ready, report)
+    }
+
+    /// Applies changes whose dependencies are all here and that their authors' grants
+    /// admit, together when they all apply, else one at a time; queues the applied ones with
+    /// their log places and reports them and the conflicts they made.
+    fn apply_ready(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        ready: Vec<(LoggedChange, Change)>,
+        report: &mut ApplyReport,
+    ) -> Result<(), StoreError> {
         let loaded = session.document(doc_key)?;
         // A change to an empty document cannot conflict with anything.
         let was_empty = loaded.doc.heads().is_empty();
@@ -470,43 +527,13 @@ impl<S: Store> DocStore<S> {
         {
             ready
         } else {
-            // One of them is invalid, or collides with a change held: start again from the
-            // stored document and apply them one at a time, so that only those are refused.
-            session.forget(doc_key);
-            let mut applied = Vec::with_capacity(ready.len());
-            for (logged, change) in ready {
-                match self.try_one(session, doc_key, &change, report)? {
-                    Tried::Applied => applied.push((logged, change)),
-                    Tried::Refused => {
-                        let place = LogPlace::Remote {
-                            origin: logged.origin,
-                            sequence: logged.sequence,
-                        };
-                        session.queue_log_entry(doc_key, &change.hash(), place, &[]);
-                    }
-                    Tried::Invalid(reason) => report.invalid.push((logged, reason)),
-                }
-            }
-            // A change applied here may have been taken out again by a later one of the same
-            // batch that collides with it and stands: refused now, it keeps only its place.
-            let loaded = session.document(doc_key)?;
-            let (kept, taken_out): (Vec<_>, Vec<_>) = applied
-                .into_iter()
-                .partition(|(_, change)| loaded.doc.holds_change(change));
-            for (logged, change) in taken_out {
-                let place = LogPlace::Remote {
-                    origin: logged.origin,
-                    sequence: logged.sequence,
-                };
-                session.queue_log_entry(doc_key, &change.hash(), place, &[]);
-            }
-            kept
+            self.apply_one_at_a_time(session, doc_key, ready, report)?
         };
         if applied.is_empty() {
             return Ok(());
         }
-        let loaded = session.document(doc_key)?;
         if !was_empty {
+            let loaded = session.document(doc_key)?;
             let collection = String::from_utf8_lossy(doc_key);
             let collection = collection.split('/').next().unwrap_or_default();
             for field in document::conflicting_fields(loaded.doc.local()) {
@@ -525,13 +552,12 @@ impl<S: Store> DocStore<S> {
             if !self.keeps_own_change(doc_key, &change.hash())? {
                 self.note_own_writer(session, change, report);
             }
-            let place = LogPlace::Remote {
-                origin: logged.origin,
-                sequence: logged.sequence,
-            };
             new.push(NewChange {
                 hash: change.hash(),
-                place,
+                place: LogPlace::Remote {
+                    origin: logged.origin,
+                    sequence: logged.sequence,
+                },
                 bytes: Some(logged.change.clone()),
             });
         }
@@ -552,6 +578,37 @@ impl<S: Store> DocStore<S> {
             .applied
             .extend(applied.into_iter().map(|(logged, _)| logged));
         Ok(())
+    }
+
+    /// When a group does not apply together (one of them is invalid, or collides with a
+    /// change held): starts again from the stored document and applies them one at a time,
+    /// so that only those are refused; returns those that applied and still stand.
+    fn apply_one_at_a_time(
+        &self,
+        session: &mut super::WriteSession<'_, S>,
+        doc_key: &[u8],
+        ready: Vec<(LoggedChange, Change)>,
+        report: &mut ApplyReport,
+    ) -> Result<Vec<(LoggedChange, Change)>, StoreError> {
+        session.forget(doc_key);
+        let mut applied = Vec::with_capacity(ready.len());
+        for (logged, change) in ready {
+            match self.try_one(session, doc_key, &change, report)? {
+                Tried::Applied => applied.push((logged, change)),
+                Tried::Refused => keep_place(session, doc_key, &logged, &change.hash()),
+                Tried::Invalid(reason) => report.invalid.push((logged, reason)),
+            }
+        }
+        // A change applied here may have been taken out again by a later one of the same
+        // batch that collides with it and stands: refused now, it keeps only its place.
+        let loaded = session.document(doc_key)?;
+        let (kept, taken_out): (Vec<_>, Vec<_>) = applied
+            .into_iter()
+            .partition(|(_, change)| loaded.doc.holds_change(change));
+        for (logged, change) in taken_out {
+            keep_place(session, doc_key, &logged, &change.hash());
+        }
+        Ok(kept)
     }
 
     /// The verdicts of the door (see [`super::WriteDoor`]) on changes from elsewhere to the
@@ -620,47 +677,23 @@ impl<S: Store> DocStore<S> {
                 continue;
             }
             let scratch = scratch.get_or_insert_with(|| doc.clone());
-            let heads = scratch.heads();
-            let judged = judge_on(
-                door.as_ref(),
-                scratch,
-                change,
-                author.as_ref(),
-                *place,
+            let judging = Judging {
+                door: door.as_ref(),
+                author: author.as_ref(),
+                place: *place,
                 collection,
-                verdict,
-            )
-            .and_then(|(verdict, taken_in)| {
-                // Admitted: what follows it is judged with it, so it must apply.
-                if verdict.is_ok() && !taken_in {
-                    scratch
-                        .apply(vec![(*change).clone()])
-                        .map_err(|error| format!("applying it once admitted: {error}"))?;
-                }
-                Ok((verdict, taken_in))
-            });
-            match judged {
-                Ok((Ok(()), _)) => verdicts.push(Verdict::Admit),
-                Ok((Err(reason), taken_in)) => {
-                    if taken_in {
-                        if let Ok(Some(undone)) = scratch.fork_at(&heads) {
-                            *scratch = undone;
-                        }
-                    }
+            };
+            let judged = judging.judge(scratch, change, verdict);
+            match &judged {
+                Verdict::Refuse(..) => {
                     refused.insert(change.hash());
-                    verdicts.push(Verdict::Refuse(reason, ChangeHash([0; 32])));
                 }
-                Err(error) => {
-                    tracing::warn!(
-                        change = %change.hash(),
-                        %error,
-                        "a change could not be judged against the grants: held, not applied; \
-                         its sender sends it again"
-                    );
+                Verdict::Held => {
                     waiting.insert(change.hash());
-                    verdicts.push(Verdict::Held);
                 }
+                Verdict::Admit | Verdict::Wait => {}
             }
+            verdicts.push(judged);
         }
         if refused.is_empty() && waiting.is_empty() {
             return None;
@@ -839,6 +872,21 @@ impl<S: Store> DocStore<S> {
             Err(error) => Ok(Tried::Invalid(error.to_string())),
         }
     }
+}
+
+/// Keeps the log place of a change from elsewhere that is not applied (a duplicate, or a
+/// refused change): the log moves on past it.
+fn keep_place<S: Store>(
+    session: &mut super::WriteSession<'_, S>,
+    doc_key: &[u8],
+    logged: &LoggedChange,
+    hash: &ChangeHash,
+) {
+    let place = LogPlace::Remote {
+        origin: logged.origin,
+        sequence: logged.sequence,
+    };
+    session.queue_log_entry(doc_key, hash, place, &[]);
 }
 
 #[cfg(test)]

@@ -150,91 +150,29 @@ impl<S: Store> DocStore<S> {
                 last = Some((entry.doc_key.clone(), stored));
             }
             let hash = ChangeHash(entry.hash);
-            let appended =
-                last.as_mut()
-                    .and_then(|(_, stored)| stored.as_mut())
-                    .and_then(|stored| {
-                        let at = stored.changes.iter().position(|change| {
-                            layout::change_hash(change).as_ref() == Some(&hash)
-                        })?;
-                        // Each change is one log entry: taken, not copied.
-                        Some(std::mem::take(&mut stored.changes[at]))
-                    });
-            let appended = match appended {
-                Some(change) => Some(change),
-                // A change under a `C` key of its own (a document with a long history).
-                None => self
-                    .backend()
-                    .get(&layout::appended_key(&entry.doc_key, &hash))?,
-            };
+            let stored = last.as_mut().and_then(|(_, stored)| stored.as_mut());
+            let appended = self.appended_change(stored, &entry.doc_key, &hash)?;
             let change = match appended {
                 Some(change) => change,
-                None => {
-                    let (held, has_epoch) = {
-                        let inner = inner.get_or_insert_with(|| self.inner());
-                        let loaded = self.loaded(inner, &entry.doc_key)?;
-                        (
-                            loaded
-                                .doc
-                                .change(&hash)
-                                .map(|change| change.raw_bytes().to_vec()),
-                            loaded.doc.epoch().is_some(),
-                        )
-                    };
-                    match held {
-                        Some(change) => change,
-                        // A change refused here keeps its place, and is served from where
-                        // refused changes are kept: its receiver decides about it alike.
-                        None => match self.refused_bytes(&entry.doc_key, &hash)? {
-                            Some(change) => {
-                                for dependency in
-                                    self.refused_dependencies(&entry.doc_key, &hash)?
-                                {
-                                    refused_dependencies.push((entry.doc_key.clone(), dependency));
-                                }
-                                change
-                            }
-                            None if self.refused_contains(&entry.doc_key, &hash)? => {
-                                // Refused past the budget for keeping refused changes.
-                                looked_through = sequence;
-                                continue;
-                            }
-                            None => {
-                                // Withdrawn here once (it left this node's read scope): this
-                                // node's own changes to it are kept, even after the record
-                                // came back without one of them.
-                                let kept = self
-                                    .backend()
-                                    .get(&layout::kept_key(&entry.doc_key, &hash))?;
-                                match kept {
-                                    Some(change) => change,
-                                    None if self
-                                        .backend()
-                                        .get(&layout::kept_prefix(&entry.doc_key))?
-                                        .is_some() =>
-                                    {
-                                        looked_through = sequence;
-                                        continue;
-                                    }
-                                    // Logged when it was applied, neither refused nor
-                                    // withdrawn: compacted since.
-                                    None if has_epoch => {
-                                        compacted.push(sequence);
-                                        looked_through = sequence;
-                                        continue;
-                                    }
-                                    None => {
-                                        return Err(StoreError::Corrupt(format!(
-                                            "log entry {origin}:{sequence} names a change \
-                                             {hash} its document {} lacks",
-                                            String::from_utf8_lossy(&entry.doc_key)
-                                        )))
-                                    }
-                                }
-                            }
-                        },
+                None => match self.change_elsewhere(
+                    &mut inner,
+                    origin,
+                    sequence,
+                    &entry.doc_key,
+                    &hash,
+                    &mut refused_dependencies,
+                )? {
+                    Elsewhere::Found(change) => change,
+                    Elsewhere::Skipped => {
+                        looked_through = sequence;
+                        continue;
                     }
-                }
+                    Elsewhere::Compacted => {
+                        compacted.push(sequence);
+                        looked_through = sequence;
+                        continue;
+                    }
+                },
             };
             bytes += change.len();
             looked_through = sequence;
@@ -251,6 +189,87 @@ impl<S: Store> DocStore<S> {
             compacted,
             refused_dependencies,
         })
+    }
+
+    /// A change appended to its document since its snapshot: from the document's stored
+    /// value (`stored`, read once for a run of entries of one document; each change is one
+    /// log entry, so it is taken, not copied), or under a `C` key of its own (a document with
+    /// a long history).
+    fn appended_change(
+        &self,
+        stored: Option<&mut layout::StoredDoc>,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let inline = stored.and_then(|stored| {
+            let at = stored
+                .changes
+                .iter()
+                .position(|change| layout::change_hash(change).as_ref() == Some(hash))?;
+            Some(std::mem::take(&mut stored.changes[at]))
+        });
+        match inline {
+            Some(change) => Ok(Some(change)),
+            None => self.backend().get(&layout::appended_key(doc_key, hash)),
+        }
+    }
+
+    /// The bytes of a logged change that neither its document's stored value nor a `C` key
+    /// of its own holds: from the document itself, the changes refused here (with the refused
+    /// changes it depends on added to `refused_dependencies`, which follow it), or this
+    /// node's own changes kept from a record it withdrew. `inner` is taken at the first
+    /// change that needs its document loaded, and kept for the page.
+    fn change_elsewhere<'a>(
+        &'a self,
+        inner: &mut Option<parking_lot::MutexGuard<'a, super::documents::Inner>>,
+        origin: &NodeId,
+        sequence: u64,
+        doc_key: &[u8],
+        hash: &ChangeHash,
+        refused_dependencies: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Elsewhere, StoreError> {
+        let (held, has_epoch) = {
+            let inner = inner.get_or_insert_with(|| self.inner());
+            let loaded = self.loaded(inner, doc_key)?;
+            (
+                loaded
+                    .doc
+                    .change(hash)
+                    .map(|change| change.raw_bytes().to_vec()),
+                loaded.doc.epoch().is_some(),
+            )
+        };
+        if let Some(change) = held {
+            return Ok(Elsewhere::Found(change));
+        }
+        // A change refused here keeps its place, and is served from where refused changes
+        // are kept: its receiver decides about it alike.
+        if let Some(change) = self.refused_bytes(doc_key, hash)? {
+            for dependency in self.refused_dependencies(doc_key, hash)? {
+                refused_dependencies.push((doc_key.to_vec(), dependency));
+            }
+            return Ok(Elsewhere::Found(change));
+        }
+        if self.refused_contains(doc_key, hash)? {
+            // Refused past the budget for keeping refused changes.
+            return Ok(Elsewhere::Skipped);
+        }
+        // Withdrawn here once (it left this node's read scope): this node's own changes to it
+        // are kept, even after the record came back without one of them.
+        if let Some(change) = self.backend().get(&layout::kept_key(doc_key, hash))? {
+            return Ok(Elsewhere::Found(change));
+        }
+        if self.backend().get(&layout::kept_prefix(doc_key))?.is_some() {
+            return Ok(Elsewhere::Skipped);
+        }
+        // Logged when it was applied, neither refused nor withdrawn: compacted since.
+        if has_epoch {
+            return Ok(Elsewhere::Compacted);
+        }
+        Err(StoreError::Corrupt(format!(
+            "log entry {origin}:{sequence} names a change {hash} its document {} lacks",
+            String::from_utf8_lossy(doc_key)
+        )))
     }
 
     /// One step of giving the log entries logged before a read filter named a field of their
@@ -414,4 +433,15 @@ impl<S: Store> DocStore<S> {
         self.backend().apply(batch)?;
         Ok(true)
     }
+}
+
+/// Where [`DocStore::change_elsewhere`] found a logged change.
+enum Elsewhere {
+    /// Its bytes.
+    Found(Vec<u8>),
+    /// Not served: refused past the budget for keeping refused changes, or withdrawn here
+    /// without being kept.
+    Skipped,
+    /// Compacted into its document's snapshot since it was logged.
+    Compacted,
 }

@@ -15,7 +15,8 @@ use super::digest::{self, Aggregate};
 use super::documents::for_each_entry;
 use super::layout::{self, RefusalReason};
 use super::session::{LogPlace, NewChange};
-use super::{DocStore, Durability, Store, StoreError};
+use super::{DocStore, Durability, Store, StoreError, WriteSession};
+use crate::record::held::HeldDoc;
 use crate::record::{NodeId, RecordId};
 
 /// A document key and its heads.
@@ -121,29 +122,11 @@ impl<S: Store> DocStore<S> {
             }
         }
         let loaded = session.document(doc_key)?;
-        let mut pending: Vec<Change> = fresh
+        let fresh: Vec<Change> = fresh
             .into_iter()
             .filter(|change| !loaded.doc.holds_change(change))
             .collect();
-        // Only changes whose dependencies are all present (or among these) are applied;
-        // Automerge would queue the rest in memory, where a crash or an eviction loses them.
-        let mut ready: Vec<Change> = Vec::new();
-        let mut ready_hashes: HashSet<ChangeHash> = HashSet::new();
-        loop {
-            let (now_ready, still): (Vec<Change>, Vec<Change>) =
-                pending.into_iter().partition(|change| {
-                    change.deps().iter().all(|dependency| {
-                        loaded.doc.holds_dependency(change, dependency)
-                            || ready_hashes.contains(dependency)
-                    })
-                });
-            pending = still;
-            if now_ready.is_empty() {
-                break;
-            }
-            ready_hashes.extend(now_ready.iter().map(Change::hash));
-            ready.extend(now_ready);
-        }
+        let (ready, pending) = dependencies_present(&loaded.doc, fresh);
         let mut report = ApplyReport::default();
         // What waits on a refused change is refused too.
         for change in pending {
@@ -163,31 +146,12 @@ impl<S: Store> DocStore<S> {
             match session.apply_and_queue(doc_key, ready.clone(), LogPlace::Unlogged) {
                 Ok(applied) => outcome.new = applied.new_changes,
                 Err(StoreError::InvalidDocument(_)) => {
-                    // A change collides with one held, or is invalid: one at a time, from the
-                    // stored document.
-                    session.forget(doc_key);
-                    let mut applied = Vec::new();
-                    for change in ready {
-                        match self.try_one(&mut session, doc_key, &change, &mut report)? {
-                            Tried::Applied => applied.push(NewChange {
-                                hash: change.hash(),
-                                place: LogPlace::Unlogged,
-                                bytes: Some(change.raw_bytes().to_vec()),
-                            }),
-                            Tried::Refused => {}
-                            Tried::Invalid(reason) => {
-                                return Err(StoreError::InvalidDocument(reason));
-                            }
-                        }
-                    }
-                    // One applied here may have been taken out again by a later one that
-                    // collides with it and stands: only what the document holds is queued.
-                    let loaded = session.document(doc_key)?;
-                    applied.retain(|new| loaded.doc.holds(&new.hash));
-                    outcome.new = applied.len();
-                    if !applied.is_empty() {
-                        session.queue_new_changes(doc_key, applied)?;
-                    }
+                    outcome.new = self.apply_unlogged_one_at_a_time(
+                        &mut session,
+                        doc_key,
+                        ready,
+                        &mut report,
+                    )?;
                 }
                 Err(error) => return Err(error),
             }
@@ -197,6 +161,41 @@ impl<S: Store> DocStore<S> {
         outcome.ahead = ahead;
         session.commit(Durability::Deferred)?;
         Ok(outcome)
+    }
+
+    /// When unlogged changes do not apply together (one collides with a change held, or is
+    /// invalid): one at a time, from the stored document. Returns how many are new here.
+    fn apply_unlogged_one_at_a_time(
+        &self,
+        session: &mut WriteSession<'_, S>,
+        doc_key: &[u8],
+        ready: Vec<Change>,
+        report: &mut ApplyReport,
+    ) -> Result<usize, StoreError> {
+        session.forget(doc_key);
+        let mut applied = Vec::new();
+        for change in ready {
+            match self.try_one(session, doc_key, &change, report)? {
+                Tried::Applied => applied.push(NewChange {
+                    hash: change.hash(),
+                    place: LogPlace::Unlogged,
+                    bytes: Some(change.raw_bytes().to_vec()),
+                }),
+                Tried::Refused => {}
+                Tried::Invalid(reason) => {
+                    return Err(StoreError::InvalidDocument(reason));
+                }
+            }
+        }
+        // One applied here may have been taken out again by a later one that collides with
+        // it and stands: only what the document holds is queued.
+        let loaded = session.document(doc_key)?;
+        applied.retain(|new| loaded.doc.holds(&new.hash));
+        let new = applied.len();
+        if !applied.is_empty() {
+            session.queue_new_changes(doc_key, applied)?;
+        }
+        Ok(new)
     }
 
     /// A document's heads (empty if never written).
@@ -456,5 +455,27 @@ impl<S: Store> DocStore<S> {
             .map(|bytes| layout::decode_log_entry(&bytes))
             .transpose()?
             .map(|entry| entry.doc_key))
+    }
+}
+
+/// Of `pending`, those whose dependencies are all in `doc` or among them, in an order that
+/// applies, and the rest. Only those are applied: Automerge would queue the rest in memory,
+/// where a crash or an eviction loses them.
+fn dependencies_present(doc: &HeldDoc, mut pending: Vec<Change>) -> (Vec<Change>, Vec<Change>) {
+    let mut ready: Vec<Change> = Vec::new();
+    let mut ready_hashes: HashSet<ChangeHash> = HashSet::new();
+    loop {
+        let (now_ready, still): (Vec<Change>, Vec<Change>) =
+            pending.into_iter().partition(|change| {
+                change.deps().iter().all(|dependency| {
+                    doc.holds_dependency(change, dependency) || ready_hashes.contains(dependency)
+                })
+            });
+        pending = still;
+        if now_ready.is_empty() {
+            return (ready, pending);
+        }
+        ready_hashes.extend(now_ready.iter().map(Change::hash));
+        ready.extend(now_ready);
     }
 }

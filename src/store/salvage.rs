@@ -45,18 +45,95 @@ pub fn check_and_mend<S: Store>(
     store: &S,
     mut progress: impl FnMut(&str, u64),
 ) -> Result<SalvageReport, StoreError> {
-    let mut report = SalvageReport::default();
-    let mut batch = Batch::default();
-    let mut held: HashSet<u64> = HashSet::new();
-    let flush = |batch: &mut Batch| -> Result<(), StoreError> {
-        if !batch.is_empty() {
-            store.apply(std::mem::take(batch))?;
-        }
-        Ok(())
+    let mut mending = Mending {
+        store,
+        report: SalvageReport::default(),
+        batch: Batch::default(),
+        held: HashSet::new(),
     };
     // Documents: each must read back whole.
     for_each_entry(store, layout::DOCS_PREFIX, |key, value| {
-        report.documents += 1;
+        mending.document(key, value)?;
+        if mending.batch.len() >= MEND_BATCH_OPERATIONS {
+            mending.flush()?;
+        }
+        if mending.report.documents.is_multiple_of(10_000) {
+            progress("documents", mending.report.documents);
+        }
+        Ok(())
+    })?;
+    mending.flush()?;
+    // Refused changes: a log entry may name one.
+    for_each_entry(store, layout::REFUSED_PREFIX, |key, value| {
+        match (
+            layout::decode::<layout::RefusedChange>("refused change", value),
+            key.get(1..33),
+        ) {
+            (Ok(_), Some(hash)) => {
+                mending
+                    .held
+                    .insert(short(hash.try_into().expect("32 bytes")));
+            }
+            _ => mending.drop_value(key),
+        }
+        Ok(())
+    })?;
+    mending.flush()?;
+    // The log: each entry must name a change held.
+    for_each_entry(store, layout::LOG_PREFIX, |key, value| {
+        mending.report.log_entries += 1;
+        let keep = layout::log_origin(key).is_ok()
+            && layout::log_sequence(key).is_ok()
+            && layout::decode_log_entry(value)
+                .is_ok_and(|entry| mending.held.contains(&short(&entry.hash)));
+        if !keep {
+            mending.report.log_entries_dropped += 1;
+            mending.batch.remove(key.to_vec());
+            if mending.batch.len() >= MEND_BATCH_OPERATIONS {
+                mending.flush()?;
+            }
+        }
+        if mending.report.log_entries.is_multiple_of(100_000) {
+            progress("log entries", mending.report.log_entries);
+        }
+        Ok(())
+    })?;
+    mending.flush()?;
+    mending.drop_orphans()?;
+    store.flush()?;
+    Ok(mending.report)
+}
+
+/// What [`check_and_mend`] carries from one key space to the next.
+struct Mending<'a, S: Store> {
+    store: &'a S,
+    report: SalvageReport,
+    /// Mends not yet applied.
+    batch: Batch,
+    /// The changes the store holds (documents' and refused ones), by [`short`] hash.
+    held: HashSet<u64>,
+}
+
+impl<S: Store> Mending<'_, S> {
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if !self.batch.is_empty() {
+            self.store.apply(std::mem::take(&mut self.batch))?;
+        }
+        Ok(())
+    }
+
+    /// A value that does not decode, or whose document is gone: dropped.
+    fn drop_value(&mut self, key: &[u8]) {
+        self.report.values_dropped += 1;
+        self.batch.remove(key.to_vec());
+    }
+
+    /// One document: its changes noted as held; saved again whole when its stored value
+    /// does not match what it reads as; dropped, with its snapshot and appended changes,
+    /// when it does not read back.
+    fn document(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let store = self.store;
+        self.report.documents += 1;
         let doc_key = layout::doc_key_of(key);
         let loaded = StoredDoc::decode(value).and_then(|stored| {
             RecordId::from_doc_key(doc_key)
@@ -64,6 +141,7 @@ pub fn check_and_mend<S: Store>(
             load_document(store, doc_key, &stored)
                 .map(|(doc, matches, appended)| (doc, stored, matches, appended))
         });
+        let (report, batch, held) = (&mut self.report, &mut self.batch, &mut self.held);
         match loaded {
             Ok((doc, mut stored, matches, appended)) => {
                 for change in doc.changes(&[]) {
@@ -106,79 +184,34 @@ pub fn check_and_mend<S: Store>(
                 })?;
             }
         }
-        if batch.len() >= MEND_BATCH_OPERATIONS {
-            flush(&mut batch)?;
-        }
-        if report.documents.is_multiple_of(10_000) {
-            progress("documents", report.documents);
-        }
         Ok(())
-    })?;
-    flush(&mut batch)?;
-    // Refused changes: a log entry may name one.
-    for_each_entry(store, layout::REFUSED_PREFIX, |key, value| {
-        match (
-            layout::decode::<layout::RefusedChange>("refused change", value),
-            key.get(1..33),
-        ) {
-            (Ok(_), Some(hash)) => {
-                held.insert(short(hash.try_into().expect("32 bytes")));
+    }
+
+    /// Snapshots and appended changes whose document is gone, or whose key does not parse.
+    fn drop_orphans(&mut self) -> Result<(), StoreError> {
+        let store = self.store;
+        for_each_entry(store, layout::SNAPSHOTS_PREFIX, |key, _| {
+            if store
+                .get(&layout::doc_key(layout::doc_key_of(key)))?
+                .is_none()
+            {
+                self.drop_value(key);
             }
-            _ => {
-                report.values_dropped += 1;
-                batch.remove(key.to_vec());
+            Ok(())
+        })?;
+        self.flush()?;
+        for_each_entry(store, layout::APPENDED_PREFIX, |key, _| {
+            let orphan = match layout::appended_parts(key) {
+                Ok((doc_key, _)) => store.get(&layout::doc_key(doc_key))?.is_none(),
+                Err(_) => true,
+            };
+            if orphan {
+                self.drop_value(key);
             }
-        }
-        Ok(())
-    })?;
-    flush(&mut batch)?;
-    // The log: each entry must name a change held.
-    for_each_entry(store, layout::LOG_PREFIX, |key, value| {
-        report.log_entries += 1;
-        let keep = layout::log_origin(key).is_ok()
-            && layout::log_sequence(key).is_ok()
-            && layout::decode_log_entry(value)
-                .is_ok_and(|entry| held.contains(&short(&entry.hash)));
-        if !keep {
-            report.log_entries_dropped += 1;
-            batch.remove(key.to_vec());
-            if batch.len() >= MEND_BATCH_OPERATIONS {
-                flush(&mut batch)?;
-            }
-        }
-        if report.log_entries.is_multiple_of(100_000) {
-            progress("log entries", report.log_entries);
-        }
-        Ok(())
-    })?;
-    flush(&mut batch)?;
-    // Snapshots whose document is gone.
-    for_each_entry(store, layout::SNAPSHOTS_PREFIX, |key, _| {
-        if store
-            .get(&layout::doc_key(layout::doc_key_of(key)))?
-            .is_none()
-        {
-            report.values_dropped += 1;
-            batch.remove(key.to_vec());
-        }
-        Ok(())
-    })?;
-    flush(&mut batch)?;
-    // Appended changes whose document is gone, or whose key does not parse.
-    for_each_entry(store, layout::APPENDED_PREFIX, |key, _| {
-        let orphan = match layout::appended_parts(key) {
-            Ok((doc_key, _)) => store.get(&layout::doc_key(doc_key))?.is_none(),
-            Err(_) => true,
-        };
-        if orphan {
-            report.values_dropped += 1;
-            batch.remove(key.to_vec());
-        }
-        Ok(())
-    })?;
-    flush(&mut batch)?;
-    store.flush()?;
-    Ok(report)
+            Ok(())
+        })?;
+        self.flush()
+    }
 }
 
 #[cfg(test)]

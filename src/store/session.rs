@@ -129,6 +129,48 @@ impl<S: Store> WriteSession<'_, S> {
         self.write_reverting(id, actor, time_ms, None, edit)
     }
 
+    /// Writes `write` into the record as `actor` at `time_ms`: the one way a record write made
+    /// on this node (through the API, the CLI, a batch, a revert or an adapter's row) enters
+    /// the store. The write's field rules and size limits ([`RecordWrite::check`]) come first;
+    /// then, in [`WriteSession::write`], the node's grant and the size of the change made.
+    pub fn put_record(
+        &mut self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_ms: i64,
+        write: &document::RecordWrite,
+    ) -> Result<WriteOutcome, StoreError> {
+        self.put_record_reverting(id, actor, time_ms, None, write)
+    }
+
+    /// [`WriteSession::put_record`] for a revert to the version `reverts`.
+    pub fn put_record_reverting(
+        &mut self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_ms: i64,
+        reverts: Option<ChangeHash>,
+        write: &document::RecordWrite,
+    ) -> Result<WriteOutcome, StoreError> {
+        write.check()?;
+        let (_, outcome) = self.write_reverting(id, actor, time_ms, reverts, |tx| {
+            document::apply_write(tx, write)
+        })?;
+        Ok(outcome)
+    }
+
+    /// Deletes the record (a tombstone, its fields removed) as `actor` at `time_ms`, passing
+    /// the checks a write does; whether it was live.
+    pub fn delete_record(
+        &mut self,
+        id: &RecordId,
+        actor: &ActorId,
+        time_ms: i64,
+        reverts: Option<ChangeHash>,
+    ) -> Result<(bool, WriteOutcome), StoreError> {
+        self.write_reverting(id, actor, time_ms, reverts, |tx| document::apply_delete(tx))
+    }
+
     /// [`WriteSession::write`], for a change that brings the record back to `reverts` (a
     /// version of its history): its stamp says so, and history shows it as a revert.
     pub fn write_reverting<T>(
@@ -376,6 +418,7 @@ impl<S: Store> WriteSession<'_, S> {
         force_snapshot: bool,
     ) -> Result<Vec<ChangeHash>, StoreError> {
         let compact_after_changes = self.docs.config.compact_after_changes as usize;
+        let tags = self.scope_tags(doc_key, &new);
         let loaded = self
             .working
             .get_mut(doc_key)
@@ -384,37 +427,6 @@ impl<S: Store> WriteSession<'_, S> {
         // the compacted history is read back through it.
         let force_snapshot = loaded.doc.take_epoch_grew() || force_snapshot;
         let heads = loaded.doc.heads();
-        let door = self.docs.door.get().filter(|door| !door.is_open());
-        let collection = collection_of(doc_key);
-        let mut tags = Vec::new();
-        if let Some(door) = door {
-            let fields = door.filter_fields(collection);
-            if !fields.is_empty() {
-                let after = scope_tag(loaded.doc.local(), &fields);
-                match self.tags_before.insert(doc_key.to_vec(), after.clone()) {
-                    Some(before) if before != after => tags.push(before),
-                    _ => {}
-                }
-                tags.push(after);
-            }
-        }
-        // A record that changes from elsewhere into one this node may not read stays until a
-        // node that reads everything, holding every change of it this node holds, tells it to
-        // take it out (see `crate::sync::repair`): this node may be the only one left with
-        // another's change to it (its author's store lost).
-        let left_scope = door.is_some_and(|door| {
-            let node = door.node();
-            !door.reads_all(&node)
-                && new.iter().any(|change| change.place != LogPlace::Local)
-                && match document::read(loaded.doc.local()) {
-                    Some(fields) => !door.may_read(&node, collection, &fields),
-                    // Deleted: kept only under a scope of the whole collection.
-                    None => door.may_read_tagged(&node, collection, &[Vec::new()]) != Some(true),
-                }
-        });
-        if left_scope {
-            self.left_scope.insert(doc_key.to_vec());
-        }
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
         stored.set_heads(&heads);
@@ -449,53 +461,52 @@ impl<S: Store> WriteSession<'_, S> {
             };
             bytes_new.push((change.hash, bytes));
         }
-        let appended = &mut loaded.appended;
-        let count = stored.changes.len() + appended.hashes.len() + bytes_new.len();
-        let bytes = stored.appended_bytes()
-            + appended.bytes
-            + bytes_new.iter().map(|(_, b)| b.len()).sum::<usize>();
-        // A snapshot is written again once the changes appended to it weigh a part of it: a
-        // document whose history is long is not saved whole every few changes.
-        let compacting = force_snapshot
-            || (count >= compact_after_changes
-                && bytes >= appended.snapshot_bytes / SNAPSHOT_GROWTH_PARTS)
-            // Changes kept inside the `D` value are bounded by their bytes too.
-            || (stored.snapshot != Snapshot::External && bytes >= COMPACT_AFTER_BYTES);
-        if compacting {
-            let (snapshot, epoch) = loaded.doc.save();
-            stored.epoch = epoch;
-            stored.changes.clear();
-            for hash in appended.hashes.drain(..) {
-                self.batch.remove(layout::appended_key(doc_key, &hash));
-            }
-            appended.bytes = 0;
-            appended.snapshot_bytes = snapshot.len();
-            if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
-                if stored.snapshot == Snapshot::External {
-                    self.batch.remove(layout::snapshot_key(doc_key));
-                }
-                stored.snapshot = Snapshot::Inline(snapshot);
-            } else {
-                self.batch.put(layout::snapshot_key(doc_key), snapshot);
-                stored.snapshot = Snapshot::External;
-            }
-        } else if stored.snapshot == Snapshot::External {
-            // Each change under a key of its own: the `D` value stays small.
-            for (hash, bytes) in bytes_new {
-                appended.bytes += bytes.len();
-                appended.hashes.push(hash);
-                self.batch.put(layout::appended_key(doc_key, &hash), bytes);
-            }
-        } else {
-            stored
-                .changes
-                .extend(bytes_new.into_iter().map(|(_, bytes)| bytes));
-        }
-        self.batch.put(layout::doc_key(doc_key), stored.encode());
+        let compacting =
+            force_snapshot || compaction_due(loaded, &bytes_new, compact_after_changes);
+        store_document(&mut self.batch, doc_key, loaded, bytes_new, compacting);
         for (hash, place) in places {
             self.queue_log_entry(doc_key, &hash, place, &tags);
         }
         Ok(heads)
+    }
+
+    /// The scope tags the log entries of the document's new changes carry (its values of the
+    /// fields read filters name, before and after), and whether the changes took the record
+    /// out of this node's read scope: a record that changes from elsewhere into one this node
+    /// may not read stays until a node that reads everything, holding every change of it this
+    /// node holds, tells it to take it out (see `crate::sync::repair`): this node may be the
+    /// only one left with another's change to it (its author's store lost).
+    fn scope_tags(&mut self, doc_key: &[u8], new: &[NewChange]) -> Vec<ScopeTag> {
+        let Some(door) = self.docs.door.get().filter(|door| !door.is_open()) else {
+            return Vec::new();
+        };
+        let loaded = self
+            .working
+            .get(doc_key)
+            .expect("the caller took the document into the session");
+        let collection = collection_of(doc_key);
+        let mut tags = Vec::new();
+        let fields = door.filter_fields(collection);
+        if !fields.is_empty() {
+            let after = scope_tag(loaded.doc.local(), &fields);
+            match self.tags_before.insert(doc_key.to_vec(), after.clone()) {
+                Some(before) if before != after => tags.push(before),
+                _ => {}
+            }
+            tags.push(after);
+        }
+        let node = door.node();
+        let left_scope = !door.reads_all(&node)
+            && new.iter().any(|change| change.place != LogPlace::Local)
+            && match document::read(loaded.doc.local()) {
+                Some(fields) => !door.may_read(&node, collection, &fields),
+                // Deleted: kept only under a scope of the whole collection.
+                None => door.may_read_tagged(&node, collection, &[Vec::new()]) != Some(true),
+            };
+        if left_scope {
+            self.left_scope.insert(doc_key.to_vec());
+        }
+        tags
     }
 
     /// Takes a document out of this store because this node may not read it (see
@@ -809,4 +820,66 @@ impl<S: Store> WriteSession<'_, S> {
         }
         Ok(())
     }
+}
+
+/// Whether the document's snapshot is written again with `bytes_new`: once the changes
+/// appended to it weigh a part of it (a document whose history is long is not saved whole
+/// every few changes), or, for changes kept inside the `D` value, once they weigh
+/// [`COMPACT_AFTER_BYTES`].
+fn compaction_due(
+    loaded: &Loaded,
+    bytes_new: &[(ChangeHash, Vec<u8>)],
+    compact_after_changes: usize,
+) -> bool {
+    let (stored, appended) = (&loaded.stored, &loaded.appended);
+    let count = stored.changes.len() + appended.hashes.len() + bytes_new.len();
+    let bytes = stored.appended_bytes()
+        + appended.bytes
+        + bytes_new.iter().map(|(_, b)| b.len()).sum::<usize>();
+    (count >= compact_after_changes && bytes >= appended.snapshot_bytes / SNAPSHOT_GROWTH_PARTS)
+        || (stored.snapshot != Snapshot::External && bytes >= COMPACT_AFTER_BYTES)
+}
+
+/// Queues the document's stored value with its new changes: saved whole when `compacting`,
+/// else each change under a key of its own beside an external snapshot (the `D` value stays
+/// small), or inside the `D` value.
+fn store_document(
+    batch: &mut Batch,
+    doc_key: &[u8],
+    loaded: &mut Loaded,
+    bytes_new: Vec<(ChangeHash, Vec<u8>)>,
+    compacting: bool,
+) {
+    let stored = &mut loaded.stored;
+    let appended = &mut loaded.appended;
+    if compacting {
+        let (snapshot, epoch) = loaded.doc.save();
+        stored.epoch = epoch;
+        stored.changes.clear();
+        for hash in appended.hashes.drain(..) {
+            batch.remove(layout::appended_key(doc_key, &hash));
+        }
+        appended.bytes = 0;
+        appended.snapshot_bytes = snapshot.len();
+        if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
+            if stored.snapshot == Snapshot::External {
+                batch.remove(layout::snapshot_key(doc_key));
+            }
+            stored.snapshot = Snapshot::Inline(snapshot);
+        } else {
+            batch.put(layout::snapshot_key(doc_key), snapshot);
+            stored.snapshot = Snapshot::External;
+        }
+    } else if stored.snapshot == Snapshot::External {
+        for (hash, bytes) in bytes_new {
+            appended.bytes += bytes.len();
+            appended.hashes.push(hash);
+            batch.put(layout::appended_key(doc_key, &hash), bytes);
+        }
+    } else {
+        stored
+            .changes
+            .extend(bytes_new.into_iter().map(|(_, bytes)| bytes));
+    }
+    batch.put(layout::doc_key(doc_key), stored.encode());
 }

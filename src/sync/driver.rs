@@ -191,115 +191,18 @@ impl Driver {
         let mut applied = Vec::new();
         let mut pending: Option<(NodeId, Vec<concord_proto::ShippedChange>)> = None;
         for input in inputs {
-            // Consecutive changes from one peer go to the engine as one message.
-            if let Input::Received {
-                peer,
-                connection,
-                message: Message::Changes(changes),
-            } = &input
-            {
-                if self.is_current(peer, *connection) {
-                    match &mut pending {
-                        Some((from, batch))
-                            if from == peer
-                                && batch.len() + changes.changes.len() <= BATCH_CHANGES_MAX =>
-                        {
-                            let Input::Received {
-                                message: Message::Changes(changes),
-                                ..
-                            } = input
-                            else {
-                                unreachable!("matched just above");
-                            };
-                            batch.extend(changes.changes);
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
-                    let Input::Received {
-                        peer,
-                        message: Message::Changes(changes),
-                        ..
-                    } = input
-                    else {
-                        unreachable!("matched just above");
-                    };
-                    pending = Some((peer, changes.changes));
-                    continue;
-                }
-            }
+            let Some(input) = self.gather_changes(
+                now,
+                input,
+                &mut pending,
+                replica,
+                &mut outputs,
+                &mut applied,
+            ) else {
+                continue;
+            };
             self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
-            match input {
-                Input::Up { peer, connection } => {
-                    if self.links.contains_key(&peer) {
-                        self.handle(
-                            now,
-                            Event::PeerDisconnected(peer),
-                            replica,
-                            &mut outputs,
-                            &mut applied,
-                        );
-                    }
-                    self.links.insert(
-                        peer,
-                        Link {
-                            connection,
-                            queued: 0,
-                        },
-                    );
-                    self.handle(
-                        now,
-                        Event::PeerConnected(peer),
-                        replica,
-                        &mut outputs,
-                        &mut applied,
-                    );
-                }
-                Input::Down { peer, connection } => {
-                    if self.is_current(&peer, connection) {
-                        self.links.remove(&peer);
-                        self.handle(
-                            now,
-                            Event::PeerDisconnected(peer),
-                            replica,
-                            &mut outputs,
-                            &mut applied,
-                        );
-                    }
-                }
-                Input::Received {
-                    peer,
-                    connection,
-                    message,
-                } => {
-                    if self.is_current(&peer, connection) {
-                        self.handle(
-                            now,
-                            Event::Received(peer, message),
-                            replica,
-                            &mut outputs,
-                            &mut applied,
-                        );
-                    }
-                }
-                Input::Drained {
-                    peer,
-                    connection,
-                    bytes,
-                } => {
-                    if let Some(link) = self.links.get_mut(&peer) {
-                        if link.connection == connection {
-                            assert!(bytes <= link.queued, "drained more than was queued");
-                            link.queued -= bytes;
-                        }
-                    }
-                }
-                Input::LocalWrites => self.local_writes(now, replica, &mut outputs, &mut applied),
-                Input::Timeout => {
-                    self.handle(now, Event::Timeout, replica, &mut outputs, &mut applied)
-                }
-            }
+            self.handle_input(now, input, replica, &mut outputs, &mut applied);
         }
         self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
         if let Err(error) = self.engine.make_durable(replica) {
@@ -319,6 +222,116 @@ impl Driver {
             });
         }
         outputs
+    }
+
+    /// Consecutive changes from one peer go to the engine as one message: `Changes` from a
+    /// current connection joins the batch pending (one from another peer, or one that would
+    /// grow past [`BATCH_CHANGES_MAX`], is handed to the engine first) and `None` is
+    /// returned; any other input is returned as it came.
+    fn gather_changes(
+        &mut self,
+        now: Duration,
+        input: Input,
+        pending: &mut Option<(NodeId, Vec<concord_proto::ShippedChange>)>,
+        replica: &impl Replica,
+        outputs: &mut Vec<Output>,
+        applied: &mut Vec<Output>,
+    ) -> Option<Input> {
+        match input {
+            Input::Received {
+                peer,
+                connection,
+                message: Message::Changes(changes),
+            } if self.is_current(&peer, connection) => {
+                match pending {
+                    Some((from, batch))
+                        if *from == peer
+                            && batch.len() + changes.changes.len() <= BATCH_CHANGES_MAX =>
+                    {
+                        batch.extend(changes.changes);
+                    }
+                    _ => {
+                        self.flush_pending(now, pending, replica, outputs, applied);
+                        *pending = Some((peer, changes.changes));
+                    }
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Hands one input other than gathered changes to the engine.
+    fn handle_input(
+        &mut self,
+        now: Duration,
+        input: Input,
+        replica: &impl Replica,
+        outputs: &mut Vec<Output>,
+        applied: &mut Vec<Output>,
+    ) {
+        match input {
+            Input::Up { peer, connection } => {
+                if self.links.contains_key(&peer) {
+                    self.handle(
+                        now,
+                        Event::PeerDisconnected(peer),
+                        replica,
+                        outputs,
+                        applied,
+                    );
+                }
+                self.links.insert(
+                    peer,
+                    Link {
+                        connection,
+                        queued: 0,
+                    },
+                );
+                self.handle(now, Event::PeerConnected(peer), replica, outputs, applied);
+            }
+            Input::Down { peer, connection } => {
+                if self.is_current(&peer, connection) {
+                    self.links.remove(&peer);
+                    self.handle(
+                        now,
+                        Event::PeerDisconnected(peer),
+                        replica,
+                        outputs,
+                        applied,
+                    );
+                }
+            }
+            Input::Received {
+                peer,
+                connection,
+                message,
+            } => {
+                if self.is_current(&peer, connection) {
+                    self.handle(
+                        now,
+                        Event::Received(peer, message),
+                        replica,
+                        outputs,
+                        applied,
+                    );
+                }
+            }
+            Input::Drained {
+                peer,
+                connection,
+                bytes,
+            } => {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    if link.connection == connection {
+                        assert!(bytes <= link.queued, "drained more than was queued");
+                        link.queued -= bytes;
+                    }
+                }
+            }
+            Input::LocalWrites => self.local_writes(now, replica, outputs, applied),
+            Input::Timeout => self.handle(now, Event::Timeout, replica, outputs, applied),
+        }
     }
 
     fn is_current(&self, peer: &NodeId, connection: u64) -> bool {

@@ -238,6 +238,52 @@ fn shipped(change: &LoggedChange) -> ShippedChange {
     }
 }
 
+/// What one `Changes` message has gathered so far, as `next_changes` goes through the
+/// origins, and how it may grow.
+#[derive(Default)]
+struct Gathering {
+    /// Changes one message may carry.
+    per_message: usize,
+    /// Bytes of changes the message may carry.
+    budget: usize,
+    /// The peer's grant narrows what it reads.
+    narrowed: bool,
+    /// The peer is told with `Covered` how far each log was looked through for it.
+    covers: bool,
+    /// The peer is told of places whose changes were compacted away here.
+    covers_compacted: bool,
+    shipped: Vec<ShippedChange>,
+    /// Changes refused here that shipped ones depend on: they follow as documents.
+    refused_dependencies: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Bytes of `shipped`.
+    used: usize,
+    /// Of `shipped`, those taken from memory rather than the store.
+    pushed: u64,
+    /// The first change found did not fit the room given: the message waits for more.
+    waits_for_room: bool,
+    /// Log entries read for a narrowed peer so far.
+    looked_through: usize,
+}
+
+/// Where `next_changes` stands in one origin's log for a peer.
+struct LogWalk {
+    origin: NodeId,
+    /// The last place sent or covered.
+    after: u64,
+    /// The last place that may leave.
+    last: u64,
+}
+
+/// Logs a change no frame can carry (written before changes were bounded); it is skipped.
+fn unsendable(change: &LoggedChange, size: usize) {
+    tracing::error!(
+        origin = %change.origin,
+        sequence = change.sequence,
+        size,
+        "a log entry is larger than any frame and is skipped"
+    );
+}
+
 /// What filling a `Changes` message from one origin came to.
 enum Fill {
     /// The origin has nothing more for this peer.
@@ -372,72 +418,25 @@ impl Engine {
         let Some(state) = self.peers.get_mut(&peer) else {
             return Ok(None);
         };
-        for grafting in [false, true] {
-            let set = if grafting {
-                &mut state.outbox.graft
-            } else {
-                &mut state.outbox.prune
-            };
-            if set.is_empty() {
-                continue;
-            }
-            let origins: Vec<[u8; 16]> = set
-                .iter()
-                .take(ORIGINS_PER_SUMMARY_MAX)
-                .map(|origin| origin.0)
-                .collect();
-            let message = if grafting {
-                Message::Graft { origins }
-            } else {
-                Message::Prune { origins }
-            };
-            if !fits(&message) {
-                return Ok(None);
-            }
-            for _ in 0..ORIGINS_PER_SUMMARY_MAX {
-                if set.pop_first().is_none() {
-                    break;
-                }
-            }
-            return Ok(Some(message));
+        match next_queued(&mut state.outbox, fits) {
+            Some(next) => Ok(next),
+            None => self.next_document_answer(peer, room, replica),
         }
-        if !state.outbox.covered.is_empty() {
-            let take = state.outbox.covered.len().min(ORIGINS_PER_SUMMARY_MAX);
-            let ranges: Vec<concord_proto::CoveredRange> = state.outbox.covered[..take]
-                .iter()
-                .map(|(origin, after, through)| concord_proto::CoveredRange {
-                    origin: origin.0,
-                    after: *after,
-                    through: *through,
-                })
-                .collect();
-            let message = Message::Covered { ranges };
-            if !fits(&message) {
-                return Ok(None);
-            }
-            state.outbox.covered.drain(..take);
-            return Ok(Some(message));
-        }
-        if let Some(nonce) = state.outbox.pong {
-            let message = Message::Pong { nonce };
-            if !fits(&message) {
-                return Ok(None);
-            }
-            state.outbox.pong = None;
-            return Ok(Some(message));
-        }
-        if let Some(front) = state.outbox.messages.front() {
-            if !fits(front) {
-                return Ok(None);
-            }
-            let message = state
-                .outbox
-                .messages
-                .pop_front()
-                .expect("the front was just seen");
-            state.outbox.messages_bytes -= message.frame_len();
-            return Ok(Some(message));
-        }
+    }
+
+    /// The next answer to a document request of `peer`'s, as it fits in `room`: the whole
+    /// document where it was compacted past what the peer has, else its changes the peer
+    /// lacks, a page at a time.
+    fn next_document_answer(
+        &mut self,
+        peer: NodeId,
+        room: usize,
+        replica: &impl Replica,
+    ) -> Result<Option<Message>, StoreError> {
+        let fits = |message: &Message| message.frame_len() <= room;
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Ok(None);
+        };
         while let Some(request) = state.outbox.documents.front() {
             if state.version >= 6 {
                 let whole = replica.compacted_for(request.doc.as_bytes(), &request.have)?;
@@ -513,7 +512,6 @@ impl Engine {
         room: usize,
         replica: &impl Replica,
     ) -> Result<Option<Message>, StoreError> {
-        let per_message = self.config.changes_per_message;
         let budget = room.saturating_sub(FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES);
         #[cfg(feature = "sabotage")]
         let budget = if self.config.sabotage.count_only_batches {
@@ -543,17 +541,16 @@ impl Engine {
         // only by a node that reads at least all it reads, so that every cover is true.
         let narrowed = !replica.reads_all(&peer);
         let serves_others = replica.reads_at_least(&self.config.node, &peer);
-        let covers = narrowed && state.version >= 4;
-        // Places whose changes were compacted away here are covered for every peer that takes
-        // covers (see `crate::store::LogPage::compacted`).
-        let covers_compacted = state.version >= 4;
-        let mut looked_through = 0usize;
-        let mut shipped_changes: Vec<ShippedChange> = Vec::new();
-        // Changes refused here that served ones depend on: they follow as documents.
-        let mut refused_dependencies: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut used = 0usize;
-        let mut pushed = 0u64;
-        let mut waits_for_room = false;
+        let mut gathering = Gathering {
+            per_message: self.config.changes_per_message,
+            budget,
+            narrowed,
+            covers: narrowed && state.version >= 4,
+            // Places whose changes were compacted away here are covered for every peer that
+            // takes covers (see `crate::store::LogPage::compacted`).
+            covers_compacted: state.version >= 4,
+            ..Gathering::default()
+        };
         for origin in origins {
             let state = self.peers.get_mut(&peer).expect("looked up above");
             if state.pruned.contains(&origin) {
@@ -568,7 +565,7 @@ impl Engine {
                 state.wanted.remove(&origin);
                 continue;
             }
-            let mut after = state.sent.get(&origin).copied().unwrap_or(0);
+            let after = state.sent.get(&origin).copied().unwrap_or(0);
             // Of this node's own log, only what is durable leaves.
             let mut last = if origin == self.config.writer {
                 self.own_durable
@@ -580,208 +577,226 @@ impl Engine {
                 // places this node looked at: none past a gap in what it holds of the log.
                 last = last.min(replica.origin_mark(&origin));
             }
-            let mut fill = None;
-            while fill.is_none() {
-                if after >= last {
-                    fill = Some(Fill::Exhausted);
-                    break;
-                }
-                let left = per_message - shipped_changes.len();
-                if left == 0 {
-                    fill = Some(Fill::Full);
-                    break;
-                }
-                if narrowed {
-                    let state = self.peers.get_mut(&peer).expect("looked up above");
-                    let covered = &mut state.outbox.covered;
-                    if looked_through >= ENTRIES_LOOKED_THROUGH_MAX
-                        || covers && covered.len() >= COVERED_RANGES_MAX
-                    {
-                        fill = Some(Fill::Full);
-                        break;
-                    }
-                    let limit = left.max(ENTRIES_LOOKED_THROUGH_MAX / 8);
-                    let LogPage {
-                        changes: page,
-                        through,
-                        refused_dependencies: refused_here,
-                        ..
-                    } = replica.log_readable_after(
-                        Some(&peer),
-                        &origin,
-                        after,
-                        limit,
-                        budget.saturating_sub(used),
-                    )?;
-                    looked_through += limit;
-                    refused_dependencies.extend(refused_here);
-                    let mut skip = |from: u64, to: u64| {
-                        if covers && to > from {
-                            note_skipped(covered, origin, from, to);
-                        }
-                    };
-                    if page.is_empty() {
-                        if through <= after {
-                            fill = Some(Fill::Exhausted);
-                            break;
-                        }
-                        // Nothing the peer may read up to there.
-                        skip(after, through.min(last));
-                        after = through.min(last);
-                        continue;
-                    }
-                    let mut fits_all = true;
-                    for change in page {
-                        if change.sequence > last {
-                            fill = Some(Fill::Exhausted);
-                            fits_all = false;
-                            break;
-                        }
-                        let entry = shipped(&change);
-                        let size = entry.encoded_len();
-                        if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES
-                            > FRAME_WITH_HEADER_BYTES_MAX
-                        {
-                            tracing::error!(
-                                origin = %change.origin,
-                                sequence = change.sequence,
-                                size,
-                                "a log entry is larger than any frame and is skipped"
-                            );
-                            self.stats.changes_unsendable += 1;
-                            skip(after, change.sequence);
-                            after = change.sequence;
-                            continue;
-                        }
-                        if used + size > budget {
-                            waits_for_room = shipped_changes.is_empty();
-                            fill = Some(Fill::Full);
-                            fits_all = false;
-                            break;
-                        }
-                        // What the page looked through before it is outside the peer's grant.
-                        skip(after, change.sequence - 1);
-                        used += size;
-                        after = change.sequence;
-                        shipped_changes.push(entry);
-                        if shipped_changes.len() == per_message {
-                            fill = Some(Fill::Full);
-                            fits_all = false;
-                            break;
-                        }
-                    }
-                    if fits_all {
-                        // What the page looked through past its last change is outside the
-                        // peer's grant too.
-                        skip(after, through.min(last));
-                        after = after.max(through.min(last));
-                    }
-                    continue;
-                }
-                let from_memory = self.recent.get(&origin, after + 1).cloned();
-                let in_memory = from_memory.is_some();
-                let page = match from_memory {
-                    Some(change) => LogPage {
-                        through: change.sequence,
-                        changes: vec![change],
-                        ..LogPage::default()
-                    },
-                    None => replica.log_readable_after(
-                        None,
-                        &origin,
-                        after,
-                        left,
-                        budget.saturating_sub(used),
-                    )?,
-                };
-                if page.changes.is_empty() && (page.compacted.is_empty() || !covers_compacted) {
-                    fill = Some(Fill::Exhausted);
-                    break;
-                }
-                refused_dependencies.extend(page.refused_dependencies);
-                let mut compacted = page.compacted.into_iter().peekable();
-                let mut stopped = false;
-                for change in page.changes {
-                    if covers_compacted
-                        && !self.cover_compacted(
-                            peer,
-                            origin,
-                            &mut after,
-                            &mut compacted,
-                            change.sequence.min(last.saturating_add(1)),
-                        )
-                    {
-                        fill = Some(Fill::Full);
-                        stopped = true;
-                        break;
-                    }
-                    stopped = true;
-                    if change.sequence > last {
-                        fill = Some(Fill::Exhausted);
-                        break;
-                    }
-                    let entry = shipped(&change);
-                    let size = entry.encoded_len();
-                    if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES
-                        > FRAME_WITH_HEADER_BYTES_MAX
-                    {
-                        // Written before changes were bounded: no frame can carry it.
-                        tracing::error!(
-                            origin = %change.origin,
-                            sequence = change.sequence,
-                            size,
-                            "a log entry is larger than any frame and is skipped"
-                        );
-                        self.stats.changes_unsendable += 1;
-                        after = change.sequence;
-                        continue;
-                    }
-                    if used + size > budget {
-                        waits_for_room = shipped_changes.is_empty();
-                        fill = Some(Fill::Full);
-                        break;
-                    }
-                    used += size;
-                    after = change.sequence;
-                    pushed += u64::from(in_memory);
-                    shipped_changes.push(entry);
-                    if shipped_changes.len() == per_message {
-                        fill = Some(Fill::Full);
-                        break;
-                    }
-                    stopped = false;
-                }
-                if !stopped
-                    && covers_compacted
-                    && !self.cover_compacted(
-                        peer,
-                        origin,
-                        &mut after,
-                        &mut compacted,
-                        last.saturating_add(1),
-                    )
-                {
-                    fill = Some(Fill::Full);
-                }
-            }
+            let mut walk = LogWalk {
+                origin,
+                after,
+                last,
+            };
+            let fill = self.gather_from(peer, &mut walk, &mut gathering, replica)?;
             let state = self.peers.get_mut(&peer).expect("looked up above");
-            state.sent.insert(origin, after);
+            state.sent.insert(origin, walk.after);
             match fill {
-                Some(Fill::Exhausted) => {
+                Fill::Exhausted => {
                     state.wanted.remove(&origin);
                 }
-                Some(Fill::Full) | None => break,
+                Fill::Full => break,
             }
         }
-        if waits_for_room || shipped_changes.is_empty() {
+        if gathering.waits_for_room || gathering.shipped.is_empty() {
             // A cover may be due (nothing the peer may read was found): it goes next.
             return Ok(None);
         }
-        self.stats.changes_pushed += pushed;
-        self.queue_refused_dependencies(peer, refused_dependencies);
+        self.stats.changes_pushed += gathering.pushed;
+        self.queue_refused_dependencies(peer, gathering.refused_dependencies);
         Ok(Some(Message::Changes(Changes {
-            changes: shipped_changes,
+            changes: gathering.shipped,
         })))
+    }
+
+    /// Adds what `peer` lacks of one origin's log to the message being gathered, page by
+    /// page, until the log has no more for it or the message is full.
+    fn gather_from(
+        &mut self,
+        peer: NodeId,
+        walk: &mut LogWalk,
+        gathering: &mut Gathering,
+        replica: &impl Replica,
+    ) -> Result<Fill, StoreError> {
+        loop {
+            if walk.after >= walk.last {
+                return Ok(Fill::Exhausted);
+            }
+            let left = gathering.per_message - gathering.shipped.len();
+            if left == 0 {
+                return Ok(Fill::Full);
+            }
+            let fill = if gathering.narrowed {
+                self.gather_narrowed_page(peer, walk, left, gathering, replica)?
+            } else {
+                self.gather_page(peer, walk, left, gathering, replica)?
+            };
+            if let Some(fill) = fill {
+                return Ok(fill);
+            }
+        }
+    }
+
+    /// One page of the log for a peer whose grant narrows what it reads: what it may read
+    /// is added, and what it may not is covered. `None` while the walk goes on.
+    fn gather_narrowed_page(
+        &mut self,
+        peer: NodeId,
+        walk: &mut LogWalk,
+        left: usize,
+        gathering: &mut Gathering,
+        replica: &impl Replica,
+    ) -> Result<Option<Fill>, StoreError> {
+        let (origin, last, covers) = (walk.origin, walk.last, gathering.covers);
+        let state = self.peers.get_mut(&peer).expect("looked up above");
+        let covered = &mut state.outbox.covered;
+        if gathering.looked_through >= ENTRIES_LOOKED_THROUGH_MAX
+            || covers && covered.len() >= COVERED_RANGES_MAX
+        {
+            return Ok(Some(Fill::Full));
+        }
+        let limit = left.max(ENTRIES_LOOKED_THROUGH_MAX / 8);
+        let LogPage {
+            changes: page,
+            through,
+            refused_dependencies,
+            ..
+        } = replica.log_readable_after(
+            Some(&peer),
+            &origin,
+            walk.after,
+            limit,
+            gathering.budget.saturating_sub(gathering.used),
+        )?;
+        gathering.looked_through += limit;
+        gathering.refused_dependencies.extend(refused_dependencies);
+        let mut skip = |from: u64, to: u64| {
+            if covers && to > from {
+                note_skipped(covered, origin, from, to);
+            }
+        };
+        if page.is_empty() {
+            if through <= walk.after {
+                return Ok(Some(Fill::Exhausted));
+            }
+            // Nothing the peer may read up to there.
+            skip(walk.after, through.min(last));
+            walk.after = through.min(last);
+            return Ok(None);
+        }
+        for change in page {
+            if change.sequence > last {
+                return Ok(Some(Fill::Exhausted));
+            }
+            let entry = shipped(&change);
+            let size = entry.encoded_len();
+            if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES > FRAME_WITH_HEADER_BYTES_MAX {
+                unsendable(&change, size);
+                self.stats.changes_unsendable += 1;
+                skip(walk.after, change.sequence);
+                walk.after = change.sequence;
+                continue;
+            }
+            if gathering.used + size > gathering.budget {
+                gathering.waits_for_room = gathering.shipped.is_empty();
+                return Ok(Some(Fill::Full));
+            }
+            // What the page looked through before it is outside the peer's grant.
+            skip(walk.after, change.sequence - 1);
+            gathering.used += size;
+            walk.after = change.sequence;
+            gathering.shipped.push(entry);
+            if gathering.shipped.len() == gathering.per_message {
+                return Ok(Some(Fill::Full));
+            }
+        }
+        // What the page looked through past its last change is outside the peer's grant too.
+        skip(walk.after, through.min(last));
+        walk.after = walk.after.max(through.min(last));
+        Ok(None)
+    }
+
+    /// One page of the log for a peer that reads everything this node does: the next change
+    /// from memory when it is there, else a page from the store, with compacted places
+    /// covered for a peer that takes covers. `None` while the walk goes on.
+    fn gather_page(
+        &mut self,
+        peer: NodeId,
+        walk: &mut LogWalk,
+        left: usize,
+        gathering: &mut Gathering,
+        replica: &impl Replica,
+    ) -> Result<Option<Fill>, StoreError> {
+        let (origin, last, covers_compacted) = (walk.origin, walk.last, gathering.covers_compacted);
+        let from_memory = self.recent.get(&origin, walk.after + 1).cloned();
+        let in_memory = from_memory.is_some();
+        let page = match from_memory {
+            Some(change) => LogPage {
+                through: change.sequence,
+                changes: vec![change],
+                ..LogPage::default()
+            },
+            None => replica.log_readable_after(
+                None,
+                &origin,
+                walk.after,
+                left,
+                gathering.budget.saturating_sub(gathering.used),
+            )?,
+        };
+        if page.changes.is_empty() && (page.compacted.is_empty() || !covers_compacted) {
+            return Ok(Some(Fill::Exhausted));
+        }
+        gathering
+            .refused_dependencies
+            .extend(page.refused_dependencies);
+        let mut compacted = page.compacted.into_iter().peekable();
+        let mut stopped = false;
+        for change in page.changes {
+            if covers_compacted
+                && !self.cover_compacted(
+                    peer,
+                    origin,
+                    &mut walk.after,
+                    &mut compacted,
+                    change.sequence.min(last.saturating_add(1)),
+                )
+            {
+                return Ok(Some(Fill::Full));
+            }
+            stopped = true;
+            if change.sequence > last {
+                return Ok(Some(Fill::Exhausted));
+            }
+            let entry = shipped(&change);
+            let size = entry.encoded_len();
+            if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES > FRAME_WITH_HEADER_BYTES_MAX {
+                // Written before changes were bounded: no frame can carry it.
+                unsendable(&change, size);
+                self.stats.changes_unsendable += 1;
+                walk.after = change.sequence;
+                continue;
+            }
+            if gathering.used + size > gathering.budget {
+                gathering.waits_for_room = gathering.shipped.is_empty();
+                return Ok(Some(Fill::Full));
+            }
+            gathering.used += size;
+            walk.after = change.sequence;
+            gathering.pushed += u64::from(in_memory);
+            gathering.shipped.push(entry);
+            if gathering.shipped.len() == gathering.per_message {
+                return Ok(Some(Fill::Full));
+            }
+            stopped = false;
+        }
+        if !stopped
+            && covers_compacted
+            && !self.cover_compacted(
+                peer,
+                origin,
+                &mut walk.after,
+                &mut compacted,
+                last.saturating_add(1),
+            )
+        {
+            return Ok(Some(Fill::Full));
+        }
+        Ok(None)
     }
 
     /// Covers for `peer` the places of `origin`'s log in `places` below `before` (their changes
@@ -887,4 +902,76 @@ fn note_skipped(covered: &mut Vec<(NodeId, u64, u64)>, origin: NodeId, after: u6
         }
     }
     covered.push((origin, after, through));
+}
+
+/// The next queued control message for a peer, in order: grafts, prunes, covered ranges, a
+/// pong, then other messages. `None` when none is queued; `Some(None)` when the next one
+/// does not fit (`fits`) and must wait.
+fn next_queued(outbox: &mut Outbox, fits: impl Fn(&Message) -> bool) -> Option<Option<Message>> {
+    for grafting in [false, true] {
+        let set = if grafting {
+            &mut outbox.graft
+        } else {
+            &mut outbox.prune
+        };
+        if set.is_empty() {
+            continue;
+        }
+        let origins: Vec<[u8; 16]> = set
+            .iter()
+            .take(ORIGINS_PER_SUMMARY_MAX)
+            .map(|origin| origin.0)
+            .collect();
+        let message = if grafting {
+            Message::Graft { origins }
+        } else {
+            Message::Prune { origins }
+        };
+        if !fits(&message) {
+            return Some(None);
+        }
+        for _ in 0..ORIGINS_PER_SUMMARY_MAX {
+            if set.pop_first().is_none() {
+                break;
+            }
+        }
+        return Some(Some(message));
+    }
+    if !outbox.covered.is_empty() {
+        let take = outbox.covered.len().min(ORIGINS_PER_SUMMARY_MAX);
+        let ranges: Vec<concord_proto::CoveredRange> = outbox.covered[..take]
+            .iter()
+            .map(|(origin, after, through)| concord_proto::CoveredRange {
+                origin: origin.0,
+                after: *after,
+                through: *through,
+            })
+            .collect();
+        let message = Message::Covered { ranges };
+        if !fits(&message) {
+            return Some(None);
+        }
+        outbox.covered.drain(..take);
+        return Some(Some(message));
+    }
+    if let Some(nonce) = outbox.pong {
+        let message = Message::Pong { nonce };
+        if !fits(&message) {
+            return Some(None);
+        }
+        outbox.pong = None;
+        return Some(Some(message));
+    }
+    if let Some(front) = outbox.messages.front() {
+        if !fits(front) {
+            return Some(None);
+        }
+        let message = outbox
+            .messages
+            .pop_front()
+            .expect("the front was just seen");
+        outbox.messages_bytes -= message.frame_len();
+        return Some(Some(message));
+    }
+    None
 }

@@ -39,49 +39,8 @@ impl Engine {
                     self.know_node(peer, &name, replica)?;
                 }
             }
-            Message::PolicyHash { hash } => {
-                let said = if hash == self.config.policy_hash {
-                    PeerPolicies::Same
-                } else {
-                    PeerPolicies::Differ
-                };
-                if said == PeerPolicies::Differ {
-                    tracing::warn!(
-                        %peer,
-                        "the peer's conflict policies differ from this node's: the same records \
-                         resolve to different values there (compare [[policies]] in concord.toml)"
-                    );
-                }
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    state.policies = said;
-                }
-            }
-            Message::Writer { writer } => {
-                let writer = NodeId(writer);
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    if state.writer != Some(writer) {
-                        state.writer = Some(writer);
-                        if state.ready {
-                            self.rebalance(replica, None);
-                        }
-                    }
-                }
-                // Tell the peer how far its own log is held here, so that a peer brought
-                // back from an older copy learns it before it writes much.
-                let contiguous = replica.origin_mark(&writer);
-                if contiguous > 0 {
-                    if let Some(hash) = replica.log_hash(&writer, contiguous)? {
-                        self.queue_message(
-                            peer,
-                            Message::LogMark {
-                                origin: writer.0,
-                                contiguous,
-                                hash: hash.0,
-                            },
-                        );
-                    }
-                }
-            }
+            Message::PolicyHash { hash } => self.receive_policy_hash(peer, hash),
+            Message::Writer { writer } => self.receive_writer(peer, NodeId(writer), replica)?,
             Message::LogMark {
                 origin,
                 contiguous,
@@ -110,44 +69,7 @@ impl Engine {
             Message::Changes(changes) => {
                 self.receive_changes(now, peer, changes, replica, actions)?
             }
-            Message::NeedDocument(need) => {
-                // A peer is given only documents its grant lets it read, as it stands here.
-                if replica.may_read_document(&peer, need.doc.as_bytes())? {
-                    let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
-                    self.queue_document(peer, need.doc, have);
-                } else if repair::repair_view(replica, &self.config.node, &peer)
-                    .is_some_and(|view| view.withdraws)
-                {
-                    let have: Vec<ChangeHash> =
-                        need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
-                    let doc_key = need.doc.as_bytes();
-                    if replica.missing_changes(doc_key, &have)?.is_empty() {
-                        // It asks because a change it was sent waits on the record's earlier
-                        // changes, which it will never be given: told to take the record
-                        // out, it also lets that change's place go, and its log moves on.
-                        self.queue_message(
-                            peer,
-                            Message::Withdraw {
-                                docs: vec![need.doc],
-                            },
-                        );
-                    } else {
-                        // It holds changes of it this node lacks, maybe the last copies
-                        // (their author's store lost): they come here first, and repair
-                        // tells it to take the record out once they have.
-                        let mine = replica.heads(doc_key)?;
-                        self.queue_message(
-                            peer,
-                            Message::NeedDocument(NeedDocument {
-                                doc: need.doc,
-                                have: mine.iter().map(|hash| hash.0).collect(),
-                            }),
-                        );
-                    }
-                } else {
-                    tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
-                }
-            }
+            Message::NeedDocument(need) => self.receive_need(peer, need, replica)?,
             Message::Covered { ranges } => {
                 for range in ranges {
                     self.receive_cover(peer, range, replica)?;
@@ -166,25 +88,8 @@ impl Engine {
                     state.outbox.pong = Some(nonce);
                 }
             }
-            Message::Prune { origins } => {
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    for origin in origins {
-                        let origin = NodeId(origin);
-                        state.pruned.insert(origin);
-                        state.wanted.remove(&origin);
-                    }
-                }
-            }
-            Message::Graft { origins } => {
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    for origin in origins {
-                        let origin = NodeId(origin);
-                        state.pruned.remove(&origin);
-                        // What the peer missed meanwhile comes from its mark.
-                        state.wanted.insert(origin);
-                    }
-                }
-            }
+            Message::Prune { origins } => self.receive_prune(peer, origins, true),
+            Message::Graft { origins } => self.receive_prune(peer, origins, false),
             Message::Pong { .. } => {}
             Message::Goodbye(_) => {
                 self.peers.remove(&peer);
@@ -194,6 +99,126 @@ impl Engine {
             Message::DocumentHeads(heads) => self.receive_heads(peer, heads, replica)?,
         }
         Ok(())
+    }
+
+    /// The peer's conflict policies, by their hash: the same as this node's, or not.
+    fn receive_policy_hash(&mut self, peer: NodeId, hash: concord_proto::HashBytes) {
+        let said = if hash == self.config.policy_hash {
+            PeerPolicies::Same
+        } else {
+            PeerPolicies::Differ
+        };
+        if said == PeerPolicies::Differ {
+            tracing::warn!(
+                %peer,
+                "the peer's conflict policies differ from this node's: the same records \
+                 resolve to different values there (compare [[policies]] in concord.toml)"
+            );
+        }
+        if let Some(state) = self.peers.get_mut(&peer) {
+            state.policies = said;
+        }
+    }
+
+    /// The peer writes as `writer` now.
+    fn receive_writer(
+        &mut self,
+        peer: NodeId,
+        writer: NodeId,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            if state.writer != Some(writer) {
+                state.writer = Some(writer);
+                if state.ready {
+                    self.rebalance(replica, None);
+                }
+            }
+        }
+        // Tell the peer how far its own log is held here, so that a peer brought
+        // back from an older copy learns it before it writes much.
+        let contiguous = replica.origin_mark(&writer);
+        if contiguous > 0 {
+            if let Some(hash) = replica.log_hash(&writer, contiguous)? {
+                self.queue_message(
+                    peer,
+                    Message::LogMark {
+                        origin: writer.0,
+                        contiguous,
+                        hash: hash.0,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The peer asks for a document: sent if its grant lets it read it here; otherwise, for a
+    /// peer that repair may withdraw records from, what lets its log move on.
+    fn receive_need(
+        &mut self,
+        peer: NodeId,
+        need: NeedDocument,
+        replica: &impl Replica,
+    ) -> Result<(), StoreError> {
+        // A peer is given only documents its grant lets it read, as it stands here.
+        if replica.may_read_document(&peer, need.doc.as_bytes())? {
+            let have = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+            self.queue_document(peer, need.doc, have);
+        } else if repair::repair_view(replica, &self.config.node, &peer)
+            .is_some_and(|view| view.withdraws)
+        {
+            let have: Vec<ChangeHash> = need.have.iter().map(|bytes| ChangeHash(*bytes)).collect();
+            let doc_key = need.doc.as_bytes();
+            if replica.missing_changes(doc_key, &have)?.is_empty() {
+                // It asks because a change it was sent waits on the record's earlier
+                // changes, which it will never be given: told to take the record
+                // out, it also lets that change's place go, and its log moves on.
+                self.queue_message(
+                    peer,
+                    Message::Withdraw {
+                        docs: vec![need.doc],
+                    },
+                );
+            } else {
+                // It holds changes of it this node lacks, maybe the last copies
+                // (their author's store lost): they come here first, and repair
+                // tells it to take the record out once they have.
+                let mine = replica.heads(doc_key)?;
+                self.queue_message(
+                    peer,
+                    Message::NeedDocument(NeedDocument {
+                        doc: need.doc,
+                        have: mine.iter().map(|hash| hash.0).collect(),
+                    }),
+                );
+            }
+        } else {
+            tracing::debug!(%peer, doc = %need.doc, "a document outside the peer's grant is not sent");
+        }
+        Ok(())
+    }
+
+    /// The peer stops (`prune`) or starts again (graft) taking `origins`' changes from this
+    /// node; what it missed meanwhile comes from its mark.
+    fn receive_prune(
+        &mut self,
+        peer: NodeId,
+        origins: Vec<concord_proto::NodeIdBytes>,
+        prune: bool,
+    ) {
+        if let Some(state) = self.peers.get_mut(&peer) {
+            for origin in origins {
+                let origin = NodeId(origin);
+                if prune {
+                    state.pruned.insert(origin);
+                    state.wanted.remove(&origin);
+                } else {
+                    state.pruned.remove(&origin);
+                    state.wanted.insert(origin);
+                }
+            }
+        }
     }
 
     pub(super) fn receive_hello(

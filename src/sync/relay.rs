@@ -49,45 +49,7 @@ impl Engine {
             self.balanced = None;
             return;
         }
-        let mut origins: BTreeSet<NodeId> = replica
-            .origin_marks()
-            .into_iter()
-            .map(|(origin, _)| origin)
-            .collect();
-        let incremental = match (&self.balanced, changed) {
-            (Some(balanced), Some(changed)) if balanced.ready == ready => {
-                origins.extend(changed.iter().copied());
-                origins.remove(&self.config.writer);
-                let fresh: Vec<NodeId> = origins.difference(&balanced.origins).copied().collect();
-                let mut scope: BTreeSet<NodeId> = changed.clone();
-                scope.extend(fresh);
-                scope.remove(&self.config.writer);
-                Some(scope)
-            }
-            _ => None,
-        };
-        let full = incremental.is_none();
-        let scope = match incremental {
-            Some(scope) => {
-                if let Some(balanced) = self.balanced.as_mut() {
-                    balanced.origins.extend(scope.iter().copied());
-                }
-                scope
-            }
-            None => {
-                for peer in &ready {
-                    let state = &self.peers[peer];
-                    origins.insert(state.writer.unwrap_or(*peer));
-                    origins.extend(state.reported.keys().copied());
-                }
-                origins.remove(&self.config.writer);
-                self.balanced = Some(Balanced {
-                    ready: ready.clone(),
-                    origins: origins.clone(),
-                });
-                origins
-            }
-        };
+        let (scope, full) = self.origins_to_weigh(&ready, replica, changed);
         let mut prunes: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
         let mut grafts: BTreeMap<NodeId, Vec<[u8; 16]>> = BTreeMap::new();
         if full {
@@ -110,72 +72,19 @@ impl Engine {
             .iter()
             .map(|peer| replica.reads_at_least(peer, &self.config.node))
             .collect();
-        // Per ready peer (by position): its mark for the origin weighed, and whether it is
-        // a source of it now.
-        let mut weighed: Vec<(u64, bool)> = Vec::with_capacity(ready.len());
         for origin in &scope {
-            weighed.clear();
-            weighed.extend(states.iter().map(|state| {
-                (
-                    state.reported.get(origin).copied().unwrap_or(0),
-                    !state.pruned_by_us.contains(origin),
-                )
-            }));
-            let mut wanted: Vec<bool> = vec![false; ready.len()];
-            // The origin itself: the peer writing under it now, or, before version 3, the peer
-            // whose id it is. A node's former writer is not itself: it may hold less of it.
-            let itself = states
+            // Per ready peer (by position): its mark for the origin, and whether it is a
+            // source of it now.
+            let weighed: Vec<(u64, bool)> = states
                 .iter()
-                .position(|state| state.writer == Some(*origin))
-                .or_else(|| {
-                    ready
-                        .binary_search(origin)
-                        .ok()
-                        .filter(|&position| states[position].writer.is_none())
-                });
-            if let Some(position) = itself {
-                wanted[position] = true;
-            } else {
-                let current = weighed.iter().filter(|(_, source)| *source).count();
-                let best = |sources: bool| {
-                    weighed
-                        .iter()
-                        .zip(&serves)
-                        .filter(|((_, source), serves)| *source == sources && **serves)
-                        .map(|((mark, _), _)| *mark)
-                        .max()
-                };
-                let sources_serve = weighed
-                    .iter()
-                    .zip(&serves)
-                    .all(|((_, source), serves)| !*source || *serves);
-                let keep = current <= RELAYS_PER_ORIGIN
-                    && current > 0
-                    && sources_serve
-                    && best(false) <= best(true);
-                if keep {
-                    for (want, (_, source)) in wanted.iter_mut().zip(&weighed) {
-                        *want = *source;
-                    }
-                } else {
-                    let mut ranked: Vec<(std::cmp::Reverse<u64>, u64, usize)> = weighed
-                        .iter()
-                        .enumerate()
-                        .filter(|(position, _)| serves[*position])
-                        .map(|(position, (mark, _))| {
-                            (
-                                std::cmp::Reverse(*mark),
-                                spread(origin, &ready[position]),
-                                position,
-                            )
-                        })
-                        .collect();
-                    ranked.sort_unstable();
-                    for (_, _, position) in ranked.into_iter().take(RELAYS_PER_ORIGIN) {
-                        wanted[position] = true;
-                    }
-                }
-            }
+                .map(|state| {
+                    (
+                        state.reported.get(origin).copied().unwrap_or(0),
+                        !state.pruned_by_us.contains(origin),
+                    )
+                })
+                .collect();
+            let wanted = choose_sources(origin, &ready, &states, &weighed, &serves);
             for (position, peer) in ready.iter().enumerate() {
                 let (_, source) = weighed[position];
                 if wanted[position] != source {
@@ -188,15 +97,64 @@ impl Engine {
                 }
             }
         }
-        for peer in &ready {
+        self.tell_prunes_and_grafts(&ready, prunes, grafts);
+    }
+
+    /// The origins a rebalance weighs, and whether that is every one (a full pass, which
+    /// records what it weighed) rather than only those `changed` and new.
+    fn origins_to_weigh(
+        &mut self,
+        ready: &[NodeId],
+        replica: &impl Replica,
+        changed: Option<&BTreeSet<NodeId>>,
+    ) -> (BTreeSet<NodeId>, bool) {
+        let mut origins: BTreeSet<NodeId> = replica
+            .origin_marks()
+            .into_iter()
+            .map(|(origin, _)| origin)
+            .collect();
+        match (&mut self.balanced, changed) {
+            (Some(balanced), Some(changed)) if balanced.ready == ready => {
+                origins.extend(changed.iter().copied());
+                origins.remove(&self.config.writer);
+                let fresh: Vec<NodeId> = origins.difference(&balanced.origins).copied().collect();
+                let mut scope: BTreeSet<NodeId> = changed.clone();
+                scope.extend(fresh);
+                scope.remove(&self.config.writer);
+                balanced.origins.extend(scope.iter().copied());
+                (scope, false)
+            }
+            _ => {
+                for peer in ready {
+                    let state = &self.peers[peer];
+                    origins.insert(state.writer.unwrap_or(*peer));
+                    origins.extend(state.reported.keys().copied());
+                }
+                origins.remove(&self.config.writer);
+                self.balanced = Some(Balanced {
+                    ready: ready.to_vec(),
+                    origins: origins.clone(),
+                });
+                (origins, true)
+            }
+        }
+    }
+
+    /// Queues what each ready peer is told: a prune not yet sent is taken back by a graft,
+    /// and the other way round, so the peer hears the latest choice.
+    fn tell_prunes_and_grafts(
+        &mut self,
+        ready: &[NodeId],
+        mut prunes: BTreeMap<NodeId, Vec<[u8; 16]>>,
+        mut grafts: BTreeMap<NodeId, Vec<[u8; 16]>>,
+    ) {
+        for peer in ready {
             let prune = prunes.remove(peer).unwrap_or_default();
             let mut graft = grafts.remove(peer).unwrap_or_default();
             graft.sort_unstable();
             let Some(state) = self.peers.get_mut(peer) else {
                 continue;
             };
-            // What the peer is told is the latest choice: a prune not yet sent is taken back
-            // by a graft, and the other way round.
             for origin in prune {
                 let origin = NodeId(origin);
                 state.pruned_by_us.insert(origin);
@@ -211,4 +169,70 @@ impl Engine {
             }
         }
     }
+}
+
+/// Which ready peers (by position) should push `origin`'s changes here: the origin itself
+/// when it is among them, else the current sources while they are few enough, all serve and
+/// none left out holds more, else the [`RELAYS_PER_ORIGIN`] that hold the most.
+fn choose_sources(
+    origin: &NodeId,
+    ready: &[NodeId],
+    states: &[&Peer],
+    weighed: &[(u64, bool)],
+    serves: &[bool],
+) -> Vec<bool> {
+    let mut wanted: Vec<bool> = vec![false; ready.len()];
+    // The origin itself: the peer writing under it now, or, before version 3, the peer
+    // whose id it is. A node's former writer is not itself: it may hold less of it.
+    let itself = states
+        .iter()
+        .position(|state| state.writer == Some(*origin))
+        .or_else(|| {
+            ready
+                .binary_search(origin)
+                .ok()
+                .filter(|&position| states[position].writer.is_none())
+        });
+    if let Some(position) = itself {
+        wanted[position] = true;
+        return wanted;
+    }
+    let current = weighed.iter().filter(|(_, source)| *source).count();
+    let best = |sources: bool| {
+        weighed
+            .iter()
+            .zip(serves)
+            .filter(|((_, source), serves)| *source == sources && **serves)
+            .map(|((mark, _), _)| *mark)
+            .max()
+    };
+    let sources_serve = weighed
+        .iter()
+        .zip(serves)
+        .all(|((_, source), serves)| !*source || *serves);
+    let keep =
+        current <= RELAYS_PER_ORIGIN && current > 0 && sources_serve && best(false) <= best(true);
+    if keep {
+        for (want, (_, source)) in wanted.iter_mut().zip(weighed) {
+            *want = *source;
+        }
+        return wanted;
+    }
+    let mut ranked: Vec<(std::cmp::Reverse<u64>, u64, usize)> = weighed
+        .iter()
+        .enumerate()
+        .filter(|(position, _)| serves[*position])
+        .map(|(position, (mark, _))| {
+            (
+                std::cmp::Reverse(*mark),
+                spread(origin, &ready[position]),
+                position,
+            )
+        })
+        .collect();
+    ranked.sort_unstable();
+    for (_, _, position) in ranked.into_iter().take(RELAYS_PER_ORIGIN) {
+        wanted[position] = true;
+    }
+    wanted
 }

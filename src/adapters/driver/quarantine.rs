@@ -28,10 +28,13 @@ pub struct QuarantinedRow {
 }
 
 /// Every quarantined row of every binding on the node, up to `limit`.
-pub fn quarantined_rows(node: &Node, limit: usize) -> Result<Vec<QuarantinedRow>, AdapterError> {
+pub fn quarantined_rows(
+    node: &dyn Host,
+    limit: usize,
+) -> Result<Vec<QuarantinedRow>, AdapterError> {
     let mut rows = Vec::new();
-    for binding in &node.config().bindings {
-        let prefix = format!("adapter/{}/quarantine/", binding.name()).into_bytes();
+    for binding in node.bindings() {
+        let prefix = state::quarantined_prefix(&binding.name());
         for (_, value) in
             node.documents()
                 .states(&prefix, None, limit.saturating_sub(rows.len()))?
@@ -48,25 +51,24 @@ pub fn quarantined_rows(node: &Node, limit: usize) -> Result<Vec<QuarantinedRow>
 }
 
 impl Runner {
-    pub(super) fn entry_name(&self, list: &str, direction: &str, key: &str) -> Vec<u8> {
-        self.state_name(&format!("{list}/{direction}/{key}"))
-    }
-
     pub(super) fn defer(&self, key: &str) -> Result<(), AdapterError> {
         let mut session = self.node.documents().session();
-        session.put_state(&self.entry_name("deferred", "out", key), Vec::new());
+        session.put_state(
+            &self.state_name(State::Deferred(Side::Out, key)),
+            Vec::new(),
+        );
         session.commit(Durability::Deferred)?;
         Ok(())
     }
 
     pub(super) fn quarantine(
         &self,
-        direction: &str,
+        side: Side,
         key: &str,
         error: &str,
     ) -> Result<(), AdapterError> {
         let docs = self.node.documents();
-        let name = self.entry_name("quarantine", direction, key);
+        let name = self.state_name(State::Quarantined(side, key));
         let now = u64::try_from(now_ms()).unwrap_or(0);
         let mut entry = match docs.state(&name)? {
             Some(bytes) => serde_json::from_slice::<QuarantinedRow>(&bytes).ok(),
@@ -74,7 +76,7 @@ impl Runner {
         }
         .unwrap_or(QuarantinedRow {
             binding: self.name.clone(),
-            direction: direction.to_owned(),
+            direction: side.as_str().to_owned(),
             key: key.to_owned(),
             error: String::new(),
             attempts: 0,
@@ -89,7 +91,7 @@ impl Runner {
             .min(RETRY_BACKOFF_MAX_MS);
         entry.next_retry_ms = now + backoff;
         if new {
-            tracing::warn!(binding = %self.name, direction, key, error, "row quarantined");
+            tracing::warn!(binding = %self.name, direction = side.as_str(), key, error, "row quarantined");
             self.status().quarantined += 1;
         }
         let mut session = docs.session();
@@ -98,17 +100,17 @@ impl Runner {
         Ok(())
     }
 
-    pub(super) fn clear(&self, direction: &str, key: &str) -> Result<(), AdapterError> {
+    pub(super) fn clear(&self, side: Side, key: &str) -> Result<(), AdapterError> {
         let docs = self.node.documents();
         let names = [
-            self.entry_name("quarantine", direction, key),
-            self.entry_name("deferred", direction, key),
+            (true, self.state_name(State::Quarantined(side, key))),
+            (false, self.state_name(State::Deferred(side, key))),
         ];
         let mut session = docs.session();
         let mut any = false;
-        for name in names {
+        for (quarantined, name) in names {
             if docs.state(&name)?.is_some() {
-                if name.starts_with(&self.state_name("quarantine")) {
+                if quarantined {
                     let mut status = self.status();
                     status.quarantined = status.quarantined.saturating_sub(1);
                 }
@@ -126,13 +128,13 @@ impl Runner {
     pub(super) fn retry(&self, table: &mut dyn Table) -> Result<(), AdapterError> {
         let docs = self.node.documents();
         let now = u64::try_from(now_ms()).unwrap_or(0);
-        let deferred_prefix = self.state_name("deferred/out/");
+        let deferred_prefix = state::deferred_prefix(&self.name, Side::Out);
         let mut out_keys: Vec<String> = docs
             .states(&deferred_prefix, None, RETRIES_PER_ROUND)?
             .into_iter()
             .filter_map(|(name, _)| String::from_utf8(name[deferred_prefix.len()..].to_vec()).ok())
             .collect();
-        let quarantine_prefix = self.state_name("quarantine/");
+        let quarantine_prefix = state::quarantined_prefix(&self.name);
         let mut in_keys = Vec::new();
         for (_, value) in docs.states(&quarantine_prefix, None, QUARANTINE_ROWS_MAX)? {
             let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&value) else {
@@ -141,7 +143,7 @@ impl Runner {
             if entry.next_retry_ms > now {
                 continue;
             }
-            if entry.direction == "out" {
+            if entry.direction == Side::Out.as_str() {
                 out_keys.push(entry.key);
             } else {
                 in_keys.push(entry.key);
@@ -162,7 +164,7 @@ impl Runner {
             let parts = match key_parts(&key, self.mapping().key.len()) {
                 Ok(parts) => parts,
                 Err(error) => {
-                    self.quarantine("in", &key, &error)?;
+                    self.quarantine(Side::In, &key, &error)?;
                     continue;
                 }
             };
@@ -170,11 +172,11 @@ impl Runner {
             self.write_rows(vec![(parts, row, None, None)], None)?;
             // A row that wrote cleanly leaves the quarantine; one that failed again was
             // put back above with a longer backoff.
-            let name = self.entry_name("quarantine", "in", &key);
+            let name = self.state_name(State::Quarantined(Side::In, &key));
             if let Some(bytes) = docs.state(&name)? {
                 if let Ok(entry) = serde_json::from_slice::<QuarantinedRow>(&bytes) {
                     if entry.next_retry_ms <= now {
-                        self.clear("in", &key)?;
+                        self.clear(Side::In, &key)?;
                     }
                 }
             }
