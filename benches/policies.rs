@@ -19,7 +19,7 @@ use automerge::Automerge;
 use concord::config::{PolicyKind, PolicySection};
 use concord::policy::{self, Policies};
 use concord::record::document::{self, apply_write};
-use concord::record::stamp::{next_hlc, ChangeStamp};
+use concord::record::stamp::{next_clock, ChangeStamp};
 use concord::record::{NodeId, RecordWrite};
 use serde_json::{json, Value};
 
@@ -42,14 +42,14 @@ best
 "#;
 
 fn write(doc: &mut Automerge, node: u8, source: &str, wall_ms: u64, set: Vec<(String, Value)>) {
-    let hlc = next_hlc(doc, wall_ms);
+    let clock = next_clock(doc, wall_ms);
     doc.set_actor(NodeId([node; 16]).actor(0));
     let stamp = ChangeStamp {
-        hlc,
+        hlc: clock.ms,
+        lc: clock.counter,
         src: Some(source.to_owned()),
         site: Some(format!("site-{node}")),
-        node: None,
-        reverts: None,
+        ..ChangeStamp::default()
     };
     let mut tx = doc.transaction();
     let write = RecordWrite {

@@ -323,6 +323,8 @@ pub struct Candidate {
     pub site: Option<String>,
     /// Hybrid logical clock of the change, ms since the Unix epoch.
     pub hlc: u64,
+    /// The clock's logical counter within that millisecond.
+    pub lc: u32,
     /// The same as a time (RFC 3339, ms), by the writer's clock as pushed past its parents'.
     pub time: String,
     /// The change that wrote it.
@@ -416,15 +418,16 @@ fn field_values<'a>(
                 // Candidates in the order they were written (by clock, then actor), the same for
                 // every field and on every node, so that `resolve --pick N` means one thing.
                 values.sort_by_cached_key(|(_, id)| {
-                    let hlc = doc
+                    let clock = doc
                         .hash_for_opid(id)
                         .and_then(|hash| ChangeStamp::of_hash(doc, &hash))
-                        .map_or(0, |stamp| stamp.hlc);
+                        .map(|stamp| stamp.clock())
+                        .unwrap_or_default();
                     let actor = match id {
                         ObjId::Id(_, actor, _) => actor.to_hex_string(),
                         ObjId::Root => String::new(),
                     };
-                    (hlc, actor)
+                    (clock, actor)
                 });
             }
             Some((field, values))
@@ -506,6 +509,7 @@ fn candidate(
         source: stamp.src,
         site: stamp.site,
         hlc: stamp.hlc,
+        lc: stamp.lc,
         time: humantime::format_rfc3339_millis(
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(stamp.hlc),
         )
@@ -526,7 +530,7 @@ pub fn pick(
         among
             .max_by(|a, b| {
                 let (a, b) = (&candidates[*a], &candidates[*b]);
-                (a.hlc, &a.actor).cmp(&(b.hlc, &b.actor))
+                (a.hlc, a.lc, &a.actor).cmp(&(b.hlc, b.lc, &b.actor))
             })
             .unwrap_or(default)
     };
@@ -591,7 +595,7 @@ fn hash_of(
 mod tests {
     use super::*;
     use crate::record::document::{apply_write, RecordWrite};
-    use crate::record::stamp::{next_hlc, ChangeStamp};
+    use crate::record::stamp::{next_clock, ChangeStamp};
     use automerge::transaction::CommitOptions;
     use proptest::prelude::*;
     use serde_json::json;
@@ -607,14 +611,14 @@ mod tests {
     /// Writes `field = value` as the store does: stamped with the writer's names and a
     /// clock pushed past the document's heads.
     fn write(doc: &mut Automerge, writer: &Writer, wall_ms: u64, field: &str, value: Json) {
-        let hlc = next_hlc(doc, wall_ms);
+        let clock = next_clock(doc, wall_ms);
         doc.set_actor(NodeId([writer.node; 16]).actor(0));
         let stamp = ChangeStamp {
-            hlc,
+            hlc: clock.ms,
+            lc: clock.counter,
             src: Some(writer.source.to_owned()),
             site: Some(writer.site.to_owned()),
-            node: None,
-            reverts: None,
+            ..ChangeStamp::default()
         };
         let mut tx = doc.transaction();
         let write = RecordWrite {
@@ -963,9 +967,9 @@ mod tests {
                 outcomes.push(all_policies.iter().map(|p| field(&merged, p)).collect());
                 let found = conflicts(&merged, "customers", &all_policies[1]);
                 if let Some(conflict) = found.first() {
-                    let best = conflict.candidates.iter().map(|c| (c.hlc, c.actor.clone())).max().unwrap();
+                    let best = conflict.candidates.iter().map(|c| (c.hlc, c.lc, c.actor.clone())).max().unwrap();
                     let winner = &conflict.candidates[conflict.winner];
-                    prop_assert_eq!((winner.hlc, winner.actor.clone()), best);
+                    prop_assert_eq!((winner.hlc, winner.lc, winner.actor.clone()), best);
                 }
                 let found = conflicts(&merged, "customers", &all_policies[2]);
                 if let Some(conflict) = found.first() {

@@ -71,12 +71,13 @@ pub(super) fn clock_of(at: &Automerge, cut: &[ChangeHash]) -> Option<(String, i6
         .filter_map(|hash| at.get_change_by_hash(hash))
         .map(|change| {
             let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
-            (stamp.hlc, change.timestamp(), change.hash())
+            (stamp.clock(), change.timestamp(), change.hash())
         })
         .max()
-        .map(|(hlc, time, _)| {
+        .map(|(clock, time, _)| {
             let stamp = ChangeStamp {
-                hlc,
+                hlc: clock.ms,
+                lc: clock.counter,
                 ..ChangeStamp::default()
             };
             (stamp.to_message(), time)

@@ -27,7 +27,7 @@
 
 use automerge::{Change, ChangeHash};
 
-use crate::record::stamp::ChangeStamp;
+use crate::record::stamp::{ChangeStamp, Clock};
 
 /// Refused changes kept with their bytes, at most.
 pub const REFUSED_CHANGES_MAX: usize = 100_000;
@@ -35,9 +35,9 @@ pub const REFUSED_CHANGES_MAX: usize = 100_000;
 pub const REFUSED_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// The order of the rule: the change that sorts first stands.
-fn rank(change: &Change) -> (u64, ChangeHash) {
+fn rank(change: &Change) -> (Clock, ChangeHash) {
     let stamp = ChangeStamp::of_change(change.message(), change.timestamp());
-    (stamp.hlc, change.hash())
+    (stamp.clock(), change.hash())
 }
 
 /// Whether `incoming` stands against `held`, a different change with its actor and sequence.
@@ -67,10 +67,7 @@ mod tests {
         tx.put(automerge::ROOT, "credit", value).unwrap();
         let stamp = ChangeStamp {
             hlc,
-            src: None,
-            site: None,
-            node: None,
-            reverts: None,
+            ..ChangeStamp::default()
         };
         let (hash, _) = tx.commit_with(CommitOptions::default().with_message(stamp.to_message()));
         doc.get_change_by_hash(&hash.unwrap()).unwrap()

@@ -413,8 +413,10 @@ impl<S: Store> DocStore<S> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(actor)
             .cloned();
+        let clock = stamp::next_clock(doc, wall_ms);
         ChangeStamp {
-            hlc: stamp::next_hlc(doc, wall_ms),
+            hlc: clock.ms,
+            lc: clock.counter,
             src: names.as_ref().map(|(source, _, _)| source.clone()),
             site: names.as_ref().map(|(_, site, _)| site.clone()),
             node: names.map(|(_, _, node)| node.to_string()),

@@ -18,6 +18,18 @@ fn open(store: MemoryStore, node: NodeId, compact: u32) -> DocStore<MemoryStore>
     DocStore::open(store, node, config).unwrap()
 }
 
+/// Sets field `v` to `value` at wall clock `time_ms`.
+fn set_at(docs: &DocStore<MemoryStore>, id: &RecordId, actor: &ActorId, time_ms: i64, value: i64) {
+    let write = RecordWrite {
+        set: vec![("v".to_owned(), json!(value))],
+        ..Default::default()
+    };
+    docs.write(id, actor, time_ms, Durability::Durable, |tx| {
+        apply_write(tx, &write)
+    })
+    .unwrap();
+}
+
 fn set(docs: &DocStore<MemoryStore>, id: &RecordId, actor: &ActorId, field: &str, value: i64) {
     let write = RecordWrite {
         set: vec![(field.to_owned(), json!(value))],
@@ -210,8 +222,10 @@ fn a_write_is_stamped_to_the_millisecond_with_its_writer() {
                 .collect()
         })
         .unwrap();
-    let expected = |hlc| ChangeStamp {
-        hlc,
+    // The same millisecond, the counter one up: the clock stays at the wall clock.
+    let expected = |lc| ChangeStamp {
+        hlc: 1_764_000_000_250,
+        lc,
         src: Some("erp".into()),
         site: Some("paris".into()),
         node: Some(node.to_string()),
@@ -219,11 +233,34 @@ fn a_write_is_stamped_to_the_millisecond_with_its_writer() {
     };
     assert_eq!(
         stamps,
-        vec![
-            (expected(1_764_000_000_250), 1_764_000_000),
-            (expected(1_764_000_000_251), 1_764_000_000),
-        ]
+        vec![(expected(0), 1_764_000_000), (expected(1), 1_764_000_000)]
     );
+}
+
+/// A burst of writes to one record, faster than one a millisecond, keeps its stamps at the
+/// wall clock: the logical counter counts, the milliseconds do not run ahead (peers would
+/// hold changes stamped too far ahead of their own clocks).
+#[test]
+fn a_burst_to_one_record_keeps_its_stamps_at_the_wall_clock() {
+    let node = NodeId::random().unwrap();
+    let docs = open(MemoryStore::new(), node, 1_000_000);
+    let id = RecordId::parse("c/hot").unwrap();
+    let wall = 1_764_000_000_000;
+    for value in 0..1_000 {
+        set_at(&docs, &id, &node.actor(0), wall + value / 100, value);
+    }
+    let last = docs
+        .read(&id, |doc| {
+            doc.changes(&[])
+                .iter()
+                .map(|change| ChangeStamp::of_change(change.message(), change.timestamp()))
+                .max_by_key(ChangeStamp::clock)
+        })
+        .unwrap()
+        .unwrap();
+    // 1,000 writes over 10 ms of wall clock: the last is stamped at the last wall millisecond.
+    assert_eq!(last.hlc, u64::try_from(wall + 9).unwrap());
+    assert_eq!(last.lc, 99);
 }
 
 #[test]
