@@ -16,7 +16,7 @@
 //! fresh peer, beside N changes spread over N distinct records.
 //!
 //! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]
-//! [--history N] [--partial-only]`
+//! [--history N] [--partial-only] [--history-only]`
 
 /// The allocator the `concord` binary uses, so that these are the binary's figures.
 #[global_allocator]
@@ -52,6 +52,10 @@ fn main() {
     if args.iter().any(|arg| arg == "--partial-only") {
         partial_replica(records, true);
         partial_replica(records, false);
+        return;
+    }
+    if args.iter().any(|arg| arg == "--history-only") {
+        long_history(history);
         return;
     }
     engine_level(records);

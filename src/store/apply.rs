@@ -851,11 +851,21 @@ impl<S: Store> DocStore<S> {
                 }
             }
         }
+        let taken_out: HashSet<ChangeHash> = removed.iter().map(Change::hash).collect();
         for (index, taken) in removed.iter().enumerate() {
             let (reason, instead) = if index == 0 {
                 (RefusalReason::DuplicateSequence, change.hash())
             } else {
-                (RefusalReason::DependsOnRefused, held.hash())
+                // The refused change it depends on directly, so that the chain from it to the
+                // change that lost can be followed link by link (see
+                // `DocStore::refused_dependencies`).
+                let direct = taken
+                    .deps()
+                    .iter()
+                    .copied()
+                    .find(|dependency| taken_out.contains(dependency))
+                    .unwrap_or(held.hash());
+                (RefusalReason::DependsOnRefused, direct)
             };
             self.note_own_writer(session, taken, report);
             session.refuse(doc_key, taken, reason, instead);

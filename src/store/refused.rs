@@ -121,11 +121,20 @@ impl<S: Store> WriteSession<'_, S> {
                 }
             }
         }
+        let taken_out: std::collections::HashSet<ChangeHash> =
+            removed.iter().map(Change::hash).collect();
         for taken in &removed {
             let (reason, instead) = if held.contains(&taken.hash()) {
                 (RefusalReason::Revoked, ChangeHash([0; 32]))
             } else {
-                (RefusalReason::DependsOnRefused, first)
+                // The refused change it depends on directly.
+                let direct = taken
+                    .deps()
+                    .iter()
+                    .copied()
+                    .find(|dependency| taken_out.contains(dependency))
+                    .unwrap_or(first);
+                (RefusalReason::DependsOnRefused, direct)
             };
             self.refuse(doc_key, taken, reason, instead);
         }
@@ -659,5 +668,46 @@ mod tests {
             report.refused.is_empty() && report.invalid.is_empty(),
             "{report:?}"
         );
+    }
+
+    #[test]
+    fn a_change_two_links_from_a_lost_collision_is_served_with_both() {
+        let writer = NodeId([2; 16]);
+        let id = RecordId::parse("customers/1").unwrap();
+        let doc_key = id.to_doc_key();
+        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
+        write(&a, &id, 1, 1_000);
+        let b = DocStore::open(
+            a.backend().durable_copy(),
+            writer,
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        // b's change collides with a's earlier one, and b wrote two more on top of it.
+        let early = write(&a, &id, 0, 2_000);
+        let late = write(&b, &id, 42, 3_000);
+        let first_on_late = write(&b, &id, 43, 3_100);
+        let second_on_late = write(&b, &id, 44, 3_200);
+        let report = b.apply_remote(log_of(&a, writer, 1), u64::MAX).unwrap();
+        b.sync().unwrap();
+        assert_eq!(
+            report.refused,
+            vec![
+                RefusalReason::DuplicateSequence,
+                RefusalReason::DependsOnRefused,
+                RefusalReason::DependsOnRefused
+            ],
+            "{report:?}"
+        );
+        assert_eq!(b.heads(&doc_key).unwrap(), vec![early]);
+        // Each refused follower names the refused change it depends on directly, so the
+        // chain from the last one reaches the change that lost link by link: a receiver
+        // that never met `late` is sent both changes between, and refuses all three alike.
+        let chain = b.refused_dependencies(&doc_key, &second_on_late).unwrap();
+        let hashes: Vec<_> = chain
+            .iter()
+            .map(|bytes| layout::change_hash(bytes).unwrap())
+            .collect();
+        assert_eq!(hashes, vec![first_on_late, late]);
     }
 }
