@@ -16,6 +16,7 @@ pub mod net;
 pub mod node;
 pub mod policy;
 pub mod record;
+pub mod rng;
 pub mod scope;
 pub mod store;
 pub mod sync;

@@ -19,26 +19,10 @@ use std::time::Duration;
 use common::{concord_binary, init_node_on};
 use concord::node::Node;
 use concord::record::RecordId;
+use concord::rng::SplitMix64;
 use serde_json::json;
 
 const KEYS: u64 = 300;
-
-/// A small deterministic generator, so a seed replays the same delays and batch sizes.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
 
 #[test]
 fn acknowledged_writes_survive_sigkill_on_sled() {
@@ -68,7 +52,8 @@ fn acknowledged_writes_survive_sigkill(engine: &str) {
         "crash test on {engine}: seed {seed} ({rounds} rounds); replay with \
          CONCORD_CRASH_SEED={seed}"
     );
-    let mut random = SplitMix(seed);
+    // A seed replays the same delays and batch sizes.
+    let mut random = SplitMix64::new(seed);
     let temp = tempfile::tempdir().unwrap();
     let data = init_node_on(temp.path(), "crashy", engine);
     assert!(std::fs::read_to_string(data.join("concord.toml"))

@@ -77,7 +77,7 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
         .filter(|low| *low > FREE_PORT_LOW + 1_000)
         .unwrap_or(32_768);
-    let mut jitter = Jitter::new();
+    let mut jitter = Jitter::from_os();
     let span = f64::from(ephemeral_low - FREE_PORT_LOW);
     // Ports this process handed out already: two nodes of one test process that probed the
     // same free port at once would both be told it is free, and the second to bind would fail.
@@ -400,7 +400,7 @@ impl Transport {
     /// Keeps a connection to `address` up, redialing with backoff and jitter.
     pub async fn dial_loop(self: Arc<Self>, address: SocketAddr) {
         let mut backoff = DIAL_BACKOFF_MIN;
-        let mut jitter = Jitter::new();
+        let mut jitter = Jitter::from_os();
         lock(&self.dials).entry(address).or_default();
         let mut told_revoked = false;
         loop {
@@ -732,23 +732,5 @@ fn peer_node(connection: &quinn::Connection) -> Option<NodeId> {
     tls::node_id_of(certs.first()?)
 }
 
-/// Jitter for redial waits: seeded once from the OS, then SplitMix64.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new() -> Self {
-        let mut seed = [0u8; 8];
-        let _ = getrandom::fill(&mut seed);
-        Self(u64::from_le_bytes(seed))
-    }
-
-    /// A number in [0, 1).
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+/// Jitter for redial waits: seeded once from the OS.
+type Jitter = crate::rng::SplitMix64;
