@@ -509,16 +509,32 @@ mod tests {
             .and_then(|fields| fields.get("credit").cloned())
     }
 
+    /// Two stores under one writer (the second a copy of the first), both holding one
+    /// change to `customers/1`: what they write next collides.
+    fn two_stores_under_one_writer() -> (
+        NodeId,
+        RecordId,
+        DocStore<MemoryStore>,
+        DocStore<MemoryStore>,
+    ) {
+        let writer = NodeId([2; 16]);
+        let id = RecordId::parse("customers/1").unwrap();
+        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
+        write(&a, &id, 1, 1_000);
+        let b = DocStore::open(
+            a.backend().durable_copy(),
+            writer,
+            DocStoreConfig::default(),
+        )
+        .unwrap();
+        (writer, id, a, b)
+    }
+
     #[test]
     fn two_copies_of_one_store_agree_and_the_loser_writes_again_under_a_new_writer() {
         let owner = NodeId([1; 16]);
-        let writer = NodeId([2; 16]);
-        let id = RecordId::parse("customers/1").unwrap();
         // One store, then a copy of it byte for byte: both write under one writer.
-        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
-        write(&a, &id, 1, 1_000);
-        let b_store = a.backend().durable_copy();
-        let b = DocStore::open(b_store, writer, DocStoreConfig::default()).unwrap();
+        let (writer, id, a, b) = two_stores_under_one_writer();
         let early = write(&a, &id, 0, 2_000);
         let late = write(&b, &id, 42, 3_000);
         // Each receives the other's change at the same log place.
@@ -573,17 +589,8 @@ mod tests {
 
     #[test]
     fn a_change_applied_and_taken_out_again_in_one_batch_is_not_stored() {
-        let writer = NodeId([2; 16]);
-        let id = RecordId::parse("customers/1").unwrap();
+        let (writer, id, a, b) = two_stores_under_one_writer();
         let other = RecordId::parse("customers/2").unwrap();
-        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
-        write(&a, &id, 1, 1_000);
-        let b = DocStore::open(
-            a.backend().durable_copy(),
-            writer,
-            DocStoreConfig::default(),
-        )
-        .unwrap();
         // Under one writer: a's second change to the record and b's (with one on top of it)
         // share an actor and a sequence number, at different log places; b's is earlier.
         let late = write(&a, &id, 0, 3_000);
@@ -628,16 +635,7 @@ mod tests {
 
     #[test]
     fn two_changes_at_one_place_in_one_batch_collide_by_the_rule() {
-        let writer = NodeId([2; 16]);
-        let id = RecordId::parse("customers/1").unwrap();
-        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
-        write(&a, &id, 1, 1_000);
-        let b = DocStore::open(
-            a.backend().durable_copy(),
-            writer,
-            DocStoreConfig::default(),
-        )
-        .unwrap();
+        let (writer, id, a, b) = two_stores_under_one_writer();
         let early = write(&a, &id, 0, 2_000);
         let late = write(&b, &id, 42, 3_000);
         // A third store that holds the first change gets both at once, the later first.
@@ -672,17 +670,8 @@ mod tests {
 
     #[test]
     fn a_change_two_links_from_a_lost_collision_is_served_with_both() {
-        let writer = NodeId([2; 16]);
-        let id = RecordId::parse("customers/1").unwrap();
+        let (writer, id, a, b) = two_stores_under_one_writer();
         let doc_key = id.to_doc_key();
-        let a = DocStore::open(MemoryStore::new(), writer, DocStoreConfig::default()).unwrap();
-        write(&a, &id, 1, 1_000);
-        let b = DocStore::open(
-            a.backend().durable_copy(),
-            writer,
-            DocStoreConfig::default(),
-        )
-        .unwrap();
         // b's change collides with a's earlier one, and b wrote two more on top of it.
         let early = write(&a, &id, 0, 2_000);
         let late = write(&b, &id, 42, 3_000);

@@ -274,14 +274,20 @@ struct LogWalk {
     last: u64,
 }
 
-/// Logs a change no frame can carry (written before changes were bounded); it is skipped.
-fn unsendable(change: &LoggedChange, size: usize) {
-    tracing::error!(
-        origin = %change.origin,
-        sequence = change.sequence,
-        size,
-        "a log entry is larger than any frame and is skipped"
-    );
+/// Whether no frame can carry a change whose entry is `size` bytes (one written before
+/// changes were bounded): such a change is logged here and skipped.
+fn unsendable(change: &LoggedChange, size: usize) -> bool {
+    let too_large =
+        size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES > FRAME_WITH_HEADER_BYTES_MAX;
+    if too_large {
+        tracing::error!(
+            origin = %change.origin,
+            sequence = change.sequence,
+            size,
+            "a log entry is larger than any frame and is skipped"
+        );
+    }
+    too_large
 }
 
 /// What filling a `Changes` message from one origin came to.
@@ -684,8 +690,7 @@ impl Engine {
             }
             let entry = shipped(&change);
             let size = entry.encoded_len();
-            if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES > FRAME_WITH_HEADER_BYTES_MAX {
-                unsendable(&change, size);
+            if unsendable(&change, size) {
                 self.stats.changes_unsendable += 1;
                 skip(walk.after, change.sequence);
                 walk.after = change.sequence;
@@ -764,9 +769,7 @@ impl Engine {
             }
             let entry = shipped(&change);
             let size = entry.encoded_len();
-            if size + FRAME_OVERHEAD_BYTES + CHANGES_OVERHEAD_BYTES > FRAME_WITH_HEADER_BYTES_MAX {
-                // Written before changes were bounded: no frame can carry it.
-                unsendable(&change, size);
+            if unsendable(&change, size) {
                 self.stats.changes_unsendable += 1;
                 walk.after = change.sequence;
                 continue;
