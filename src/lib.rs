@@ -52,6 +52,9 @@ pub struct Sabotage {
     /// stable, whether or not this node holds what every node holds: a change concurrent with
     /// the cut may still arrive.
     pub compact_unstable: bool,
+    /// A revocation counts only for what arrives after it: what the node held past its
+    /// cut-off stays (the simulator sets it on one node).
+    pub revocation_by_arrival: bool,
 }
 
 /// Whether the deliberate bug named by the environment variable `name` is switched on (a test

@@ -40,7 +40,7 @@ mod workload;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::num::NonZeroUsize;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use automerge::{ActorId, ChangeHash};
@@ -48,10 +48,15 @@ use concord::config::{PolicyKind, PolicySection};
 use concord::policy::Policies;
 use concord::record::document::{self, RecordWrite};
 use concord::record::held::HeldDoc;
+use concord::record::{Collection, Key};
 use concord::record::{NodeId, RecordId};
-use concord::scope::{Grant, Revocation, Scope, ScopeDoor, Scopes, Verified};
+use concord::scope::{
+    grant_key, store_signed, Grant, Registry, Revocation, Scope, ScopeError, Scopes, Signed,
+    Verified, Verify, GRANTS_COLLECTION,
+};
 use concord::store::{DocStore, DocStoreConfig, Durability, MemoryStore, StoreError};
 use concord::sync::{Config, Driver, Engine, Input, Output};
+use ring::hmac;
 use serde_json::json;
 
 pub use rng::SimRng;
@@ -368,6 +373,8 @@ struct SimNode {
     up: bool,
     restart_at: Option<u64>,
     edge: bool,
+    /// Its grants and revocations, as its store holds them (in a scoped run).
+    registry: Option<Registry>,
 }
 
 struct Sim {
@@ -447,6 +454,7 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
             up: true,
             restart_at: None,
             edge: index >= params.nodes - params.edge_offices,
+            registry: None,
         });
     }
     let mut links = BTreeMap::new();
@@ -466,73 +474,25 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
             );
         }
     }
-    let scoped = if rng.chance(params.scoped_percent) {
-        let mut scopes = Scopes::default();
-        let mut granted = Vec::new();
-        // The first node is never granted: it writes everything, and moves records between
-        // regions.
-        for (index, node) in nodes.iter().enumerate().skip(1) {
-            if !rng.chance(50) {
-                continue;
-            }
-            let region = REGIONS[rng.index(REGIONS.len())];
-            let scope =
-                Scope::parse(&format!("{COLLECTION}:region={region}")).expect("a valid scope");
-            let partial_reads =
-                params.partial_reads_percent > 0 && rng.chance(params.partial_reads_percent);
-            let read = if partial_reads {
-                scope.clone()
-            } else {
-                Scope::parse(COLLECTION).expect("a valid scope")
-            };
-            let grant = Grant {
-                cluster: CLUSTER,
-                node: node.id.0,
-                read: vec![read],
-                write: vec![scope],
-                issued_ms: 0,
-            };
-            scopes.insert(Verified::Grant(grant), &[]);
-            granted.push(index);
-        }
-        let modified =
-            (!granted.is_empty() && rng.chance(50)).then(|| granted[rng.index(granted.len())]);
-        let revoke_at = modified
-            .filter(|_| rng.chance(50))
-            .map(|_| rng.below(params.steps.max(1)));
-        let modified_view = modified.map_or_else(
-            || scopes.clone(),
-            |index| scopes.without_node(&nodes[index].id),
-        );
-        let scoped = Scoped {
-            scopes: Arc::new(RwLock::new(scopes)),
-            modified_view: Arc::new(RwLock::new(modified_view)),
-            modified,
-            revoke_at,
-            forged: Vec::new(),
-        };
-        if let Some(index) = modified {
-            // The modified node sees no grant of its own and may find its door open: it would
-            // compact what no honest node may, and withhold its own changes by it. What it
-            // does to its own store is not under test; how the others judge it is.
-            let node = &mut nodes[index];
-            node.docs = open_docs(
-                &node.store,
-                node.id,
-                node.id,
-                &params.without_compaction(),
-                sabotage,
-            )
-            .expect("a fresh memory store opens");
-            node.driver = new_driver(node.id, node.id, &node.docs, params, sabotage);
-        }
-        for (index, node) in nodes.iter().enumerate() {
-            node.docs.set_door(scoped.door(node, index));
-        }
-        Some(scoped)
-    } else {
-        None
-    };
+    let scoped = rng.chance(params.scoped_percent).then(|| {
+        let ids: Vec<NodeId> = nodes.iter().map(|node| node.id).collect();
+        Scoped::draw(&mut rng, &ids, params)
+    });
+    if let Some(index) = scoped.as_ref().and_then(|scoped| scoped.modified) {
+        // The modified node sees no grant of its own and may find its door open: it would
+        // compact what no honest node may, and withhold its own changes by it. What it does
+        // to its own store is not under test; how the others judge it is.
+        let node: &mut SimNode = &mut nodes[index];
+        node.docs = open_docs(
+            &node.store,
+            node.id,
+            node.id,
+            &params.without_compaction(),
+            sabotage,
+        )
+        .expect("a fresh memory store opens");
+        node.driver = new_driver(node.id, node.id, &node.docs, params, sabotage);
+    }
     let mut sim = Sim {
         seed,
         params: params.clone(),
@@ -558,6 +518,9 @@ fn run_sabotaged(seed: u64, params: &Params, sabotage: Sabotage) -> Result<Summa
     };
     sim.summary.far_ahead = far_ahead;
     sim.summary.scoped = sim.scoped.is_some();
+    for index in 0..sim.nodes.len() {
+        sim.open_registry(index)?;
+    }
     sim.run()?;
     sim.summary.trace_hash = sim.trace_hash;
     Ok(sim.summary)
@@ -624,6 +587,7 @@ impl Sim {
         }
         self.summary.converge_sim_ms = self.now_ms - healed_at;
         self.check_history()?;
+        self.check_registries()?;
         self.check_scopes()?;
         for id in &self.ids {
             let found = self.nodes[0]

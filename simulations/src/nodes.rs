@@ -83,6 +83,7 @@ impl Sim {
             return Err(self.violation(format!("node {index}: engine step failed: {error}")));
         }
         let mut superseded = None;
+        let mut grants_arrived = false;
         for output in outputs {
             match output {
                 Output::WriterSuperseded { reason, .. } => superseded = Some(reason),
@@ -102,8 +103,17 @@ impl Sim {
                     ));
                     self.disconnect(index.min(to), index.max(to))?;
                 }
-                Output::Applied { .. } => {}
+                Output::Applied { changes, .. } => {
+                    // As `concord run`: a grant or revocation counts from the change that
+                    // brought it.
+                    grants_arrived |= changes
+                        .iter()
+                        .any(|change| concord::scope::is_grant_doc(&change.doc_key));
+                }
             }
+        }
+        if grants_arrived {
+            self.refresh_registry(index)?;
         }
         if let Some(reason) = superseded {
             self.take_new_writer(index, &reason)?;
@@ -365,9 +375,6 @@ impl Sim {
             }
         };
         let driver = new_driver(node.id, node.writer, &docs, &self.params, self.sabotage);
-        if let Some(scoped) = &self.scoped {
-            docs.set_door(scoped.door(node, index));
-        }
         let node = &mut self.nodes[index];
         node.docs = docs;
         node.driver = driver;
@@ -376,7 +383,7 @@ impl Sim {
         self.record_trace(format!("{} restart node {index}", self.now_ms));
         if store_lost {
             // What it wrote and others held comes back from them; the end checks it.
-            return self.apply_cut_offs(index);
+            return self.open_registry(index);
         }
         // Safety: every write this node acknowledged survived the crash.
         let mine: Vec<(usize, ChangeHash)> = self
@@ -404,6 +411,6 @@ impl Sim {
         }
         // As `concord run` reads its grants at start: what a revocation cut off comes out
         // (what this node wrote on top of it is written again).
-        self.apply_cut_offs(index)
+        self.open_registry(index)
     }
 }

@@ -162,3 +162,19 @@ fn the_checks_find_histories_compacted_before_they_are_stable() {
     };
     assert!(first_seed_finding_with(sabotage, &compacting(), 20).is_some());
 }
+
+#[test]
+fn the_checks_find_a_revocation_applied_by_arrival_at_one_node() {
+    // One honest node keeps what it held past a revocation's cut-off when the revocation
+    // reaches it (it judges by arrival, as if the revocation counted only from then on):
+    // the nodes it reached first refused the same changes.
+    let sabotage = Sabotage {
+        revocation_by_arrival: true,
+        ..Sabotage::default()
+    };
+    let params = Params {
+        scoped_percent: 100,
+        ..Params::default()
+    };
+    assert!(first_seed_finding_with(sabotage, &params, 200).is_some());
+}

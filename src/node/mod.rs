@@ -20,7 +20,6 @@ mod status;
 mod tests;
 
 pub use error::NodeError;
-use grants::JudgedGrant;
 pub use grants::RETAG_STEPS_PER_CALL;
 pub use history::{
     AuditEntry, AuditFilter, AuditReport, ConflictReport, HistoryEntry, HistoryReplay,
@@ -30,7 +29,7 @@ pub use history::{
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use automerge::{ActorId, ChangeHash};
@@ -133,16 +132,9 @@ pub struct Node {
 
     /// The conflict policies of `config`, ready to resolve reads with.
     policies: crate::policy::Policies,
-    /// Checks grants and revocations against the cluster CA (none without a cluster).
-    verifier: Option<crate::scope::Verifier>,
-    /// The grants and revocations in force, as `_grants` held them when last read.
-    scopes: Arc<RwLock<crate::scope::Scopes>>,
-    /// Each record of `_grants` judged so far, by key: what verified, or `None`. Held for
-    /// the whole of [`Node::refresh_scopes`], so refreshes publish one after the other.
-    grants_judged: Mutex<HashMap<String, Option<JudgedGrant>>>,
-    /// Run by the next refresh between building its set and publishing it (tests only).
-    #[cfg(test)]
-    before_publish: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The grants and revocations `_grants` holds, checked against the cluster CA (none
+    /// without a cluster), and the set the store's door judges by.
+    registry: crate::scope::Registry,
     /// Where retagging the log for read filters new since it was logged stands, while it
     /// runs: the log key to go on after (`Some(None)`: from the start).
     retag: Mutex<Option<Option<Vec<u8>>>>,
@@ -307,12 +299,13 @@ impl Node {
             Some(cluster) => {
                 let path = dir.join(TLS_DIR).join(tls::CA_CERT_FILE);
                 let pem = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-                Some(crate::scope::Verifier::new(&pem, cluster)?)
+                Some(Box::new(crate::scope::Verifier::new(&pem, cluster)?)
+                    as Box<dyn crate::scope::Verify>)
             }
             None => None,
         };
-        let scopes = Arc::new(RwLock::new(crate::scope::Scopes::default()));
-        docs.set_door(Arc::new(crate::scope::ScopeDoor::new(id, scopes.clone())));
+        let registry = crate::scope::Registry::new(id, verifier);
+        docs.set_door(Arc::new(registry.door()));
         let node = Self {
             dir: dir.to_owned(),
             config,
@@ -321,11 +314,7 @@ impl Node {
             api_actor,
             disk,
             policies,
-            verifier,
-            scopes,
-            grants_judged: Mutex::new(HashMap::new()),
-            #[cfg(test)]
-            before_publish: Mutex::new(None),
+            registry,
             retag: Mutex::new(None),
         };
         node.refresh_scopes()?;

@@ -644,9 +644,10 @@ fn carry_out(shared: &Shared, outputs: Vec<Output>) -> Option<String> {
                 tracing::debug!(%from, count = changes.len(), "applied changes");
                 // A grant or revocation counts from the change that brought it, not from the
                 // next periodic read: what this node is sent next is judged by it.
-                if changes.iter().any(|change| {
-                    crate::store::collection_of(&change.doc_key) == crate::scope::GRANTS_COLLECTION
-                }) {
+                if changes
+                    .iter()
+                    .any(|change| crate::scope::is_grant_doc(&change.doc_key))
+                {
                     if let Err(error) = refresh_grants(&shared.node, &shared.transport) {
                         tracing::warn!(%error, "reading the grants");
                     }

@@ -41,6 +41,7 @@
 //!   is judged, once anything is granted, as one by a node granted nothing.
 
 mod door;
+mod registry;
 mod rule;
 mod set;
 mod signed;
@@ -48,6 +49,10 @@ mod signed;
 mod tests;
 
 pub use door::ScopeDoor;
+pub use registry::{
+    grant_key, is_grant_doc, store_signed, writers_of, Refreshed, Registry, Verify,
+    GRANT_RECORDS_PAGE,
+};
 pub use rule::{Filter, Scope};
 pub use set::{Refusal, Scopes};
 pub use signed::{Authority, Grant, Removal, Revocation, Signed, Verified, Verifier};

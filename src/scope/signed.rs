@@ -42,14 +42,6 @@ pub struct Removal {
     pub issued_ms: u64,
 }
 
-/// What is signed: a version, then the body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-enum Body {
-    Grant(Grant),
-    Revocation(Revocation),
-    Removal(Removal),
-}
-
 /// A body and the authority's signature over its bytes (ECDSA P-256 with SHA-256, ASN.1).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signed {
@@ -61,6 +53,47 @@ pub struct Signed {
 impl Signed {
     pub fn to_bytes(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("a signed body encodes")
+    }
+
+    /// `item` signed by `sign` (over its encoded bytes): the authority's key, or the
+    /// simulator's deterministic one.
+    pub fn sign_with(
+        item: &Verified,
+        sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, ScopeError>,
+    ) -> Result<Self, ScopeError> {
+        let body = postcard::to_stdvec(item).expect("a body encodes");
+        let signature = sign(&body)?;
+        let signed = Self {
+            version: SCOPE_FORMAT_VERSION,
+            body,
+            signature,
+        };
+        assert!(signed.to_bytes().len() <= SIGNED_BYTES_MAX);
+        Ok(signed)
+    }
+
+    /// The item, once `check` accepts the signature over the body and the item names
+    /// `cluster`.
+    pub fn open_with(
+        &self,
+        cluster: [u8; 16],
+        check: impl FnOnce(&[u8], &[u8]) -> Result<(), ScopeError>,
+    ) -> Result<Verified, ScopeError> {
+        if self.version != SCOPE_FORMAT_VERSION {
+            return Err(ScopeError::UnknownVersion(self.version));
+        }
+        check(&self.body, &self.signature)?;
+        let item: Verified = postcard::from_bytes(&self.body)
+            .map_err(|error| ScopeError::Malformed(error.to_string()))?;
+        let named = match &item {
+            Verified::Grant(grant) => grant.cluster,
+            Verified::Revocation(revocation) => revocation.cluster,
+            Verified::Removal(removal) => removal.cluster,
+        };
+        if named != cluster {
+            return Err(ScopeError::OtherCluster(hex::encode(named)));
+        }
+        Ok(item)
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ScopeError> {
@@ -113,7 +146,7 @@ impl Authority {
         if read.len() > SCOPES_PER_GRANT_MAX || write.len() > SCOPES_PER_GRANT_MAX {
             return Err(ScopeError::TooManyScopes);
         }
-        self.sign(&Body::Grant(Grant {
+        self.sign(&Verified::Grant(Grant {
             cluster: self.cluster,
             node: node.0,
             read,
@@ -132,7 +165,7 @@ impl Authority {
         if cut_off.len() > CUT_OFFS_MAX {
             return Err(ScopeError::TooManyCutOffs);
         }
-        self.sign(&Body::Revocation(Revocation {
+        self.sign(&Verified::Revocation(Revocation {
             cluster: self.cluster,
             node: node.0,
             cut_off: cut_off
@@ -145,26 +178,21 @@ impl Authority {
 
     /// The removal of `node` from the cluster, signed.
     pub fn remove(&self, node: NodeId, issued_ms: u64) -> Result<Signed, ScopeError> {
-        self.sign(&Body::Removal(Removal {
+        self.sign(&Verified::Removal(Removal {
             cluster: self.cluster,
             node: node.0,
             issued_ms,
         }))
     }
 
-    fn sign(&self, body: &Body) -> Result<Signed, ScopeError> {
-        let body = postcard::to_stdvec(body).expect("a body encodes");
-        let signature = self
-            .key
-            .sign(&ring::rand::SystemRandom::new(), &body)
-            .map_err(|error| ScopeError::Authority(error.to_string()))?;
-        let signed = Signed {
-            version: SCOPE_FORMAT_VERSION,
-            body,
-            signature: signature.as_ref().to_vec(),
-        };
-        assert!(signed.to_bytes().len() <= SIGNED_BYTES_MAX);
-        Ok(signed)
+    fn sign(&self, item: &Verified) -> Result<Signed, ScopeError> {
+        Signed::sign_with(item, |body| {
+            let signature = self
+                .key
+                .sign(&ring::rand::SystemRandom::new(), body)
+                .map_err(|error| ScopeError::Authority(error.to_string()))?;
+            Ok(signature.as_ref().to_vec())
+        })
     }
 }
 
@@ -174,8 +202,9 @@ pub struct Verifier {
     cluster: [u8; 16],
 }
 
-/// A signed body that verified.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a signed body holds (its encoding is the body's bytes); once its signature checked,
+/// what verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verified {
     Grant(Grant),
     Revocation(Revocation),
@@ -197,25 +226,13 @@ impl Verifier {
     }
 
     pub fn verify(&self, signed: &Signed) -> Result<Verified, ScopeError> {
-        if signed.version != SCOPE_FORMAT_VERSION {
-            return Err(ScopeError::UnknownVersion(signed.version));
-        }
-        ring::signature::UnparsedPublicKey::new(
-            &ring::signature::ECDSA_P256_SHA256_ASN1,
-            &self.public_key,
-        )
-        .verify(&signed.body, &signed.signature)
-        .map_err(|_| ScopeError::BadSignature)?;
-        let body: Body = postcard::from_bytes(&signed.body)
-            .map_err(|error| ScopeError::Malformed(error.to_string()))?;
-        let (cluster, verified) = match body {
-            Body::Grant(grant) => (grant.cluster, Verified::Grant(grant)),
-            Body::Revocation(revocation) => (revocation.cluster, Verified::Revocation(revocation)),
-            Body::Removal(removal) => (removal.cluster, Verified::Removal(removal)),
-        };
-        if cluster != self.cluster {
-            return Err(ScopeError::OtherCluster(hex::encode(cluster)));
-        }
-        Ok(verified)
+        signed.open_with(self.cluster, |body, signature| {
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_ASN1,
+                &self.public_key,
+            )
+            .verify(body, signature)
+            .map_err(|_| ScopeError::BadSignature)
+        })
     }
 }

@@ -723,6 +723,27 @@ fn withdrawals_are_numbered_in_order_and_survive_a_crash() {
     );
 }
 
+#[test]
+fn a_document_withdrawn_twice_in_one_batch_is_counted_out_once() {
+    let node = NodeId::random().unwrap();
+    let docs = open(MemoryStore::new(), node, 4);
+    let actor = node.actor(0);
+    let (kept, twice) = (
+        RecordId::parse("c/kept").unwrap(),
+        RecordId::parse("c/twice").unwrap(),
+    );
+    set(&docs, &kept, &actor, "n", 1);
+    set(&docs, &twice, &actor, "n", 1);
+    assert_eq!(docs.count_live().unwrap(), 2);
+    let key = twice.to_doc_key();
+    // Once from its stored form, once from the cache: both asked in one session.
+    assert_eq!(docs.withdraw(&[&key, &key]).unwrap(), vec![key.clone()]);
+    assert_eq!(docs.count_live().unwrap(), 1);
+    docs.read(&twice, |_| ()).unwrap();
+    assert_eq!(docs.withdraw(&[&key, &key]).unwrap(), Vec::<Vec<u8>>::new());
+    assert_eq!(docs.count_live().unwrap(), 1);
+}
+
 /// Keys under `prefix`, and the bytes of their keys and values.
 fn prefix_bytes(docs: &DocStore<MemoryStore>, prefix: &[u8]) -> (usize, usize) {
     let (mut count, mut bytes) = (0, 0);

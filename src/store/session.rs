@@ -430,8 +430,9 @@ impl<S: Store> WriteSession<'_, S> {
         let stored = &mut loaded.stored;
         let old_heads = stored.change_hashes();
         stored.set_heads(&heads);
-        let was_live = counts_as_live(doc_key, stored.record_state());
-        self.withdrawn.remove(doc_key);
+        // A document withdrawn earlier in this session was counted out already.
+        let was_live =
+            !self.withdrawn.remove(doc_key) && counts_as_live(doc_key, stored.record_state());
         self.heads_changed
             .push((doc_key.to_vec(), old_heads, stored.change_hashes()));
         stored.set_record_state(document::state(loaded.doc.local()));
@@ -602,6 +603,10 @@ impl<S: Store> WriteSession<'_, S> {
     /// document stored as changes alone (no snapshot yet), and not in use, is read from its
     /// stored form without building it in Automerge, which costs most of a withdrawal.
     pub(super) fn withdraw(&mut self, doc_key: &[u8]) -> Result<bool, StoreError> {
+        // Asked twice in one session: taken out (and counted out) once.
+        if self.withdrawn.contains(doc_key) {
+            return Ok(false);
+        }
         let in_use = self.working.contains_key(doc_key) || self.inner.cache.contains(doc_key);
         if !in_use {
             let Some(bytes) = self.docs.store.get(&layout::doc_key(doc_key))? else {
