@@ -27,6 +27,12 @@ impl Iterator for HistoryReplay<'_> {
             let (change, effect) = self.replay.next()?;
             let change = match self.held.epoch() {
                 None => change,
+                // The base stands for every change before the cut: listed once, as the
+                // record it left.
+                Some(epoch) if epoch.base() == Some(change.hash()) => {
+                    let cut = epoch.cut().to_vec();
+                    return Some(self.compacted_entry(&change, &cut));
+                }
                 Some(epoch) if epoch.is_base(&change.hash()) => continue,
                 Some(epoch) => match epoch.back(&change) {
                     Ok(original) => original,
@@ -35,6 +41,28 @@ impl Iterator for HistoryReplay<'_> {
             };
             return Some(self.node.history_entry(&mut self.origins, &change, effect));
         }
+    }
+}
+
+impl HistoryReplay<'_> {
+    /// The entry that stands for a compacted history: the record as it was at the cut, under
+    /// the cut's version (its first head), written when the base's last change says.
+    fn compacted_entry(
+        &mut self,
+        base: &automerge::Change,
+        cut: &[ChangeHash],
+    ) -> Result<HistoryEntry, NodeError> {
+        let effect = document::ChangeEffect {
+            action: "compacted",
+            set: document::read_at(self.held.local(), Some(&[base.hash()])).unwrap_or_default(),
+            removed: Vec::new(),
+            reverts: None,
+        };
+        let mut entry = self.node.history_entry(&mut self.origins, base, effect)?;
+        if let Some(head) = cut.first() {
+            entry.hash = head.to_string();
+        }
+        Ok(entry)
     }
 }
 

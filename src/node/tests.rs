@@ -190,3 +190,50 @@ fn every_grant_counts_past_the_ten_thousandth() {
         assert!(scopes.grant(&nth(i)).is_some(), "grant {i}");
     }
 }
+
+#[test]
+fn a_compacted_records_history_starts_with_the_record_it_was_compacted_to() {
+    let temp = tempfile::tempdir().unwrap();
+    let node = Node::create(&temp.path().join("hq"), &InitOptions::default()).unwrap();
+    let id = RecordId::parse("customers/1").unwrap();
+    let write = |n: usize| RecordWrite {
+        set: vec![
+            ("n".to_owned(), json!(n)),
+            ("name".to_owned(), json!("Ada")),
+        ],
+        ..RecordWrite::default()
+    };
+    let updates = 200;
+    for n in 0..updates {
+        node.put(&id, &write(n)).unwrap();
+    }
+    // Every change is stable (this node knows no other): the history is compacted.
+    let docs = node.documents();
+    let writer = node.writer();
+    docs.reclaim_log(&[(writer, docs.origin_mark(&writer))])
+        .unwrap();
+    assert_eq!(docs.compact_stable().unwrap().documents, 1);
+    // The compacted history is one entry; the change at the stable mark stays as written.
+    let history = node.history(&id, None, 100).unwrap();
+    assert!(history.len() <= 2, "{history:?}");
+    let compacted = &history[0];
+    assert_eq!(compacted.effect.action, "compacted");
+    let at_cut = compacted.effect.set["n"].as_u64().unwrap() as usize;
+    assert!(at_cut + history.len() == updates, "{history:?}");
+    assert_eq!(compacted.effect.set["name"], json!("Ada"));
+    // Its version is one the record can be read and paged at.
+    let version: ChangeHash = compacted.hash.parse().unwrap();
+    assert_eq!(
+        node.get_at(&id, &version).unwrap().unwrap()["n"],
+        json!(at_cut)
+    );
+    node.put(&id, &write(1_000)).unwrap();
+    let history = node.history(&id, None, 100).unwrap();
+    assert_eq!(history[0].effect.action, "compacted");
+    assert_eq!(history.last().unwrap().effect.set["n"], json!(1_000));
+    let after = node.history(&id, Some(&version), 100).unwrap();
+    assert_eq!(after.len(), history.len() - 1);
+    assert_eq!(after.last().unwrap().effect.set["n"], json!(1_000));
+    assert!(node.revert(&id, &version).unwrap());
+    assert_eq!(node.get(&id).unwrap().unwrap()["n"], json!(at_cut));
+}

@@ -426,7 +426,9 @@ pub fn conflicting_fields<D: ReadDoc>(doc: &D) -> std::collections::BTreeSet<Str
 /// What one change did to a record, for history and audit.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ChangeEffect {
-    /// `create`, `update`, `delete` or `recreate`.
+    /// `create`, `update`, `delete` or `recreate` (or, in a history, `revert`, and
+    /// `compacted` for the one entry that stands for a compacted history: `set` is then the
+    /// whole record as the compaction left it).
     pub action: &'static str,
     /// Fields written, with their values just after the change.
     pub set: Map<String, Json>,
