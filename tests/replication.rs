@@ -564,7 +564,7 @@ async fn histories_both_nodes_hold_are_compacted_and_reach_a_new_node_whole() {
     let mut a = TestNode::create(temp.path(), "a", &ca, &[]);
     let mut b = TestNode::create(temp.path(), "b", &ca, &[a.listen]);
     for node in [&mut a, &mut b] {
-        node.compact_histories();
+        node.compact_histories(true);
         node.start().await;
     }
     for round in 0..updates.div_ceil(PER_BATCH) {
@@ -622,7 +622,7 @@ async fn histories_both_nodes_hold_are_compacted_and_reach_a_new_node_whole() {
     assert_eq!(a.get("customers/gone"), None);
     // A node new to them gets them whole, then goes on with the others.
     let mut c = TestNode::create(temp.path(), "c", &ca, &[b.listen]);
-    c.compact_histories();
+    c.compact_histories(true);
     c.start().await;
     converge(&[&a, &b, &c], &ids, CONVERGE).await;
     c.put("customers/hot", json!({"stock": -1}));

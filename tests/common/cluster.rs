@@ -78,11 +78,11 @@ impl TestNode {
         std::fs::write(&path, config.to_toml()).unwrap();
     }
 
-    /// Turns on `store.compact_histories` in the node's config (before it starts).
-    pub fn compact_histories(&self) {
+    /// Sets `store.compact_histories` in the node's config (before it starts).
+    pub fn compact_histories(&self, on: bool) {
         let path = self.dir.join("concord.toml");
         let mut config = concord::config::Config::load(&path).unwrap();
-        config.store.compact_histories = true;
+        config.store.compact_histories = on;
         std::fs::write(&path, config.to_toml()).unwrap();
     }
 
