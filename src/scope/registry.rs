@@ -196,25 +196,37 @@ fn judge_new<S: Store>(
     verify: &dyn Verify,
     judged: &mut HashMap<String, Option<JudgedGrant>>,
 ) -> Result<(), StoreError> {
-    let collection = Collection::new(GRANTS_COLLECTION).map_err(RecordError::from)?;
+    for_each_live_record(docs, GRANTS_COLLECTION, |id| {
+        let key = id.key.to_string();
+        if judged.contains_key(&key) {
+            return Ok(());
+        }
+        let verdict = signed_in(fields_of(docs, id)?, &key)
+            .and_then(|signed| Ok((verify.verify(&signed)?, signed.signature)));
+        if let Err(error) = &verdict {
+            tracing::warn!(grant = %key, %error, "a grant or revocation that does not count");
+        }
+        judged.insert(key, verdict.ok());
+        Ok(())
+    })
+}
+
+/// Calls `each` with every live record of `collection`, read [`GRANT_RECORDS_PAGE`] at a time.
+fn for_each_live_record<S: Store>(
+    docs: &DocStore<S>,
+    collection: &str,
+    mut each: impl FnMut(&RecordId) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let collection = Collection::new(collection).map_err(RecordError::from)?;
     let mut after: Option<Key> = None;
     loop {
         let page = docs.scan_collection(&collection, after.as_ref(), GRANT_RECORDS_PAGE)?;
         let full = page.len() == GRANT_RECORDS_PAGE;
         after = page.last().map(|record| record.id.key.clone());
         for record in page {
-            let key = record.id.key.to_string();
-            if judged.contains_key(&key)
-                || record.stored.record_state() != document::RecordState::Live
-            {
-                continue;
+            if record.stored.record_state() == document::RecordState::Live {
+                each(&record.id)?;
             }
-            let verdict = signed_in(fields_of(docs, &record.id)?, &key)
-                .and_then(|signed| Ok((verify.verify(&signed)?, signed.signature)));
-            if let Err(error) = &verdict {
-                tracing::warn!(grant = %key, %error, "a grant or revocation that does not count");
-            }
-            judged.insert(key, verdict.ok());
         }
         if !full {
             return Ok(());
@@ -287,38 +299,24 @@ pub fn writers_of<S: Store>(
     docs: &DocStore<S>,
     id: NodeId,
 ) -> Result<BTreeMap<NodeId, u64>, StoreError> {
-    let registry = Collection::new(ACTOR_REGISTRY_COLLECTION).map_err(RecordError::from)?;
     let named = Json::from(id.to_string());
     let mut writers = BTreeMap::new();
-    let mut after: Option<Key> = None;
-    loop {
-        let page = docs.scan_collection(&registry, after.as_ref(), GRANT_RECORDS_PAGE)?;
-        let full = page.len() == GRANT_RECORDS_PAGE;
-        after = page.last().map(|record| record.id.key.clone());
-        for record in page {
-            if record.stored.record_state() != document::RecordState::Live {
-                continue;
-            }
-            let Some(fields) = fields_of(docs, &record.id)? else {
-                continue;
-            };
-            if fields.get("node") != Some(&named) {
-                continue;
-            }
-            let writer = fields
-                .get("writer")
-                .and_then(Json::as_str)
-                .and_then(|text| text.parse::<NodeId>().ok());
-            if let Some(writer) = writer {
-                if writers.len() < CUT_OFFS_MAX {
-                    writers.insert(writer, docs.origin_mark(&writer));
-                }
+    for_each_live_record(docs, ACTOR_REGISTRY_COLLECTION, |record| {
+        let Some(fields) = fields_of(docs, record)? else {
+            return Ok(());
+        };
+        let writer = fields
+            .get("writer")
+            .and_then(Json::as_str)
+            .and_then(|text| text.parse::<NodeId>().ok())
+            .filter(|_| fields.get("node") == Some(&named));
+        if let Some(writer) = writer {
+            if writers.len() < CUT_OFFS_MAX {
+                writers.insert(writer, docs.origin_mark(&writer));
             }
         }
-        if !full {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     let legacy = docs.origin_mark(&id);
     if legacy > 0 {
         writers.insert(id, legacy);
