@@ -2,7 +2,9 @@
 //! processes (one, or a chain of three joined over QUIC with mutual TLS), `--records` records,
 //! then patches of one field of random records through `POST /v1/batch` (100 a batch) from two
 //! clients, as fast as the API takes them, for `--seconds`. Every `--every` seconds it prints
-//! the patches so far, the rate, and each node's files on disk and RSS; at the end, the files
+//! the patches so far, the rate, and each node's files on disk (and those at the store's top:
+//! fjall's journals), what its store holds (the size of a backup: every key and value, live
+//! records and kept history, uncompressed) and its RSS; at the end, the files
 //! once the nodes stopped, and again once they started and stopped again. Each engine named
 //! by `--engine` (both by default) runs in turn, in the same run. `--cache-mib` sets the
 //! nodes' `store.cache_mib` (the memory their loaded documents may take; the node's default
@@ -97,7 +99,27 @@ impl Site {
     }
 
     fn store_mib(&self) -> f64 {
-        disk_bytes(&self.dir.join("store")) as f64 / (1024.0 * 1024.0)
+        mib(disk_bytes(&self.dir.join("store")))
+    }
+
+    /// Of the store's files, those at its top (fjall's journals; sled keeps everything there).
+    fn store_top_mib(&self) -> f64 {
+        mib(top_files_bytes(&self.dir.join("store")))
+    }
+
+    /// What the store holds, as a backup of it counts it: every key and value, live records
+    /// and the history kept, uncompressed (through the API while the node runs).
+    fn held_mib(&self) -> f64 {
+        let file = self.dir.join("held.backup");
+        common::concord(&[
+            "backup",
+            self.dir.to_str().expect("a UTF-8 path"),
+            "--output",
+            file.to_str().expect("a UTF-8 path"),
+        ]);
+        let bytes = std::fs::metadata(&file).map_or(0, |meta| meta.len());
+        let _ = std::fs::remove_file(&file);
+        mib(bytes)
     }
 }
 
@@ -105,6 +127,24 @@ impl Drop for Site {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Bytes the files directly in `path` take on disk (allocated blocks).
+fn top_files_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.metadata().ok())
+        .filter(|meta| meta.is_file())
+        .map(|meta| meta.blocks() * 512)
+        .sum()
 }
 
 /// Bytes the files under `path` take on disk (allocated blocks, not lengths).
@@ -242,7 +282,15 @@ fn sites(root: &Path, engine: &str, nodes: usize, cache_mib: Option<usize>) -> V
 fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
     let disks: Vec<String> = sites
         .iter()
-        .map(|site| format!("{:.1}", site.store_mib()))
+        .map(|site| {
+            let files = site.store_mib();
+            let held = site.held_mib();
+            format!(
+                "{files:.1} (top {:.1}; holds {held:.1}, {:.1}x)",
+                site.store_top_mib(),
+                files / held.max(0.001)
+            )
+        })
         .collect();
     let rss: Vec<String> = sites
         .iter()
@@ -250,7 +298,7 @@ fn report(label: &str, sites: &[Site], patches: u64, elapsed: f64) {
         .collect();
     let truncated: Vec<String> = sites.iter().map(Site::truncation).collect();
     println!(
-        "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB [{}]  RSS MiB [{}]  log entries truncated [{}]",
+        "{label:>9}  patches {patches:>9}  rate {:>7.0}/s  store MiB (files, top-level files; held, files/held) [{}]  RSS MiB [{}]  log entries truncated [{}]",
         patches as f64 / elapsed.max(0.001),
         disks.join(", "),
         rss.join(", "),

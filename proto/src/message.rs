@@ -315,6 +315,31 @@ fn check_doc(doc: &str) -> Result<(), ProtoError> {
 }
 
 impl Message {
+    /// The message's name, for logs and measurements.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Summary(_) => "summary",
+            Message::Changes(_) => "changes",
+            Message::NeedDocument(_) => "need_document",
+            Message::DocumentChanges(_) => "document_changes",
+            Message::RangeDigest(_) => "range_digest",
+            Message::DocumentHeads(_) => "document_heads",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Goodbye(_) => "goodbye",
+            Message::Prune { .. } => "prune",
+            Message::Graft { .. } => "graft",
+            Message::PolicyHash { .. } => "policy_hash",
+            Message::Writer { .. } => "writer",
+            Message::LogMark { .. } => "log_mark",
+            Message::Covered { .. } => "covered",
+            Message::Withdraw { .. } => "withdraw",
+            Message::Holdings(_) => "holdings",
+            Message::CompactedDocument(_) => "compacted_document",
+        }
+    }
+
     /// The protocol version that introduced this message: the version its frame carries.
     pub fn introduced_in(&self) -> u16 {
         match self {

@@ -41,6 +41,16 @@ use backlog::{refresh_status, Backlog};
 pub const ENGINE_QUEUE_EVENTS: usize = 4096;
 /// Transport events handled in one engine step at most.
 pub const ENGINE_EVENTS_PER_STEP_MAX: usize = 1024;
+/// Changes from peers one engine step takes at most (the event that reaches it is the
+/// step's last). A step applies them, makes them durable, and only then sends and reports:
+/// with no bound, a node behind its peers took every waiting event in one step and sent
+/// nothing for 15-41 s (three nodes under steady patches, 2026-12-07). What waits stays in
+/// the engine's queue, which pushes writers back once it fills ([`ENGINE_QUEUE_BUSY`]).
+pub const ENGINE_CHANGES_PER_STEP_MAX: usize = 8192;
+const _: () = assert!(
+    ENGINE_CHANGES_PER_STEP_MAX >= concord_proto::CHANGES_PER_MESSAGE_MAX,
+    "a step takes at least one whole message of changes"
+);
 /// How long shutdown waits for HTTP requests in progress.
 pub const API_SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the engine task to finish its step.
@@ -496,9 +506,13 @@ async fn drive_engine(
             () = shared.node.documents().local_writes().written() => {}
             () = sleep => {}
         }
-        while inputs.len() < ENGINE_EVENTS_PER_STEP_MAX {
+        let mut changes: usize = inputs.iter().map(Input::changes_carried).sum();
+        while inputs.len() < ENGINE_EVENTS_PER_STEP_MAX && changes < ENGINE_CHANGES_PER_STEP_MAX {
             match events.try_recv() {
-                Ok(event) => inputs.push(event),
+                Ok(event) => {
+                    changes += event.changes_carried();
+                    inputs.push(event);
+                }
                 Err(_) => break,
             }
         }
@@ -541,7 +555,12 @@ async fn drive_engine(
         }
         let waiting = events.len();
         refresh_status(&shared, &driver, &mut backlog, waiting);
-        note_step_time(&shared, inputs_count, stepped, step_started.elapsed());
+        note_step_time(
+            &shared,
+            inputs_count,
+            (stepped, driver.last_step_times()),
+            step_started.elapsed(),
+        );
     }
 }
 
@@ -551,7 +570,12 @@ const ENGINE_STEP_SLOW: Duration = Duration::from_secs(1);
 
 /// Keeps the slowest engine step for status and metrics, and logs a slow one with where its
 /// time went (the driver's step, or carrying out and refreshing the status after it).
-fn note_step_time(shared: &Shared, inputs: usize, stepped: Duration, whole: Duration) {
+fn note_step_time(
+    shared: &Shared,
+    inputs: usize,
+    (stepped, phases): (Duration, &crate::sync::StepTimes),
+    whole: Duration,
+) {
     let whole_ms = u64::try_from(whole.as_millis()).unwrap_or(u64::MAX);
     shared
         .slowest_engine_step_ms
@@ -561,6 +585,7 @@ fn note_step_time(shared: &Shared, inputs: usize, stepped: Duration, whole: Dura
             inputs,
             step_ms = stepped.as_millis() as u64,
             whole_ms,
+            %phases,
             "the replication engine took long over one step"
         );
     }

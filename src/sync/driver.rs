@@ -10,8 +10,9 @@
 //!   [`PEER_QUEUE_BYTES`] (an empty queue always takes one frame, of any size up to the frame
 //!   limit), and the transport reports what it wrote with [`Input::Drained`]: nothing is ever
 //!   dropped for lack of room, and a slow peer costs at most that much memory;
-//! - inputs that arrive together are handled together: consecutive `Changes` from one peer
-//!   are applied as one batch, and one flush makes everything applied in the step durable
+//! - inputs that arrive together are handled together: the `Changes` of one peer in a step
+//!   are applied as one batch (up to [`BATCH_CHANGES_MAX`]), each peer's inputs in the order
+//!   they came, and one flush makes everything applied in the step durable
 //!   before any frame or `Applied` output leaves;
 //! - the node's own new changes are read from its log from a cursor, after they were
 //!   acknowledged, so a write is sent only once durable;
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 use concord_proto::{encode_frame, Changes, Goodbye, Message, FRAME_BYTES_MAX, FRAME_HEADER_BYTES};
 
-use super::{Action, Engine, Event, Replica};
+use super::{Action, Engine, Event, Replica, StepTimes};
 use crate::record::NodeId;
 use crate::store::{LoggedChange, StoreError};
 
@@ -72,6 +73,37 @@ pub enum Input {
     LocalWrites,
     /// The time asked for by [`Driver::poll_timeout`] came.
     Timeout,
+}
+
+/// Changes gathered in a step, per peer, not yet handed to the engine.
+type Pending = BTreeMap<NodeId, Vec<concord_proto::ShippedChange>>;
+
+impl Input {
+    /// The peer whose pending changes reach the engine before this input: the peer an
+    /// input is about, except for bytes written (they only count the peer's queue).
+    fn ordered_after_changes_of(&self) -> Option<NodeId> {
+        match self {
+            Input::Up { peer, .. } | Input::Down { peer, .. } | Input::Received { peer, .. } => {
+                Some(*peer)
+            }
+            Input::Drained { .. } | Input::LocalWrites | Input::Timeout => None,
+        }
+    }
+
+    /// Changes this input hands the engine to apply: what a step's length mostly follows.
+    pub fn changes_carried(&self) -> usize {
+        match self {
+            Input::Received {
+                message: Message::Changes(changes),
+                ..
+            } => changes.changes.len(),
+            Input::Received {
+                message: Message::DocumentChanges(changes),
+                ..
+            } => changes.changes.len(),
+            _ => 0,
+        }
+    }
 }
 
 /// What the driver asks of the network and the node.
@@ -130,6 +162,8 @@ pub struct Driver {
     local_cursor: u64,
     links: BTreeMap<NodeId, Link>,
     stats: DriverStats,
+    /// Where the last step's time went.
+    last_step: StepTimes,
 }
 
 impl Driver {
@@ -149,6 +183,7 @@ impl Driver {
             local_cursor,
             links: BTreeMap::new(),
             stats: DriverStats::default(),
+            last_step: StepTimes::default(),
         }
     }
 
@@ -171,6 +206,11 @@ impl Driver {
         &self.stats
     }
 
+    /// Where the last step's time went, by phase.
+    pub fn last_step_times(&self) -> &StepTimes {
+        &self.last_step
+    }
+
     pub fn poll_timeout(&self) -> Option<Duration> {
         self.engine.poll_timeout()
     }
@@ -187,9 +227,10 @@ impl Driver {
         inputs: Vec<Input>,
         replica: &impl Replica,
     ) -> Vec<Output> {
+        self.last_step = StepTimes::default();
         let mut outputs = Vec::new();
         let mut applied = Vec::new();
-        let mut pending: Option<(NodeId, Vec<concord_proto::ShippedChange>)> = None;
+        let mut pending = Pending::new();
         for input in inputs {
             let Some(input) = self.gather_changes(
                 now,
@@ -201,11 +242,19 @@ impl Driver {
             ) else {
                 continue;
             };
-            self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
+            if let Some(peer) = input.ordered_after_changes_of() {
+                self.flush_pending(now, &mut pending, peer, replica, &mut outputs, &mut applied);
+            }
             self.handle_input(now, input, replica, &mut outputs, &mut applied);
         }
-        self.flush_pending(now, &mut pending, replica, &mut outputs, &mut applied);
-        if let Err(error) = self.engine.make_durable(replica) {
+        let peers: Vec<NodeId> = pending.keys().copied().collect();
+        for peer in peers {
+            self.flush_pending(now, &mut pending, peer, replica, &mut outputs, &mut applied);
+        }
+        let durable = self
+            .last_step
+            .time("durable", || self.engine.make_durable(replica));
+        if let Err(error) = durable {
             self.failed(&error);
             // Nothing applied may leave before it is durable; the next step tries again.
             return outputs
@@ -224,15 +273,17 @@ impl Driver {
         outputs
     }
 
-    /// Consecutive changes from one peer go to the engine as one message: `Changes` from a
-    /// current connection joins the batch pending (one from another peer, or one that would
-    /// grow past [`BATCH_CHANGES_MAX`], is handed to the engine first) and `None` is
-    /// returned; any other input is returned as it came.
+    /// Changes from a peer's current connection join that peer's batch pending (one that
+    /// would grow it past [`BATCH_CHANGES_MAX`] hands the batch to the engine first) and
+    /// `None` is returned; any other input is returned as it came. Batches are per peer, so
+    /// that changes arriving from two peers in turn are applied in two batches, not one per
+    /// message; each peer's inputs still reach the engine in the order they came (the
+    /// caller hands a peer's batch over before any other input of that peer).
     fn gather_changes(
         &mut self,
         now: Duration,
         input: Input,
-        pending: &mut Option<(NodeId, Vec<concord_proto::ShippedChange>)>,
+        pending: &mut Pending,
         replica: &impl Replica,
         outputs: &mut Vec<Output>,
         applied: &mut Vec<Output>,
@@ -243,18 +294,11 @@ impl Driver {
                 connection,
                 message: Message::Changes(changes),
             } if self.is_current(&peer, connection) => {
-                match pending {
-                    Some((from, batch))
-                        if *from == peer
-                            && batch.len() + changes.changes.len() <= BATCH_CHANGES_MAX =>
-                    {
-                        batch.extend(changes.changes);
-                    }
-                    _ => {
-                        self.flush_pending(now, pending, replica, outputs, applied);
-                        *pending = Some((peer, changes.changes));
-                    }
+                let held = pending.get(&peer).map_or(0, Vec::len);
+                if held + changes.changes.len() > BATCH_CHANGES_MAX {
+                    self.flush_pending(now, pending, peer, replica, outputs, applied);
                 }
+                pending.entry(peer).or_default().extend(changes.changes);
                 None
             }
             other => Some(other),
@@ -340,15 +384,17 @@ impl Driver {
             .is_some_and(|link| link.connection == connection)
     }
 
+    /// Hands `peer`'s pending batch of changes to the engine, if it has one.
     fn flush_pending(
         &mut self,
         now: Duration,
-        pending: &mut Option<(NodeId, Vec<concord_proto::ShippedChange>)>,
+        pending: &mut Pending,
+        peer: NodeId,
         replica: &impl Replica,
         outputs: &mut Vec<Output>,
         applied: &mut Vec<Output>,
     ) {
-        if let Some((peer, changes)) = pending.take() {
+        if let Some(changes) = pending.remove(&peer) {
             let message = Message::Changes(Changes { changes });
             self.handle(
                 now,
@@ -368,7 +414,17 @@ impl Driver {
         outputs: &mut Vec<Output>,
         applied: &mut Vec<Output>,
     ) {
-        match self.engine.handle(now, event, replica) {
+        let phase = match &event {
+            Event::PeerConnected(_) => "peer_up",
+            Event::PeerDisconnected(_) => "peer_down",
+            Event::Received(_, message) => message.kind(),
+            Event::LocalChanges(_) => "own_changes",
+            Event::Timeout => "timeout",
+        };
+        let handled = self
+            .last_step
+            .time(phase, || self.engine.handle(now, event, replica));
+        match handled {
             Ok(actions) => {
                 for action in actions {
                     match action {
@@ -411,12 +467,14 @@ impl Driver {
         applied: &mut Vec<Output>,
     ) {
         let own = self.engine.writer();
-        let page = replica.log_after(
-            &own,
-            self.local_cursor,
-            LOCAL_PUSH_CHANGES_MAX,
-            LOCAL_PUSH_BYTES_MAX,
-        );
+        let page = self.last_step.time("own_log_read", || {
+            replica.log_after(
+                &own,
+                self.local_cursor,
+                LOCAL_PUSH_CHANGES_MAX,
+                LOCAL_PUSH_BYTES_MAX,
+            )
+        });
         let changes = match page {
             Ok(changes) => changes,
             Err(error) => {
@@ -465,7 +523,10 @@ impl Driver {
                 if room == 0 || !self.engine.has_output(&peer) {
                     break;
                 }
-                let message = match self.engine.poll_transmit(now, peer, room, replica) {
+                let polled = self.last_step.time("transmit", || {
+                    self.engine.poll_transmit(now, peer, room, replica)
+                });
+                let message = match polled {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
                     Err(error) => {

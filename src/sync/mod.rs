@@ -42,6 +42,7 @@ mod relay;
 mod repair;
 mod replica;
 pub mod stability;
+mod step_times;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -58,6 +59,7 @@ pub use driver::{
 pub use held::{HELD_BYTES_MAX, HELD_CHANGES_MAX, HELD_CHANGE_TTL};
 pub use outbound::{OUTBOX_BYTES_MAX, OUTBOX_MESSAGES_MAX, RECENT_CHANGES_BYTES_MAX};
 pub use replica::Replica;
+pub use step_times::{PhaseTime, StepTimes};
 
 use crate::record::NodeId;
 use crate::store::{LoggedChange, RefusalReason, StoreError};

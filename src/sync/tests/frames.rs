@@ -289,3 +289,76 @@ fn messages_that_arrive_together_are_applied_as_batches_within_the_message_limit
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     net.assert_converged(&keys);
 }
+
+#[test]
+fn changes_from_two_peers_in_one_step_are_applied_as_one_batch_each() {
+    let mut net = Network::with_config(3, |_, config| config.changes_per_message = 10);
+    net.connect(0, 1);
+    net.connect(2, 1);
+    net.settle();
+    for index in 0..60 {
+        net.write(0, &format!("a/{index}"), "v", index);
+        net.write(2, &format!("b/{index}"), "v", index);
+    }
+    // Both peers' messages reach node 1 in one step, in turn, as from two connections.
+    let (id_0, id_2) = (net.nodes[0].id, net.nodes[2].id);
+    let frames: Vec<_> = net.in_flight.drain(..).collect();
+    let (mut from_0, mut from_2, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    for (from, to, connection, frame) in frames {
+        let input = |peer| Input::Received {
+            peer,
+            connection,
+            message: decode(&frame),
+        };
+        match (from, to) {
+            (0, 1) => from_0.push(input(id_0)),
+            (2, 1) => from_2.push(input(id_2)),
+            _ => others.push((from, to, connection, frame)),
+        }
+    }
+    let changes = |inputs: &[Input]| {
+        inputs
+            .iter()
+            .filter(|input| input.changes_carried() > 0)
+            .count()
+    };
+    assert!(
+        changes(&from_0) >= 2 && changes(&from_2) >= 2,
+        "several messages each"
+    );
+    let mut inputs = Vec::new();
+    let mut from_2 = from_2.into_iter();
+    for input in from_0 {
+        inputs.push(input);
+        inputs.extend(from_2.next());
+    }
+    inputs.extend(from_2);
+    let node = &mut net.nodes[1];
+    let outputs = node.driver.step(net.now, inputs, &node.docs);
+    let mut applied: Vec<NodeId> = Vec::new();
+    for output in outputs {
+        match output {
+            Output::Applied { from, .. } => applied.push(from),
+            Output::Send {
+                peer,
+                connection,
+                frame,
+            } => {
+                let to = net.index_of(peer);
+                net.in_flight.push_back((1, to, connection, frame));
+            }
+            other => panic!("nothing else here: {other:?}"),
+        }
+    }
+    assert_eq!(applied.len(), 2, "one batch per peer: {applied:?}");
+    assert!(applied.contains(&id_0) && applied.contains(&id_2));
+    for (from, to, connection, frame) in others {
+        net.deliver(from, to, connection, frame);
+    }
+    net.settle();
+    let keys: Vec<String> = (0..60)
+        .flat_map(|index| [format!("a/{index}"), format!("b/{index}")])
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    net.assert_converged(&keys);
+}
