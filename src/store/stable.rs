@@ -30,8 +30,10 @@ use crate::record::held::HeldDoc;
 use crate::record::stamp::ChangeStamp;
 use crate::record::NodeId;
 
-/// Most documents one call of [`DocStore::compact_stable`] compacts.
-pub const COMPACT_DOCUMENTS_PER_STEP: usize = 256;
+/// Most documents one call of [`DocStore::compact_stable`] compacts: with 256 of them (and
+/// 20,000 log entries truncated) a step of reclamation took 0.7-1.5 s under steady patches;
+/// the engine calls it again at once while documents wait.
+pub const COMPACT_DOCUMENTS_PER_STEP: usize = 32;
 /// Most documents waiting to be compacted.
 pub const COMPACTION_PENDING_MAX: usize = 100_000;
 /// Changes a document must hold beyond its base before its history is compacted: compacting

@@ -28,10 +28,9 @@ use super::{DocStore, Durability, Store, StoreError, WriteSession};
 use crate::record::NodeId;
 
 /// Most log entries one call of [`DocStore::reclaim_log`] drops: one batch, bounded. The
-/// engine calls it every summary interval (a second), so a node drops up to this many entries
-/// a second, more than it writes under sustained load (4,000-6,000 patches a second through
-/// the API on this machine), in steps of some tens of milliseconds.
-pub const TRUNCATE_ENTRIES_PER_STEP: usize = 20_000;
+/// engine calls it every summary interval (a second), and at once again while a call stops
+/// at this bound, so a backlog goes in steps of some milliseconds however large it is.
+pub const TRUNCATE_ENTRIES_PER_STEP: usize = 4_096;
 
 /// Every origin's floor, as the store keeps them.
 pub(super) fn scan_floors<S: Store>(store: &S) -> Result<BTreeMap<NodeId, u64>, StoreError> {

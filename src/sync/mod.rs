@@ -289,6 +289,9 @@ pub struct Engine {
     /// A summary interval passed: the log is truncated a step further towards what is
     /// stable.
     reclaim_due: bool,
+    /// The last step of reclamation stopped at its bound: the next one is due at once, so
+    /// that a backlog goes in short steps, not one long one.
+    reclaim_more: bool,
     /// Compacted documents stamped too far ahead of this node's clock, from whom, to take in
     /// once they are not (at most [`COMPACTED_AHEAD_BYTES_MAX`] together).
     compacted_ahead: Vec<(NodeId, CompactedDocument)>,
@@ -325,6 +328,7 @@ impl Engine {
             clock_ms: None,
             stability,
             reclaim_due: false,
+            reclaim_more: false,
             compacted_ahead: Vec::new(),
         }
     }
@@ -526,8 +530,8 @@ impl Engine {
 
     /// When the engine next wants [`Event::Timeout`].
     pub fn poll_timeout(&self) -> Option<Duration> {
-        if !self.withdrawing.is_empty() {
-            // At once: the next step of withdrawals.
+        if !self.withdrawing.is_empty() || self.reclaim_more {
+            // At once: the next step of withdrawals, or of reclamation.
             return Some(Duration::ZERO);
         }
         self.periodic_due()
@@ -581,14 +585,19 @@ impl Engine {
             Event::Timeout => {
                 // Asked for at once while withdrawals wait: the periodic work only when due,
                 // and one step of withdrawals after whatever events came with it.
-                if self.periodic_due().is_some_and(|due| now >= due) {
+                // Likewise while reclamation has more to do than one step takes.
+                let periodic = self.periodic_due().is_some_and(|due| now >= due);
+                if periodic {
                     self.timeout(now, replica, &mut actions);
                     for (peer, compacted) in std::mem::take(&mut self.compacted_ahead) {
                         self.receive_compacted(now, peer, compacted, replica, &mut actions)?;
                     }
-                    if std::mem::take(&mut self.reclaim_due) {
-                        self.reclaim(replica)?;
-                    }
+                }
+                let reclaim = periodic && std::mem::take(&mut self.reclaim_due);
+                if reclaim || std::mem::take(&mut self.reclaim_more) {
+                    self.reclaim_more = self.reclaim(replica)?;
+                }
+                if periodic {
                     self.compare_pending_leaves(replica)?;
                     let peers: Vec<NodeId> = self.pending_withdrawals.keys().copied().collect();
                     for peer in peers {

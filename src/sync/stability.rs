@@ -353,9 +353,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Truncates each origin's log a bounded step towards what every known node holds (as
-    /// far as the store's local followers allow).
-    pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<(), StoreError> {
+    /// One step of reclamation: truncates each origin's log towards what every known node
+    /// holds (as far as the store's local followers allow) and compacts documents that
+    /// became stable, each within its bound. Returns whether either stopped
+    /// at its bound (more waits).
+    pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<bool, StoreError> {
         let held = replica.origin_marks();
         let stable: Vec<(NodeId, u64)> = self
             .stability
@@ -365,6 +367,7 @@ impl Engine {
             .collect();
         let truncated = replica.reclaim_log(&stable)?;
         self.stats.log_entries_truncated += truncated as u64;
+        let mut more = truncated >= crate::store::truncation::TRUNCATE_ENTRIES_PER_STEP;
         #[cfg(feature = "sabotage")]
         let anyway = self.config.sabotage.compact_unstable;
         #[cfg(not(feature = "sabotage"))]
@@ -372,8 +375,9 @@ impl Engine {
         if anyway || self.holds_every_report(&held, |node| counts(replica, node)) {
             let compacted = replica.compact_stable()?;
             self.stats.documents_compacted += compacted.documents as u64;
+            more |= replica.compaction_pending() > 0;
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Whether this node holds everything every node held at its latest report, its own
