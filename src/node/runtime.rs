@@ -555,10 +555,12 @@ async fn drive_engine(
         }
         let waiting = events.len();
         refresh_status(&shared, &driver, &mut backlog, waiting);
+        let phases = driver.last_step_times();
         note_step_time(
             &shared,
             inputs_count,
-            (stepped, driver.last_step_times()),
+            stepped,
+            phases,
             step_started.elapsed(),
         );
     }
@@ -573,7 +575,8 @@ const ENGINE_STEP_SLOW: Duration = Duration::from_secs(1);
 fn note_step_time(
     shared: &Shared,
     inputs: usize,
-    (stepped, phases): (Duration, &crate::sync::StepTimes),
+    stepped: Duration,
+    phases: &sync::StepTimes,
     whole: Duration,
 ) {
     let whole_ms = u64::try_from(whole.as_millis()).unwrap_or(u64::MAX);
