@@ -20,7 +20,7 @@ use super::digest::DigestTree;
 use super::door::WriteDoor;
 use super::group_commit::GroupCommit;
 use super::incarnation::Writers;
-use super::layout::{self, LogEntry, Snapshot, StoredDoc};
+use super::layout::{self, EpochPlace, LogEntry, Snapshot, StoredDoc};
 use super::progress::{scan_origins, OriginProgress};
 use super::session::WriteSession;
 use super::{Batch, Store, StoreError};
@@ -786,8 +786,8 @@ impl<S: Store> DocStore<S> {
         let Some(bytes) = self.store.get(&layout::doc_key(doc_key))? else {
             return Ok(Loaded::empty());
         };
-        let stored: StoredDoc = StoredDoc::decode(&bytes)?;
-        let (doc, heads_match, appended) = load_document(&self.store, doc_key, &stored)?;
+        let mut stored: StoredDoc = StoredDoc::decode(&bytes)?;
+        let (doc, heads_match, appended) = load_document(&self.store, doc_key, &mut stored)?;
         // Check after reading back: the document must be exactly what was recorded.
         if !heads_match {
             return Err(StoreError::Corrupt(format!(
@@ -805,28 +805,35 @@ impl<S: Store> DocStore<S> {
 
 /// The document `stored` describes, from its snapshot and appended changes (in its `D` value
 /// and under its `C` keys); whether its heads are the ones recorded; and what its `C` keys
-/// hold.
+/// hold. An epoch kept in the `S` value is taken into `stored`.
 pub(super) fn load_document<S: Store>(
     store: &S,
     doc_key: &[u8],
-    stored: &StoredDoc,
+    stored: &mut StoredDoc,
 ) -> Result<(HeldDoc, bool, Appended), StoreError> {
     let corrupt =
         |what: String| StoreError::Corrupt(format!("{}: {what}", String::from_utf8_lossy(doc_key)));
     let mut appended = Appended::default();
-    let epoch = stored.epoch.as_deref();
     let mut doc = match &stored.snapshot {
         Snapshot::None => HeldDoc::default(),
         Snapshot::Inline(snapshot) => {
             appended.snapshot_bytes = snapshot.len();
-            HeldDoc::load(snapshot, epoch).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            HeldDoc::load(snapshot, stored.epoch.as_deref())
+                .map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
         Snapshot::External => {
-            let snapshot = store
+            let value = store
                 .get(&layout::snapshot_key(doc_key))?
                 .ok_or_else(|| corrupt("its snapshot is missing".to_owned()))?;
+            let (snapshot, place) = layout::read_snapshot_value(&value)
+                .map_err(|e| corrupt(format!("snapshot: {e}")))?;
+            if let EpochPlace::Here(epoch) = place {
+                stored.epoch = epoch.map(<[u8]>::to_vec);
+                stored.epoch_with_snapshot = true;
+            }
             appended.snapshot_bytes = snapshot.len();
-            HeldDoc::load(&snapshot, epoch).map_err(|e| corrupt(format!("snapshot: {e}")))?
+            HeldDoc::load(snapshot, stored.epoch.as_deref())
+                .map_err(|e| corrupt(format!("snapshot: {e}")))?
         }
     };
     let mut changes = stored

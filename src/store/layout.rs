@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `M` | metadata name | metadata value (node id, sources) |
 //! | `D` | document key | [`StoredDoc`]: heads, record state, snapshot, appended changes |
-//! | `S` | document key | a snapshot too large to keep inside its `D` value |
+//! | `S` | document key | a snapshot too large to keep inside its `D` value, with its compaction epoch ([`snapshot_value`]) |
 //! | `C` | document key, 0, change hash (32 bytes) | a change appended to a document whose snapshot is an `S` value |
 //! | `L` | origin node id (16 bytes), sequence (u64 big endian) | [`LogEntry`] |
 //! | `R` | change hash (32 bytes), document key | [`RefusedChange`]: a change refused here |
@@ -17,13 +17,14 @@
 //! record is one `D` value and one `L` entry per change: sled pays about 150 bytes of overhead
 //! per key, so fewer keys is what keeps a record small on disk. A document whose history has
 //! outgrown its `D` value (its snapshot is an `S` value) takes each change under a `C` key of
-//! its own instead, so a change to it writes the change once and a small `D` value, not the
-//! changes appended before it again.
+//! its own instead, and keeps its compaction epoch (which changes only with the snapshot) in
+//! the `S` value, so a change to it writes the change once and a `D` value of its heads and
+//! state, not the changes appended before it or the epoch again.
 
 use automerge::ChangeHash;
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{Batch, StoreError};
 use crate::record::{NodeId, RecordState};
 
 const TAG_META: u8 = b'M';
@@ -45,9 +46,12 @@ pub const META_FORMER_WRITERS: &[u8] = b"former_writers";
 pub const META_FORMAT: &[u8] = b"format";
 /// The format this build writes and the newest it reads. A store without the key was made
 /// before the format was recorded, with this same layout.
+/// 3: an `S` value carries its snapshot's compaction epoch (a store of format 2 reads as one
+/// of format 3 whose epochs are all in `D` values, each moving to its `S` value with the
+/// document's next snapshot).
 /// 2: appended changes under `C` keys (a store of format 1 reads as one of format 2 that has
 /// none).
-pub const STORE_FORMAT_VERSION: u32 = 2;
+pub const STORE_FORMAT_VERSION: u32 = 3;
 pub const META_SOURCE_PREFIX: &[u8] = b"source/";
 /// Writes of this node's own that a collision took out of a document, to be written again
 /// under its current writer: `reissue/` then the document key, valued [`Reissue`].
@@ -184,6 +188,58 @@ pub enum Snapshot {
 /// Largest snapshot kept inside its document's `D` value.
 pub const SNAPSHOT_INLINE_BYTES_MAX: usize = 8 * 1024;
 
+/// First byte of an `S` value of format 3. One written before holds the snapshot alone, as
+/// Automerge saves a document or its changes: it starts with Automerge's magic bytes.
+const SNAPSHOT_VALUE_WITH_EPOCH: u8 = 0;
+
+/// An `S` value: the tag byte, the epoch's length plus one as a big-endian u32 (0: none), the
+/// epoch, then the snapshot.
+pub fn snapshot_value(snapshot: &[u8], epoch: Option<&[u8]>) -> Vec<u8> {
+    let (marker, epoch) = match epoch {
+        None => (0, &[][..]),
+        Some(epoch) => (epoch.len() + 1, epoch),
+    };
+    assert!(
+        marker <= u32::MAX as usize,
+        "an epoch is bounded by what one message carries"
+    );
+    let mut value = Vec::with_capacity(5 + epoch.len() + snapshot.len());
+    value.push(SNAPSHOT_VALUE_WITH_EPOCH);
+    value.extend_from_slice(&(marker as u32).to_be_bytes());
+    value.extend_from_slice(epoch);
+    value.extend_from_slice(snapshot);
+    value
+}
+
+/// Where an `S` value says its snapshot's epoch is.
+#[derive(Debug, PartialEq)]
+pub enum EpochPlace<'a> {
+    /// In the value (none, for a snapshot of an uncompacted history).
+    Here(Option<&'a [u8]>),
+    /// In the document's `D` value: an `S` value written before format 3.
+    InDocValue,
+}
+
+/// The snapshot an `S` value holds, and where its epoch is.
+pub fn read_snapshot_value(value: &[u8]) -> Result<(&[u8], EpochPlace<'_>), StoreError> {
+    if value.starts_with(&AUTOMERGE_MAGIC) {
+        return Ok((value, EpochPlace::InDocValue));
+    }
+    let corrupt = || StoreError::Corrupt("a snapshot value of an unknown form".to_owned());
+    let (&tag, rest) = value.split_first().ok_or_else(corrupt)?;
+    let (marker, rest) = rest.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    if tag != SNAPSHOT_VALUE_WITH_EPOCH {
+        return Err(corrupt());
+    }
+    match u32::from_be_bytes(*marker) as usize {
+        0 => Ok((rest, EpochPlace::Here(None))),
+        marker => {
+            let (epoch, snapshot) = rest.split_at_checked(marker - 1).ok_or_else(corrupt)?;
+            Ok((snapshot, EpochPlace::Here(Some(epoch))))
+        }
+    }
+}
+
 /// Everything the store keeps about one document, in one value.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoredDoc {
@@ -196,19 +252,51 @@ pub struct StoredDoc {
     /// changes, as the log serves them, also once the document was compacted.
     pub changes: Vec<Vec<u8>>,
     /// What the snapshot was compacted from ([`crate::record::compaction::Epoch`], encoded),
-    /// once its history was compacted. Encoded after the fields above, only when present, so
-    /// documents stored before compaction read as they were ([`StoredDoc::encode`]).
+    /// once its history was compacted. Encoded after the fields above, only when present and
+    /// not kept in the `S` value, so documents stored before compaction read as they were
+    /// ([`StoredDoc::encode`]).
     #[serde(skip)]
     pub epoch: Option<Vec<u8>>,
+    /// The epoch is kept beside the snapshot in the `S` value ([`snapshot_value`]), not in
+    /// this value: a document of format 3 whose snapshot is an `S` value.
+    #[serde(skip)]
+    pub epoch_with_snapshot: bool,
 }
 
 impl StoredDoc {
     pub fn encode(&self) -> Vec<u8> {
         let mut bytes = encode(self);
-        if let Some(epoch) = &self.epoch {
+        if let Some(epoch) = self.epoch.as_ref().filter(|_| !self.epoch_with_snapshot) {
             bytes.extend(encode(epoch));
         }
         bytes
+    }
+
+    /// Takes `snapshot` and its `epoch` as the document's new snapshot, queueing its `S` value
+    /// (or its removal, for a snapshot kept inline) into `batch`; the caller puts the `D`
+    /// value.
+    pub fn place_snapshot(
+        &mut self,
+        batch: &mut Batch,
+        doc_key: &[u8],
+        snapshot: Vec<u8>,
+        epoch: Option<Vec<u8>>,
+    ) {
+        if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
+            if self.snapshot == Snapshot::External {
+                batch.remove(snapshot_key(doc_key));
+            }
+            self.snapshot = Snapshot::Inline(snapshot);
+            self.epoch_with_snapshot = false;
+        } else {
+            batch.put(
+                snapshot_key(doc_key),
+                snapshot_value(&snapshot, epoch.as_deref()),
+            );
+            self.snapshot = Snapshot::External;
+            self.epoch_with_snapshot = true;
+        }
+        self.epoch = epoch;
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
@@ -545,5 +633,31 @@ mod tests {
         corrupt[last] ^= 1;
         assert_eq!(change_hash(&corrupt), None);
         assert_eq!(change_hash(b"short"), None);
+    }
+
+    #[test]
+    fn a_snapshot_value_carries_its_epoch_and_one_written_before_says_it_does_not() {
+        let mut doc = automerge::AutoCommit::new();
+        automerge::transaction::Transactable::put(&mut doc, automerge::ROOT, "a", 1).unwrap();
+        let snapshot = doc.save();
+        for epoch in [None, Some(&b""[..]), Some(&b"an epoch"[..])] {
+            let value = snapshot_value(&snapshot, epoch);
+            assert_eq!(
+                read_snapshot_value(&value).unwrap(),
+                (&snapshot[..], EpochPlace::Here(epoch))
+            );
+        }
+        assert_eq!(
+            read_snapshot_value(&snapshot).unwrap(),
+            (&snapshot[..], EpochPlace::InDocValue)
+        );
+        for garbage in [
+            &b""[..],
+            b"\x00\x00",
+            b"\x01\x00\x00\x00\x00",
+            b"\x00\x00\x00\x00\x09ab",
+        ] {
+            assert!(read_snapshot_value(garbage).is_err(), "{garbage:?}");
+        }
     }
 }

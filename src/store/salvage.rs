@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use super::documents::{for_each_entry, load_document};
-use super::layout::{self, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
+use super::layout::{self, StoredDoc};
 use super::{Batch, Store, StoreError};
 use crate::record::{document, RecordId};
 
@@ -135,10 +135,10 @@ impl<S: Store> Mending<'_, S> {
         let store = self.store;
         self.report.documents += 1;
         let doc_key = layout::doc_key_of(key);
-        let loaded = StoredDoc::decode(value).and_then(|stored| {
+        let loaded = StoredDoc::decode(value).and_then(|mut stored| {
             RecordId::from_doc_key(doc_key)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-            load_document(store, doc_key, &stored)
+            load_document(store, doc_key, &mut stored)
                 .map(|(doc, matches, appended)| (doc, stored, matches, appended))
         });
         let (report, batch, held) = (&mut self.report, &mut self.batch, &mut self.held);
@@ -160,16 +160,7 @@ impl<S: Store> Mending<'_, S> {
                         batch.remove(layout::appended_key(doc_key, hash));
                     }
                     let (snapshot, epoch) = doc.save();
-                    stored.epoch = epoch;
-                    if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
-                        if stored.snapshot == Snapshot::External {
-                            batch.remove(layout::snapshot_key(doc_key));
-                        }
-                        stored.snapshot = Snapshot::Inline(snapshot);
-                    } else {
-                        batch.put(layout::snapshot_key(doc_key), snapshot);
-                        stored.snapshot = Snapshot::External;
-                    }
+                    stored.place_snapshot(batch, doc_key, snapshot, epoch);
                     batch.put(key.to_vec(), stored.encode());
                 }
             }

@@ -19,7 +19,7 @@ use super::documents::{
     WriteOutcome, COMPACT_AFTER_BYTES, SESSION_DOCUMENTS_MAX, SNAPSHOT_GROWTH_PARTS,
     WITHDRAWALS_KEPT_MAX,
 };
-use super::layout::{self, LogEntry, ScopeTag, Snapshot, StoredDoc, SNAPSHOT_INLINE_BYTES_MAX};
+use super::layout::{self, LogEntry, ScopeTag, Snapshot, StoredDoc};
 use super::{Batch, DocStore, Store, StoreError};
 use crate::record::document::CHANGE_BYTES_MAX;
 use crate::record::held::HeldDoc;
@@ -847,7 +847,7 @@ fn compaction_due(
 
 /// Queues the document's stored value with its new changes: saved whole when `compacting`,
 /// else each change under a key of its own beside an external snapshot (the `D` value stays
-/// small), or inside the `D` value.
+/// small: heads and state, its epoch kept with the snapshot), or inside the `D` value.
 fn store_document(
     batch: &mut Batch,
     doc_key: &[u8],
@@ -859,22 +859,13 @@ fn store_document(
     let appended = &mut loaded.appended;
     if compacting {
         let (snapshot, epoch) = loaded.doc.save();
-        stored.epoch = epoch;
         stored.changes.clear();
         for hash in appended.hashes.drain(..) {
             batch.remove(layout::appended_key(doc_key, &hash));
         }
         appended.bytes = 0;
         appended.snapshot_bytes = snapshot.len();
-        if snapshot.len() <= SNAPSHOT_INLINE_BYTES_MAX {
-            if stored.snapshot == Snapshot::External {
-                batch.remove(layout::snapshot_key(doc_key));
-            }
-            stored.snapshot = Snapshot::Inline(snapshot);
-        } else {
-            batch.put(layout::snapshot_key(doc_key), snapshot);
-            stored.snapshot = Snapshot::External;
-        }
+        stored.place_snapshot(batch, doc_key, snapshot, epoch);
     } else if stored.snapshot == Snapshot::External {
         for (hash, bytes) in bytes_new {
             appended.bytes += bytes.len();

@@ -276,7 +276,7 @@ mod tests {
     use super::*;
     use crate::record::document::{self, apply_delete, apply_write, RecordWrite};
     use crate::record::RecordId;
-    use crate::store::{DocStoreConfig, MemoryStore};
+    use crate::store::{Batch, DocStoreConfig, MemoryStore};
 
     fn write(docs: &DocStore<MemoryStore>, node: NodeId, id: &RecordId, value: i64) {
         let write = RecordWrite {
@@ -366,5 +366,89 @@ mod tests {
             docs.read(&id, |doc| document::read(doc.local())).unwrap(),
             None
         );
+    }
+
+    /// The sizes of a document's `D` value and `S` value.
+    fn value_sizes(store: &MemoryStore, id: &RecordId) -> (usize, usize) {
+        let doc = id.to_doc_key();
+        let size = |key: Vec<u8>| store.get(&key).unwrap().map_or(0, |value| value.len());
+        (
+            size(crate::store::layout::doc_key(&doc)),
+            size(crate::store::layout::snapshot_key(&doc)),
+        )
+    }
+
+    #[test]
+    fn a_large_compacted_record_keeps_its_epoch_with_its_snapshot_not_in_each_change() {
+        use crate::store::layout::{self, EpochPlace, Snapshot, StoredDoc};
+        let store = MemoryStore::new();
+        let node = NodeId([7; 16]);
+        let config = DocStoreConfig {
+            compact_histories: true,
+            ..DocStoreConfig::default()
+        };
+        let docs = DocStore::open(store.clone(), node, config.clone()).unwrap();
+        let id = RecordId::parse("c/1").unwrap();
+        let text = RecordWrite {
+            set: vec![("text".to_owned(), json!("y".repeat(20_000)))],
+            ..RecordWrite::default()
+        };
+        docs.write(&id, &node.actor(0), 0, Durability::Deferred, |tx| {
+            apply_write(tx, &text)
+        })
+        .unwrap();
+        for value in 1..300 {
+            write(&docs, node, &id, value);
+        }
+        let mark = docs.origin_mark(&node);
+        // Changes after the cut: the epoch has something to say about each.
+        for value in 300..400 {
+            write(&docs, node, &id, value);
+        }
+        docs.reclaim_log(&[(node, mark)]).unwrap();
+        assert_eq!(docs.compact_stable().unwrap().documents, 1);
+        let doc_key = id.to_doc_key();
+        let snapshot_of =
+            |store: &MemoryStore| store.get(&layout::snapshot_key(&doc_key)).unwrap().unwrap();
+        let value = snapshot_of(&store);
+        let (_, place) = layout::read_snapshot_value(&value).unwrap();
+        let EpochPlace::Here(Some(epoch)) = place else {
+            panic!("the epoch is not in the snapshot's value: {place:?}");
+        };
+        assert!(epoch.len() > 1_000, "an epoch of {} bytes", epoch.len());
+        // Each write after it rewrites the `D` value, which holds heads and state alone.
+        for value in 400..410 {
+            write(&docs, node, &id, value);
+            let (doc_value, _) = value_sizes(&store, &id);
+            assert!(doc_value < 200, "a D value of {doc_value} bytes");
+        }
+        let heads = docs.read(&id, HeldDoc::heads).unwrap();
+        docs.sync().unwrap();
+        drop(docs);
+        let reopened = DocStore::open(store.clone(), node, config.clone()).unwrap();
+        assert_eq!(reopened.read(&id, HeldDoc::heads).unwrap(), heads);
+        let fields = reopened
+            .read(&id, |doc| document::read(doc.local()))
+            .unwrap();
+        assert_eq!(fields.unwrap()["n"], json!(409));
+        drop(reopened);
+
+        // As a store of format 2 kept it: the epoch in the `D` value, the snapshot alone.
+        let key = layout::doc_key(&doc_key);
+        let mut stored = StoredDoc::decode(&store.get(&key).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.snapshot, Snapshot::External);
+        stored.epoch = Some(epoch.to_vec());
+        let mut batch = Batch::default();
+        batch.put(key, stored.encode());
+        let (snapshot, _) = layout::read_snapshot_value(&value).unwrap();
+        batch.put(layout::snapshot_key(&doc_key), snapshot.to_vec());
+        store.apply(batch).unwrap();
+        let docs = DocStore::open(store.clone(), node, config).unwrap();
+        assert_eq!(docs.read(&id, HeldDoc::heads).unwrap(), heads);
+        write(&docs, node, &id, 410);
+        let (doc_value, _) = value_sizes(&store, &id);
+        assert!(doc_value > epoch.len(), "the epoch stays in the D value");
+        let fields = docs.read(&id, |doc| document::read(doc.local())).unwrap();
+        assert_eq!(fields.unwrap()["n"], json!(410));
     }
 }
