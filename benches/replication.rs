@@ -16,7 +16,7 @@
 //! fresh peer, beside N changes spread over N distinct records.
 //!
 //! `cargo bench --bench replication -- [--records N] [--rate PER_SECOND] [--seconds S]
-//! [--history N] [--partial-only] [--history-only]`
+//! [--history N] [--engine sled|fjall] [--partial-only] [--network-only] [--history-only]`
 
 /// The allocator the `concord` binary uses, so that these are the binary's figures.
 #[global_allocator]
@@ -35,12 +35,19 @@ use automerge::sync::{State as SyncState, SyncDoc};
 use automerge::Automerge;
 use concord::node::{InitOptions, Node};
 use concord::record::{NodeId, RecordId, RecordWrite};
-use concord::store::{DiskStore, DocStore};
+use concord::store::{DiskStore, DocStore, Engine as StoreEngine};
 use concord::sync::{Config, Driver, Engine, Input, Output};
 use serde_json::json;
 
 const BATCH: usize = 1000;
 const CLUSTER: [u8; 16] = [7; 16];
+
+/// The store engine `--engine` names for every node of the run (the node's default without).
+static ENGINE: std::sync::OnceLock<StoreEngine> = std::sync::OnceLock::new();
+
+fn engine() -> Option<StoreEngine> {
+    ENGINE.get().copied()
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -48,10 +55,22 @@ fn main() {
     let rate = flag(&args, "--rate", 1000);
     let seconds = flag(&args, "--seconds", 5);
     let history = flag(&args, "--history", 50_000);
-    println!("replication: {records} records; latency at {rate} writes/s for {seconds} s; a history of {history} changes");
+    if let Some(at) = args.iter().position(|arg| arg == "--engine") {
+        let engine = args
+            .get(at + 1)
+            .expect("--engine sled|fjall")
+            .parse()
+            .expect("--engine sled|fjall");
+        ENGINE.set(engine).expect("set once");
+    }
+    println!("replication: {records} records; latency at {rate} writes/s for {seconds} s; a history of {history} changes; store engine {}", engine().map_or("the default".to_owned(), |engine| engine.to_string()));
     if args.iter().any(|arg| arg == "--partial-only") {
         partial_replica(records, true);
         partial_replica(records, false);
+        return;
+    }
+    if args.iter().any(|arg| arg == "--network-only") {
+        network_level(records / 5, rate, seconds);
         return;
     }
     if args.iter().any(|arg| arg == "--history-only") {
@@ -218,6 +237,7 @@ fn engine_level(records: usize) {
         &temp.path().join("a"),
         &InitOptions {
             name: Some("a".into()),
+            engine: engine(),
             ..InitOptions::default()
         },
     )
@@ -226,6 +246,7 @@ fn engine_level(records: usize) {
         &temp.path().join("b"),
         &InitOptions {
             name: Some("b".into()),
+            engine: engine(),
             ..InitOptions::default()
         },
     )
@@ -396,6 +417,7 @@ fn partial_replica(records: usize, granted_first: bool) {
             &InitOptions {
                 name: Some(name.into()),
                 ca: Some(ca.clone()),
+                engine: engine(),
                 ..InitOptions::default()
             },
         )
@@ -547,7 +569,7 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         };
         let (listen_a, listen_b) = (port(), port());
         let make = |dir: &Path, name: &str, listen: &str, peers: Vec<String>| {
-            Node::create(dir, &InitOptions { name: Some(name.into()), ca: Some(ca.clone()), listen: Some(listen.to_owned()), api: Some(port()), peers, engine: None }).expect("node")
+            Node::create(dir, &InitOptions { name: Some(name.into()), ca: Some(ca.clone()), listen: Some(listen.to_owned()), api: Some(port()), peers, engine: engine() }).expect("node")
         };
         let node_a = Arc::new(make(&temp.path().join("a"), "a", &listen_a, vec![]));
         load(&node_a, 0..records);
@@ -608,7 +630,7 @@ fn network_level(records: usize, rate: usize, seconds: usize) {
         let percentile = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN);
 
         // Baseline: the same durable writes on a node with no peer (the cost of the write alone).
-        let lone = Node::create(&temp.path().join("lone"), &InitOptions { name: Some("lone".into()), ..InitOptions::default() }).expect("lone");
+        let lone = Node::create(&temp.path().join("lone"), &InitOptions { name: Some("lone".into()), engine: engine(), ..InitOptions::default() }).expect("lone");
         let mut lone_latencies = Vec::with_capacity(total.min(2000));
         for n in 0..total.min(2000) {
             let write = RecordWrite { set: vec![("n".to_owned(), json!(n))], ..RecordWrite::default() };
