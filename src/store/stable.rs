@@ -312,14 +312,18 @@ mod tests {
         .sum()
     }
 
-    #[test]
-    fn a_stable_history_is_compacted_reads_alike_and_goes_on_after_a_restart() {
-        let store = MemoryStore::new();
-        let node = NodeId([7; 16]);
+    /// A memory store, its node, and a config that compacts stable histories.
+    fn compacting_store() -> (MemoryStore, NodeId, DocStoreConfig) {
         let config = DocStoreConfig {
             compact_histories: true,
             ..DocStoreConfig::default()
         };
+        (MemoryStore::new(), NodeId([7; 16]), config)
+    }
+
+    #[test]
+    fn a_stable_history_is_compacted_reads_alike_and_goes_on_after_a_restart() {
+        let (store, node, config) = compacting_store();
         let docs = DocStore::open(store.clone(), node, config.clone()).unwrap();
         let id = RecordId::parse("c/1").unwrap();
         for value in 0..2_000 {
@@ -368,25 +372,16 @@ mod tests {
         );
     }
 
-    /// The sizes of a document's `D` value and `S` value.
-    fn value_sizes(store: &MemoryStore, id: &RecordId) -> (usize, usize) {
-        let doc = id.to_doc_key();
-        let size = |key: Vec<u8>| store.get(&key).unwrap().map_or(0, |value| value.len());
-        (
-            size(crate::store::layout::doc_key(&doc)),
-            size(crate::store::layout::snapshot_key(&doc)),
-        )
+    /// The size of a document's `D` value.
+    fn doc_value_size(store: &MemoryStore, id: &RecordId) -> usize {
+        let key = crate::store::layout::doc_key(&id.to_doc_key());
+        store.get(&key).unwrap().map_or(0, |value| value.len())
     }
 
     #[test]
     fn a_large_compacted_record_keeps_its_epoch_with_its_snapshot_not_in_each_change() {
         use crate::store::layout::{self, EpochPlace, Snapshot, StoredDoc};
-        let store = MemoryStore::new();
-        let node = NodeId([7; 16]);
-        let config = DocStoreConfig {
-            compact_histories: true,
-            ..DocStoreConfig::default()
-        };
+        let (store, node, config) = compacting_store();
         let docs = DocStore::open(store.clone(), node, config.clone()).unwrap();
         let id = RecordId::parse("c/1").unwrap();
         let text = RecordWrite {
@@ -419,7 +414,7 @@ mod tests {
         // Each write after it rewrites the `D` value, which holds heads and state alone.
         for value in 400..410 {
             write(&docs, node, &id, value);
-            let (doc_value, _) = value_sizes(&store, &id);
+            let doc_value = doc_value_size(&store, &id);
             assert!(doc_value < 200, "a D value of {doc_value} bytes");
         }
         let heads = docs.read(&id, HeldDoc::heads).unwrap();
@@ -446,7 +441,7 @@ mod tests {
         let docs = DocStore::open(store.clone(), node, config).unwrap();
         assert_eq!(docs.read(&id, HeldDoc::heads).unwrap(), heads);
         write(&docs, node, &id, 410);
-        let (doc_value, _) = value_sizes(&store, &id);
+        let doc_value = doc_value_size(&store, &id);
         assert!(doc_value > epoch.len(), "the epoch stays in the D value");
         let fields = docs.read(&id, |doc| document::read(doc.local())).unwrap();
         assert_eq!(fields.unwrap()["n"], json!(410));
