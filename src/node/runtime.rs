@@ -520,9 +520,7 @@ async fn drive_engine(
             inputs.push(Input::LocalWrites);
         }
         let now = shared.started.elapsed();
-        if now >= deadline {
-            inputs.push(Input::Timeout);
-        }
+        let timed_out = now >= deadline;
         #[cfg(feature = "sabotage")]
         if crate::sabotage_from_env("CONCORD_SABOTAGE_ENGINE_PANIC")
             && inputs
@@ -542,28 +540,64 @@ async fn drive_engine(
                 "a revocation took out changes of this node's own",
             );
         }
-        driver.set_clock(u64::try_from(super::now_ms()).unwrap_or(0));
-        let step_started = Instant::now();
-        let inputs_count = inputs.len();
-        let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
-        let stepped = step_started.elapsed();
-        if let Some(reason) = carry_out(&shared, outputs) {
-            take_new_writer(&shared, &mut driver, &reason);
+        // What arrived is applied and sent first; the periodic work (summaries, repair, a
+        // step of reclamation) then takes a step of its own, so that nothing waits for it but
+        // what arrives while it runs.
+        if !inputs.is_empty() || !timed_out {
+            run_step(
+                &shared,
+                &mut driver,
+                &mut backlog,
+                now,
+                inputs,
+                events.len(),
+            );
         }
-        if node.documents().pending_reissues() > 0 && driver.engine().superseded().is_none() {
-            reissue(&shared);
+        if timed_out {
+            let inputs = vec![Input::Timeout];
+            run_step(
+                &shared,
+                &mut driver,
+                &mut backlog,
+                now,
+                inputs,
+                events.len(),
+            );
         }
-        let waiting = events.len();
-        refresh_status(&shared, &driver, &mut backlog, waiting);
-        let phases = driver.last_step_times();
-        note_step_time(
-            &shared,
-            inputs_count,
-            stepped,
-            phases,
-            step_started.elapsed(),
-        );
     }
+}
+
+/// One step of the driver over `inputs`, what it asks for carried out, and the status
+/// refreshed after it (`waiting`: events queued behind it).
+fn run_step(
+    shared: &Shared,
+    driver: &mut Driver,
+    backlog: &mut Backlog,
+    now: Duration,
+    inputs: Vec<Input>,
+    waiting: usize,
+) {
+    let node = &shared.node;
+    driver.set_clock(u64::try_from(super::now_ms()).unwrap_or(0));
+    let step_started = Instant::now();
+    let inputs_count = inputs.len();
+    let outputs = tokio::task::block_in_place(|| driver.step(now, inputs, node.documents()));
+    let stepped = step_started.elapsed();
+    if let Some(reason) = carry_out(shared, outputs) {
+        take_new_writer(shared, driver, &reason);
+    }
+    if node.documents().pending_reissues() > 0 && driver.engine().superseded().is_none() {
+        reissue(shared);
+    }
+    refresh_status(shared, driver, backlog, waiting);
+    let phases = driver.last_step_times();
+    note_step_time(
+        shared,
+        inputs_count,
+        stepped,
+        phases,
+        step_started.elapsed(),
+    );
 }
 
 /// An engine step longer than this is logged: meanwhile the node sent, received and reported
