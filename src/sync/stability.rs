@@ -30,6 +30,18 @@ use super::{Engine, Replica};
 use crate::record::NodeId;
 use crate::store::StoreError;
 
+/// What waits after a step of reclamation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MoreToReclaim {
+    Nothing,
+    /// Log entries past the step's bound: the next step comes at once, as a log written
+    /// faster than it is truncated would grow without end.
+    Log,
+    /// Only documents waiting to be compacted: the next step comes after
+    /// [`super::RECLAIM_STEP_PAUSE`].
+    Documents,
+}
+
 /// How often a node takes and relays reports: stability trails the logs by a few of these per
 /// hop, which costs nothing but the delay before history is reclaimed.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -355,9 +367,8 @@ impl Engine {
 
     /// One step of reclamation: truncates each origin's log towards what every known node
     /// holds (as far as the store's local followers allow) and compacts documents that
-    /// became stable, each within its bound. Returns whether either stopped
-    /// at its bound (more waits).
-    pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<bool, StoreError> {
+    /// became stable, each within its bound. Returns what waits beyond them.
+    pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<MoreToReclaim, StoreError> {
         let held = replica.origin_marks();
         let stable: Vec<(NodeId, u64)> = self
             .stability
@@ -367,7 +378,8 @@ impl Engine {
             .collect();
         let truncated = replica.reclaim_log(&stable)?;
         self.stats.log_entries_truncated += truncated as u64;
-        let mut more = truncated >= crate::store::truncation::TRUNCATE_ENTRIES_PER_STEP;
+        let log_more = truncated >= crate::store::truncation::TRUNCATE_ENTRIES_PER_STEP;
+        let mut compaction_more = false;
         #[cfg(feature = "sabotage")]
         let anyway = self.config.sabotage.compact_unstable;
         #[cfg(not(feature = "sabotage"))]
@@ -375,9 +387,15 @@ impl Engine {
         if anyway || self.holds_every_report(&held, |node| counts(replica, node)) {
             let compacted = replica.compact_stable()?;
             self.stats.documents_compacted += compacted.documents as u64;
-            more |= replica.compaction_pending() > 0;
+            compaction_more = replica.compaction_pending() > 0;
         }
-        Ok(more)
+        Ok(if log_more {
+            MoreToReclaim::Log
+        } else if compaction_more {
+            MoreToReclaim::Documents
+        } else {
+            MoreToReclaim::Nothing
+        })
     }
 
     /// Whether this node holds everything every node held at its latest report, its own
