@@ -32,10 +32,11 @@ use crate::record::NodeId;
 
 /// Most documents one call of [`DocStore::compact_stable`] compacts (or loads to find that
 /// they need not be): with 256 of them (and 20,000 log entries truncated) a step of
-/// reclamation took 0.7-1.5 s under steady patches, and with 32 the steps after a catch-up of
-/// 20,000 records took 10-15 ms each, which a change written meanwhile waited for. While only
-/// documents wait, the engine calls it again after [`crate::sync::RECLAIM_STEP_PAUSE`].
-pub const COMPACT_DOCUMENTS_PER_STEP: usize = 16;
+/// reclamation took 0.7-1.5 s under steady patches; after a catch-up of 20,000 records, 16
+/// documents too short to compact took 1-2 ms a step to load and skip. The engine compacts
+/// only once the log is truncated as far as it may be, and while documents wait, calls it
+/// again after [`crate::sync::RECLAIM_STEP_PAUSE`].
+pub const COMPACT_DOCUMENTS_PER_STEP: usize = 8;
 /// Most documents waiting to be compacted.
 pub const COMPACTION_PENDING_MAX: usize = 100_000;
 /// Changes a document must hold beyond its base before its history is compacted: compacting

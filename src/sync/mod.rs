@@ -75,8 +75,8 @@ pub const SUMMARY_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// waits for it, so these steps take a share of the engine's time rather than all of it.
 /// After a catch-up of 20,000 records, back-to-back steps had put the write-to-visible p99 at
 /// 15.7-19.6 ms (3.3-3.4 ms before there was reclamation). While log entries wait beyond a
-/// step's bound the next step comes at once: a log written faster than it is truncated would
-/// grow without end.
+/// step's bound the next step comes at once and truncates only: a log written faster than it
+/// is truncated would grow without end.
 pub const RECLAIM_STEP_PAUSE: Duration = Duration::from_millis(10);
 /// Changes per `Changes` message at most, whatever their size: large enough to amortise
 /// framing; messages are bounded by bytes first.

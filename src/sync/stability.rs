@@ -35,7 +35,8 @@ use crate::store::StoreError;
 pub(super) enum MoreToReclaim {
     Nothing,
     /// Log entries past the step's bound: the next step comes at once, as a log written
-    /// faster than it is truncated would grow without end.
+    /// faster than it is truncated would grow without end; it truncates before anything is
+    /// compacted.
     Log,
     /// Only documents waiting to be compacted: the next step comes after
     /// [`super::RECLAIM_STEP_PAUSE`].
@@ -366,8 +367,9 @@ impl Engine {
     }
 
     /// One step of reclamation: truncates each origin's log towards what every known node
-    /// holds (as far as the store's local followers allow) and compacts documents that
-    /// became stable, each within its bound. Returns what waits beyond them.
+    /// holds (as far as the store's local followers allow), within its bound; once the log
+    /// is truncated as far as it may be, compacts documents that became stable, within
+    /// theirs. Returns what waits beyond them.
     pub(super) fn reclaim(&mut self, replica: &impl Replica) -> Result<MoreToReclaim, StoreError> {
         let held = replica.origin_marks();
         let stable: Vec<(NodeId, u64)> = self
@@ -378,7 +380,11 @@ impl Engine {
             .collect();
         let truncated = replica.reclaim_log(&stable)?;
         self.stats.log_entries_truncated += truncated as u64;
-        let log_more = truncated >= crate::store::truncation::TRUNCATE_ENTRIES_PER_STEP;
+        if truncated >= crate::store::truncation::TRUNCATE_ENTRIES_PER_STEP {
+            // More of the log waits: the next step truncates again at once, and documents
+            // are compacted in steps of their own once it is done, so that no step does both.
+            return Ok(MoreToReclaim::Log);
+        }
         let mut compaction_more = false;
         #[cfg(feature = "sabotage")]
         let anyway = self.config.sabotage.compact_unstable;
@@ -389,9 +395,7 @@ impl Engine {
             self.stats.documents_compacted += compacted.documents as u64;
             compaction_more = replica.compaction_pending() > 0;
         }
-        Ok(if log_more {
-            MoreToReclaim::Log
-        } else if compaction_more {
+        Ok(if compaction_more {
             MoreToReclaim::Documents
         } else {
             MoreToReclaim::Nothing
