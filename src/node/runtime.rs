@@ -543,18 +543,9 @@ async fn drive_engine(
         // What arrived is applied and sent first; the periodic work (summaries, repair, a
         // step of reclamation) then takes a step of its own, so that nothing waits for it but
         // what arrives while it runs.
-        if !inputs.is_empty() || !timed_out {
-            run_step(
-                &shared,
-                &mut driver,
-                &mut backlog,
-                now,
-                inputs,
-                events.len(),
-            );
-        }
-        if timed_out {
-            let inputs = vec![Input::Timeout];
+        let arrived = (!inputs.is_empty() || !timed_out).then_some(inputs);
+        let periodic = timed_out.then(|| vec![Input::Timeout]);
+        for inputs in [arrived, periodic].into_iter().flatten() {
             run_step(
                 &shared,
                 &mut driver,

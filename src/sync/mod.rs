@@ -298,12 +298,10 @@ pub struct Engine {
     /// A summary interval passed: the log is truncated a step further towards what is
     /// stable.
     reclaim_due: bool,
-    /// The last step of reclamation stopped at its bound: the next one is due after
-    /// [`RECLAIM_STEP_PAUSE`], so that a backlog goes in short steps, not one long one.
-    reclaim_more: bool,
-    /// When the next step of reclamation may run while [`Engine::reclaim_more`] says more
-    /// waits ([`RECLAIM_STEP_PAUSE`] after the last one).
-    reclaim_next: Duration,
+    /// While the last step of reclamation left more waiting, when the next one runs: at once
+    /// while log entries wait, [`RECLAIM_STEP_PAUSE`] later while only documents do, so that a
+    /// backlog goes in short steps, not one long one.
+    reclaim_next: Option<Duration>,
     /// Compacted documents stamped too far ahead of this node's clock, from whom, to take in
     /// once they are not (at most [`COMPACTED_AHEAD_BYTES_MAX`] together).
     compacted_ahead: Vec<(NodeId, CompactedDocument)>,
@@ -340,8 +338,7 @@ impl Engine {
             clock_ms: None,
             stability,
             reclaim_due: false,
-            reclaim_more: false,
-            reclaim_next: Duration::ZERO,
+            reclaim_next: None,
             compacted_ahead: Vec::new(),
         }
     }
@@ -548,11 +545,11 @@ impl Engine {
             return Some(Duration::ZERO);
         }
         let periodic = self.periodic_due();
-        if self.reclaim_more {
-            // The next step of reclamation, after its pause.
-            return Some(periodic.map_or(self.reclaim_next, |due| due.min(self.reclaim_next)));
+        // The next step of reclamation, after its pause, if that comes first.
+        match (periodic, self.reclaim_next) {
+            (Some(due), Some(next)) => Some(due.min(next)),
+            (due, next) => due.or(next),
         }
-        periodic
     }
 
     /// When the next summary or repair round is due.
@@ -613,12 +610,11 @@ impl Engine {
                     }
                 }
                 let reclaim = periodic && std::mem::take(&mut self.reclaim_due);
-                if reclaim || (self.reclaim_more && now >= self.reclaim_next) {
-                    let more = self.reclaim(replica)?;
-                    self.reclaim_more = more != stability::MoreToReclaim::Nothing;
-                    self.reclaim_next = match more {
-                        stability::MoreToReclaim::Log => now,
-                        _ => now + RECLAIM_STEP_PAUSE,
+                if reclaim || self.reclaim_next.is_some_and(|next| now >= next) {
+                    self.reclaim_next = match self.reclaim(replica)? {
+                        stability::MoreToReclaim::Log => Some(now),
+                        stability::MoreToReclaim::Documents => Some(now + RECLAIM_STEP_PAUSE),
+                        stability::MoreToReclaim::Nothing => None,
                     };
                 }
                 if periodic {
